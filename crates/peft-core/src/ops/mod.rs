@@ -1,0 +1,11 @@
+//! Tensor ops, one file per family; each op's forward and backward sit together.
+//!
+//! Every op builds its output with [`crate::autograd::record`], which keeps the graph node only when an input
+//! tracks gradients. Composite ops (e.g. `var`, `mse_loss`) are written in terms of primitives and have no
+//! backward rule of their own.
+
+pub mod broadcast;
+pub mod elementwise;
+pub mod matmul;
+pub mod reduce;
+pub mod shape_ops;
