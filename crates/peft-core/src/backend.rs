@@ -21,24 +21,12 @@ pub struct MatRef<'a, E> {
 impl<'a, E> MatRef<'a, E> {
     /// A row-major `rows x cols` matrix.
     pub fn row_major(data: &'a [E], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols as isize,
-            cs: 1,
-        }
+        MatRef { data, rows, cols, rs: cols as isize, cs: 1 }
     }
 
     /// The transpose (a stride swap, no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
     fn max_index(&self) -> usize {
@@ -72,10 +60,7 @@ pub fn gemm<E: Elem>(dst: &mut [E], lhs: MatRef<'_, E>, rhs: MatRef<'_, E>, accu
         }
         return;
     }
-    assert!(
-        lhs.max_index() < lhs.data.len() && rhs.max_index() < rhs.data.len(),
-        "peft-rs bug: gemm view bounds"
-    );
+    assert!(lhs.max_index() < lhs.data.len() && rhs.max_index() < rhs.data.len(), "peft-rs bug: gemm view bounds");
     let par = if m * n * k >= PAR_GEMM_WORK && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {

@@ -43,13 +43,7 @@ impl<E: Elem> Clone for Param<E> {
 
 impl<E: Elem> std::fmt::Debug for Param<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Param({}, {:?}, trainable={})",
-            self.name(),
-            self.shape(),
-            self.trainable()
-        )
+        write!(f, "Param({}, {:?}, trainable={})", self.name(), self.shape(), self.trainable())
     }
 }
 
@@ -81,30 +75,17 @@ impl<E: Elem> Param<E> {
 
     /// The current value (a cheap shared handle).
     pub fn value(&self) -> Data<E> {
-        self.0
-            .value
-            .read()
-            .expect("peft-rs bug: poisoned param lock")
-            .clone()
+        self.0.value.read().expect("peft-rs bug: poisoned param lock").clone()
     }
 
     /// The shape.
     pub fn shape(&self) -> Vec<usize> {
-        self.0
-            .value
-            .read()
-            .expect("peft-rs bug: poisoned param lock")
-            .shape()
-            .to_vec()
+        self.0.value.read().expect("peft-rs bug: poisoned param lock").shape().to_vec()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.0
-            .value
-            .read()
-            .expect("peft-rs bug: poisoned param lock")
-            .len()
+        self.0.value.read().expect("peft-rs bug: poisoned param lock").len()
     }
 
     /// Replaces the value.
@@ -112,17 +93,9 @@ impl<E: Elem> Param<E> {
     /// # Errors
     /// [`Error::Shape`] when the new value has another shape.
     pub fn set(&self, value: ArrayD<E>) -> Result<()> {
-        let mut v = self
-            .0
-            .value
-            .write()
-            .expect("peft-rs bug: poisoned param lock");
+        let mut v = self.0.value.write().expect("peft-rs bug: poisoned param lock");
         if v.shape() != value.shape() {
-            return Err(Error::Shape {
-                op: "Param::set",
-                lhs: v.shape().to_vec(),
-                rhs: value.shape().to_vec(),
-            });
+            return Err(Error::Shape { op: "Param::set", lhs: v.shape().to_vec(), rhs: value.shape().to_vec() });
         }
         *v = standard(value);
         Ok(())
@@ -130,14 +103,8 @@ impl<E: Elem> Param<E> {
 
     /// Updates the value in place (copy-on-write if a tensor still shares it).
     pub fn update(&self, f: impl FnOnce(&mut ArrayD<E>)) {
-        let mut v = self
-            .0
-            .value
-            .write()
-            .expect("peft-rs bug: poisoned param lock");
-        let mut owned =
-            std::mem::replace(&mut *v, ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared())
-                .into_owned();
+        let mut v = self.0.value.write().expect("peft-rs bug: poisoned param lock");
+        let mut owned = std::mem::replace(&mut *v, ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()).into_owned();
         f(&mut owned);
         *v = standard(owned);
     }

@@ -72,13 +72,7 @@ impl<E: Elem> fmt::Debug for Tensor<E> {
             Track::Leaf => "var",
             Track::Op(ref n) => n.name,
         };
-        write!(
-            f,
-            "Tensor<{}>({:?}, {kind}, id {})",
-            E::DTYPE,
-            self.shape(),
-            self.0.id.0
-        )
+        write!(f, "Tensor<{}>({:?}, {kind}, id {})", E::DTYPE, self.shape(), self.0.id.0)
     }
 }
 
@@ -108,10 +102,7 @@ impl<E: Elem> Tensor<E> {
     }
 
     pub(crate) fn from_parts(id: TensorId, data: Data<E>, track: Track<E>) -> Self {
-        debug_assert!(
-            data.is_standard_layout(),
-            "peft-rs bug: non-contiguous tensor data"
-        );
+        debug_assert!(data.is_standard_layout(), "peft-rs bug: non-contiguous tensor data");
         Tensor(Arc::new(Inner { id, data, track }))
     }
 
@@ -176,10 +167,7 @@ impl<E: Elem> Tensor<E> {
 
     /// The data as a flat slice in row-major order.
     pub fn as_slice(&self) -> &[E] {
-        self.0
-            .data
-            .as_slice()
-            .expect("peft-rs bug: tensor data is always contiguous")
+        self.0.data.as_slice().expect("peft-rs bug: tensor data is always contiguous")
     }
 
     /// Copies the data out as a flat vector.
@@ -193,12 +181,7 @@ impl<E: Elem> Tensor<E> {
     /// [`Error::Invalid`] when the tensor has more or fewer than one element.
     pub fn item(&self) -> Result<E> {
         if self.len() != 1 {
-            crate::error::bail!(
-                "item",
-                "tensor of shape {:?} has {} elements, not 1",
-                self.shape(),
-                self.len()
-            );
+            crate::error::bail!("item", "tensor of shape {:?} has {} elements, not 1", self.shape(), self.len());
         }
         Ok(self.as_slice()[0])
     }
@@ -237,11 +220,7 @@ impl<E: Elem> Tensor<E> {
     /// [`Error::NoGraph`] when nothing trainable reaches this tensor; [`Error::Shape`] for a seed of another shape.
     pub fn backward_with(&self, grad: ArrayD<E>) -> Result<autograd::GradStore<E>> {
         if grad.shape() != self.shape() {
-            return Err(Error::Shape {
-                op: "backward_with",
-                lhs: self.shape().to_vec(),
-                rhs: grad.shape().to_vec(),
-            });
+            return Err(Error::Shape { op: "backward_with", lhs: self.shape().to_vec(), rhs: grad.shape().to_vec() });
         }
         autograd::backward(self, Some(grad))
     }

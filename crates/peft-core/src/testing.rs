@@ -62,12 +62,7 @@ pub fn gradcheck(
             let numeric = (lp - lm) / (2.0 * eps);
             let analytic = g.as_slice().expect("contiguous")[j];
             if (analytic - numeric).abs() > atol + rtol * analytic.abs().max(numeric.abs()) {
-                return Err(GradMismatch {
-                    input: i,
-                    index: j,
-                    analytic,
-                    numeric,
-                });
+                return Err(GradMismatch { input: i, index: j, analytic, numeric });
             }
         }
     }
@@ -85,18 +80,11 @@ pub fn assert_grads(f: impl Fn(&[Tensor<f64>]) -> Result<Tensor<f64>>, inputs: &
 /// Largest absolute elementwise difference of two equal-length slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// proptest strategy helpers: random f64 arrays of a given shape with values in `lo..hi`.
-pub fn array_strategy(
-    shape: Vec<usize>,
-    lo: f64,
-    hi: f64,
-) -> impl proptest::strategy::Strategy<Value = ArrayD<f64>> {
+pub fn array_strategy(shape: Vec<usize>, lo: f64, hi: f64) -> impl proptest::strategy::Strategy<Value = ArrayD<f64>> {
     use proptest::prelude::*;
     let n: usize = shape.iter().product();
     proptest::collection::vec(lo..hi, n)

@@ -14,9 +14,7 @@ pub struct GradStore<E: Elem = f32> {
 
 impl<E: Elem> Default for GradStore<E> {
     fn default() -> Self {
-        GradStore {
-            grads: HashMap::new(),
-        }
+        GradStore { grads: HashMap::new() }
     }
 }
 

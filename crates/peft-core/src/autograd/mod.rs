@@ -51,11 +51,7 @@ pub fn record_data<E: Elem>(
     backward: impl Fn(&ArrayD<E>, &[bool]) -> Vec<Option<ArrayD<E>>> + Send + Sync + 'static,
 ) -> Tensor<E> {
     if is_grad_enabled() && inputs.iter().any(|t| t.tracks()) {
-        let node = Node {
-            name,
-            inputs: inputs.iter().map(|t| (*t).clone()).collect(),
-            backward: Box::new(backward),
-        };
+        let node = Node { name, inputs: inputs.iter().map(|t| (*t).clone()).collect(), backward: Box::new(backward) };
         Tensor::from_parts(TensorId::fresh(), data, Track::Op(node))
     } else {
         Tensor::from_parts(TensorId::fresh(), data, Track::None)
@@ -86,10 +82,7 @@ pub(crate) fn backward<E: Elem>(root: &Tensor<E>, seed: Option<ArrayD<E>>) -> Re
     order.sort_by(|a, b| b.id().cmp(&a.id()));
 
     let mut grads: HashMap<TensorId, ArrayD<E>> = HashMap::new();
-    grads.insert(
-        root.id(),
-        seed.unwrap_or_else(|| ArrayD::from_elem(IxDyn(root.shape()), E::one())),
-    );
+    grads.insert(root.id(), seed.unwrap_or_else(|| ArrayD::from_elem(IxDyn(root.shape()), E::one())));
     let mut store = GradStore::default();
     for t in order {
         let Some(g) = grads.remove(&t.id()) else {
@@ -100,23 +93,13 @@ pub(crate) fn backward<E: Elem>(root: &Tensor<E>, seed: Option<ArrayD<E>>) -> Re
             Track::Op(node) => {
                 let needs: Vec<bool> = node.inputs.iter().map(|i| i.tracks()).collect();
                 let input_grads = (node.backward)(&g, &needs);
-                debug_assert_eq!(
-                    input_grads.len(),
-                    node.inputs.len(),
-                    "peft-rs bug: {} backward arity",
-                    node.name
-                );
+                debug_assert_eq!(input_grads.len(), node.inputs.len(), "peft-rs bug: {} backward arity", node.name);
                 for ((inp, need), ig) in node.inputs.iter().zip(&needs).zip(input_grads) {
                     if !need {
                         continue;
                     }
                     let Some(ig) = ig else { continue };
-                    debug_assert_eq!(
-                        ig.shape(),
-                        inp.shape(),
-                        "peft-rs bug: {} gradient shape",
-                        node.name
-                    );
+                    debug_assert_eq!(ig.shape(), inp.shape(), "peft-rs bug: {} gradient shape", node.name);
                     match grads.get_mut(&inp.id()) {
                         Some(acc) => *acc += &ig,
                         None => {

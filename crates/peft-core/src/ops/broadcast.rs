@@ -13,16 +13,8 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
         out[i] = if da == db {
             da
         } else if da == 1 {
@@ -30,11 +22,7 @@ pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec
         } else if db == 1 {
             da
         } else {
-            return Err(Error::Shape {
-                op,
-                lhs: a.to_vec(),
-                rhs: b.to_vec(),
-            });
+            return Err(Error::Shape { op, lhs: a.to_vec(), rhs: b.to_vec() });
         };
     }
     Ok(out)
@@ -55,6 +43,5 @@ pub fn sum_to<E: Elem>(g: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
             r = r.sum_axis(Axis(i)).insert_axis(Axis(i));
         }
     }
-    r.into_shape_with_order(IxDyn(shape))
-        .expect("peft-rs bug: sum_to shape")
+    r.into_shape_with_order(IxDyn(shape)).expect("peft-rs bug: sum_to shape")
 }

@@ -10,12 +10,7 @@ use crate::ops::broadcast::{broadcast_shape, sum_to};
 use crate::tensor::{Data, Tensor};
 
 /// Applies `f` elementwise over two broadcast views into a new array of `shape`.
-fn zip2<E: Elem>(
-    shape: &[usize],
-    a: &Data<E>,
-    b: &Data<E>,
-    f: impl Fn(E, E) -> E + Sync + Send,
-) -> ArrayD<E> {
+fn zip2<E: Elem>(shape: &[usize], a: &Data<E>, b: &Data<E>, f: impl Fn(E, E) -> E + Sync + Send) -> ArrayD<E> {
     let mut out = ArrayD::<E>::zeros(IxDyn(shape));
     let av = a.broadcast(IxDyn(shape)).expect("peft-rs bug: broadcast a");
     let bv = b.broadcast(IxDyn(shape)).expect("peft-rs bug: broadcast b");
@@ -70,9 +65,7 @@ fn unary<E: Elem>(
     let y: Data<E> = map1(x.data(), f).into_shared();
     let xd = x.data().clone();
     let yd = y.clone();
-    record_data(name, y, &[x], move |g, _| {
-        vec![Some(map3(g, &xd, &yd, |g, x, y| g * df(x, y)))]
-    })
+    record_data(name, y, &[x], move |g, _| vec![Some(map3(g, &xd, &yd, |g, x, y| g * df(x, y)))])
 }
 
 impl<E: Elem> Tensor<E> {
@@ -85,10 +78,7 @@ impl<E: Elem> Tensor<E> {
         let out = zip2(&shape, self.data(), rhs.data(), |a, b| a + b);
         let (sa, sb) = (self.shape().to_vec(), rhs.shape().to_vec());
         Ok(record("add", out, &[self, rhs], move |g, needs| {
-            vec![
-                needs[0].then(|| sum_to(g, &sa)),
-                needs[1].then(|| sum_to(g, &sb)),
-            ]
+            vec![needs[0].then(|| sum_to(g, &sa)), needs[1].then(|| sum_to(g, &sb))]
         }))
     }
 
@@ -101,10 +91,7 @@ impl<E: Elem> Tensor<E> {
         let out = zip2(&shape, self.data(), rhs.data(), |a, b| a - b);
         let (sa, sb) = (self.shape().to_vec(), rhs.shape().to_vec());
         Ok(record("sub", out, &[self, rhs], move |g, needs| {
-            vec![
-                needs[0].then(|| sum_to(g, &sa)),
-                needs[1].then(|| sum_to(&g.mapv(|v| -v), &sb)),
-            ]
+            vec![needs[0].then(|| sum_to(g, &sa)), needs[1].then(|| sum_to(&g.mapv(|v| -v), &sb))]
         }))
     }
 
@@ -154,9 +141,7 @@ impl<E: Elem> Tensor<E> {
     /// `self * c` for a scalar `c`.
     pub fn mul_scalar(&self, c: E) -> Tensor<E> {
         let out = map1(self.data(), |v| v * c);
-        record("mul_scalar", out, &[self], move |g, _| {
-            vec![Some(g.mapv(|v| v * c))]
-        })
+        record("mul_scalar", out, &[self], move |g, _| vec![Some(g.mapv(|v| v * c))])
     }
 
     /// `-self`.
@@ -182,12 +167,7 @@ impl<E: Elem> Tensor<E> {
 
     /// `self^p` for a scalar exponent `p`.
     pub fn powf(&self, p: E) -> Tensor<E> {
-        unary(
-            "powf",
-            self,
-            move |x| x.powf(p),
-            move |x, _| p * x.powf(p - E::one()),
-        )
+        unary("powf", self, move |x| x.powf(p), move |x, _| p * x.powf(p - E::one()))
     }
 
     /// `self^2`.
@@ -217,12 +197,7 @@ impl<E: Elem> Tensor<E> {
 
     /// `max(self, 0)` (gradient 0 at 0).
     pub fn relu(&self) -> Tensor<E> {
-        unary(
-            "relu",
-            self,
-            |x| x.max(E::zero()),
-            |x, _| if x > E::zero() { E::one() } else { E::zero() },
-        )
+        unary("relu", self, |x| x.max(E::zero()), |x, _| if x > E::zero() { E::one() } else { E::zero() })
     }
 
     /// SiLU / swish: `x * sigmoid(x)`.
@@ -242,8 +217,7 @@ impl<E: Elem> Tensor<E> {
     pub fn gelu(&self) -> Tensor<E> {
         unary("gelu", self, gelu_erf, |x, _| {
             let cdf = E::of(0.5) * (E::one() + (x * E::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-            let pdf =
-                (E::of(-0.5) * x * x).exp() * E::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            let pdf = (E::of(-0.5) * x * x).exp() * E::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
             cdf + x * pdf
         })
     }

@@ -23,22 +23,14 @@ pub(crate) fn bmm<E: Elem>(
 ) -> Result<ArrayD<E>> {
     let (ra, rb) = (a_shape.len(), b_shape.len());
     if ra < 2 || rb < 2 {
-        return Err(Error::Shape {
-            op: "matmul",
-            lhs: a_shape.to_vec(),
-            rhs: b_shape.to_vec(),
-        });
+        return Err(Error::Shape { op: "matmul", lhs: a_shape.to_vec(), rhs: b_shape.to_vec() });
     }
     let (a0, a1) = (a_shape[ra - 2], a_shape[ra - 1]);
     let (b0, b1) = (b_shape[rb - 2], b_shape[rb - 1]);
     let (m, k) = if ta { (a1, a0) } else { (a0, a1) };
     let (k2, n) = if tb { (b1, b0) } else { (b0, b1) };
     if k != k2 {
-        return Err(Error::Shape {
-            op: "matmul",
-            lhs: a_shape.to_vec(),
-            rhs: b_shape.to_vec(),
-        });
+        return Err(Error::Shape { op: "matmul", lhs: a_shape.to_vec(), rhs: b_shape.to_vec() });
     }
     let batch = broadcast_shape("matmul", &a_shape[..ra - 2], &b_shape[..rb - 2])?;
     let nb: usize = batch.iter().product();
@@ -47,19 +39,12 @@ pub(crate) fn bmm<E: Elem>(
     let mut out = ArrayD::<E>::zeros(IxDyn(&out_shape));
     let a_off = batch_offsets(&batch, &a_shape[..ra - 2], a0 * a1);
     let b_off = batch_offsets(&batch, &b_shape[..rb - 2], b0 * b1);
-    let out_slice = out
-        .as_slice_mut()
-        .expect("peft-rs bug: fresh array is contiguous");
+    let out_slice = out.as_slice_mut().expect("peft-rs bug: fresh array is contiguous");
     if m * n == 0 {
         return Ok(out);
     }
     let run = |(i, dst): (usize, &mut [E])| {
-        gemm(
-            dst,
-            view(a, a_off[i], a0, a1, ta),
-            view(b, b_off[i], b0, b1, tb),
-            false,
-        );
+        gemm(dst, view(a, a_off[i], a0, a1, ta), view(b, b_off[i], b0, b1, tb), false);
     };
     if nb > 1 && m * n * k < 64 * 64 * 64 {
         out_slice.par_chunks_mut(m * n).enumerate().for_each(run);
@@ -119,21 +104,11 @@ impl<E: Elem> Tensor<E> {
     }
 
     fn matmul_t(&self, rhs: &Tensor<E>, ta: bool, tb: bool) -> Result<Tensor<E>> {
-        let out = bmm(
-            self.as_slice(),
-            self.shape(),
-            ta,
-            rhs.as_slice(),
-            rhs.shape(),
-            tb,
-        )?;
+        let out = bmm(self.as_slice(), self.shape(), ta, rhs.as_slice(), rhs.shape(), tb)?;
         let (a, b) = (self.data().clone(), rhs.data().clone());
         Ok(record("matmul", out, &[self, rhs], move |g, needs| {
             let gs = g.as_slice().expect("peft-rs bug: contiguous grad");
-            let (a_s, b_s) = (
-                a.as_slice().expect("contiguous"),
-                b.as_slice().expect("contiguous"),
-            );
+            let (a_s, b_s) = (a.as_slice().expect("contiguous"), b.as_slice().expect("contiguous"));
             // C = op(A) op(B). dop(A) = G op(B)ᵀ, dop(B) = op(A)ᵀ G; transposed operands get transposed grads.
             let ga = needs[0].then(|| {
                 let full = if ta {
@@ -166,20 +141,12 @@ impl<E: Elem> Tensor<E> {
         let xs = self.shape();
         let ws = weight.shape();
         if xs.is_empty() || ws.len() != 2 || xs[xs.len() - 1] != ws[1] {
-            return Err(Error::Shape {
-                op: "linear",
-                lhs: xs.to_vec(),
-                rhs: ws.to_vec(),
-            });
+            return Err(Error::Shape { op: "linear", lhs: xs.to_vec(), rhs: ws.to_vec() });
         }
         let (out_f, in_f) = (ws[0], ws[1]);
         if let Some(b) = bias {
             if b.shape() != [out_f] {
-                return Err(Error::Shape {
-                    op: "linear(bias)",
-                    lhs: ws.to_vec(),
-                    rhs: b.shape().to_vec(),
-                });
+                return Err(Error::Shape { op: "linear(bias)", lhs: ws.to_vec(), rhs: b.shape().to_vec() });
             }
         }
         let rows = self.len() / in_f.max(1);
@@ -219,10 +186,7 @@ impl<E: Elem> Tensor<E> {
             let mut v = vec![gx, gw];
             if needs.len() == 3 {
                 v.push(needs[2].then(|| {
-                    let g2 = g
-                        .view()
-                        .into_shape_with_order((rows, out_f))
-                        .expect("peft-rs bug: linear grad shape");
+                    let g2 = g.view().into_shape_with_order((rows, out_f)).expect("peft-rs bug: linear grad shape");
                     g2.sum_axis(Axis(0)).into_dyn()
                 }));
             }
@@ -239,25 +203,17 @@ mod tests {
 
     fn shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
         // batch axes that broadcast (including size-1 axes), inner sizes 1..5
-        (
-            0usize..3,
-            1usize..5,
-            1usize..5,
-            1usize..5,
-            prop::bool::ANY,
-            prop::bool::ANY,
-        )
-            .prop_map(|(nb, m, k, n, ba, bb)| {
-                let batch_a: Vec<usize> =
-                    (0..nb).map(|i| if ba && i == 0 { 1 } else { 2 }).collect();
-                let batch_b: Vec<usize> =
-                    (0..nb).map(|i| if bb && i == 0 { 1 } else { 2 }).collect();
+        (0usize..3, 1usize..5, 1usize..5, 1usize..5, prop::bool::ANY, prop::bool::ANY).prop_map(
+            |(nb, m, k, n, ba, bb)| {
+                let batch_a: Vec<usize> = (0..nb).map(|i| if ba && i == 0 { 1 } else { 2 }).collect();
+                let batch_b: Vec<usize> = (0..nb).map(|i| if bb && i == 0 { 1 } else { 2 }).collect();
                 let mut a = batch_a;
                 a.extend([m, k]);
                 let mut b = batch_b;
                 b.extend([k, n]);
                 (a, b)
-            })
+            },
+        )
     }
 
     proptest! {
