@@ -20,10 +20,12 @@
 //! # Ok::<(), peft_core::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod autograd;
 pub mod backend;
 pub mod elem;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod param;
 pub mod tensor;

@@ -1,0 +1,483 @@
+//! The linear adapter site: `y = base(x) + Σ active adapters' deltas`, with a swappable base (dense f32 by
+//! default; quantized kernels plug in here) and merge/unmerge of adapter deltas into a dense base.
+
+use std::sync::{Arc, RwLock};
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::nn::{Ctx, Module, Visitor, WeightSource};
+use crate::param::Param;
+use crate::tensor::Tensor;
+
+/// What computes a linear site's base output `x·Wᵀ + b`.
+pub trait LinearBase: Send + Sync {
+    /// The base output for `x [.., in]`.
+    ///
+    /// # Errors
+    /// Shape errors from the underlying op.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Input features.
+    fn in_features(&self) -> usize;
+    /// Output features.
+    fn out_features(&self) -> usize;
+    /// The effective weight `[out, in]` as dense f32 (dequantised where needed), for merges and inits.
+    ///
+    /// # Errors
+    /// Implementation-specific (e.g. a corrupt quantisation state).
+    fn dense_weight(&self) -> Result<ArrayD<f32>>;
+    /// The bias, if any.
+    fn bias(&self) -> Option<Param>;
+    /// Adds `delta [out, in]` into the stored weight (merging an adapter).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when the base cannot absorb a delta exactly; [`Error::NonFinite`] when the result
+    /// would be non-finite (the base is left untouched).
+    fn add_to_weight(&self, delta: &ArrayD<f32>) -> Result<()>;
+    /// Its parameters, reported by the site's visitor.
+    fn params(&self) -> Vec<Param>;
+    /// Bytes held by the base weight (memory accounting).
+    fn weight_bytes(&self) -> usize;
+}
+
+/// The dense f32 base: a `[out, in]` weight and an optional `[out]` bias.
+pub struct Dense {
+    /// The weight, PyTorch layout `[out, in]`.
+    pub weight: Param,
+    /// The bias `[out]`.
+    pub bias: Option<Param>,
+}
+
+impl LinearBase for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let b = self.bias.as_ref().map(Param::tensor);
+        x.linear(&self.weight.tensor(), b.as_ref())
+    }
+    fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+    fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+    fn dense_weight(&self) -> Result<ArrayD<f32>> {
+        Ok(self.weight.value().to_owned())
+    }
+    fn bias(&self) -> Option<Param> {
+        self.bias.clone()
+    }
+    fn add_to_weight(&self, delta: &ArrayD<f32>) -> Result<()> {
+        let w = self.weight.value();
+        if w.shape() != delta.shape() {
+            return Err(Error::Shape { op: "merge", lhs: w.shape().to_vec(), rhs: delta.shape().to_vec() });
+        }
+        let merged = &w + delta;
+        if merged.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: format!("merged weight of {}", self.weight.name()) });
+        }
+        self.weight.set(merged)
+    }
+    fn params(&self) -> Vec<Param> {
+        let mut v = vec![self.weight.clone()];
+        v.extend(self.bias.clone());
+        v
+    }
+    fn weight_bytes(&self) -> usize {
+        self.weight.numel() * 4
+    }
+}
+
+/// A method attached to a linear site (LoRA, DoRA, IA3, ...).
+pub trait LinearAdapter: Send + Sync {
+    /// The adapter's name (`"default"` unless the user names it).
+    fn name(&self) -> &str;
+    /// The method (`"lora"`, `"dora"`, ...), for messages.
+    fn kind(&self) -> &str;
+    /// The term added to the base output for input `x [.., in]` and base output `base_out [.., out]`.
+    ///
+    /// # Errors
+    /// Shape errors from the underlying ops.
+    fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Tensor>;
+    /// Its trainable (or frozen) parameters, named `<site path>.<prefix>...`.
+    fn params(&self) -> Vec<Param>;
+    /// The weight change `[out, in]` this adapter is equivalent to, for merging; `Ok(None)` when it cannot be
+    /// merged exactly.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>>;
+}
+
+struct Attached {
+    adapter: Arc<dyn LinearAdapter>,
+    active: bool,
+    merged: bool,
+}
+
+struct LinearInner {
+    path: String,
+    is_output: bool,
+    base: RwLock<Arc<dyn LinearBase>>,
+    adapters: RwLock<Vec<Attached>>,
+}
+
+/// A linear layer that is also an adapter site, named by its module path (`encoder.layer.0.attention.self.query`).
+///
+/// Cloning gives another handle to the same site, so a method crate can collect sites from a model
+/// ([`crate::nn::linear_sites`]) and attach adapters without editing model code.
+///
+/// ```
+/// use peft_core::nn::{Ctx, Linear, RandomInit};
+/// use peft_core::Tensor;
+/// let lin = Linear::load("proj", 4, 3, true, &RandomInit::new(0, 0.02))?;
+/// let y = lin.forward(&Tensor::ones(&[2, 4]), &Ctx::eval())?;
+/// assert_eq!(y.shape(), &[2, 3]);
+/// # Ok::<(), peft_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Linear(Arc<LinearInner>);
+
+impl Linear {
+    /// A site over a dense base.
+    pub fn new(path: impl Into<String>, weight: Param, bias: Option<Param>) -> Self {
+        Self::with_base(path, Arc::new(Dense { weight, bias }))
+    }
+
+    /// A site over any base.
+    pub fn with_base(path: impl Into<String>, base: Arc<dyn LinearBase>) -> Self {
+        Linear(Arc::new(LinearInner {
+            path: path.into(),
+            is_output: false,
+            base: RwLock::new(base),
+            adapters: RwLock::new(Vec::new()),
+        }))
+    }
+
+    /// Loads `<path>.weight [out, in]` and (if `bias`) `<path>.bias [out]` from `src`; parameters start frozen.
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors in `src`.
+    pub fn load(path: &str, in_f: usize, out_f: usize, bias: bool, src: &dyn WeightSource) -> Result<Self> {
+        let w = Param::new(format!("{path}.weight"), src.get(&format!("{path}.weight"), &[out_f, in_f])?, false);
+        let b = if bias {
+            Some(Param::new(format!("{path}.bias"), src.get_or(&format!("{path}.bias"), &[out_f], 0.0)?, false))
+        } else {
+            None
+        };
+        Ok(Self::new(path, w, b))
+    }
+
+    /// Marks this site as the model's output layer (skipped by `"all-linear"`).
+    pub fn as_output(self) -> Self {
+        let inner = Arc::try_unwrap(self.0).unwrap_or_else(|arc| LinearInner {
+            path: arc.path.clone(),
+            is_output: arc.is_output,
+            base: RwLock::new(arc.base.read().unwrap_or_else(|p| p.into_inner()).clone()),
+            adapters: RwLock::new(Vec::new()),
+        });
+        Linear(Arc::new(LinearInner { is_output: true, ..inner }))
+    }
+
+    /// The module path.
+    pub fn path(&self) -> &str {
+        &self.0.path
+    }
+
+    /// True for the model's output layer.
+    pub fn is_output(&self) -> bool {
+        self.0.is_output
+    }
+
+    /// The current base.
+    pub fn base(&self) -> Arc<dyn LinearBase> {
+        self.0.base.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the base (e.g. with a quantized one). Refused while an adapter is merged into the old base.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the new base has other dimensions; [`Error::Invalid`] while adapters are merged.
+    pub fn replace_base(&self, base: Arc<dyn LinearBase>) -> Result<()> {
+        let old = self.base();
+        if (old.in_features(), old.out_features()) != (base.in_features(), base.out_features()) {
+            return Err(Error::Shape {
+                op: "replace_base",
+                lhs: vec![old.out_features(), old.in_features()],
+                rhs: vec![base.out_features(), base.in_features()],
+            });
+        }
+        if self.0.adapters.read().unwrap_or_else(|p| p.into_inner()).iter().any(|a| a.merged) {
+            crate::error::bail!("replace_base", "unmerge the adapters of `{}` first", self.path());
+        }
+        *self.0.base.write().unwrap_or_else(|p| p.into_inner()) = base;
+        Ok(())
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.base().in_features()
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.base().out_features()
+    }
+
+    /// Attaches an adapter (active). Names must be unique per site.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when an adapter of that name is already attached.
+    pub fn attach(&self, adapter: Arc<dyn LinearAdapter>) -> Result<()> {
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        if ads.iter().any(|a| a.adapter.name() == adapter.name()) {
+            crate::error::bail!("attach", "adapter `{}` already exists on `{}`", adapter.name(), self.path());
+        }
+        ads.push(Attached { adapter, active: true, merged: false });
+        Ok(())
+    }
+
+    /// Detaches (deletes) the adapter `name`, returning it. A merged adapter is unmerged first.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] when there is no such adapter.
+    pub fn detach(&self, name: &str) -> Result<Arc<dyn LinearAdapter>> {
+        if self.is_merged(name)? {
+            self.unmerge(name)?;
+        }
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        let i = ads.iter().position(|a| a.adapter.name() == name).ok_or_else(|| unknown(self.path(), name))?;
+        Ok(ads.remove(i).adapter)
+    }
+
+    /// The attached adapters in attach order.
+    pub fn adapters(&self) -> Vec<Arc<dyn LinearAdapter>> {
+        self.0.adapters.read().unwrap_or_else(|p| p.into_inner()).iter().map(|a| a.adapter.clone()).collect()
+    }
+
+    /// The adapter named `name`.
+    pub fn adapter(&self, name: &str) -> Option<Arc<dyn LinearAdapter>> {
+        self.adapters().into_iter().find(|a| a.name() == name)
+    }
+
+    /// Makes exactly the adapters in `names` active (others stay attached but unused); an empty list disables all.
+    pub fn set_active(&self, names: &[&str]) {
+        for a in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            a.active = names.contains(&a.adapter.name());
+        }
+    }
+
+    /// Names of the active adapters.
+    pub fn active(&self) -> Vec<String> {
+        let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
+        ads.iter().filter(|a| a.active).map(|a| a.adapter.name().to_string()).collect()
+    }
+
+    /// True when `name` is merged into the base weight.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] when there is no such adapter.
+    pub fn is_merged(&self, name: &str) -> Result<bool> {
+        let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
+        ads.iter().find(|a| a.adapter.name() == name).map(|a| a.merged).ok_or_else(|| unknown(self.path(), name))
+    }
+
+    /// Adds the adapter's delta weight into the base (safe: checked finite before committing); forward then skips
+    /// the adapter.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`]; [`Error::Invalid`] when already merged or not mergeable; [`Error::NonFinite`].
+    pub fn merge(&self, name: &str) -> Result<()> {
+        self.merge_sign(name, true)
+    }
+
+    /// Subtracts a merged adapter's delta weight from the base again.
+    ///
+    /// # Errors
+    /// As [`Linear::merge`].
+    pub fn unmerge(&self, name: &str) -> Result<()> {
+        self.merge_sign(name, false)
+    }
+
+    fn merge_sign(&self, name: &str, merge: bool) -> Result<()> {
+        let op = if merge { "merge" } else { "unmerge" };
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        let a = ads.iter_mut().find(|a| a.adapter.name() == name).ok_or_else(|| unknown(&self.0.path, name))?;
+        if a.merged == merge {
+            crate::error::bail!(
+                op,
+                "adapter `{name}` on `{}` is {}merged already",
+                self.0.path,
+                if merge { "" } else { "not " }
+            );
+        }
+        let base = self.base();
+        let Some(delta) = a.adapter.delta_weight(base.as_ref())? else {
+            crate::error::bail!(op, "adapter `{name}` ({}) cannot be merged exactly", a.adapter.kind());
+        };
+        let delta = if merge { delta } else { delta.mapv(|v| -v) };
+        base.add_to_weight(&delta)?;
+        a.merged = merge;
+        Ok(())
+    }
+
+    /// `y = base(x) + Σ deltas of active, unmerged adapters`. With per-sample adapter names in `ctx`, each
+    /// adapter's delta is applied only to the samples (rows of axis 0) routed to it.
+    ///
+    /// # Errors
+    /// Shape errors; [`Error::Invalid`] for a mixed batch whose name count differs from the batch size, or that
+    /// routes to a merged adapter.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let base = self.base();
+        let mut y = base.forward(x)?;
+        let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
+        if ads.is_empty() {
+            return Ok(y);
+        }
+        let base_out = y.clone();
+        match &ctx.adapter_names {
+            None => {
+                for a in ads.iter().filter(|a| a.active && !a.merged) {
+                    y = y.add(&a.adapter.delta(x, &base_out, base.as_ref(), ctx)?)?;
+                }
+            }
+            Some(names) => {
+                let batch = x.shape().first().copied().unwrap_or(0);
+                if names.len() != batch {
+                    crate::error::bail!("forward", "{} adapter names for a batch of {batch}", names.len());
+                }
+                for a in ads.iter() {
+                    let rows: Vec<f32> = names.iter().map(|n| f32::from(u8::from(n == a.adapter.name()))).collect();
+                    if rows.iter().all(|&r| r == 0.0) {
+                        continue;
+                    }
+                    if a.merged {
+                        crate::error::bail!("forward", "mixed batch routes to merged adapter `{}`", a.adapter.name());
+                    }
+                    // Row mask broadcast over the remaining axes: other samples get exactly zero delta.
+                    let mut mshape = vec![1; x.rank()];
+                    mshape[0] = batch;
+                    let mask = Tensor::new(ArrayD::from_shape_vec(IxDyn(&mshape), rows).map_err(|_| Error::Shape {
+                        op: "forward",
+                        lhs: x.shape().to_vec(),
+                        rhs: vec![names.len()],
+                    })?);
+                    let d = a.adapter.delta(x, &base_out, base.as_ref(), ctx)?;
+                    y = y.add(&d.mul(&mask)?)?;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+fn unknown(path: &str, name: &str) -> Error {
+    Error::UnknownName { name: format!("{path}: adapter `{name}`") }
+}
+
+impl Module for Linear {
+    fn visit(&self, v: &mut dyn Visitor) {
+        v.linear(self);
+        for p in self.base().params() {
+            v.param(&p);
+        }
+        for a in self.adapters() {
+            for p in a.params() {
+                v.param(&p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::RandomInit;
+
+    /// A toy adapter: delta = x · Dᵀ for a trainable D [out, in].
+    struct Toy {
+        d: Param,
+    }
+    impl LinearAdapter for Toy {
+        fn name(&self) -> &str {
+            "toy"
+        }
+        fn kind(&self) -> &str {
+            "toy"
+        }
+        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Tensor> {
+            x.linear(&self.d.tensor(), None)
+        }
+        fn params(&self) -> Vec<Param> {
+            vec![self.d.clone()]
+        }
+        fn delta_weight(&self, _b: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
+            Ok(Some(self.d.value().to_owned()))
+        }
+    }
+
+    fn site() -> (Linear, Param) {
+        let lin = Linear::load("l", 3, 2, true, &RandomInit::new(1, 0.5)).unwrap();
+        let d = Param::new("l.toy", RandomInit::new(2, 0.5).get("d", &[2, 3]).unwrap(), true);
+        lin.attach(Arc::new(Toy { d: d.clone() })).unwrap();
+        (lin, d)
+    }
+
+    #[test]
+    fn merge_then_forward_equals_unmerged_and_unmerge_restores_base() {
+        let (lin, _) = site();
+        let x = Tensor::new(RandomInit::new(3, 1.0).get("x", &[4, 3]).unwrap());
+        let w0 = lin.base().dense_weight().unwrap();
+        let y0 = lin.forward(&x, &Ctx::eval()).unwrap();
+        lin.merge("toy").unwrap();
+        let y1 = lin.forward(&x, &Ctx::eval()).unwrap();
+        assert!(crate::testing::max_abs_diff(y0.as_slice(), y1.as_slice()) < 1e-6);
+        lin.unmerge("toy").unwrap();
+        let w2 = lin.base().dense_weight().unwrap();
+        assert!(crate::testing::max_abs_diff(w0.as_slice().unwrap(), w2.as_slice().unwrap()) < 1e-6);
+        assert!(lin.unmerge("toy").is_err());
+    }
+
+    #[test]
+    fn frozen_base_gets_no_gradient_adapter_does() {
+        let (lin, d) = site();
+        let x = Tensor::new(ArrayD::ones(IxDyn(&[2, 3])));
+        let g = lin.forward(&x, &Ctx::eval()).unwrap().sum_all().backward().unwrap();
+        assert!(g.get_id(d.id()).is_some());
+        for p in lin.base().params() {
+            assert!(g.get_id(p.id()).is_none(), "{} got a gradient", p.name());
+        }
+    }
+
+    #[test]
+    fn inactive_adapter_is_skipped_and_mixed_batch_routes_rows() {
+        let (lin, _) = site();
+        let x = Tensor::new(RandomInit::new(3, 1.0).get("x", &[2, 3]).unwrap());
+        let with = lin.forward(&x, &Ctx::eval()).unwrap();
+        lin.set_active(&[]);
+        let base = lin.forward(&x, &Ctx::eval()).unwrap();
+        assert!(crate::testing::max_abs_diff(with.as_slice(), base.as_slice()) > 1e-4);
+        let ctx = Ctx::eval().with_adapter_names(vec!["toy".into(), "__base__".into()]);
+        let mixed = lin.forward(&x, &ctx).unwrap();
+        assert_eq!(&mixed.as_slice()[..2], &with.as_slice()[..2]);
+        assert_eq!(&mixed.as_slice()[2..], &base.as_slice()[2..]);
+    }
+
+    #[test]
+    fn unsafe_merge_with_non_finite_delta_leaves_base_untouched() {
+        let lin = Linear::load("l", 3, 2, false, &RandomInit::new(1, 0.5)).unwrap();
+        let d = Param::new("l.toy", ArrayD::from_elem(IxDyn(&[2, 3]), f32::NAN), true);
+        lin.attach(Arc::new(Toy { d })).unwrap();
+        let w0 = lin.base().dense_weight().unwrap();
+        assert!(matches!(lin.merge("toy"), Err(Error::NonFinite { .. })));
+        assert_eq!(lin.base().dense_weight().unwrap(), w0);
+        assert!(!lin.is_merged("toy").unwrap());
+    }
+
+    #[test]
+    fn duplicate_and_unknown_adapter_names_are_errors() {
+        let (lin, d) = site();
+        assert!(lin.attach(Arc::new(Toy { d })).is_err());
+        assert!(matches!(lin.merge("nope"), Err(Error::UnknownName { .. })));
+        assert!(lin.detach("toy").is_ok());
+        assert!(lin.adapters().is_empty());
+    }
+}

@@ -1,0 +1,14 @@
+//! Neural-network layers built from tensor ops. Every [`Linear`] and every [`ResidualSite`] is an adapter site
+//! reachable by its checkpoint path, so method crates attach to models by pattern without editing model code.
+
+mod ctx;
+mod linear;
+mod module;
+mod residual;
+mod weights;
+
+pub use ctx::Ctx;
+pub use linear::{Dense, Linear, LinearAdapter, LinearBase};
+pub use module::{linear_sites, named_params, residual_sites, Module, Visitor};
+pub use residual::{ResidualAdapter, ResidualSite};
+pub use weights::{MapWeights, RandomInit, WeightSource};

@@ -1,0 +1,96 @@
+//! The residual adapter site after each attention / feed-forward sub-layer: series adapters transform the
+//! sub-layer output, parallel adapters add a function of the sub-layer input.
+
+use std::sync::{Arc, RwLock};
+
+use crate::error::Result;
+use crate::nn::{Ctx, Module, Visitor};
+use crate::param::Param;
+use crate::tensor::Tensor;
+
+/// A method attached to a residual site (bottleneck adapters, parallel adapters, ...).
+pub trait ResidualAdapter: Send + Sync {
+    /// The adapter's name.
+    fn name(&self) -> &str;
+    /// Returns the new sub-layer output given the sub-layer output `h` and the sub-layer input `x` (the residual
+    /// stream before the sub-layer). A series adapter returns `h + f(h)`; a parallel one `h + f(x)`.
+    ///
+    /// # Errors
+    /// Shape errors from the underlying ops.
+    fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor>;
+    /// Its parameters.
+    fn params(&self) -> Vec<Param>;
+}
+
+struct Inner {
+    path: String,
+    adapters: RwLock<Vec<(Arc<dyn ResidualAdapter>, bool)>>,
+}
+
+/// A named residual site (`encoder.layer.3.attention.output`, `encoder.layer.3.output`, ...). Models call
+/// [`ResidualSite::forward`] on each sub-layer's output before the residual addition.
+#[derive(Clone)]
+pub struct ResidualSite(Arc<Inner>);
+
+impl ResidualSite {
+    /// A site with no adapters.
+    pub fn new(path: impl Into<String>) -> Self {
+        ResidualSite(Arc::new(Inner { path: path.into(), adapters: RwLock::new(Vec::new()) }))
+    }
+
+    /// The path.
+    pub fn path(&self) -> &str {
+        &self.0.path
+    }
+
+    /// Attaches an adapter (active).
+    ///
+    /// # Errors
+    /// [`crate::Error::Invalid`] when the name is taken.
+    pub fn attach(&self, a: Arc<dyn ResidualAdapter>) -> Result<()> {
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        if ads.iter().any(|(b, _)| b.name() == a.name()) {
+            crate::error::bail!("attach", "adapter `{}` already exists on `{}`", a.name(), self.path());
+        }
+        ads.push((a, true));
+        Ok(())
+    }
+
+    /// Makes exactly `names` active.
+    pub fn set_active(&self, names: &[&str]) {
+        for (a, on) in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            *on = names.contains(&a.name());
+        }
+    }
+
+    /// Applies the active adapters in attach order; identity when there are none.
+    ///
+    /// # Errors
+    /// Errors of the adapters.
+    pub fn forward(&self, h: Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
+        let mut h = h;
+        for (a, on) in ads.iter() {
+            if *on {
+                h = a.forward(&h, x, ctx)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The attached adapters.
+    pub fn adapters(&self) -> Vec<Arc<dyn ResidualAdapter>> {
+        self.0.adapters.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(a, _)| a.clone()).collect()
+    }
+}
+
+impl Module for ResidualSite {
+    fn visit(&self, v: &mut dyn Visitor) {
+        v.residual(self);
+        for a in self.adapters() {
+            for p in a.params() {
+                v.param(&p);
+            }
+        }
+    }
+}
