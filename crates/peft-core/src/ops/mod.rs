@@ -9,3 +9,4 @@ pub mod elementwise;
 pub mod matmul;
 pub mod reduce;
 pub mod shape_ops;
+pub mod index;
