@@ -10,3 +10,4 @@ pub mod matmul;
 pub mod reduce;
 pub mod shape_ops;
 pub mod index;
+pub mod dropout;
