@@ -11,3 +11,4 @@ pub mod reduce;
 pub mod shape_ops;
 pub mod index;
 pub mod dropout;
+pub mod conv;
