@@ -226,7 +226,13 @@ impl<E: Elem> Tensor<E> {
     /// # Errors
     /// [`Error::Shape`] for wrong ranks, mismatched `Cin` or a bias that is not `[Cout]`; [`Error::Invalid`] for
     /// a zero stride or kernel, or a padded input shorter than the kernel.
-    pub fn conv1d(&self, weight: &Tensor<E>, bias: Option<&Tensor<E>>, stride: usize, padding: usize) -> Result<Tensor<E>> {
+    pub fn conv1d(
+        &self,
+        weight: &Tensor<E>,
+        bias: Option<&Tensor<E>>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor<E>> {
         let (xs, ws) = (self.shape(), weight.shape());
         if xs.len() != 3 || ws.len() != 3 || xs[1] != ws[1] {
             return Err(Error::Shape { op: "conv1d", lhs: xs.to_vec(), rhs: ws.to_vec() });
@@ -291,12 +297,18 @@ impl<E: Elem> Tensor<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Dimension;
     use crate::testing::{array_strategy, assert_grads};
+    use ndarray::Dimension;
     use proptest::prelude::*;
 
     /// Direct 2-d convolution by definition, in f64.
-    fn naive_conv2d(x: &ArrayD<f64>, w: &ArrayD<f64>, b: Option<&[f64]>, s: (usize, usize), p: (usize, usize)) -> ArrayD<f64> {
+    fn naive_conv2d(
+        x: &ArrayD<f64>,
+        w: &ArrayD<f64>,
+        b: Option<&[f64]>,
+        s: (usize, usize),
+        p: (usize, usize),
+    ) -> ArrayD<f64> {
         let (n, cin, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
         let (cout, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
         let oh = (h + 2 * p.0 - kh) / s.0 + 1;
@@ -322,9 +334,23 @@ mod tests {
     /// (n, cin, cout, h, w, kh, kw, stride, padding) with the padded input at least the kernel.
     #[allow(clippy::type_complexity)]
     fn geom2d() -> impl Strategy<Value = (Vec<usize>, Vec<usize>, (usize, usize), (usize, usize))> {
-        (1usize..3, 1usize..3, 1usize..3, 1usize..6, 1usize..6, 1usize..4, 1usize..4, 1usize..4, 1usize..4, 0usize..3, 0usize..3)
+        (
+            1usize..3,
+            1usize..3,
+            1usize..3,
+            1usize..6,
+            1usize..6,
+            1usize..4,
+            1usize..4,
+            1usize..4,
+            1usize..4,
+            0usize..3,
+            0usize..3,
+        )
             .prop_filter("padded input shorter than kernel", |t| t.3 + 2 * t.9 >= t.5 && t.4 + 2 * t.10 >= t.6)
-            .prop_map(|(n, ci, co, h, w, kh, kw, sh, sw, ph, pw)| (vec![n, ci, h, w], vec![co, ci, kh, kw], (sh, sw), (ph, pw)))
+            .prop_map(|(n, ci, co, h, w, kh, kw, sh, sw, ph, pw)| {
+                (vec![n, ci, h, w], vec![co, ci, kh, kw], (sh, sw), (ph, pw))
+            })
     }
 
     proptest! {
@@ -412,19 +438,27 @@ mod tests {
             }
             println!("{name}: {:.2} ms", s.elapsed().as_secs_f64() * 1e3 / 3.0);
         };
-        let rnd = |s: &[usize]| Tensor::<f32>::new(ArrayD::from_shape_fn(IxDyn(s), |ix| (ix.as_array_view().sum() % 7) as f32 * 0.1));
+        let rnd = |s: &[usize]| {
+            Tensor::<f32>::new(ArrayD::from_shape_fn(IxDyn(s), |ix| (ix.as_array_view().sum() % 7) as f32 * 0.1))
+        };
         // ViT-B/16-style patch embedding at 14x14 (ViT-S/14 and DINOv2 use this), batch 8
         let (x, w, b) = (rnd(&[8, 3, 224, 224]), rnd(&[768, 3, 14, 14]), rnd(&[768]));
-        t("vit patch 14x14/14 fwd  [8,3,224,224]->[8,768,16,16]", &|| drop(x.conv2d(&w, Some(&b), (14, 14), (0, 0)).unwrap()));
+        t("vit patch 14x14/14 fwd  [8,3,224,224]->[8,768,16,16]", &|| {
+            drop(x.conv2d(&w, Some(&b), (14, 14), (0, 0)).unwrap())
+        });
         let xv = Tensor::var(x.data().to_owned());
         let wv = Tensor::var(w.data().to_owned());
-        t("vit patch fwd+bwd (dx, dW)", &|| drop(xv.conv2d(&wv, Some(&b), (14, 14), (0, 0)).unwrap().sum_all().backward().unwrap()));
+        t("vit patch fwd+bwd (dx, dW)", &|| {
+            drop(xv.conv2d(&wv, Some(&b), (14, 14), (0, 0)).unwrap().sum_all().backward().unwrap())
+        });
         // Whisper tiny front end: 80 -> 384, k3 p1; 384 -> 384, k3 s2 p1 over 3000 frames
         let (m, w1, w2, b1) = (rnd(&[1, 80, 3000]), rnd(&[384, 80, 3]), rnd(&[384, 384, 3]), rnd(&[384]));
         t("whisper conv1 fwd [1,80,3000]->[1,384,3000]", &|| drop(m.conv1d(&w1, Some(&b1), 1, 1).unwrap()));
         let h = m.conv1d(&w1, Some(&b1), 1, 1).unwrap();
         t("whisper conv2 fwd [1,384,3000]->[1,384,1500]", &|| drop(h.conv1d(&w2, Some(&b1), 2, 1).unwrap()));
         let hv = Tensor::var(h.data().to_owned());
-        t("whisper conv2 fwd+bwd (dx only)", &|| drop(hv.conv1d(&w2, Some(&b1), 2, 1).unwrap().sum_all().backward().unwrap()));
+        t("whisper conv2 fwd+bwd (dx only)", &|| {
+            drop(hv.conv1d(&w2, Some(&b1), 2, 1).unwrap().sum_all().backward().unwrap())
+        });
     }
 }

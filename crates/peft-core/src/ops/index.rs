@@ -52,7 +52,13 @@ fn walk(ishape: &[usize], a: &[usize], b: &[usize], mut f: impl FnMut(usize, &[u
 }
 
 /// Checks a torch-style index array against `data` (the indexed tensor) and, for `scatter_add`, `src`.
-fn check_index(op: &'static str, data: &[usize], axis: usize, index: &ArrayD<usize>, src: Option<&[usize]>) -> Result<()> {
+fn check_index(
+    op: &'static str,
+    data: &[usize],
+    axis: usize,
+    index: &ArrayD<usize>,
+    src: Option<&[usize]>,
+) -> Result<()> {
     let r = data.len();
     if axis >= r {
         return Err(Error::Axis { op, axis, rank: r });
