@@ -1,4 +1,4 @@
-//! Convolutions (PyTorch `conv1d` / `conv2d` semantics, no groups or dilation) via im2col + [`gemm`].
+//! Convolutions (PyTorch `conv1d` / `conv2d` semantics, no groups or dilation) via im2col + [`gemm()`].
 //!
 //! For each batch item the input patches are unrolled into a `[Cin·Kh·Kw, Hout·Wout]` column matrix, so the
 //! output is one GEMM `W [Cout, Cin·Kh·Kw] · cols`. The backward recomputes the columns (nothing but the
@@ -446,6 +446,9 @@ mod tests {
         t("vit patch 14x14/14 fwd  [8,3,224,224]->[8,768,16,16]", &|| {
             drop(x.conv2d(&w, Some(&b), (14, 14), (0, 0)).unwrap())
         });
+        // baseline in the same run: one GEMM of the same size ([768, 588] x [8, 588, 256])
+        let (w2, c) = (rnd(&[768, 588]), rnd(&[8, 588, 256]));
+        t("  baseline gemm [768,588]x[8,588,256]", &|| drop(w2.matmul(&c).unwrap()));
         let xv = Tensor::var(x.data().to_owned());
         let wv = Tensor::var(w.data().to_owned());
         t("vit patch fwd+bwd (dx, dW)", &|| {
@@ -454,8 +457,12 @@ mod tests {
         // Whisper tiny front end: 80 -> 384, k3 p1; 384 -> 384, k3 s2 p1 over 3000 frames
         let (m, w1, w2, b1) = (rnd(&[1, 80, 3000]), rnd(&[384, 80, 3]), rnd(&[384, 384, 3]), rnd(&[384]));
         t("whisper conv1 fwd [1,80,3000]->[1,384,3000]", &|| drop(m.conv1d(&w1, Some(&b1), 1, 1).unwrap()));
+        let (wa, ca) = (rnd(&[384, 240]), rnd(&[240, 3000]));
+        t("  baseline gemm [384,240]x[240,3000]", &|| drop(wa.matmul(&ca).unwrap()));
         let h = m.conv1d(&w1, Some(&b1), 1, 1).unwrap();
         t("whisper conv2 fwd [1,384,3000]->[1,384,1500]", &|| drop(h.conv1d(&w2, Some(&b1), 2, 1).unwrap()));
+        let (wb, cb) = (rnd(&[384, 1152]), rnd(&[1152, 1500]));
+        t("  baseline gemm [384,1152]x[1152,1500]", &|| drop(wb.matmul(&cb).unwrap()));
         let hv = Tensor::var(h.data().to_owned());
         t("whisper conv2 fwd+bwd (dx only)", &|| {
             drop(hv.conv1d(&w2, Some(&b1), 2, 1).unwrap().sum_all().backward().unwrap())
