@@ -4,8 +4,12 @@
 //! tracks gradients. Composite ops (e.g. `var`, `mse_loss`) are written in terms of primitives and have no
 //! backward rule of their own.
 
+pub mod attention;
 pub mod broadcast;
+pub mod conv;
+pub mod dropout;
 pub mod elementwise;
+pub mod index;
 pub mod matmul;
 pub mod reduce;
 pub mod shape_ops;
