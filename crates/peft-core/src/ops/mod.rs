@@ -9,3 +9,5 @@ pub mod elementwise;
 pub mod matmul;
 pub mod reduce;
 pub mod shape_ops;
+pub mod softmax;
+pub(crate) mod rows;
