@@ -11,3 +11,4 @@ pub mod reduce;
 pub mod shape_ops;
 pub mod softmax;
 pub(crate) mod rows;
+pub mod norm;

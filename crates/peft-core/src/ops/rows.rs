@@ -45,3 +45,52 @@ pub(crate) fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usiz
     let inner = shape[axis + 1..].iter().product();
     (outer, shape[axis], inner)
 }
+
+/// Like [`for_each_block`] (`f(i, chunk, aux_i)`), also handing each chunk its own entry of `aux` (one per block).
+pub(crate) fn for_each_block_with<E: Send, T: Send>(
+    dst: &mut [E],
+    block: usize,
+    aux: &mut [T],
+    f: impl Fn(usize, &mut [E], &mut T) + Sync + Send,
+) {
+    if block == 0 || dst.is_empty() {
+        return;
+    }
+    debug_assert_eq!(dst.len() / block, aux.len(), "peft-rs bug: one aux entry per block");
+    if parallel(dst.len()) && dst.len() > block {
+        let min_len = (MIN_TASK_ELEMS / block).max(1);
+        dst.par_chunks_mut(block).zip(aux.par_iter_mut()).with_min_len(min_len).enumerate().for_each(|(i, (c, a))| f(i, c, a));
+    } else {
+        dst.chunks_mut(block).zip(aux.iter_mut()).enumerate().for_each(|(i, (c, a))| f(i, c, a));
+    }
+}
+
+/// Runs `f(rows_range, out_chunk)` over contiguous ranges of `rows` rows of `width` elements, one range per
+/// rayon task when large (a few tasks per thread), and returns each task's result in row order.
+///
+/// `out`, when given, is split into the matching `range.len() * width` chunks. Used by backward passes that
+/// write a per-row gradient and also reduce over rows (a layer-norm weight gradient, say): each task returns its
+/// partial sum and the caller adds the few partials.
+pub(crate) fn row_tasks<E: Send, T: Send>(
+    out: Option<&mut [E]>,
+    rows: usize,
+    width: usize,
+    f: impl Fn(std::ops::Range<usize>, Option<&mut [E]>) -> T + Sync + Send,
+) -> Vec<T> {
+    if rows == 0 || width == 0 {
+        return Vec::new();
+    }
+    let tasks = if parallel(rows * width) { (rayon::current_num_threads() * 4).min(rows) } else { 1 };
+    let per = rows.div_ceil(tasks);
+    let tasks = rows.div_ceil(per);
+    let slots: Vec<Option<&mut [E]>> = match out {
+        Some(o) => o.chunks_mut(per * width).map(Some).collect(),
+        None => (0..tasks).map(|_| None).collect(),
+    };
+    let run = |(t, slot): (usize, Option<&mut [E]>)| f(t * per..((t + 1) * per).min(rows), slot);
+    if tasks > 1 {
+        slots.into_par_iter().enumerate().map(run).collect()
+    } else {
+        slots.into_iter().enumerate().map(run).collect()
+    }
+}
