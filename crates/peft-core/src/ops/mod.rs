@@ -12,3 +12,4 @@ pub mod shape_ops;
 pub mod softmax;
 pub(crate) mod rows;
 pub mod norm;
+pub mod loss;
