@@ -13,3 +13,7 @@ pub mod index;
 pub mod matmul;
 pub mod reduce;
 pub mod shape_ops;
+pub mod softmax;
+pub(crate) mod rows;
+pub mod norm;
+pub mod loss;
