@@ -79,7 +79,7 @@ pub(crate) fn backward<E: Elem>(root: &Tensor<E>, seed: Option<ArrayD<E>>) -> Re
         }
         order.push(t);
     }
-    order.sort_by(|a, b| b.id().cmp(&a.id()));
+    order.sort_by_key(|t| std::cmp::Reverse(t.id()));
 
     let mut grads: HashMap<TensorId, ArrayD<E>> = HashMap::new();
     grads.insert(root.id(), seed.unwrap_or_else(|| ArrayD::from_elem(IxDyn(root.shape()), E::one())));

@@ -1,0 +1,354 @@
+//! Transformer blocks: the encoder layer (post-LN as BERT, pre-LN with optional layer scale as ViT/DINOv2 and
+//! Whisper) and the LLaMA decoder layer (RMSNorm, RoPE, SwiGLU, GQA, KV cache).
+//!
+//! Each block exposes two residual adapter sites, one after the attention sub-layer and one after the
+//! feed-forward sub-layer, applied to the sub-layer output before the residual addition.
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::Result;
+use crate::nn::attention::{KvCache, MultiHeadAttention, Rope};
+use crate::nn::layers::{Activation, LayerNorm, Mlp, RmsNorm, SwiGlu};
+use crate::nn::{Ctx, Linear, Module, ResidualSite, Visitor, WeightSource};
+use crate::param::Param;
+use crate::tensor::Tensor;
+
+/// Where the LayerNorms sit in an encoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `x = LN(x + sublayer(x))` (BERT).
+    Post,
+    /// `x = x + sublayer(LN(x))` (ViT, DINOv2, Whisper).
+    Pre,
+}
+
+/// Checkpoint names inside one encoder layer (relative to the layer's prefix), so one implementation serves
+/// BERT, DINOv2 and Whisper.
+#[derive(Clone, Debug)]
+pub struct EncoderNames {
+    /// Query projection.
+    pub q: &'static str,
+    /// Key projection.
+    pub k: &'static str,
+    /// Value projection.
+    pub v: &'static str,
+    /// Attention output projection.
+    pub o: &'static str,
+    /// Norm around attention.
+    pub ln_attn: &'static str,
+    /// Feed-forward up projection.
+    pub fc1: &'static str,
+    /// Feed-forward down projection.
+    pub fc2: &'static str,
+    /// Norm around the feed-forward block.
+    pub ln_ffn: &'static str,
+    /// Layer-scale vector after attention (`None`: no layer scale).
+    pub ls_attn: Option<&'static str>,
+    /// Layer-scale vector after the feed-forward block.
+    pub ls_ffn: Option<&'static str>,
+    /// Residual site after attention.
+    pub res_attn: &'static str,
+    /// Residual site after the feed-forward block.
+    pub res_ffn: &'static str,
+}
+
+impl EncoderNames {
+    /// BERT / RoBERTa names.
+    pub const BERT: EncoderNames = EncoderNames {
+        q: "attention.self.query",
+        k: "attention.self.key",
+        v: "attention.self.value",
+        o: "attention.output.dense",
+        ln_attn: "attention.output.LayerNorm",
+        fc1: "intermediate.dense",
+        fc2: "output.dense",
+        ln_ffn: "output.LayerNorm",
+        ls_attn: None,
+        ls_ffn: None,
+        res_attn: "attention.output",
+        res_ffn: "output",
+    };
+    /// DINOv2 names.
+    pub const DINOV2: EncoderNames = EncoderNames {
+        q: "attention.attention.query",
+        k: "attention.attention.key",
+        v: "attention.attention.value",
+        o: "attention.output.dense",
+        ln_attn: "norm1",
+        fc1: "mlp.fc1",
+        fc2: "mlp.fc2",
+        ln_ffn: "norm2",
+        ls_attn: Some("layer_scale1.lambda1"),
+        ls_ffn: Some("layer_scale2.lambda1"),
+        res_attn: "attention.output",
+        res_ffn: "mlp",
+    };
+    /// Whisper encoder names.
+    pub const WHISPER: EncoderNames = EncoderNames {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+        o: "self_attn.out_proj",
+        ln_attn: "self_attn_layer_norm",
+        fc1: "fc1",
+        fc2: "fc2",
+        ln_ffn: "final_layer_norm",
+        ls_attn: None,
+        ls_ffn: None,
+        res_attn: "self_attn",
+        res_ffn: "mlp",
+    };
+}
+
+/// Sizes and options of an encoder layer.
+#[derive(Clone, Debug)]
+pub struct EncoderConfig {
+    /// Hidden size.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward inner size.
+    pub intermediate: usize,
+    /// Feed-forward activation.
+    pub act: Activation,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+    /// Norm placement.
+    pub norm: NormPlacement,
+    /// Whether the key projection has a bias (Whisper's has none).
+    pub k_bias: bool,
+    /// Attention-probability and hidden dropout (training only).
+    pub dropout: f64,
+}
+
+/// One transformer encoder layer.
+#[derive(Clone)]
+pub struct EncoderLayer {
+    /// Self-attention.
+    pub attn: MultiHeadAttention,
+    /// Norm around attention.
+    pub ln_attn: LayerNorm,
+    /// Feed-forward block.
+    pub mlp: Mlp,
+    /// Norm around the feed-forward block.
+    pub ln_ffn: LayerNorm,
+    /// Layer scale after attention.
+    pub ls_attn: Option<Param>,
+    /// Layer scale after the feed-forward block.
+    pub ls_ffn: Option<Param>,
+    /// Residual site after attention.
+    pub res_attn: ResidualSite,
+    /// Residual site after the feed-forward block.
+    pub res_ffn: ResidualSite,
+    /// Config.
+    pub cfg: EncoderConfig,
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl EncoderLayer {
+    /// Loads a layer whose tensors live under `prefix` with `names`.
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors.
+    pub fn load(prefix: &str, names: &EncoderNames, cfg: &EncoderConfig, src: &dyn WeightSource) -> Result<Self> {
+        let (h, i) = (cfg.hidden, cfg.intermediate);
+        let p = |n: &str| join(prefix, n);
+        let attn = MultiHeadAttention {
+            q: Linear::load(&p(names.q), h, h, true, src)?,
+            k: Linear::load(&p(names.k), h, h, cfg.k_bias, src)?,
+            v: Linear::load(&p(names.v), h, h, true, src)?,
+            o: Linear::load(&p(names.o), h, h, true, src)?,
+            heads: cfg.heads,
+            kv_heads: cfg.heads,
+            head_dim: h / cfg.heads,
+            rope: None,
+        };
+        let ls = |n: Option<&str>| -> Result<Option<Param>> {
+            n.map(|n| Ok(Param::new(p(n), src.get_or(&p(n), &[h], 1.0)?, false))).transpose()
+        };
+        Ok(EncoderLayer {
+            attn,
+            ln_attn: LayerNorm::load(&p(names.ln_attn), h, cfg.eps, src)?,
+            mlp: Mlp {
+                fc1: Linear::load(&p(names.fc1), h, i, true, src)?,
+                fc2: Linear::load(&p(names.fc2), i, h, true, src)?,
+                act: cfg.act,
+            },
+            ln_ffn: LayerNorm::load(&p(names.ln_ffn), h, cfg.eps, src)?,
+            ls_attn: ls(names.ls_attn)?,
+            ls_ffn: ls(names.ls_ffn)?,
+            res_attn: ResidualSite::new(p(names.res_attn)),
+            res_ffn: ResidualSite::new(p(names.res_ffn)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn dropout(&self, x: Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if ctx.train && self.cfg.dropout > 0.0 {
+            ctx.with_rng(|rng| x.dropout(self.cfg.dropout, true, rng))
+        } else {
+            Ok(x)
+        }
+    }
+
+    fn scale(h: Tensor, ls: &Option<Param>) -> Result<Tensor> {
+        match ls {
+            Some(p) => h.mul(&p.tensor()),
+            None => Ok(h),
+        }
+    }
+
+    /// Applies the layer to `x [B, L, hidden]`; `key_mask [B, L]` marks real (non-padding) tokens.
+    ///
+    /// # Errors
+    /// Shape errors.
+    pub fn forward(&self, x: &Tensor, key_mask: Option<&ArrayD<bool>>, ctx: &Ctx) -> Result<Tensor> {
+        match self.cfg.norm {
+            NormPlacement::Post => {
+                let a = self.attn.forward(x, key_mask, false, None, ctx)?;
+                let a = self.res_attn.forward(self.dropout(a, ctx)?, x, ctx)?;
+                let x = self.ln_attn.forward(&x.add(&a)?)?;
+                let f = self.mlp.forward(&x, ctx)?;
+                let f = self.res_ffn.forward(self.dropout(f, ctx)?, &x, ctx)?;
+                self.ln_ffn.forward(&x.add(&f)?)
+            }
+            NormPlacement::Pre => {
+                let a = self.attn.forward(&self.ln_attn.forward(x)?, key_mask, false, None, ctx)?;
+                let a = Self::scale(a, &self.ls_attn)?;
+                let a = self.res_attn.forward(self.dropout(a, ctx)?, x, ctx)?;
+                let x = x.add(&a)?;
+                let f = self.mlp.forward(&self.ln_ffn.forward(&x)?, ctx)?;
+                let f = Self::scale(f, &self.ls_ffn)?;
+                let f = self.res_ffn.forward(self.dropout(f, ctx)?, &x, ctx)?;
+                x.add(&f)
+            }
+        }
+    }
+}
+
+impl Module for EncoderLayer {
+    fn visit(&self, v: &mut dyn Visitor) {
+        self.attn.visit(v);
+        self.ln_attn.visit(v);
+        if let Some(p) = &self.ls_attn {
+            v.param(p);
+        }
+        self.res_attn.visit(v);
+        self.mlp.visit(v);
+        self.ln_ffn.visit(v);
+        if let Some(p) = &self.ls_ffn {
+            v.param(p);
+        }
+        self.res_ffn.visit(v);
+    }
+}
+
+/// Sizes and options of a LLaMA decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderConfig {
+    /// Hidden size.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+    /// SwiGLU inner size.
+    pub intermediate: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Rotary settings.
+    pub rope: Rope,
+}
+
+/// One LLaMA decoder layer (`model.layers.N`).
+#[derive(Clone)]
+pub struct DecoderLayer {
+    /// Pre-attention RMSNorm.
+    pub input_norm: RmsNorm,
+    /// Causal self-attention.
+    pub attn: MultiHeadAttention,
+    /// Pre-MLP RMSNorm.
+    pub post_attn_norm: RmsNorm,
+    /// SwiGLU feed-forward.
+    pub mlp: SwiGlu,
+    /// Residual site after attention (`<prefix>.self_attn`).
+    pub res_attn: ResidualSite,
+    /// Residual site after the MLP (`<prefix>.mlp`).
+    pub res_ffn: ResidualSite,
+}
+
+impl DecoderLayer {
+    /// Loads `model.layers.N` style tensors under `prefix` (Hugging Face LLaMA names).
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors.
+    pub fn load(prefix: &str, cfg: &DecoderConfig, src: &dyn WeightSource) -> Result<Self> {
+        let p = |n: &str| join(prefix, n);
+        let (h, qd, kvd) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+        Ok(DecoderLayer {
+            input_norm: RmsNorm::load(&p("input_layernorm"), h, cfg.eps, src)?,
+            attn: MultiHeadAttention {
+                q: Linear::load(&p("self_attn.q_proj"), h, qd, false, src)?,
+                k: Linear::load(&p("self_attn.k_proj"), h, kvd, false, src)?,
+                v: Linear::load(&p("self_attn.v_proj"), h, kvd, false, src)?,
+                o: Linear::load(&p("self_attn.o_proj"), qd, h, false, src)?,
+                heads: cfg.heads,
+                kv_heads: cfg.kv_heads,
+                head_dim: cfg.head_dim,
+                rope: Some(cfg.rope),
+            },
+            post_attn_norm: RmsNorm::load(&p("post_attention_layernorm"), h, cfg.eps, src)?,
+            mlp: SwiGlu {
+                gate: Linear::load(&p("mlp.gate_proj"), h, cfg.intermediate, false, src)?,
+                up: Linear::load(&p("mlp.up_proj"), h, cfg.intermediate, false, src)?,
+                down: Linear::load(&p("mlp.down_proj"), cfg.intermediate, h, false, src)?,
+            },
+            res_attn: ResidualSite::new(p("self_attn")),
+            res_ffn: ResidualSite::new(p("mlp")),
+        })
+    }
+
+    /// Applies the layer to `x [B, L, hidden]` causally, appending to `cache` when given.
+    ///
+    /// # Errors
+    /// Shape errors.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        key_mask: Option<&ArrayD<bool>>,
+        cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let a = self.attn.forward(&self.input_norm.forward(x)?, key_mask, true, cache, ctx)?;
+        let a = self.res_attn.forward(a, x, ctx)?;
+        let x = x.add(&a)?;
+        let f = self.mlp.forward(&self.post_attn_norm.forward(&x)?, ctx)?;
+        let f = self.res_ffn.forward(f, &x, ctx)?;
+        x.add(&f)
+    }
+}
+
+impl Module for DecoderLayer {
+    fn visit(&self, v: &mut dyn Visitor) {
+        self.input_norm.visit(v);
+        self.attn.visit(v);
+        self.res_attn.visit(v);
+        self.post_attn_norm.visit(v);
+        self.mlp.visit(v);
+        self.res_ffn.visit(v);
+    }
+}
+
+/// A `[B, L]` key mask from per-sequence lengths (true for the first `len` positions).
+pub fn length_mask(lens: &[usize], max_len: usize) -> ArrayD<bool> {
+    ArrayD::from_shape_fn(IxDyn(&[lens.len(), max_len]), |ix| ix[1] < lens[ix[0]])
+}
