@@ -65,10 +65,8 @@ fn require_asset_in(dir: Option<&Path>, rel: &Path, ci: bool) -> Option<PathBuf>
         return Some(p);
     }
     let looked = dir.map_or("no asset directory was found".to_string(), |d| format!("looked in {}", d.display()));
-    let msg = format!(
-        "skipping: asset {} not found (set {ASSETS_ENV} to the shared assets folder; {looked})",
-        rel.display()
-    );
+    let msg =
+        format!("skipping: asset {} not found (set {ASSETS_ENV} to the shared assets folder; {looked})", rel.display());
     if ci {
         panic!("{msg} [CI=true: missing assets are a failure]");
     }
@@ -123,7 +121,10 @@ mod tests {
     #[test]
     fn require_asset_returns_existing_path_and_skips_missing() {
         let (_t, assets, _krate) = layout();
-        assert_eq!(require_asset_in(Some(&assets), Path::new("models/x.json"), false), Some(assets.join("models/x.json")));
+        assert_eq!(
+            require_asset_in(Some(&assets), Path::new("models/x.json"), false),
+            Some(assets.join("models/x.json"))
+        );
         assert_eq!(require_asset_in(Some(&assets), Path::new("models/y.json"), false), None);
         assert_eq!(require_asset_in(None, Path::new("models/x.json"), false), None);
     }

@@ -60,9 +60,9 @@ where
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "destination has no file name"))
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "destination has no file name")))?;
 
     // A name no other writer (thread or process) uses: pid + process-wide counter, created with `create_new`.
     let (file, guard) = loop {

@@ -222,7 +222,12 @@ mod tests {
 
     #[test]
     fn messages_name_file_and_tensor() {
-        let e = IoError::ShapeMismatch { path: "m.safetensors".into(), name: "w".into(), expected: vec![2], found: vec![3] };
+        let e = IoError::ShapeMismatch {
+            path: "m.safetensors".into(),
+            name: "w".into(),
+            expected: vec![2],
+            found: vec![3],
+        };
         assert_eq!(e.to_string(), "m.safetensors: tensor `w`: expected shape [2], found [3]");
         let core: IoError = crate::Error::NoGraph.into();
         assert!(core.path().is_none());

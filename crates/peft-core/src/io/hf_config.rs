@@ -172,7 +172,7 @@ impl Dinov2Config {
     pub fn intermediate_size(&self) -> usize {
         let h = (self.hidden_size as f64 * self.mlp_ratio) as usize;
         if self.use_swiglu_ffn {
-            ((h * 2 / 3) + 7) / 8 * 8
+            (h * 2 / 3).div_ceil(8) * 8
         } else {
             h
         }
@@ -351,9 +351,7 @@ impl LlamaConfig {
 
     /// RoPE base: `rope_theta`, else `rope_parameters.rope_theta`, else transformers' default 10000.
     pub fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(10000.0)
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10000.0)
     }
 }
 
@@ -468,7 +466,7 @@ fn invalid(path: &Path, field: &'static str, reason: String) -> IoError {
 
 /// `heads` must be non-zero and divide `width`.
 fn check_heads(path: &Path, field: &'static str, heads: usize, width_name: &str, width: usize) -> IoResult<()> {
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         return Err(invalid(path, field, format!("{heads} heads do not divide {width_name} {width}")));
     }
     Ok(())
@@ -484,7 +482,11 @@ impl Validate for Dinov2Config {
     fn validate(&self, path: &Path) -> IoResult<()> {
         check_heads(path, "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)?;
         if self.patch_size == 0 || self.patch_size > self.image_size {
-            return Err(invalid(path, "patch_size", format!("{} with image_size {}", self.patch_size, self.image_size)));
+            return Err(invalid(
+                path,
+                "patch_size",
+                format!("{} with image_size {}", self.patch_size, self.image_size),
+            ));
         }
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) {
             return Err(invalid(path, "mlp_ratio", format!("{} is not a positive number", self.mlp_ratio)));
@@ -507,7 +509,7 @@ impl Validate for LlamaConfig {
             return Err(invalid(path, "num_attention_heads", "must be positive".into()));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(invalid(
                 path,
                 "num_key_value_heads",

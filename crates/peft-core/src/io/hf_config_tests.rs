@@ -150,8 +150,7 @@ fn architecture_is_taken_from_architectures_when_model_type_absent_or_unknown() 
 
 #[test]
 fn unknown_architecture_is_named_in_error() {
-    let e = ArchConfig::from_json(r#"{"model_type": "mistral", "architectures": ["MistralForCausalLM"]}"#)
-        .unwrap_err();
+    let e = ArchConfig::from_json(r#"{"model_type": "mistral", "architectures": ["MistralForCausalLM"]}"#).unwrap_err();
     match &e {
         IoError::UnknownArchitecture { model_type, architectures, .. } => {
             assert_eq!(model_type.as_deref(), Some("mistral"));

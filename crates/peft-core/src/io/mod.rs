@@ -16,6 +16,4 @@ pub use atomic::atomic_write;
 pub use error::{IoError, IoResult};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use hf_config::{ArchConfig, BertConfig, Dinov2Config, LlamaConfig, WhisperConfig};
-pub use safetensors::{
-    read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo,
-};
+pub use safetensors::{read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo};

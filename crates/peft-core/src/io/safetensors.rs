@@ -347,8 +347,11 @@ type Header = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
 /// Parses and validates the header of a complete file image.
 fn parse_header(buf: &[u8], path: &Path) -> IoResult<Header> {
     let corrupt = |reason: String| IoError::CorruptHeader { path: path.to_path_buf(), reason };
-    let mismatch =
-        |name: &str, reason: String| IoError::HeaderSizeMismatch { path: path.to_path_buf(), name: name.into(), reason };
+    let mismatch = |name: &str, reason: String| IoError::HeaderSizeMismatch {
+        path: path.to_path_buf(),
+        name: name.into(),
+        reason,
+    };
 
     let n = u64::from_le_bytes(buf[..8].try_into().expect("peft-rs bug: caller checked len >= 8"));
     let rest = (buf.len() - 8) as u64;
@@ -422,9 +425,11 @@ fn parse_header(buf: &[u8], path: &Path) -> IoResult<Header> {
 }
 
 fn parse_entry(name: &str, entry: &Value, path: &Path) -> IoResult<TensorInfo> {
-    let corrupt = |what: String| IoError::CorruptHeader { path: path.to_path_buf(), reason: format!("`{name}`: {what}") };
+    let corrupt =
+        |what: String| IoError::CorruptHeader { path: path.to_path_buf(), reason: format!("`{name}`: {what}") };
     let obj = entry.as_object().ok_or_else(|| corrupt(format!("entry is not an object: {entry}")))?;
-    let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or_else(|| corrupt("missing string `dtype`".into()))?;
+    let dtype_name =
+        obj.get("dtype").and_then(Value::as_str).ok_or_else(|| corrupt("missing string `dtype`".into()))?;
     let dtype = DType::from_name(dtype_name).ok_or_else(|| IoError::UnsupportedDType {
         path: path.to_path_buf(),
         name: name.into(),
@@ -507,15 +512,19 @@ where
     const OP: &str = "write_safetensors";
     let path = path.as_ref();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(crate::Error::Invalid { op: OP, msg: format!("cannot write dtype {dtype}; use F32, F16 or BF16") }
-            .into());
+        return Err(
+            crate::Error::Invalid { op: OP, msg: format!("cannot write dtype {dtype}; use F32, F16 or BF16") }.into()
+        );
     }
     let mut sorted = BTreeMap::new();
     for (name, array) in tensors {
         let name = name.as_ref().to_string();
         if name == "__metadata__" {
-            return Err(crate::Error::Invalid { op: OP, msg: "`__metadata__` is reserved and cannot name a tensor".into() }
-                .into());
+            return Err(crate::Error::Invalid {
+                op: OP,
+                msg: "`__metadata__` is reserved and cannot name a tensor".into(),
+            }
+            .into());
         }
         let view = array.into();
         if dtype == DType::F16 {

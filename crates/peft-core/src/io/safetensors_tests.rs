@@ -237,16 +237,22 @@ fn malformed_entries_are_corrupt_header() {
 #[test]
 fn offsets_beyond_data_are_size_mismatch() {
     let e = open_err(&raw(r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#, &[0; 4]));
-    assert!(matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
-        if name == "w" && reason.contains("beyond")), "{e}");
+    assert!(
+        matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
+        if name == "w" && reason.contains("beyond")),
+        "{e}"
+    );
 }
 
 #[test]
 fn offsets_not_matching_shape_and_dtype_are_size_mismatch() {
     // 2 x F32 = 8 bytes, but the range spans 6.
     let e = open_err(&raw(r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 6]}}"#, &[0; 6]));
-    assert!(matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
-        if name == "w" && reason.contains("needs 8")), "{e}");
+    assert!(
+        matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
+        if name == "w" && reason.contains("needs 8")),
+        "{e}"
+    );
     // Same bytes, but declared F16: 2 x 2 = 4 != 8.
     let e = open_err(&raw(r#"{"w": {"dtype": "F16", "shape": [2], "data_offsets": [0, 8]}}"#, &[0; 8]));
     assert!(matches!(e, IoError::HeaderSizeMismatch { .. }), "{e}");
@@ -261,8 +267,11 @@ fn overlapping_tensors_are_size_mismatch() {
     let h = r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#;
     let e = open_err(&raw(h, &[0; 12]));
-    assert!(matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
-        if name == "b" && reason.contains("overlap")), "{e}");
+    assert!(
+        matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
+        if name == "b" && reason.contains("overlap")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -270,8 +279,11 @@ fn holes_and_trailing_bytes_are_size_mismatch() {
     let h = r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}"#;
     let e = open_err(&raw(h, &[0; 12]));
-    assert!(matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
-        if name == "b" && reason.contains("hole")), "{e}");
+    assert!(
+        matches!(e, IoError::HeaderSizeMismatch { ref name, ref reason, .. }
+        if name == "b" && reason.contains("hole")),
+        "{e}"
+    );
     let h = r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#;
     let e = open_err(&raw(h, &[0; 8]));
     assert!(matches!(e, IoError::HeaderSizeMismatch { ref name, .. } if name == "<data>"), "{e}");
@@ -312,8 +324,11 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
     assert!(matches!(f.get("v"), Err(IoError::MissingTensor { ref name, .. }) if name == "v"));
     assert!(matches!(f.shape("v"), Err(IoError::MissingTensor { .. })));
     let e = f.get_checked("w", &[3]).unwrap_err();
-    assert!(matches!(e, IoError::ShapeMismatch { ref expected, ref found, .. }
-        if expected == &[3] && found == &[2]), "{e}");
+    assert!(
+        matches!(e, IoError::ShapeMismatch { ref expected, ref found, .. }
+        if expected == &[3] && found == &[2]),
+        "{e}"
+    );
     assert_eq!(f.get_checked("w", &[2]).unwrap().into_raw_vec_and_offset().0, [1.0, 2.0]);
 }
 

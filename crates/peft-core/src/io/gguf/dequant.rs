@@ -69,10 +69,13 @@ pub(crate) fn dequantize(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
     let (bs, ts) = ty.block_layout().expect("peft-rs bug: dequantisable type without a layout");
     let numel = bytes.len() / ts * bs;
     let mut out = vec![0f32; numel];
+    // Work items of ~8K elements (whole blocks), spread over rayon's pool for large tensors.
+    let group = (8192 / bs).max(1);
+    let run = |(y, x): (&mut [f32], &[u8])| y.chunks_mut(bs).zip(x.chunks(ts)).for_each(|(y, x)| f(x, y));
     if numel >= 1 << 16 {
-        out.par_chunks_mut(bs).zip(bytes.par_chunks(ts)).for_each(|(y, x)| f(x, y));
+        out.par_chunks_mut(bs * group).zip(bytes.par_chunks(ts * group)).for_each(run);
     } else {
-        out.chunks_mut(bs).zip(bytes.chunks(ts)).for_each(|(y, x)| f(x, y));
+        out.chunks_mut(bs * group).zip(bytes.chunks(ts * group)).for_each(run);
     }
     Some(out)
 }

@@ -3,6 +3,7 @@
 //! Blocks are packed here the way ggml's *quantisers* pack them (an independent code path from the dequantisers
 //! under test), from chosen integer codes, scales and mins. Scales are powers of two and codes small integers, so
 //! every expected value is exact and compared with `==`.
+#![allow(clippy::needless_range_loop)] // index loops mirror ggml's C formulas
 
 use half::f16;
 
@@ -107,7 +108,8 @@ fn pack_2bit(l: &[u8]) -> Vec<u8> {
     let mut qs = vec![0u8; 64];
     for j in [0, 128] {
         for i in 0..32 {
-            qs[j / 4 + i] = (l[j + i] & 3) | ((l[j + i + 32] & 3) << 2) | ((l[j + i + 64] & 3) << 4) | ((l[j + i + 96] & 3) << 6);
+            qs[j / 4 + i] =
+                (l[j + i] & 3) | ((l[j + i + 32] & 3) << 2) | ((l[j + i + 64] & 3) << 4) | ((l[j + i + 96] & 3) << 6);
         }
     }
     qs

@@ -211,8 +211,11 @@ pub(super) fn parse(buf: &[u8], path: &Path) -> IoResult<Header> {
 
 /// Every tensor must lie inside the data section, and no two may overlap.
 fn check_extents(tensors: &[GgufTensorInfo], data_len: u64, path: &Path) -> IoResult<()> {
-    let mismatch =
-        |name: &str, reason: String| IoError::HeaderSizeMismatch { path: path.to_path_buf(), name: name.into(), reason };
+    let mismatch = |name: &str, reason: String| IoError::HeaderSizeMismatch {
+        path: path.to_path_buf(),
+        name: name.into(),
+        reason,
+    };
     let mut spans = Vec::with_capacity(tensors.len());
     for t in tensors {
         let len = t.n_bytes.unwrap_or(0) as u64;

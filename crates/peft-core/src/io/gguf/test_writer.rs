@@ -44,7 +44,14 @@ impl GgufBuilder {
         self.tensor_raw(name, dims, ty.id(), data, None)
     }
 
-    pub(super) fn tensor_raw(mut self, name: &str, dims: &[u64], type_id: u32, data: Vec<u8>, offset: Option<u64>) -> Self {
+    pub(super) fn tensor_raw(
+        mut self,
+        name: &str,
+        dims: &[u64],
+        type_id: u32,
+        data: Vec<u8>,
+        offset: Option<u64>,
+    ) -> Self {
         self.tensors.push(Entry { name: name.into(), dims: dims.to_vec(), type_id, data, offset });
         self
     }

@@ -52,10 +52,18 @@ fn sample() -> GgufBuilder {
         .kv("i64", GgufValue::I64(i64::MIN))
         .kv("f64", GgufValue::F64(1e-300))
         .kv("tokenizer.ggml.tokens", strings(&["<s>", "a", "ß", ""]))
-        .kv("nested", GgufValue::Array(GgufValueType::Array, vec![GgufValue::Array(GgufValueType::U8, vec![GgufValue::U8(1)])]))
+        .kv(
+            "nested",
+            GgufValue::Array(GgufValueType::Array, vec![GgufValue::Array(GgufValueType::U8, vec![GgufValue::U8(1)])]),
+        )
         .kv("empty", GgufValue::Array(GgufValueType::F32, vec![]))
         .tensor("w", &[3, 2], GgmlType::F32, f32s(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
-        .tensor("v", &[4], GgmlType::F16, [1.0f32, -2.0, 0.5, 65504.0].iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect())
+        .tensor(
+            "v",
+            &[4],
+            GgmlType::F16,
+            [1.0f32, -2.0, 0.5, 65504.0].iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        )
 }
 
 #[test]
@@ -131,10 +139,12 @@ fn bf16_and_f64_tensors_are_widened() {
 
 #[test]
 fn custom_alignment_places_data_on_its_boundary() {
-    let b = GgufBuilder::new()
-        .alignment(64)
-        .tensor("a", &[3], GgmlType::F32, f32s(&[1.0, 2.0, 3.0]))
-        .tensor("b", &[1], GgmlType::F32, f32s(&[9.0]));
+    let b = GgufBuilder::new().alignment(64).tensor("a", &[3], GgmlType::F32, f32s(&[1.0, 2.0, 3.0])).tensor(
+        "b",
+        &[1],
+        GgmlType::F32,
+        f32s(&[9.0]),
+    );
     let (_d, f) = open_ok(&b.build());
     assert_eq!(f.alignment(), 64);
     assert_eq!(f.data_offset() % 64, 0);
@@ -191,9 +201,13 @@ fn data_beyond_file_is_size_mismatch() {
 
 #[test]
 fn overlapping_tensors_are_size_mismatch() {
-    let b = GgufBuilder::new()
-        .tensor_raw("a", &[16], 0, f32s(&[1.0; 16]), Some(0))
-        .tensor_raw("b", &[16], 0, f32s(&[2.0; 16]), Some(32));
+    let b = GgufBuilder::new().tensor_raw("a", &[16], 0, f32s(&[1.0; 16]), Some(0)).tensor_raw(
+        "b",
+        &[16],
+        0,
+        f32s(&[2.0; 16]),
+        Some(32),
+    );
     let e = open_err(&b.build());
     assert!(matches!(e, IoError::HeaderSizeMismatch { ref reason, .. } if reason.contains("overlaps")), "{e}");
 }
@@ -202,8 +216,12 @@ fn overlapping_tensors_are_size_mismatch() {
 fn structural_errors_are_corrupt_header() {
     let not_block_multiple = GgufBuilder::new().tensor("q", &[16], GgmlType::Q8_0, vec![0; 34]);
     let too_many_dims = GgufBuilder::new().tensor("t", &[1, 1, 1, 1, 1], GgmlType::F32, f32s(&[1.0]));
-    let dup_tensor =
-        GgufBuilder::new().tensor("t", &[1], GgmlType::F32, f32s(&[1.0])).tensor("t", &[1], GgmlType::F32, f32s(&[1.0]));
+    let dup_tensor = GgufBuilder::new().tensor("t", &[1], GgmlType::F32, f32s(&[1.0])).tensor(
+        "t",
+        &[1],
+        GgmlType::F32,
+        f32s(&[1.0]),
+    );
     let dup_key = GgufBuilder::new().kv("k", GgufValue::U8(1)).kv("k", GgufValue::U8(2));
     let bad_align = GgufBuilder::new().kv("general.alignment", GgufValue::U32(24));
     let zero_align = GgufBuilder::new().kv("general.alignment", GgufValue::U32(0));
@@ -287,8 +305,11 @@ fn types_without_dequantiser_are_unsupported_dtype() {
     let iq = f.tensor_info("iq").unwrap();
     assert_eq!((iq.ggml_type, iq.n_bytes), (GgmlType::Other(16), None));
     let e = f.get("iq").unwrap_err();
-    assert!(matches!(e, IoError::UnsupportedDType { ref name, ref dtype, .. }
-        if name == "iq" && dtype.contains("IQ2_XXS")), "{e}");
+    assert!(
+        matches!(e, IoError::UnsupportedDType { ref name, ref dtype, .. }
+        if name == "iq" && dtype.contains("IQ2_XXS")),
+        "{e}"
+    );
     assert!(matches!(f.tensor_bytes("iq"), Err(IoError::UnsupportedDType { .. })));
     assert!(matches!(f.get("q81"), Err(IoError::UnsupportedDType { .. })));
     assert!(matches!(f.get("ints"), Err(IoError::UnsupportedDType { .. })));
