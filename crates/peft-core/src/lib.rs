@@ -25,6 +25,7 @@ pub mod autograd;
 pub mod backend;
 pub mod elem;
 pub mod error;
+pub mod io;
 pub mod nn;
 pub mod ops;
 pub mod optim;

@@ -1,0 +1,146 @@
+//! The one documented lookup of the shared asset pack (real models, data, parity references).
+//!
+//! Lookup order, first hit wins:
+//! 1. the environment variable `PEFT_ASSETS`, if set (authoritative: when it names no directory, no other place
+//!    is tried, so a typo is not silently papered over);
+//! 2. `shared/assets` under any ancestor of the running crate's `CARGO_MANIFEST_DIR` (runtime, as set by
+//!    `cargo test` / `cargo run`), then of peft-core's own manifest directory (compile time), then of the current
+//!    directory. With the usual checkout layout (`<dir>/<workspace>` next to `<dir>/shared/assets`) this finds
+//!    `../shared/assets` relative to the workspace root.
+//!
+//! Tests that need an asset call [`require_asset`], which returns `None` (after printing why) when the asset is
+//! absent, so a local run without the pack skips, while a CI run (`CI=true`) fails loudly:
+//!
+//! ```no_run
+//! let Some(config) = peft_core::io::require_asset("models/all-MiniLM-L6-v2/config.json") else {
+//!     return; // printed "skipping: asset ... not found"
+//! };
+//! assert!(config.is_file());
+//! ```
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the asset directory.
+pub const ASSETS_ENV: &str = "PEFT_ASSETS";
+
+/// The shared asset directory, or `None` if it cannot be found (see the module docs for the lookup order).
+pub fn assets_dir() -> Option<PathBuf> {
+    let mut starts = Vec::new();
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        starts.push(PathBuf::from(dir));
+    }
+    starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    if let Ok(dir) = std::env::current_dir() {
+        starts.push(dir);
+    }
+    find_assets_dir(std::env::var_os(ASSETS_ENV), &starts)
+}
+
+/// The lookup itself, with the environment passed in (so it can be tested without touching process state).
+fn find_assets_dir(env_value: Option<OsString>, starts: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(v) = env_value.filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        return p.is_dir().then_some(p);
+    }
+    starts.iter().flat_map(|s| s.ancestors()).map(|a| a.join("shared").join("assets")).find(|p| p.is_dir())
+}
+
+/// The path of asset `rel_path` (relative to the asset directory, e.g. `"models/dinov2-small/config.json"`), for
+/// tests that need real files.
+///
+/// Returns `None` after printing `skipping: asset <rel_path> not found (set PEFT_ASSETS ...)` when the asset is
+/// absent, so the calling test can return early.
+///
+/// # Panics
+/// When the asset is absent and the environment variable `CI` is `true` or `1`: CI must fail on a missing asset
+/// rather than pass by skipping.
+pub fn require_asset(rel_path: impl AsRef<Path>) -> Option<PathBuf> {
+    let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    require_asset_in(assets_dir().as_deref(), rel_path.as_ref(), ci)
+}
+
+fn require_asset_in(dir: Option<&Path>, rel: &Path, ci: bool) -> Option<PathBuf> {
+    if let Some(p) = dir.map(|d| d.join(rel)).filter(|p| p.exists()) {
+        return Some(p);
+    }
+    let looked = dir.map_or("no asset directory was found".to_string(), |d| format!("looked in {}", d.display()));
+    let msg =
+        format!("skipping: asset {} not found (set {ASSETS_ENV} to the shared assets folder; {looked})", rel.display());
+    if ci {
+        panic!("{msg} [CI=true: missing assets are a failure]");
+    }
+    eprintln!("{msg}");
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// `<tmp>/shared/assets/models/x.json` next to `<tmp>/ws/crates/c`.
+    fn layout() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let assets = t.path().join("shared/assets");
+        fs::create_dir_all(assets.join("models")).unwrap();
+        fs::write(assets.join("models/x.json"), b"{}").unwrap();
+        let krate = t.path().join("ws/crates/c");
+        fs::create_dir_all(&krate).unwrap();
+        (t, assets, krate)
+    }
+
+    #[test]
+    fn finds_shared_assets_next_to_workspace_from_crate_dir() {
+        let (_t, assets, krate) = layout();
+        assert_eq!(find_assets_dir(None, &[krate]), Some(assets));
+    }
+
+    #[test]
+    fn env_var_wins_and_is_authoritative() {
+        let (t, _assets, krate) = layout();
+        let other = t.path().join("elsewhere");
+        fs::create_dir(&other).unwrap();
+        assert_eq!(find_assets_dir(Some(other.clone().into()), std::slice::from_ref(&krate)), Some(other));
+        let missing = t.path().join("typo");
+        assert_eq!(find_assets_dir(Some(missing.into()), std::slice::from_ref(&krate)), None);
+        // An empty value counts as unset.
+        assert!(find_assets_dir(Some(OsString::new()), &[krate]).is_some());
+    }
+
+    #[test]
+    fn later_start_points_are_tried_when_earlier_ones_fail() {
+        let (t, assets, krate) = layout();
+        let unrelated = tempfile::tempdir().unwrap();
+        assert_eq!(find_assets_dir(None, &[unrelated.path().to_path_buf(), krate]), Some(assets));
+        drop(t);
+        assert_eq!(find_assets_dir(None, &[unrelated.path().to_path_buf()]), None);
+    }
+
+    #[test]
+    fn require_asset_returns_existing_path_and_skips_missing() {
+        let (_t, assets, _krate) = layout();
+        assert_eq!(
+            require_asset_in(Some(&assets), Path::new("models/x.json"), false),
+            Some(assets.join("models/x.json"))
+        );
+        assert_eq!(require_asset_in(Some(&assets), Path::new("models/y.json"), false), None);
+        assert_eq!(require_asset_in(None, Path::new("models/x.json"), false), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "skipping: asset models/y.json not found (set PEFT_ASSETS")]
+    fn require_asset_panics_under_ci() {
+        let (_t, assets, _krate) = layout();
+        require_asset_in(Some(&assets), Path::new("models/y.json"), true);
+    }
+
+    #[test]
+    fn require_asset_finds_present_asset_through_full_lookup() {
+        // Sanity of the real lookup: whatever it returns must be an existing directory.
+        if let Some(d) = assets_dir() {
+            assert!(d.is_dir());
+        }
+    }
+}
