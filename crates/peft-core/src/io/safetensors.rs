@@ -583,3 +583,21 @@ where
 #[cfg(test)]
 #[path = "safetensors_tests.rs"]
 mod tests;
+
+impl crate::nn::WeightSource for SafeTensorsFile {
+    fn get(&self, name: &str, shape: &[usize]) -> crate::Result<ArrayD<f32>> {
+        if !self.contains(name) {
+            return Err(crate::Error::UnknownName { name: format!("{name} (in {})", self.path().display()) });
+        }
+        match self.get_checked(name, shape) {
+            Ok(a) => Ok(a),
+            Err(IoError::ShapeMismatch { expected, found, .. }) => {
+                Err(crate::Error::Shape { op: "load weight", lhs: expected, rhs: found })
+            }
+            Err(e) => Err(crate::Error::Invalid { op: "load weight", msg: e.to_string() }),
+        }
+    }
+    fn contains(&self, name: &str) -> bool {
+        SafeTensorsFile::contains(self, name)
+    }
+}
