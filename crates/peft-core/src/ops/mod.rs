@@ -6,10 +6,10 @@
 
 pub mod broadcast;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
+pub(crate) mod rows;
 pub mod shape_ops;
 pub mod softmax;
-pub(crate) mod rows;
-pub mod norm;
-pub mod loss;
