@@ -266,3 +266,185 @@ fn gelu_tanh<E: Elem>(x: E) -> E {
     let c = E::of((2.0 / std::f64::consts::PI).sqrt());
     E::of(0.5) * x * (E::one() + (c * (x + E::of(0.044715) * x * x * x)).tanh())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::testing::{array_strategy, assert_grads};
+    use ndarray::Axis;
+    use proptest::prelude::*;
+
+    /// Two broadcast-compatible shapes: suffixes of one base shape (so ranks may differ, down to rank 0) with
+    /// random axes set to 1.
+    fn broadcast_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+        (prop::collection::vec(1usize..4, 0..4), 0usize..4, 0usize..4, any::<u8>(), any::<u8>()).prop_map(
+            |(base, da, db, ma, mb)| {
+                let pick = |drop: usize, mask: u8| -> Vec<usize> {
+                    let drop = drop.min(base.len());
+                    base[drop..].iter().enumerate().map(|(i, &d)| if (mask >> i) & 1 == 1 { 1 } else { d }).collect()
+                };
+                (pick(da, ma), pick(db, mb))
+            },
+        )
+    }
+
+    fn any_shape() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec(1usize..4, 0..4)
+    }
+
+    /// Values with magnitude in `lo..hi` and random signs (keeps away from 0, a kink or pole of some ops).
+    fn away_from_zero(shape: Vec<usize>, lo: f64, hi: f64) -> impl Strategy<Value = ArrayD<f64>> {
+        let n: usize = shape.iter().product();
+        (array_strategy(shape, lo, hi), prop::collection::vec(any::<bool>(), n)).prop_map(|(mut a, signs)| {
+            a.iter_mut().zip(signs).for_each(|(v, neg)| {
+                if neg {
+                    *v = -*v
+                }
+            });
+            a
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #[test]
+        fn binary_ops_grad_match_finite_differences_with_broadcasting(
+            (a, b) in broadcast_pair()
+                .prop_flat_map(|(sa, sb)| (array_strategy(sa, -2.0, 2.0), away_from_zero(sb, 0.5, 2.0)))
+        ) {
+            let ab = [a.clone(), b.clone()];
+            assert_grads(|t| t[0].add(&t[1]), &ab);
+            assert_grads(|t| t[0].sub(&t[1]), &ab);
+            assert_grads(|t| t[0].mul(&t[1]), &ab);
+            assert_grads(|t| t[0].div(&t[1]), &ab);
+            // operands swapped, so each side is the broadcast one
+            let ba = [b, a];
+            assert_grads(|t| t[0].sub(&t[1]), &ba);
+            assert_grads(|t| t[1].div(&t[0]), &ba);
+        }
+
+        #[test]
+        fn binary_ops_match_ndarray_broadcasting(
+            (a, b) in broadcast_pair()
+                .prop_flat_map(|(sa, sb)| (array_strategy(sa, -2.0, 2.0), away_from_zero(sb, 0.5, 2.0)))
+        ) {
+            let (ta, tb) = (Tensor::new(a.clone()), Tensor::new(b.clone()));
+            let cases = [
+                (ta.add(&tb).unwrap(), &a + &b),
+                (ta.sub(&tb).unwrap(), &a - &b),
+                (ta.mul(&tb).unwrap(), &a * &b),
+                (ta.div(&tb).unwrap(), &a / &b),
+            ];
+            for (got, want) in cases {
+                prop_assert_eq!(got.shape(), want.shape());
+                prop_assert_eq!(got.data().view(), want.view());
+            }
+        }
+
+        #[test]
+        fn smooth_unary_ops_grad_match_finite_differences(x in any_shape().prop_flat_map(|s| array_strategy(s, -3.0, 3.0))) {
+            let x = [x];
+            assert_grads(|t| Ok(t[0].add_scalar(0.7)), &x);
+            assert_grads(|t| Ok(t[0].mul_scalar(-1.3)), &x);
+            assert_grads(|t| Ok(t[0].neg()), &x);
+            assert_grads(|t| Ok(t[0].exp()), &x);
+            assert_grads(|t| Ok(t[0].square()), &x);
+            assert_grads(|t| Ok(t[0].tanh()), &x);
+            assert_grads(|t| Ok(t[0].sigmoid()), &x);
+            assert_grads(|t| Ok(t[0].silu()), &x);
+            assert_grads(|t| Ok(t[0].gelu()), &x);
+            assert_grads(|t| Ok(t[0].gelu_tanh()), &x);
+        }
+
+        #[test]
+        fn positive_domain_ops_grad_match_finite_differences(
+            x in any_shape().prop_flat_map(|s| array_strategy(s, 0.3, 3.0)),
+            p in -2.0..3.0f64,
+        ) {
+            let x = [x];
+            assert_grads(|t| Ok(t[0].log()), &x);
+            assert_grads(|t| Ok(t[0].sqrt()), &x);
+            assert_grads(|t| Ok(t[0].powf(p)), &x);
+        }
+
+        #[test]
+        fn kinked_ops_grad_match_finite_differences_away_from_zero(
+            x in any_shape().prop_flat_map(|s| away_from_zero(s, 0.1, 3.0))
+        ) {
+            let x = [x];
+            assert_grads(|t| Ok(t[0].abs()), &x);
+            assert_grads(|t| Ok(t[0].sign()), &x);
+            assert_grads(|t| Ok(t[0].relu()), &x);
+        }
+    }
+
+    #[test]
+    fn activations_match_pytorch_values() {
+        let x = Tensor::<f64>::from_vec(vec![1.0, -1.0, 2.5], &[3]).unwrap();
+        let close = |t: Tensor<f64>, want: [f64; 3]| {
+            for (a, e) in t.as_slice().iter().zip(want) {
+                assert!((a - e).abs() < 1e-14, "{a} vs {e}");
+            }
+        };
+        close(x.gelu(), [0.841344746068543, -0.15865525393145702, 2.4844758366855597]);
+        close(x.gelu_tanh(), [0.8411919906082768, -0.15880800939172324, 2.484915733910001]);
+        close(x.silu(), [0.7310585786300049, -0.2689414213699951, 2.3103545499468914]);
+        close(x.sigmoid(), [0.7310585786300049, 0.2689414213699951, 0.9241418199787566]);
+        let g = Tensor::<f32>::scalar(1.0).gelu().item().unwrap();
+        assert!((g - 0.8413447).abs() < 1e-6);
+        // sigmoid is stable at both ends
+        let s = Tensor::<f32>::from_vec(vec![-100.0, 100.0], &[2]).unwrap().sigmoid();
+        assert!(s.as_slice()[0] >= 0.0 && s.as_slice()[0] < 1e-40 && s.as_slice()[1] == 1.0);
+    }
+
+    #[test]
+    fn broadcast_add_matches_hand_values() {
+        let a = Tensor::<f32>::from_vec(vec![1.0, 2.0], &[2, 1]).unwrap();
+        let b = Tensor::<f32>::from_vec(vec![10.0, 20.0, 30.0], &[3]).unwrap();
+        let c = a.add(&b).unwrap();
+        assert_eq!(c.shape(), &[2, 3]);
+        assert_eq!(c.as_slice(), &[11.0, 21.0, 31.0, 12.0, 22.0, 32.0]);
+        let s = a.mul(&Tensor::scalar(3.0)).unwrap();
+        assert_eq!(s.as_slice(), &[3.0, 6.0]);
+    }
+
+    #[test]
+    fn large_inputs_take_the_parallel_path_and_agree_with_ndarray() {
+        // 256 x 160 elements crosses PAR_ELEMWISE for the broadcast binary ops, map1 and map3.
+        let a = ArrayD::from_shape_fn(IxDyn(&[256, 160]), |i| ((i[0] * 7 + i[1] * 3) % 17) as f64 * 0.1 - 0.8);
+        let b = ArrayD::from_shape_fn(IxDyn(&[160]), |i| 0.5 + i[0] as f64 * 0.01);
+        let (ta, tb) = (Tensor::var(a.clone()), Tensor::var(b.clone()));
+        assert_eq!(ta.mul(&tb).unwrap().data().view(), (&a * &b).view());
+        let y = ta.div(&tb).unwrap().tanh();
+        assert_eq!(y.data().view(), (&a / &b).mapv(f64::tanh).view());
+        let g = y.sum_all().backward().unwrap();
+        // d/da tanh(a / b) = (1 - tanh²) / b; d/db = -(1 - tanh²) a / b², summed over rows
+        let dy = (&a / &b).mapv(|v| 1.0 - v.tanh().powi(2));
+        let want_a = &dy / &b;
+        let want_b = (-(&dy * &a) / (&b * &b)).sum_axis(Axis(0));
+        let ga = g.get(&ta).unwrap();
+        let gb = g.get(&tb).unwrap();
+        assert!(ga.iter().zip(want_a.iter()).all(|(p, q)| (p - q).abs() < 1e-12));
+        assert!(gb.iter().zip(want_b.iter()).all(|(p, q)| (p - q).abs() < 1e-9));
+    }
+
+    #[test]
+    fn kinks_have_zero_gradient_at_zero() {
+        let x = Tensor::<f32>::var(ndarray::arr1(&[0.0f32, 2.0, -2.0]).into_dyn());
+        for (op, want) in [(x.relu(), [0.0f32, 1.0, 0.0]), (x.abs(), [0.0, 1.0, -1.0]), (x.sign(), [0.0, 0.0, 0.0])] {
+            let g = op.sum_all().backward().unwrap();
+            assert_eq!(g.get(&x).unwrap().as_slice().unwrap(), &want);
+        }
+    }
+
+    #[test]
+    fn binary_ops_reject_shapes_that_do_not_broadcast() {
+        let a = Tensor::<f32>::zeros(&[2, 3]);
+        let b = Tensor::<f32>::zeros(&[4]);
+        assert!(matches!(a.add(&b), Err(Error::Shape { op: "add", .. })));
+        assert!(matches!(a.sub(&b), Err(Error::Shape { op: "sub", .. })));
+        assert!(matches!(a.mul(&b), Err(Error::Shape { op: "mul", .. })));
+        assert!(matches!(a.div(&Tensor::zeros(&[3, 3])), Err(Error::Shape { op: "div", .. })));
+    }
+}

@@ -14,7 +14,12 @@ use crate::ops::rows::{for_each_block_with, row_tasks};
 use crate::tensor::Tensor;
 
 /// Validates the input and the per-feature parameters; returns `(rows, d)` where `d` is the last axis.
-fn check_args<E: Elem>(op: &'static str, x: &Tensor<E>, params: &[Option<&Tensor<E>>], eps: f64) -> Result<(usize, usize)> {
+fn check_args<E: Elem>(
+    op: &'static str,
+    x: &Tensor<E>,
+    params: &[Option<&Tensor<E>>],
+    eps: f64,
+) -> Result<(usize, usize)> {
     let Some(&d) = x.shape().last() else {
         crate::error::bail!(op, "needs a tensor of rank >= 1, got a scalar");
     };
@@ -26,7 +31,7 @@ fn check_args<E: Elem>(op: &'static str, x: &Tensor<E>, params: &[Option<&Tensor
     if !(eps.is_finite() && eps >= 0.0) {
         crate::error::bail!(op, "eps must be finite and >= 0, got {eps}");
     }
-    Ok((if d == 0 { 0 } else { x.len() / d }, d))
+    Ok((x.len().checked_div(d).unwrap_or(0), d))
 }
 
 /// Adds `b` into `a` elementwise (partial sums of per-task weight gradients).
@@ -48,7 +53,10 @@ fn reduce_partials<E: Elem>(parts: &[Vec<Vec<E>>], k: usize, d: usize, need: boo
 }
 
 /// The input list of a norm op (`x`, then the parameters that are present) and each parameter's position in it.
-fn inputs_of<'a, E: Elem>(x: &'a Tensor<E>, params: [Option<&'a Tensor<E>>; 2]) -> (Vec<&'a Tensor<E>>, [Option<usize>; 2]) {
+fn inputs_of<'a, E: Elem>(
+    x: &'a Tensor<E>,
+    params: [Option<&'a Tensor<E>>; 2],
+) -> (Vec<&'a Tensor<E>>, [Option<usize>; 2]) {
     let mut inputs = vec![x];
     let mut idx = [None; 2];
     for (slot, p) in idx.iter_mut().zip(params) {
@@ -249,7 +257,11 @@ mod tests {
             s.push(d);
             let n: usize = s.iter().product();
             (array_strategy(s, 0.3, 2.0), prop::collection::vec(any::<bool>(), n)).prop_map(|(mut a, signs)| {
-                a.iter_mut().zip(signs).for_each(|(v, neg)| if neg { *v = -*v });
+                a.iter_mut().zip(signs).for_each(|(v, neg)| {
+                    if neg {
+                        *v = -*v
+                    }
+                });
                 a
             })
         })
@@ -260,7 +272,12 @@ mod tests {
         (Just(x), array_strategy(vec![d], -2.0, 2.0), array_strategy(vec![d], -1.0, 1.0))
     }
 
-    fn layer_norm_composite(x: &Tensor<f64>, w: Option<&Tensor<f64>>, b: Option<&Tensor<f64>>, eps: f64) -> Tensor<f64> {
+    fn layer_norm_composite(
+        x: &Tensor<f64>,
+        w: Option<&Tensor<f64>>,
+        b: Option<&Tensor<f64>>,
+        eps: f64,
+    ) -> Tensor<f64> {
         let last = x.rank() - 1;
         let c = x.sub(&x.mean(&[last], true).unwrap()).unwrap();
         let var = c.square().mean(&[last], true).unwrap();

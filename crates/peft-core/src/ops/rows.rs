@@ -59,7 +59,11 @@ pub(crate) fn for_each_block_with<E: Send, T: Send>(
     debug_assert_eq!(dst.len() / block, aux.len(), "peft-rs bug: one aux entry per block");
     if parallel(dst.len()) && dst.len() > block {
         let min_len = (MIN_TASK_ELEMS / block).max(1);
-        dst.par_chunks_mut(block).zip(aux.par_iter_mut()).with_min_len(min_len).enumerate().for_each(|(i, (c, a))| f(i, c, a));
+        dst.par_chunks_mut(block)
+            .zip(aux.par_iter_mut())
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(i, (c, a))| f(i, c, a));
     } else {
         dst.chunks_mut(block).zip(aux.iter_mut()).enumerate().for_each(|(i, (c, a))| f(i, c, a));
     }

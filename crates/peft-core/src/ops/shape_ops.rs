@@ -14,7 +14,8 @@ impl<E: Elem> Tensor<E> {
     /// # Errors
     /// [`Error::Shape`] when the element counts differ.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor<E>> {
-        if shape.iter().product::<usize>() != self.len() {
+        // checked: a product that overflows is a mismatch, not a panic
+        if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(self.len()) {
             return Err(Error::Shape { op: "reshape", lhs: self.shape().to_vec(), rhs: shape.to_vec() });
         }
         let out = self.data().to_owned().into_shape_with_order(IxDyn(shape)).expect("peft-rs bug: reshape");
@@ -70,8 +71,8 @@ impl<E: Elem> Tensor<E> {
             return Err(Error::Axis { op: "narrow", axis, rank: r });
         }
         let dim = self.shape()[axis];
-        if start + len > dim {
-            crate::error::bail!("narrow", "range {start}..{} exceeds axis {axis} of size {dim}", start + len);
+        if start.checked_add(len).is_none_or(|end| end > dim) {
+            crate::error::bail!("narrow", "range of {len} from {start} exceeds axis {axis} of size {dim}");
         }
         let out = self.data().slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned();
         let in_dim = self.data().raw_dim();
@@ -174,5 +175,191 @@ impl<E: Elem> Tensor<E> {
         let out = self.data().broadcast(IxDyn(shape)).expect("checked").to_owned();
         let in_shape = self.shape().to_vec();
         Ok(record("broadcast_to", out, &[self], move |g, _| vec![Some(sum_to(g, &in_shape))]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{array_strategy, assert_grads};
+    use proptest::prelude::*;
+
+    fn shape() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec(1usize..4, 1..5)
+    }
+
+    fn input() -> impl Strategy<Value = ArrayD<f64>> {
+        shape().prop_flat_map(|s| array_strategy(s, -2.0, 2.0))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #[test]
+        fn reshape_grad_matches_finite_differences(x in input()) {
+            let rev: Vec<usize> = x.shape().iter().rev().copied().collect();
+            let n = x.len();
+            assert_grads(|t| t[0].reshape(&rev), std::slice::from_ref(&x));
+            assert_grads(|t| t[0].reshape(&[n]), std::slice::from_ref(&x));
+            assert_grads(|t| t[0].reshape(&[1, n, 1]), &[x]);
+        }
+
+        #[test]
+        fn permute_and_transpose_grad_match_finite_differences(
+            (x, perm, a, b) in shape().prop_flat_map(|s| {
+                let r = s.len();
+                (array_strategy(s, -2.0, 2.0), Just((0..r).collect::<Vec<_>>()).prop_shuffle(), 0..r, 0..r)
+            })
+        ) {
+            assert_grads(|t| t[0].permute(&perm), std::slice::from_ref(&x));
+            assert_grads(|t| t[0].transpose(a, b), std::slice::from_ref(&x));
+            // values: output index i maps to input index permuted by perm
+            let y = Tensor::new(x.clone()).permute(&perm).unwrap();
+            let want = x.view().permuted_axes(IxDyn(&perm)).to_owned();
+            prop_assert_eq!(y.data().view(), want.view());
+        }
+
+        #[test]
+        fn narrow_grad_matches_finite_differences(
+            (x, axis, start, len) in shape().prop_flat_map(|s| {
+                let r = s.len();
+                (Just(s), 0..r)
+            }).prop_flat_map(|(s, axis)| {
+                let d = s[axis];
+                (array_strategy(s, -2.0, 2.0), Just(axis), 0..=d)
+            }).prop_flat_map(|(x, axis, start)| {
+                let d = x.shape()[axis];
+                (Just(x), Just(axis), Just(start), 0..=d - start)
+            })
+        ) {
+            assert_grads(|t| t[0].narrow(axis, start, len), std::slice::from_ref(&x));
+            let y = Tensor::new(x.clone()).narrow(axis, start, len).unwrap();
+            let want = x.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned();
+            prop_assert_eq!(y.data().view(), want.view());
+        }
+
+        #[test]
+        fn concat_grad_matches_finite_differences(
+            (xs, axis) in shape().prop_flat_map(|s| {
+                let r = s.len();
+                (Just(s), 0..r, prop::collection::vec(1usize..4, 1..4))
+            }).prop_flat_map(|(s, axis, sizes)| {
+                let parts: Vec<_> = sizes.iter().map(|&k| {
+                    let mut si = s.clone();
+                    si[axis] = k;
+                    array_strategy(si, -2.0, 2.0)
+                }).collect();
+                (parts, Just(axis))
+            })
+        ) {
+            assert_grads(|t| Tensor::concat(&t.iter().collect::<Vec<_>>(), axis), &xs);
+        }
+
+        #[test]
+        fn stack_grad_matches_finite_differences(
+            (xs, axis) in shape().prop_flat_map(|s| {
+                let r = s.len();
+                (prop::collection::vec(array_strategy(s, -2.0, 2.0), 1..4), 0..=r)
+            })
+        ) {
+            assert_grads(|t| Tensor::stack(&t.iter().collect::<Vec<_>>(), axis), &xs);
+            let y = Tensor::stack(&xs.iter().map(|a| Tensor::new(a.clone())).collect::<Vec<_>>().iter().collect::<Vec<_>>(), axis).unwrap();
+            let views: Vec<_> = xs.iter().map(|a| a.view()).collect();
+            let want = ndarray::stack(Axis(axis), &views).unwrap();
+            prop_assert_eq!(y.data().view(), want.view());
+        }
+
+        #[test]
+        fn unsqueeze_and_squeeze_grad_match_finite_differences(
+            (x, axis) in shape().prop_flat_map(|s| {
+                let r = s.len();
+                (array_strategy(s, -2.0, 2.0), 0..=r)
+            })
+        ) {
+            assert_grads(|t| t[0].unsqueeze(axis), std::slice::from_ref(&x));
+            assert_grads(|t| t[0].unsqueeze(axis)?.squeeze(axis), std::slice::from_ref(&x));
+            let mut s = x.shape().to_vec();
+            s.insert(axis, 1);
+            let x1 = x.into_shape_with_order(IxDyn(&s)).unwrap();
+            assert_grads(|t| t[0].squeeze(axis), &[x1]);
+        }
+
+        #[test]
+        fn broadcast_to_grad_matches_finite_differences(
+            (x, target) in (prop::collection::vec(1usize..4, 0..4), 0usize..4, any::<u8>()).prop_flat_map(|(base, drop, mask)| {
+                let drop = drop.min(base.len());
+                let s: Vec<usize> =
+                    base[drop..].iter().enumerate().map(|(i, &d)| if (mask >> i) & 1 == 1 { 1 } else { d }).collect();
+                (array_strategy(s, -2.0, 2.0), Just(base))
+            })
+        ) {
+            assert_grads(|t| t[0].broadcast_to(&target), std::slice::from_ref(&x));
+            let y = Tensor::new(x.clone()).broadcast_to(&target).unwrap();
+            prop_assert_eq!(y.data().view(), x.broadcast(IxDyn(&target)).unwrap());
+        }
+    }
+
+    #[test]
+    fn shape_ops_match_hand_values() {
+        let x = Tensor::<f32>::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let t = x.transpose(0, 1).unwrap();
+        assert_eq!(t.shape(), &[3, 2]);
+        assert_eq!(t.as_slice(), &[1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        assert_eq!(x.narrow(1, 1, 2).unwrap().as_slice(), &[2.0, 3.0, 5.0, 6.0]);
+        let c = Tensor::concat(&[&x, &x.narrow(0, 0, 1).unwrap()], 0).unwrap();
+        assert_eq!(c.shape(), &[3, 3]);
+        assert_eq!(&c.as_slice()[6..], &[1.0, 2.0, 3.0]);
+        let s = Tensor::stack(&[&x, &x], 2).unwrap();
+        assert_eq!(s.shape(), &[2, 3, 2]);
+        assert_eq!(&s.as_slice()[..4], &[1.0, 1.0, 2.0, 2.0]);
+        assert_eq!(x.reshape(&[3, 2]).unwrap().as_slice(), x.as_slice());
+        assert_eq!(x.unsqueeze(0).unwrap().shape(), &[1, 2, 3]);
+        let b = Tensor::<f32>::from_vec(vec![1.0, 2.0], &[2, 1]).unwrap().broadcast_to(&[2, 2, 3]).unwrap();
+        assert_eq!(b.shape(), &[2, 2, 3]);
+        assert_eq!(&b.as_slice()[..6], &[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn shape_ops_reject_bad_arguments() {
+        let x = Tensor::<f32>::zeros(&[2, 3]);
+        assert!(matches!(x.reshape(&[4, 2]), Err(Error::Shape { op: "reshape", .. })));
+        assert!(matches!(x.permute(&[0, 0]), Err(Error::Invalid { op: "permute", .. })));
+        assert!(matches!(x.permute(&[0]), Err(Error::Invalid { .. })));
+        assert!(matches!(x.permute(&[0, 2]), Err(Error::Invalid { .. })));
+        assert!(matches!(x.transpose(0, 2), Err(Error::Axis { op: "transpose", .. })));
+        assert!(matches!(x.narrow(2, 0, 1), Err(Error::Axis { op: "narrow", .. })));
+        assert!(matches!(x.narrow(1, 2, 2), Err(Error::Invalid { op: "narrow", .. })));
+        let y = Tensor::<f32>::zeros(&[3, 3]);
+        assert!(matches!(Tensor::concat(&[&x, &y], 1), Err(Error::Shape { op: "concat", .. })));
+        assert!(matches!(Tensor::concat(&[&x, &y], 2), Err(Error::Axis { op: "concat", .. })));
+        assert!(matches!(Tensor::<f32>::concat(&[], 0), Err(Error::Invalid { op: "concat", .. })));
+        assert!(matches!(Tensor::stack(&[&x, &y], 0), Err(Error::Shape { .. })));
+        assert!(matches!(Tensor::stack(&[&x], 3), Err(Error::Axis { op: "stack", .. })));
+        assert!(matches!(Tensor::<f32>::stack(&[], 0), Err(Error::Invalid { op: "stack", .. })));
+        assert!(matches!(x.unsqueeze(3), Err(Error::Axis { op: "unsqueeze", .. })));
+        assert!(matches!(x.squeeze(0), Err(Error::Invalid { op: "squeeze", .. })));
+        assert!(matches!(x.squeeze(2), Err(Error::Axis { op: "squeeze", .. })));
+        assert!(matches!(x.broadcast_to(&[3, 3]), Err(Error::Shape { op: "broadcast_to", .. })));
+        assert!(matches!(x.broadcast_to(&[3]), Err(Error::Shape { op: "broadcast_to", .. })));
+        assert!(matches!(x.broadcast_to(&[2, 1]), Err(Error::Shape { op: "broadcast_to", .. })));
+    }
+
+    #[test]
+    fn concat_of_var_and_constant_gives_only_the_var_a_gradient() {
+        let v = Tensor::<f32>::var(ArrayD::ones(IxDyn(&[2, 2])));
+        let c = Tensor::<f32>::new(ArrayD::ones(IxDyn(&[2, 1])));
+        let y = Tensor::concat(&[&c, &v], 1).unwrap();
+        let r = Tensor::<f32>::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let g = y.mul(&r).unwrap().sum_all().backward().unwrap();
+        assert_eq!(g.len(), 1);
+        assert_eq!(g.get(&v).unwrap().as_slice().unwrap(), &[2.0, 3.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn narrow_and_reshape_reject_overflowing_arguments() {
+        let x = Tensor::<f32>::zeros(&[2, 3]);
+        assert!(matches!(x.narrow(1, usize::MAX, 2), Err(Error::Invalid { op: "narrow", .. })));
+        assert!(matches!(x.narrow(1, 1, usize::MAX), Err(Error::Invalid { op: "narrow", .. })));
+        assert!(matches!(x.reshape(&[usize::MAX, 2, 3]), Err(Error::Shape { op: "reshape", .. })));
+        assert!(matches!(x.reshape(&[usize::MAX / 2 + 1, 2, 0]), Err(Error::Shape { op: "reshape", .. })));
     }
 }
