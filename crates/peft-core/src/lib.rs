@@ -24,6 +24,7 @@ pub mod autograd;
 pub mod backend;
 pub mod elem;
 pub mod error;
+pub mod linalg;
 pub mod ops;
 pub mod param;
 pub mod tensor;
