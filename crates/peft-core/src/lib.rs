@@ -26,6 +26,7 @@ pub mod backend;
 pub mod elem;
 pub mod error;
 pub mod io;
+pub mod linalg;
 pub mod nn;
 pub mod ops;
 pub mod optim;
