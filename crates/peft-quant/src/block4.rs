@@ -527,7 +527,9 @@ mod tests {
     #[test]
     fn invalid_blocksizes_and_inputs_are_typed_errors() {
         for bs in [0, 16, 48, 100, 8192] {
-            assert!(matches!(Quant4::quantize(&[1.0; 64], &[64], &cfg(QuantType::Nf4, bs, false)), Err(QuantError::Blocksize(b)) if b == bs));
+            assert!(
+                matches!(Quant4::quantize(&[1.0; 64], &[64], &cfg(QuantType::Nf4, bs, false)), Err(QuantError::Blocksize(b)) if b == bs)
+            );
         }
         for bs in [32, 64, 128, 256, 512, 1024, 2048, 4096] {
             assert!(check_blocksize(bs).is_ok());
@@ -537,15 +539,18 @@ mod tests {
         assert!(matches!(Quant4::quantize(&[], &[0], &c), Err(QuantError::Empty(_))));
         assert!(matches!(Quant4::quantize(&[1.0, f32::NAN], &[2], &c), Err(QuantError::NonFinite(_))));
         let q = Quant4::quantize(&[1.0; 64], &[64], &c).unwrap();
-        let bad = Quant4::from_parts(QuantType::Nf4, 64, vec![66], FloatDtype::F32, q.packed().to_vec(), q.absmax().clone());
+        let bad =
+            Quant4::from_parts(QuantType::Nf4, 64, vec![66], FloatDtype::F32, q.packed().to_vec(), q.absmax().clone());
         assert!(matches!(bad, Err(QuantError::Size { .. })));
-        let bad = Quant4::from_parts(QuantType::Nf4, 32, vec![64], FloatDtype::F32, q.packed().to_vec(), q.absmax().clone());
+        let bad =
+            Quant4::from_parts(QuantType::Nf4, 32, vec![64], FloatDtype::F32, q.packed().to_vec(), q.absmax().clone());
         assert!(matches!(bad, Err(QuantError::Size { .. })));
     }
 
     #[test]
     fn double_quantized_scales_are_within_the_8bit_dynamic_error() {
-        let x: Vec<f32> = (0..64 * 600).map(|i| ((i * 7919 % 10007) as f32 / 10007.0 - 0.5) * (1.0 + (i / 64 % 13) as f32)).collect();
+        let x: Vec<f32> =
+            (0..64 * 600).map(|i| ((i * 7919 % 10007) as f32 / 10007.0 - 0.5) * (1.0 + (i / 64 % 13) as f32)).collect();
         let plain = Quant4::quantize(&x, &[x.len()], &cfg(QuantType::Nf4, 64, false)).unwrap();
         let dq = Quant4::quantize(&x, &[x.len()], &cfg(QuantType::Nf4, 64, true)).unwrap();
         let Absmax::Double { q, offset } = dq.absmax() else { panic!("expected double quant") };
@@ -556,7 +561,8 @@ mod tests {
         assert!((f64::from(*offset) - mean).abs() < 1e-6 * mean);
         for j in 0..a.len() {
             let k = usize::from(q.codes()[j]);
-            let gap = if k > 0 { code[k] - code[k - 1] } else { 0.0 }.max(if k < 255 { code[k + 1] - code[k] } else { 0.0 });
+            let gap =
+                if k > 0 { code[k] - code[k - 1] } else { 0.0 }.max(if k < 255 { code[k + 1] - code[k] } else { 0.0 });
             let bound = 0.5 * gap * q.absmax()[j / 256] * 1.0001 + 1e-6;
             assert!((a[j] - s[j]).abs() <= bound, "block {j}: {} vs {}", a[j], s[j]);
         }

@@ -23,9 +23,9 @@
 //! ```
 //! use peft_quant::{Checkpoint, Quant4, Quant4Config, QuantType};
 //!
-//! let w: Vec<f32> = (0..128 * 64).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+//! let w: Vec<f32> = (0..256 * 64).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
 //! let cfg = Quant4Config { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true };
-//! let q = Quant4::quantize(&w, &[128, 64], &cfg)?;
+//! let q = Quant4::quantize(&w, &[256, 64], &cfg)?;
 //! let w_hat = q.dequantize();
 //! // Every element is within half the largest NF4 gap of its block's absmax (here absmax <= 1).
 //! let half_gap = 0.5 * peft_quant::codes::max_gap(&peft_quant::codes::NF4);

@@ -345,3 +345,209 @@ pub fn quantize_linear_sites(
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block4::QuantType;
+    use peft_core::nn::{Ctx, Dense, Linear, RandomInit, Visitor, WeightSource};
+    use proptest::prelude::*;
+
+    fn randn(seed: u64, shape: &[usize]) -> ArrayD<f32> {
+        RandomInit::new(seed, 1.0).get("x", shape).unwrap()
+    }
+
+    fn formats() -> Vec<QuantFormat> {
+        vec![
+            QuantFormat::default(),
+            QuantFormat::Block4(Quant4Config { quant_type: QuantType::Fp4, blocksize: 32, double_quant: false }),
+            QuantFormat::Int8,
+        ]
+    }
+
+    /// The quantized layer and a dense twin holding exactly its dequantised weight (same bias param).
+    fn pair(out_f: usize, in_f: usize, fmt: &QuantFormat, tile: usize, bias: bool) -> (QuantLinear, Dense) {
+        let w = randn(1, &[out_f, in_f]);
+        let b = bias.then(|| Param::new("l.bias", randn(2, &[out_f]), true));
+        let q = QuantLinear::quantize(w.as_slice().unwrap(), out_f, in_f, b.clone(), fmt).unwrap().with_tile_rows(tile);
+        let dense = Dense { weight: Param::new("l.weight", q.dense_weight().unwrap(), false), bias: b };
+        (q, dense)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        peft_core::testing::max_abs_diff(a.as_slice(), b.as_slice())
+    }
+
+    #[test]
+    fn forward_equals_dequantize_then_dense_forward() {
+        for fmt in formats() {
+            // 150 inputs: 4-bit blocks of 32/64 cross row boundaries; tiles of 8 rows leave a ragged last tile.
+            let (q, dense) = pair(37, 150, &fmt, 8, true);
+            for shape in [vec![4, 150], vec![2, 3, 150], vec![1, 150], vec![150]] {
+                let x = Tensor::new(randn(3, &shape));
+                let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
+                assert_eq!(yq.shape(), yd.shape());
+                assert!(max_diff(&yq, &yd) < 1e-5, "{fmt:?} {shape:?}: {}", max_diff(&yq, &yd));
+            }
+        }
+    }
+
+    #[test]
+    fn input_and_bias_gradients_equal_the_dense_path_and_the_weight_gets_none() {
+        for fmt in formats() {
+            let (q, dense) = pair(29, 96, &fmt, 5, true);
+            let xa = randn(4, &[3, 96]);
+            let seed = randn(5, &[3, 29]);
+            let run = |base: &dyn LinearBase| {
+                let x = Tensor::var(xa.clone());
+                let y = base.forward(&x).unwrap();
+                let g = y.backward_with(seed.clone()).unwrap();
+                let bias = base.bias().unwrap();
+                (g.get(&x).unwrap().clone(), g.get_id(bias.id()).unwrap().clone(), g.len())
+            };
+            let (gq, bq, nq) = run(&q);
+            let (gd, bd, _) = run(&dense);
+            let d = gq.iter().zip(gd.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-5, "{fmt:?}: input gradient differs by {d}");
+            assert_eq!(bq, bd);
+            assert_eq!(nq, 2, "only the input and the bias receive gradients");
+            assert_eq!(q.params().len(), 1);
+        }
+    }
+
+    #[test]
+    fn frozen_layer_builds_no_graph_for_a_constant_input() {
+        let (q, _) = pair(8, 64, &QuantFormat::default(), 4, false);
+        let y = q.forward(&Tensor::new(randn(6, &[2, 64]))).unwrap();
+        assert!(!y.tracks());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        #[test]
+        fn tiled_forward_matches_dense_for_random_shapes_and_tiles(
+            out_f in 1usize..70, in_f in 1usize..90, m in 0usize..5, tile in 1usize..40, nf4 in any::<bool>()
+        ) {
+            let qt = if nf4 { QuantType::Nf4 } else { QuantType::Fp4 };
+            let fmt = QuantFormat::Block4(Quant4Config { quant_type: qt, blocksize: 32, double_quant: nf4 });
+            let (q, dense) = pair(out_f, in_f, &fmt, tile, false);
+            let x = Tensor::var(randn(7, &[m, in_f]));
+            let (yq, yd) = (q.forward(&x).unwrap(), dense.forward(&x).unwrap());
+            prop_assert!(max_diff(&yq, &yd) < 1e-5);
+            if m > 0 {
+                let gq = yq.sum_all().backward().unwrap().get(&x).unwrap().clone();
+                let gd = yd.sum_all().backward().unwrap().get(&x).unwrap().clone();
+                let d = gq.iter().zip(gd.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                prop_assert!(d < 1e-5, "gradient differs by {}", d);
+            }
+        }
+    }
+
+    #[test]
+    fn merging_requantizes_within_the_rounding_bound_and_rejects_bad_deltas() {
+        let (q, _) =
+            pair(16, 64, &QuantFormat::Block4(Quant4Config { double_quant: false, ..Default::default() }), 4, false);
+        let w0 = q.dense_weight().unwrap();
+        let bytes0 = q.weight_bytes();
+        // A zero delta reproduces the same codes and scales (no double quantisation).
+        let before = q.weight();
+        q.add_to_weight(&ArrayD::zeros(IxDyn(&[16, 64]))).unwrap();
+        assert_eq!(*q.weight(), *before);
+        let delta = randn(8, &[16, 64]).mapv(|v| 0.1 * v);
+        q.add_to_weight(&delta).unwrap();
+        let w1 = q.dense_weight().unwrap();
+        let target = &w0 + &delta;
+        let half_gap = 0.5 * crate::codes::max_gap(QuantType::Nf4.table());
+        for (blk_t, blk_w) in target.as_slice().unwrap().chunks(64).zip(w1.as_slice().unwrap().chunks(64)) {
+            let absmax = blk_t.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in blk_t.iter().zip(blk_w) {
+                assert!((a - b).abs() <= half_gap * absmax * 1.0001);
+            }
+        }
+        assert_eq!(q.weight_bytes(), bytes0);
+        let snapshot = q.weight();
+        assert!(matches!(q.add_to_weight(&ArrayD::zeros(IxDyn(&[64, 16]))), Err(Error::Shape { .. })));
+        let nan = ArrayD::from_elem(IxDyn(&[16, 64]), f32::NAN);
+        assert!(matches!(q.add_to_weight(&nan), Err(Error::NonFinite { .. })));
+        assert_eq!(*q.weight(), *snapshot, "a failed merge leaves the weight untouched");
+    }
+
+    #[test]
+    fn weight_bytes_are_the_bytes_actually_held() {
+        let w = randn(9, &[64, 256]);
+        let s = w.as_slice().unwrap();
+        let nf4dq = QuantLinear::quantize(s, 64, 256, None, &QuantFormat::default()).unwrap();
+        // 8192 packed + 256 u8 codes + 1 nested f32 + 4 offset.
+        assert_eq!(nf4dq.weight_bytes(), 8192 + 256 + 4 + 4);
+        let plain = Quant4Config { double_quant: false, ..Default::default() };
+        let nf4 = QuantLinear::quantize(s, 64, 256, None, &QuantFormat::Block4(plain)).unwrap();
+        assert_eq!(nf4.weight_bytes(), 8192 + 256 * 4);
+        let int8 = QuantLinear::quantize(s, 64, 256, None, &QuantFormat::Int8).unwrap();
+        assert_eq!(int8.weight_bytes(), 64 * 256 + 64 * 4);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let (q, _) = pair(8, 64, &QuantFormat::default(), 4, false);
+        assert!(matches!(q.forward(&Tensor::zeros(&[2, 63])), Err(Error::Shape { .. })));
+        assert!(matches!(q.forward(&Tensor::scalar(1.0)), Err(Error::Shape { .. })));
+        let w = QuantWeight::quantize(&[0.5; 64], 8, 8, &QuantFormat::default()).unwrap();
+        let bias = Param::new("b", ArrayD::zeros(IxDyn(&[7])), false);
+        assert!(matches!(QuantLinear::new(w, Some(bias)), Err(Error::Shape { .. })));
+        let flat = Quant4::quantize(&[0.5; 64], &[64], &Quant4Config::default()).unwrap();
+        assert!(matches!(QuantLinear::new(QuantWeight::Block4(flat), None), Err(Error::Shape { .. })));
+        let r = QuantLinear::quantize(
+            &[0.5; 64],
+            8,
+            8,
+            None,
+            &QuantFormat::Block4(Quant4Config { blocksize: 48, ..Default::default() }),
+        );
+        assert!(matches!(r, Err(Error::Invalid { .. })));
+    }
+
+    struct Toy {
+        q: Linear,
+        v: Linear,
+        head: Linear,
+    }
+    impl Module for Toy {
+        fn visit(&self, v: &mut dyn Visitor) {
+            self.q.visit(v);
+            self.v.visit(v);
+            self.head.visit(v);
+        }
+    }
+
+    #[test]
+    fn quantizing_all_linear_sites_skips_the_output_layer_and_keeps_outputs_close() {
+        let src = RandomInit::new(11, 0.05);
+        let toy = Toy {
+            q: Linear::load("layers.0.attn.q_proj", 64, 64, true, &src).unwrap(),
+            v: Linear::load("layers.0.attn.v_proj", 64, 64, false, &src).unwrap(),
+            head: Linear::load("lm_head", 64, 10, false, &src).unwrap().as_output(),
+        };
+        let x = Tensor::new(randn(12, &[3, 64]));
+        let y0 = toy.q.forward(&x, &Ctx::eval()).unwrap();
+        let bias_id = toy.q.base().bias().unwrap().id();
+        let spec =
+            TargetSpec::new(&peft_core::adapter::ModulePattern::Regex("all-linear".into()), None, None, None, &[])
+                .unwrap();
+        let done = quantize_linear_sites(&toy, &spec, &QuantFormat::default()).unwrap();
+        assert_eq!(done, vec!["layers.0.attn.q_proj", "layers.0.attn.v_proj"]);
+        assert_eq!(toy.head.base().weight_bytes(), 64 * 10 * 4, "lm_head stays dense");
+        assert_eq!(toy.q.base().weight_bytes(), 64 * 64 / 2 + 64 + 4 + 4);
+        assert_eq!(toy.q.base().bias().unwrap().id(), bias_id, "the bias parameter is kept");
+        let y1 = toy.q.forward(&x, &Ctx::eval()).unwrap();
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        let diff: Vec<f32> = y0.as_slice().iter().zip(y1.as_slice()).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(y0.as_slice());
+        assert!(rel < 0.15, "NF4 output relative error {rel}");
+        let none = TargetSpec::names(["k_proj"]).unwrap();
+        assert!(matches!(
+            quantize_linear_sites(&toy, &none, &QuantFormat::default()),
+            Err(Error::NoTargetMatched { .. })
+        ));
+    }
+}

@@ -258,7 +258,11 @@ impl Checkpoint {
             QuantStorage::Float(FloatDtype::Bf16) => (Dtype::BF16, 2),
             QuantStorage::Float(FloatDtype::F16) => (Dtype::F16, 2),
         };
-        size("packed bytes divisible by the quant_storage element size", packed.len().next_multiple_of(elem), packed.len())?;
+        size(
+            "packed bytes divisible by the quant_storage element size",
+            packed.len().next_multiple_of(elem),
+            packed.len(),
+        )?;
         self.insert(w.clone(), RawTensor::new(dtype, vec![packed.len() / elem, 1], packed)?);
         self.insert(format!("{w}.quant_map"), RawTensor::from_f32(vec![16], q.quant_type().table())?);
         match q.absmax() {
@@ -326,8 +330,11 @@ impl Checkpoint {
                 a2_t.expect_dtype(&a2_k, Dtype::F32)?;
                 let code_k = format!("{w}.nested_quant_map");
                 let code = self.require(&code_k)?.to_f32(&code_k)?;
-                let code: [f32; 256] =
-                    code.try_into().map_err(|c: Vec<f32>| QuantError::Size { what: code_k, expected: 256, got: c.len() })?;
+                let code: [f32; 256] = code.try_into().map_err(|c: Vec<f32>| QuantError::Size {
+                    what: code_k,
+                    expected: 256,
+                    got: c.len(),
+                })?;
                 let q8 = Blockwise8::from_parts(absmax_t.data().to_vec(), a2_t.to_f32(&a2_k)?, nested_bs, code)?;
                 Absmax::Double { q: q8, offset }
             }
@@ -465,7 +472,13 @@ pub fn python_float_repr(v: f64) -> String {
         return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     if !v.is_finite() {
-        return if v.is_nan() { "NaN".into() } else if v > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if v.is_nan() {
+            "NaN".into()
+        } else if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let sci = format!("{:e}", v.abs());
     let (mant, exp) = sci.split_once('e').expect("peft-rs bug: {:e} has an exponent");
@@ -493,11 +506,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("checkpoint");
-    let tmp = dir.join(format!(
-        ".{file}.tmp.{}.{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = dir.join(format!(".{file}.tmp.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -511,3 +520,191 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 const _: () = assert!(NESTED_BLOCKSIZE == 256);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block4::Quant4Config;
+
+    fn sample(dq: bool) -> Quant4 {
+        let x: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+        let cfg = Quant4Config { double_quant: dq, ..Quant4Config::default() };
+        Quant4::quantize(&x, &[3, 100], &cfg).unwrap()
+    }
+
+    fn ckpt(q: &Quant4) -> Checkpoint {
+        let mut c = Checkpoint::new();
+        c.set_metadata("format", "pt");
+        c.insert_quant4("m.proj", q).unwrap();
+        c
+    }
+
+    #[test]
+    fn python_float_repr_matches_cpython() {
+        let cases: [(f64, &str); 12] = [
+            (2.6189379692077637, "2.6189379692077637"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (2.0, "2.0"),
+            (-0.5, "-0.5"),
+            (123456789.123, "123456789.123"),
+            (1.5e300, "1.5e+300"),
+            (3.4028234663852886e38, "3.4028234663852886e+38"),
+            (0.0, "0.0"),
+            (-1.25e-7, "-1.25e-07"),
+        ];
+        for (v, s) in cases {
+            assert_eq!(python_float_repr(v), s, "{v:e}");
+        }
+    }
+
+    #[test]
+    fn quant_state_json_is_python_json_dumps() {
+        let q = sample(false);
+        assert_eq!(
+            quant_state_json(&q),
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#
+        );
+        let q = sample(true);
+        let Absmax::Double { offset, .. } = q.absmax() else { panic!() };
+        let expected = format!(
+            r#"{{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": {}}}"#,
+            python_float_repr(f64::from(*offset))
+        );
+        assert_eq!(quant_state_json(&q), expected);
+    }
+
+    #[test]
+    fn four_bit_state_round_trips_through_bytes_and_files() {
+        for dq in [false, true] {
+            let q = sample(dq);
+            let c = ckpt(&q);
+            let bytes = c.to_bytes();
+            let back = Checkpoint::from_bytes(&bytes).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(back.quant4("m.proj").unwrap(), q);
+            assert_eq!(back.quant4_modules(), vec!["m.proj".to_string()]);
+            let dir = std::env::temp_dir().join(format!("peft_quant_storage_{}_{dq}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("model.safetensors");
+            std::fs::write(&path, b"old contents").unwrap();
+            c.write(&path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), bytes);
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("model.safetensors")], "no temp file left behind");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn quant_storage_reinterprets_the_packed_bytes() {
+        let q = sample(true).with_storage(QuantStorage::Float(FloatDtype::Bf16));
+        let c = ckpt(&q);
+        let w = c.get("m.proj.weight").unwrap();
+        assert_eq!((w.dtype(), w.shape()), (Dtype::BF16, &[75usize, 1][..]));
+        assert_eq!(Checkpoint::from_bytes(&c.to_bytes()).unwrap().quant4("m.proj").unwrap(), q);
+        let odd = Quant4::quantize(&[1.0; 66], &[66], &Quant4Config::default()).unwrap();
+        let mut c = Checkpoint::new();
+        let r = c.insert_quant4("x", &odd.with_storage(QuantStorage::Float(FloatDtype::F32)));
+        assert!(matches!(r, Err(QuantError::Size { .. })), "33 bytes do not make f32 elements");
+    }
+
+    #[test]
+    fn int8_rows_round_trip_with_bnb_keys() {
+        let x: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+        let q = Int8Rows::quantize(&x, 3, 4).unwrap();
+        let mut c = Checkpoint::new();
+        c.insert_int8("fc", &q).unwrap();
+        assert_eq!(c.names(), vec!["fc.SCB", "fc.weight", "fc.weight_format"]);
+        let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
+        assert_eq!(back.int8("fc").unwrap(), q);
+        c.insert("fc.weight_format", RawTensor::new(Dtype::U8, vec![], vec![2]).unwrap());
+        assert!(matches!(c.int8("fc"), Err(QuantError::BadQuantState { .. })));
+        c.insert("fc.weight", RawTensor::new(Dtype::U8, vec![3, 4], vec![0; 12]).unwrap());
+        assert!(matches!(c.int8("fc"), Err(QuantError::Dtype { .. })));
+    }
+
+    fn corrupt(f: impl FnOnce(&mut Checkpoint)) -> QuantError {
+        let mut c = ckpt(&sample(true));
+        f(&mut c);
+        c.quant4("m.proj").unwrap_err()
+    }
+
+    fn set_json(c: &mut Checkpoint, json: &str) {
+        let t = RawTensor::new(Dtype::U8, vec![json.len()], json.as_bytes().to_vec()).unwrap();
+        c.insert("m.proj.weight.quant_state.bitsandbytes__nf4", t);
+    }
+
+    #[test]
+    fn corrupt_checkpoints_give_typed_errors() {
+        const QS: &str = "m.proj.weight.quant_state.bitsandbytes__nf4";
+        let e = corrupt(|c| {
+            c.remove(QS);
+        });
+        assert!(matches!(e, QuantError::MissingQuantState(ref k) if k == "m.proj.weight"), "{e}");
+        let e = corrupt(|c| set_json(c, "{\"quant_type\": \"nf4\", "));
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e = corrupt(|c| c.insert(QS, RawTensor::new(Dtype::U8, vec![2], vec![0xff, 0xfe]).unwrap()));
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("UTF-8")), "{e}");
+        let e = corrupt(|c| set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#));
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("shape")), "{e}");
+        let e = corrupt(|c| {
+            set_json(c, r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#)
+        });
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e =
+            corrupt(|c| set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [3, 100]}"#));
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        // A plain-absmax quant state over U8 (double quantized) scales.
+        let e = corrupt(|c| {
+            set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#)
+        });
+        assert!(matches!(e, QuantError::Dtype { .. }), "{e}");
+        let e = corrupt(|c| {
+            let j = String::from_utf8(c.get(QS).unwrap().data().to_vec()).unwrap();
+            set_json(c, &j.replace("\"blocksize\": 64", "\"blocksize\": 48"));
+        });
+        assert!(matches!(e, QuantError::Blocksize(48)), "{e}");
+        let e = corrupt(|c| {
+            let j = String::from_utf8(c.get(QS).unwrap().data().to_vec()).unwrap();
+            set_json(c, &j.replace("[3, 100]", "[3, 101]"));
+        });
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| c.insert("m.proj.weight", RawTensor::new(Dtype::U8, vec![149, 1], vec![0; 149]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| c.insert("m.proj.weight.absmax", RawTensor::new(Dtype::U8, vec![4], vec![0; 4]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e =
+            corrupt(|c| c.insert("m.proj.weight.nested_absmax", RawTensor::from_f32(vec![2], &[1.0, 1.0]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e =
+            corrupt(|c| c.insert("m.proj.weight.nested_quant_map", RawTensor::from_f32(vec![3], &[0.0; 3]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| {
+            c.remove("m.proj.weight.nested_absmax");
+        });
+        assert!(matches!(e, QuantError::MissingTensor(ref k) if k == "m.proj.weight.nested_absmax"), "{e}");
+        let e = corrupt(|c| {
+            c.insert("m.proj.weight.quant_map", RawTensor::from_f32(vec![16], &crate::codes::FP4).unwrap())
+        });
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e = corrupt(|c| {
+            let t = c.get(QS).unwrap().clone();
+            c.insert("m.proj.weight.quant_state.bitsandbytes__fp4", t);
+        });
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("both")), "{e}");
+    }
+
+    #[test]
+    fn malformed_safetensors_and_bad_tensor_sizes_are_rejected() {
+        let bytes = ckpt(&sample(false)).to_bytes();
+        assert!(matches!(Checkpoint::from_bytes(&bytes[..bytes.len() - 3]), Err(QuantError::Safetensors(_))));
+        assert!(matches!(Checkpoint::from_bytes(b"\x05\0\0\0\0\0\0\0{}"), Err(QuantError::Safetensors(_))));
+        assert!(matches!(RawTensor::new(Dtype::F32, vec![2], vec![0; 7]), Err(QuantError::Size { .. })));
+        assert!(matches!(Checkpoint::read("/nonexistent/peft-quant.safetensors"), Err(QuantError::Io(_))));
+        let t = RawTensor::new(Dtype::I32, vec![1], vec![0; 4]).unwrap();
+        assert!(matches!(t.to_f32("t"), Err(QuantError::Dtype { .. })));
+    }
+}
