@@ -354,9 +354,18 @@ impl Quant4 {
     /// All values, dequantised in f32 (no cast to the recorded dtype).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.numel()];
-        let chunk = self.blocksize * 64;
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| self.dequantize_range_into(i * chunk, o));
+        self.dequantize_into(&mut out);
         out
+    }
+
+    /// [`Quant4::dequantize`] into a caller's buffer of `numel` values (in parallel).
+    ///
+    /// # Panics
+    /// When `out.len() != numel` (a caller bug).
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.numel(), "peft-rs bug: dequantize_into buffer size");
+        let chunk = self.blocksize * (16384 / self.blocksize).max(1);
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| self.dequantize_range_into(i * chunk, o));
     }
 
     /// [`Quant4::dequantize`] followed by bnb's cast to the recorded dtype.
@@ -380,7 +389,10 @@ impl Quant4 {
         let b0 = start / bs;
         let scales: Vec<f32> = (b0..(end - 1) / bs + 1).map(|j| self.absmax.scale(j)).collect();
         let table = self.quant_type.table();
-        let lut = pair_lut(table);
+        let lut = match self.quant_type {
+            QuantType::Nf4 => &NF4_PAIRS,
+            QuantType::Fp4 => &FP4_PAIRS,
+        };
         let (mut e, mut o) = (start, 0);
         if e % 2 == 1 {
             out[0] = table[usize::from(self.packed[e / 2] & 0x0F)] * scales[e / bs - b0];
@@ -415,54 +427,71 @@ impl Quant4 {
 }
 
 /// `lut[byte] = [table[byte >> 4], table[byte & 15]]`.
-fn pair_lut(table: &[f32; 16]) -> [[f32; 2]; 256] {
-    std::array::from_fn(|b| [table[b >> 4], table[b & 0x0F]])
+const fn pair_lut(table: &[f32; 16]) -> [[f32; 2]; 256] {
+    let mut lut = [[0f32; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        lut[b] = [table[b >> 4], table[b & 0x0F]];
+        b += 1;
+    }
+    lut
 }
+
+static NF4_PAIRS: [[f32; 2]; 256] = pair_lut(&NF4);
+static FP4_PAIRS: [[f32; 2]; 256] = pair_lut(&FP4);
 
 /// Packs codes and computes the plain f32 absmax per block.
 fn quantize_blocks(x: &[f32], qt: QuantType, bs: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+    match qt {
+        QuantType::Nf4 => quantize_blocks_with(x, bs, quantize_nf4),
+        QuantType::Fp4 => quantize_blocks_with(x, bs, quantize_fp4),
+    }
+}
+
+/// [`quantize_blocks`] for one code function (monomorphised so the per-element loop vectorises).
+fn quantize_blocks_with<F: Fn(f32) -> u8 + Copy + Sync>(x: &[f32], bs: usize, code: F) -> Result<(Vec<u8>, Vec<f32>)> {
     let n = x.len();
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; n.div_ceil(bs)];
-    let zero = qt.zero_code();
+    let zero = code(0.0);
     let ok = packed
         .par_chunks_mut(bs / 2)
         .zip(absmax.par_iter_mut())
         .zip(x.par_chunks(bs))
-        .map(|((bytes, am), xs)| {
-            let mut m = 0f32;
-            let mut finite = true;
-            for &v in xs {
-                finite &= v.is_finite();
-                m = m.max(v.abs());
-            }
-            *am = m;
-            let inv = 1.0 / m;
-            if m == 0.0 {
-                bytes.iter_mut().for_each(|b| *b = zero << 4 | zero);
-            } else if inv.is_finite() {
-                pack_block(bytes, xs, zero, |v| qt.code(v * inv));
-            } else {
-                pack_block(bytes, xs, zero, |v| qt.code(v / m));
-            }
-            finite
-        })
+        .map_init(
+            || vec![0u8; bs],
+            |codes, ((bytes, am), xs)| {
+                let mut m = 0f32;
+                let mut finite = true;
+                for &v in xs {
+                    finite &= v.is_finite();
+                    m = m.max(v.abs());
+                }
+                *am = m;
+                let inv = 1.0 / m;
+                let c = &mut codes[..xs.len()];
+                if m == 0.0 {
+                    c.fill(zero);
+                } else if inv.is_finite() {
+                    c.iter_mut().zip(xs).for_each(|(ci, &v)| *ci = code(v * inv));
+                } else {
+                    c.iter_mut().zip(xs).for_each(|(ci, &v)| *ci = code(v / m));
+                }
+                let mut pairs = c.chunks_exact(2);
+                for (b, p) in bytes.iter_mut().zip(&mut pairs) {
+                    *b = p[0] << 4 | p[1];
+                }
+                if let [last] = pairs.remainder() {
+                    bytes[xs.len() / 2] = last << 4 | zero;
+                }
+                finite
+            },
+        )
         .reduce(|| true, |a, b| a && b);
     if !ok {
         return Err(QuantError::NonFinite("quantize_4bit input".into()));
     }
     Ok((packed, absmax))
-}
-
-#[inline(always)]
-fn pack_block(bytes: &mut [u8], xs: &[f32], zero: u8, code: impl Fn(f32) -> u8) {
-    let mut pairs = xs.chunks_exact(2);
-    for (b, p) in bytes.iter_mut().zip(&mut pairs) {
-        *b = code(p[0]) << 4 | code(p[1]);
-    }
-    if let [last] = pairs.remainder() {
-        bytes[xs.len() / 2] = code(*last) << 4 | zero;
-    }
 }
 
 #[cfg(test)]

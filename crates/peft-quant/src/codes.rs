@@ -82,11 +82,12 @@ const FP4_MAGNITUDE: [u8; 8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010,
 /// code 0, like the CUDA tree).
 #[inline(always)]
 pub fn quantize_nf4(x: f32) -> u8 {
-    let mut c = 0u8;
+    // A u32 count keeps the compare lanes as wide as the f32 lanes, which lets the loop vectorise across elements.
+    let mut c = 0u32;
     for t in NF4_THRESHOLDS {
-        c += u8::from(x > t);
+        c += u32::from(x > t);
     }
-    c
+    c as u8
 }
 
 /// The nearest FP4 code (bit pattern) of a normalised value, exactly as `dQuantizeFP4`: sign bit from `x < 0`, then
@@ -95,11 +96,11 @@ pub fn quantize_nf4(x: f32) -> u8 {
 pub fn quantize_fp4(x: f32) -> u8 {
     let sign = if x < 0.0 { 0b1000 } else { 0 };
     let a = x.abs();
-    let mut c = 0usize;
+    let mut c = 0u32;
     for t in FP4_THRESHOLDS {
-        c += usize::from(a > t);
+        c += u32::from(a > t);
     }
-    FP4_MAGNITUDE[c] | sign
+    FP4_MAGNITUDE[c as usize] | sign
 }
 
 /// The signed dynamic map as f32 bit patterns, dumped from bitsandbytes 0.50.2 `create_dynamic_map(signed=True)`.

@@ -113,9 +113,13 @@ impl QuantWeight {
     }
 }
 
-/// Default tile: about 256 K f32 (1 MiB) of dequantised weight per thread, 16..=256 rows.
-fn default_tile_rows(in_f: usize) -> usize {
-    ((256 * 1024) / in_f.max(1)).clamp(16, 256)
+/// The automatic tile height: about 256 K f32 (1 MiB) of dequantised weight per task for a few input rows (the
+/// product is a GEMV, bound by dequantisation), 1 M f32 for larger batches (GEMM efficiency grows with the
+/// tile); 16..=256 rows. Measured on 4096 x 4096: batch 1 is flat between 16 and 128 rows, batch 32 runs about
+/// 2x faster with 256 rows than with 16.
+fn auto_tile_rows(in_f: usize, m: usize) -> usize {
+    let floats = if m <= 4 { 256 * 1024 } else { 1024 * 1024 };
+    (floats / in_f.max(1)).clamp(16, 256)
 }
 
 /// A frozen quantized linear base for a [`peft_core::nn::Linear`] site.
@@ -135,7 +139,7 @@ pub struct QuantLinear {
     bias: Option<Param>,
     out_f: usize,
     in_f: usize,
-    tile_rows: usize,
+    tile_rows: Option<usize>,
 }
 
 impl QuantLinear {
@@ -156,7 +160,7 @@ impl QuantLinear {
                 return Err(Error::Shape { op: "QuantLinear::new", lhs: b.shape(), rhs: vec![out_f] });
             }
         }
-        Ok(QuantLinear { weight: RwLock::new(Arc::new(weight)), bias, out_f, in_f, tile_rows: default_tile_rows(in_f) })
+        Ok(QuantLinear { weight: RwLock::new(Arc::new(weight)), bias, out_f, in_f, tile_rows: None })
     }
 
     /// Quantizes a row-major `[out, in]` weight.
@@ -184,15 +188,16 @@ impl QuantLinear {
         Self::quantize(slice, base.out_features(), base.in_features(), base.bias(), format)
     }
 
-    /// The same layer with another tile height (output rows dequantised at once per task; at least 1).
+    /// The same layer with a fixed tile height (output rows dequantised at once per task; at least 1) instead of
+    /// the automatic one.
     pub fn with_tile_rows(mut self, rows: usize) -> Self {
-        self.tile_rows = rows.max(1);
+        self.tile_rows = Some(rows.max(1));
         self
     }
 
-    /// Output rows dequantised at once per task.
-    pub fn tile_rows(&self) -> usize {
-        self.tile_rows
+    /// Output rows dequantised at once per task for a batch of `m` input rows.
+    pub fn tile_rows(&self, m: usize) -> usize {
+        self.tile_rows.unwrap_or_else(|| auto_tile_rows(self.in_f, m))
     }
 
     /// A snapshot of the quantized weight.
@@ -246,12 +251,13 @@ impl QuantLinear {
 
 impl LinearBase for QuantLinear {
     fn forward(&self, x: &Tensor) -> peft_core::Result<Tensor> {
-        let (out_f, in_f, tile) = (self.out_f, self.in_f, self.tile_rows);
+        let (out_f, in_f) = (self.out_f, self.in_f);
         let shape = x.shape().to_vec();
         if shape.last() != Some(&in_f) {
             return Err(Error::Shape { op: "quant_linear", lhs: shape, rhs: vec![out_f, in_f] });
         }
         let m = x.len() / in_f.max(1);
+        let tile = self.tile_rows(m);
         let w = self.weight();
         let y = Self::matmul_wt(&w, x.as_slice(), m, out_f, in_f, tile);
         let mut out_shape = shape.clone();
@@ -365,11 +371,13 @@ mod tests {
         ]
     }
 
-    /// The quantized layer and a dense twin holding exactly its dequantised weight (same bias param).
+    /// The quantized layer (tile 0 = automatic) and a dense twin holding exactly its dequantised weight (same
+    /// bias param).
     fn pair(out_f: usize, in_f: usize, fmt: &QuantFormat, tile: usize, bias: bool) -> (QuantLinear, Dense) {
         let w = randn(1, &[out_f, in_f]);
         let b = bias.then(|| Param::new("l.bias", randn(2, &[out_f]), true));
-        let q = QuantLinear::quantize(w.as_slice().unwrap(), out_f, in_f, b.clone(), fmt).unwrap().with_tile_rows(tile);
+        let q = QuantLinear::quantize(w.as_slice().unwrap(), out_f, in_f, b.clone(), fmt).unwrap();
+        let q = if tile == 0 { q } else { q.with_tile_rows(tile) };
         let dense = Dense { weight: Param::new("l.weight", q.dense_weight().unwrap(), false), bias: b };
         (q, dense)
     }
@@ -389,6 +397,11 @@ mod tests {
                 assert_eq!(yq.shape(), yd.shape());
                 assert!(max_diff(&yq, &yd) < 1e-5, "{fmt:?} {shape:?}: {}", max_diff(&yq, &yd));
             }
+            // Automatic tiles: 300 rows of 64 inputs make a 256-row tile and a 44-row remainder.
+            let (q, dense) = pair(300, 64, &fmt, 0, false);
+            assert_eq!((q.tile_rows(1), q.tile_rows(5)), (256, 256));
+            let x = Tensor::new(randn(3, &[5, 64]));
+            assert!(max_diff(&q.forward(&x).unwrap(), &dense.forward(&x).unwrap()) < 1e-5);
         }
     }
 
