@@ -4,6 +4,9 @@
 //! (4 bytes per weight) per second; the linear benchmarks compare `QuantLinear` (NF4 + double quant, bs 64,
 //! tiles dequantised on the fly) with the dense f32 base on a 4096 x 4096 weight.
 
+// criterion_group! generates an undocumented pub fn.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

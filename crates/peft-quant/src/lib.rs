@@ -15,6 +15,7 @@
 //! * **Quantized linear** ([`QuantLinear`]): a [`peft_core::nn::LinearBase`] that dequantises tiles of output rows
 //!   on the fly (never the whole f32 weight) with gradients to the input only, and [`quantize_linear_sites`] to
 //!   swap the bases of a model's selected [`peft_core::nn::Linear`] sites (QLoRA's frozen NF4 base).
+//! * **ComPEFT** ([`compeft`]): top-k sparsified, ternarised PEFT updates with one scale and bit-packed storage.
 //!
 //! References: QLoRA (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>); bitsandbytes
 //! `bitsandbytes/functional.py` (`quantize_4bit`, `dequantize_4bit`, `create_dynamic_map`, `QuantState`) and
@@ -45,6 +46,7 @@
 pub mod block4;
 pub mod blockwise8;
 pub mod codes;
+pub mod compeft;
 pub mod error;
 pub mod int8;
 pub mod linear;
@@ -52,6 +54,7 @@ pub mod storage;
 
 pub use block4::{check_blocksize, Absmax, FloatDtype, Quant4, Quant4Config, QuantStorage, QuantType};
 pub use blockwise8::Blockwise8;
+pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
