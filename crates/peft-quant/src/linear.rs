@@ -9,6 +9,9 @@
 //! **Backward**: gradient to the input only (`dx = dy · dequant(W)`, again tile by tile); the quantized weight is
 //! frozen and gets none. A trainable bias gets its gradient through the ordinary broadcast add.
 //!
+//! Computation is in f32 on the dequantised values; the cast to the state's recorded dtype (bf16 in QLoRA) that
+//! bnb applies before its matmul is not applied.
+//!
 //! **Merging** ([`LinearBase::add_to_weight`]): dequantise, add the delta, and re-quantize with the same format
 //! (quant type, blocksize, double quantisation, recorded dtype). This is lossy: every element is rounded again to
 //! the nearest code of its block's *new* absmax (error ≤ half the largest code gap × absmax, per element, per
@@ -25,8 +28,9 @@ use peft_core::nn::{linear_sites, LinearBase, Module};
 use peft_core::{Error, Param, Tensor};
 use rayon::prelude::*;
 
-use crate::block4::{Absmax, Quant4, Quant4Config};
+use crate::block4::{Absmax, FloatDtype, Quant4, Quant4Config};
 use crate::int8::Int8Rows;
+use crate::storage::{Checkpoint, RawTensor};
 
 /// How to quantize a dense weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +190,62 @@ impl QuantLinear {
         let w = w.as_standard_layout();
         let slice = w.as_slice().expect("peft-rs bug: standard layout is contiguous");
         Self::quantize(slice, base.out_features(), base.in_features(), base.bias(), format)
+    }
+
+    /// Loads the layer at module path `prefix` from a bitsandbytes checkpoint: a 4-bit weight (`quant_state`
+    /// entry present) or an int8 one (`<prefix>.SCB` present), and `<prefix>.bias` if stored (as a frozen
+    /// parameter named `<prefix>.bias`, converted to f32).
+    ///
+    /// # Errors
+    /// The checkpoint's errors (missing or corrupt quant state, sizes, dtypes) as [`Error::Invalid`]; shape errors
+    /// as [`QuantLinear::new`].
+    pub fn load(ckpt: &Checkpoint, prefix: &str) -> peft_core::Result<Self> {
+        let key = |leaf: &str| if prefix.is_empty() { leaf.to_string() } else { format!("{prefix}.{leaf}") };
+        let weight = if ckpt.get(&key("SCB")).is_some() {
+            QuantWeight::Int8(ckpt.int8(prefix)?)
+        } else {
+            QuantWeight::Block4(ckpt.quant4(prefix)?)
+        };
+        let bk = key("bias");
+        let bias = match ckpt.get(&bk) {
+            Some(t) => {
+                let v = t.to_f32(&bk)?;
+                let arr = ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|_| Error::Shape {
+                    op: "QuantLinear::load",
+                    lhs: t.shape().to_vec(),
+                    rhs: vec![],
+                })?;
+                Some(Param::new(bk, arr, false))
+            }
+            None => None,
+        };
+        Self::new(weight, bias)
+    }
+
+    /// Stores the layer under module path `prefix` with bitsandbytes' keys; the bias is written in the 4-bit
+    /// state's recorded dtype (bnb saves it in the layer dtype), f32 for int8.
+    ///
+    /// # Errors
+    /// The checkpoint's errors (e.g. a `quant_storage` the packed bytes do not fit).
+    pub fn save(&self, ckpt: &mut Checkpoint, prefix: &str) -> peft_core::Result<()> {
+        let w = self.weight();
+        let dtype = match w.as_ref() {
+            QuantWeight::Block4(q) => {
+                ckpt.insert_quant4(prefix, q)?;
+                q.dtype()
+            }
+            QuantWeight::Int8(q) => {
+                ckpt.insert_int8(prefix, q)?;
+                FloatDtype::F32
+            }
+        };
+        if let Some(b) = &self.bias {
+            let v = b.value();
+            let v = v.as_standard_layout();
+            let t = RawTensor::from_f32_as(dtype, b.shape(), v.as_slice().expect("peft-rs bug: contiguous bias"))?;
+            ckpt.insert(if prefix.is_empty() { "bias".to_string() } else { format!("{prefix}.bias") }, t);
+        }
+        Ok(())
     }
 
     /// The same layer with a fixed tile height (output rows dequantised at once per task; at least 1) instead of

@@ -61,6 +61,24 @@ impl RawTensor {
         Self::new(Dtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
+    /// A float tensor of `dtype` from f32 values (rounded to nearest even for bf16/f16).
+    ///
+    /// # Errors
+    /// As [`RawTensor::new`].
+    pub fn from_f32_as(dtype: FloatDtype, shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        match dtype {
+            FloatDtype::F32 => Self::from_f32(shape, values),
+            FloatDtype::Bf16 => {
+                let b = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+                Self::new(Dtype::BF16, shape, b)
+            }
+            FloatDtype::F16 => {
+                let b = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+                Self::new(Dtype::F16, shape, b)
+            }
+        }
+    }
+
     /// The dtype.
     pub fn dtype(&self) -> Dtype {
         self.dtype

@@ -119,3 +119,33 @@ fn quantizing_the_source_weights_reproduces_bnb_state() {
         eprintln!("{case}: {sign_of_zero} FP4 codes differ only in the sign of zero");
     }
 }
+
+#[test]
+fn quantized_linear_loads_bnb_layers_and_saves_them_byte_identically() {
+    use ndarray::{ArrayD, IxDyn};
+    use peft_core::nn::{Dense, LinearBase};
+    use peft_core::{Param, Tensor};
+    use peft_quant::QuantLinear;
+    for (case, ..) in CASES {
+        let bytes = std::fs::read(fixture(&format!("bnb_{case}.safetensors"))).unwrap();
+        let ckpt = Checkpoint::from_bytes(&bytes).unwrap();
+        let lin = QuantLinear::load(&ckpt, "layer").unwrap();
+        let src = Checkpoint::read(fixture(&format!("src_{case}.safetensors"))).unwrap();
+        let (out_f, in_f) = (lin.out_features(), lin.in_features());
+        // Dense twin from the f32 dequantised weight (bit-identical to bnb's `deq` before its cast to the layer
+        // dtype, see above) and the stored bias.
+        let w = ArrayD::from_shape_vec(IxDyn(&[out_f, in_f]), ckpt.quant4("layer").unwrap().dequantize()).unwrap();
+        let b = ArrayD::from_shape_vec(IxDyn(&[out_f]), f32s(&src, "bias")).unwrap();
+        let dense = Dense { weight: Param::new("w", w, false), bias: Some(Param::new("b", b, false)) };
+        let x = Tensor::new(ArrayD::from_shape_fn(IxDyn(&[3, in_f]), |ix| {
+            ((ix[0] * 31 + ix[1] * 7) % 19) as f32 / 9.0 - 1.0
+        }));
+        let (yq, yd) = (lin.forward(&x).unwrap(), dense.forward(&x).unwrap());
+        let diff = peft_core::testing::max_abs_diff(yq.as_slice(), yd.as_slice());
+        assert!(diff < 1e-5, "{case}: forward differs by {diff}");
+        let mut out = Checkpoint::new();
+        out.set_metadata("format", "pt");
+        lin.save(&mut out, "layer").unwrap();
+        assert_eq!(out.to_bytes(), bytes, "{case}: saved layer");
+    }
+}
