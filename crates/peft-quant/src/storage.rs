@@ -1,0 +1,728 @@
+//! bitsandbytes' serialized layouts in safetensors, read and written byte-for-byte.
+//!
+//! A 4-bit linear layer at module path `p` is stored (bnb `Linear4bit._save_to_state_dict` +
+//! `QuantState.as_dict(packed=True)`) as:
+//!
+//! | key | dtype | shape |
+//! |---|---|---|
+//! | `p.weight` | U8 (or the `quant_storage` dtype) | `[(n+1)/2, 1]` |
+//! | `p.weight.absmax` | F32, or U8 when double quantized | `[blocks]` |
+//! | `p.weight.quant_map` | F32 | `[16]` |
+//! | `p.weight.nested_absmax` | F32 | `[ceil(blocks/256)]` (double quant only) |
+//! | `p.weight.nested_quant_map` | F32 | `[256]` (double quant only) |
+//! | `p.weight.quant_state.bitsandbytes__nf4` (or `__fp4`) | U8 | UTF-8 JSON bytes |
+//! | `p.bias` | the layer dtype | `[out]` |
+//!
+//! The JSON is Python's `json.dumps` of `{"quant_type", "blocksize", "dtype", "shape"}` plus, with double
+//! quantisation, `{"nested_blocksize", "nested_dtype", "nested_offset"}`, in that order, with `", "` / `": "`
+//! separators and Python's float `repr` for the offset. An int8 layer (bnb `Linear8bitLt`) is `p.weight` (I8),
+//! `p.SCB` (F32 `[out]`) and `p.weight_format` (U8 scalar 0).
+//!
+//! [`Checkpoint`] keeps every tensor as raw bytes and writes safetensors exactly like the `safetensors` library
+//! (tensors sorted by descending dtype then name, compact JSON header padded with spaces to 8 bytes, metadata
+//! first, in the order it was read), so reading a bnb checkpoint and writing it back — or re-emitting its layers
+//! from parsed [`Quant4`] states — reproduces the file byte for byte. Writes are atomic (temp file + rename).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{Map, Value};
+
+use crate::block4::{Absmax, FloatDtype, Quant4, QuantStorage, QuantType, NESTED_BLOCKSIZE};
+use crate::blockwise8::Blockwise8;
+use crate::error::{size, QuantError, Result};
+use crate::int8::Int8Rows;
+
+/// One stored tensor: dtype, shape and little-endian bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// A tensor from its parts.
+    ///
+    /// # Errors
+    /// [`QuantError::Size`] when the byte count does not match dtype and shape.
+    pub fn new(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        size("tensor bytes", (n * dtype.bitsize()).div_ceil(8), data.len())?;
+        Ok(RawTensor { dtype, shape, data })
+    }
+
+    /// An F32 tensor.
+    ///
+    /// # Errors
+    /// As [`RawTensor::new`].
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        Self::new(Dtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// A float tensor of `dtype` from f32 values (rounded to nearest even for bf16/f16).
+    ///
+    /// # Errors
+    /// As [`RawTensor::new`].
+    pub fn from_f32_as(dtype: FloatDtype, shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        match dtype {
+            FloatDtype::F32 => Self::from_f32(shape, values),
+            FloatDtype::Bf16 => {
+                let b = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+                Self::new(Dtype::BF16, shape, b)
+            }
+            FloatDtype::F16 => {
+                let b = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+                Self::new(Dtype::F16, shape, b)
+            }
+        }
+    }
+
+    /// The dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The raw bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The values as f32 (F32, BF16 and F16 tensors).
+    ///
+    /// # Errors
+    /// [`QuantError::Dtype`] for other dtypes (`name` is used in the message).
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let b = &self.data;
+        Ok(match self.dtype {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(dtype_err(name, "F32, BF16 or F16", other)),
+        })
+    }
+
+    fn expect_dtype(&self, name: &str, dtype: Dtype) -> Result<()> {
+        if self.dtype == dtype {
+            Ok(())
+        } else {
+            Err(dtype_err(name, &format!("{dtype:?}"), self.dtype))
+        }
+    }
+}
+
+fn dtype_err(name: &str, expected: &str, got: Dtype) -> QuantError {
+    QuantError::Dtype { name: name.to_string(), expected: expected.to_string(), got: format!("{got:?}") }
+}
+
+/// A safetensors checkpoint held as raw tensors plus its `__metadata__`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Checkpoint {
+    metadata: Option<Map<String, Value>>,
+    tensors: BTreeMap<String, RawTensor>,
+}
+
+impl Checkpoint {
+    /// An empty checkpoint (no metadata).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses a safetensors buffer.
+    ///
+    /// # Errors
+    /// [`QuantError::Safetensors`] for a malformed file.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes)?;
+        // The crate validated the header; re-read it only to keep the metadata's key order.
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("peft-rs bug: validated header length")) as usize;
+        let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n])
+            .map_err(|e| QuantError::BadQuantState { key: "__header__".into(), msg: e.to_string() })?;
+        let metadata = match header.get("__metadata__") {
+            Some(Value::Object(m)) => Some(m.clone()),
+            _ => None,
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            tensors.insert(name, RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec())?);
+        }
+        Ok(Checkpoint { metadata, tensors })
+    }
+
+    /// Reads a safetensors file.
+    ///
+    /// # Errors
+    /// [`QuantError::Io`]; as [`Checkpoint::from_bytes`].
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_bytes(&std::fs::read(path)?)
+    }
+
+    /// Serialises exactly as the `safetensors` library does.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut order: Vec<(&String, &RawTensor)> = self.tensors.iter().collect();
+        order.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
+        let mut header = Map::new();
+        if let Some(m) = &self.metadata {
+            header.insert("__metadata__".into(), Value::Object(m.clone()));
+        }
+        let mut offset = 0usize;
+        for (name, t) in &order {
+            let mut info = Map::new();
+            info.insert("dtype".into(), serde_json::to_value(t.dtype).expect("peft-rs bug: dtype serialises"));
+            info.insert("shape".into(), Value::from(t.shape.clone()));
+            info.insert("data_offsets".into(), Value::from(vec![offset, offset + t.data.len()]));
+            offset += t.data.len();
+            header.insert((*name).clone(), Value::Object(info));
+        }
+        let mut h = serde_json::to_string(&header).expect("peft-rs bug: header serialises").into_bytes();
+        h.resize(h.len().next_multiple_of(8), b' ');
+        let mut out = Vec::with_capacity(8 + h.len() + offset);
+        out.extend((h.len() as u64).to_le_bytes());
+        out.extend(h);
+        for (_, t) in order {
+            out.extend(&t.data);
+        }
+        out
+    }
+
+    /// Writes atomically: a temporary file in the same directory, flushed, then renamed over `path`.
+    ///
+    /// # Errors
+    /// [`QuantError::Io`].
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        write_atomic(path.as_ref(), &self.to_bytes())
+    }
+
+    /// The `__metadata__` map (e.g. `{"format": "pt"}`).
+    pub fn metadata(&self) -> Option<&Map<String, Value>> {
+        self.metadata.as_ref()
+    }
+
+    /// Sets one `__metadata__` entry.
+    pub fn set_metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.metadata.get_or_insert_with(Map::new).insert(key.into(), Value::String(value.into()));
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.tensors.keys().map(String::as_str).collect()
+    }
+
+    /// The tensor `name`.
+    pub fn get(&self, name: &str) -> Option<&RawTensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name` or [`QuantError::MissingTensor`].
+    ///
+    /// # Errors
+    /// [`QuantError::MissingTensor`].
+    pub fn require(&self, name: &str) -> Result<&RawTensor> {
+        self.tensors.get(name).ok_or_else(|| QuantError::MissingTensor(name.to_string()))
+    }
+
+    /// Inserts (or replaces) a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, t: RawTensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    /// Removes a tensor.
+    pub fn remove(&mut self, name: &str) -> Option<RawTensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Module paths that hold a bnb 4-bit weight (a `<path>.weight.quant_state.bitsandbytes__*` entry), sorted.
+    pub fn quant4_modules(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter_map(|k| {
+                let (head, tail) = k.rsplit_once(".quant_state.bitsandbytes__")?;
+                QuantType::parse(tail)?;
+                if head == "weight" {
+                    Some("")
+                } else {
+                    head.strip_suffix(".weight")
+                }
+            })
+            .map(str::to_string)
+            .collect();
+        v.dedup();
+        v
+    }
+
+    /// Stores a 4-bit weight for module `prefix` with bnb's keys (replacing any previous entries).
+    ///
+    /// # Errors
+    /// [`QuantError::Size`] when the packed bytes cannot be reinterpreted as the `quant_storage` dtype.
+    pub fn insert_quant4(&mut self, prefix: &str, q: &Quant4) -> Result<()> {
+        let w = key(prefix, "weight");
+        for t in [QuantType::Nf4, QuantType::Fp4] {
+            self.tensors.remove(&format!("{w}.quant_state.bitsandbytes__{}", t.name()));
+        }
+        for k in ["absmax", "quant_map", "nested_absmax", "nested_quant_map"] {
+            self.tensors.remove(&format!("{w}.{k}"));
+        }
+        let packed = q.packed().to_vec();
+        let (dtype, elem) = match q.storage() {
+            QuantStorage::U8 => (Dtype::U8, 1),
+            QuantStorage::Float(FloatDtype::F32) => (Dtype::F32, 4),
+            QuantStorage::Float(FloatDtype::Bf16) => (Dtype::BF16, 2),
+            QuantStorage::Float(FloatDtype::F16) => (Dtype::F16, 2),
+        };
+        size(
+            "packed bytes divisible by the quant_storage element size",
+            packed.len().next_multiple_of(elem),
+            packed.len(),
+        )?;
+        self.insert(w.clone(), RawTensor::new(dtype, vec![packed.len() / elem, 1], packed)?);
+        self.insert(format!("{w}.quant_map"), RawTensor::from_f32(vec![16], q.quant_type().table())?);
+        match q.absmax() {
+            Absmax::Plain(v) => self.insert(format!("{w}.absmax"), RawTensor::from_f32(vec![v.len()], v)?),
+            Absmax::Double { q: q8, .. } => {
+                self.insert(format!("{w}.absmax"), RawTensor::new(Dtype::U8, vec![q8.len()], q8.codes().to_vec())?);
+                let a2 = q8.absmax();
+                self.insert(format!("{w}.nested_absmax"), RawTensor::from_f32(vec![a2.len()], a2)?);
+                self.insert(format!("{w}.nested_quant_map"), RawTensor::from_f32(vec![256], q8.code())?);
+            }
+        }
+        let json = quant_state_json(q).into_bytes();
+        let qs = format!("{w}.quant_state.bitsandbytes__{}", q.quant_type().name());
+        self.insert(qs, RawTensor::new(Dtype::U8, vec![json.len()], json)?);
+        Ok(())
+    }
+
+    /// Reads the 4-bit weight of module `prefix`.
+    ///
+    /// # Errors
+    /// [`QuantError::MissingQuantState`], [`QuantError::MissingTensor`], [`QuantError::BadQuantState`] (JSON that
+    /// is not bnb's, a quant_map that is not the built-in table), [`QuantError::Dtype`], [`QuantError::Size`].
+    pub fn quant4(&self, prefix: &str) -> Result<Quant4> {
+        let w = key(prefix, "weight");
+        let found: Vec<(QuantType, String)> = [QuantType::Nf4, QuantType::Fp4]
+            .into_iter()
+            .map(|t| (t, format!("{w}.quant_state.bitsandbytes__{}", t.name())))
+            .filter(|(_, k)| self.tensors.contains_key(k))
+            .collect();
+        let (qt, qs_key) = match found.as_slice() {
+            [] => return Err(QuantError::MissingQuantState(w)),
+            [one] => one.clone(),
+            _ => return Err(bad(&w, "both an nf4 and an fp4 quant_state entry")),
+        };
+        let qs_t = self.require(&qs_key)?;
+        qs_t.expect_dtype(&qs_key, Dtype::U8)?;
+        let st = parse_quant_state(&qs_key, qs_t.data())?;
+        if st.quant_type != qt {
+            return Err(bad(&qs_key, &format!("quant_type `{}` in a `{}` entry", st.quant_type.name(), qt.name())));
+        }
+        let packed_t = self.require(&w)?;
+        let storage = match packed_t.dtype() {
+            Dtype::U8 => QuantStorage::U8,
+            Dtype::F32 => QuantStorage::Float(FloatDtype::F32),
+            Dtype::BF16 => QuantStorage::Float(FloatDtype::Bf16),
+            Dtype::F16 => QuantStorage::Float(FloatDtype::F16),
+            other => return Err(dtype_err(&w, "U8 (or a float quant_storage)", other)),
+        };
+        let qmap_k = format!("{w}.quant_map");
+        let qmap = self.require(&qmap_k)?.to_f32(&qmap_k)?;
+        if qmap.len() != 16 || qmap.iter().zip(qt.table()).any(|(a, b)| a != b) {
+            return Err(bad(&qmap_k, &format!("not bitsandbytes' {} table", qt.name())));
+        }
+        let absmax_k = format!("{w}.absmax");
+        let absmax_t = self.require(&absmax_k)?;
+        let absmax = match st.nested {
+            None => {
+                absmax_t.expect_dtype(&absmax_k, Dtype::F32)?;
+                Absmax::Plain(absmax_t.to_f32(&absmax_k)?)
+            }
+            Some((nested_bs, offset)) => {
+                absmax_t.expect_dtype(&absmax_k, Dtype::U8)?;
+                let a2_k = format!("{w}.nested_absmax");
+                let a2_t = self.require(&a2_k)?;
+                a2_t.expect_dtype(&a2_k, Dtype::F32)?;
+                let code_k = format!("{w}.nested_quant_map");
+                let code = self.require(&code_k)?.to_f32(&code_k)?;
+                let code: [f32; 256] = code.try_into().map_err(|c: Vec<f32>| QuantError::Size {
+                    what: code_k,
+                    expected: 256,
+                    got: c.len(),
+                })?;
+                let q8 = Blockwise8::from_parts(absmax_t.data().to_vec(), a2_t.to_f32(&a2_k)?, nested_bs, code)?;
+                Absmax::Double { q: q8, offset }
+            }
+        };
+        let q = Quant4::from_parts(qt, st.blocksize, st.shape, st.dtype, packed_t.data().to_vec(), absmax)?;
+        Ok(q.with_storage(storage))
+    }
+
+    /// Stores an int8 row-wise weight for module `prefix` with bnb `Linear8bitLt`'s keys.
+    ///
+    /// # Errors
+    /// Never in practice (sizes are consistent by construction).
+    pub fn insert_int8(&mut self, prefix: &str, q: &Int8Rows) -> Result<()> {
+        let bytes = q.codes().iter().map(|&v| v.to_le_bytes()[0]).collect();
+        self.insert(key(prefix, "weight"), RawTensor::new(Dtype::I8, vec![q.rows(), q.cols()], bytes)?);
+        self.insert(key(prefix, "SCB"), RawTensor::from_f32(vec![q.rows()], q.scb())?);
+        self.insert(key(prefix, "weight_format"), RawTensor::new(Dtype::U8, vec![], vec![0])?);
+        Ok(())
+    }
+
+    /// Reads the int8 row-wise weight of module `prefix`.
+    ///
+    /// # Errors
+    /// [`QuantError::MissingTensor`], [`QuantError::Dtype`], [`QuantError::Size`]; [`QuantError::BadQuantState`]
+    /// for a `weight_format` other than row-major (0).
+    pub fn int8(&self, prefix: &str) -> Result<Int8Rows> {
+        let wk = key(prefix, "weight");
+        let w = self.require(&wk)?;
+        w.expect_dtype(&wk, Dtype::I8)?;
+        let [rows, cols] = w.shape() else {
+            return Err(QuantError::Size { what: format!("rank of `{wk}`"), expected: 2, got: w.shape().len() });
+        };
+        let sk = key(prefix, "SCB");
+        let s = self.require(&sk)?;
+        s.expect_dtype(&sk, Dtype::F32)?;
+        let fk = key(prefix, "weight_format");
+        if let Some(f) = self.get(&fk) {
+            if f.data().iter().any(|&b| b != 0) {
+                return Err(bad(&fk, "only the row-major weight_format (0) is supported"));
+            }
+        }
+        let q = w.data().iter().map(|&b| i8::from_le_bytes([b])).collect();
+        Int8Rows::from_parts(*rows, *cols, q, s.to_f32(&sk)?)
+    }
+}
+
+fn key(prefix: &str, leaf: &str) -> String {
+    if prefix.is_empty() {
+        leaf.to_string()
+    } else {
+        format!("{prefix}.{leaf}")
+    }
+}
+
+fn bad(key: &str, msg: &str) -> QuantError {
+    QuantError::BadQuantState { key: key.to_string(), msg: msg.to_string() }
+}
+
+/// The non-tensor part of a bnb quant state.
+#[derive(Clone, Debug, PartialEq)]
+struct QuantStateJson {
+    quant_type: QuantType,
+    blocksize: usize,
+    dtype: FloatDtype,
+    shape: Vec<usize>,
+    /// `(nested_blocksize, nested_offset)` with double quantisation.
+    nested: Option<(usize, f32)>,
+}
+
+fn parse_quant_state(k: &str, bytes: &[u8]) -> Result<QuantStateJson> {
+    let text = std::str::from_utf8(bytes).map_err(|e| bad(k, &format!("not UTF-8: {e}")))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| bad(k, &format!("not JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad(k, "not a JSON object"))?;
+    let field = |name: &str| obj.get(name).ok_or_else(|| bad(k, &format!("no `{name}`")));
+    let uint = |name: &str| -> Result<usize> {
+        let n = field(name)?.as_u64().ok_or_else(|| bad(k, &format!("`{name}` is not an unsigned integer")))?;
+        usize::try_from(n).map_err(|_| bad(k, &format!("`{name}` too large")))
+    };
+    let quant_type = field("quant_type")?
+        .as_str()
+        .and_then(QuantType::parse)
+        .ok_or_else(|| bad(k, "`quant_type` is not \"nf4\" or \"fp4\""))?;
+    let dtype = field("dtype")?
+        .as_str()
+        .and_then(FloatDtype::parse)
+        .ok_or_else(|| bad(k, "`dtype` is not float32, bfloat16 or float16"))?;
+    let shape = field("shape")?
+        .as_array()
+        .ok_or_else(|| bad(k, "`shape` is not a list"))?
+        .iter()
+        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(k, "`shape` entry")))
+        .collect::<Result<Vec<usize>>>()?;
+    let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
+        let nbs = uint("nested_blocksize")?;
+        if nbs == 0 {
+            return Err(bad(k, "`nested_blocksize` is 0"));
+        }
+        if field("nested_dtype")?.as_str() != Some("float32") {
+            return Err(bad(k, "`nested_dtype` is not float32"));
+        }
+        let off = field("nested_offset")?.as_f64().ok_or_else(|| bad(k, "`nested_offset` is not a number"))?;
+        Some((nbs, off as f32))
+    } else {
+        None
+    };
+    Ok(QuantStateJson { quant_type, blocksize: uint("blocksize")?, dtype, shape, nested })
+}
+
+/// The quant_state JSON exactly as bnb writes it (Python `json.dumps` of the packed dict).
+pub fn quant_state_json(q: &Quant4) -> String {
+    let shape: Vec<String> = q.shape().iter().map(usize::to_string).collect();
+    let mut s = format!(
+        "{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{}]",
+        q.quant_type().name(),
+        q.blocksize(),
+        q.dtype().name(),
+        shape.join(", ")
+    );
+    if let Absmax::Double { q: q8, offset } = q.absmax() {
+        s.push_str(&format!(
+            ", \"nested_blocksize\": {}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
+            q8.blocksize(),
+            python_float_repr(f64::from(*offset))
+        ));
+    }
+    s.push('}');
+    s
+}
+
+/// Python's `repr(float)` (and `json.dumps`) for a finite double: shortest round-trip digits, scientific notation
+/// when the decimal exponent is below -4 or above 15 (`1e-05`, `1e+16`), otherwise positional with at least one
+/// fractional digit (`2.0`).
+pub fn python_float_repr(v: f64) -> String {
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+    }
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "NaN".into()
+        } else if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let sci = format!("{:e}", v.abs());
+    let (mant, exp) = sci.split_once('e').expect("peft-rs bug: {:e} has an exponent");
+    let digits: String = mant.chars().filter(char::is_ascii_digit).collect();
+    let exp: i32 = exp.parse().expect("peft-rs bug: {:e} exponent is an integer");
+    let decpt = exp + 1;
+    let sign = if v < 0.0 { "-" } else { "" };
+    let n = digits.len() as i32;
+    if !(-4 < decpt && decpt <= 16) {
+        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        let es = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{m}e{es}{:02}", exp.abs())
+    } else if decpt <= 0 {
+        format!("{sign}0.{}{digits}", "0".repeat((-decpt) as usize))
+    } else if decpt < n {
+        format!("{sign}{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
+    } else {
+        format!("{sign}{digits}{}.0", "0".repeat((decpt - n) as usize))
+    }
+}
+
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("checkpoint");
+    let tmp = dir.join(format!(".{file}.tmp.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(res?)
+}
+
+const _: () = assert!(NESTED_BLOCKSIZE == 256);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block4::Quant4Config;
+
+    fn sample(dq: bool) -> Quant4 {
+        let x: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+        let cfg = Quant4Config { double_quant: dq, ..Quant4Config::default() };
+        Quant4::quantize(&x, &[3, 100], &cfg).unwrap()
+    }
+
+    fn ckpt(q: &Quant4) -> Checkpoint {
+        let mut c = Checkpoint::new();
+        c.set_metadata("format", "pt");
+        c.insert_quant4("m.proj", q).unwrap();
+        c
+    }
+
+    #[test]
+    fn python_float_repr_matches_cpython() {
+        let cases: [(f64, &str); 12] = [
+            (2.6189379692077637, "2.6189379692077637"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (2.0, "2.0"),
+            (-0.5, "-0.5"),
+            (123456789.123, "123456789.123"),
+            (1.5e300, "1.5e+300"),
+            (3.4028234663852886e38, "3.4028234663852886e+38"),
+            (0.0, "0.0"),
+            (-1.25e-7, "-1.25e-07"),
+        ];
+        for (v, s) in cases {
+            assert_eq!(python_float_repr(v), s, "{v:e}");
+        }
+    }
+
+    #[test]
+    fn quant_state_json_is_python_json_dumps() {
+        let q = sample(false);
+        assert_eq!(
+            quant_state_json(&q),
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#
+        );
+        let q = sample(true);
+        let Absmax::Double { offset, .. } = q.absmax() else { panic!() };
+        let expected = format!(
+            r#"{{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": {}}}"#,
+            python_float_repr(f64::from(*offset))
+        );
+        assert_eq!(quant_state_json(&q), expected);
+    }
+
+    #[test]
+    fn four_bit_state_round_trips_through_bytes_and_files() {
+        for dq in [false, true] {
+            let q = sample(dq);
+            let c = ckpt(&q);
+            let bytes = c.to_bytes();
+            let back = Checkpoint::from_bytes(&bytes).unwrap();
+            assert_eq!(back, c);
+            assert_eq!(back.quant4("m.proj").unwrap(), q);
+            assert_eq!(back.quant4_modules(), vec!["m.proj".to_string()]);
+            let dir = std::env::temp_dir().join(format!("peft_quant_storage_{}_{dq}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("model.safetensors");
+            std::fs::write(&path, b"old contents").unwrap();
+            c.write(&path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), bytes);
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("model.safetensors")], "no temp file left behind");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn quant_storage_reinterprets_the_packed_bytes() {
+        let q = sample(true).with_storage(QuantStorage::Float(FloatDtype::Bf16));
+        let c = ckpt(&q);
+        let w = c.get("m.proj.weight").unwrap();
+        assert_eq!((w.dtype(), w.shape()), (Dtype::BF16, &[75usize, 1][..]));
+        assert_eq!(Checkpoint::from_bytes(&c.to_bytes()).unwrap().quant4("m.proj").unwrap(), q);
+        let odd = Quant4::quantize(&[1.0; 66], &[66], &Quant4Config::default()).unwrap();
+        let mut c = Checkpoint::new();
+        let r = c.insert_quant4("x", &odd.with_storage(QuantStorage::Float(FloatDtype::F32)));
+        assert!(matches!(r, Err(QuantError::Size { .. })), "33 bytes do not make f32 elements");
+    }
+
+    #[test]
+    fn int8_rows_round_trip_with_bnb_keys() {
+        let x: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+        let q = Int8Rows::quantize(&x, 3, 4).unwrap();
+        let mut c = Checkpoint::new();
+        c.insert_int8("fc", &q).unwrap();
+        assert_eq!(c.names(), vec!["fc.SCB", "fc.weight", "fc.weight_format"]);
+        let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
+        assert_eq!(back.int8("fc").unwrap(), q);
+        c.insert("fc.weight_format", RawTensor::new(Dtype::U8, vec![], vec![2]).unwrap());
+        assert!(matches!(c.int8("fc"), Err(QuantError::BadQuantState { .. })));
+        c.insert("fc.weight", RawTensor::new(Dtype::U8, vec![3, 4], vec![0; 12]).unwrap());
+        assert!(matches!(c.int8("fc"), Err(QuantError::Dtype { .. })));
+    }
+
+    fn corrupt(f: impl FnOnce(&mut Checkpoint)) -> QuantError {
+        let mut c = ckpt(&sample(true));
+        f(&mut c);
+        c.quant4("m.proj").unwrap_err()
+    }
+
+    fn set_json(c: &mut Checkpoint, json: &str) {
+        let t = RawTensor::new(Dtype::U8, vec![json.len()], json.as_bytes().to_vec()).unwrap();
+        c.insert("m.proj.weight.quant_state.bitsandbytes__nf4", t);
+    }
+
+    #[test]
+    fn corrupt_checkpoints_give_typed_errors() {
+        const QS: &str = "m.proj.weight.quant_state.bitsandbytes__nf4";
+        let e = corrupt(|c| {
+            c.remove(QS);
+        });
+        assert!(matches!(e, QuantError::MissingQuantState(ref k) if k == "m.proj.weight"), "{e}");
+        let e = corrupt(|c| set_json(c, "{\"quant_type\": \"nf4\", "));
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e = corrupt(|c| c.insert(QS, RawTensor::new(Dtype::U8, vec![2], vec![0xff, 0xfe]).unwrap()));
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("UTF-8")), "{e}");
+        let e = corrupt(|c| set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#));
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("shape")), "{e}");
+        let e = corrupt(|c| {
+            set_json(c, r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#)
+        });
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e =
+            corrupt(|c| set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [3, 100]}"#));
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        // A plain-absmax quant state over U8 (double quantized) scales.
+        let e = corrupt(|c| {
+            set_json(c, r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [3, 100]}"#)
+        });
+        assert!(matches!(e, QuantError::Dtype { .. }), "{e}");
+        let e = corrupt(|c| {
+            let j = String::from_utf8(c.get(QS).unwrap().data().to_vec()).unwrap();
+            set_json(c, &j.replace("\"blocksize\": 64", "\"blocksize\": 48"));
+        });
+        assert!(matches!(e, QuantError::Blocksize(48)), "{e}");
+        let e = corrupt(|c| {
+            let j = String::from_utf8(c.get(QS).unwrap().data().to_vec()).unwrap();
+            set_json(c, &j.replace("[3, 100]", "[3, 101]"));
+        });
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| c.insert("m.proj.weight", RawTensor::new(Dtype::U8, vec![149, 1], vec![0; 149]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| c.insert("m.proj.weight.absmax", RawTensor::new(Dtype::U8, vec![4], vec![0; 4]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e =
+            corrupt(|c| c.insert("m.proj.weight.nested_absmax", RawTensor::from_f32(vec![2], &[1.0, 1.0]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e =
+            corrupt(|c| c.insert("m.proj.weight.nested_quant_map", RawTensor::from_f32(vec![3], &[0.0; 3]).unwrap()));
+        assert!(matches!(e, QuantError::Size { .. }), "{e}");
+        let e = corrupt(|c| {
+            c.remove("m.proj.weight.nested_absmax");
+        });
+        assert!(matches!(e, QuantError::MissingTensor(ref k) if k == "m.proj.weight.nested_absmax"), "{e}");
+        let e = corrupt(|c| {
+            c.insert("m.proj.weight.quant_map", RawTensor::from_f32(vec![16], &crate::codes::FP4).unwrap())
+        });
+        assert!(matches!(e, QuantError::BadQuantState { .. }), "{e}");
+        let e = corrupt(|c| {
+            let t = c.get(QS).unwrap().clone();
+            c.insert("m.proj.weight.quant_state.bitsandbytes__fp4", t);
+        });
+        assert!(matches!(e, QuantError::BadQuantState { ref msg, .. } if msg.contains("both")), "{e}");
+    }
+
+    #[test]
+    fn malformed_safetensors_and_bad_tensor_sizes_are_rejected() {
+        let bytes = ckpt(&sample(false)).to_bytes();
+        assert!(matches!(Checkpoint::from_bytes(&bytes[..bytes.len() - 3]), Err(QuantError::Safetensors(_))));
+        assert!(matches!(Checkpoint::from_bytes(b"\x05\0\0\0\0\0\0\0{}"), Err(QuantError::Safetensors(_))));
+        assert!(matches!(RawTensor::new(Dtype::F32, vec![2], vec![0; 7]), Err(QuantError::Size { .. })));
+        assert!(matches!(Checkpoint::read("/nonexistent/peft-quant.safetensors"), Err(QuantError::Io(_))));
+        let t = RawTensor::new(Dtype::I32, vec![1], vec![0; 4]).unwrap();
+        assert!(matches!(t.to_f32("t"), Err(QuantError::Dtype { .. })));
+    }
+}
