@@ -352,3 +352,102 @@ impl Module for DecoderLayer {
 pub fn length_mask(lens: &[usize], max_len: usize) -> ArrayD<bool> {
     ArrayD::from_shape_fn(IxDyn(&[lens.len(), max_len]), |ix| ix[1] < lens[ix[0]])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{named_params, residual_sites, RandomInit};
+    use crate::ops::attention::RopeLayout;
+    use crate::testing::max_abs_diff;
+
+    fn decoder() -> DecoderLayer {
+        let cfg = DecoderConfig {
+            hidden: 16,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+            intermediate: 24,
+            eps: 1e-5,
+            rope: Rope { theta: 10000.0, layout: RopeLayout::RotateHalf },
+        };
+        DecoderLayer::load("model.layers.0", &cfg, &RandomInit::new(3, 0.2)).unwrap()
+    }
+
+    #[test]
+    fn incremental_decoding_with_kv_cache_equals_full_causal_forward() {
+        let layer = decoder();
+        let x = Tensor::new(RandomInit::new(9, 1.0).get("x", &[2, 5, 16]).unwrap());
+        let ctx = Ctx::eval();
+        let full = layer.forward(&x, None, None, &ctx).unwrap();
+        let mut cache = KvCache::default();
+        // prompt of 3 positions, then 2 single-token steps
+        let mut outs = vec![layer.forward(&x.narrow(1, 0, 3).unwrap(), None, Some(&mut cache), &ctx).unwrap()];
+        for t in 3..5 {
+            outs.push(layer.forward(&x.narrow(1, t, 1).unwrap(), None, Some(&mut cache), &ctx).unwrap());
+        }
+        assert_eq!(cache.len(), 5);
+        let refs: Vec<&Tensor> = outs.iter().collect();
+        let inc = Tensor::concat(&refs, 1).unwrap();
+        let err = max_abs_diff(full.as_slice(), inc.as_slice());
+        assert!(err < 1e-5, "cached decode differs from full forward by {err}");
+    }
+
+    #[test]
+    fn future_tokens_do_not_change_earlier_outputs() {
+        let layer = decoder();
+        let x = RandomInit::new(9, 1.0).get("x", &[1, 4, 16]).unwrap();
+        let mut y = x.clone();
+        y.as_slice_mut().unwrap()[3 * 16..].iter_mut().for_each(|v| *v += 1.0);
+        let ctx = Ctx::eval();
+        let a = layer.forward(&Tensor::new(x), None, None, &ctx).unwrap();
+        let b = layer.forward(&Tensor::new(y), None, None, &ctx).unwrap();
+        assert!(max_abs_diff(&a.as_slice()[..3 * 16], &b.as_slice()[..3 * 16]) < 1e-6);
+        assert!(max_abs_diff(&a.as_slice()[3 * 16..], &b.as_slice()[3 * 16..]) > 1e-3);
+    }
+
+    #[test]
+    fn encoder_layer_exposes_named_sites_and_padding_does_not_leak() {
+        let cfg = EncoderConfig {
+            hidden: 8,
+            heads: 2,
+            intermediate: 16,
+            act: Activation::Gelu,
+            eps: 1e-12,
+            norm: NormPlacement::Post,
+            k_bias: true,
+            dropout: 0.1,
+        };
+        let layer = EncoderLayer::load("encoder.layer.0", &EncoderNames::BERT, &cfg, &RandomInit::new(1, 0.2)).unwrap();
+        let sites: Vec<String> = crate::nn::linear_sites(&layer).iter().map(|l| l.path().to_string()).collect();
+        assert_eq!(
+            sites,
+            [
+                "encoder.layer.0.attention.self.query",
+                "encoder.layer.0.attention.self.key",
+                "encoder.layer.0.attention.self.value",
+                "encoder.layer.0.attention.output.dense",
+                "encoder.layer.0.intermediate.dense",
+                "encoder.layer.0.output.dense"
+            ]
+        );
+        let res: Vec<String> = residual_sites(&layer).iter().map(|r| r.path().to_string()).collect();
+        assert_eq!(res, ["encoder.layer.0.attention.output", "encoder.layer.0.output"]);
+        assert_eq!(named_params(&layer).len(), 16);
+        // a padded position's content must not affect real positions
+        let x = RandomInit::new(2, 1.0).get("x", &[1, 3, 8]).unwrap();
+        let mut y = x.clone();
+        y.as_slice_mut().unwrap()[16..].iter_mut().for_each(|v| *v = 5.0);
+        let mask = length_mask(&[2], 3);
+        let ctx = Ctx::eval();
+        let a = layer.forward(&Tensor::new(x), Some(&mask), &ctx).unwrap();
+        let b = layer.forward(&Tensor::new(y), Some(&mask), &ctx).unwrap();
+        assert!(max_abs_diff(&a.as_slice()[..16], &b.as_slice()[..16]) < 1e-6);
+        // dropout only in training mode, and seeded
+        let x = Tensor::new(RandomInit::new(2, 1.0).get("x", &[1, 3, 8]).unwrap());
+        let e1 = layer.forward(&x, None, &Ctx::eval()).unwrap();
+        let t1 = layer.forward(&x, None, &Ctx::train(5)).unwrap();
+        let t2 = layer.forward(&x, None, &Ctx::train(5)).unwrap();
+        assert_eq!(t1.as_slice(), t2.as_slice());
+        assert!(max_abs_diff(e1.as_slice(), t1.as_slice()) > 1e-4);
+    }
+}
