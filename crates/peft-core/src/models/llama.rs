@@ -438,7 +438,7 @@ impl Llama {
             bail!(OP, "empty prompt");
         }
         if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
-            if !(temperature.is_finite() && temperature > 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
+            if !(temperature.is_finite() && temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
                 bail!(OP, "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]");
             }
         }

@@ -129,14 +129,14 @@ fn hf_safetensors_checkpoint_round_trips() {
     let config = json_config(&s);
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let w = weights(&m);
-    crate::io::write_safetensors(dir.path().join("model.safetensors"), w.iter().map(|(k, v)| (k, v)), None).unwrap();
+    crate::io::write_safetensors(dir.path().join("model.safetensors"), w.iter(), None).unwrap();
     let h = Llama::from_hf_dir(dir.path()).unwrap();
     assert_eq!(h.spec, s);
     assert_eq!(logits(&h, &[3, 4, 5]), logits(&m, &[3, 4, 5]));
     // A missing tensor is reported by name.
     let mut w2 = w.clone();
     w2.remove("model.layers.1.mlp.up_proj.weight");
-    crate::io::write_safetensors(dir.path().join("model.safetensors"), w2.iter().map(|(k, v)| (k, v)), None).unwrap();
+    crate::io::write_safetensors(dir.path().join("model.safetensors"), w2.iter(), None).unwrap();
     let e = Llama::from_hf_dir(dir.path()).err().unwrap();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
 }
