@@ -436,6 +436,6 @@ impl GgufFile {
 }
 
 #[cfg(test)]
-mod test_writer;
+pub(crate) mod test_writer;
 #[cfg(test)]
 mod tests;

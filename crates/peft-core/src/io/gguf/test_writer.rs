@@ -12,7 +12,7 @@ struct Entry {
 }
 
 /// Builds a GGUF file image.
-pub(super) struct GgufBuilder {
+pub(crate) struct GgufBuilder {
     version: u32,
     alignment: u64,
     kvs: Vec<(String, GgufValue)>,
@@ -20,31 +20,31 @@ pub(super) struct GgufBuilder {
 }
 
 impl GgufBuilder {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         GgufBuilder { version: 3, alignment: 32, kvs: Vec::new(), tensors: Vec::new() }
     }
 
-    pub(super) fn version(mut self, v: u32) -> Self {
+    pub(crate) fn version(mut self, v: u32) -> Self {
         self.version = v;
         self
     }
 
     /// Sets the layout alignment and writes `general.alignment`.
-    pub(super) fn alignment(mut self, a: u32) -> Self {
+    pub(crate) fn alignment(mut self, a: u32) -> Self {
         self.alignment = a.into();
         self.kv("general.alignment", GgufValue::U32(a))
     }
 
-    pub(super) fn kv(mut self, key: &str, value: GgufValue) -> Self {
+    pub(crate) fn kv(mut self, key: &str, value: GgufValue) -> Self {
         self.kvs.push((key.into(), value));
         self
     }
 
-    pub(super) fn tensor(self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
+    pub(crate) fn tensor(self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
         self.tensor_raw(name, dims, ty.id(), data, None)
     }
 
-    pub(super) fn tensor_raw(
+    pub(crate) fn tensor_raw(
         mut self,
         name: &str,
         dims: &[u64],
@@ -56,7 +56,7 @@ impl GgufBuilder {
         self
     }
 
-    pub(super) fn build(&self) -> Vec<u8> {
+    pub(crate) fn build(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(self.version.to_le_bytes());
         out.extend((self.tensors.len() as u64).to_le_bytes());

@@ -1,0 +1,4 @@
+//! Pretrained model architectures assembled from the [`crate::nn`] layers, loading Hugging Face checkpoints (and
+//! GGUF files where noted) under their checkpoint names so adapter sites keep the names PEFT uses.
+
+pub mod llama;
