@@ -1,2 +1,7 @@
-//! peft-lora will hold LoRA and its family (rsLoRA, DoRA, PiSSA/CorDA/EVA/LoLDU/LoRA-SB inits, ALLoRA, Hydra,
-//! MoS, MixLoRA, Poly/MHR), weighted merges and the Hugging Face PEFT file format. Not built yet: see issue 4.
+//! peft-lora: LoRA and its family (rsLoRA, DoRA, PiSSA/OLoRA inits), multi-adapter models with merge/unmerge, and
+//! the Hugging Face PEFT file format (`adapter_config.json` + `adapter_model.safetensors`).
+
+pub mod config;
+pub mod pyjson;
+
+pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
