@@ -453,9 +453,20 @@ mod tests {
         assert!(matches!(bad(&|c| c.r = 0), ConfigError::BadRank { .. }));
         assert!(matches!(bad(&|c| c.lora_dropout = 1.0), ConfigError::BadDropout(_)));
         assert!(matches!(bad(&|c| c.target_modules = None), ConfigError::NoTargets));
-        assert!(matches!(bad(&|c| c.init_lora_weights = InitLoraWeights::Named("loftq".into())), ConfigError::BadInit(_)));
-        assert!(matches!(bad(&|c| { c.rank_pattern.insert("q".into(), 0.into()); }), ConfigError::BadRank { .. }));
-        assert!(matches!(bad(&|c| c.layers_pattern = Some(StrOrList::One("layer".into()))), ConfigError::Unsupported(_)));
+        assert!(matches!(
+            bad(&|c| c.init_lora_weights = InitLoraWeights::Named("loftq".into())),
+            ConfigError::BadInit(_)
+        ));
+        assert!(matches!(
+            bad(&|c| {
+                c.rank_pattern.insert("q".into(), 0.into());
+            }),
+            ConfigError::BadRank { .. }
+        ));
+        assert!(matches!(
+            bad(&|c| c.layers_pattern = Some(StrOrList::One("layer".into()))),
+            ConfigError::Unsupported(_)
+        ));
         assert!(matches!(
             bad(&|c| {
                 c.target_modules = Some(ModulePattern::Regex(".*q".into()));

@@ -157,7 +157,8 @@ mod tests {
 
     #[test]
     fn dumps_matches_python_layout() {
-        let v: Value = serde_json::from_str(r#"{"b": [1, 2.0], "a": {}, "c": [], "d": {"y": null, "x": "é"}}"#).unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"b": [1, 2.0], "a": {}, "c": [], "d": {"y": null, "x": "é"}}"#).unwrap();
         let want = "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0\n  ],\n  \"c\": [],\n  \"d\": {\n    \"x\": \"\\u00e9\",\n    \"y\": null\n  }\n}";
         assert_eq!(dumps(&v), want);
     }
