@@ -16,3 +16,9 @@ pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
 pub mod layer;
 
 pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
+pub mod io;
+pub mod model;
+#[cfg(test)]
+mod testutil;
+
+pub use model::{AdapterSet, LoraModel};
