@@ -59,10 +59,9 @@ fn save_load_save_is_byte_identical_and_outputs_match() {
 
         // A fresh copy of the base model (same seed) with the adapter loaded.
         let m2 = Tiny::new(6, 2, 1);
-        let mut lm2 = LoraModel::new(&m2, LoraConfig::new(1, 1.0, ["dense"]), "scratch", 0).unwrap();
+        let mut lm2 = LoraModel::wrap(&m2, 0);
         let warnings = lm2.load_adapter(d1.path(), "default").unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
-        lm2.delete_adapter("scratch").unwrap();
         lm2.set_adapter("default").unwrap();
         let y2 = m2.forward(&x, &Ctx::eval()).unwrap().to_vec();
         assert!(max_abs_diff(&y, &y2) < 1e-6, "dora={dora}");

@@ -22,3 +22,6 @@ pub mod model;
 mod testutil;
 
 pub use model::{AdapterSet, LoraModel};
+pub mod methods;
+
+pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};

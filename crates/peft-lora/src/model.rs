@@ -52,16 +52,22 @@ impl LoraModel {
     /// [`crate::ConfigError`] (as [`Error::Invalid`]) for an invalid config; [`Error::NoTargetMatched`] when the
     /// targets select no site; init errors.
     pub fn new(model: &dyn Module, config: LoraConfig, name: &str, seed: u64) -> Result<Self> {
+        let mut me = Self::wrap(model, seed);
+        me.add_adapter(name, config)?;
+        me.set_adapter(name)?;
+        Ok(me)
+    }
+
+    /// Wraps `model` without adapters (then [`LoraModel::add_adapter`] or [`LoraModel::load_adapter`]). Base
+    /// parameters are frozen as soon as an adapter is added.
+    pub fn wrap(model: &dyn Module, seed: u64) -> Self {
         let mut sites = linear_sites(model);
         // Adapter parameters of sites already carrying adapters are not base parameters.
         let adapter_ids: Vec<_> =
             sites.iter().flat_map(|s| s.adapters()).flat_map(|a| a.params()).map(|p| p.id()).collect();
         let base_params = named_params(model).into_iter().filter(|p| !adapter_ids.contains(&p.id())).collect();
         sites.dedup_by(|a, b| a.path() == b.path());
-        let mut me = LoraModel { sites, base_params, adapters: Vec::new(), active: vec![], disabled: false, seed };
-        me.add_adapter(name, config)?;
-        me.set_adapter(name)?;
-        Ok(me)
+        LoraModel { sites, base_params, adapters: Vec::new(), active: vec![], disabled: false, seed }
     }
 
     /// Adds adapter `name` (inactive, as in PEFT; see [`LoraModel::set_adapter`]).
