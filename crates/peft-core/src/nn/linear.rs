@@ -318,7 +318,11 @@ impl Linear {
             );
         }
         let base = self.base();
-        let delta = if merge { a.adapter.delta_weight(base.as_ref())? } else { a.adapter.unmerge_delta_weight(base.as_ref())? };
+        let delta = if merge {
+            a.adapter.delta_weight(base.as_ref())?
+        } else {
+            a.adapter.unmerge_delta_weight(base.as_ref())?
+        };
         let Some(delta) = delta else {
             crate::error::bail!(op, "adapter `{name}` ({}) cannot be merged exactly", a.adapter.kind());
         };
