@@ -198,8 +198,9 @@ pub struct LoraConfig {
 }
 
 /// Keys PEFT writes that peft-rs keeps but does not interpret; a non-default value is rejected by `validate`.
-const PASSIVE: [(&str, &str); 6] = [
+const PASSIVE: [(&str, &str); 7] = [
     ("auto_mapping", "null"),
+    ("peft_version", "null"),
     ("layer_replication", "null"),
     ("loftq_config", "{}"),
     ("megatron_config", "null"),
@@ -260,9 +261,9 @@ impl LoraConfig {
             .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
         let warnings = cfg
             .extra
-            .keys()
-            .filter(|k| !PASSIVE.iter().any(|(p, _)| p == k))
-            .map(|k| format!("adapter_config.json: key `{k}` is not used by peft-rs and is ignored"))
+            .iter()
+            .filter(|(k, v)| !PASSIVE.iter().any(|(p, _)| p == k) && !inert(v))
+            .map(|(k, v)| format!("adapter_config.json: key `{k}` (= {v}) is not used by peft-rs and is ignored"))
             .collect();
         Ok((cfg, warnings))
     }
@@ -342,7 +343,7 @@ impl LoraConfig {
         for (k, default) in PASSIVE {
             if let Some(v) = self.extra.get(k) {
                 let d: Value = serde_json::from_str(default).expect("peft-rs bug: PASSIVE json");
-                if *v != d && k != "megatron_core" {
+                if *v != d && !matches!(k, "megatron_core" | "auto_mapping" | "peft_version") {
                     return Err(ConfigError::Unsupported(format!("{k} = {v}")));
                 }
             }
@@ -390,6 +391,16 @@ impl LoraConfig {
         } else {
             alpha / r as f64
         }
+    }
+}
+
+/// `null`, `false`, `{}`, `[]`: an option left at "off", safe to ignore without a warning.
+fn inert(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
     }
 }
 

@@ -124,3 +124,42 @@ fn pissa_adapter_converts_to_lora_for_the_original_model() {
     let y0 = m0.forward(&x, &Ctx::eval()).unwrap().to_vec();
     assert!(max_abs_diff(&y, &y0) < 1e-5);
 }
+
+/// PEFT 0.21 fixtures from `tests/fixtures/gen_peft_fixture.py` (LoRA; DoRA + rsLoRA + dropout).
+#[test]
+fn peft_fixtures_load_match_outputs_and_save_back_identically() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for v in ["lora", "dora"] {
+        let dir = root.join(v);
+        let base = SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
+        let io = SafeTensorsFile::open(dir.join("io.safetensors")).unwrap();
+        let m = Tiny::load(8, 2, &base);
+        let mut lm = LoraModel::wrap(&m, 0);
+        let warnings = lm.load_adapter(&dir.join("adapter"), "default").unwrap();
+        lm.set_adapter("default").unwrap();
+        assert_eq!(lm.adapter("default").unwrap().layers.len(), 4);
+        let x = io.tensor("x").unwrap();
+        let y = m.forward(&x, &Ctx::eval()).unwrap().to_vec();
+        let want = io.get("y").unwrap();
+        let err = max_abs_diff(&y, want.as_slice().unwrap());
+        assert!(err < 1e-5, "{v}: max |Δy| = {err}");
+        lm.merge().unwrap();
+        let ym = m.forward(&x, &Ctx::eval()).unwrap().to_vec();
+        let err_m = max_abs_diff(&ym, io.get("y_merged").unwrap().as_slice().unwrap());
+        assert!(err_m < 1e-5, "{v}: merged max |Δy| = {err_m}");
+        lm.unmerge().unwrap();
+        eprintln!("{v}: max |y - y_peft| = {err:e}, merged {err_m:e}; warnings: {warnings:?}");
+        let out = tempfile::tempdir().unwrap();
+        lm.save_pretrained(out.path()).unwrap();
+        for f in [CONFIG_NAME, WEIGHTS_NAME] {
+            let a = std::fs::read(dir.join("adapter").join(f)).unwrap();
+            let b = std::fs::read(out.path().join(f)).unwrap();
+            assert!(
+                a == b,
+                "{v}/{f} differs:\n{}\n---\n{}",
+                String::from_utf8_lossy(&a[..a.len().min(600)]),
+                String::from_utf8_lossy(&b[..b.len().min(600)])
+            );
+        }
+    }
+}

@@ -14,8 +14,12 @@ pub struct Tiny {
 impl Tiny {
     /// Width `d`, `n` layers, 3 classes; weights from `seed`.
     pub fn new(d: usize, n: usize, seed: u64) -> Self {
-        let init = RandomInit::new(seed, 0.3);
-        let l = |p: String| Linear::load(&p, d, d, true, &init).expect("tiny");
+        Self::load(d, n, &RandomInit::new(seed, 0.3))
+    }
+
+    /// Width `d`, `n` layers, weights from `init` (PyTorch names).
+    pub fn load(d: usize, n: usize, init: &dyn WeightSource) -> Self {
+        let l = |p: String| Linear::load(&p, d, d, true, init).expect("tiny");
         let layers = (0..n)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
@@ -26,7 +30,7 @@ impl Tiny {
                 ]
             })
             .collect();
-        let classifier = Linear::load("classifier", d, 3, true, &init).expect("tiny").as_output();
+        let classifier = Linear::load("classifier", d, 3, true, init).expect("tiny").as_output();
         Tiny { layers, classifier }
     }
 
