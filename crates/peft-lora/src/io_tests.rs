@@ -163,3 +163,27 @@ fn peft_fixtures_load_match_outputs_and_save_back_identically() {
         }
     }
 }
+
+/// PiSSA and OLoRA rewrite the base as PEFT does: the residual `W − s·B·A` is independent of SVD/QR sign
+/// conventions, so it is compared directly with PEFT's `base_layer.weight` after init.
+#[test]
+fn pissa_and_olora_residuals_match_peft() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for v in ["pissa", "olora"] {
+        let dir = root.join(v);
+        let base = SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
+        let want = SafeTensorsFile::open(dir.join("residual.safetensors")).unwrap();
+        let m = Tiny::load(8, 2, &base);
+        let mut cfg = LoraConfig::new(2, 4.0, ["query", "value"]);
+        cfg.init_lora_weights = crate::config::InitLoraWeights::Named(v.into());
+        let lm = LoraModel::new(&m, cfg, "default", 0).unwrap();
+        let mut worst = 0f32;
+        for (site, _) in &lm.adapter("default").unwrap().layers {
+            let got = site.base().dense_weight().unwrap();
+            let w = want.get(&format!("{}.weight", site.path())).unwrap();
+            worst = worst.max(max_abs_diff(got.as_slice().unwrap(), w.as_slice().unwrap()));
+        }
+        eprintln!("{v}: max |W_res - W_res_peft| = {worst:e}");
+        assert!(worst < 1e-5, "{v}: {worst}");
+    }
+}
