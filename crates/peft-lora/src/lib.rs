@@ -25,3 +25,6 @@ pub use model::{AdapterSet, LoraModel};
 pub mod methods;
 
 pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
+pub mod weighted;
+
+pub use weighted::Combination;
