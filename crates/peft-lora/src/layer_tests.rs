@@ -299,3 +299,33 @@ fn oversized_pissa_rank_is_an_error() {
     let r = LoraLinear::new("l", "p", lin.base().as_ref(), spec(3, Init::Olora, false), &mut StdRng::seed_from_u64(0));
     assert!(matches!(r, Err(Error::Invalid { .. })));
 }
+
+#[test]
+fn dora_with_dropout_recomputes_the_base_term_on_the_dropped_input() {
+    // PEFT: with active dropout, base_result is W·dropout(x) (no bias) and the DoRA term is
+    // (f − 1)·W·x' + f·s·B·A·x', added to the undropped base output W·x + b.
+    let lin = site(6, 4);
+    let ad = attach(&lin, "d", LoraSpec { dropout: 0.3, ..spec(2, Init::Default, true) }, 1);
+    perturb(&ad, 2);
+    let xs = x(5, 6);
+    let y = lin.forward(&xs, &Ctx::train(9)).unwrap();
+    let xd = Ctx::train(9).with_rng(|r| xs.dropout(0.3, true, r)).unwrap();
+    let to2 = |a: &ArrayD<f32>| a.mapv(f64::from).into_dimensionality::<Ix2>().unwrap();
+    let w = to2(&lin.base().dense_weight().unwrap());
+    let bias = lin.base().bias().unwrap().value().mapv(f64::from);
+    let (x0, x1) = (to2(&xs.data().to_owned()), to2(&xd.data().to_owned()));
+    let lw = ad.lora_weight().unwrap().mapv(f64::from);
+    let v = &w + &lw;
+    let m = ad.magnitude().unwrap().value().mapv(f64::from);
+    let base = x0.dot(&w.t());
+    let wxd = x1.dot(&w.t());
+    let lora = x1.dot(&lw.t());
+    for n in 0..5 {
+        for o in 0..4 {
+            let f = m[[o]] / v.row(o).dot(&v.row(o)).sqrt();
+            let want = base[[n, o]] + bias[[o]] + (f - 1.0) * wxd[[n, o]] + f * lora[[n, o]];
+            let got = f64::from(y.as_slice()[n * 4 + o]);
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
+    }
+}
