@@ -198,7 +198,8 @@ pub struct LoraConfig {
 }
 
 /// Keys PEFT writes that peft-rs keeps but does not interpret; a non-default value is rejected by `validate`.
-const PASSIVE: [(&str, &str); 7] = [
+const PASSIVE: [(&str, &str); 8] = [
+    ("qalora_group_size", "16"),
     ("auto_mapping", "null"),
     ("peft_version", "null"),
     ("layer_replication", "null"),
@@ -211,8 +212,8 @@ const PASSIVE: [(&str, &str); 7] = [
 impl Default for LoraConfig {
     fn default() -> Self {
         let mut extra = Map::new();
-        for (k, v) in PASSIVE {
-            extra.insert(k.into(), serde_json::from_str(v).expect("peft-rs bug: PASSIVE json"));
+        for (k, v) in PASSIVE.iter().filter(|(k, _)| *k != "peft_version") {
+            extra.insert((*k).into(), serde_json::from_str(v).expect("peft-rs bug: PASSIVE json"));
         }
         LoraConfig {
             r: 8,

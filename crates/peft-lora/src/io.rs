@@ -33,6 +33,21 @@ pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// The file key of base parameter `pname`: PEFT wraps every adapted site, so its own parameters are saved as
+/// `<site>.base_layer.<weight|bias>`.
+fn base_key(model: &LoraModel, pname: &str) -> String {
+    for a in model.adapters() {
+        for (site, _) in &a.layers {
+            if let Some(rest) = pname.strip_prefix(site.path()).and_then(|r| r.strip_prefix('.')) {
+                if !rest.contains('.') {
+                    return format!("{PREFIX}{}.base_layer.{rest}", site.path());
+                }
+            }
+        }
+    }
+    format!("{PREFIX}{pname}")
+}
+
 /// The tensors PEFT's `get_peft_model_state_dict` returns for adapter `a`, by file key.
 fn state_dict(model: &LoraModel, a: &AdapterSet) -> BTreeMap<String, ArrayD<f32>> {
     let mut out = BTreeMap::new();
@@ -46,7 +61,7 @@ fn state_dict(model: &LoraModel, a: &AdapterSet) -> BTreeMap<String, ArrayD<f32>
     }
     for bp in model.base_params() {
         if base_param_saved(a, bp.name()) {
-            out.insert(format!("{PREFIX}{}", bp.name()), bp.value().to_owned());
+            out.insert(base_key(model, bp.name()), bp.value().to_owned());
         }
     }
     out
@@ -148,7 +163,7 @@ impl LoraModel {
                 }
             }
             for bp in self.base_params() {
-                let key = format!("{PREFIX}{}", bp.name());
+                let key = base_key(self, bp.name());
                 if base_param_saved(set, bp.name()) && file.contains(&key) {
                     bp.set(file.get_checked(&key, &bp.shape()).map_err(io_err)?)?;
                     used.push(key);

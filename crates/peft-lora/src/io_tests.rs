@@ -31,7 +31,9 @@ fn save_writes_peft_keys_and_config() {
     let names: Vec<&str> = f.names().collect();
     assert!(names.contains(&"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"));
     assert!(names.contains(&"base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector"));
-    assert!(names.contains(&"base_model.model.encoder.layer.0.attention.self.query.bias"));
+    // As PEFT 0.21 writes them (checked with bias="lora_only", modules_to_save=["classifier"]).
+    assert!(names.contains(&"base_model.model.encoder.layer.0.attention.self.query.base_layer.bias"));
+    assert!(names.contains(&"base_model.model.classifier.bias"));
     assert!(names.contains(&"base_model.model.classifier.weight"));
     assert!(!names.iter().any(|n| n.contains("output.dense")));
     assert_eq!(f.shape("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight").unwrap(), &[6, 3]);
@@ -125,11 +127,12 @@ fn pissa_adapter_converts_to_lora_for_the_original_model() {
     assert!(max_abs_diff(&y, &y0) < 1e-5);
 }
 
-/// PEFT 0.21 fixtures from `tests/fixtures/gen_peft_fixture.py` (LoRA; DoRA + rsLoRA + dropout).
+/// PEFT 0.21 fixtures from `tests/fixtures/gen_peft_fixture.py` (LoRA; DoRA + rsLoRA + dropout; LoRA with
+/// bias = "lora_only" and modules_to_save = ["classifier"]).
 #[test]
 fn peft_fixtures_load_match_outputs_and_save_back_identically() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    for v in ["lora", "dora"] {
+    for v in ["lora", "dora", "lora_bias"] {
         let dir = root.join(v);
         let base = SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
         let io = SafeTensorsFile::open(dir.join("io.safetensors")).unwrap();
