@@ -329,3 +329,49 @@ fn dora_with_dropout_recomputes_the_base_term_on_the_dropped_input() {
         }
     }
 }
+
+mod prop {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        /// Random shapes (size-1 axes included): merge ≡ unmerged forward, unmerge restores W, for LoRA and DoRA.
+        #[test]
+        fn merge_matches_forward_on_random_shapes(
+            in_f in 1usize..7, out_f in 1usize..7, r in 1usize..4, rows in 1usize..4, dora in any::<bool>(),
+            seed in 0u64..1000,
+        ) {
+            let lin = Linear::load("l", in_f, out_f, seed % 2 == 0, &RandomInit::new(seed, 0.5)).unwrap();
+            let ad = attach(&lin, "a", spec(r, Init::Default, dora), seed);
+            perturb(&ad, seed + 1);
+            let xs = Tensor::new(RandomInit::new(seed + 2, 1.0).get("x", &[rows, in_f]).unwrap());
+            let w0 = lin.base().dense_weight().unwrap();
+            let y0 = y(&lin, &xs);
+            lin.merge("a").unwrap();
+            prop_assert!(max_abs_diff(&y0, &y(&lin, &xs)) < 1e-5);
+            lin.unmerge("a").unwrap();
+            let w2 = lin.base().dense_weight().unwrap();
+            prop_assert!(max_abs_diff(w0.as_slice().unwrap(), w2.as_slice().unwrap()) < 1e-5);
+        }
+
+        /// LoRA gradients of A and B match central differences on random shapes.
+        #[test]
+        fn lora_grads_on_random_shapes(
+            in_f in 1usize..6, out_f in 1usize..6, r in 1usize..4, rows in 1usize..4, seed in 0u64..1000,
+        ) {
+            let lin = Linear::load("l", in_f, out_f, true, &RandomInit::new(seed, 0.5)).unwrap();
+            let ad = attach(&lin, "a", spec(r, Init::Default, false), seed);
+            perturb(&ad, seed + 1);
+            let xs = Tensor::new(RandomInit::new(seed + 2, 1.0).get("x", &[rows, in_f]).unwrap());
+            let rr = Tensor::new(RandomInit::new(seed + 3, 1.0).get("r", &[rows, out_f]).unwrap());
+            let g = loss(&lin, &xs, &rr).backward().unwrap();
+            for p in [ad.lora_a(), ad.lora_b()] {
+                let an = g.get_id(p.id()).unwrap().as_slice().unwrap().to_vec();
+                assert_close(&an, &fd(&lin, &xs, &rr, p), p.name());
+            }
+        }
+    }
+}

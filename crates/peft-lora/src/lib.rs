@@ -1,5 +1,29 @@
 //! peft-lora: LoRA and its family (rsLoRA, DoRA, PiSSA/OLoRA inits), multi-adapter models with merge/unmerge, and
 //! the Hugging Face PEFT file format (`adapter_config.json` + `adapter_model.safetensors`).
+//!
+//! ```
+//! use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor};
+//! use peft_core::Tensor;
+//! use peft_lora::{LoraConfig, LoraModel};
+//!
+//! struct Net(Linear);
+//! impl Module for Net {
+//!     fn visit(&self, v: &mut dyn Visitor) {
+//!         self.0.visit(v);
+//!     }
+//! }
+//! let net = Net(Linear::load("encoder.query", 8, 8, true, &RandomInit::new(0, 0.1))?);
+//! let x = Tensor::ones(&[2, 8]);
+//! let y0 = net.0.forward(&x, &Ctx::eval())?;
+//! let lm = LoraModel::new(&net, LoraConfig::new(4, 8.0, ["query"]), "default", 0)?;
+//! // B starts at zero: the adapted model is the base model until trained.
+//! assert_eq!(net.0.forward(&x, &Ctx::eval())?.to_vec(), y0.to_vec());
+//! assert_eq!(lm.trainable_params().len(), 2); // lora_A, lora_B
+//! # let dir = std::env::temp_dir().join(format!("peft-lora-doc-{}", std::process::id()));
+//! lm.save_pretrained(&dir)?; // adapter_config.json + adapter_model.safetensors, as PEFT writes them
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), peft_core::Error>(())
+//! ```
 
 /// `return Err(Error::Invalid { op, msg: format!(..) })`.
 macro_rules! bail {
