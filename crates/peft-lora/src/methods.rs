@@ -159,3 +159,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod training {
+    use peft_core::nn::Ctx;
+    use peft_core::{AdamW, Optimizer};
+
+    use super::*;
+    use crate::testutil::{input, Tiny};
+
+    /// Each registry method fits a small classification task with AdamW at its default rate (×10 for speed),
+    /// touching only its trainable parameters.
+    #[test]
+    fn each_method_reduces_the_loss_and_leaves_frozen_weights_alone() {
+        let x = input(12, 8, 3);
+        let targets: Vec<i64> = (0..12).map(|i| (i % 3) as i64).collect();
+        for m in methods() {
+            let model = Tiny::new(8, 2, 0);
+            let prep = m.prepare(&model, &model.classifier.base().params()).unwrap();
+            let frozen = model.layers[0][2].base().params()[0].value().to_owned();
+            let mut opt = AdamW::with_lr(prep.trainable(), m.default_lr() * 10.0, 0.0).unwrap();
+            let mut losses = Vec::new();
+            for step in 0..60 {
+                let loss = model.forward(&x, &Ctx::train(step)).unwrap().cross_entropy(&targets, None, 0.0).unwrap();
+                let g = loss.backward().unwrap();
+                let l = loss.item().unwrap();
+                drop(loss);
+                opt.step(&g).unwrap();
+                losses.push(l);
+            }
+            assert!(losses[59] < 0.5 * losses[0], "{}: {} -> {}", m.name(), losses[0], losses[59]);
+            assert_eq!(model.layers[0][2].base().params()[0].value().to_owned(), frozen, "{}", m.name());
+        }
+    }
+}
