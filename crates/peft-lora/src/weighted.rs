@@ -2,12 +2,12 @@
 //! `svd` combination types).
 //!
 //! With adapters `i` (scaling `sᵢ`, weight `wᵢ`), the *intended* update is `ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ`.
-//! - `Cat` realises it exactly with rank `Σ rᵢ`: `A = [A₁; A₂; …]`, `B = [w₁s₁B₁, w₂s₂B₂, …]`.
+//! - `Cat` realises it exactly with rank `Σ rᵢ`: `A = [w₁s₁A₁; w₂s₂A₂; …]`, `B = [B₁, B₂, …]` (as PEFT 0.21).
 //! - `Svd { rank }` is the best rank-`rank` approximation of the exact `ΔW` (truncated SVD, `B = U·S`, `A = Vᵀ`);
 //!   PEFT additionally clamps entries at their 0.99 quantile, which peft-rs does not.
-//! - `Linear` follows PEFT exactly (equal ranks required): `A = Σ √wᵢ·sᵢ·Aᵢ`, `B = Σ √wᵢ·Bᵢ`. Its `B·A` contains the
-//!   cross terms `√(wᵢwⱼ)·sⱼ·Bᵢ·Aⱼ`, so it equals the weighted sum only for a single adapter or adapters sharing
-//!   `A`; use `Cat` for the exact sum.
+//! - `Linear` follows PEFT 0.21 exactly (equal ranks required): with `cᵢ = wᵢ·sᵢ`, `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`,
+//!   `B = Σ √|cᵢ|·Bᵢ`. Its `B·A` contains the cross terms `√|cᵢ|·sign(cⱼ)√|cⱼ|·Bᵢ·Aⱼ`, so it equals the weighted
+//!   sum only for a single adapter or adapters sharing `A`; use `Cat` for the exact sum.
 //!
 //! The new adapter has `lora_alpha = r` per site (scaling 1), rsLoRA off, and targets exactly the combined sites.
 
@@ -22,7 +22,7 @@ use crate::model::LoraModel;
 /// How adapters are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Combination {
-    /// PEFT's `linear` (√w-weighted sums of A and B; equal ranks).
+    /// PEFT's `linear` (√|w·s|-weighted sums of A and B; equal ranks).
     Linear,
     /// Concatenation: the exact weighted sum, rank `Σ rᵢ`.
     Cat,
@@ -41,7 +41,7 @@ impl LoraModel {
     /// Adds adapter `name` combining `adapters` with `weights` (see the module docs). The new adapter is inactive.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for mismatched lengths, negative `Linear` weights, unequal ranks under `Linear`, DoRA
+    /// [`Error::Invalid`] for mismatched lengths, unequal ranks under `Linear`, DoRA
     /// adapters, adapters on different sites, or a zero SVD rank; [`Error::UnknownName`].
     pub fn add_weighted_adapter(
         &mut self,
@@ -64,9 +64,6 @@ impl LoraModel {
                 crate::bail!(OP, "adapters `{}` and `{}` target different sites", sets[0].name, s.name);
             }
         }
-        if how == Combination::Linear && weights.iter().any(|&w| w < 0.0) {
-            crate::bail!(OP, "`linear` takes √weight: negative weights are not allowed");
-        }
         let mut new = Vec::new();
         for (k, path) in paths.iter().enumerate() {
             let parts: Vec<(Array2<f64>, Array2<f64>, f64)> = sets
@@ -85,15 +82,16 @@ impl LoraModel {
                     let mut a = Array2::zeros(parts[0].0.raw_dim());
                     let mut b = Array2::zeros(parts[0].1.raw_dim());
                     for ((pa, pb, s), &w) in parts.iter().zip(weights) {
-                        a = a + pa * (w.sqrt() * s);
-                        b = b + pb * w.sqrt();
+                        let c: f64 = w * s;
+                        a = a + pa * (c.signum() * c.abs().sqrt());
+                        b = b + pb * c.abs().sqrt();
                     }
                     (a, b)
                 }
                 Combination::Cat => {
-                    let av: Vec<_> = parts.iter().map(|p| p.0.view()).collect();
-                    let bs: Vec<Array2<f64>> = parts.iter().zip(weights).map(|(p, &w)| &p.1 * (w * p.2)).collect();
-                    let bv: Vec<_> = bs.iter().map(|b| b.view()).collect();
+                    let as_: Vec<Array2<f64>> = parts.iter().zip(weights).map(|(p, &w)| &p.0 * (w * p.2)).collect();
+                    let av: Vec<_> = as_.iter().map(|a| a.view()).collect();
+                    let bv: Vec<_> = parts.iter().map(|p| p.1.view()).collect();
                     let shape_err = |_| Error::Invalid { op: OP, msg: format!("shape mismatch at `{path}`") };
                     (concatenate(Axis(0), &av).map_err(shape_err)?, concatenate(Axis(1), &bv).map_err(shape_err)?)
                 }
@@ -196,14 +194,15 @@ mod tests {
     #[test]
     fn linear_follows_peft_and_is_exact_for_one_adapter() {
         let (_m, mut lm) = two();
-        lm.add_weighted_adapter(&["a"], &[0.5], "h", Combination::Linear).unwrap();
-        let (da, dh) = (delta(&lm, "a"), delta(&lm, "h"));
-        for k in 0..da.len() {
-            let want = &da[k] * 0.5;
-            assert!(max_abs_diff(want.as_slice().unwrap(), dh[k].as_slice().unwrap()) < 1e-5);
+        for (w, n) in [(0.5, "h"), (-0.7, "neg")] {
+            lm.add_weighted_adapter(&["a"], &[w], n, Combination::Linear).unwrap();
+            let (da, dh) = (delta(&lm, "a"), delta(&lm, n));
+            for k in 0..da.len() {
+                let want = &da[k] * w as f32;
+                assert!(max_abs_diff(want.as_slice().unwrap(), dh[k].as_slice().unwrap()) < 1e-5);
+            }
         }
         assert!(lm.add_weighted_adapter(&["a", "b"], &[0.5, 0.5], "x", Combination::Linear).is_err());
-        assert!(lm.add_weighted_adapter(&["a"], &[-1.0], "y", Combination::Linear).is_err());
         assert!(lm.add_weighted_adapter(&["a", "b"], &[1.0], "z", Combination::Cat).is_err());
     }
 }
