@@ -205,4 +205,34 @@ mod tests {
         assert!(lm.add_weighted_adapter(&["a", "b"], &[0.5, 0.5], "x", Combination::Linear).is_err());
         assert!(lm.add_weighted_adapter(&["a", "b"], &[1.0], "z", Combination::Cat).is_err());
     }
+
+    /// PEFT 0.21 fixture: the same two adapters combined by PEFT; `s·B·A` of each combination must agree
+    /// (`linear`, `cat` to f32 rounding; `svd` to 1e-4 relative: PEFT's 0.99-quantile clamp does not bind here).
+    #[test]
+    fn combinations_match_peft() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighted");
+        let base = peft_core::io::SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
+        let want = peft_core::io::SafeTensorsFile::open(dir.join("deltas.safetensors")).unwrap();
+        let m = Tiny::load(8, 2, &base);
+        let mut lm = LoraModel::wrap(&m, 0);
+        lm.load_adapter(&dir.join("adapters"), "default").unwrap();
+        lm.load_adapter(&dir.join("adapters/other"), "other").unwrap();
+        let w = [0.7, -0.4];
+        lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
+        lm.add_weighted_adapter(&["default", "other"], &w, "cat", Combination::Cat).unwrap();
+        lm.add_weighted_adapter(&["default", "other"], &w, "svd", Combination::Svd { rank: 3 }).unwrap();
+        for c in ["lin", "cat", "svd"] {
+            let mut worst = 0f32;
+            let mut scale = 0f32;
+            for (site, l) in &lm.adapter(c).unwrap().layers {
+                let got = l.lora_weight().unwrap();
+                let exp = want.get(&format!("{}.{c}", site.path())).unwrap();
+                worst = worst.max(max_abs_diff(got.as_slice().unwrap(), exp.as_slice().unwrap()));
+                scale = scale.max(exp.iter().fold(0f32, |m, v| m.max(v.abs())));
+            }
+            eprintln!("{c}: max |dW - dW_peft| = {worst:e} (max |dW| = {scale})");
+            let tol = if c == "svd" { 1e-4 * scale.max(1.0) } else { 1e-5 };
+            assert!(worst < tol, "{c}: {worst}");
+        }
+    }
 }
