@@ -4,7 +4,7 @@
 //! With adapters `i` (scaling `sᵢ`, weight `wᵢ`), the *intended* update is `ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ`.
 //! - `Cat` realises it exactly with rank `Σ rᵢ`: `A = [w₁s₁A₁; w₂s₂A₂; …]`, `B = [B₁, B₂, …]` (as PEFT 0.21).
 //! - `Svd { rank }` is the best rank-`rank` approximation of the exact `ΔW` (truncated SVD, `B = U·S`, `A = Vᵀ`);
-//!   PEFT additionally clamps entries at their 0.99 quantile, which peft-rs does not.
+//!   PEFT's optional `svd_clamp` (off by default) is not implemented.
 //! - `Linear` follows PEFT 0.21 exactly (equal ranks required): with `cᵢ = wᵢ·sᵢ`, `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`,
 //!   `B = Σ √|cᵢ|·Bᵢ`. Its `B·A` contains the cross terms `√|cᵢ|·sign(cⱼ)√|cⱼ|·Bᵢ·Aⱼ`, so it equals the weighted
 //!   sum only for a single adapter or adapters sharing `A`; use `Cat` for the exact sum.
@@ -207,7 +207,7 @@ mod tests {
     }
 
     /// PEFT 0.21 fixture: the same two adapters combined by PEFT; `s·B·A` of each combination must agree
-    /// (`linear`, `cat` to f32 rounding; `svd` to 1e-4 relative: PEFT's 0.99-quantile clamp does not bind here).
+    /// (`linear`, `cat` to f32 rounding; `svd` to 1e-4 relative).
     #[test]
     fn combinations_match_peft() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighted");
