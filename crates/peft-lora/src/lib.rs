@@ -1,2 +1,54 @@
-//! peft-lora will hold LoRA and its family (rsLoRA, DoRA, PiSSA/CorDA/EVA/LoLDU/LoRA-SB inits, ALLoRA, Hydra,
-//! MoS, MixLoRA, Poly/MHR), weighted merges and the Hugging Face PEFT file format. Not built yet: see issue 4.
+//! peft-lora: LoRA and its family (rsLoRA, DoRA, PiSSA/OLoRA inits), multi-adapter models with merge/unmerge, and
+//! the Hugging Face PEFT file format (`adapter_config.json` + `adapter_model.safetensors`).
+//!
+//! ```
+//! use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor};
+//! use peft_core::Tensor;
+//! use peft_lora::{LoraConfig, LoraModel};
+//!
+//! struct Net(Linear);
+//! impl Module for Net {
+//!     fn visit(&self, v: &mut dyn Visitor) {
+//!         self.0.visit(v);
+//!     }
+//! }
+//! let net = Net(Linear::load("encoder.query", 8, 8, true, &RandomInit::new(0, 0.1))?);
+//! let x = Tensor::ones(&[2, 8]);
+//! let y0 = net.0.forward(&x, &Ctx::eval())?;
+//! let lm = LoraModel::new(&net, LoraConfig::new(4, 8.0, ["query"]), "default", 0)?;
+//! // B starts at zero: the adapted model is the base model until trained.
+//! assert_eq!(net.0.forward(&x, &Ctx::eval())?.to_vec(), y0.to_vec());
+//! assert_eq!(lm.trainable_params().len(), 2); // lora_A, lora_B
+//! # let dir = std::env::temp_dir().join(format!("peft-lora-doc-{}", std::process::id()));
+//! lm.save_pretrained(&dir)?; // adapter_config.json + adapter_model.safetensors, as PEFT writes them
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), peft_core::Error>(())
+//! ```
+
+/// `return Err(Error::Invalid { op, msg: format!(..) })`.
+macro_rules! bail {
+    ($op:expr, $($fmt:tt)+) => {
+        return Err(peft_core::Error::Invalid { op: $op, msg: format!($($fmt)+) })
+    };
+}
+pub(crate) use bail;
+
+pub mod config;
+pub mod pyjson;
+
+pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
+pub mod layer;
+
+pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
+pub mod io;
+pub mod model;
+#[cfg(test)]
+mod testutil;
+
+pub use model::{AdapterSet, LoraModel};
+pub mod methods;
+
+pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
+pub mod weighted;
+
+pub use weighted::Combination;
