@@ -25,7 +25,8 @@ fn head_only_training_lowers_loss_on_fsdd_clips() {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').collect();
             let label: i64 = f.get(1)?.parse().ok()?;
-            let keep = f.get(4) == Some(&"train") && f.get(3) == Some(&"5") && label < 4 && matches!(f[2], "george" | "theo");
+            let keep =
+                f.get(4) == Some(&"train") && f.get(3) == Some(&"5") && label < 4 && matches!(f[2], "george" | "theo");
             keep.then(|| (f[0].to_string(), label))
         })
         .collect();

@@ -254,7 +254,10 @@ impl LogMel {
     pub fn whisper(filters: &ArrayD<f32>) -> AudioResult<Self> {
         let s = filters.shape();
         if s.len() != 2 || s[0] != 201 || s[1] == 0 {
-            return Err(AudioError::Invalid { op: "LogMel", msg: format!("mel filters must be [201, n_mels], got {s:?}") });
+            return Err(AudioError::Invalid {
+                op: "LogMel",
+                msg: format!("mel filters must be [201, n_mels], got {s:?}"),
+            });
         }
         let filters = Array2::from_shape_fn((s[0], s[1]), |(i, j)| f64::from(filters[[i, j]]));
         Ok(LogMel { filters, n_fft: 400, hop: 160, n_samples: 480_000 })
@@ -285,14 +288,19 @@ impl LogMel {
         let padded: Vec<f64> = (0..n + 2 * half)
             .map(|i| {
                 let j = i as isize - half as isize;
-                let j = if j < 0 { -j } else if j >= n as isize { 2 * (n as isize - 1) - j } else { j };
+                let j = if j < 0 {
+                    -j
+                } else if j >= n as isize {
+                    2 * (n as isize - 1) - j
+                } else {
+                    j
+                };
                 x[j as usize]
             })
             .collect();
         let n_frames = 1 + (padded.len() - n_fft) / hop;
-        let window: Vec<f64> = (0..n_fft)
-            .map(|i| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n_fft as f64).cos())
-            .collect();
+        let window: Vec<f64> =
+            (0..n_fft).map(|i| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n_fft as f64).cos()).collect();
         // Only frames touching the signal can be non-zero; the rest stay at power 0.
         let used = waveform.len().min(self.n_samples);
         let live = if used + half >= n { n_frames } else { n_frames.min((used + half).div_ceil(hop) + 1) };
@@ -312,12 +320,7 @@ impl LogMel {
             }
         }
         let mut spec = vec![0.0f64; live * 2 * bins];
-        gemm(
-            &mut spec,
-            MatRef::row_major(&frames, live, n_fft),
-            MatRef::row_major(&tw, n_fft, 2 * bins),
-            false,
-        );
+        gemm(&mut spec, MatRef::row_major(&frames, live, n_fft), MatRef::row_major(&tw, n_fft, 2 * bins), false);
         let power: Vec<f64> = spec
             .chunks(2 * bins)
             .flat_map(|r| (0..bins).map(move |f| r[f] * r[f] + r[bins + f] * r[bins + f]))
@@ -345,7 +348,11 @@ impl LogMel {
 mod tests {
     use super::*;
 
-    fn write_wav(path: &Path, spec: hound::WavSpec, write: impl FnOnce(&mut hound::WavWriter<std::io::BufWriter<std::fs::File>>)) {
+    fn write_wav(
+        path: &Path,
+        spec: hound::WavSpec,
+        write: impl FnOnce(&mut hound::WavWriter<std::io::BufWriter<std::fs::File>>),
+    ) {
         let mut w = hound::WavWriter::create(path, spec).expect("create wav");
         write(&mut w);
         w.finalize().expect("finalize wav");
@@ -423,7 +430,8 @@ mod tests {
     fn firwin_matches_scipy_values() {
         // scipy.signal.firwin(5, 0.5, window=("kaiser", 5.0))
         let h = firwin_kaiser(5, 0.5, 5.0);
-        let want = [8.398632348489337e-19, 0.2065577423269086, 0.5868845153461828, 0.2065577423269086, 8.398632348489337e-19];
+        let want =
+            [8.398632348489337e-19, 0.2065577423269086, 0.5868845153461828, 0.2065577423269086, 8.398632348489337e-19];
         // the end taps are sinc zeros (cutoff 0.5, offset 2)
         for (a, b) in h.iter().zip(want) {
             assert!((a - b).abs() < 1e-15, "{h:?}");
@@ -471,7 +479,8 @@ mod tests {
         // 4 bands of 50 bins each (40 Hz per bin): a 1 kHz tone (bin 25) lands in band 0
         let filters = ArrayD::from_shape_fn(IxDyn(&[201, 4]), |ix| if ix[0] / 50 == ix[1] { 1.0 } else { 0.0 });
         let lm = LogMel::whisper(&filters)?;
-        let x: Vec<f32> = (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
+        let x: Vec<f32> =
+            (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
         let f = lm.features(&x);
         let max = f.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let min = f.iter().copied().fold(f32::INFINITY, f32::min);
