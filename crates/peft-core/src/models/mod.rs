@@ -1,4 +1,6 @@
 //! Pretrained model architectures assembled from the [`crate::nn`] layers, loading Hugging Face checkpoints (and
 //! GGUF files where noted) under their checkpoint names so adapter sites keep the names PEFT uses.
 
+pub mod audio;
 pub mod llama;
+pub mod whisper;
