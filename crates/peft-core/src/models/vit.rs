@@ -296,3 +296,99 @@ fn kron(a: &Array2<f32>, b: &Array2<f32>) -> Array2<f32> {
     let ((ar, ac), (br, bc)) = (a.dim(), b.dim());
     Array2::from_shape_fn((ar * br, ac * bc), |(i, j)| a[[i / br, j / bc]] * b[[i % br, j % bc]])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{linear_sites, RandomInit};
+    use crate::{no_grad, Error};
+    use ndarray::{ArrayD, IxDyn};
+
+    fn tiny() -> Dinov2 {
+        let cfg = Dinov2Config {
+            hidden_size: 8,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 12,
+            patch_size: 4,
+            use_mask_token: false,
+            ..Dinov2Config::default()
+        };
+        Dinov2::load(&cfg, &RandomInit::new(1, 0.2)).unwrap()
+    }
+
+    fn pixels(b: usize, h: usize, w: usize) -> Tensor {
+        Tensor::new(ArrayD::from_shape_fn(IxDyn(&[b, 3, h, w]), |ix| ((ix[1] * 7 + ix[2] * 3 + ix[3]) % 11) as f32 * 0.1))
+    }
+
+    #[test]
+    fn bicubic_matrix_matches_torch_interpolate() {
+        // torch.nn.functional.interpolate(x**2 for x in 0..5, size=3 / 8, mode="bicubic", align_corners=False)
+        let x = ndarray::arr1(&[0.0f32, 1.0, 4.0, 9.0, 16.0]);
+        let want3 = [0.148_149_01f32, 4.0, 14.074_071];
+        let want8 = [-0.092_834_47f32, 0.187_561, 1.176_513_7, 2.619_384_8, 5.441_650_4, 8.471_436, 13.395_081, 16.649_841];
+        for (out, want) in [(3, &want3[..]), (8, &want8[..])] {
+            let got = bicubic_matrix(5, out).dot(&x);
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-5, "{out}: {got} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bicubic_matrix_is_identity_at_equal_size_and_keeps_constants() {
+        let m = bicubic_matrix(6, 6);
+        assert_eq!(m, Array2::eye(6));
+        for (i, o) in [(37, 16), (16, 37), (3, 1)] {
+            for row in bicubic_matrix(i, o).rows() {
+                assert!((row.sum() - 1.0).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn forward_shapes_and_pooled_outputs() {
+        let m = tiny();
+        let out = no_grad(|| m.forward(&pixels(2, 12, 8), &Ctx::eval())).unwrap();
+        // 3x2 patch grid, interpolated from the stored 3x3 one.
+        assert_eq!(out.last_hidden_state.shape(), &[2, 7, 8]);
+        assert_eq!(out.cls.shape(), &[2, 8]);
+        let l = out.last_hidden_state.data();
+        for d in 0..8 {
+            assert_eq!(out.cls.data()[[1, d]], l[[1, 0, d]]);
+            let mean = (1..7).map(|t| l[[1, t, d]]).sum::<f32>() / 6.0;
+            assert!((out.patch_mean.data()[[1, d]] - mean).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn stored_grid_is_used_unchanged() {
+        let m = tiny();
+        let p = m.position_embeddings_for(3, 3).unwrap();
+        assert_eq!(p.as_slice(), m.position_embeddings.tensor().as_slice());
+        assert!(matches!(m.position_embeddings_for(0, 3), Err(Error::Invalid { .. })));
+    }
+
+    #[test]
+    fn bad_pixel_shapes_are_typed_errors() {
+        let m = tiny();
+        assert!(matches!(m.forward(&pixels(1, 3, 12), &Ctx::eval()), Err(Error::Shape { .. })));
+        let one_channel = Tensor::new(ArrayD::zeros(IxDyn(&[1, 1, 12, 12])));
+        assert!(matches!(m.embeddings(&one_channel), Err(Error::Shape { .. })));
+    }
+
+    #[test]
+    fn classifier_head_is_the_only_trainable_part_and_gets_gradients() {
+        let c = Dinov2Classifier::new(tiny(), 3, HeadInput::ClsAndPatchMean, 0).unwrap();
+        let trainable: Vec<Param> = named_params(&c).into_iter().filter(|p| p.trainable()).collect();
+        assert_eq!(trainable.iter().map(|p| p.name()).collect::<Vec<_>>(), ["classifier.weight", "classifier.bias"]);
+        assert_eq!(trainable[0].shape(), vec![3, 16]);
+        let sites = linear_sites(&c);
+        assert!(sites.iter().any(|l| l.path() == "classifier" && l.is_output()));
+        assert!(sites.iter().any(|l| l.path() == "encoder.layer.1.attention.attention.query"));
+        let loss = c.forward(&pixels(2, 12, 12), &Ctx::eval()).unwrap().cross_entropy(&[0, 2], None, 0.0).unwrap();
+        let g = loss.backward().unwrap();
+        assert!(g.get_id(trainable[0].id()).is_some() && g.get_id(trainable[1].id()).is_some());
+        assert!(matches!(Dinov2Classifier::new(tiny(), 0, HeadInput::Cls, 0), Err(Error::Invalid { .. })));
+    }
+}
