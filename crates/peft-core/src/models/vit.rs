@@ -338,7 +338,7 @@ mod tests {
     #[test]
     fn bicubic_matrix_is_identity_at_equal_size_and_keeps_constants() {
         let m = bicubic_matrix(6, 6);
-        assert_eq!(m, Array2::eye(6));
+        assert_eq!(m, Array2::<f32>::eye(6));
         for (i, o) in [(37, 16), (16, 37), (3, 1)] {
             for row in bicubic_matrix(i, o).rows() {
                 assert!((row.sum() - 1.0).abs() < 1e-6);
