@@ -59,8 +59,8 @@ fn dinov2_full_preprocessing_from_jpegs_matches_reference_pixels() {
     let Some(f) = fixture() else { return };
     let cfg = Preprocess::from_json(f.assets.join("models/dinov2-small/preprocessor_config.json")).unwrap();
     assert_eq!(cfg, Preprocess::direct(224));
-    let paths = ["test2000/cat/0943.jpg", "test2000/ship/0896.jpg"]
-        .map(|p| f.assets.join("data/vtab1k-cifar10").join(p));
+    let paths =
+        ["test2000/cat/0943.jpg", "test2000/ship/0896.jpg"].map(|p| f.assets.join("data/vtab1k-cifar10").join(p));
     let pixels = cfg.load_batch(&paths).unwrap();
     let want = f.reference.get("pixel_values").unwrap();
     // The resize is bit-exact with Pillow (checked on the decoded pixels); the JPEG decoders differ: the `image`
@@ -109,7 +109,9 @@ fn dinov2_exposes_hf_named_adapter_sites() {
     }
     assert!(sites.contains(&"encoder.layer.11.mlp.fc2".to_string()));
     let res: Vec<String> = residual_sites(&f.model).iter().map(|r| r.path().to_string()).collect();
-    assert!(res.contains(&"encoder.layer.0.attention.output".to_string()) && res.contains(&"encoder.layer.0.mlp".into()));
+    assert!(
+        res.contains(&"encoder.layer.0.attention.output".to_string()) && res.contains(&"encoder.layer.0.mlp".into())
+    );
     let n: usize = named_params(&f.model).iter().map(|p| p.numel()).sum();
     assert_eq!(n, 22_056_192);
 }
@@ -135,7 +137,10 @@ fn dinov2_head_only_training_lowers_the_loss() {
     let pixels = Preprocess::direct(224).load_batch(&paths).unwrap();
     let model = Dinov2Classifier::new(f.model, 10, HeadInput::ClsAndPatchMean, 0).unwrap();
     let trainable: Vec<_> = named_params(&model).into_iter().filter(|p| p.trainable()).collect();
-    assert_eq!(trainable.iter().map(|p| p.name().to_string()).collect::<Vec<_>>(), ["classifier.weight", "classifier.bias"]);
+    assert_eq!(
+        trainable.iter().map(|p| p.name().to_string()).collect::<Vec<_>>(),
+        ["classifier.weight", "classifier.bias"]
+    );
     // The backbone is frozen: compute its features once, then train the head on them.
     let feats = no_grad(|| -> peft_core::Result<Tensor> {
         let out = model.backbone.forward(&pixels, &Ctx::eval())?;

@@ -65,9 +65,11 @@ fn select(model: &dyn Module, head: &[Param], keep: impl Fn(&Param) -> bool) -> 
 /// # Errors
 /// [`crate::Error::Invalid`] carrying the IO error.
 pub fn save_params(params: &[Param], dir: &Path) -> Result<u64> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::Invalid { op: "save", msg: format!("{}: {e}", dir.display()) })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| crate::Error::Invalid { op: "save", msg: format!("{}: {e}", dir.display()) })?;
     let path = dir.join("model.safetensors");
-    let vals: Vec<(String, crate::tensor::Data<f32>)> = params.iter().map(|p| (p.name().to_string(), p.value())).collect();
+    let vals: Vec<(String, crate::tensor::Data<f32>)> =
+        params.iter().map(|p| (p.name().to_string(), p.value())).collect();
     write_safetensors(&path, vals.iter().map(|(n, v)| (n.as_str(), v.view())), None)
         .map_err(|e| crate::Error::Invalid { op: "save", msg: e.to_string() })?;
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

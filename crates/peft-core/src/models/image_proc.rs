@@ -111,7 +111,11 @@ impl Preprocess {
 
     /// A direct bicubic resize to `size x size` with no crop, /255, ImageNet mean/std (the assets' references).
     pub fn direct(size: usize) -> Self {
-        Preprocess { resize: Some(Resize::Exact { height: size, width: size }), center_crop: None, ..Self::dinov2_default() }
+        Preprocess {
+            resize: Some(Resize::Exact { height: size, width: size }),
+            center_crop: None,
+            ..Self::dinov2_default()
+        }
     }
 
     /// Reads a transformers `preprocessor_config.json` (`do_resize`, `size`, `resample`, `do_center_crop`,
@@ -298,8 +302,7 @@ fn coeffs(in_size: usize, out_size: usize, f: Resample) -> Vec<(usize, Vec<i32>)
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate toward zero
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let ws: Vec<f64> =
-                (xmin..xmax.max(xmin)).map(|x| f.filter((x as f64 - center + 0.5) * ss)).collect();
+            let ws: Vec<f64> = (xmin..xmax.max(xmin)).map(|x| f.filter((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = ws.iter().sum();
             let k = ws
                 .iter()
@@ -406,7 +409,8 @@ mod tests {
     #[test]
     fn shortest_edge_resize_then_crop_gives_crop_size() {
         let img = Array3::from_shape_fn((30, 40, 3), |(y, x, c)| (y + x + c) as u8);
-        let p = Preprocess { resize: Some(Resize::ShortestEdge(16)), center_crop: Some((12, 12)), ..Preprocess::direct(1) };
+        let p =
+            Preprocess { resize: Some(Resize::ShortestEdge(16)), center_crop: Some((12, 12)), ..Preprocess::direct(1) };
         let out = p.apply_rgb(&img).unwrap();
         assert_eq!(out.shape(), &[3, 12, 12]);
         let big = Preprocess { center_crop: Some((17, 17)), ..p };

@@ -14,8 +14,8 @@ use ndarray::Array2;
 use crate::error::{bail, Result};
 use crate::io::hf_config::Dinov2Config;
 use crate::nn::{
-    named_params, Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module,
-    NormPlacement, RandomInit, Visitor, WeightSource,
+    named_params, Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
+    RandomInit, Visitor, WeightSource,
 };
 use crate::param::Param;
 use crate::tensor::Tensor;
@@ -69,7 +69,8 @@ impl Dinov2 {
         }
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let g = cfg.image_size / p;
-        let frozen = |name: &str, shape: &[usize]| -> Result<Param> { Ok(Param::new(name, src.get(name, shape)?, false)) };
+        let frozen =
+            |name: &str, shape: &[usize]| -> Result<Param> { Ok(Param::new(name, src.get(name, shape)?, false)) };
         let mask_token = if cfg.use_mask_token && src.contains("embeddings.mask_token") {
             Some(frozen("embeddings.mask_token", &[1, h])?)
         } else {
@@ -318,7 +319,9 @@ mod tests {
     }
 
     fn pixels(b: usize, h: usize, w: usize) -> Tensor {
-        Tensor::new(ArrayD::from_shape_fn(IxDyn(&[b, 3, h, w]), |ix| ((ix[1] * 7 + ix[2] * 3 + ix[3]) % 11) as f32 * 0.1))
+        Tensor::new(ArrayD::from_shape_fn(IxDyn(&[b, 3, h, w]), |ix| {
+            ((ix[1] * 7 + ix[2] * 3 + ix[3]) % 11) as f32 * 0.1
+        }))
     }
 
     #[test]
@@ -326,7 +329,8 @@ mod tests {
         // torch.nn.functional.interpolate(x**2 for x in 0..5, size=3 / 8, mode="bicubic", align_corners=False)
         let x = ndarray::arr1(&[0.0f32, 1.0, 4.0, 9.0, 16.0]);
         let want3 = [0.148_149_01f32, 4.0, 14.074_071];
-        let want8 = [-0.092_834_47f32, 0.187_561, 1.176_513_7, 2.619_384_8, 5.441_650_4, 8.471_436, 13.395_081, 16.649_841];
+        let want8 =
+            [-0.092_834_47f32, 0.187_561, 1.176_513_7, 2.619_384_8, 5.441_650_4, 8.471_436, 13.395_081, 16.649_841];
         for (out, want) in [(3, &want3[..]), (8, &want8[..])] {
             let got = bicubic_matrix(5, out).dot(&x);
             for (g, w) in got.iter().zip(want) {

@@ -103,7 +103,8 @@ impl MultiHeadAttention {
             }
             None => (k, v),
         };
-        let valid = key_mask.map(|m| m.as_slice().map(<[bool]>::to_vec).unwrap_or_else(|| m.iter().copied().collect::<Vec<_>>()));
+        let valid = key_mask
+            .map(|m| m.as_slice().map(<[bool]>::to_vec).unwrap_or_else(|| m.iter().copied().collect::<Vec<_>>()));
         let a = q.scaled_dot_product_attention(&k, &v, valid.as_deref(), causal, None)?;
         let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b, l, self.heads * self.head_dim])?;
         self.o.forward(&a, ctx)

@@ -10,11 +10,11 @@ mod module;
 mod residual;
 mod weights;
 
+pub use attention::{KvCache, MultiHeadAttention, Rope};
+pub use block::{DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, EncoderNames, NormPlacement};
 pub use ctx::Ctx;
+pub use layers::{Activation, Embedding, LayerNorm, Mlp, RmsNorm, SwiGlu};
 pub use linear::{Dense, Linear, LinearAdapter, LinearBase};
 pub use module::{linear_sites, named_params, residual_sites, Module, Visitor};
 pub use residual::{ResidualAdapter, ResidualSite};
 pub use weights::{MapWeights, RandomInit, WeightSource};
-pub use attention::{KvCache, MultiHeadAttention, Rope};
-pub use block::{DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, EncoderNames, NormPlacement};
-pub use layers::{Activation, Embedding, LayerNorm, Mlp, RmsNorm, SwiGlu};
