@@ -61,7 +61,10 @@ impl Dinov2 {
         if cfg.use_swiglu_ffn {
             bail!("Dinov2::load", "use_swiglu_ffn is not supported");
         }
-        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.hidden_size == 0
+            || cfg.num_attention_heads == 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             bail!("Dinov2::load", "hidden_size {} not divisible by {} heads", cfg.hidden_size, cfg.num_attention_heads);
         }
         if cfg.patch_size == 0 {
