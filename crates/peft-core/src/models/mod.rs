@@ -2,5 +2,7 @@
 //! GGUF files where noted) under their checkpoint names so adapter sites keep the names PEFT uses.
 
 pub mod audio;
+pub mod image_proc;
 pub mod llama;
+pub mod vit;
 pub mod whisper;

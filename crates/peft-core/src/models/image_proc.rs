@@ -1,0 +1,429 @@
+//! Image preprocessing as transformers' `BitImageProcessor` (the DINOv2 / ViT one) does it with Pillow: RGB,
+//! resize (exact `height x width`, or shortest edge), center crop, rescale, normalise, HWC -> CHW.
+//!
+//! The resize is a port of Pillow's `ImagingResample` for 8-bit images (convolution with support scaled by the
+//! downscale factor, so it antialiases when shrinking; coefficients normalised and rounded to 22-bit fixed point;
+//! a horizontal pass into an 8-bit image, then a vertical pass; rounding and clipping to 0..=255 after each).
+//! Pillow's bicubic kernel uses a = -0.5 (not PyTorch's -0.75). Decoding uses the `image` crate (PNG, JPEG);
+//! its JPEG decoder may differ from libjpeg-turbo by a unit in some pixels (see `tests/dinov2_parity.rs`).
+
+use std::path::Path;
+
+use ndarray::{Array3, ArrayD, IxDyn};
+use serde_json::Value;
+
+use crate::error::{bail, Error, Result};
+use crate::tensor::Tensor;
+
+/// Pillow resampling filters (transformers' `resample` codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    /// `PIL.Image.BILINEAR` (2): triangle filter, support 1.
+    Bilinear,
+    /// `PIL.Image.BICUBIC` (3): cubic, a = -0.5, support 2.
+    Bicubic,
+}
+
+impl Resample {
+    /// From transformers' integer code (2 bilinear, 3 bicubic).
+    ///
+    /// # Errors
+    /// Other codes.
+    pub fn from_code(code: i64) -> Result<Self> {
+        match code {
+            2 => Ok(Resample::Bilinear),
+            3 => Ok(Resample::Bicubic),
+            c => bail!("Resample", "unsupported resample code {c} (only 2 bilinear and 3 bicubic)"),
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Resample::Bilinear => 1.0,
+            Resample::Bicubic => 2.0,
+        }
+    }
+
+    fn filter(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Resample::Bilinear => (1.0 - x).max(0.0),
+            Resample::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Target size of the resize step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Exactly `height x width` (aspect ratio not kept).
+    Exact {
+        /// Output height.
+        height: usize,
+        /// Output width.
+        width: usize,
+    },
+    /// The shorter side becomes this, the longer `int(size · long / short)` (transformers' `shortest_edge`).
+    ShortestEdge(usize),
+}
+
+/// A preprocessing pipeline; [`Preprocess::dinov2_default`] is facebook/dinov2's, [`Preprocess::from_json`]
+/// reads a `preprocessor_config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    /// Resize step (`None`: keep the size).
+    pub resize: Option<Resize>,
+    /// Resampling filter of the resize.
+    pub resample: Resample,
+    /// Center crop to `(height, width)`.
+    pub center_crop: Option<(usize, usize)>,
+    /// Multiply the 0..=255 values by this (`None`: keep them).
+    pub rescale: Option<f32>,
+    /// Per-channel `(mean, std)`: `x = (x - mean) / std`.
+    pub normalize: Option<([f32; 3], [f32; 3])>,
+}
+
+/// ImageNet mean.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet std.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl Preprocess {
+    /// facebook/dinov2-*: shortest edge 256 bicubic, center crop 224, /255, ImageNet mean/std.
+    pub fn dinov2_default() -> Self {
+        Preprocess {
+            resize: Some(Resize::ShortestEdge(256)),
+            resample: Resample::Bicubic,
+            center_crop: Some((224, 224)),
+            rescale: Some(1.0 / 255.0),
+            normalize: Some((IMAGENET_MEAN, IMAGENET_STD)),
+        }
+    }
+
+    /// A direct bicubic resize to `size x size` with no crop, /255, ImageNet mean/std (the assets' references).
+    pub fn direct(size: usize) -> Self {
+        Preprocess {
+            resize: Some(Resize::Exact { height: size, width: size }),
+            center_crop: None,
+            ..Self::dinov2_default()
+        }
+    }
+
+    /// Reads a transformers `preprocessor_config.json` (`do_resize`, `size`, `resample`, `do_center_crop`,
+    /// `crop_size`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`; missing keys take
+    /// `BitImageProcessor`'s defaults).
+    ///
+    /// # Errors
+    /// Unreadable file, invalid JSON or unsupported values.
+    pub fn from_json(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Invalid { op: "Preprocess::from_json", msg: format!("{}: {e}", path.display()) })?;
+        Self::from_json_str(&text)
+    }
+
+    /// As [`Preprocess::from_json`] from a string.
+    ///
+    /// # Errors
+    /// Invalid JSON or unsupported values.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Invalid { op: "Preprocess::from_json", msg: e.to_string() })?;
+        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
+        let size_of = |s: &Value| -> Result<Resize> {
+            let get = |k: &str| s.get(k).and_then(Value::as_u64).map(|x| x as usize);
+            if let Some(e) = s.as_u64() {
+                return Ok(Resize::ShortestEdge(e as usize));
+            }
+            match (get("shortest_edge"), get("height"), get("width")) {
+                (Some(e), _, _) => Ok(Resize::ShortestEdge(e)),
+                (None, Some(height), Some(width)) => Ok(Resize::Exact { height, width }),
+                _ => bail!("Preprocess::from_json", "unsupported size {s}"),
+            }
+        };
+        let resize = if flag("do_resize", true) {
+            Some(match v.get("size").cloned() {
+                Some(s) => size_of(&s)?,
+                None => Resize::ShortestEdge(224),
+            })
+        } else {
+            None
+        };
+        let resample = match v.get("resample").and_then(Value::as_i64) {
+            Some(c) => Resample::from_code(c)?,
+            None => Resample::Bicubic,
+        };
+        let center_crop = if flag("do_center_crop", true) {
+            match v.get("crop_size").cloned() {
+                Some(s) => match size_of(&s)? {
+                    Resize::Exact { height, width } => Some((height, width)),
+                    Resize::ShortestEdge(e) => Some((e, e)),
+                },
+                None => Some((224, 224)),
+            }
+        } else {
+            None
+        };
+        let rescale = if flag("do_rescale", true) {
+            Some(v.get("rescale_factor").and_then(Value::as_f64).map_or(1.0 / 255.0, |f| f as f32))
+        } else {
+            None
+        };
+        let triple = |k: &str, dflt: [f32; 3]| -> Result<[f32; 3]> {
+            match v.get(k).and_then(Value::as_array) {
+                None => Ok(dflt),
+                Some(a) if a.len() == 3 => {
+                    let mut o = [0.0; 3];
+                    for (o, x) in o.iter_mut().zip(a) {
+                        *o = x.as_f64().ok_or_else(|| Error::Invalid {
+                            op: "Preprocess::from_json",
+                            msg: format!("`{k}` holds a non-number"),
+                        })? as f32;
+                    }
+                    Ok(o)
+                }
+                Some(a) => bail!("Preprocess::from_json", "`{k}` has {} values, expected 3", a.len()),
+            }
+        };
+        let normalize = if flag("do_normalize", true) {
+            Some((triple("image_mean", IMAGENET_MEAN)?, triple("image_std", IMAGENET_STD)?))
+        } else {
+            None
+        };
+        Ok(Preprocess { resize, resample, center_crop, rescale, normalize })
+    }
+
+    /// Preprocesses an RGB image `[H, W, 3]` (u8) into `[3, H', W']` f32.
+    ///
+    /// # Errors
+    /// A crop larger than the resized image, or an empty image.
+    pub fn apply_rgb(&self, img: &Array3<u8>) -> Result<ArrayD<f32>> {
+        let (h, w, _) = img.dim();
+        if h == 0 || w == 0 {
+            bail!("Preprocess", "empty {h}x{w} image");
+        }
+        let img = match self.resize {
+            None => img.clone(),
+            Some(r) => {
+                let (oh, ow) = match r {
+                    Resize::Exact { height, width } => (height, width),
+                    Resize::ShortestEdge(e) => {
+                        let (short, long) = (h.min(w), h.max(w));
+                        let l = (e as f64 * long as f64 / short as f64) as usize;
+                        if h <= w {
+                            (e, l)
+                        } else {
+                            (l, e)
+                        }
+                    }
+                };
+                resize_u8(img, oh, ow, self.resample)?
+            }
+        };
+        let (h, w, _) = img.dim();
+        let (top, left, ch, cw) = match self.center_crop {
+            None => (0, 0, h, w),
+            Some((ch, cw)) => {
+                if ch > h || cw > w {
+                    bail!("Preprocess", "center crop {ch}x{cw} larger than the {h}x{w} image");
+                }
+                ((h - ch) / 2, (w - cw) / 2, ch, cw)
+            }
+        };
+        let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
+        Ok(ArrayD::from_shape_fn(IxDyn(&[3, ch, cw]), |ix| {
+            let (c, y, x) = (ix[0], ix[1], ix[2]);
+            let v = img[[top + y, left + x, c]] as f32;
+            let v = match self.rescale {
+                // 1/255 as the division numpy's `uint8 / 255` does; other factors multiply.
+                Some(f) if (f - 1.0 / 255.0).abs() < 1e-12 => v / 255.0,
+                Some(f) => v * f,
+                None => v,
+            };
+            (v - mean[c]) / std[c]
+        }))
+    }
+
+    /// Decodes an image file (PNG or JPEG, any colour type converted to RGB) and preprocesses it.
+    ///
+    /// # Errors
+    /// Unreadable or undecodable file, and as [`Preprocess::apply_rgb`].
+    pub fn load(&self, path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
+        self.apply_rgb(&read_rgb(path)?)
+    }
+
+    /// Loads and stacks several images into `pixel_values [B, 3, H, W]`.
+    ///
+    /// # Errors
+    /// As [`Preprocess::load`], or images that end up with different sizes.
+    pub fn load_batch<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Tensor> {
+        let ts = paths.iter().map(|p| self.load(p).map(Tensor::new)).collect::<Result<Vec<_>>>()?;
+        if ts.is_empty() {
+            bail!("Preprocess::load_batch", "no images");
+        }
+        Tensor::stack(&ts.iter().collect::<Vec<_>>(), 0)
+    }
+}
+
+/// Decodes an image file to RGB `[H, W, 3]` u8.
+///
+/// # Errors
+/// Unreadable or undecodable file.
+pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
+    let path = path.as_ref();
+    let img = image::open(path)
+        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("{}: {e}", path.display()) })?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    Array3::from_shape_vec((h, w, 3), img.into_raw())
+        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("peft-rs bug: rgb buffer: {e}") })
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input index and the
+/// fixed-point weights.
+fn coeffs(in_size: usize, out_size: usize, f: Resample) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = f.support() * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate toward zero
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let ws: Vec<f64> = (xmin..xmax.max(xmin)).map(|x| f.filter((x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = ws.iter().sum();
+            let k = ws
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    let s = w * (1u64 << PRECISION_BITS) as f64;
+                    (if s < 0.0 { -0.5 + s } else { 0.5 + s }) as i32
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Pillow's `Image.resize((ow, oh), filter)` for an RGB u8 image `[H, W, 3]`: horizontal pass, then vertical,
+/// each in 22-bit fixed point with rounding and clipping; a pass whose size does not change is skipped.
+///
+/// # Errors
+/// A zero output size.
+pub fn resize_u8(img: &Array3<u8>, oh: usize, ow: usize, f: Resample) -> Result<Array3<u8>> {
+    let (h, w, c) = img.dim();
+    if oh == 0 || ow == 0 {
+        bail!("resize", "zero output size {oh}x{ow}");
+    }
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut cur = img.clone();
+    if ow != w {
+        let k = coeffs(w, ow, f);
+        cur = Array3::from_shape_fn((h, ow, c), |(y, x, ch)| {
+            let (x0, ws) = &k[x];
+            let s = ws.iter().enumerate().fold(half, |s, (i, &wi)| s + cur[[y, x0 + i, ch]] as i32 * wi);
+            clip8(s)
+        });
+    }
+    if oh != h {
+        let k = coeffs(h, oh, f);
+        cur = Array3::from_shape_fn((oh, ow, c), |(y, x, ch)| {
+            let (y0, ws) = &k[y];
+            let s = ws.iter().enumerate().fold(half, |s, (i, &wi)| s + cur[[y0 + i, x, ch]] as i32 * wi);
+            clip8(s)
+        });
+    }
+    Ok(cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_identity_size_is_a_copy() {
+        let img = Array3::from_shape_fn((5, 7, 3), |(y, x, c)| (y * 31 + x * 7 + c) as u8);
+        assert_eq!(resize_u8(&img, 5, 7, Resample::Bicubic).unwrap(), img);
+    }
+
+    #[test]
+    fn resize_constant_image_stays_constant() {
+        let img = Array3::from_elem((4, 6, 3), 200u8);
+        let out = resize_u8(&img, 9, 13, Resample::Bicubic).unwrap();
+        assert!(out.iter().all(|&v| v == 200));
+        let out = resize_u8(&img, 2, 3, Resample::Bilinear).unwrap();
+        assert!(out.iter().all(|&v| v == 200));
+    }
+
+    #[test]
+    fn bicubic_coeffs_sum_to_one_in_fixed_point() {
+        for (i, o) in [(32, 224), (224, 32), (7, 5)] {
+            for (_, k) in coeffs(i, o, Resample::Bicubic) {
+                let s: i64 = k.iter().map(|&x| x as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn from_json_reads_exact_size_and_no_crop() {
+        let p = Preprocess::from_json_str(
+            r#"{"do_resize":true,"size":{"height":224,"width":224},"resample":3,"do_center_crop":false,
+               "do_rescale":true,"rescale_factor":0.00392156862745098,"do_normalize":true,
+               "image_mean":[0.485,0.456,0.406],"image_std":[0.229,0.224,0.225]}"#,
+        )
+        .unwrap();
+        assert_eq!(p, Preprocess::direct(224));
+        let d = Preprocess::from_json_str(r#"{"size":{"shortest_edge":256},"crop_size":{"height":224,"width":224}}"#)
+            .unwrap();
+        assert_eq!(d, Preprocess::dinov2_default());
+    }
+
+    #[test]
+    fn from_json_rejects_unknown_resample() {
+        assert!(matches!(Preprocess::from_json_str(r#"{"resample":1}"#), Err(Error::Invalid { .. })));
+    }
+
+    #[test]
+    fn shortest_edge_resize_then_crop_gives_crop_size() {
+        let img = Array3::from_shape_fn((30, 40, 3), |(y, x, c)| (y + x + c) as u8);
+        let p =
+            Preprocess { resize: Some(Resize::ShortestEdge(16)), center_crop: Some((12, 12)), ..Preprocess::direct(1) };
+        let out = p.apply_rgb(&img).unwrap();
+        assert_eq!(out.shape(), &[3, 12, 12]);
+        let big = Preprocess { center_crop: Some((17, 17)), ..p };
+        assert!(big.apply_rgb(&img).is_err());
+    }
+
+    #[test]
+    fn normalisation_matches_hand_computation() {
+        let img = Array3::from_elem((1, 1, 3), 255u8);
+        let p = Preprocess { resize: None, center_crop: None, ..Preprocess::direct(1) };
+        let out = p.apply_rgb(&img).unwrap();
+        for c in 0..3 {
+            assert!((out[[c, 0, 0]] - (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]).abs() < 1e-6);
+        }
+    }
+}
