@@ -49,7 +49,10 @@ fn minilm_matches_transformers() {
         let emb = l2_normalize(&mean_pool(&out, &b.attention_mask).unwrap()).unwrap();
         let want_emb = reference.get(&format!("s{i}.sentence_embedding")).unwrap();
         let err_emb = max_abs(&emb.to_vec(), want_emb.as_slice().unwrap());
-        println!("sentence {i} ({} tokens): last_hidden_state max|err| {err:.3e}, embedding {err_emb:.3e}", b.seq_len());
+        println!(
+            "sentence {i} ({} tokens): last_hidden_state max|err| {err:.3e}, embedding {err_emb:.3e}",
+            b.seq_len()
+        );
         assert!(err <= 1e-4, "sentence {i}: last_hidden_state error {err}");
         assert!(err_emb <= 1e-4, "sentence {i}: embedding error {err_emb}");
     }

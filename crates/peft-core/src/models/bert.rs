@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::{BertConfig, IoResult, SafeTensorsFile};
 use crate::models::tokenizer::Batch;
 use crate::nn::{
-    Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, Embedding, LayerNorm, Linear, Module, NormPlacement,
+    Activation, Ctx, Embedding, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
     RandomInit, Visitor, WeightSource,
 };
 use crate::param::Param;
@@ -287,7 +287,8 @@ pub fn mean_pool(hidden: &Tensor, mask: &[u8]) -> Result<Tensor> {
     }
     let (b, l) = (s[0], s[1]);
     let m = Tensor::from_vec(mask.iter().map(|&x| f32::from(u8::from(x != 0))).collect(), &[b, l, 1])?;
-    let counts: Vec<f32> = mask.chunks(l.max(1)).map(|r| (r.iter().filter(|&&x| x != 0).count() as f32).max(1e-9)).collect();
+    let counts: Vec<f32> =
+        mask.chunks(l.max(1)).map(|r| (r.iter().filter(|&&x| x != 0).count() as f32).max(1e-9)).collect();
     let counts = Tensor::from_vec(counts, &[b, 1])?;
     hidden.mul(&m)?.sum(&[1], false)?.div(&counts)
 }
@@ -432,7 +433,11 @@ impl BertForSequenceClassification {
     pub fn loss_from_logits(&self, logits: &Tensor, labels: &[f32]) -> Result<Tensor> {
         let b = logits.shape()[0];
         if labels.len() != b {
-            return Err(Error::Shape { op: "BertForSequenceClassification::loss", lhs: vec![b], rhs: vec![labels.len()] });
+            return Err(Error::Shape {
+                op: "BertForSequenceClassification::loss",
+                lhs: vec![b],
+                rhs: vec![labels.len()],
+            });
         }
         if self.num_labels == 1 {
             logits.mse_loss(&Tensor::from_vec(labels.to_vec(), &[b, 1])?)
@@ -525,7 +530,12 @@ mod tests {
         let mut m = tiny();
         m.roberta_positions = true;
         m.cfg.pad_token_id = Some(1);
-        let b = Batch { input_ids: vec![0, 5, 2, 1], token_type_ids: vec![0; 4], attention_mask: vec![1, 1, 1, 0], shape: [1, 4] };
+        let b = Batch {
+            input_ids: vec![0, 5, 2, 1],
+            token_type_ids: vec![0; 4],
+            attention_mask: vec![1, 1, 1, 0],
+            shape: [1, 4],
+        };
         assert_eq!(m.position_ids(&b), vec![2, 3, 4, 1]);
     }
 
