@@ -120,7 +120,8 @@ pub(crate) fn map3<E: Elem>(
     if let (Some(sg), Some(sx), Some(sy)) = (g.as_slice(), x.as_slice(), y.as_slice()) {
         if g.shape() == x.shape() && g.shape() == y.shape() {
             let mut out = vec![E::zero(); sg.len()];
-            let run = |(((o, g), x), y): (((&mut [E], &[E]), &[E]), &[E])| {
+            type Chunks<'a, E> = (((&'a mut [E], &'a [E]), &'a [E]), &'a [E]);
+            let run = |(((o, g), x), y): Chunks<'_, E>| {
                 for i in 0..o.len() {
                     o[i] = f(g[i], x[i], y[i]);
                 }
