@@ -2,7 +2,9 @@
 //! GGUF files where noted) under their checkpoint names so adapter sites keep the names PEFT uses.
 
 pub mod audio;
+pub mod bert;
 pub mod image_proc;
 pub mod llama;
+pub mod tokenizer;
 pub mod vit;
 pub mod whisper;

@@ -33,6 +33,19 @@ pub fn sum_to<E: Elem>(g: &ArrayD<E>, shape: &[usize]) -> ArrayD<E> {
     if g.shape() == shape {
         return g.clone();
     }
+    // Fast path: `shape` is a trailing block of `g` (a bias gradient): sum the rows of a contiguous slice.
+    let lead = shape.iter().take_while(|&&d| d == 1).count();
+    let tail = &shape[lead..];
+    if let Some(gs) = g.as_slice() {
+        let n: usize = tail.iter().product();
+        if n > 0 && tail.len() <= g.ndim() && g.shape()[g.ndim() - tail.len()..] == *tail {
+            let mut acc = vec![E::zero(); n];
+            for row in gs.chunks_exact(n) {
+                acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+            }
+            return ArrayD::from_shape_vec(IxDyn(shape), acc).expect("peft-rs bug: sum_to shape");
+        }
+    }
     let extra = g.ndim() - shape.len();
     let mut r = g.clone();
     for _ in 0..extra {

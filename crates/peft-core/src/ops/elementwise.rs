@@ -9,16 +9,83 @@ use crate::error::Result;
 use crate::ops::broadcast::{broadcast_shape, sum_to};
 use crate::tensor::{Data, Tensor};
 
-/// Applies `f` elementwise over two broadcast views into a new array of `shape`.
+/// Chunk length for parallel slice loops.
+const CHUNK: usize = 1 << 13;
+
+/// If `small` broadcasts against `shape` as a trailing block (`small` equals the last axes of `shape` after
+/// dropping its leading 1s), the block length.
+fn suffix_len(small: &[usize], shape: &[usize]) -> Option<usize> {
+    let lead = small.iter().take_while(|&&d| d == 1).count();
+    let s = &small[lead..];
+    (s.len() <= shape.len() && shape[shape.len() - s.len()..] == *s).then(|| s.iter().product())
+}
+
+/// `out[i] = f(a[i], b[i % b.len()])` over contiguous slices (`b` repeats; `b.len()` divides `a.len()`).
+fn zip_slices<E: Elem>(a: &[E], b: &[E], swap: bool, f: impl Fn(E, E) -> E + Sync + Send) -> Vec<E> {
+    let mut out = vec![E::zero(); a.len()];
+    let n = b.len().max(1);
+    let chunk = if n >= CHUNK { n } else { CHUNK / n * n };
+    let run = |(o, x): (&mut [E], &[E])| {
+        for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+            if swap {
+                o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(y, x));
+            } else {
+                o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(x, y));
+            }
+        }
+    };
+    if a.len() >= PAR_ELEMWISE {
+        use rayon::prelude::*;
+        out.par_chunks_mut(chunk).zip(a.par_chunks(chunk)).for_each(run);
+    } else {
+        run((&mut out[..], a));
+    }
+    out
+}
+
+/// Applies `f` elementwise over two broadcast views into a new array of `shape`. Same-shape operands and a
+/// trailing-block broadcast (a bias `[H]` against `[B, L, H]`) take contiguous-slice loops; other broadcasts
+/// go through `ndarray::Zip`.
 fn zip2<E: Elem>(shape: &[usize], a: &Data<E>, b: &Data<E>, f: impl Fn(E, E) -> E + Sync + Send) -> ArrayD<E> {
+    let total = out_len(shape);
+    if let (Some(sa), Some(sb)) = (a.as_slice(), b.as_slice()) {
+        let fast = if sa.len() == total && a.shape() == shape {
+            if sb.len() == total && b.shape() == shape {
+                Some(same_shape(sa, sb, &f))
+            } else {
+                suffix_len(b.shape(), shape).filter(|&n| n > 0).map(|_| zip_slices(sa, sb, false, &f))
+            }
+        } else if sb.len() == total && b.shape() == shape {
+            suffix_len(a.shape(), shape).filter(|&n| n > 0).map(|_| zip_slices(sb, sa, true, &f))
+        } else {
+            None
+        };
+        if let Some(v) = fast {
+            return ArrayD::from_shape_vec(IxDyn(shape), v).expect("peft-rs bug: zip2 shape");
+        }
+    }
     let mut out = ArrayD::<E>::zeros(IxDyn(shape));
     let av = a.broadcast(IxDyn(shape)).expect("peft-rs bug: broadcast a");
     let bv = b.broadcast(IxDyn(shape)).expect("peft-rs bug: broadcast b");
     let z = Zip::from(&mut out).and(&av).and(&bv);
-    if out_len(shape) >= PAR_ELEMWISE {
+    if total >= PAR_ELEMWISE {
         z.par_for_each(|o, &x, &y| *o = f(x, y));
     } else {
         z.for_each(|o, &x, &y| *o = f(x, y));
+    }
+    out
+}
+
+fn same_shape<E: Elem>(a: &[E], b: &[E], f: &(impl Fn(E, E) -> E + Sync + Send)) -> Vec<E> {
+    let mut out = vec![E::zero(); a.len()];
+    let run = |((o, x), y): ((&mut [E], &[E]), &[E])| {
+        o.iter_mut().zip(x).zip(y).for_each(|((o, &x), &y)| *o = f(x, y));
+    };
+    if a.len() >= PAR_ELEMWISE {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(run);
+    } else {
+        run(((&mut out[..], a), b));
     }
     out
 }
@@ -29,13 +96,18 @@ fn out_len(shape: &[usize]) -> usize {
 
 /// Maps `f` over one array (in parallel when large).
 pub(crate) fn map1<E: Elem>(a: &Data<E>, f: impl Fn(E) -> E + Sync + Send) -> ArrayD<E> {
-    if a.len() >= PAR_ELEMWISE {
-        let mut out = ArrayD::<E>::zeros(a.raw_dim());
-        Zip::from(&mut out).and(a).par_for_each(|o, &x| *o = f(x));
-        out
+    let Some(sa) = a.as_slice() else {
+        return a.mapv(f);
+    };
+    let mut out = vec![E::zero(); sa.len()];
+    let run = |(o, x): (&mut [E], &[E])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    if sa.len() >= PAR_ELEMWISE {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK).zip(sa.par_chunks(CHUNK)).for_each(run);
     } else {
-        a.mapv(f)
+        run((&mut out[..], sa));
     }
+    ArrayD::from_shape_vec(a.raw_dim(), out).expect("peft-rs bug: map1 shape")
 }
 
 /// `g * h(x, y)` elementwise over three same-shape arrays (the usual unary backward).
@@ -45,6 +117,28 @@ pub(crate) fn map3<E: Elem>(
     y: &Data<E>,
     f: impl Fn(E, E, E) -> E + Sync + Send,
 ) -> ArrayD<E> {
+    if let (Some(sg), Some(sx), Some(sy)) = (g.as_slice(), x.as_slice(), y.as_slice()) {
+        if g.shape() == x.shape() && g.shape() == y.shape() {
+            let mut out = vec![E::zero(); sg.len()];
+            type Chunks<'a, E> = (((&'a mut [E], &'a [E]), &'a [E]), &'a [E]);
+            let run = |(((o, g), x), y): Chunks<'_, E>| {
+                for i in 0..o.len() {
+                    o[i] = f(g[i], x[i], y[i]);
+                }
+            };
+            if sg.len() >= PAR_ELEMWISE {
+                use rayon::prelude::*;
+                out.par_chunks_mut(CHUNK)
+                    .zip(sg.par_chunks(CHUNK))
+                    .zip(sx.par_chunks(CHUNK))
+                    .zip(sy.par_chunks(CHUNK))
+                    .for_each(run);
+            } else {
+                run((((&mut out[..], sg), sx), sy));
+            }
+            return ArrayD::from_shape_vec(g.raw_dim(), out).expect("peft-rs bug: map3 shape");
+        }
+    }
     let mut out = ArrayD::<E>::zeros(g.raw_dim());
     let z = Zip::from(&mut out).and(g).and(x).and(y);
     if g.len() >= PAR_ELEMWISE {
