@@ -27,6 +27,7 @@ pub mod elem;
 pub mod error;
 pub mod io;
 pub mod linalg;
+pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
