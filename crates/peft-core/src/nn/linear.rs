@@ -105,6 +105,14 @@ pub trait LinearAdapter: Send + Sync {
     /// # Errors
     /// Implementation-specific.
     fn delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>>;
+    /// The weight change to subtract when unmerging, given the *merged* base. Defaults to
+    /// [`LinearAdapter::delta_weight`]; adapters whose delta depends on the base weight (DoRA) override it.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn unmerge_delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
+        self.delta_weight(base)
+    }
 }
 
 struct Attached {
@@ -310,7 +318,12 @@ impl Linear {
             );
         }
         let base = self.base();
-        let Some(delta) = a.adapter.delta_weight(base.as_ref())? else {
+        let delta = if merge {
+            a.adapter.delta_weight(base.as_ref())?
+        } else {
+            a.adapter.unmerge_delta_weight(base.as_ref())?
+        };
+        let Some(delta) = delta else {
             crate::error::bail!(op, "adapter `{name}` ({}) cannot be merged exactly", a.adapter.kind());
         };
         let delta = if merge { delta } else { delta.mapv(|v| -v) };
