@@ -65,8 +65,9 @@ pub const DEFAULT_METHODS: [&str; 4] = ["head", "bitfit", "lora", "full"];
 
 /// Every method the registries provide: peft-core's baselines plus the method crates'.
 pub fn registry() -> Vec<Box<dyn Method>> {
-    // Method crates append their registries here (peft_lora::methods() once issue 4 lands).
-    peft_core::adapter::methods()
+    let mut v = peft_core::adapter::methods();
+    v.extend(peft_lora::methods());
+    v
 }
 
 /// Resolves method names against the registry.
@@ -81,12 +82,7 @@ pub fn resolve_methods(names: &[String], reg: Vec<Box<dyn Method>>) -> Result<Ve
         match reg.iter_mut().find(|m| m.as_ref().is_some_and(|m| m.name() == n)).and_then(Option::take) {
             Some(m) => out.push(m),
             None => {
-                let hint = if n.starts_with("lora") || n == "dora" {
-                    "; LoRA methods come from `peft_lora::methods()`, which is not built into this bench yet (branch `lora`)"
-                } else {
-                    ""
-                };
-                bail!("method `{n}` is not in the registry (known: {}){hint}", known.join(", "))
+                bail!("method `{n}` is not in the registry (known: {})", known.join(", "))
             }
         }
     }
@@ -349,6 +345,6 @@ mod tests {
         assert_eq!(got.iter().map(|m| m.name()).collect::<Vec<_>>(), vec!["bitfit", "head"]);
         let Err(e) = resolve_methods(&["nope".into()], registry()) else { panic!("resolved an unknown method") };
         let e = e.to_string();
-        assert!(e.contains("`nope`") && e.contains("known: full, head, bitfit"), "{e}");
+        assert!(e.contains("`nope`") && e.contains("known: full, head, bitfit, lora"), "{e}");
     }
 }

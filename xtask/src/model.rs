@@ -4,25 +4,16 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use peft_core::models::bert::{BertForSequenceClassification, Pooling};
 use peft_core::nn::{Ctx, Module};
 use peft_core::{Param, Tensor};
 
 /// Asset-relative folder of the model.
 pub const MINILM_DIR: &str = "models/all-MiniLM-L6-v2";
 
-/// A right-padded token batch, row-major `[batch, seq]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TokBatch {
-    /// Token ids.
-    pub input_ids: Vec<usize>,
-    /// Segment ids (1 on the second text of a pair).
-    pub token_type_ids: Vec<usize>,
-    /// 1 on real tokens, 0 on padding.
-    pub attention_mask: Vec<u8>,
-    /// `[batch, seq]`.
-    pub shape: [usize; 2],
-}
+/// A right-padded token batch, row-major `[batch, seq]` (the BERT model's batch type).
+pub use peft_core::models::tokenizer::Batch as TokBatch;
 
 /// A model the bench can fine-tune: a backbone plus a task head.
 pub trait SeqClassifier: Module {
@@ -35,15 +26,23 @@ pub trait SeqClassifier: Module {
     fn head(&self) -> Vec<Param>;
 }
 
-/// Loads MiniLM from `dir` with a randomly initialised `outputs`-way head (seeded).
+impl SeqClassifier for BertForSequenceClassification {
+    fn logits(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<Tensor> {
+        self.forward(batch, ctx)
+    }
+    fn head(&self) -> Vec<Param> {
+        self.classifier.base().params()
+    }
+}
+
+/// Loads MiniLM from `dir` as transformers' `BertForSequenceClassification` (CLS token through the checkpoint's
+/// pooler, dropout, a fresh `outputs`-way `classifier` drawn with `seed`): the same model the PyTorch baseline
+/// builds with `AutoModelForSequenceClassification`.
 ///
 /// # Errors
-/// Until the BERT model lands in peft-core this always fails, naming what is missing: the bench does not fall
-/// back to another model.
+/// IO, config and weight errors.
 pub fn load_minilm(dir: &Path, outputs: usize, seed: u64) -> Result<Box<dyn SeqClassifier>> {
-    let _ = (dir, outputs, seed);
-    anyhow::bail!(
-        "the BERT/MiniLM model (`peft_core::models::bert`, branch `bert`) is not in this build yet; \
-         `cargo xtask bench` needs it to fine-tune {MINILM_DIR} and has no substitute model"
-    )
+    let m = BertForSequenceClassification::load(dir, outputs, Pooling::Cls, seed)
+        .with_context(|| format!("loading MiniLM from {}", dir.display()))?;
+    Ok(Box::new(m))
 }
