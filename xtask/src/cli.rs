@@ -60,7 +60,7 @@ pub struct BenchArgs {
     /// Comma-separated GLUE tasks (sst2, mrpc, cola, stsb, rte, wnli).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Option<Vec<String>>,
-    /// Smoke-test profile: SST-2 only, 256 training examples.
+    /// Smoke-test profile: SST-2 only, 256 training examples (16 steps).
     #[arg(long, conflicts_with = "full")]
     pub quick: bool,
     /// Full profile: full training sets, every task with a training split, 3 epochs.
