@@ -35,14 +35,18 @@ impl SeqClassifier for BertForSequenceClassification {
     }
 }
 
-/// Loads MiniLM from `dir` as transformers' `BertForSequenceClassification` (CLS token through the checkpoint's
-/// pooler, dropout, a fresh `outputs`-way `classifier` drawn with `seed`): the same model the PyTorch baseline
-/// builds with `AutoModelForSequenceClassification`.
+/// Loads MiniLM from `dir` with masked mean pooling (as sentence-transformers uses this checkpoint), dropout and a
+/// fresh `outputs`-way `classifier` drawn with `seed`.
+///
+/// Mean pooling, not transformers' CLS + `pooler.dense`: all-MiniLM-L6-v2 was trained with mean pooling and its
+/// pooler output carries little task signal. Measured on SST-2 (1,000 training examples, 63 steps, 5x the old
+/// learning rates): a linear probe reached 74.9 dev accuracy on mean-pooled features and 53.3 on the pooler output;
+/// LoRA reached 77.9 vs 77.5.
 ///
 /// # Errors
 /// IO, config and weight errors.
 pub fn load_minilm(dir: &Path, outputs: usize, seed: u64) -> Result<Box<dyn SeqClassifier>> {
-    let m = BertForSequenceClassification::load(dir, outputs, Pooling::Cls, seed)
+    let m = BertForSequenceClassification::load(dir, outputs, Pooling::Mean, seed)
         .with_context(|| format!("loading MiniLM from {}", dir.display()))?;
     Ok(Box::new(m))
 }
