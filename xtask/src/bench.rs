@@ -1,0 +1,350 @@
+//! `cargo xtask bench`: profiles, method registry, the task x method x seed loop, resume, reports.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use peft_core::adapter::Method;
+use peft_core::nn::named_params;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::cli::{BenchArgs, Suite};
+use crate::glue::data::{self, Example, Label};
+use crate::glue::tasks::Task;
+use crate::model::{load_minilm, MINILM_DIR};
+use crate::report::{Machine, Record, Results};
+use crate::train::{self, Split, TrainConfig};
+use crate::{assets, baseline, plot, report};
+
+/// Seed of the training-set subsample (fixed, so every method and seed sees the same examples).
+const DATA_SEED: u64 = 1234;
+
+/// A named recipe.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// `quick`, `default` or `full`.
+    pub name: &'static str,
+    /// Tasks run when `--tasks` is not given.
+    pub tasks: Vec<Task>,
+    /// Training recipe.
+    pub cfg: TrainConfig,
+}
+
+/// The profile selected by `--quick` / `--full` (default otherwise).
+///
+/// The default profile is sized to finish in under 15 minutes on a 2-core machine: SST-2 and MRPC, 1,000
+/// training examples each (a fixed random subset), one epoch at batch 16 (63 steps), full dev sets.
+pub fn profile(args: &BenchArgs) -> Profile {
+    let base = TrainConfig {
+        epochs: 1,
+        batch_size: 16,
+        lr: 0.0,
+        warmup_frac: 0.06,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        train_examples: Some(1000),
+        max_len: 128,
+    };
+    if args.quick {
+        Profile { name: "quick", tasks: vec![Task::Sst2], cfg: TrainConfig { train_examples: Some(256), ..base } }
+    } else if args.full {
+        Profile {
+            name: "full",
+            tasks: Task::ALL.iter().copied().filter(|t| t.has_train()).collect(),
+            cfg: TrainConfig { epochs: 3, train_examples: None, ..base },
+        }
+    } else {
+        Profile { name: "default", tasks: vec![Task::Sst2, Task::Mrpc], cfg: base }
+    }
+}
+
+/// Default methods, in table order.
+pub const DEFAULT_METHODS: [&str; 4] = ["head", "bitfit", "lora", "full"];
+
+/// Every method the registries provide: peft-core's baselines plus the method crates'.
+pub fn registry() -> Vec<Box<dyn Method>> {
+    let mut v = peft_core::adapter::methods();
+    v.extend(peft_lora::methods());
+    v
+}
+
+/// Resolves method names against the registry.
+///
+/// # Errors
+/// A name no registry provides, naming the known ones.
+pub fn resolve_methods(names: &[String], reg: Vec<Box<dyn Method>>) -> Result<Vec<Box<dyn Method>>> {
+    let mut reg: Vec<Option<Box<dyn Method>>> = reg.into_iter().map(Some).collect();
+    let known: Vec<String> = reg.iter().flatten().map(|m| m.name().to_string()).collect();
+    let mut out = Vec::new();
+    for n in names {
+        match reg.iter_mut().find(|m| m.as_ref().is_some_and(|m| m.name() == n)).and_then(Option::take) {
+            Some(m) => out.push(m),
+            None => {
+                bail!("method `{n}` is not in the registry (known: {})", known.join(", "))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Workspace root (the parent of the xtask crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The training subset: all rows, or `n` rows drawn with [`DATA_SEED`] (indices into the file, sorted).
+pub fn subsample(len: usize, n: Option<usize>) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..len).collect();
+    if let Some(n) = n.filter(|&n| n < len) {
+        idx.shuffle(&mut StdRng::seed_from_u64(DATA_SEED));
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    idx
+}
+
+fn labelled(ex: Vec<Example>, what: &str) -> Result<(Vec<Example>, Vec<Label>)> {
+    let labels = ex
+        .iter()
+        .map(|e| e.label)
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("{what} has unlabelled rows"))?;
+    Ok((ex, labels))
+}
+
+/// Runs the bench; returns the process exit code.
+///
+/// # Errors
+/// Anything that stops the bench (printed by `main`).
+pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
+    let wall = Instant::now();
+    match args.suite {
+        Suite::Glue => {}
+        Suite::Vtab | Suite::Coco | Suite::Audio | Suite::All => bail!(
+            "suite {:?} is not built yet: only `--suite glue` exists (VTAB-1k/DINOv2, COCO and audio/Whisper suites \
+             are planned); nothing was run",
+            args.suite
+        ),
+    }
+    let prof = profile(args);
+    let tasks: Vec<Task> = match &args.tasks {
+        Some(ts) => ts.iter().map(|t| Task::parse(t)).collect::<Result<_>>()?,
+        None => prof.tasks.clone(),
+    };
+    if let Some(t) = tasks.iter().find(|t| !t.has_train()) {
+        bail!("{t} has no training split in the asset pack (only dev); it cannot be fine-tuned");
+    }
+    // 1. Assets.
+    let adir = match assets::check(&assets::glue_needs(&tasks)) {
+        Ok(d) => d,
+        Err(msg) => {
+            eprintln!("cargo xtask bench: assets are missing, nothing was run.\n{msg}");
+            return Ok(std::process::ExitCode::from(2));
+        }
+    };
+    let model_dir = adir.join(MINILM_DIR);
+    let glue_dir = adir.join("data/glue");
+    // 2. Methods and model (fail before any work).
+    let names: Vec<String> =
+        args.methods.clone().unwrap_or_else(|| DEFAULT_METHODS.iter().map(|s| s.to_string()).collect());
+    let methods = resolve_methods(&names, registry())?;
+    drop(load_minilm(&model_dir, 2, 0)?);
+    // 3. Threads.
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    // 4. Results.
+    let out_root = args.out.clone().unwrap_or_else(|| workspace_root().join("target/bench"));
+    let run_dir = out_root.join("glue").join(prof.name);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let results_path = run_dir.join("results.json");
+    let mut res = Results::load(&results_path)?;
+    res.profile = prof.name.to_string();
+    res.machine = Machine::detect(threads);
+    let tok = train::load_tokenizer(&model_dir.join("tokenizer.json"), prof.cfg.max_len)?;
+    eprintln!(
+        "bench glue/{}: tasks {:?}, methods {:?}, seeds {}..{}, {} threads -> {}",
+        prof.name,
+        tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        names,
+        args.seed,
+        args.seed + args.seeds,
+        threads,
+        run_dir.display()
+    );
+    let mut failures = Vec::new();
+    for &task in &tasks {
+        let (train_ex, train_y) = labelled(data::load(&glue_dir, task, "train")?, "train")?;
+        let (dev_ex, dev_y) = labelled(data::load(&glue_dir, task, "dev")?, "dev")?;
+        let idx = subsample(train_ex.len(), prof.cfg.train_examples);
+        let sub: Vec<Example> = idx.iter().map(|&i| train_ex[i].clone()).collect();
+        let train_split =
+            Split { enc: train::encode_all(&tok, &sub)?, labels: idx.iter().map(|&i| train_y[i]).collect() };
+        let dev_split = Split { enc: train::encode_all(&tok, &dev_ex)?, labels: dev_y };
+        for m in &methods {
+            for seed in args.seed..args.seed + args.seeds {
+                let cfg = TrainConfig { lr: m.default_lr(), ..prof.cfg.clone() };
+                if !args.force && res.find(task.name(), m.name(), seed, &cfg).is_some() {
+                    eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name());
+                    continue;
+                }
+                match one_run(task, m.as_ref(), &cfg, seed, &model_dir, &run_dir, &train_split, &dev_split) {
+                    Ok(rec) => {
+                        eprintln!(
+                            "{} / {} / seed {seed}: {:?}  {:.1} samples/s, {:.0} s",
+                            task,
+                            m.name(),
+                            rec.metrics,
+                            rec.samples_per_sec,
+                            rec.train_seconds
+                        );
+                        res.upsert(rec);
+                        res.save(&results_path)?;
+                    }
+                    Err(e) => {
+                        eprintln!("{} / {} / seed {seed}: FAILED: {e:#}", task, m.name());
+                        failures.push(format!("{task}/{}/{seed}", m.name()));
+                    }
+                }
+            }
+        }
+        if args.baseline.is_some() {
+            run_baseline(&mut res, task, &idx, &prof.cfg, args, threads, &model_dir, &glue_dir, &run_dir);
+            res.save(&results_path)?;
+        }
+    }
+    res.save(&results_path)?;
+    let plots = match plot::write_all(&res, &run_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("warning: plots not written: {e:#}");
+            Vec::new()
+        }
+    };
+    let md = report::markdown(&res, &plots);
+    std::fs::write(run_dir.join("report.md"), &md)?;
+    println!("{md}");
+    eprintln!("wrote {} and report.md ({:.1} min wall)", results_path.display(), wall.elapsed().as_secs_f64() / 60.0);
+    if failures.is_empty() {
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} run(s) failed: {}", failures.len(), failures.join(", "));
+        Ok(std::process::ExitCode::from(1))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    task: Task,
+    method: &dyn Method,
+    cfg: &TrainConfig,
+    seed: u64,
+    model_dir: &Path,
+    run_dir: &Path,
+    train_split: &Split,
+    dev_split: &Split,
+) -> Result<Record> {
+    train::reset_peak_rss();
+    let model = load_minilm(model_dir, task.num_outputs(), seed)?;
+    let prepared = method.prepare(model.as_ref() as &dyn peft_core::nn::Module, &model.head())?;
+    let trainable: u64 = prepared.trainable().iter().map(|p| p.numel() as u64).sum();
+    let total: u64 = named_params(model.as_ref() as &dyn peft_core::nn::Module).iter().map(|p| p.numel() as u64).sum();
+    let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name()));
+    let out = train::run(task, model.as_ref(), prepared.as_ref(), cfg, cfg.lr, seed, train_split, dev_split, &bar);
+    bar.finish_and_clear();
+    let out = out?;
+    let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name()));
+    let adapter_bytes = prepared.save(&adapter_dir)?;
+    Ok(Record {
+        task: task.name().to_string(),
+        method: method.name().to_string(),
+        method_desc: method.describe(),
+        seed,
+        lr: cfg.lr,
+        config: cfg.clone(),
+        headline: task.metrics()[0].short().to_string(),
+        metrics: out.metrics,
+        trainable_params: trainable,
+        total_params: total,
+        trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
+        train_seconds: out.train_seconds,
+        eval_seconds: out.eval_seconds,
+        samples_per_sec: out.samples_per_sec,
+        peak_rss_bytes: train::peak_rss_bytes(),
+        adapter_bytes,
+        steps: out.steps,
+        skipped_steps: out.skipped_steps,
+        train_examples: train_split.enc.len(),
+        dev_examples: dev_split.enc.len(),
+        losses: out.losses,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_baseline(
+    res: &mut Results,
+    task: Task,
+    idx: &[usize],
+    cfg: &TrainConfig,
+    args: &BenchArgs,
+    threads: usize,
+    model_dir: &Path,
+    glue_dir: &Path,
+    run_dir: &Path,
+) {
+    if let Err(e) = baseline::available() {
+        eprintln!("PyTorch baseline skipped: {e:#}");
+        return;
+    }
+    let Some(lora) = registry().into_iter().find(|m| m.name() == "lora") else {
+        eprintln!("PyTorch baseline skipped: it compares against our `lora` method, which is not in the registry");
+        return;
+    };
+    for seed in args.seed..args.seed + args.seeds {
+        eprintln!("{task} / pytorch lora / seed {seed}: running {}", baseline::SCRIPT);
+        let job = baseline::BaselineJob {
+            root: &workspace_root(),
+            model_dir,
+            glue_dir,
+            task,
+            indices: idx,
+            cfg,
+            lr: lora.default_lr(),
+            seed,
+            threads,
+            work: &run_dir.join("baseline"),
+        };
+        match baseline::run(&job) {
+            Ok(b) => {
+                res.baselines.retain(|x| !(x.task == b.task && x.seed == b.seed));
+                res.baselines.push(b);
+            }
+            Err(e) => eprintln!("PyTorch baseline for {task} failed: {e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsample_is_fixed_sorted_and_bounded() {
+        let a = subsample(100, Some(10));
+        assert_eq!(a.len(), 10);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(a, subsample(100, Some(10)));
+        assert_eq!(subsample(5, Some(10)), vec![0, 1, 2, 3, 4]);
+        assert_eq!(subsample(3, None), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn resolve_methods_names_missing_ones() {
+        let got = resolve_methods(&["bitfit".into(), "head".into()], registry()).unwrap();
+        assert_eq!(got.iter().map(|m| m.name()).collect::<Vec<_>>(), vec!["bitfit", "head"]);
+        let Err(e) = resolve_methods(&["nope".into()], registry()) else { panic!("resolved an unknown method") };
+        let e = e.to_string();
+        assert!(e.contains("`nope`") && e.contains("known: full, head, bitfit, lora"), "{e}");
+    }
+}

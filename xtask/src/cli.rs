@@ -1,0 +1,126 @@
+//! Command line of `cargo xtask`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// peft-rs developer tasks.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+pub struct Cli {
+    /// The task to run.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Fine-tune and evaluate methods on a benchmark suite; writes results.json, report.md and plots.
+    Bench(BenchArgs),
+    /// Check that every asset the suites need is present, and say how to get what is missing.
+    Assets {
+        /// Suite whose assets to check.
+        #[arg(long, value_enum, default_value_t = Suite::Glue)]
+        suite: Suite,
+    },
+}
+
+/// Benchmark suites.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// GLUE text classification with MiniLM (built).
+    Glue,
+    /// VTAB-1k image classification with DINOv2 (not built yet).
+    Vtab,
+    /// COCO captioning/detection (not built yet).
+    Coco,
+    /// Spoken-digit audio classification with Whisper (not built yet).
+    Audio,
+    /// Every suite.
+    All,
+}
+
+/// External baselines.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline {
+    /// transformers + peft on PyTorch (CPU), same recipe and thread count.
+    Pytorch,
+}
+
+/// `cargo xtask bench` options.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Suite to run.
+    #[arg(long, value_enum, default_value_t = Suite::Glue)]
+    pub suite: Suite,
+    /// Comma-separated method names from the registries (default: head,bitfit,lora,full where available).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// Comma-separated GLUE tasks (sst2, mrpc, cola, stsb, rte, wnli).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Option<Vec<String>>,
+    /// Smoke-test profile: SST-2 only, 256 training examples (16 steps).
+    #[arg(long, conflicts_with = "full")]
+    pub quick: bool,
+    /// Full profile: full training sets, every task with a training split, 3 epochs.
+    #[arg(long)]
+    pub full: bool,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of seeds (seed, seed+1, ...).
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Output root (default: <workspace>/target/bench).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Re-run runs already recorded in results.json.
+    #[arg(long)]
+    pub force: bool,
+    /// Also run an external baseline on the same recipe.
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bench_flags() {
+        let c = Cli::try_parse_from([
+            "xtask",
+            "bench",
+            "--methods",
+            "head,lora",
+            "--tasks",
+            "sst2,mrpc",
+            "--seeds",
+            "3",
+            "--threads",
+            "2",
+            "--force",
+            "--baseline",
+            "pytorch",
+            "--full",
+        ])
+        .unwrap();
+        let Cmd::Bench(b) = c.cmd else { panic!("not bench") };
+        assert_eq!(b.methods.unwrap(), vec!["head", "lora"]);
+        assert_eq!(b.tasks.unwrap(), vec!["sst2", "mrpc"]);
+        assert_eq!((b.seeds, b.threads, b.force, b.full, b.quick), (3, Some(2), true, true, false));
+        assert_eq!(b.baseline, Some(Baseline::Pytorch));
+        assert_eq!(b.suite, Suite::Glue);
+    }
+
+    #[test]
+    fn quick_and_full_conflict() {
+        assert!(Cli::try_parse_from(["xtask", "bench", "--quick", "--full"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "bench", "--suite", "vtab"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "assets"]).is_ok());
+    }
+}

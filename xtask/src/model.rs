@@ -1,0 +1,52 @@
+//! The one place the bench touches a concrete model: a sequence classifier over MiniLM (BERT architecture,
+//! `sentence-transformers/all-MiniLM-L6-v2`) with a fresh task head. Everything else (training loop, methods,
+//! reports) sees only [`SeqClassifier`].
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use peft_core::models::bert::{BertForSequenceClassification, Pooling};
+use peft_core::nn::{Ctx, Module};
+use peft_core::{Param, Tensor};
+
+/// Asset-relative folder of the model.
+pub const MINILM_DIR: &str = "models/all-MiniLM-L6-v2";
+
+/// A right-padded token batch, row-major `[batch, seq]` (the BERT model's batch type).
+pub use peft_core::models::tokenizer::Batch as TokBatch;
+
+/// A model the bench can fine-tune: a backbone plus a task head.
+pub trait SeqClassifier: Module {
+    /// Logits `[batch, outputs]` (one output for regression).
+    ///
+    /// # Errors
+    /// Shape errors from the model.
+    fn logits(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<Tensor>;
+    /// The task-head parameters (trainable under every method).
+    fn head(&self) -> Vec<Param>;
+}
+
+impl SeqClassifier for BertForSequenceClassification {
+    fn logits(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<Tensor> {
+        self.forward(batch, ctx)
+    }
+    fn head(&self) -> Vec<Param> {
+        self.classifier.base().params()
+    }
+}
+
+/// Loads MiniLM from `dir` with masked mean pooling (as sentence-transformers uses this checkpoint), dropout and a
+/// fresh `outputs`-way `classifier` drawn with `seed`.
+///
+/// Mean pooling, not transformers' CLS + `pooler.dense`: all-MiniLM-L6-v2 was trained with mean pooling and its
+/// pooler output carries little task signal. Measured on SST-2 (1,000 training examples, 63 steps, 5x the old
+/// learning rates): a linear probe reached 74.9 dev accuracy on mean-pooled features and 53.3 on the pooler output;
+/// LoRA reached 77.9 vs 77.5.
+///
+/// # Errors
+/// IO, config and weight errors.
+pub fn load_minilm(dir: &Path, outputs: usize, seed: u64) -> Result<Box<dyn SeqClassifier>> {
+    let m = BertForSequenceClassification::load(dir, outputs, Pooling::Mean, seed)
+        .with_context(|| format!("loading MiniLM from {}", dir.display()))?;
+    Ok(Box::new(m))
+}

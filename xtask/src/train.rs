@@ -1,0 +1,477 @@
+//! One fine-tuning run: tokenize, length-bucketed batches, AdamW with linear warmup/decay, gradient clipping, a
+//! non-finite guard, evaluation on the whole dev set, and the measurements the report needs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::adapter::Prepared;
+use peft_core::nn::Ctx;
+use peft_core::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, ParamGroup, Schedule};
+use peft_core::{Error as CoreError, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+
+use crate::glue::data::{Example, Label};
+use crate::glue::metrics;
+use crate::glue::tasks::{Metric, Task};
+use crate::model::{SeqClassifier, TokBatch};
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids incl. `[CLS]`/`[SEP]`.
+    pub ids: Vec<usize>,
+    /// Segment ids.
+    pub types: Vec<usize>,
+}
+
+/// Loads `tokenizer.json` with the file's fixed padding removed and truncation to `max_len` (longest-first on
+/// pairs, as transformers' `truncation=True`).
+///
+/// # Errors
+/// Unreadable file or bad settings.
+pub fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_len,
+        strategy: TruncationStrategy::LongestFirst,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("truncation: {e}"))?;
+    Ok(tok)
+}
+
+/// Tokenizes examples (pairs as `[CLS] a [SEP] b [SEP]`).
+///
+/// # Errors
+/// Tokenizer failures.
+pub fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Vec<Encoded>> {
+    let out = if examples.iter().any(|e| e.b.is_some()) {
+        let inputs: Vec<tokenizers::EncodeInput> =
+            examples.iter().map(|e| (e.a.as_str(), e.b.as_deref().unwrap_or("")).into()).collect::<Vec<_>>();
+        tok.encode_batch(inputs, true)
+    } else {
+        tok.encode_batch(examples.iter().map(|e| e.a.as_str()).collect::<Vec<_>>(), true)
+    }
+    .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    Ok(out
+        .iter()
+        .map(|e| Encoded {
+            ids: e.get_ids().iter().map(|&x| x as usize).collect(),
+            types: e.get_type_ids().iter().map(|&x| x as usize).collect(),
+        })
+        .collect())
+}
+
+/// Right-pads the examples `idx` of `enc` into one batch (pad id 0, as BERT's `[PAD]`).
+pub fn collate(enc: &[Encoded], idx: &[usize]) -> TokBatch {
+    let l = idx.iter().map(|&i| enc[i].ids.len()).max().unwrap_or(0);
+    let mut b = TokBatch { shape: [idx.len(), l], ..Default::default() };
+    for &i in idx {
+        let e = &enc[i];
+        let pad = l - e.ids.len();
+        b.input_ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        b.token_type_ids.extend(e.types.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        b.attention_mask.extend(std::iter::repeat_n(1u8, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+    }
+    b
+}
+
+/// Batches of example indices with little padding.
+///
+/// Training (`rng` given): shuffle, cut into pools of 50 batches, sort each pool by length, cut into batches and
+/// shuffle the batch order, so batches are length-homogeneous but their order stays random. Evaluation: sort
+/// everything by length.
+pub fn length_batches(lens: &[usize], batch_size: usize, rng: Option<&mut StdRng>) -> Vec<Vec<usize>> {
+    let bs = batch_size.max(1);
+    let mut idx: Vec<usize> = (0..lens.len()).collect();
+    match rng {
+        Some(rng) => {
+            idx.shuffle(rng);
+            let mut out = Vec::new();
+            for pool in idx.chunks_mut(bs * 50) {
+                pool.sort_by_key(|&i| lens[i]);
+                out.extend(pool.chunks(bs).map(<[usize]>::to_vec));
+            }
+            out.shuffle(rng);
+            out
+        }
+        None => {
+            idx.sort_by_key(|&i| lens[i]);
+            idx.chunks(bs).map(<[usize]>::to_vec).collect()
+        }
+    }
+}
+
+/// Hyper-parameters of one run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Epochs over the (possibly subsampled) training set.
+    pub epochs: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Fraction of the steps spent in linear warmup.
+    pub warmup_frac: f64,
+    /// Decoupled weight decay (not applied to biases and norms).
+    pub weight_decay: f64,
+    /// Gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Training examples used (`None`: all).
+    pub train_examples: Option<usize>,
+    /// Token limit per example.
+    pub max_len: usize,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct RunOutcome {
+    /// Metric name -> dev value.
+    pub metrics: BTreeMap<String, f64>,
+    /// (step, mean training loss since the previous point).
+    pub losses: Vec<(usize, f64)>,
+    /// Seconds in the training loop (excluding evaluation).
+    pub train_seconds: f64,
+    /// Training examples per second.
+    pub samples_per_sec: f64,
+    /// Seconds evaluating the dev set.
+    pub eval_seconds: f64,
+    /// Steps skipped by the non-finite guard.
+    pub skipped_steps: usize,
+    /// Optimizer steps taken.
+    pub steps: usize,
+}
+
+/// Targets of a batch: class indices or scores.
+fn targets(labels: &[Label], idx: &[usize]) -> (Vec<i64>, Vec<f32>) {
+    let cls = idx.iter().map(|&i| labels[i].class() as i64).collect();
+    let val = idx.iter().map(|&i| labels[i].value() as f32).collect();
+    (cls, val)
+}
+
+fn loss_of(task: Task, logits: &Tensor, labels: &[Label], idx: &[usize]) -> peft_core::Result<Tensor> {
+    let (cls, val) = targets(labels, idx);
+    if task.num_outputs() == 1 {
+        let t = Tensor::from_vec(val, &[idx.len(), 1])?;
+        logits.mse_loss(&t)
+    } else {
+        logits.cross_entropy(&cls, None, 0.0)
+    }
+}
+
+/// Scores dev predictions with the task's metrics.
+pub fn score(task: Task, outputs: &[Vec<f32>], gold: &[Label]) -> BTreeMap<String, f64> {
+    let argmax = |v: &Vec<f32>| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+    let pred: Vec<usize> = outputs.iter().map(argmax).collect();
+    let gold_c: Vec<usize> = gold.iter().map(|l| l.class()).collect();
+    let pv: Vec<f64> = outputs.iter().map(|v| f64::from(v.first().copied().unwrap_or(0.0))).collect();
+    let gv: Vec<f64> = gold.iter().map(|l| l.value()).collect();
+    task.metrics()
+        .iter()
+        .map(|&m| {
+            let v = match m {
+                Metric::Accuracy => metrics::accuracy(&pred, &gold_c),
+                Metric::F1 => metrics::f1(&pred, &gold_c),
+                Metric::Matthews => metrics::matthews(&pred, &gold_c),
+                Metric::Pearson => metrics::pearson(&pv, &gv),
+                Metric::Spearman => metrics::spearman(&pv, &gv),
+            };
+            (m.short().to_string(), v)
+        })
+        .collect()
+}
+
+/// Runs the model over `enc` in length-sorted batches without recording a graph; outputs in input order.
+///
+/// # Errors
+/// Model errors.
+pub fn predict(model: &dyn SeqClassifier, enc: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+    let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
+    let mut out = vec![Vec::new(); enc.len()];
+    let ctx = Ctx::eval();
+    peft_core::no_grad(|| -> Result<()> {
+        for idx in length_batches(&lens, batch_size, None) {
+            let logits = model.logits(&collate(enc, &idx), &ctx)?;
+            let c = logits.shape().last().copied().unwrap_or(1);
+            for (row, &i) in logits.as_slice().chunks(c.max(1)).zip(&idx) {
+                out[i] = row.to_vec();
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Data of one task split, tokenized.
+pub struct Split {
+    /// Tokenized examples.
+    pub enc: Vec<Encoded>,
+    /// Gold labels (same order).
+    pub labels: Vec<Label>,
+}
+
+/// Trains `prepared`'s parameters of `model` on `train`, then scores `dev`.
+///
+/// # Errors
+/// Model errors, and divergence: more than 10% of the steps (or 20 in a row) with a non-finite loss or gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    task: Task,
+    model: &dyn SeqClassifier,
+    prepared: &dyn Prepared,
+    cfg: &TrainConfig,
+    lr: f64,
+    seed: u64,
+    train: &Split,
+    dev: &Split,
+    bar: &ProgressBar,
+) -> Result<RunOutcome> {
+    let params = prepared.trainable();
+    let mut opt = AdamW::new(ParamGroup::decay_split(params, lr, cfg.weight_decay), AdamWConfig::default())?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let lens: Vec<usize> = train.enc.iter().map(|e| e.ids.len()).collect();
+    let epochs: Vec<Vec<Vec<usize>>> =
+        (0..cfg.epochs).map(|_| length_batches(&lens, cfg.batch_size, Some(&mut rng))).collect();
+    let total: usize = epochs.iter().map(Vec::len).sum();
+    let warmup = (cfg.warmup_frac * total as f64).round() as usize;
+    let sched = Schedule::linear(warmup, total);
+    bar.set_length(total as u64);
+    bar.set_position(0);
+    let mut out = RunOutcome::default();
+    let (mut run_loss, mut run_n, mut in_a_row, mut samples) = (0.0, 0usize, 0usize, 0usize);
+    let log_every = (total / 50).max(1);
+    let t0 = Instant::now();
+    let mut step = 0;
+    for idx in epochs.iter().flatten() {
+        let batch = collate(&train.enc, idx);
+        let ctx = Ctx::train(seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let logits = model.logits(&batch, &ctx)?;
+        let loss = loss_of(task, &logits, &train.labels, idx)?;
+        let lv = loss.item()?;
+        let mut grads = loss.backward()?;
+        drop((loss, logits));
+        opt.set_lr_factor(sched.lr_factor(step));
+        let res = if lv.is_finite() { clip_grad_norm(&mut grads, cfg.max_grad_norm).map(|_| ()) } else { Ok(()) };
+        match res.and_then(|()| opt.checked_step(lv, &grads)) {
+            Ok(()) => {
+                in_a_row = 0;
+                run_loss += f64::from(lv);
+                run_n += 1;
+            }
+            Err(CoreError::NonFinite { what }) => {
+                out.skipped_steps += 1;
+                in_a_row += 1;
+                bar.println(format!("  step {step}: non-finite {what}, batch skipped"));
+                if in_a_row >= 20 || out.skipped_steps * 10 > total.max(10) {
+                    bail!(
+                        "training diverged: {} non-finite steps ({in_a_row} in a row) by step {step}",
+                        out.skipped_steps
+                    );
+                }
+            }
+            Err(e) => return Err(e).context("optimizer step"),
+        }
+        samples += idx.len();
+        step += 1;
+        if step % log_every == 0 || step == total {
+            if run_n > 0 {
+                out.losses.push((step, run_loss / run_n as f64));
+            }
+            let sps = samples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            let shown = if run_n > 0 { run_loss / run_n as f64 } else { f64::NAN };
+            bar.set_message(format!("loss {shown:.4}  {sps:.1} samples/s"));
+            (run_loss, run_n) = (0.0, 0);
+        }
+        bar.set_position(step as u64);
+    }
+    out.steps = step;
+    out.train_seconds = t0.elapsed().as_secs_f64();
+    out.samples_per_sec = samples as f64 / out.train_seconds.max(1e-9);
+    bar.set_message("evaluating dev");
+    let t1 = Instant::now();
+    let outputs = predict(model, &dev.enc, cfg.batch_size.max(32))?;
+    out.eval_seconds = t1.elapsed().as_secs_f64();
+    out.metrics = score(task, &outputs, &dev.labels);
+    Ok(out)
+}
+
+/// A progress bar for one run (hidden when stderr is not a terminal, so logs stay clean).
+pub fn progress_bar(prefix: String) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:<28} {bar:24} {pos:>5}/{len:<5} {msg} [{elapsed_precise} ETA {eta}]")
+            .expect("xtask bug: progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM`), if the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak-RSS counter (Linux `clear_refs` 5) so each run reports its own peak; false when unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peft_core::adapter::{HeadOnly, Method};
+    use peft_core::nn::{Linear, Module, RandomInit, Visitor};
+    use peft_core::Param;
+
+    /// Mean of a fixed random token embedding table, then a trainable linear head.
+    struct Toy {
+        emb: ndarray::Array2<f32>,
+        head: Linear,
+    }
+    impl Module for Toy {
+        fn visit(&self, v: &mut dyn Visitor) {
+            self.head.visit(v);
+        }
+    }
+    impl SeqClassifier for Toy {
+        fn logits(&self, b: &TokBatch, ctx: &Ctx) -> peft_core::Result<Tensor> {
+            let [n, l] = b.shape;
+            let d = self.emb.ncols();
+            let mut x = ndarray::Array2::<f32>::zeros((n, d));
+            for r in 0..n {
+                let k = b.attention_mask[r * l..(r + 1) * l].iter().filter(|&&m| m == 1).count().max(1);
+                for t in 0..l {
+                    if b.attention_mask[r * l + t] == 1 {
+                        let row = self.emb.row(b.input_ids[r * l + t]).to_owned();
+                        x.row_mut(r).scaled_add(1.0 / k as f32, &row);
+                    }
+                }
+            }
+            self.head.forward(&Tensor::new(x.into_dyn()), ctx)
+        }
+        fn head(&self) -> Vec<Param> {
+            self.head.base().params()
+        }
+    }
+
+    fn toy(outputs: usize) -> Toy {
+        let mut emb = ndarray::Array2::<f32>::zeros((8, 4));
+        for i in 0..8 {
+            emb[[i, i % 4]] = 1.0;
+        }
+        Toy { emb, head: Linear::load("classifier", 4, outputs, true, &RandomInit::new(1, 0.02)).unwrap() }
+    }
+
+    /// Class 1 examples contain token 2, class 0 ones token 3.
+    fn split(n: usize) -> Split {
+        let enc = (0..n)
+            .map(|i| {
+                let t = if i % 2 == 0 { 2 } else { 3 };
+                let len = 2 + i % 5;
+                Encoded {
+                    ids: std::iter::once(0).chain(std::iter::repeat_n(t, len)).collect(),
+                    types: vec![0; len + 1],
+                }
+            })
+            .collect();
+        let labels = (0..n).map(|i| Label::Class(usize::from(i % 2 == 0))).collect();
+        Split { enc, labels }
+    }
+
+    fn cfg() -> TrainConfig {
+        TrainConfig {
+            epochs: 3,
+            batch_size: 8,
+            lr: 0.1,
+            warmup_frac: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            train_examples: None,
+            max_len: 128,
+        }
+    }
+
+    #[test]
+    fn collate_pads_right_with_mask_and_types() {
+        let enc = vec![
+            Encoded { ids: vec![101, 7, 102], types: vec![0, 0, 0] },
+            Encoded { ids: vec![101, 102], types: vec![0, 1] },
+        ];
+        let b = collate(&enc, &[1, 0]);
+        assert_eq!(b.shape, [2, 3]);
+        assert_eq!(b.input_ids, vec![101, 102, 0, 101, 7, 102]);
+        assert_eq!(b.token_type_ids, vec![0, 1, 0, 0, 0, 0]);
+        assert_eq!(b.attention_mask, vec![1, 1, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn length_batches_cover_every_index_once_and_are_seeded() {
+        let lens: Vec<usize> = (0..103).map(|i| (i * 37) % 50).collect();
+        let mut a = StdRng::seed_from_u64(3);
+        let b1 = length_batches(&lens, 8, Some(&mut a));
+        let mut flat: Vec<usize> = b1.concat();
+        flat.sort_unstable();
+        assert_eq!(flat, (0..103).collect::<Vec<_>>());
+        assert!(b1.iter().all(|b| b.len() <= 8));
+        let mut b = StdRng::seed_from_u64(3);
+        assert_eq!(b1, length_batches(&lens, 8, Some(&mut b)));
+        let eval = length_batches(&lens, 10, None);
+        let sorted: Vec<usize> = eval.concat().iter().map(|&i| lens[i]).collect();
+        assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn run_learns_a_separable_toy_task() {
+        let m = toy(2);
+        let prep = HeadOnly.prepare(&m, &m.head()).unwrap();
+        let out =
+            run(Task::Sst2, &m, prep.as_ref(), &cfg(), 0.1, 0, &split(64), &split(20), &ProgressBar::hidden()).unwrap();
+        assert_eq!(out.metrics["acc"], 1.0);
+        assert_eq!(out.steps, 24);
+        assert!(out.losses.first().unwrap().1 > out.losses.last().unwrap().1);
+        assert!(out.samples_per_sec > 0.0);
+    }
+
+    #[test]
+    fn non_finite_losses_abort_the_run_with_divergence_error() {
+        let m = toy(2);
+        m.head.base().params()[0].update(|w| w.fill(f32::NAN));
+        let prep = HeadOnly.prepare(&m, &m.head()).unwrap();
+        let e = run(Task::Sst2, &m, prep.as_ref(), &cfg(), 0.1, 0, &split(64), &split(8), &ProgressBar::hidden())
+            .unwrap_err();
+        assert!(e.to_string().contains("diverged"), "{e}");
+    }
+
+    #[test]
+    fn score_uses_task_metrics() {
+        let outs = vec![vec![0.1, 0.9], vec![0.8, 0.2], vec![0.3, 0.7]];
+        let gold = [Label::Class(1), Label::Class(1), Label::Class(1)];
+        let s = score(Task::Mrpc, &outs, &gold);
+        assert!((s["acc"] - 2.0 / 3.0).abs() < 1e-12);
+        assert!((s["f1"] - 0.8).abs() < 1e-12);
+        let s = score(
+            Task::Stsb,
+            &[vec![1.0], vec![2.0], vec![3.0]],
+            &[Label::Score(0.5), Label::Score(1.0), Label::Score(4.0)],
+        );
+        assert!((s["spearman"] - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn peak_rss_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().unwrap() > 0);
+        }
+    }
+}
