@@ -1,10 +1,11 @@
 //! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"`.
 //!
-//! Learning rates: LoRA on GLUE with BERT/RoBERTa-base-sized models is usually trained at 4e-4..5e-4 (Hu et al.,
-//! 2021, Table 9: 4e-4..5e-4 for RoBERTa-base); DoRA uses the LoRA rate (Liu et al., 2024). PiSSA starts from the
-//! principal components, so its updates move the dominant directions of `W` directly and large rates destabilise
-//! it; we use 2e-4 (about 2.5× below LoRA). This is our choice, not a number from the paper: revisit it with the
-//! bench's learning-rate sweep.
+//! Learning rates: the LoRA paper trains RoBERTa-base on GLUE at 4e-4..5e-4 for 30-80 epochs (Hu et al., 2021,
+//! Table 9). The registry defaults serve the bench's short budgets (about 60-200 steps on MiniLM-L6), where 5e-4
+//! left LoRA at chance on SST-2 (50.9 dev accuracy after 63 steps) and 2.5e-3 reached 77.9, so LoRA and DoRA
+//! (which uses the LoRA rate, Liu et al., 2024) default to 2.5e-3. PiSSA starts from the principal components, so
+//! its updates move the dominant directions of `W` directly; it defaults to 1e-3 (2.5x below LoRA). These are
+//! measured choices for short runs, not paper values: pass another rate to [`LoraMethod::new`] for long runs.
 
 use std::path::Path;
 
@@ -34,21 +35,21 @@ impl LoraMethod {
 
     /// LoRA r=8, alpha=16 on `targets`.
     pub fn lora<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
-        Self::new("lora", LoraConfig::new(8, 16.0, targets), 5e-4)
+        Self::new("lora", LoraConfig::new(8, 16.0, targets), 2.5e-3)
     }
 
     /// DoRA r=8, alpha=16 on `targets`.
     pub fn dora<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
         let mut c = LoraConfig::new(8, 16.0, targets);
         c.use_dora = true;
-        Self::new("dora", c, 5e-4)
+        Self::new("dora", c, 2.5e-3)
     }
 
     /// PiSSA r=8, alpha=8 (PEFT's PiSSA examples use `lora_alpha = r`) on `targets`.
     pub fn pissa<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
         let mut c = LoraConfig::new(8, 8.0, targets);
         c.init_lora_weights = InitLoraWeights::Named("pissa".into());
-        Self::new("pissa", c, 2e-4)
+        Self::new("pissa", c, 1e-3)
     }
 }
 
@@ -154,7 +155,7 @@ mod tests {
             let f = peft_core::io::safetensors::SafeTensorsFile::open(dir.path().join("adapter_model.safetensors"))
                 .unwrap();
             assert!(f.contains("base_model.model.classifier.weight"));
-            assert!(m.default_lr() > 1e-4 && m.default_lr() < 1e-3);
+            assert!(m.default_lr() >= 1e-3 && m.default_lr() <= 2.5e-3);
             assert!(m.describe().contains("r=8"));
         }
     }

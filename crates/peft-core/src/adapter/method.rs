@@ -98,7 +98,8 @@ impl Method for FullFineTune {
         "full fine-tuning (all parameters)".into()
     }
     fn default_lr(&self) -> f64 {
-        5e-5
+        // Twice the usual 5e-5: the bench's runs are short (about 60-200 steps).
+        1e-4
     }
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
         Ok(Box::new(Selected(select(model, head, |_| true))))
@@ -116,7 +117,9 @@ impl Method for HeadOnly {
         "head only (frozen backbone, linear probe)".into()
     }
     fn default_lr(&self) -> f64 {
-        2e-3
+        // A linear probe on frozen features tolerates a high rate; at 2e-3 it stayed at chance on SST-2 after 63
+        // steps, at 1e-2 it reached 74.9 dev accuracy (MiniLM-L6, mean pooling).
+        1e-2
     }
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
         Ok(Box::new(Selected(select(model, head, |_| false))))
@@ -134,7 +137,9 @@ impl Method for BitFit {
         "BitFit (bias terms only)".into()
     }
     fn default_lr(&self) -> f64 {
-        1e-3
+        // BitFit trains few parameters and needs a high rate on short runs (Ben Zaken et al. use 1e-4..1e-3 for
+        // many epochs); chosen for the bench's 60-200-step budgets.
+        5e-3
     }
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
         Ok(Box::new(Selected(select(model, head, |p| p.name().ends_with(".bias")))))
