@@ -179,7 +179,7 @@ mod training {
             let model = Tiny::new(8, 2, 0);
             let prep = m.prepare(&model, &model.classifier.base().params()).unwrap();
             let frozen = model.layers[0][2].base().params()[0].value().to_owned();
-            let mut opt = AdamW::with_lr(prep.trainable(), m.default_lr() * 10.0, 0.0).unwrap();
+            let mut opt = AdamW::with_lr(prep.trainable(), m.default_lr() * 2.0, 0.0).unwrap();
             let mut losses = Vec::new();
             for step in 0..60 {
                 let loss = model.forward(&x, &Ctx::train(step)).unwrap().cross_entropy(&targets, None, 0.0).unwrap();
