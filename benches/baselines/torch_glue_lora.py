@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ def main():
                        ("epochs", int, 1), ("batch-size", int, 32), ("lr", float, 5e-4), ("warmup-frac", float, 0.06),
                        ("weight-decay", float, 0.01), ("max-grad-norm", float, 1.0), ("max-len", int, 128),
                        ("seed", int, 0), ("threads", int, 2), ("r", int, 8), ("alpha", float, 16.0),
-                       ("dropout", float, 0.0), ("targets", str, "query,value")]:
+                       ("dropout", float, 0.0), ("targets", str, "query,value"), ("pooling", str, "mean")]:
         ap.add_argument("--" + k, type=t, default=dflt)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,10 +103,39 @@ def main():
 
     n_out = 1 if a.task == "stsb" else 2
     tok = AutoTokenizer.from_pretrained(a.model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=n_out, torch_dtype=torch.float32)
-    cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.targets.split(","),
-                          modules_to_save=["classifier"], task_type="SEQ_CLS")
-    model = peft.get_peft_model(model, cfg)
+    if a.pooling == "cls":
+        # transformers' BertForSequenceClassification: CLS -> pooler.dense + tanh -> dropout -> classifier
+        model = AutoModelForSequenceClassification.from_pretrained(a.model_dir, num_labels=n_out,
+                                                                   torch_dtype=torch.float32)
+        cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.targets.split(","),
+                              modules_to_save=["classifier"], task_type="SEQ_CLS")
+        model = peft.get_peft_model(model, cfg)
+    else:
+        # what `cargo xtask bench` trains: masked mean pooling (as sentence-transformers uses all-MiniLM-L6-v2),
+        # hidden dropout, a fresh N(0, initializer_range) classifier with zero bias
+        from transformers import AutoModel
+
+        class MeanPoolClassifier(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                backbone = AutoModel.from_pretrained(a.model_dir, torch_dtype=torch.float32, add_pooling_layer=False)
+                cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                      target_modules=a.targets.split(","))
+                self.backbone = peft.get_peft_model(backbone, cfg)
+                c = backbone.config
+                self.drop = torch.nn.Dropout(c.hidden_dropout_prob)
+                self.classifier = torch.nn.Linear(c.hidden_size, n_out)
+                torch.nn.init.normal_(self.classifier.weight, std=c.initializer_range)
+                torch.nn.init.zeros_(self.classifier.bias)
+
+            def forward(self, input_ids, token_type_ids, attention_mask):
+                h = self.backbone(input_ids=input_ids, token_type_ids=token_type_ids,
+                                  attention_mask=attention_mask).last_hidden_state
+                m = attention_mask.unsqueeze(-1).to(h.dtype)
+                pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                return types.SimpleNamespace(logits=self.classifier(self.drop(pooled)))
+
+        model = MeanPoolClassifier()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     train = load(a.glue_dir, a.task, "train")
