@@ -5,6 +5,7 @@ pub mod audio;
 pub mod bert;
 pub mod image_proc;
 pub mod llama;
+pub mod registry;
 pub mod tokenizer;
 pub mod vit;
 pub mod whisper;
