@@ -27,6 +27,30 @@ pub trait Method: Send + Sync {
     /// # Errors
     /// Method-specific (e.g. a target pattern that matches nothing).
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>>;
+
+    /// Whether [`Method::prepare_calibrated`] uses the calibration data (data-driven inits such as CorDA, EVA or
+    /// LoRA-SB). Trainers only build calibration batches when this is true.
+    fn needs_calibration(&self) -> bool {
+        false
+    }
+
+    /// Like [`Method::prepare`], for methods whose initialisation looks at data. `calib(i)` runs calibration batch
+    /// `i` forward through `model` (as the trainer would during training, in training mode) and returns its loss,
+    /// or `None` once the calibration set is exhausted. A method may install recording adapters on the sites
+    /// before calling it (activation statistics), or call `backward` on the loss (gradient-based inits). The
+    /// default ignores the data.
+    ///
+    /// # Errors
+    /// As [`Method::prepare`], plus whatever `calib` returns.
+    fn prepare_calibrated(
+        &self,
+        model: &dyn Module,
+        head: &[Param],
+        calib: &mut dyn FnMut(usize) -> Result<Option<crate::Tensor>>,
+    ) -> Result<Box<dyn Prepared>> {
+        let _ = calib;
+        self.prepare(model, head)
+    }
 }
 
 /// A method applied to one model.
