@@ -21,11 +21,15 @@ use crate::{assets, baseline, plot, report};
 /// Seed of the training-set subsample (fixed, so every method and seed sees the same examples).
 const DATA_SEED: u64 = 1234;
 
+/// Training batches data-driven inits (CorDA, EVA, LoRA-SB) see before training (the first batches of the training
+/// subset in file order; 8 x 16 = 128 examples at the default batch size).
+const CALIBRATION_BATCHES: usize = 8;
+
 /// A named recipe.
 #[derive(Clone, Debug)]
 pub struct Profile {
-    /// `quick`, `default` or `full`.
-    pub name: &'static str,
+    /// `quick`, `default` or `full`, plus `-n<N>` / `-e<N>` when `--train-examples` / `--epochs` override it.
+    pub name: String,
     /// Tasks run when `--tasks` is not given.
     pub tasks: Vec<Task>,
     /// Training recipe.
@@ -47,17 +51,30 @@ pub fn profile(args: &BenchArgs) -> Profile {
         train_examples: Some(1000),
         max_len: 128,
     };
-    if args.quick {
-        Profile { name: "quick", tasks: vec![Task::Sst2], cfg: TrainConfig { train_examples: Some(256), ..base } }
+    let mut p = if args.quick {
+        Profile {
+            name: "quick".into(),
+            tasks: vec![Task::Sst2],
+            cfg: TrainConfig { train_examples: Some(256), ..base },
+        }
     } else if args.full {
         Profile {
-            name: "full",
+            name: "full".into(),
             tasks: Task::ALL.iter().copied().filter(|t| t.has_train()).collect(),
             cfg: TrainConfig { epochs: 3, train_examples: None, ..base },
         }
     } else {
-        Profile { name: "default", tasks: vec![Task::Sst2, Task::Mrpc], cfg: base }
+        Profile { name: "default".into(), tasks: vec![Task::Sst2, Task::Mrpc], cfg: base }
+    };
+    if let Some(n) = args.train_examples {
+        p.cfg.train_examples = Some(n);
+        p.name = format!("{}-n{n}", p.name);
     }
+    if let Some(e) = args.epochs {
+        p.cfg.epochs = e.max(1);
+        p.name = format!("{}-e{}", p.name, e.max(1));
+    }
+    p
 }
 
 /// Default methods, in table order.
@@ -149,18 +166,18 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     // 2. Methods and model (fail before any work).
     let names: Vec<String> =
         args.methods.clone().unwrap_or_else(|| DEFAULT_METHODS.iter().map(|s| s.to_string()).collect());
-    let methods = resolve_methods(&names, registry())?;
+    let mut methods = resolve_methods(&names, registry())?;
     drop(load_minilm(&model_dir, 2, 0)?);
     // 3. Threads.
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     // 4. Results.
     let out_root = args.out.clone().unwrap_or_else(|| workspace_root().join("target/bench"));
-    let run_dir = out_root.join("glue").join(prof.name);
+    let run_dir = out_root.join("glue").join(&prof.name);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let results_path = run_dir.join("results.json");
     let mut res = Results::load(&results_path)?;
-    res.profile = prof.name.to_string();
+    res.profile = prof.name.clone();
     res.machine = Machine::detect(threads);
     let tok = train::load_tokenizer(&model_dir.join("tokenizer.json"), prof.cfg.max_len)?;
     eprintln!(
@@ -182,8 +199,9 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         let train_split =
             Split { enc: train::encode_all(&tok, &sub)?, labels: idx.iter().map(|&i| train_y[i]).collect() };
         let dev_split = Split { enc: train::encode_all(&tok, &dev_ex)?, labels: dev_y };
-        for m in &methods {
+        for m in &mut methods {
             for seed in args.seed..args.seed + args.seeds {
+                m.set_seed(seed);
                 let cfg = TrainConfig { lr: m.default_lr(), ..prof.cfg.clone() };
                 if !args.force && res.find(task.name(), m.name(), seed, &cfg).is_some() {
                     eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name());
@@ -247,7 +265,14 @@ fn one_run(
 ) -> Result<Record> {
     train::reset_peak_rss();
     let model = load_minilm(model_dir, task.num_outputs(), seed)?;
-    let prepared = method.prepare(model.as_ref() as &dyn peft_core::nn::Module, &model.head())?;
+    let module = model.as_ref() as &dyn peft_core::nn::Module;
+    let prepared = if method.needs_calibration() {
+        let batches = train::calibration_batches(train_split, cfg.batch_size, CALIBRATION_BATCHES);
+        let mut calib = |i: usize| train::calibration_loss(task, model.as_ref(), train_split, &batches, i, seed);
+        method.prepare_calibrated(module, &model.head(), &mut calib)?
+    } else {
+        method.prepare(module, &model.head())?
+    };
     let trainable: u64 = prepared.trainable().iter().map(|p| p.numel() as u64).sum();
     let total: u64 = named_params(model.as_ref() as &dyn peft_core::nn::Module).iter().map(|p| p.numel() as u64).sum();
     let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name()));
@@ -337,6 +362,24 @@ mod tests {
         assert_eq!(a, subsample(100, Some(10)));
         assert_eq!(subsample(5, Some(10)), vec![0, 1, 2, 3, 4]);
         assert_eq!(subsample(3, None), vec![0, 1, 2]);
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        use clap::Parser;
+        let mut v = vec!["xtask", "bench"];
+        v.extend_from_slice(extra);
+        let crate::cli::Cmd::Bench(b) = crate::cli::Cli::try_parse_from(v).unwrap().cmd else { panic!("not bench") };
+        b
+    }
+
+    #[test]
+    fn overrides_change_the_recipe_and_the_run_folder() {
+        let p = profile(&args(&[]));
+        assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("default", Some(1000), 1));
+        let p = profile(&args(&["--train-examples", "8000", "--epochs", "2"]));
+        assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("default-n8000-e2", Some(8000), 2));
+        let p = profile(&args(&["--full", "--epochs", "1"]));
+        assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("full-e1", None, 1));
     }
 
     #[test]

@@ -66,6 +66,13 @@ pub struct BenchArgs {
     /// Full profile: full training sets, every task with a training split, 3 epochs.
     #[arg(long)]
     pub full: bool,
+    /// Override the profile's number of training examples per task (a fixed random subset; results go to a
+    /// run folder named after the override, e.g. `default-n8000`).
+    #[arg(long)]
+    pub train_examples: Option<usize>,
+    /// Override the profile's number of epochs (run folder gets an `-e<N>` suffix).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Seed of the first run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

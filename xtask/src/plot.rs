@@ -37,11 +37,27 @@ fn e<T: std::fmt::Display>(x: T) -> anyhow::Error {
     anyhow!("plotting: {x}")
 }
 
+/// DejaVu Sans cut down to Latin-1 plus a few symbols (pyftsubset; licence in `fonts/LICENSE-DejaVu.txt`). Embedded
+/// so plots render the same on machines without system fonts or fontconfig (plotters' `ttf` feature needs both).
+static FONT: &[u8] = include_bytes!("../fonts/DejaVuSans-subset.ttf");
+
+/// Registers the embedded font as `sans-serif` (once per process).
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *DONE.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("plotting: the embedded font could not be parsed"))
+    }
+}
+
 /// Writes `metric_vs_params.png` and `loss_curves.png` into `dir`; returns the file names.
 ///
 /// # Errors
-/// Drawing failures (e.g. no usable font).
+/// Drawing or file failures.
 pub fn write_all(res: &Results, dir: &Path) -> Result<Vec<String>> {
+    register_font()?;
     let ts = tasks(res);
     if ts.is_empty() {
         return Ok(Vec::new());
@@ -121,4 +137,28 @@ pub fn write_all(res: &Results, dir: &Path) -> Result<Vec<String>> {
         root.present().map_err(e)?;
     }
     Ok(vec![f1.to_string(), f2.to_string()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::rec;
+
+    /// Both PNGs are written and carry drawn text and markers (the embedded font renders without system fonts).
+    #[test]
+    fn plots_render_with_the_embedded_font() {
+        let res = Results {
+            runs: vec![rec("sst2", "lora", 0, 0.9), rec("sst2", "full", 0, 0.92), rec("mrpc", "lora", 0, 0.8)],
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_all(&res, dir.path()).unwrap();
+        assert_eq!(files, ["metric_vs_params.png", "loss_curves.png"]);
+        for f in &files {
+            let img = image::open(dir.path().join(f)).unwrap().to_rgb8();
+            assert_eq!(img.height(), 400);
+            let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
+            assert!(dark > 200, "{f}: only {dark} dark pixels (no text drawn?)");
+        }
+    }
 }

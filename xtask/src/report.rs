@@ -322,7 +322,7 @@ pub fn markdown(res: &Results, plots: &[String]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cfg() -> TrainConfig {
@@ -338,7 +338,7 @@ mod tests {
         }
     }
 
-    fn rec(task: &str, method: &str, seed: u64, acc: f64) -> Record {
+    pub(crate) fn rec(task: &str, method: &str, seed: u64, acc: f64) -> Record {
         Record {
             task: task.into(),
             method: method.into(),

@@ -217,6 +217,30 @@ pub struct Split {
     pub labels: Vec<Label>,
 }
 
+/// The calibration batches for data-driven inits: up to `n` consecutive batches of `batch_size` training examples
+/// in file order (the subset is already a fixed random draw).
+pub fn calibration_batches(train: &Split, batch_size: usize, n: usize) -> Vec<Vec<usize>> {
+    let idx: Vec<usize> = (0..train.enc.len()).collect();
+    idx.chunks(batch_size.max(1)).take(n).map(<[usize]>::to_vec).collect()
+}
+
+/// Loss of calibration batch `i` (`None` past the last batch), computed in training mode as a training step would,
+/// for [`peft_core::adapter::Method::prepare_calibrated`].
+pub fn calibration_loss(
+    task: Task,
+    model: &dyn SeqClassifier,
+    train: &Split,
+    batches: &[Vec<usize>],
+    i: usize,
+    seed: u64,
+) -> peft_core::Result<Option<Tensor>> {
+    let Some(idx) = batches.get(i) else { return Ok(None) };
+    let batch = collate(&train.enc, idx);
+    let ctx = Ctx::train(seed ^ 0xca1b_0000_u64.wrapping_add(i as u64));
+    let logits = model.logits(&batch, &ctx)?;
+    loss_of(task, &logits, &train.labels, idx).map(Some)
+}
+
 /// Trains `prepared`'s parameters of `model` on `train`, then scores `dev`.
 ///
 /// # Errors

@@ -76,6 +76,10 @@ impl Method for LoraMethod {
         self.lr
     }
 
+    fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
+
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
         let mut cfg = self.config.clone();
         // The head trains and ships with the adapter, as PEFT's modules_to_save does for classifiers.
@@ -158,6 +162,28 @@ mod tests {
             assert!(m.default_lr() >= 1e-3 && m.default_lr() <= 2.5e-3);
             assert!(m.describe().contains("r=8"));
         }
+    }
+
+    #[test]
+    fn set_seed_changes_the_adapter_init_and_is_reproducible() {
+        let lora_a = |m: &dyn Method| -> Vec<f32> {
+            let model = Tiny::new(16, 2, 0);
+            let prep = m.prepare(&model, &[]).unwrap();
+            prep.trainable()
+                .iter()
+                .filter(|p| p.name().contains("lora_A"))
+                .flat_map(|p| p.value().iter().copied().collect::<Vec<f32>>())
+                .collect()
+        };
+        let mut m: Box<dyn Method> = Box::new(LoraMethod::lora(["query", "value"]));
+        m.set_seed(1);
+        let a1 = lora_a(m.as_ref());
+        m.set_seed(2);
+        let a2 = lora_a(m.as_ref());
+        assert!(!a1.is_empty());
+        assert_ne!(a1, a2, "two seeds gave the same LoRA init");
+        m.set_seed(1);
+        assert_eq!(a1, lora_a(m.as_ref()));
     }
 }
 

@@ -28,6 +28,13 @@ pub trait Method: Send + Sync {
     /// Method-specific (e.g. a target pattern that matches nothing).
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>>;
 
+    /// Sets the seed of the method's random initialisation (adapter weights, masks). Trainers call it with the
+    /// run's seed before [`Method::prepare`], so runs with different seeds differ in their adapter init too. The
+    /// default ignores it (methods without randomness).
+    fn set_seed(&mut self, seed: u64) {
+        let _ = seed;
+    }
+
     /// Whether [`Method::prepare_calibrated`] uses the calibration data (data-driven inits such as CorDA, EVA or
     /// LoRA-SB). Trainers only build calibration batches when this is true.
     fn needs_calibration(&self) -> bool {
