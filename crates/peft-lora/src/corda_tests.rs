@@ -38,9 +38,9 @@ fn full_rank_factors_reconstruct_w_and_ipm_kpm_take_head_and_tail() {
     let s = 2.0;
     for (m, want) in [(CordaMethod::Ipm, [f.sigma[0], f.sigma[1]]), (CordaMethod::Kpm, [f.sigma[3], f.sigma[4]])] {
         let g = corda_factors(&w, &cov, 2, s, m).unwrap();
-        for j in 0..2 {
+        for (j, want) in want.iter().enumerate() {
             let n2: f64 = g.b.column(j).iter().map(|&v| f64::from(v).powi(2)).sum();
-            assert!((n2 - want[j] / s).abs() < 1e-4 * want[j], "{m:?} {j}: {n2} vs {}", want[j] / s);
+            assert!((n2 - want / s).abs() < 1e-4 * want, "{m:?} {j}: {n2} vs {}", want / s);
         }
     }
 }
