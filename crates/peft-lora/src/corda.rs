@@ -86,7 +86,9 @@ pub struct CordaFactors {
 fn inverse(c: &Array2<f64>) -> Result<(Array2<f64>, f64)> {
     let (u, sv, vt) = peft_core::linalg::svd(c)?;
     let n = c.nrows();
-    let inv = Array2::from_shape_fn((n, n), |(i, j)| (0..n).map(|k| vt[[k, i]] * u[[j, k]] / sv[k]).sum::<f64>());
+    // C'^{-1} = V diag(1/σ) Uᵀ.
+    let v_scaled = &vt.t() / &sv.view().insert_axis(ndarray::Axis(0));
+    let inv = v_scaled.dot(&u.t());
     let err = (c.dot(&inv) - Array2::<f64>::eye(n)).iter().map(|v| v * v).sum::<f64>().sqrt();
     Ok((inv, if err.is_finite() { err } else { f64::INFINITY }))
 }
