@@ -120,3 +120,26 @@ fn loldu_reports_typed_errors() {
     let nan = Array2::from_elem((2, 2), f64::NAN);
     assert!(matches!(loldu_factors(&nan, 1), Err(Error::NonFinite { .. })));
 }
+
+mod prop {
+    use peft_core::testing::{array_strategy, assert_grads};
+    use proptest::prelude::*;
+
+    use super::super::loldu_delta;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        /// Gradients of x, Û, PL and z on random shapes (size-1 axes included).
+        #[test]
+        fn loldu_delta_gradients_match_finite_differences(
+            (x, u, pl, z) in (1usize..4, 1usize..5, 1usize..5, 1usize..4).prop_flat_map(|(n, i, o, r)| (
+                array_strategy(vec![n, i], -1.0, 1.0),
+                array_strategy(vec![r, i], -1.0, 1.0),
+                array_strategy(vec![o, r], -1.0, 1.0),
+                array_strategy(vec![r], -1.0, 1.0),
+            ))
+        ) {
+            assert_grads(|t| loldu_delta(&t[0], &t[1], &t[2], &t[3], 0.5), &[x, u, pl, z]);
+        }
+    }
+}

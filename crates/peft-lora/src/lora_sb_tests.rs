@@ -112,3 +112,26 @@ fn lora_sb_reports_typed_errors() {
     assert!(model.layers[0][0].adapters().is_empty());
     assert!(!model.layers[0][0].base().params()[0].trainable());
 }
+
+mod prop {
+    use peft_core::testing::{array_strategy, assert_grads};
+    use proptest::prelude::*;
+
+    use super::super::lora_sb_delta;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        /// Gradients of x, A, R and B on random shapes (size-1 axes included).
+        #[test]
+        fn lora_sb_delta_gradients_match_finite_differences(
+            (x, a, r, b) in (1usize..4, 1usize..5, 1usize..5, 1usize..4).prop_flat_map(|(n, i, o, k)| (
+                array_strategy(vec![n, i], -1.0, 1.0),
+                array_strategy(vec![k, i], -1.0, 1.0),
+                array_strategy(vec![k, k], -1.0, 1.0),
+                array_strategy(vec![o, k], -1.0, 1.0),
+            ))
+        ) {
+            assert_grads(|t| lora_sb_delta(&t[0], &t[1], &t[2], &t[3]), &[x, a, r, b]);
+        }
+    }
+}
