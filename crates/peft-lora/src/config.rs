@@ -291,6 +291,11 @@ impl LoraConfig {
             InitLoraWeights::Named(s) if s == "gaussian" => Init::Gaussian,
             InitLoraWeights::Named(s) if s == "pissa" => Init::Pissa { niter: None },
             InitLoraWeights::Named(s) if s == "olora" => Init::Olora,
+            InitLoraWeights::Named(s) if s == "corda" || s == "eva" => {
+                return Err(ConfigError::Unsupported(format!(
+                    "init_lora_weights {s:?} needs calibration data: use peft_lora::{s}::{s}_init"
+                )))
+            }
             InitLoraWeights::Named(s) => match s.strip_prefix("pissa_niter_").and_then(|n| n.parse().ok()) {
                 Some(n) => Init::Pissa { niter: Some(n) },
                 None => return Err(ConfigError::BadInit(s.clone())),
@@ -344,7 +349,7 @@ impl LoraConfig {
         for (k, default) in PASSIVE {
             if let Some(v) = self.extra.get(k) {
                 let d: Value = serde_json::from_str(default).expect("peft-rs bug: PASSIVE json");
-                if *v != d && !matches!(k, "megatron_core" | "auto_mapping" | "peft_version") {
+                if *v != d && !matches!(k, "megatron_core" | "auto_mapping" | "peft_version" | "eva_config") {
                     return Err(ConfigError::Unsupported(format!("{k} = {v}")));
                 }
             }

@@ -152,6 +152,41 @@ impl LoraLinear {
         Ok(me)
     }
 
+    /// An adapter with given `a [r, in]` and `b [out, r]` from a base-mutating data-driven init (CorDA): the base
+    /// becomes `W − s·B·A` and `(A, B)` are recorded as the initial values (see [`convert_mutated_to_lora`]).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for matrices that do not fit the base; [`Error::Invalid`] for DoRA; base errors.
+    pub fn from_mutating_init(
+        path: &str,
+        name: &str,
+        base: &dyn LinearBase,
+        spec: LoraSpec,
+        a: Array2<f32>,
+        b: Array2<f32>,
+    ) -> Result<Self> {
+        let (in_f, out_f, r) = (base.in_features(), base.out_features(), spec.r);
+        if a.dim() != (r, in_f) || b.dim() != (out_f, r) {
+            return Err(Error::Shape { op: "lora", lhs: a.shape().to_vec(), rhs: b.shape().to_vec() });
+        }
+        if spec.use_dora {
+            crate::bail!("lora", "a mutating data-driven init cannot be combined with DoRA at `{path}`");
+        }
+        let scaling = spec.scaling();
+        base.add_to_weight(&b.dot(&a).mapv(|v| -(scaling as f32) * v).into_dyn())?;
+        let initial = Some((a.clone().into_dyn(), b.clone().into_dyn()));
+        Ok(LoraLinear {
+            name: name.to_string(),
+            spec,
+            scaling,
+            a: Param::new(format!("{path}.lora_A.{name}.weight"), a.into_dyn(), true),
+            b: Param::new(format!("{path}.lora_B.{name}.weight"), b.into_dyn(), true),
+            magnitude: None,
+            merge_norm: Mutex::new(None),
+            initial,
+        })
+    }
+
     /// The hyper-parameters.
     pub fn spec(&self) -> &LoraSpec {
         &self.spec

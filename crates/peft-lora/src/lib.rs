@@ -52,3 +52,11 @@ pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
 pub mod weighted;
 
 pub use weighted::Combination;
+pub mod allora;
+pub mod calib;
+pub mod corda;
+pub mod eva;
+pub mod init_methods;
+pub mod loldu;
+pub mod lora_sb;
+pub mod sitemodel;

@@ -1,0 +1,270 @@
+//! EVA, Explained Variance Adaptation (Paischer et al., 2024; PEFT `init_lora_weights = "eva"`), spec §2.5.
+//!
+//! Calibration batches run through the model while each target site's input rows feed a PCA with
+//! `max_components = round(r·rho)`. After each batch, the explained-variance ratios of all components of all
+//! sites are pooled, sorted and the top `Σ r_l` kept (rank redistribution); a site has converged when each of
+//! its first `k_l` components has `|cos|` ≥ `tau` with the previous batch's estimate. Calibration stops when all
+//! have converged (or the data is exhausted: the last estimate is used). Then `A = ` the top `k_l` components
+//! (orthonormal rows; divided by `√λ_i` with `whiten`), `B = 0` (identity at init), and with
+//! `adjust_scaling_factors` `α_l = α·k_l/r` so `α_l/k_l = α/r`. Sites with `k_l = 0` get no adapter (added to
+//! `exclude_modules`); the per-site ranks and alphas are written into `rank_pattern` / `alpha_pattern` as PEFT does.
+//!
+//! Differences from PEFT: the PCA is exact (streaming `Σx`, `XᵀX` in f64, eigendecomposition of the centred
+//! covariance after each batch) where PEFT uses sklearn-style IncrementalPCA with a randomised SVD (which
+//! approximates it); the calibration closure returns only the loss, so `use_label_mask` cannot drop padding or
+//! label −100 positions here (every input row counts); sites with identical inputs are not deduplicated (this
+//! changes only cost, not the result).
+
+use ndarray::Array2;
+use peft_core::nn::Module;
+use peft_core::{Error, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::calib::{regex_escape, run_forward, target_sites, Calibration, InputStats, RecordMode};
+use crate::config::{num, InitLoraWeights, LoraConfig};
+use crate::model::LoraModel;
+use peft_core::adapter::ModulePattern;
+
+/// PEFT's `EvaConfig` (`eva_config` in `adapter_config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvaConfig {
+    /// Rank budget factor: each site computes `round(r·rho)` components (≥ 1).
+    pub rho: f64,
+    /// Cosine-similarity threshold for convergence, in `(0, 1]`.
+    pub tau: f64,
+    /// PEFT: ignore label −100 positions. Not applied here (see the module doc).
+    pub use_label_mask: bool,
+    /// The masked label value.
+    pub label_mask_value: i64,
+    /// Divide component `i` by `√λ_i`.
+    pub whiten: bool,
+    /// `α_l = α·k_l/r` when a site's rank changes.
+    pub adjust_scaling_factors: bool,
+}
+
+impl Default for EvaConfig {
+    fn default() -> Self {
+        EvaConfig {
+            rho: 2.0,
+            tau: 0.99,
+            use_label_mask: true,
+            label_mask_value: -100,
+            whiten: false,
+            adjust_scaling_factors: true,
+        }
+    }
+}
+
+/// One site's PCA estimate.
+#[derive(Clone, Debug)]
+pub struct Pca {
+    /// Components as rows `[c, in]` (orthonormal), by decreasing variance.
+    pub components: Array2<f64>,
+    /// Their variances `λ_i`.
+    pub variance: Vec<f64>,
+    /// `λ_i / Σ_all λ` (ratios of the total variance of the site's inputs).
+    pub ratio: Vec<f64>,
+}
+
+/// The PCA of the rows seen so far, keeping `max_c` components.
+///
+/// # Errors
+/// [`Error::NonFinite`] for non-finite statistics; [`Error::Invalid`] with fewer than 2 rows.
+pub fn pca(st: &InputStats, max_c: usize) -> Result<Pca> {
+    if st.nonfinite || st.xtx.iter().any(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { what: "EVA input statistics".into() });
+    }
+    if st.rows < 2 {
+        crate::bail!("eva", "PCA needs at least 2 input rows, got {}", st.rows);
+    }
+    let cov = st.centered_covariance();
+    let (_, sv, vt) = peft_core::linalg::svd(&cov)?;
+    let total: f64 = sv.sum();
+    let c = max_c.min(sv.len());
+    let variance: Vec<f64> = sv.iter().take(c).copied().collect();
+    let ratio = variance.iter().map(|v| if total > 0.0 { v / total } else { 0.0 }).collect();
+    Ok(Pca { components: vt.slice(ndarray::s![..c, ..]).to_owned(), variance, ratio })
+}
+
+/// Rank redistribution: pools `(ratio, site)` over all components, keeps the `budget` largest and returns how
+/// many each site got (ties go to the earlier site and component).
+pub fn redistribute(ratios: &[Vec<f64>], budget: usize) -> Vec<usize> {
+    let mut all: Vec<(f64, usize, usize)> =
+        ratios.iter().enumerate().flat_map(|(l, r)| r.iter().enumerate().map(move |(j, &v)| (v, l, j))).collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut k = vec![0; ratios.len()];
+    for &(_, l, _) in all.iter().take(budget) {
+        k[l] += 1;
+    }
+    k
+}
+
+/// True when the first `k` components of `cur` have `|cos| ≥ tau` with those of `prev`.
+fn converged(prev: &Pca, cur: &Pca, k: usize, tau: f64) -> bool {
+    (0..k.min(prev.components.nrows()).min(cur.components.nrows())).all(|i| {
+        let (a, b) = (prev.components.row(i), cur.components.row(i));
+        let cos = a.dot(&b) / (a.dot(&a).sqrt() * b.dot(&b).sqrt()).max(f64::MIN_POSITIVE);
+        cos.abs() >= tau
+    }) && k <= prev.components.nrows()
+}
+
+/// What the EVA calibration found, per target site (in model order).
+#[derive(Clone, Debug)]
+pub struct EvaResult {
+    /// Site paths.
+    pub paths: Vec<String>,
+    /// The configured rank `r_l` of each site.
+    pub budget: Vec<usize>,
+    /// The redistributed rank `k_l`.
+    pub ranks: Vec<usize>,
+    /// The final PCA of each site.
+    pub pca: Vec<Pca>,
+    /// Calibration batches used.
+    pub batches: usize,
+    /// True when every site converged before the data ran out.
+    pub converged: bool,
+}
+
+/// Runs EVA's calibration on `model` for the targets of `config` (at most `max_batches` batches).
+///
+/// # Errors
+/// [`Error::Invalid`] for `rho < 1`, `tau ∉ (0, 1]`, a rank above a site's `in_features`, or empty calibration
+/// data; [`Error::NonFinite`] for NaN/infinite activations; errors of `calib`.
+pub fn eva_calibrate(
+    model: &dyn Module,
+    config: &LoraConfig,
+    eva: &EvaConfig,
+    calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
+    max_batches: Option<usize>,
+) -> Result<EvaResult> {
+    if !(eva.rho >= 1.0 && eva.rho.is_finite()) {
+        crate::bail!("eva", "rho must be ≥ 1, got {}", eva.rho);
+    }
+    if !(eva.tau > 0.0 && eva.tau <= 1.0) {
+        crate::bail!("eva", "tau must be in (0, 1], got {}", eva.tau);
+    }
+    let sites = target_sites(model, &config.target_spec()?)?;
+    let mut budget = Vec::new();
+    let mut max_c = Vec::new();
+    for s in &sites {
+        let (r, _) = config.rank_alpha(s.path())?;
+        if r == 0 || r > s.in_features().min(s.out_features()) {
+            crate::bail!(
+                "eva",
+                "`{}`: rank {r} must be in 1..=min(in, out) = {}",
+                s.path(),
+                s.in_features().min(s.out_features())
+            );
+        }
+        budget.push(r);
+        max_c.push(((r as f64 * eva.rho).round() as usize).clamp(r, s.in_features()));
+    }
+    let total: usize = budget.iter().sum();
+    let cal = Calibration::attach(&sites, RecordMode::Moments)?;
+    let mut prev: Option<Vec<Pca>> = None;
+    let mut done = false;
+    let batches = run_forward("eva", calib, max_batches, |_| {
+        let stats = cal.stats();
+        if stats.iter().any(|s| s.nonfinite) {
+            return Err(Error::NonFinite { what: "EVA input activations".into() });
+        }
+        if stats.iter().any(|s| s.rows < 2) {
+            return Ok(false);
+        }
+        let cur: Vec<Pca> = stats.iter().zip(&max_c).map(|(s, &c)| pca(s, c)).collect::<Result<_>>()?;
+        let ks = redistribute(&cur.iter().map(|p| p.ratio.clone()).collect::<Vec<_>>(), total);
+        if let Some(p) = &prev {
+            done = p.iter().zip(&cur).zip(&ks).all(|((a, b), &k)| converged(a, b, k, eva.tau));
+        }
+        prev = Some(cur);
+        Ok(done)
+    })?;
+    let stats = cal.finish()?;
+    let pcas: Vec<Pca> = stats.iter().zip(&max_c).map(|(s, &c)| pca(s, c)).collect::<Result<_>>()?;
+    let ranks = redistribute(&pcas.iter().map(|p| p.ratio.clone()).collect::<Vec<_>>(), total);
+    Ok(EvaResult {
+        paths: sites.iter().map(|s| s.path().to_string()).collect(),
+        budget,
+        ranks,
+        pca: pcas,
+        batches,
+        converged: done,
+    })
+}
+
+/// Builds an EVA adapter `name` on `model` from calibration data (see the module doc). The stored config has
+/// `init_lora_weights = "eva"`, `eva_config`, and the redistributed ranks/alphas in `rank_pattern`/`alpha_pattern`.
+///
+/// # Errors
+/// As [`eva_calibrate`]; config errors; [`Error::Invalid`] when every site got rank 0.
+pub fn eva_init(
+    model: &dyn Module,
+    config: &LoraConfig,
+    eva: &EvaConfig,
+    name: &str,
+    seed: u64,
+    calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
+    max_batches: Option<usize>,
+) -> Result<LoraModel> {
+    let mut build = LoraConfig { init_lora_weights: InitLoraWeights::Bool(true), ..config.clone() };
+    build.validate()?;
+    let res = eva_calibrate(model, &build, eva, calib, max_batches)?;
+    let (mut ranks, mut alphas) = (serde_json::Map::new(), serde_json::Map::new());
+    let mut dropped = Vec::new();
+    for ((path, &r), &k) in res.paths.iter().zip(&res.budget).zip(&res.ranks) {
+        if k == 0 {
+            dropped.push(path.clone());
+            continue;
+        }
+        let key = regex_escape(path);
+        ranks.insert(key.clone(), k.into());
+        let (_, alpha) = build.rank_alpha(path)?;
+        let a = if eva.adjust_scaling_factors { alpha * k as f64 / r as f64 } else { alpha };
+        alphas.insert(key, Value::Number(num(a)));
+    }
+    if ranks.is_empty() {
+        crate::bail!("eva", "rank redistribution left no site with an adapter");
+    }
+    // Our keys first: PEFT's pattern lookup takes the first hit.
+    ranks.extend(std::mem::take(&mut build.rank_pattern));
+    alphas.extend(std::mem::take(&mut build.alpha_pattern));
+    build.rank_pattern = ranks;
+    build.alpha_pattern = alphas;
+    if !dropped.is_empty() {
+        build.exclude_modules = Some(match build.exclude_modules.take() {
+            None => ModulePattern::List(dropped),
+            Some(ModulePattern::List(mut v)) => {
+                v.extend(dropped);
+                ModulePattern::List(v)
+            }
+            Some(ModulePattern::Regex(re)) => ModulePattern::Regex(format!(
+                "(?:{re})|{}",
+                dropped.iter().map(|p| regex_escape(p)).collect::<Vec<_>>().join("|")
+            )),
+        });
+    }
+    build.extra.insert(
+        "eva_config".into(),
+        serde_json::to_value(eva).map_err(|e| Error::Invalid { op: "eva", msg: e.to_string() })?,
+    );
+    let mut lm = LoraModel::new(model, build, name, seed)?;
+    let set = lm.adapter(name)?;
+    for (site, layer) in &set.layers {
+        let i = res.paths.iter().position(|p| p == site.path()).expect("peft-rs bug: EVA site list");
+        let (k, p) = (res.ranks[i], &res.pca[i]);
+        let a = Array2::from_shape_fn((k, site.in_features()), |(r, c)| {
+            let v = p.components[[r, c]];
+            (if eva.whiten { v / p.variance[r].sqrt().max(f64::MIN_POSITIVE) } else { v }) as f32
+        });
+        layer.lora_a().set(a.into_dyn())?;
+    }
+    lm.adapters_mut().iter_mut().find(|a| a.name == name).expect("peft-rs bug: EVA adapter").config.init_lora_weights =
+        InitLoraWeights::Named("eva".into());
+    lm.set_adapter(name)?;
+    Ok(lm)
+}
+
+#[cfg(test)]
+#[path = "eva_tests.rs"]
+mod tests;
