@@ -456,6 +456,18 @@ mod tests {
     }
 
     #[test]
+    fn calibration_batches_are_the_first_batches_and_losses_end_with_none() {
+        let sp = split(40);
+        let b = calibration_batches(&sp, 16, 8);
+        assert_eq!(b, vec![(0..16).collect::<Vec<_>>(), (16..32).collect(), (32..40).collect()]);
+        assert_eq!(calibration_batches(&sp, 16, 2).len(), 2);
+        let m = toy(2);
+        let l0 = calibration_loss(Task::Sst2, &m, &sp, &b, 0, 0).unwrap().expect("batch 0 exists");
+        assert!(l0.item().unwrap().is_finite() && l0.tracks(), "calibration loss must be differentiable");
+        assert!(calibration_loss(Task::Sst2, &m, &sp, &b, 3, 0).unwrap().is_none());
+    }
+
+    #[test]
     fn run_learns_a_separable_toy_task() {
         let m = toy(2);
         let prep = HeadOnly.prepare(&m, &m.head()).unwrap();

@@ -100,6 +100,9 @@ impl Method for DataInitMethod {
     fn default_lr(&self) -> f64 {
         self.lr
     }
+    fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
     fn prepare(&self, _model: &dyn Module, _head: &[Param]) -> Result<Box<dyn Prepared>> {
         Err(no_data(&self.name))
     }
