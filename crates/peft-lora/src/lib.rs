@@ -52,3 +52,16 @@ pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
 pub mod weighted;
 
 pub use weighted::Combination;
+pub mod hydra;
+pub mod structured;
+
+pub use hydra::{HydraConfig, HydraLinear, HydraModel};
+pub mod poly;
+
+pub use poly::{PolyConfig, PolyLinear, PolyModel, PolySelector};
+pub mod mos;
+
+pub use mos::{MosConfig, MosLinear, MosModel};
+pub mod mixlora;
+
+pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
