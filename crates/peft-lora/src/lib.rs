@@ -65,3 +65,4 @@ pub use mos::{MosConfig, MosLinear, MosModel};
 pub mod mixlora;
 
 pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
+pub mod struct_methods;
