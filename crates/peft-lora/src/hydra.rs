@@ -84,6 +84,9 @@ impl HydraConfig {
     }
 }
 
+/// The weight delta of a merge and the bias it replaced.
+type MergeRecord = (ArrayD<f32>, Option<ArrayD<f32>>);
+
 /// Hydra on one linear site.
 pub struct HydraLinear {
     name: String,
@@ -93,7 +96,7 @@ pub struct HydraLinear {
     a_s: Param,
     b_s: Param,
     /// The weight delta and the original bias of the last merge, for an exact unmerge.
-    merged: Mutex<Option<(ArrayD<f32>, Option<ArrayD<f32>>)>>,
+    merged: Mutex<Option<MergeRecord>>,
 }
 
 fn m2(p: &Param) -> Result<Array2<f32>> {

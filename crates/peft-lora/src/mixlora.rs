@@ -125,7 +125,10 @@ impl MixLoraConfig {
         if self.top_k == 0 || self.top_k > self.num_experts {
             crate::bail!("MixLoraConfig", "top_k = {} must be in 1..={}", self.top_k, self.num_experts);
         }
-        if !(self.router_init_range >= 0.0) || !(0.0..1.0).contains(&self.jitter_noise) || !self.lora_alpha.is_finite()
+        if self.router_init_range.is_nan()
+            || self.router_init_range < 0.0
+            || !(0.0..1.0).contains(&self.jitter_noise)
+            || !self.lora_alpha.is_finite()
         {
             crate::bail!("MixLoraConfig", "router_init_range ≥ 0, 0 ≤ jitter_noise < 1 and a finite alpha required");
         }

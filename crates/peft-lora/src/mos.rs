@@ -126,7 +126,10 @@ impl MosConfig {
         if p == v && p < r {
             crate::bail!("MosConfig", "the shared pool is empty (valid_param_lora_r = private_r = {p} < r = {r})");
         }
-        if !self.lora_alpha.is_finite() || !self.init_lora_a_vec_value.is_finite() || !(self.init_lora_a_vec_std >= 0.0)
+        if !self.lora_alpha.is_finite()
+            || !self.init_lora_a_vec_value.is_finite()
+            || self.init_lora_a_vec_std.is_nan()
+            || self.init_lora_a_vec_std < 0.0
         {
             crate::bail!("MosConfig", "lora_alpha and the A-vector scale must be finite, the std non-negative");
         }
@@ -246,7 +249,7 @@ pub struct MosModel {
 }
 
 fn div(d: usize, l: usize, path: &str) -> Result<usize> {
-    if d % l != 0 {
+    if !d.is_multiple_of(l) {
         crate::bail!("mos", "num_chunk_per_vec = {l} does not divide {d} at `{path}` (shard count mismatch)");
     }
     Ok(d / l)

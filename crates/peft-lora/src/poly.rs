@@ -374,6 +374,9 @@ impl LinearAdapter for PolyLinear {
     }
 }
 
+/// `(lora_A, lora_B)`.
+type LoraFactors = (ArrayD<f32>, ArrayD<f32>);
+
 /// A model with one Poly/MHR adapter.
 pub struct PolyModel {
     /// The config.
@@ -428,7 +431,7 @@ impl PolyModel {
     /// # Errors
     /// LoRA injection errors.
     pub fn into_mhr_mu(mut self, model: &dyn Module, name: &str) -> Result<LoraModel> {
-        let means: Vec<(String, (ArrayD<f32>, ArrayD<f32>))> = self
+        let means: Vec<(String, LoraFactors)> = self
             .adapter
             .layers
             .iter()
