@@ -7,7 +7,7 @@
 //! 4 shards per vector (8/3 times fewer trainable parameters than LoRA r = 8; the pool must hold the 28 distinct
 //! shards one module draws, so at least 4 adapted modules are needed); MixLoRA uses the README example
 //! (8 experts, top-2, r = 8, α = 16, router std 0.02) with LoRA on the given attention targets. The learning rate
-//! is the bench's LoRA rate (2.5e-3, see [`crate::methods`]) for all three: not tuned per method. The bench's
+//! is the bench's LoRA rate (2.5e-3, see [`crate::methods::LoraMethod`]) for all three: not tuned per method. The bench's
 //! trainer does not add MixLoRA's load-balancing loss (the [`Method`] interface has no auxiliary-loss hook); a
 //! trainer that can should add [`MixLoraModel::take_aux_loss`] after each forward.
 
