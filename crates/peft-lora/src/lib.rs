@@ -60,3 +60,17 @@ pub mod init_methods;
 pub mod loldu;
 pub mod lora_sb;
 pub mod sitemodel;
+pub mod hydra;
+pub mod structured;
+
+pub use hydra::{HydraConfig, HydraLinear, HydraModel};
+pub mod poly;
+
+pub use poly::{PolyConfig, PolyLinear, PolyModel, PolySelector};
+pub mod mos;
+
+pub use mos::{MosConfig, MosLinear, MosModel};
+pub mod mixlora;
+
+pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
+pub mod struct_methods;

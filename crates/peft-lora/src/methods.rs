@@ -137,6 +137,7 @@ pub fn methods_for(targets: &[&str]) -> Vec<Box<dyn Method>> {
     let mut v: Vec<Box<dyn Method>> =
         vec![Box::new(LoraMethod::lora(t())), Box::new(LoraMethod::dora(t())), Box::new(LoraMethod::pissa(t()))];
     v.extend(crate::init_methods::init_methods_for(targets));
+    v.extend(crate::struct_methods::methods_for(targets));
     v
 }
 
@@ -148,7 +149,10 @@ mod tests {
     #[test]
     fn registry_methods_prepare_train_and_save() {
         let names: Vec<String> = methods().iter().map(|m| m.name().to_string()).collect();
-        assert_eq!(names, ["lora", "dora", "pissa", "corda", "eva", "loldu", "lora-sb"]);
+        assert_eq!(
+            names,
+            ["lora", "dora", "pissa", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]
+        );
         for m in methods().into_iter().take(3) {
             let model = Tiny::new(16, 2, 0);
             let head = model.classifier.base().params();
