@@ -277,7 +277,10 @@ pub fn run(
         let batch = collate(&train.enc, idx);
         let ctx = Ctx::train(seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let logits = model.logits(&batch, &ctx)?;
-        let loss = loss_of(task, &logits, &train.labels, idx)?;
+        let mut loss = loss_of(task, &logits, &train.labels, idx)?;
+        if let Some(aux) = prepared.take_aux_loss()? {
+            loss = loss.add(&aux)?;
+        }
         let lv = loss.item()?;
         let mut grads = loss.backward()?;
         drop((loss, logits));

@@ -56,11 +56,11 @@ pub mod allora;
 pub mod calib;
 pub mod corda;
 pub mod eva;
+pub mod hydra;
 pub mod init_methods;
 pub mod loldu;
 pub mod lora_sb;
 pub mod sitemodel;
-pub mod hydra;
 pub mod structured;
 
 pub use hydra::{HydraConfig, HydraLinear, HydraModel};

@@ -149,10 +149,7 @@ mod tests {
     #[test]
     fn registry_methods_prepare_train_and_save() {
         let names: Vec<String> = methods().iter().map(|m| m.name().to_string()).collect();
-        assert_eq!(
-            names,
-            ["lora", "dora", "pissa", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]
-        );
+        assert_eq!(names, ["lora", "dora", "pissa", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]);
         for m in methods().into_iter().take(3) {
             let model = Tiny::new(16, 2, 0);
             let head = model.classifier.base().params();

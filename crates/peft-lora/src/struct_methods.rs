@@ -90,6 +90,9 @@ impl Method for StructMethod {
         }
     }
 
+    fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
     fn default_lr(&self) -> f64 {
         self.lr
     }
@@ -118,6 +121,9 @@ impl Method for StructMethod {
 trait Saves {
     fn trainable(&self) -> Vec<Param>;
     fn save(&self, dir: &Path) -> Result<u64>;
+    fn take_aux_loss(&self) -> Result<Option<peft_core::Tensor>> {
+        Ok(None)
+    }
 }
 
 impl Saves for HydraModel {
@@ -145,6 +151,9 @@ impl Saves for MixLoraModel {
     fn save(&self, dir: &Path) -> Result<u64> {
         self.save_pretrained(dir)
     }
+    fn take_aux_loss(&self) -> Result<Option<peft_core::Tensor>> {
+        MixLoraModel::take_aux_loss(self)
+    }
 }
 
 /// A model prepared by a [`StructMethod`].
@@ -157,6 +166,11 @@ pub struct StructPrepared {
 impl Prepared for StructPrepared {
     fn trainable(&self) -> Vec<Param> {
         self.trainable.clone()
+    }
+
+    /// MixLoRA's load-balance loss (coefficient applied); none for Hydra and MoS.
+    fn take_aux_loss(&self) -> Result<Option<peft_core::Tensor>> {
+        self.model.take_aux_loss()
     }
 
     /// The adapter files plus `model.safetensors` with the head.

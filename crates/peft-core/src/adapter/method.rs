@@ -70,6 +70,15 @@ pub trait Prepared {
     /// # Errors
     /// IO errors (as [`crate::Error::Invalid`] with the message).
     fn save(&self, dir: &Path) -> Result<u64>;
+
+    /// An auxiliary loss recorded by the last forward pass that the trainer adds to the task loss (e.g. MixLoRA's
+    /// router load-balance loss, already multiplied by its coefficient). Taking it clears it. Default: none.
+    ///
+    /// # Errors
+    /// Shape errors while summing per-layer terms.
+    fn take_aux_loss(&self) -> Result<Option<crate::Tensor>> {
+        Ok(None)
+    }
 }
 
 /// Freezes every parameter of `model`, then unfreezes those for which `keep` is true and the head.
