@@ -106,3 +106,43 @@ fn minilm_merged_folder_matches_unmerged_adapter_forward() {
     assert!(diff <= 1e-5, "merged vs unmerged: {diff}");
     assert!(out.join("tokenizer.json").is_file() && out.join("1_Pooling/config.json").is_file());
 }
+
+#[test]
+fn tiny_tied_llama_merged_folder_matches_unmerged_adapter_forward() {
+    use peft_core::models::llama::{Llama, LlamaSpec};
+    let d = tempfile::tempdir().unwrap();
+    let model_dir = d.path().join("tiny-llama");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let json = serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+        "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64, "tie_word_embeddings": true,
+        "hidden_act": "silu"
+    });
+    std::fs::write(model_dir.join("config.json"), json.to_string()).unwrap();
+    let cfg = peft_core::io::LlamaConfig::load(model_dir.join("config.json")).unwrap();
+    let m = Llama::random(&LlamaSpec::from_hf(&cfg).unwrap(), 5, 0.3).unwrap();
+    let ps = named_params(&m);
+    let vals: Vec<_> = ps.iter().map(|p| (p.name().to_string(), p.value().to_owned())).collect();
+    write_safetensors(model_dir.join("model.safetensors"), vals.iter().map(|(n, v)| (n, v)), None).unwrap();
+
+    let Model::Llama(base) = registry::load(&model_dir).unwrap() else { panic!("llama") };
+    let ids = [3usize, 17, 9, 30, 1, 4];
+    let fwd = |m: &Llama| -> ndarray::ArrayD<f32> {
+        peft_core::no_grad(|| m.forward(&ids, [1, ids.len()], None, &Ctx::eval())).unwrap().data().to_owned()
+    };
+    let plain = fwd(&base);
+    let mut cfg = LoraConfig::new(4, 8.0, ["q_proj", "v_proj", "down_proj"]);
+    cfg.init_lora_weights = InitLoraWeights::Bool(false);
+    let lm = LoraModel::new(&base, cfg, "default", 3).unwrap();
+    let adapter = d.path().join("adapter");
+    lm.save_pretrained(&adapter).unwrap();
+    let want = fwd(&base);
+    assert!(max_diff(&plain, &want) > 1e-3, "the adapter changes the output");
+    let out = d.path().join("merged");
+    xtask(&[&"merge", &"--model", &model_dir, &"--adapter", &adapter, &"--out", &out]);
+    let merged = Llama::from_hf_dir(&out).unwrap();
+    let diff = max_diff(&fwd(&merged), &want);
+    assert!(diff <= 1e-5, "merged vs unmerged: {diff}");
+    assert!(!SafeTensorsFile::open(out.join("model.safetensors")).unwrap().contains("lm_head.weight"));
+}
