@@ -24,6 +24,14 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value_t = Suite::Glue)]
         suite: Suite,
     },
+    /// Run a backbone over a list of inputs; write hidden states, pooled embeddings (and LLaMA logits).
+    Embed(crate::embed::EmbedArgs),
+    /// Merge a PEFT LoRA adapter into a Hugging Face model folder and write the merged folder.
+    Merge(crate::merge::MergeArgs),
+    /// Quantize the 2-D weights of a safetensors file to bitsandbytes' NF4/FP4/int8 layout.
+    Quantize(crate::quantize::QuantizeArgs),
+    /// Dequantize a bitsandbytes-layout safetensors file back to F32 weights.
+    Dequantize(crate::quantize::DequantizeArgs),
 }
 
 /// Benchmark suites.

@@ -1,12 +1,16 @@
-//! `cargo xtask`: the peft-rs benchmark driver (`bench`) and asset check (`assets`).
+//! `cargo xtask`: the peft-rs benchmark driver (`bench`), asset check (`assets`) and model tools (`embed`, `merge`,
+//! `quantize`, `dequantize`).
 
 mod assets;
 mod baseline;
 mod bench;
 mod cli;
+mod embed;
 mod glue;
+mod merge;
 mod model;
 mod plot;
+mod quantize;
 mod report;
 mod train;
 
@@ -21,6 +25,10 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Assets { suite } => assets_cmd(suite),
+        Cmd::Embed(args) => embed::run(&args),
+        Cmd::Merge(args) => merge::run(&args),
+        Cmd::Quantize(args) => quantize::run_quantize(&args),
+        Cmd::Dequantize(args) => quantize::run_dequantize(&args),
     };
     match res {
         Ok(code) => code,

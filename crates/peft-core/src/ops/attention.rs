@@ -659,39 +659,4 @@ mod tests {
         assert!(matches!(x.rotary_embedding(p, 0.0, RopeLayout::RotateHalf), Err(Error::Invalid { .. })));
         assert!(matches!(x.rotary_embedding(p, f64::INFINITY, RopeLayout::Interleaved), Err(Error::Invalid { .. })));
     }
-
-    /// Timing of typical training shapes (run with `--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn attention_timings() {
-        use std::time::Instant;
-        let rnd = |s: &[usize]| {
-            Tensor::<f32>::var(ArrayD::from_shape_fn(IxDyn(s), |ix| {
-                ((ix[2] * 13 + ix[3] * 7 + ix[1]) % 17) as f32 * 0.05
-            }))
-        };
-        for (name, b, h, hkv, l, d, causal) in [
-            ("bert-base 8x12x128x64", 8, 12, 12, 128, 64, false),
-            ("llama-ish gqa 1x32/8x512x64 causal", 1, 32, 8, 512, 64, true),
-        ] {
-            let (q, k, v) = (rnd(&[b, h, l, d]), rnd(&[b, hkv, l, d]), rnd(&[b, hkv, l, d]));
-            let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-            for _ in 0..2 {
-                let s = Instant::now();
-                let y = q.scaled_dot_product_attention(&k, &v, None, causal, None).unwrap();
-                let f = ms(s);
-                let s = Instant::now();
-                y.sum_all().backward().unwrap();
-                let fb = ms(s);
-                // baseline in the same run: the same attention composed from matmul/softmax primitives
-                let s = Instant::now();
-                let y = reference(&q, &k, &v, None, causal, 1.0 / (d as f64).sqrt()).unwrap();
-                let r = ms(s);
-                let s = Instant::now();
-                y.sum_all().backward().unwrap();
-                let rb = ms(s);
-                println!("{name}: fused fwd {f:.1} ms bwd {fb:.1} ms | composed fwd {r:.1} ms bwd {rb:.1} ms");
-            }
-        }
-    }
 }

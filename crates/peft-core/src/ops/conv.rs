@@ -298,7 +298,6 @@ impl<E: Elem> Tensor<E> {
 mod tests {
     use super::*;
     use crate::testing::{array_strategy, assert_grads};
-    use ndarray::Dimension;
     use proptest::prelude::*;
 
     /// Direct 2-d convolution by definition, in f64.
@@ -423,49 +422,5 @@ mod tests {
         assert!(matches!(x.conv2d(&w, None, (1, 1), (0, 0)), Err(Error::Shape { .. })));
         let x4 = Tensor::<f32>::zeros(&[1, 2, 5, 5]);
         assert!(matches!(x4.conv2d(&Tensor::zeros(&[4, 2, 3, 0]), None, (1, 1), (0, 0)), Err(Error::Invalid { .. })));
-    }
-
-    /// Timing of the real front ends (run with `--ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn conv_front_end_timings() {
-        use std::time::Instant;
-        let t = |name: &str, f: &dyn Fn()| {
-            f();
-            let s = Instant::now();
-            for _ in 0..3 {
-                f();
-            }
-            println!("{name}: {:.2} ms", s.elapsed().as_secs_f64() * 1e3 / 3.0);
-        };
-        let rnd = |s: &[usize]| {
-            Tensor::<f32>::new(ArrayD::from_shape_fn(IxDyn(s), |ix| (ix.as_array_view().sum() % 7) as f32 * 0.1))
-        };
-        // ViT-B/16-style patch embedding at 14x14 (ViT-S/14 and DINOv2 use this), batch 8
-        let (x, w, b) = (rnd(&[8, 3, 224, 224]), rnd(&[768, 3, 14, 14]), rnd(&[768]));
-        t("vit patch 14x14/14 fwd  [8,3,224,224]->[8,768,16,16]", &|| {
-            drop(x.conv2d(&w, Some(&b), (14, 14), (0, 0)).unwrap())
-        });
-        // baseline in the same run: one GEMM of the same size ([768, 588] x [8, 588, 256])
-        let (w2, c) = (rnd(&[768, 588]), rnd(&[8, 588, 256]));
-        t("  baseline gemm [768,588]x[8,588,256]", &|| drop(w2.matmul(&c).unwrap()));
-        let xv = Tensor::var(x.data().to_owned());
-        let wv = Tensor::var(w.data().to_owned());
-        t("vit patch fwd+bwd (dx, dW)", &|| {
-            drop(xv.conv2d(&wv, Some(&b), (14, 14), (0, 0)).unwrap().sum_all().backward().unwrap())
-        });
-        // Whisper tiny front end: 80 -> 384, k3 p1; 384 -> 384, k3 s2 p1 over 3000 frames
-        let (m, w1, w2, b1) = (rnd(&[1, 80, 3000]), rnd(&[384, 80, 3]), rnd(&[384, 384, 3]), rnd(&[384]));
-        t("whisper conv1 fwd [1,80,3000]->[1,384,3000]", &|| drop(m.conv1d(&w1, Some(&b1), 1, 1).unwrap()));
-        let (wa, ca) = (rnd(&[384, 240]), rnd(&[240, 3000]));
-        t("  baseline gemm [384,240]x[240,3000]", &|| drop(wa.matmul(&ca).unwrap()));
-        let h = m.conv1d(&w1, Some(&b1), 1, 1).unwrap();
-        t("whisper conv2 fwd [1,384,3000]->[1,384,1500]", &|| drop(h.conv1d(&w2, Some(&b1), 2, 1).unwrap()));
-        let (wb, cb) = (rnd(&[384, 1152]), rnd(&[1152, 1500]));
-        t("  baseline gemm [384,1152]x[1152,1500]", &|| drop(wb.matmul(&cb).unwrap()));
-        let hv = Tensor::var(h.data().to_owned());
-        t("whisper conv2 fwd+bwd (dx only)", &|| {
-            drop(hv.conv1d(&w2, Some(&b1), 2, 1).unwrap().sum_all().backward().unwrap())
-        });
     }
 }
