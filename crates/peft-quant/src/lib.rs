@@ -50,6 +50,9 @@ pub mod compeft;
 pub mod error;
 pub mod int8;
 pub mod linear;
+pub mod lq_lora;
+pub mod onebit;
+pub mod qlora;
 pub mod storage;
 
 pub use block4::{check_blocksize, Absmax, FloatDtype, Quant4, Quant4Config, QuantStorage, QuantType};
@@ -58,4 +61,5 @@ pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
+pub use qlora::{methods, methods_for, Qlora, QloraMethod, QuantMemory, RoundingError};
 pub use storage::{Checkpoint, RawTensor};
