@@ -109,7 +109,8 @@ fn sweep(
     };
     println!("{what}: |tau| = {} values, std {sigma:.3e}", tau.len());
     for &k in densities {
-        let cfg = ComPeftConfig { density: k, mode: ComPeftMode::Ternary { alpha: 1.0 }, selection: Selection::Authors };
+        let cfg =
+            ComPeftConfig { density: k, mode: ComPeftMode::Ternary { alpha: 1.0 }, selection: Selection::Authors };
         let c = ComPeft::compress(tau, &cfg)?;
         let bytes = c.encode().len();
         let (r16, r32) = (c.compression_ratio(16), c.compression_ratio(32));
@@ -153,7 +154,8 @@ fn main() -> Res<()> {
     println!("LoRA trained in {:.0}s; dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
     let head_ids: Vec<_> = head.iter().map(Param::id).collect();
     let adapter: Vec<Param> = prep.trainable().into_iter().filter(|p| !head_ids.contains(&p.id())).collect();
-    let tv = TaskVector::from_tensors(adapter.iter().map(|p| (p.name().to_string(), p.value().to_owned())).collect(), 0.0);
+    let tv =
+        TaskVector::from_tensors(adapter.iter().map(|p| (p.name().to_string(), p.value().to_owned())).collect(), 0.0);
     let install = |v: &[f32]| -> Res<()> {
         for (name, t) in tv.to_tensors(v, 0.0)? {
             let p = adapter.iter().find(|p| p.name() == name).ok_or("adapter param vanished")?;

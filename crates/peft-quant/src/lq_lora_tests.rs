@@ -146,9 +146,8 @@ fn knapsack_equals_brute_force_on_small_problems() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     for _ in 0..50 {
         let m = rng.gen_range(1..=6);
-        let options: Vec<Vec<(f64, usize)>> = (0..m)
-            .map(|_| (0..4).map(|_| (rng.gen_range(0.0..10.0), 8 * rng.gen_range(1..20))).collect())
-            .collect();
+        let options: Vec<Vec<(f64, usize)>> =
+            (0..m).map(|_| (0..4).map(|_| (rng.gen_range(0.0..10.0), 8 * rng.gen_range(1..20))).collect()).collect();
         let budget = rng.gen_range(8..(8 * 20 * m));
         let dp = allocate(&options, budget, 1 << 20);
         let bf = brute_force(&options, budget);

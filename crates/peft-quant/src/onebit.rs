@@ -18,15 +18,15 @@ use peft_core::autograd::record;
 use peft_core::{Error, Result, Tensor};
 
 /// 1-bit levels.
-pub const LEVELS_1: [f32; 2] = [-0.674490, 0.674490];
+pub const LEVELS_1: [f32; 2] = [-0.67449, 0.67449];
 /// 2-bit levels.
-pub const LEVELS_2: [f32; 4] = [-1.265720, -0.377754, 0.377754, 1.265720];
+pub const LEVELS_2: [f32; 4] = [-1.26572, -0.377754, 0.377754, 1.26572];
 /// 3-bit levels.
-pub const LEVELS_3: [f32; 8] = [-1.792025, -1.113729, -0.625420, -0.202624, 0.202624, 0.625420, 1.113729, 1.792025];
+pub const LEVELS_3: [f32; 8] = [-1.792025, -1.113729, -0.62542, -0.202624, 0.202624, 0.62542, 1.113729, 1.792025];
 /// 4-bit levels.
 pub const LEVELS_4: [f32; 16] = [
-    -2.265491, -1.707738, -1.333107, -1.034006, -0.775192, -0.540072, -0.319036, -0.105550, 0.105550, 0.319036,
-    0.540072, 0.775192, 1.034006, 1.333107, 1.707738, 2.265491,
+    -2.265491, -1.707738, -1.333107, -1.034006, -0.775192, -0.540072, -0.319036, -0.10555, 0.10555, 0.319036, 0.540072,
+    0.775192, 1.034006, 1.333107, 1.707738, 2.265491,
 ];
 const THR_1: [f32; 1] = [0.0];
 const THR_2: [f32; 3] = [-0.821737, 0.0, 0.821737];
@@ -79,14 +79,15 @@ pub fn thresholds(bits: u8) -> Result<&'static [f32]> {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.26551223
-        + t * (1.00002368
-            + t * (0.37409196
-                + t * (0.09678418
-                    + t * (-0.18628806
-                        + t * (0.27886807
-                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807
+                                + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -126,15 +127,22 @@ pub fn derive_levels(bits: u8, iters: usize) -> Vec<f64> {
                 i => 0.5 * (lv[i - 1] + lv[i]),
             })
             .collect();
-        let cdf = |x: f64| if x.is_infinite() { if x > 0.0 { 1.0 } else { 0.0 } } else { phi(x) };
+        let cdf = |x: f64| {
+            if x.is_infinite() {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                phi(x)
+            }
+        };
         // Equal levels give empty bins; spread them by bin index of equal probability the first time.
         let degenerate = lv.windows(2).any(|w| w[0] == w[1]);
         for i in 0..k {
-            let (a, b) = if degenerate {
-                (i as f64 / k as f64, (i + 1) as f64 / k as f64)
-            } else {
-                (cdf(t[i]), cdf(t[i + 1]))
-            };
+            let (a, b) =
+                if degenerate { (i as f64 / k as f64, (i + 1) as f64 / k as f64) } else { (cdf(t[i]), cdf(t[i + 1])) };
             lv[i] = phi_inv(0.5 * (a + b));
         }
     }
@@ -342,7 +350,7 @@ mod tests {
         let mut vals: Vec<f32> = q.clone();
         vals.sort_by(f32::total_cmp);
         vals.dedup();
-        assert_eq!(vals, vec![mu - 0.674490 * sigma, mu + 0.674490 * sigma]);
+        assert_eq!(vals, vec![mu - LEVELS_1[1] * sigma, mu + LEVELS_1[1] * sigma]);
         for (x, y) in w.iter().zip(&q) {
             assert_eq!(*y > mu, *x >= mu, "sign of the centred value decides");
         }

@@ -86,9 +86,13 @@ impl QuantMemory {
     pub fn bytes_per_param_without_maps(&self) -> f64 {
         self.bytes_without_maps() as f64 / self.params as f64
     }
+}
+
+impl std::ops::Add for QuantMemory {
+    type Output = Self;
 
     /// The component-wise sum.
-    pub fn add(self, o: Self) -> Self {
+    fn add(self, o: Self) -> Self {
         QuantMemory {
             params: self.params + o.params,
             codes: self.codes + o.codes,
@@ -101,7 +105,7 @@ impl QuantMemory {
 
 /// The memory of the quantized bases among `layers`.
 pub fn quant_memory<'a>(layers: impl IntoIterator<Item = &'a QuantLinear>) -> QuantMemory {
-    layers.into_iter().fold(QuantMemory::default(), |m, l| m.add(QuantMemory::of(&l.weight())))
+    layers.into_iter().fold(QuantMemory::default(), |m, l| m + QuantMemory::of(&l.weight()))
 }
 
 /// QLoRA's default quantization targets: every linear site except the output layer (task head / `lm_head`,
@@ -259,7 +263,7 @@ impl Qlora {
             if site.is_merged(&name)? {
                 continue;
             }
-            let ad = site.adapter(&name).ok_or_else(|| Error::UnknownName { name })?;
+            let ad = site.adapter(&name).ok_or(Error::UnknownName { name })?;
             let Some(d) = ad.delta_weight(base.as_ref())? else {
                 return Err(Error::Invalid {
                     op: "qlora merge",

@@ -246,7 +246,7 @@ fn minilm_shaped_layer_holds_at_most_0_52_bytes_per_param() {
         assert_eq!(m.nested_absmax, 4 * blocks.div_ceil(256) + 4);
         assert_eq!(m.maps, 64 + 1024);
         assert_eq!(m.bytes_without_maps(), q.weight_bytes());
-        total = total.add(m);
+        total = total + m;
     }
     let bpp = total.bytes_per_param();
     assert!(bpp <= 0.52, "{bpp} bytes/param");

@@ -31,10 +31,16 @@ fn minilm_nf4_dq_base_is_at_most_0_52_bytes_per_param() {
     let m = q.memory();
     assert_eq!(m.params, 6 * (4 * 384 * 384 + 2 * 384 * 1536));
     let bpp = m.bytes_per_param();
-    println!("MiniLM NF4-DQ: {} bytes for {} params = {bpp:.4} bytes/param ({:.4} without maps)", m.bytes(), m.params, m.bytes_per_param_without_maps());
+    println!(
+        "MiniLM NF4-DQ: {} bytes for {} params = {bpp:.4} bytes/param ({:.4} without maps)",
+        m.bytes(),
+        m.params,
+        m.bytes_per_param_without_maps()
+    );
     assert!(bpp <= 0.52, "{bpp}");
     // LoRA starts at B = 0: the outputs differ only by the quantisation error.
-    let (hd, hq) = (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), model.bert.forward(&batch, &Ctx::eval()).unwrap());
+    let (hd, hq) =
+        (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), model.bert.forward(&batch, &Ctx::eval()).unwrap());
     let (a, b) = (hd.as_slice(), hq.as_slice());
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());
