@@ -374,6 +374,49 @@ pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize
     (budget_bits_per_param * weights.iter().map(Array2::len).sum::<usize>() as f64).floor() as usize
 }
 
+/// LQ-LoRA initialisation of the LoRA adapter `name` of `lora`: for every adapted site, decomposes the base
+/// weight `W ≈ Q + L1·L2` at the adapter's rank ([`decompose`] with `quant`, `iters` and the Fisher matrix
+/// `fisher(path)` if any), sets `A = L2/√s`, `B = L1/√s` (so `s·B·A = L1·L2` at init) and replaces the base by
+/// a frozen dense one holding `dequant(Q)` (`<path>.weight`, bias kept). The base is held dequantised in f32:
+/// the packed NF-b storage of `Q` is accounted by [`NfQuant::storage_bits`], not realised in memory. Returns
+/// the decompositions by site path.
+///
+/// # Errors
+/// [`Error::UnknownName`]; [`Error::Invalid`] for a DoRA adapter or a merged site; decomposition errors.
+pub fn init_adapter(
+    lora: &peft_lora::LoraModel,
+    name: &str,
+    quant: &NfQuant,
+    iters: usize,
+    fisher: &dyn Fn(&str) -> Option<Array2<f32>>,
+) -> Result<Vec<(String, Decomposition)>> {
+    let set = lora.adapter(name)?;
+    let mut out = Vec::with_capacity(set.layers.len());
+    for (site, l) in &set.layers {
+        if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {
+            return Err(Error::Invalid {
+                op: "lq_lora::init_adapter",
+                msg: format!("`{}`: DoRA adapters and merged sites are not supported", site.path()),
+            });
+        }
+        let base = site.base();
+        let w = base.dense_weight()?.into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Shape {
+            op: "lq_lora::init_adapter",
+            lhs: vec![base.out_features(), base.in_features()],
+            rhs: vec![],
+        })?;
+        let f = fisher(site.path());
+        let d = decompose(&w, l.spec().r, quant, iters, f.as_ref())?;
+        let (a, b) = d.lora_factors(l.scaling());
+        l.lora_a().set(a.into_dyn())?;
+        l.lora_b().set(b.into_dyn())?;
+        let weight = peft_core::Param::new(format!("{}.weight", site.path()), d.q.clone().into_dyn(), false);
+        site.replace_base(std::sync::Arc::new(peft_core::nn::Dense { weight, bias: base.bias() }))?;
+        out.push((site.path().to_string(), d));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[path = "lq_lora_tests.rs"]
 mod tests;

@@ -188,3 +188,42 @@ fn allocation_respects_the_budget_and_beats_uniform() {
     let bpp = a.bits as f64 / weights.iter().map(Array2::len).sum::<usize>() as f64;
     assert!(bpp <= 3.2, "{bpp}");
 }
+
+struct One(peft_core::nn::Linear);
+impl peft_core::nn::Module for One {
+    fn visit(&self, v: &mut dyn peft_core::nn::Visitor) {
+        self.0.visit(v);
+    }
+}
+
+#[test]
+fn init_adapter_makes_q_plus_lora_the_decomposition_and_keeps_the_output_close() {
+    use peft_core::nn::{Ctx, Linear, MapWeights};
+    use peft_core::Tensor;
+    let w = low_rank_plus_noise(21, 24, 64, 4);
+    let bias = randn(22, 1, 24, 0.1).into_shape_with_order(24).unwrap();
+    let src = MapWeights(
+        [("q.weight".to_string(), w.clone().into_dyn()), ("q.bias".to_string(), bias.into_dyn())].into_iter().collect(),
+    );
+    let m = One(Linear::load("q", 64, 24, true, &src).unwrap());
+    let x = Tensor::new(randn(23, 5, 64, 1.0).into_dyn());
+    let y0 = m.0.forward(&x, &Ctx::eval()).unwrap();
+    let lora = peft_lora::LoraModel::new(&m, peft_lora::LoraConfig::new(4, 8.0, ["q"]), "default", 0).unwrap();
+    let ds = init_adapter(&lora, "default", &NfQuant::new(2), 10, &|_| None).unwrap();
+    assert_eq!(ds.len(), 1);
+    let d = &ds[0].1;
+    // Q + s·B·A == Q + L1·L2.
+    let base = m.0.base().dense_weight().unwrap().into_dimensionality::<ndarray::Ix2>().unwrap();
+    assert_eq!(base, d.q);
+    let delta = m.0.adapter("default").unwrap().delta_weight(m.0.base().as_ref()).unwrap().unwrap();
+    let eff = &base + &delta.into_dimensionality::<ndarray::Ix2>().unwrap();
+    let target = &d.q + &d.l1.dot(&d.l2);
+    assert!(eff.iter().zip(target.iter()).all(|(a, b)| (a - b).abs() < 1e-4));
+    assert!((frob(&(&w - &eff)) - d.error()).abs() < 1e-3 * d.error());
+    // The adapted layer's output stays within the decomposition error of the original.
+    let y1 = m.0.forward(&x, &Ctx::eval()).unwrap();
+    let diff: f64 = y0.as_slice().iter().zip(y1.as_slice()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+    let norm: f64 = y0.as_slice().iter().map(|a| f64::from(*a).powi(2)).sum::<f64>();
+    assert!((diff / norm).sqrt() < 0.1, "{}", (diff / norm).sqrt());
+    assert_eq!(lora.trainable_params().len(), 2);
+}
