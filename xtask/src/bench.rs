@@ -84,6 +84,7 @@ pub const DEFAULT_METHODS: [&str; 4] = ["head", "bitfit", "lora", "full"];
 pub fn registry() -> Vec<Box<dyn Method>> {
     let mut v = peft_core::adapter::methods();
     v.extend(peft_lora::methods());
+    v.extend(peft_quant::methods());
     v
 }
 

@@ -16,6 +16,11 @@
 //!   on the fly (never the whole f32 weight) with gradients to the input only, and [`quantize_linear_sites`] to
 //!   swap the bases of a model's selected [`peft_core::nn::Linear`] sites (QLoRA's frozen NF4 base).
 //! * **ComPEFT** ([`compeft`]): top-k sparsified, ternarised PEFT updates with one scale and bit-packed storage.
+//! * **QLoRA** ([`qlora`]): NF4-DQ base + LoRA ([`Qlora`]), merge by dense export or re-quantization (with its
+//!   rounding error), byte accounting ([`QuantMemory`]), the `"qlora"` registry entry ([`QloraMethod`]).
+//! * **LQ-LoRA** ([`lq_lora`]): `W ≈ Q + L1·L2` by alternating NF-b quantisation and truncated SVD, Fisher
+//!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack).
+//! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation, packing.
 //!
 //! References: QLoRA (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>); bitsandbytes
 //! `bitsandbytes/functional.py` (`quantize_4bit`, `dequantize_4bit`, `create_dynamic_map`, `QuantState`) and
@@ -50,6 +55,9 @@ pub mod compeft;
 pub mod error;
 pub mod int8;
 pub mod linear;
+pub mod lq_lora;
+pub mod onebit;
+pub mod qlora;
 pub mod storage;
 
 pub use block4::{check_blocksize, Absmax, FloatDtype, Quant4, Quant4Config, QuantStorage, QuantType};
@@ -58,4 +66,5 @@ pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
+pub use qlora::{methods, methods_for, Qlora, QloraMethod, QuantMemory, RoundingError};
 pub use storage::{Checkpoint, RawTensor};

@@ -1,0 +1,195 @@
+//! ComPEFT on SST-2 with MiniLM-L6: train a LoRA adapter and a full fine-tune briefly, compress each update
+//! (`τ` = LoRA A/B; full FT: trained − pretrained backbone, classifier head excluded as in ComPEFT) at a few
+//! densities, and report the compression ratio and the dev accuracy before/after compression.
+//!
+//! ```text
+//! cargo run --release -p peft-quant --example compeft_sst2 -- [train_examples=500] [densities=0.05,0.2,0.5]
+//! ```
+//!
+//! Environment: `PEFT_ASSETS` (default `/work/shared/assets`) locates `models/all-MiniLM-L6-v2` and
+//! `data/glue/SST-2/{train,dev}.tsv`. `PEFT_COMPEFT_SKIP_FULL=1` skips the full fine-tune.
+//! Training: 1 epoch, batch 16, AdamW at the registry's default rates (LoRA 2.5e-3, full 1e-4), sequence length
+//! 64, mean pooling; the classifier head trains in both runs and is never compressed.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::ArrayD;
+use peft_core::adapter::{FullFineTune, Method};
+use peft_core::models::bert::{BertForSequenceClassification, Pooling};
+use peft_core::models::tokenizer::{Batch, TextTokenizer};
+use peft_core::nn::{named_params, Ctx};
+use peft_core::{AdamW, Optimizer, Param};
+use peft_lora::LoraMethod;
+use peft_quant::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn read_tsv(path: &Path) -> Res<Vec<(String, i64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let mut f = line.split('\t');
+        let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
+        out.push((s.to_string(), l.trim().parse()?));
+    }
+    Ok(out)
+}
+
+struct Data {
+    tok: TextTokenizer,
+    train: Vec<(String, i64)>,
+    dev: Vec<(String, i64)>,
+}
+
+impl Data {
+    fn batch(&self, rows: &[(String, i64)]) -> Res<(Batch, Vec<i64>)> {
+        let texts: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+        Ok((self.tok.batch(&texts)?, rows.iter().map(|(_, l)| *l).collect()))
+    }
+}
+
+fn accuracy(model: &BertForSequenceClassification, data: &Data) -> Res<f64> {
+    let _ng = peft_core::autograd::NoGradGuard::new();
+    let mut dev: Vec<&(String, i64)> = data.dev.iter().collect();
+    dev.sort_by_key(|(s, _)| s.len());
+    let mut correct = 0usize;
+    for chunk in dev.chunks(64) {
+        let rows: Vec<(String, i64)> = chunk.iter().map(|r| (*r).clone()).collect();
+        let (b, y) = data.batch(&rows)?;
+        let logits = model.forward(&b, &Ctx::eval())?;
+        let l = logits.as_slice();
+        for (i, &yi) in y.iter().enumerate() {
+            let pred = if l[2 * i + 1] > l[2 * i] { 1 } else { 0 };
+            correct += usize::from(pred == yi);
+        }
+    }
+    Ok(100.0 * correct as f64 / data.dev.len() as f64)
+}
+
+fn train(model: &BertForSequenceClassification, params: Vec<Param>, lr: f64, data: &Data) -> Res<()> {
+    let mut opt = AdamW::with_lr(params, lr, 0.0)?;
+    let mut rows = data.train.clone();
+    rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0));
+    let t = Instant::now();
+    for (step, chunk) in rows.chunks(16).enumerate() {
+        let (b, y) = data.batch(chunk)?;
+        let loss = model.forward(&b, &Ctx::train(step as u64))?.cross_entropy(&y, None, 0.0)?;
+        let g = loss.backward()?;
+        let l = loss.item()?;
+        drop(loss);
+        opt.step(&g)?;
+        if step % 8 == 0 {
+            eprintln!("  step {step:3} loss {l:.4} ({:.0}s)", t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+fn load_model(dir: &Path) -> Res<BertForSequenceClassification> {
+    Ok(BertForSequenceClassification::load(dir, 2, Pooling::Mean, 0)?)
+}
+
+/// Compresses `tau` at each density, installs `base + τ̂` through `install`, measures accuracy, and restores.
+fn sweep(
+    what: &str,
+    tv: &TaskVector,
+    densities: &[f64],
+    model: &BertForSequenceClassification,
+    data: &Data,
+    install: &dyn Fn(&[f32]) -> Res<()>,
+) -> Res<()> {
+    let tau = tv.values();
+    let sigma = {
+        let n = tau.len() as f64;
+        let m = tau.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        (tau.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    };
+    println!("{what}: |tau| = {} values, std {sigma:.3e}", tau.len());
+    for &k in densities {
+        let cfg =
+            ComPeftConfig { density: k, mode: ComPeftMode::Ternary { alpha: 1.0 }, selection: Selection::Authors };
+        let c = ComPeft::compress(tau, &cfg)?;
+        let bytes = c.encode().len();
+        let (r16, r32) = (c.compression_ratio(16), c.compression_ratio(32));
+        install(&c.decompress())?;
+        let acc = accuracy(model, data)?;
+        println!(
+            "  density {k:<5} nnz {:>9} encoded {:>10} B  ratio vs bf16 {r16:>7.1}x vs f32 {r32:>7.1}x  dev acc {acc:.2}",
+            c.nnz(),
+            bytes
+        );
+    }
+    install(tau)?;
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n_train: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(500);
+    let densities: Vec<f64> = match args.get(2) {
+        Some(s) => s.split(',').map(str::parse).collect::<Result<_, _>>()?,
+        None => vec![0.05, 0.2, 0.5],
+    };
+    let assets = std::env::var("PEFT_ASSETS").map(PathBuf::from).unwrap_or_else(|_| "/work/shared/assets".into());
+    let mdir = assets.join("models/all-MiniLM-L6-v2");
+    let gdir = assets.join("data/glue/SST-2");
+    let mut tok = TextTokenizer::from_file(mdir.join("tokenizer.json"))?;
+    tok.set_max_length(Some(64))?;
+    let mut train_rows = read_tsv(&gdir.join("train.tsv"))?;
+    train_rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(42));
+    train_rows.truncate(n_train);
+    let data = Data { tok, train: train_rows, dev: read_tsv(&gdir.join("dev.tsv"))? };
+    println!("SST-2: {} train examples (1 epoch, batch 16), {} dev examples", data.train.len(), data.dev.len());
+
+    // LoRA r=8 alpha=16 on query,value.
+    let model = load_model(&mdir)?;
+    let head = model.classifier.base().params();
+    let lora = LoraMethod::lora(["query", "value"]);
+    let prep = lora.prepare(&model, &head)?;
+    let t = Instant::now();
+    train(&model, prep.trainable(), lora.default_lr(), &data)?;
+    println!("LoRA trained in {:.0}s; dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
+    let head_ids: Vec<_> = head.iter().map(Param::id).collect();
+    let adapter: Vec<Param> = prep.trainable().into_iter().filter(|p| !head_ids.contains(&p.id())).collect();
+    let tv =
+        TaskVector::from_tensors(adapter.iter().map(|p| (p.name().to_string(), p.value().to_owned())).collect(), 0.0);
+    let install = |v: &[f32]| -> Res<()> {
+        for (name, t) in tv.to_tensors(v, 0.0)? {
+            let p = adapter.iter().find(|p| p.name() == name).ok_or("adapter param vanished")?;
+            p.set(t)?;
+        }
+        Ok(())
+    };
+    sweep("LoRA (A and B ternarized)", &tv, &densities, &model, &data, &install)?;
+    drop(prep);
+
+    if std::env::var("PEFT_COMPEFT_SKIP_FULL").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    // Full fine-tuning: tau = trained - pretrained over the backbone.
+    let model = load_model(&mdir)?;
+    let head = model.classifier.base().params();
+    let head_ids: Vec<_> = head.iter().map(Param::id).collect();
+    let backbone: Vec<Param> = named_params(&model).into_iter().filter(|p| !head_ids.contains(&p.id())).collect();
+    let pre: Vec<ArrayD<f32>> = backbone.iter().map(|p| p.value().to_owned()).collect();
+    let prep = FullFineTune.prepare(&model, &head)?;
+    let t = Instant::now();
+    train(&model, prep.trainable(), FullFineTune.default_lr(), &data)?;
+    println!("Full FT trained in {:.0}s; dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
+    let tv = TaskVector::from_tensors(
+        backbone.iter().zip(&pre).map(|(p, p0)| (p.name().to_string(), &p.value().to_owned() - p0)).collect(),
+        0.0,
+    );
+    let install = |v: &[f32]| -> Res<()> {
+        for (name, d) in tv.to_tensors(v, 0.0)? {
+            let i = backbone.iter().position(|p| p.name() == name).ok_or("param vanished")?;
+            backbone[i].set(&pre[i] + &d)?;
+        }
+        Ok(())
+    };
+    sweep("Full FT (backbone delta)", &tv, &densities, &model, &data, &install)?;
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! LQ-LoRA (Guo et al. 2023): `W ≈ Q + L1·L2` with `Q` quantized and frozen and `L1, L2` the LoRA factors,
+//! found by alternating quantisation and truncated SVD; a budgeted mixed-precision choice of quantizer per matrix;
+//! optional Fisher weighting (spec §4.3).
+//!
+//! * Quantizer [`NfQuant`] "blockwise-NF(b, b0, b1, B0, B1)": NF-b levels from normal quantiles ([`nf_table`]),
+//!   one absmax per block of `B0`, the block scales quantized again: minus their global minimum, `b0`-bit unsigned
+//!   uniform codes per group of `B1` with the group's max stored in `b1` (f32/f16/bf16). Storage
+//!   `b + b0/B0 + bits(b1)/(B0·B1)` bits per parameter ([`NfQuant::bits_per_param`]). Values are coded against
+//!   their block's *quantized* scale (clamped to ±1), so the second level's error is seen by the first (the
+//!   reference code's order is **unconfirmed**).
+//! * [`decompose`]: `Q ← 0`; for `t = 1..T`: `(L1, L2) ←` rank-r SVD of `W − Q` (`L1 = U√Σ`, `L2 = √ΣVᵀ`; exact
+//!   thin SVD, not the reference's randomized one); `Q ← quant(W − L1L2)`; `err_t = ‖√F ⊙ (W − L1L2 − Q)‖_F`. It
+//!   stops at the first iteration whose error increases and keeps the *best* iterate (the authors keep the last,
+//!   slightly worse, one).
+//! * Fisher ([`fisher_diagonal`]): `F = mean(g²)` over gradient samples; the SVD runs on
+//!   `diag(w_r)(W − Q)diag(w_c)` with `w_r = √(mean_j F_ij)`, `w_c = √(mean_i F_ij)`, un-scaled afterwards (the
+//!   paper's two-sided heuristic); errors and allocation costs are the `F`-weighted ones.
+//! * [`allocate`]: minimise `Σ_i cost_ic` over one config per matrix subject to `Σ_i bits_ic ≤ budget·N`: an exact
+//!   multiple-choice knapsack DP over bit counts in units of their GCD; when that would need more than
+//!   `max_states` units, the unit is coarsened and every item's bits are rounded *up* (the answer stays feasible,
+//!   and is optimal for the rounded problem; [`Allocation::exact`] says which case ran).
+
+use ndarray::{s, Array2, Axis};
+use peft_core::{Error, Result};
+
+use crate::block4::FloatDtype;
+use crate::onebit::phi_inv;
+
+/// The NF offset (bitsandbytes/QLoRA: `0.9677083`).
+pub const NF_OFFSET: f64 = 0.967_708_3;
+
+/// The sorted NF-b table: `2^{b−1}` positive quantiles, `2^{b−1} − 1` negative ones and 0, normalised to
+/// `[−1, 1]` (b = 4 is NF4).
+pub fn nf_table(bits: u8) -> Vec<f32> {
+    let half = 1usize << (bits.clamp(1, 8) - 1);
+    let lin = |n: usize, i: usize| NF_OFFSET + (0.5 - NF_OFFSET) * i as f64 / (n - 1).max(1) as f64;
+    let pos: Vec<f64> = (0..half).map(|i| phi_inv(lin(half + 1, i))).collect();
+    let neg: Vec<f64> = (0..half.saturating_sub(1)).map(|i| -phi_inv(lin(half, i))).collect();
+    let mut v: Vec<f64> = pos.into_iter().chain(neg).chain(std::iter::once(0.0)).collect();
+    v.sort_by(f64::total_cmp);
+    let max = v.iter().fold(0f64, |m, x| m.max(x.abs()));
+    v.into_iter().map(|x| (x / max) as f32).collect()
+}
+
+/// A blockwise-NF quantizer configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NfQuant {
+    /// Bits of the values (b ∈ 2..=8).
+    pub bits: u8,
+    /// Bits of the quantized block scales (b0 ∈ 2..=8).
+    pub scale_bits: u8,
+    /// First-level blocksize (B0).
+    pub block: usize,
+    /// Second-level group size (B1).
+    pub group: usize,
+    /// The dtype of each group's max (b1).
+    pub group_dtype: FloatDtype,
+}
+
+impl NfQuant {
+    /// `b`-bit values, 8-bit scales, B0 = 64, B1 = 256, f32 group max (b = 4: 4.127 bits, like NF4 + DQ).
+    pub fn new(bits: u8) -> Self {
+        NfQuant { bits, scale_bits: 8, block: 64, group: 256, group_dtype: FloatDtype::F32 }
+    }
+
+    fn check(&self) -> Result<()> {
+        let ok = (2..=8).contains(&self.bits) && (2..=8).contains(&self.scale_bits) && self.block > 0 && self.group > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invalid { op: "NfQuant", msg: format!("unsupported config {self:?}") })
+        }
+    }
+
+    fn dtype_bits(&self) -> usize {
+        match self.group_dtype {
+            FloatDtype::F32 => 32,
+            _ => 16,
+        }
+    }
+
+    /// Nominal storage `b + b0/B0 + bits(b1)/(B0·B1)` bits per parameter.
+    pub fn bits_per_param(&self) -> f64 {
+        f64::from(self.bits)
+            + f64::from(self.scale_bits) / self.block as f64
+            + self.dtype_bits() as f64 / (self.block * self.group) as f64
+    }
+
+    /// Exact storage bits of `n` values: codes, one scale code per block, one group max per group, and the
+    /// f32 minimum scale.
+    pub fn storage_bits(&self, n: usize) -> usize {
+        let blocks = n.div_ceil(self.block);
+        usize::from(self.bits) * n
+            + usize::from(self.scale_bits) * blocks
+            + self.dtype_bits() * blocks.div_ceil(self.group)
+            + 32
+    }
+
+    /// Quantizes then dequantizes `x` (row-major, blocks over the flattened values).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an unsupported config; [`Error::NonFinite`].
+    pub fn quant_dequant(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.check()?;
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "LQ-LoRA quantizer input".into() });
+        }
+        if x.is_empty() {
+            return Ok(vec![]);
+        }
+        let table = nf_table(self.bits);
+        let mids: Vec<f32> = table.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let absmax: Vec<f32> = x.chunks(self.block).map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+        let min = absmax.iter().copied().fold(f32::INFINITY, f32::min);
+        let levels = ((1u32 << self.scale_bits) - 1) as f32;
+        let mut scales = Vec::with_capacity(absmax.len());
+        for g in absmax.chunks(self.group) {
+            let gmax = self.group_dtype.round(g.iter().fold(0f32, |m, &v| m.max(v - min)));
+            for &a in g {
+                let q = if gmax > 0.0 { ((a - min) / gmax * levels).round().clamp(0.0, levels) } else { 0.0 };
+                scales.push(q / levels * gmax + min);
+            }
+        }
+        let mut out = Vec::with_capacity(x.len());
+        for (blk, &sc) in x.chunks(self.block).zip(&scales) {
+            for &v in blk {
+                if sc <= 0.0 {
+                    out.push(0.0);
+                    continue;
+                }
+                let u = (v / sc).clamp(-1.0, 1.0);
+                out.push(table[mids.partition_point(|&m| m < u)] * sc);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The diagonal Fisher estimate `F = mean_k g_k²` from gradient samples of one weight.
+///
+/// # Errors
+/// [`Error::Invalid`] for no samples; [`Error::Shape`] for mismatched shapes.
+pub fn fisher_diagonal(grads: &[Array2<f32>]) -> Result<Array2<f32>> {
+    let Some(first) = grads.first() else {
+        return Err(Error::Invalid { op: "fisher_diagonal", msg: "no gradient samples".into() });
+    };
+    let mut f = Array2::<f32>::zeros(first.dim());
+    for g in grads {
+        if g.dim() != f.dim() {
+            return Err(Error::Shape { op: "fisher_diagonal", lhs: f.shape().to_vec(), rhs: g.shape().to_vec() });
+        }
+        f.zip_mut_with(g, |a, &b| *a += b * b);
+    }
+    Ok(f / grads.len() as f32)
+}
+
+/// The result of [`decompose`].
+#[derive(Clone, Debug)]
+pub struct Decomposition {
+    /// `dequant(Q)` `[out, in]`.
+    pub q: Array2<f32>,
+    /// `L1 = U_r √Σ_r` `[out, r]`.
+    pub l1: Array2<f32>,
+    /// `L2 = √Σ_r V_rᵀ` `[r, in]`.
+    pub l2: Array2<f32>,
+    /// `err_t` for every iteration run (the last one may be the increase that stopped it).
+    pub errors: Vec<f64>,
+    /// The iteration kept (index into `errors`).
+    pub best: usize,
+}
+
+impl Decomposition {
+    /// The error of the kept iterate.
+    pub fn error(&self) -> f64 {
+        self.errors[self.best]
+    }
+
+    /// LoRA factors with `s·B·A = L1·L2`: `A = L2/√s` `[r, in]`, `B = L1/√s` `[out, r]`.
+    pub fn lora_factors(&self, scaling: f64) -> (Array2<f32>, Array2<f32>) {
+        let k = (1.0 / scaling.sqrt()) as f32;
+        (self.l2.mapv(|v| v * k), self.l1.mapv(|v| v * k))
+    }
+}
+
+/// `‖√F ⊙ R‖_F` (plain Frobenius norm without `F`).
+fn weighted_norm(r: &Array2<f32>, fisher: Option<&Array2<f32>>) -> f64 {
+    match fisher {
+        Some(f) => r.iter().zip(f.iter()).map(|(&a, &w)| f64::from(w) * f64::from(a) * f64::from(a)).sum::<f64>(),
+        None => r.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>(),
+    }
+    .sqrt()
+}
+
+/// Rank-`r` factors of `m`, SVD taken on `diag(wr) m diag(wc)` and un-scaled.
+fn low_rank(m: &Array2<f32>, r: usize, w: Option<&(Vec<f32>, Vec<f32>)>) -> Result<(Array2<f32>, Array2<f32>)> {
+    let (rows, cols) = m.dim();
+    let r = r.min(rows.min(cols));
+    if r == 0 {
+        return Ok((Array2::zeros((rows, 0)), Array2::zeros((0, cols))));
+    }
+    let scaled = match w {
+        Some((wr, wc)) => Array2::from_shape_fn((rows, cols), |(i, j)| m[[i, j]] * wr[i] * wc[j]),
+        None => m.clone(),
+    };
+    let (u, sv, vt) = peft_core::linalg::svd(&scaled)?;
+    let mut l1 = u.slice(s![.., ..r]).to_owned();
+    let mut l2 = vt.slice(s![..r, ..]).to_owned();
+    for k in 0..r {
+        let sq = sv[k].max(0.0).sqrt();
+        l1.column_mut(k).mapv_inplace(|v| v * sq);
+        l2.row_mut(k).mapv_inplace(|v| v * sq);
+    }
+    if let Some((wr, wc)) = w {
+        for (i, mut row) in l1.axis_iter_mut(Axis(0)).enumerate() {
+            row.mapv_inplace(|v| v / wr[i]);
+        }
+        for (j, mut col) in l2.axis_iter_mut(Axis(1)).enumerate() {
+            col.mapv_inplace(|v| v / wc[j]);
+        }
+    }
+    Ok((l1, l2))
+}
+
+/// Alternating low-rank + quantized decomposition of `w` (see the module docs), at most `iters` iterations.
+///
+/// # Errors
+/// [`Error::Shape`] for a Fisher matrix of another shape; [`Error::Invalid`] for `iters == 0` or a bad
+/// quantizer; SVD errors.
+pub fn decompose(
+    w: &Array2<f32>,
+    rank: usize,
+    quant: &NfQuant,
+    iters: usize,
+    fisher: Option<&Array2<f32>>,
+) -> Result<Decomposition> {
+    if iters == 0 {
+        return Err(Error::Invalid { op: "lq_lora::decompose", msg: "iters must be at least 1".into() });
+    }
+    if let Some(f) = fisher {
+        if f.dim() != w.dim() {
+            return Err(Error::Shape { op: "lq_lora::decompose", lhs: w.shape().to_vec(), rhs: f.shape().to_vec() });
+        }
+    }
+    let (rows, cols) = w.dim();
+    let weights = fisher.map(|f| {
+        let eps = 1e-12f32;
+        let wr = f.mean_axis(Axis(1)).expect("peft-rs bug: non-empty").mapv(|v| (v + eps).sqrt()).to_vec();
+        let wc = f.mean_axis(Axis(0)).expect("peft-rs bug: non-empty").mapv(|v| (v + eps).sqrt()).to_vec();
+        (wr, wc)
+    });
+    let mut q = Array2::<f32>::zeros((rows, cols));
+    let mut best: Option<Decomposition> = None;
+    let mut best_err = f64::INFINITY;
+    let mut errors = Vec::new();
+    for t in 0..iters {
+        let (l1, l2) = low_rank(&(w - &q), rank, weights.as_ref())?;
+        let lr = l1.dot(&l2);
+        let resid = (w - &lr).as_standard_layout().to_owned();
+        let qv = quant.quant_dequant(resid.as_slice().expect("peft-rs bug: standard layout"))?;
+        q = Array2::from_shape_vec((rows, cols), qv).expect("peft-rs bug: quantizer keeps the size");
+        let err = weighted_norm(&(&resid - &q), fisher);
+        errors.push(err);
+        if err < best_err || best.is_none() {
+            best_err = err;
+            best = Some(Decomposition { q: q.clone(), l1, l2, errors: vec![], best: t });
+        }
+        if t > 0 && err > errors[t - 1] {
+            break;
+        }
+    }
+    let mut d = best.expect("peft-rs bug: at least one iteration");
+    d.errors = errors;
+    Ok(d)
+}
+
+/// The outcome of [`allocate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Allocation {
+    /// The chosen config index per matrix.
+    pub choice: Vec<usize>,
+    /// `Σ cost` of the choice.
+    pub cost: f64,
+    /// `Σ bits` of the choice (exact, not rounded).
+    pub bits: usize,
+    /// True when the DP ran on exact bit counts (then `choice` is optimal); false when the bits were rounded up to
+    /// a coarser unit (feasible, optimal for the rounded problem only).
+    pub exact: bool,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Multiple-choice knapsack: pick one `(cost, bits)` option per matrix minimising `Σ cost` with
+/// `Σ bits ≤ budget_bits`; `None` when no choice fits. `max_states` bounds the DP's budget axis (see the module
+/// docs).
+pub fn allocate(options: &[Vec<(f64, usize)>], budget_bits: usize, max_states: usize) -> Option<Allocation> {
+    let g = options.iter().flatten().fold(0usize, |g, &(_, b)| gcd(g, b)).max(1);
+    let mut unit = g;
+    let mut exact = true;
+    if budget_bits / unit > max_states.max(1) {
+        unit = budget_bits.div_ceil(max_states.max(1));
+        exact = false;
+    }
+    let cap = budget_bits / unit;
+    let w = |b: usize| b.div_ceil(unit);
+    // dp[j]: best cost with exactly j units used so far; back[i][j]: the option of matrix i.
+    let mut dp = vec![f64::INFINITY; cap + 1];
+    dp[0] = 0.0;
+    let mut back: Vec<Vec<u16>> = Vec::with_capacity(options.len());
+    for opts in options {
+        let mut next = vec![f64::INFINITY; cap + 1];
+        let mut arg = vec![u16::MAX; cap + 1];
+        for (j, &c0) in dp.iter().enumerate() {
+            if !c0.is_finite() {
+                continue;
+            }
+            for (k, &(c, b)) in opts.iter().enumerate() {
+                let jj = j + w(b);
+                if jj <= cap && c0 + c < next[jj] {
+                    next[jj] = c0 + c;
+                    arg[jj] = k as u16;
+                }
+            }
+        }
+        dp = next;
+        back.push(arg);
+    }
+    let (mut j, cost) = dp.iter().enumerate().filter(|(_, c)| c.is_finite()).min_by(|a, b| a.1.total_cmp(b.1))?;
+    let cost = *cost;
+    let mut choice = vec![0; options.len()];
+    for i in (0..options.len()).rev() {
+        let k = usize::from(back[i][j]);
+        choice[i] = k;
+        j -= w(options[i][k].1);
+    }
+    let bits = choice.iter().zip(options).map(|(&k, o)| o[k].1).sum();
+    Some(Allocation { choice, cost, bits, exact })
+}
+
+/// The per-matrix options for [`allocate`]: `(cost, bits)` of decomposing every matrix with every config
+/// (`cost = err²`, F-weighted when Fisher matrices are given).
+///
+/// # Errors
+/// As [`decompose`].
+pub fn allocation_options(
+    weights: &[Array2<f32>],
+    fishers: Option<&[Array2<f32>]>,
+    configs: &[NfQuant],
+    rank: usize,
+    iters: usize,
+) -> Result<Vec<Vec<(f64, usize)>>> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            configs
+                .iter()
+                .map(|c| {
+                    let d = decompose(w, rank, c, iters, fishers.map(|f| &f[i]))?;
+                    Ok((d.error().powi(2), c.storage_bits(w.len())))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The budget in bits for `budget_bits_per_param` over the given matrices.
+pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize {
+    (budget_bits_per_param * weights.iter().map(Array2::len).sum::<usize>() as f64).floor() as usize
+}
+
+/// LQ-LoRA initialisation of the LoRA adapter `name` of `lora`: for every adapted site, decomposes the base
+/// weight `W ≈ Q + L1·L2` at the adapter's rank ([`decompose`] with `quant`, `iters` and the Fisher matrix
+/// `fisher(path)` if any), sets `A = L2/√s`, `B = L1/√s` (so `s·B·A = L1·L2` at init) and replaces the base by
+/// a frozen dense one holding `dequant(Q)` (`<path>.weight`, bias kept). The base is held dequantised in f32:
+/// the packed NF-b storage of `Q` is accounted by [`NfQuant::storage_bits`], not realised in memory. Returns
+/// the decompositions by site path.
+///
+/// # Errors
+/// [`Error::UnknownName`]; [`Error::Invalid`] for a DoRA adapter or a merged site; decomposition errors.
+pub fn init_adapter(
+    lora: &peft_lora::LoraModel,
+    name: &str,
+    quant: &NfQuant,
+    iters: usize,
+    fisher: &dyn Fn(&str) -> Option<Array2<f32>>,
+) -> Result<Vec<(String, Decomposition)>> {
+    let set = lora.adapter(name)?;
+    let mut out = Vec::with_capacity(set.layers.len());
+    for (site, l) in &set.layers {
+        if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {
+            return Err(Error::Invalid {
+                op: "lq_lora::init_adapter",
+                msg: format!("`{}`: DoRA adapters and merged sites are not supported", site.path()),
+            });
+        }
+        let base = site.base();
+        let w = base.dense_weight()?.into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Shape {
+            op: "lq_lora::init_adapter",
+            lhs: vec![base.out_features(), base.in_features()],
+            rhs: vec![],
+        })?;
+        let f = fisher(site.path());
+        let d = decompose(&w, l.spec().r, quant, iters, f.as_ref())?;
+        let (a, b) = d.lora_factors(l.scaling());
+        l.lora_a().set(a.into_dyn())?;
+        l.lora_b().set(b.into_dyn())?;
+        let weight = peft_core::Param::new(format!("{}.weight", site.path()), d.q.clone().into_dyn(), false);
+        site.replace_base(std::sync::Arc::new(peft_core::nn::Dense { weight, bias: base.bias() }))?;
+        out.push((site.path().to_string(), d));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[path = "lq_lora_tests.rs"]
+mod tests;
