@@ -70,6 +70,9 @@ pub fn profile(args: &BenchArgs) -> Profile {
         p.cfg.train_examples = Some(n);
         p.name = format!("{}-n{n}", p.name);
     }
+    if let Some(lr) = args.lr {
+        p.name = format!("{}-lr{lr:e}", p.name);
+    }
     if let Some(e) = args.epochs {
         p.cfg.epochs = e.max(1);
         p.name = format!("{}-e{}", p.name, e.max(1));
@@ -203,7 +206,7 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         for m in &mut methods {
             for seed in args.seed..args.seed + args.seeds {
                 m.set_seed(seed);
-                let cfg = TrainConfig { lr: m.default_lr(), ..prof.cfg.clone() };
+                let cfg = TrainConfig { lr: args.lr.unwrap_or_else(|| m.default_lr()), ..prof.cfg.clone() };
                 if !args.force && res.find(task.name(), m.name(), seed, &cfg).is_some() {
                     eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name());
                     continue;
@@ -336,7 +339,7 @@ fn run_baseline(
             task,
             indices: idx,
             cfg,
-            lr: lora.default_lr(),
+            lr: args.lr.unwrap_or_else(|| lora.default_lr()),
             seed,
             threads,
             work: &run_dir.join("baseline"),
@@ -379,6 +382,8 @@ mod tests {
         assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("default", Some(1000), 1));
         let p = profile(&args(&["--train-examples", "8000", "--epochs", "2"]));
         assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("default-n8000-e2", Some(8000), 2));
+        let p = profile(&args(&["--lr", "0.005", "--train-examples", "10"]));
+        assert_eq!(p.name, "default-n10-lr5e-3");
         let p = profile(&args(&["--full", "--epochs", "1"]));
         assert_eq!((p.name.as_str(), p.cfg.train_examples, p.cfg.epochs), ("full-e1", None, 1));
     }

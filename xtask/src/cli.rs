@@ -81,6 +81,9 @@ pub struct BenchArgs {
     /// Override the profile's number of epochs (run folder gets an `-e<N>` suffix).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Override every selected method's learning rate (run folder gets an `-lr<X>` suffix); for sweeps.
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Seed of the first run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
