@@ -52,3 +52,6 @@ pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
 pub mod weighted;
 
 pub use weighted::Combination;
+pub mod merge_utils;
+
+pub use merge_utils::{MajoritySign, Merge};
