@@ -93,7 +93,12 @@ impl Merge {
     /// # Errors
     /// [`peft_core::Error::Invalid`] for no tensors, mismatched lengths or shapes, or a density outside `[0, ∞)`
     /// or not finite.
-    pub fn apply(&self, tensors: &[ArrayD<f64>], weights: &[f64], rng: &mut dyn RngCore) -> peft_core::Result<ArrayD<f64>> {
+    pub fn apply(
+        &self,
+        tensors: &[ArrayD<f64>],
+        weights: &[f64],
+        rng: &mut dyn RngCore,
+    ) -> peft_core::Result<ArrayD<f64>> {
         const OP: &str = "merge";
         if tensors.is_empty() || tensors.len() != weights.len() {
             crate::bail!(OP, "{} task tensors but {} weights", tensors.len(), weights.len());

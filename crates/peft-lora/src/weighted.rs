@@ -82,7 +82,8 @@ impl Combination {
             None if combination_type == "svd" => ("svd", true),
             None => (combination_type, false),
         };
-        let dens = || density.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs a density") });
+        let dens =
+            || density.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs a density") });
         let merge = match base {
             "linear" if !svd => return Ok(Combination::Linear),
             "cat" if !svd => return Ok(Combination::Cat),
@@ -96,8 +97,13 @@ impl Combination {
         if !svd {
             return Ok(Combination::Factors { merge });
         }
-        let rank = svd_rank.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs svd_rank") })?;
-        Ok(if merge == Merge::TaskArithmetic { Combination::Svd { rank } } else { Combination::DeltaSvd { merge, rank } })
+        let rank =
+            svd_rank.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs svd_rank") })?;
+        Ok(if merge == Merge::TaskArithmetic {
+            Combination::Svd { rank }
+        } else {
+            Combination::DeltaSvd { merge, rank }
+        })
     }
 }
 
@@ -118,7 +124,13 @@ fn fnv(s: &str) -> u64 {
 type Parts = [(Array2<f64>, Array2<f64>, f64)];
 
 /// PEFT's `_generalized_task_arithmetic_weighted_adapter`: `merge` over the A and the B factors.
-fn combine_factors(parts: &Parts, weights: &[f64], merge: &Merge, path: &str, rng: &mut StdRng) -> Result<(Array2<f64>, Array2<f64>)> {
+fn combine_factors(
+    parts: &Parts,
+    weights: &[f64],
+    merge: &Merge,
+    path: &str,
+    rng: &mut StdRng,
+) -> Result<(Array2<f64>, Array2<f64>)> {
     let r = parts[0].0.nrows();
     if parts.iter().any(|p| p.0.nrows() != r) {
         crate::bail!("add_weighted_adapter", "this combination needs equal ranks at `{path}`");
@@ -134,7 +146,14 @@ fn combine_factors(parts: &Parts, weights: &[f64], merge: &Merge, path: &str, rn
 }
 
 /// PEFT's `_svd_generalized_task_arithmetic_weighted_adapter`: `merge` over the `ΔWᵢ`, then a rank-`rank` SVD.
-fn combine_deltas(parts: &Parts, weights: &[f64], merge: &Merge, rank: usize, path: &str, rng: &mut StdRng) -> Result<(Array2<f64>, Array2<f64>)> {
+fn combine_deltas(
+    parts: &Parts,
+    weights: &[f64],
+    merge: &Merge,
+    rank: usize,
+    path: &str,
+    rng: &mut StdRng,
+) -> Result<(Array2<f64>, Array2<f64>)> {
     let (out_f, in_f) = (parts[0].1.nrows(), parts[0].0.ncols());
     if rank == 0 || rank > out_f.min(in_f) {
         crate::bail!("add_weighted_adapter", "svd rank {rank} outside 1..={} at `{path}`", out_f.min(in_f));
@@ -167,7 +186,9 @@ impl LoraModel {
         let how = if adapters.len() == 1 { Combination::Linear } else { how };
         let seed = match how {
             Combination::Factors { merge: Merge::DareLinear { seed, .. } | Merge::DareTies { seed, .. } }
-            | Combination::DeltaSvd { merge: Merge::DareLinear { seed, .. } | Merge::DareTies { seed, .. }, .. } => seed,
+            | Combination::DeltaSvd { merge: Merge::DareLinear { seed, .. } | Merge::DareTies { seed, .. }, .. } => {
+                seed
+            }
             _ => 0,
         };
         let sets = adapters.iter().map(|n| self.adapter(n)).collect::<Result<Vec<_>>>()?;
@@ -200,7 +221,9 @@ impl LoraModel {
                     let shape_err = |_| Error::Invalid { op: OP, msg: format!("shape mismatch at `{path}`") };
                     (concatenate(Axis(0), &av).map_err(shape_err)?, concatenate(Axis(1), &bv).map_err(shape_err)?)
                 }
-                Combination::Svd { rank } => combine_deltas(&parts, weights, &Merge::TaskArithmetic, rank, path, &mut rng)?,
+                Combination::Svd { rank } => {
+                    combine_deltas(&parts, weights, &Merge::TaskArithmetic, rank, path, &mut rng)?
+                }
                 Combination::DeltaSvd { merge, rank } => combine_deltas(&parts, weights, &merge, rank, path, &mut rng)?,
             };
             new.push((path.clone(), a.mapv(|v| v as f32), b.mapv(|v| v as f32)));
@@ -484,10 +507,19 @@ mod tests {
         assert_eq!(p("ties_svd").unwrap(), Combination::DeltaSvd { merge: ties, rank: 4 });
         assert_eq!(
             p("dare_ties_svd").unwrap(),
-            Combination::DeltaSvd { merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5 }, rank: 4 }
+            Combination::DeltaSvd {
+                merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5 },
+                rank: 4
+            }
         );
-        assert_eq!(p("dare_linear").unwrap(), Combination::Factors { merge: Merge::DareLinear { density: 0.3, seed: 5 } });
-        assert_eq!(p("magnitude_prune").unwrap(), Combination::Factors { merge: Merge::MagnitudePrune { density: 0.3 } });
+        assert_eq!(
+            p("dare_linear").unwrap(),
+            Combination::Factors { merge: Merge::DareLinear { density: 0.3, seed: 5 } }
+        );
+        assert_eq!(
+            p("magnitude_prune").unwrap(),
+            Combination::Factors { merge: Merge::MagnitudePrune { density: 0.3 } }
+        );
         assert!(p("cat_svd").is_err() && p("linear_svd").is_err() && p("nope").is_err());
         assert!(Combination::from_peft("ties", None, None, "total", 0).is_err());
         assert!(Combination::from_peft("ties_svd", None, Some(0.5), "total", 0).is_err());

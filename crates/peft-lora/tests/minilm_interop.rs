@@ -33,7 +33,8 @@ fn worst_error(model: &BertModel, tok: &TextTokenizer, reference: &SafeTensorsFi
     let mut worst = 0f32;
     for (i, s) in SENTENCES.iter().enumerate() {
         let b = tok.batch(&[s]).unwrap();
-        let ids: Vec<usize> = reference.get_i64(&format!("s{i}.input_ids")).unwrap().iter().map(|&x| x as usize).collect();
+        let ids: Vec<usize> =
+            reference.get_i64(&format!("s{i}.input_ids")).unwrap().iter().map(|&x| x as usize).collect();
         assert_eq!(b.input_ids, ids, "token ids of sentence {i}");
         let out = model.forward(&b, &Ctx::eval()).unwrap().to_vec();
         let want = reference.get(&format!("s{i}.last_hidden_state")).unwrap();
@@ -104,7 +105,8 @@ fn peft_adapter_load_save_is_byte_identical() {
         let out = tempfile::tempdir().unwrap();
         lm.save_pretrained(out.path()).unwrap();
         for f in [CONFIG_NAME, WEIGHTS_NAME] {
-            let (a, b) = (std::fs::read(fixtures().join(sub).join(f)).unwrap(), std::fs::read(out.path().join(f)).unwrap());
+            let (a, b) =
+                (std::fs::read(fixtures().join(sub).join(f)).unwrap(), std::fs::read(out.path().join(f)).unwrap());
             assert!(a == b, "{sub}/{f} differs after load -> save ({} vs {} bytes)", a.len(), b.len());
         }
     }
