@@ -296,9 +296,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(0);
         let t = v(&[1.0, 2.0]);
         assert!(Merge::TaskArithmetic.apply(&[], &[], &mut rng).is_err());
-        assert!(Merge::TaskArithmetic.apply(&[t.clone()], &[1.0, 2.0], &mut rng).is_err());
+        assert!(Merge::TaskArithmetic.apply(std::slice::from_ref(&t), &[1.0, 2.0], &mut rng).is_err());
         assert!(Merge::TaskArithmetic.apply(&[t.clone(), v(&[1.0])], &[1.0, 2.0], &mut rng).is_err());
-        assert!(Merge::MagnitudePrune { density: -0.1 }.apply(&[t.clone()], &[1.0], &mut rng).is_err());
+        assert!(Merge::MagnitudePrune { density: -0.1 }.apply(std::slice::from_ref(&t), &[1.0], &mut rng).is_err());
         assert!(Merge::DareLinear { density: f64::NAN, seed: 0 }.apply(&[t], &[1.0], &mut rng).is_err());
         assert!(MajoritySign::from_peft("median").is_err());
         assert_eq!(MajoritySign::from_peft("frequency").unwrap(), MajoritySign::Frequency);
