@@ -1,5 +1,13 @@
-//! peft-lora: LoRA and its family (rsLoRA, DoRA, PiSSA/OLoRA inits), multi-adapter models with merge/unmerge, and
-//! the Hugging Face PEFT file format (`adapter_config.json` + `adapter_model.safetensors`).
+//! peft-lora: LoRA and its family, multi-adapter models with merge/unmerge, and the Hugging Face PEFT file format
+//! (`adapter_config.json` + `adapter_model.safetensors`).
+//!
+//! - LoRA, rsLoRA, DoRA with inits true/false/gaussian/PiSSA/OLoRA ([`layer`], [`model`]); data-driven inits CorDA
+//!   ([`corda`]) and EVA ([`eva`]) from calibration statistics ([`calib`]); LoLDU ([`loldu`]); LoRA-SB ([`lora_sb`]);
+//!   ALLoRA's norm-scaled learning rate as an optimizer wrapper ([`allora`]).
+//! - Structured variants: Hydra ([`hydra`]), MoS ([`mos`]), MixLoRA ([`mixlora`]), Poly/MHR ([`poly`]).
+//! - Adapter arithmetic: `add_weighted_adapter` with linear/cat/svd/ties/dare/magnitude-prune ([`weighted`],
+//!   [`merge_utils`]).
+//! - Registry entries for trainers and `cargo xtask bench` ([`methods`], [`init_methods`], [`struct_methods`]).
 //!
 //! ```
 //! use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor};
@@ -33,44 +41,38 @@ macro_rules! bail {
 }
 pub(crate) use bail;
 
-pub mod config;
-pub mod pyjson;
-
-pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
-pub mod layer;
-
-pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
-pub mod io;
-pub mod model;
-#[cfg(test)]
-mod testutil;
-
-pub use model::{AdapterSet, LoraModel};
-pub mod methods;
-
-pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
-pub mod weighted;
-
-pub use weighted::Combination;
 pub mod allora;
 pub mod calib;
+pub mod config;
 pub mod corda;
 pub mod eva;
 pub mod hydra;
 pub mod init_methods;
+pub mod io;
+pub mod layer;
 pub mod loldu;
 pub mod lora_sb;
-pub mod sitemodel;
-pub mod structured;
-
-pub use hydra::{HydraConfig, HydraLinear, HydraModel};
-pub mod poly;
-
-pub use poly::{PolyConfig, PolyLinear, PolyModel, PolySelector};
-pub mod mos;
-
-pub use mos::{MosConfig, MosLinear, MosModel};
+pub mod merge_utils;
+pub mod methods;
 pub mod mixlora;
-
-pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
+pub mod model;
+pub mod mos;
+pub mod poly;
+pub mod pyjson;
+pub mod sitemodel;
 pub mod struct_methods;
+pub mod structured;
+#[cfg(test)]
+mod testutil;
+pub mod weighted;
+
+pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
+pub use hydra::{HydraConfig, HydraLinear, HydraModel};
+pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
+pub use merge_utils::{MajoritySign, Merge};
+pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
+pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
+pub use model::{AdapterSet, LoraModel};
+pub use mos::{MosConfig, MosLinear, MosModel};
+pub use poly::{PolyConfig, PolyLinear, PolyModel, PolySelector};
+pub use weighted::Combination;

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 use crate::error::{Error, Result};
 use crate::nn::{Ctx, Module, Visitor, WeightSource};
@@ -357,29 +357,65 @@ impl Linear {
                 if names.len() != batch {
                     crate::error::bail!("forward", "{} adapter names for a batch of {batch}", names.len());
                 }
-                for a in ads.iter() {
-                    let rows: Vec<f32> = names.iter().map(|n| f32::from(u8::from(n == a.adapter.name()))).collect();
-                    if rows.iter().all(|&r| r == 0.0) {
-                        continue;
-                    }
-                    if a.merged {
-                        crate::error::bail!("forward", "mixed batch routes to merged adapter `{}`", a.adapter.name());
-                    }
-                    // Row mask broadcast over the remaining axes: other samples get exactly zero delta.
-                    let mut mshape = vec![1; x.rank()];
-                    mshape[0] = batch;
-                    let mask = Tensor::new(ArrayD::from_shape_vec(IxDyn(&mshape), rows).map_err(|_| Error::Shape {
-                        op: "forward",
-                        lhs: x.shape().to_vec(),
-                        rhs: vec![names.len()],
-                    })?);
-                    let d = a.adapter.delta(x, &base_out, base.as_ref(), ctx)?;
-                    y = y.add(&d.mul(&mask)?)?;
+                if let Some(d) = mixed_delta(&ads, names, x, &base_out, base.as_ref(), ctx)? {
+                    y = y.add(&d)?;
                 }
             }
         }
         Ok(y)
     }
+}
+
+/// The delta of a mixed batch: each adapter runs on the rows routed to it only (a gather of those rows of `x`
+/// and `base_out`), and the sub-batch deltas are put back in row order (a concat then one `index_select`; rows
+/// routed to no attached adapter get a zero row). `None` when no row is routed to an attached adapter.
+fn mixed_delta(
+    ads: &[Attached],
+    names: &[String],
+    x: &Tensor,
+    base_out: &Tensor,
+    base: &dyn LinearBase,
+    ctx: &Ctx,
+) -> Result<Option<Tensor>> {
+    let batch = names.len();
+    let mut parts: Vec<Tensor> = Vec::new();
+    let mut pos = vec![usize::MAX; batch];
+    let mut offset = 0;
+    for a in ads {
+        let rows: Vec<usize> = (0..batch).filter(|&i| names[i] == a.adapter.name()).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        if a.merged {
+            crate::error::bail!("forward", "mixed batch routes to merged adapter `{}`", a.adapter.name());
+        }
+        let d = if rows.len() == batch {
+            a.adapter.delta(x, base_out, base, ctx)?
+        } else {
+            a.adapter.delta(&x.index_select(0, &rows)?, &base_out.index_select(0, &rows)?, base, ctx)?
+        };
+        for (k, &r) in rows.iter().enumerate() {
+            pos[r] = offset + k;
+        }
+        offset += rows.len();
+        parts.push(d);
+    }
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    if pos.contains(&usize::MAX) {
+        let mut zshape = first.shape().to_vec();
+        zshape[0] = 1;
+        parts.push(Tensor::zeros(&zshape));
+        for p in pos.iter_mut().filter(|p| **p == usize::MAX) {
+            *p = offset;
+        }
+    }
+    if parts.len() == 1 && pos.iter().enumerate().all(|(i, &p)| i == p) {
+        return Ok(parts.pop());
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    Ok(Some(Tensor::concat(&refs, 0)?.index_select(0, &pos)?))
 }
 
 fn unknown(path: &str, name: &str) -> Error {
@@ -402,6 +438,8 @@ impl Module for Linear {
 
 #[cfg(test)]
 mod tests {
+    use ndarray::IxDyn;
+
     use super::*;
     use crate::nn::RandomInit;
 
@@ -492,5 +530,79 @@ mod tests {
         assert!(matches!(lin.merge("nope"), Err(Error::UnknownName { .. })));
         assert!(lin.detach("toy").is_ok());
         assert!(lin.adapters().is_empty());
+    }
+
+    /// A toy adapter with a name: delta = x · Dᵀ.
+    struct Named {
+        name: String,
+        d: Param,
+    }
+    impl LinearAdapter for Named {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn kind(&self) -> &str {
+            "toy"
+        }
+        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Tensor> {
+            x.linear(&self.d.tensor(), None)
+        }
+        fn params(&self) -> Vec<Param> {
+            vec![self.d.clone()]
+        }
+        fn delta_weight(&self, _b: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
+            Ok(Some(self.d.value().to_owned()))
+        }
+    }
+
+    #[test]
+    fn mixed_batch_rows_equal_single_adapter_runs_and_gradients_stay_per_adapter() {
+        let lin = Linear::load("l", 4, 3, true, &RandomInit::new(1, 0.5)).unwrap();
+        let ds: Vec<Param> = (0..3)
+            .map(|i| Param::new(format!("l.a{i}"), RandomInit::new(10 + i, 0.5).get("d", &[3, 4]).unwrap(), true))
+            .collect();
+        for (i, d) in ds.iter().enumerate() {
+            lin.attach(Arc::new(Named { name: format!("a{i}"), d: d.clone() })).unwrap();
+        }
+        // [batch 7, seq 2, in 4]: rows for a2, base, a0, a2, unknown, a0, a2 (a1 unused).
+        let x = Tensor::new(RandomInit::new(3, 1.0).get("x", &[7, 2, 4]).unwrap());
+        let names: Vec<String> =
+            ["a2", "__base__", "a0", "a2", "zzz", "a0", "a2"].iter().map(|s| s.to_string()).collect();
+        let mixed = lin.forward(&x, &Ctx::eval().with_adapter_names(names.clone())).unwrap();
+        let single = |n: &str| {
+            lin.set_active(if n == "__base__" || n == "zzz" { &[] } else { std::slice::from_ref(&n) });
+            lin.forward(&x, &Ctx::eval()).unwrap()
+        };
+        let row = 2 * 3;
+        for (i, n) in names.iter().enumerate() {
+            let want = single(n);
+            let err = crate::testing::max_abs_diff(
+                &mixed.as_slice()[i * row..(i + 1) * row],
+                &want.as_slice()[i * row..(i + 1) * row],
+            );
+            assert!(err < 1e-6, "row {i} ({n}): {err}");
+        }
+        // One adapter on every row: the plain single-adapter forward.
+        let all = lin.forward(&x, &Ctx::eval().with_adapter_names(vec!["a1".into(); 7])).unwrap();
+        assert!(crate::testing::max_abs_diff(all.as_slice(), single("a1").as_slice()) < 1e-6);
+        // Gradients: a0 gets dL/dD0 = Σ over its rows only; a1 (no rows) gets none.
+        let g = lin.forward(&x, &Ctx::eval().with_adapter_names(names)).unwrap().sum_all().backward().unwrap();
+        assert!(g.get_id(ds[1].id()).is_none());
+        let g0 = g.get_id(ds[0].id()).unwrap();
+        // d/dD0 Σ x_r·D0ᵀ over rows r ∈ {2, 5}: each output unit gets Σ x_r over those rows and positions.
+        let xs = x.data();
+        let mut want = [0f32; 4];
+        for r in [2, 5] {
+            for t in 0..2 {
+                for (k, w) in want.iter_mut().enumerate() {
+                    *w += xs[[r, t, k]];
+                }
+            }
+        }
+        for o in 0..3 {
+            for (k, w) in want.iter().enumerate() {
+                assert!((g0[[o, k]] - w).abs() < 1e-5);
+            }
+        }
     }
 }
