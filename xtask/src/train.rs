@@ -465,6 +465,9 @@ mod tests {
         assert_eq!(b, vec![(0..16).collect::<Vec<_>>(), (16..32).collect(), (32..40).collect()]);
         assert_eq!(calibration_batches(&sp, 16, 2).len(), 2);
         let m = toy(2);
+        for p in m.head() {
+            p.set_trainable(true);
+        }
         let l0 = calibration_loss(Task::Sst2, &m, &sp, &b, 0, 0).unwrap().expect("batch 0 exists");
         assert!(l0.item().unwrap().is_finite() && l0.tracks(), "calibration loss must be differentiable");
         assert!(calibration_loss(Task::Sst2, &m, &sp, &b, 3, 0).unwrap().is_none());
