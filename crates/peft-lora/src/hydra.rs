@@ -18,7 +18,7 @@ use peft_core::nn::{Ctx, LinearAdapter, LinearBase, Module};
 use peft_core::{Error, Param, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::structured::{kaiming, load_param, read_adapter, select_sites, site_rng, write_adapter, Injected, PREFIX};
+use crate::structured::{kaiming, read_adapter, select_sites, site_rng, write_adapter, Injected, SavedTensors};
 
 fn d_peft_type() -> String {
     "HYDRA".into()
@@ -136,16 +136,6 @@ impl HydraLinear {
     pub fn factors(&self) -> [&Param; 4] {
         [&self.ap, &self.bp, &self.a_s, &self.b_s]
     }
-
-    /// The tensors saved for this site, by key suffix.
-    fn saved(&self) -> [(&'static str, &Param); 4] {
-        [
-            ("lora_A.weight", &self.ap),
-            ("lora_B.weight", &self.bp),
-            ("hydra_seq_A.weight", &self.a_s),
-            ("hydra_seq_B.weight", &self.b_s),
-        ]
-    }
 }
 
 impl LinearAdapter for HydraLinear {
@@ -207,6 +197,18 @@ impl LinearAdapter for HydraLinear {
     }
 }
 
+/// The tensors saved for this site, by key suffix.
+impl SavedTensors for HydraLinear {
+    fn saved_tensors(&self) -> Vec<(&'static str, &Param)> {
+        vec![
+            ("lora_A.weight", &self.ap),
+            ("lora_B.weight", &self.bp),
+            ("hydra_seq_A.weight", &self.a_s),
+            ("hydra_seq_B.weight", &self.b_s),
+        ]
+    }
+}
+
 /// A model with one Hydra adapter.
 pub struct HydraModel {
     /// The config.
@@ -241,13 +243,7 @@ impl HydraModel {
 
     /// The tensors as saved, by file key.
     pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        let mut out = BTreeMap::new();
-        for (site, a) in &self.adapter.layers {
-            for (k, p) in a.saved() {
-                out.insert(format!("{PREFIX}{}.{k}", site.path()), p.value().to_owned());
-            }
-        }
-        out
+        self.adapter.state_dict()
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
@@ -266,13 +262,7 @@ impl HydraModel {
     pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
         let (config, file) = read_adapter::<HydraConfig>(dir, "HYDRA")?;
         let mut me = Self::new(model, config, name, 0)?;
-        let res = me.adapter.layers.iter().try_for_each(|(site, a)| {
-            a.saved().iter().try_for_each(|(k, p)| load_param(&file, &format!("{PREFIX}{}.{k}", site.path()), p))
-        });
-        if let Err(e) = res {
-            me.adapter.detach();
-            return Err(e);
-        }
+        me.adapter.load_tensors(&file)?;
         Ok(me)
     }
 }

@@ -31,7 +31,7 @@ use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::structured::{kaiming, load_param, read_adapter, select_sites, site_rng, write_adapter, Injected, PREFIX};
+use crate::structured::{kaiming, read_adapter, select_sites, site_rng, write_adapter, Injected, SavedTensors};
 use crate::{LoraConfig, LoraModel};
 
 /// The `EPS` of PEFT's `PolyRouter` normalisation.
@@ -254,11 +254,6 @@ impl PolyLinear {
         [&self.a, &self.b, &self.logits]
     }
 
-    /// The saved tensors by key suffix.
-    fn saved(&self) -> [(&'static str, &Param); 3] {
-        [("poly_lora_A", &self.a), ("poly_lora_B", &self.b), ("poly_router.module_logits", &self.logits)]
-    }
-
     /// Sets how skills are weighed.
     pub fn set_selector(&self, s: PolySelector) {
         *self.selector.lock().unwrap_or_else(|p| p.into_inner()) = s;
@@ -377,6 +372,13 @@ impl LinearAdapter for PolyLinear {
 /// `(lora_A, lora_B)`.
 type LoraFactors = (ArrayD<f32>, ArrayD<f32>);
 
+/// The saved tensors by key suffix (PEFT's names).
+impl SavedTensors for PolyLinear {
+    fn saved_tensors(&self) -> Vec<(&'static str, &Param)> {
+        vec![("poly_lora_A", &self.a), ("poly_lora_B", &self.b), ("poly_router.module_logits", &self.logits)]
+    }
+}
+
 /// A model with one Poly/MHR adapter.
 pub struct PolyModel {
     /// The config.
@@ -453,13 +455,7 @@ impl PolyModel {
 
     /// The tensors as saved (PEFT keys), by file key.
     pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        let mut out = BTreeMap::new();
-        for (site, l) in &self.adapter.layers {
-            for (k, p) in l.saved() {
-                out.insert(format!("{PREFIX}{}.{k}", site.path()), p.value().to_owned());
-            }
-        }
-        out
+        self.adapter.state_dict()
     }
 
     /// Writes PEFT's files into `dir`.
@@ -478,13 +474,7 @@ impl PolyModel {
     pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
         let (config, file) = read_adapter::<PolyConfig>(dir, "POLY")?;
         let mut me = Self::new(model, config, name, 0)?;
-        let res = me.adapter.layers.iter().try_for_each(|(site, l)| {
-            l.saved().iter().try_for_each(|(k, p)| load_param(&file, &format!("{PREFIX}{}.{k}", site.path()), p))
-        });
-        if let Err(e) = res {
-            me.adapter.detach();
-            return Err(e);
-        }
+        me.adapter.load_tensors(&file)?;
         Ok(me)
     }
 }

@@ -55,6 +55,42 @@ pub fn select_sites(
     Ok(sites.into_iter().filter(|s| paths.iter().any(|p| p == s.path())).collect())
 }
 
+/// The tensors an adapter layer writes to the adapter file, as `(key suffix after the site path, parameter)`.
+pub trait SavedTensors {
+    /// Key suffixes (e.g. `"lora_A.weight"`) and their parameters, in file order.
+    fn saved_tensors(&self) -> Vec<(&'static str, &Param)>;
+}
+
+impl<A: LinearAdapter + SavedTensors + 'static> Injected<A> {
+    /// The tensors as saved: `base_model.model.<site>.<suffix>` -> value, for every site.
+    pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
+        let mut out = BTreeMap::new();
+        for (site, a) in &self.layers {
+            for (k, p) in a.saved_tensors() {
+                out.insert(format!("{PREFIX}{}.{k}", site.path()), p.value().to_owned());
+            }
+        }
+        out
+    }
+
+    /// Sets every saved tensor from `file`; on error, detaches the adapter from every site (nothing half-loaded
+    /// stays attached).
+    ///
+    /// # Errors
+    /// A missing or mis-shaped tensor.
+    pub fn load_tensors(&mut self, file: &SafeTensorsFile) -> Result<()> {
+        let res = self.layers.iter().try_for_each(|(site, a)| {
+            a.saved_tensors()
+                .into_iter()
+                .try_for_each(|(k, p)| load_param(file, &format!("{PREFIX}{}.{k}", site.path()), p))
+        });
+        if res.is_err() {
+            self.detach();
+        }
+        res
+    }
+}
+
 /// One adapter (one name) of one kind `A` attached to several sites.
 pub struct Injected<A: LinearAdapter + 'static> {
     /// The adapter name.
