@@ -270,6 +270,9 @@ fn one_run(
     train::reset_peak_rss();
     let model = load_minilm(model_dir, task.num_outputs(), seed)?;
     let module = model.as_ref() as &dyn peft_core::nn::Module;
+    // The pretrained model's size, counted before a method adds adapters or swaps weights for quantized storage
+    // (QLoRA's NF4 weights are not parameters), so "trainable %" has the same denominator for every method.
+    let total: u64 = named_params(module).iter().map(|p| p.numel() as u64).sum();
     let prepared = if method.needs_calibration() {
         let batches = train::calibration_batches(train_split, cfg.batch_size, CALIBRATION_BATCHES);
         let mut calib = |i: usize| train::calibration_loss(task, model.as_ref(), train_split, &batches, i, seed);
@@ -278,7 +281,6 @@ fn one_run(
         method.prepare(module, &model.head())?
     };
     let trainable: u64 = prepared.trainable().iter().map(|p| p.numel() as u64).sum();
-    let total: u64 = named_params(model.as_ref() as &dyn peft_core::nn::Module).iter().map(|p| p.numel() as u64).sum();
     let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name()));
     let out = train::run(task, model.as_ref(), prepared.as_ref(), cfg, cfg.lr, seed, train_split, dev_split, &bar);
     bar.finish_and_clear();
