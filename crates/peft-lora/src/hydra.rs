@@ -18,7 +18,7 @@ use peft_core::nn::{Ctx, LinearAdapter, LinearBase, Module};
 use peft_core::{Error, Param, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::structured::{kaiming, read_adapter, select_sites, site_rng, write_adapter, Injected, SavedTensors};
+use crate::structured::{kaiming, read_adapter, write_adapter, Injected, SavedTensors};
 
 fn d_peft_type() -> String {
     "HYDRA".into()
@@ -224,14 +224,9 @@ impl HydraModel {
     /// Invalid config; [`Error::NoTargetMatched`].
     pub fn new(model: &dyn Module, config: HydraConfig, name: &str, seed: u64) -> Result<Self> {
         config.validate()?;
-        let sites = select_sites(model, &config.target_modules, config.exclude_modules.as_ref())?;
-        for s in &sites {
-            for p in s.base().params() {
-                p.set_trainable(false);
-            }
-        }
-        let adapter = Injected::attach(name, &sites, |s| {
-            HydraLinear::new(s.path(), name, s.base().as_ref(), &config, &mut site_rng(seed, name, s.path()))
+        let (targets, exclude) = (&config.target_modules, config.exclude_modules.as_ref());
+        let adapter = Injected::inject(model, targets, exclude, name, seed, |s, rng| {
+            HydraLinear::new(s.path(), name, s.base().as_ref(), &config, rng)
         })?;
         Ok(HydraModel { config, adapter })
     }

@@ -31,7 +31,7 @@ use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::structured::{kaiming, read_adapter, select_sites, site_rng, write_adapter, Injected, SavedTensors};
+use crate::structured::{kaiming, read_adapter, write_adapter, Injected, SavedTensors};
 use crate::{LoraConfig, LoraModel};
 
 /// The `EPS` of PEFT's `PolyRouter` normalisation.
@@ -394,14 +394,9 @@ impl PolyModel {
     /// Invalid config; [`Error::NoTargetMatched`]; a split count that does not divide a site.
     pub fn new(model: &dyn Module, config: PolyConfig, name: &str, seed: u64) -> Result<Self> {
         config.validate()?;
-        let sites = select_sites(model, &config.target_modules, config.exclude_modules.as_ref())?;
-        for s in &sites {
-            for p in s.base().params() {
-                p.set_trainable(false);
-            }
-        }
-        let adapter = Injected::attach(name, &sites, |s| {
-            PolyLinear::new(s.path(), name, s.base().as_ref(), &config, &mut site_rng(seed, name, s.path()))
+        let (targets, exclude) = (&config.target_modules, config.exclude_modules.as_ref());
+        let adapter = Injected::inject(model, targets, exclude, name, seed, |s, rng| {
+            PolyLinear::new(s.path(), name, s.base().as_ref(), &config, rng)
         })?;
         Ok(PolyModel { config, adapter })
     }

@@ -123,6 +123,28 @@ impl<A: LinearAdapter + 'static> Injected<A> {
         Ok(me)
     }
 
+    /// Selects `model`'s sites by `targets`/`exclude` ([`select_sites`]), freezes their base weights and attaches
+    /// `make(site, rng)` to each under `name`, with a per-site generator seeded from `(seed, name, site path)`.
+    ///
+    /// # Errors
+    /// As [`select_sites`] and [`Injected::attach`].
+    pub fn inject(
+        model: &dyn Module,
+        targets: &ModulePattern,
+        exclude: Option<&ModulePattern>,
+        name: &str,
+        seed: u64,
+        mut make: impl FnMut(&Linear, &mut StdRng) -> Result<A>,
+    ) -> Result<Self> {
+        let sites = select_sites(model, targets, exclude)?;
+        for s in &sites {
+            for p in s.base().params() {
+                p.set_trainable(false);
+            }
+        }
+        Self::attach(name, &sites, |s| make(s, &mut site_rng(seed, name, s.path())))
+    }
+
     /// Every adapter parameter, in site order.
     pub fn params(&self) -> Vec<Param> {
         self.layers.iter().flat_map(|(_, a)| a.params()).collect()
