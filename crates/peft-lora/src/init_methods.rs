@@ -18,7 +18,7 @@ use crate::corda::{corda_init, CordaConfig};
 use crate::eva::{eva_init, EvaConfig};
 use crate::loldu::{LolduConfig, LolduModel};
 use crate::lora_sb::{LoraSbConfig, LoraSbModel};
-use crate::model::LoraModel;
+use crate::methods::LoraPrepared;
 
 /// Which data-driven LoRA init a [`DataInitMethod`] runs.
 #[derive(Clone, Debug)]
@@ -121,34 +121,7 @@ impl Method for DataInitMethod {
             DataInit::Corda(c) => corda_init(model, &cfg, c, "default", self.seed, calib, self.max_batches)?,
             DataInit::Eva(e) => eva_init(model, &cfg, e, "default", self.seed, calib, self.max_batches)?,
         };
-        let inside: Vec<_> = lm.base_params().iter().map(Param::id).collect();
-        let outside: Vec<Param> = head.iter().filter(|h| !inside.contains(&h.id())).cloned().collect();
-        for h in &outside {
-            h.set_trainable(true);
-        }
-        Ok(Box::new(DataInitPrepared { lm, outside }))
-    }
-}
-
-/// A model prepared by a [`DataInitMethod`].
-pub struct DataInitPrepared {
-    /// The adapted model.
-    pub lm: LoraModel,
-    outside: Vec<Param>,
-}
-
-impl Prepared for DataInitPrepared {
-    fn trainable(&self) -> Vec<Param> {
-        let mut v = self.lm.trainable_params();
-        v.extend(self.outside.iter().cloned());
-        v
-    }
-    fn save(&self, dir: &Path) -> Result<u64> {
-        let mut bytes = self.lm.save_pretrained(dir)?;
-        if !self.outside.is_empty() {
-            bytes += save_params(&self.outside, dir)?;
-        }
-        Ok(bytes)
+        Ok(Box::new(LoraPrepared::new(lm, head)))
     }
 }
 

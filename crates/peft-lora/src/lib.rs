@@ -7,7 +7,7 @@
 //! - Structured variants: Hydra ([`hydra`]), MoS ([`mos`]), MixLoRA ([`mixlora`]), Poly/MHR ([`poly`]).
 //! - Adapter arithmetic: `add_weighted_adapter` with linear/cat/svd/ties/dare/magnitude-prune ([`weighted`],
 //!   [`merge_utils`]).
-//! - Registry entries for trainers and `cargo xtask bench` ([`methods`], [`init_methods`], [`struct_methods`]).
+//! - Registry entries for trainers and `cargo xtask bench` ([`mod@methods`], [`init_methods`], [`struct_methods`]).
 //!
 //! ```
 //! use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor};

@@ -92,13 +92,7 @@ impl Method for LoraMethod {
             }
         }
         cfg.modules_to_save = (!mts.is_empty()).then_some(mts);
-        let lm = LoraModel::new(model, cfg, "default", self.seed)?;
-        let inside: Vec<_> = lm.base_params().iter().map(Param::id).collect();
-        let outside: Vec<Param> = head.iter().filter(|h| !inside.contains(&h.id())).cloned().collect();
-        for h in &outside {
-            h.set_trainable(true);
-        }
-        Ok(Box::new(LoraPrepared { lm, outside }))
+        Ok(Box::new(LoraPrepared::new(LoraModel::new(model, cfg, "default", self.seed)?, head)))
     }
 }
 
@@ -107,6 +101,19 @@ pub struct LoraPrepared {
     /// The adapted model.
     pub lm: LoraModel,
     outside: Vec<Param>,
+}
+
+impl LoraPrepared {
+    /// Wraps an adapted model; the `head` parameters the adapter does not already hold (as `modules_to_save`) are
+    /// made trainable and saved next to the adapter files.
+    pub fn new(lm: LoraModel, head: &[Param]) -> Self {
+        let inside: Vec<_> = lm.base_params().iter().map(Param::id).collect();
+        let outside: Vec<Param> = head.iter().filter(|h| !inside.contains(&h.id())).cloned().collect();
+        for h in &outside {
+            h.set_trainable(true);
+        }
+        LoraPrepared { lm, outside }
+    }
 }
 
 impl Prepared for LoraPrepared {
