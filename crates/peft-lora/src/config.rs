@@ -143,7 +143,9 @@ pub struct LoraConfig {
     /// Dropout on the adapter input in training.
     #[serde(default)]
     pub lora_dropout: f64,
-    /// True when the base stores weights as `[in, out]` (GPT-2 Conv1D); peft-rs sites are always `[out, in]`.
+    /// True when the base stores weights as `[in, out]` (GPT-2 `Conv1D`). Every peft-rs site is a linear layer
+    /// storing `[out, in]`, so, as PEFT does for a `torch.nn.Linear` target, a `true` here is reset to `false`:
+    /// with a warning by [`LoraConfig::from_json`], silently by `LoraModel::add_adapter`.
     #[serde(default)]
     pub fan_in_fan_out: bool,
     /// Which biases train.
@@ -258,14 +260,22 @@ impl LoraConfig {
     /// # Errors
     /// [`peft_core::Error::Invalid`] for malformed JSON or wrongly typed known fields.
     pub fn from_json(text: &str) -> peft_core::Result<(Self, Vec<String>)> {
-        let cfg: LoraConfig = serde_json::from_str(text)
+        let mut cfg: LoraConfig = serde_json::from_str(text)
             .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
-        let warnings = cfg
+        let mut warnings: Vec<String> = cfg
             .extra
             .iter()
             .filter(|(k, v)| !PASSIVE.iter().any(|(p, _)| p == k) && !inert(v))
             .map(|(k, v)| format!("adapter_config.json: key `{k}` (= {v}) is not used by peft-rs and is ignored"))
             .collect();
+        if cfg.fan_in_fan_out {
+            cfg.fan_in_fan_out = false;
+            warnings.push(
+                "adapter_config.json: fan_in_fan_out is true but peft-rs sites are linear layers storing [out, in]; \
+                 set to false (as PEFT does for torch.nn.Linear targets)"
+                    .into(),
+            );
+        }
         Ok((cfg, warnings))
     }
 
@@ -323,9 +333,6 @@ impl LoraConfig {
         self.init()?;
         if self.peft_type != "LORA" {
             return Err(ConfigError::Unsupported(format!("peft_type {:?} is not LORA", self.peft_type)));
-        }
-        if self.fan_in_fan_out {
-            return Err(ConfigError::Unsupported("fan_in_fan_out (peft-rs sites store [out, in])".into()));
         }
         if self.lora_bias {
             return Err(ConfigError::Unsupported("lora_bias = true".into()));

@@ -74,8 +74,10 @@ impl LoraModel {
     ///
     /// # Errors
     /// As [`LoraModel::new`]; [`Error::Invalid`] when `name` exists or a base-mutating init meets a merged site.
-    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
+    pub fn add_adapter(&mut self, name: &str, mut config: LoraConfig) -> Result<()> {
         config.validate()?;
+        // Every site is a linear layer storing [out, in]: PEFT resets the flag for such targets too.
+        config.fan_in_fan_out = false;
         if self.adapters.iter().any(|a| a.name == name) {
             crate::bail!("add_adapter", "adapter `{name}` already exists");
         }

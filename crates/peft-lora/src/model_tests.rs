@@ -163,3 +163,24 @@ fn bias_and_modules_to_save_control_trainable_base_params() {
     let lm2 = LoraModel::new(&m2, cfg, "default", 0).unwrap();
     assert_eq!(lm2.base_params().iter().filter(|p| p.trainable()).count(), 4);
 }
+
+/// PEFT resets `fan_in_fan_out` for `torch.nn.Linear` targets (with a warning); every peft-rs site is such a
+/// layer, so a `true` from a file or from code becomes `false`, and the adapter behaves as with `false`.
+#[test]
+fn fan_in_fan_out_is_reset_on_linear_sites_as_in_peft() {
+    let mut cfg = LoraConfig::new(2, 4.0, ["query"]);
+    cfg.fan_in_fan_out = true;
+    let json = serde_json::to_string(&cfg).unwrap();
+    let (parsed, warnings) = LoraConfig::from_json(&json).unwrap();
+    assert!(!parsed.fan_in_fan_out);
+    assert!(warnings.iter().any(|w| w.contains("fan_in_fan_out")), "{warnings:?}");
+    let m = Tiny::new(6, 1, 0);
+    let lm = LoraModel::new(&m, cfg, "t", 0).unwrap();
+    assert!(!lm.adapter("t").unwrap().config.fan_in_fan_out);
+    let plain = Tiny::new(6, 1, 0);
+    let lp = LoraModel::new(&plain, LoraConfig::new(2, 4.0, ["query"]), "t", 0).unwrap();
+    train_ish(&lm, "t", 3);
+    train_ish(&lp, "t", 3);
+    let x = input(2, 6, 5);
+    assert_eq!(out(&m, &x), out(&plain, &x));
+}

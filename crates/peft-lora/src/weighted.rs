@@ -4,8 +4,13 @@
 //!
 //! With adapters `i` (scaling `sᵢ`, weight `wᵢ`), the *intended* update is `ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ`.
 //! - `Cat` realises it exactly with rank `Σ rᵢ`: `A = [w₁s₁A₁; w₂s₂A₂; …]`, `B = [B₁, B₂, …]` (as PEFT 0.21).
-//! - `Svd { rank }` is the best rank-`rank` approximation of the exact `ΔW` (truncated SVD, `B = U·S`, `A = Vᵀ`);
-//!   PEFT's optional `svd_clamp` (off by default) is not implemented.
+//! - `Svd { rank, clamp }` is the best rank-`rank` approximation of the exact `ΔW` (truncated SVD, `B = U·S`,
+//!   `A = Vᵀ`). `rank: None` is PEFT's default, the largest `r` among the combined adapters. `clamp: Some(q)` is
+//!   PEFT's `svd_clamp`: the `q`-quantile `h` (linear interpolation, as `torch.quantile`) of the signed entries of
+//!   `B` and `A` together, then every entry clamped to `[-h, h]`. The SVD fixes each singular pair only up to a
+//!   joint sign, and the quantile of the signed entries depends on those signs, so a clamped result is
+//!   reproducible here but can differ from PEFT's (whose signs come from its LAPACK) where the two SVDs disagree.
+//!   Even `clamp: Some(1.0)` clips: the bound is the largest signed entry, so more negative entries are cut.
 //! - `Linear` follows PEFT 0.21 exactly (equal ranks required): with `cᵢ = wᵢ·sᵢ`, `A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ`,
 //!   `B = Σ √|cᵢ|·Bᵢ`. Its `B·A` contains the cross terms `√|cᵢ|·sign(cⱼ)√|cⱼ|·Bᵢ·Aⱼ` (i ≠ j), so it equals the
 //!   weighted sum `Σ wᵢ·ΔWᵢ` only for a single adapter or adapters sharing `A` (or `B`); in general no rank-`r`
@@ -40,10 +45,12 @@ pub enum Combination {
     Linear,
     /// Concatenation: the exact weighted sum, rank `Σ rᵢ`.
     Cat,
-    /// Truncated SVD of the exact weighted sum at this rank.
+    /// Truncated SVD of the exact weighted sum.
     Svd {
-        /// The new rank.
-        rank: usize,
+        /// The new rank (`None`: the largest adapter `r`, as PEFT).
+        rank: Option<usize>,
+        /// PEFT's `svd_clamp` quantile in `[0, 1]` (`None`: no clamping).
+        clamp: Option<f64>,
     },
     /// A [`Merge`] of the A factors and of the B factors (PEFT's `ties`, `dare_linear`, `dare_ties`,
     /// `magnitude_prune`; `Merge::TaskArithmetic` is `Linear`). Equal ranks.
@@ -56,21 +63,24 @@ pub enum Combination {
     DeltaSvd {
         /// The merge.
         merge: Merge,
-        /// The new rank.
-        rank: usize,
+        /// The new rank (`None`: the largest adapter `r`, as PEFT).
+        rank: Option<usize>,
+        /// PEFT's `svd_clamp` quantile in `[0, 1]` (`None`: no clamping).
+        clamp: Option<f64>,
     },
 }
 
 impl Combination {
-    /// PEFT's `combination_type` with its arguments: `svd_rank` (required by the `svd` types here; PEFT defaults
-    /// it to the largest adapter rank), `density` (required by the pruning types), `majority_sign_method`
-    /// (`"total"` or `"frequency"`), and `seed` for the DARE masks.
+    /// PEFT's `combination_type` with its arguments: `svd_rank` and `svd_clamp` (used by the `svd` types; `None`
+    /// as in PEFT: the largest adapter rank, no clamping), `density` (required by the pruning types),
+    /// `majority_sign_method` (`"total"` or `"frequency"`), and `seed` for the DARE masks.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an unknown type or a missing argument.
+    /// [`Error::Invalid`] for an unknown type, a missing density, or a clamp outside `[0, 1]`.
     pub fn from_peft(
         combination_type: &str,
         svd_rank: Option<usize>,
+        svd_clamp: Option<f64>,
         density: Option<f64>,
         majority_sign_method: &str,
         seed: u64,
@@ -97,12 +107,14 @@ impl Combination {
         if !svd {
             return Ok(Combination::Factors { merge });
         }
-        let rank =
-            svd_rank.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs svd_rank") })?;
+        if let Some(q) = svd_clamp.filter(|q| !(0.0..=1.0).contains(q)) {
+            crate::bail!(OP, "svd_clamp {q} is not a quantile in [0, 1]");
+        }
+        let (rank, clamp) = (svd_rank, svd_clamp);
         Ok(if merge == Merge::TaskArithmetic {
-            Combination::Svd { rank }
+            Combination::Svd { rank, clamp }
         } else {
-            Combination::DeltaSvd { merge, rank }
+            Combination::DeltaSvd { merge, rank, clamp }
         })
     }
 }
@@ -145,12 +157,36 @@ fn combine_factors(
     Ok((d2(a), d2(b)))
 }
 
-/// PEFT's `_svd_generalized_task_arithmetic_weighted_adapter`: `merge` over the `ΔWᵢ`, then a rank-`rank` SVD.
+/// `torch.quantile(values, q)` (linear interpolation between the order statistics at `q·(n-1)`).
+fn quantile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let pos = q * (values.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    values[lo] + (values[hi] - values[lo]) * (pos - lo as f64)
+}
+
+/// PEFT's `svd_clamp`: clamps `A` and `B` to `±` the `q`-quantile of their signed entries together.
+fn clamp_factors(a: &mut Array2<f64>, b: &mut Array2<f64>, q: f64) {
+    let mut all: Vec<f64> = b.iter().chain(a.iter()).copied().collect();
+    if all.is_empty() {
+        return;
+    }
+    let h = quantile(&mut all, q);
+    // As torch's clamp(min=-h, max=h): with h < 0 every entry becomes h (max wins).
+    let c = |v: &mut f64| *v = v.max(-h).min(h);
+    a.map_inplace(c);
+    b.map_inplace(c);
+}
+
+/// PEFT's `_svd_generalized_task_arithmetic_weighted_adapter`: `merge` over the `ΔWᵢ`, then a rank-`rank` SVD,
+/// then the optional `svd_clamp`.
+#[allow(clippy::too_many_arguments)]
 fn combine_deltas(
     parts: &Parts,
     weights: &[f64],
     merge: &Merge,
     rank: usize,
+    clamp: Option<f64>,
     path: &str,
     rng: &mut StdRng,
 ) -> Result<(Array2<f64>, Array2<f64>)> {
@@ -161,8 +197,12 @@ fn combine_deltas(
     let deltas: Vec<ArrayD<f64>> = parts.iter().map(|(pa, pb, s)| (pb.dot(pa) * *s).into_dyn()).collect();
     let dw = d2(merge.apply(&deltas, weights, rng)?);
     let (u, sv, vt) = peft_core::linalg::svd(&dw)?;
-    let b = Array2::from_shape_fn((out_f, rank), |(i, j)| u[[i, j]] * sv[j]);
-    Ok((vt.slice(s![..rank, ..]).to_owned(), b))
+    let mut b = Array2::from_shape_fn((out_f, rank), |(i, j)| u[[i, j]] * sv[j]);
+    let mut a = vt.slice(s![..rank, ..]).to_owned();
+    if let Some(q) = clamp {
+        clamp_factors(&mut a, &mut b, q);
+    }
+    Ok((a, b))
 }
 
 impl LoraModel {
@@ -192,6 +232,8 @@ impl LoraModel {
             _ => 0,
         };
         let sets = adapters.iter().map(|n| self.adapter(n)).collect::<Result<Vec<_>>>()?;
+        // PEFT: `new_rank = svd_rank or max(adapters_ranks)` (the configs' `r`).
+        let max_r = sets.iter().map(|s| s.config.r).max().unwrap_or(0);
         let paths: Vec<String> = sets[0].layers.iter().map(|(s, _)| s.path().to_string()).collect();
         for s in &sets {
             if s.config.use_dora {
@@ -221,10 +263,18 @@ impl LoraModel {
                     let shape_err = |_| Error::Invalid { op: OP, msg: format!("shape mismatch at `{path}`") };
                     (concatenate(Axis(0), &av).map_err(shape_err)?, concatenate(Axis(1), &bv).map_err(shape_err)?)
                 }
-                Combination::Svd { rank } => {
-                    combine_deltas(&parts, weights, &Merge::TaskArithmetic, rank, path, &mut rng)?
+                Combination::Svd { rank, clamp } => combine_deltas(
+                    &parts,
+                    weights,
+                    &Merge::TaskArithmetic,
+                    rank.unwrap_or(max_r),
+                    clamp,
+                    path,
+                    &mut rng,
+                )?,
+                Combination::DeltaSvd { merge, rank, clamp } => {
+                    combine_deltas(&parts, weights, &merge, rank.unwrap_or(max_r), clamp, path, &mut rng)?
                 }
-                Combination::DeltaSvd { merge, rank } => combine_deltas(&parts, weights, &merge, rank, path, &mut rng)?,
             };
             new.push((path.clone(), a.mapv(|v| v as f32), b.mapv(|v| v as f32)));
         }
@@ -294,7 +344,8 @@ mod tests {
     fn cat_is_the_exact_weighted_sum_and_svd_at_full_rank_too() {
         let (m, mut lm) = two();
         lm.add_weighted_adapter(&["a", "b"], &[0.7, -0.4], "c", Combination::Cat).unwrap();
-        lm.add_weighted_adapter(&["a", "b"], &[0.7, -0.4], "s", Combination::Svd { rank: 5 }).unwrap();
+        lm.add_weighted_adapter(&["a", "b"], &[0.7, -0.4], "s", Combination::Svd { rank: Some(5), clamp: None })
+            .unwrap();
         let (da, db, dc, ds) = (delta(&lm, "a"), delta(&lm, "b"), delta(&lm, "c"), delta(&lm, "s"));
         for k in 0..da.len() {
             let want = &da[k] * 0.7 + &db[k] * -0.4;
@@ -338,7 +389,8 @@ mod tests {
         let w = [0.7, -0.4];
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
         lm.add_weighted_adapter(&["default", "other"], &w, "cat", Combination::Cat).unwrap();
-        lm.add_weighted_adapter(&["default", "other"], &w, "svd", Combination::Svd { rank: 3 }).unwrap();
+        lm.add_weighted_adapter(&["default", "other"], &w, "svd", Combination::Svd { rank: Some(3), clamp: None })
+            .unwrap();
         for c in ["lin", "cat", "svd"] {
             let mut worst = 0f32;
             let mut scale = 0f32;
@@ -380,7 +432,7 @@ mod tests {
             ("magnitude_prune_svd", "magnitude_prune_svd", "total"),
         ];
         for (name, ty, sign) in combos {
-            let how = Combination::from_peft(ty, Some(3), Some(0.5), sign, 0).unwrap();
+            let how = Combination::from_peft(ty, Some(3), None, Some(0.5), sign, 0).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, name, how).unwrap();
             let set = lm.adapter(name).unwrap();
             assert_eq!(set.layers.len(), 4);
@@ -458,7 +510,7 @@ mod tests {
         assert!((frac - density).abs() < 0.03, "kept {frac}");
         // dare_ties and the _svd forms run and are seeded too.
         for ty in ["dare_ties", "dare_linear_svd", "dare_ties_svd"] {
-            let how = Combination::from_peft(ty, Some(2), Some(density), "frequency", 9).unwrap();
+            let how = Combination::from_peft(ty, Some(2), None, Some(density), "frequency", 9).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, &format!("{ty}1"), how).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, &format!("{ty}2"), how).unwrap();
             let d = |n: String| lm.adapter(&n).unwrap().layers[1].1.lora_weight().unwrap();
@@ -473,7 +525,8 @@ mod tests {
         let (_m, mut lm, _) = load_weighted();
         let w = [0.7, -0.4];
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
-        let full = Combination::DeltaSvd { merge: Merge::DareLinear { density: 1.0, seed: 0 }, rank: 4 };
+        let full =
+            Combination::DeltaSvd { merge: Merge::DareLinear { density: 1.0, seed: 0 }, rank: Some(4), clamp: None };
         lm.add_weighted_adapter(&["default", "other"], &w, "exact", full).unwrap();
         for k in 0..4 {
             let l = |n: &str| lm.adapter(n).unwrap().layers[k].1.clone();
@@ -498,18 +551,19 @@ mod tests {
 
     #[test]
     fn from_peft_parses_every_combination_type() {
-        let p = |t: &str| Combination::from_peft(t, Some(4), Some(0.3), "total", 5);
+        let p = |t: &str| Combination::from_peft(t, Some(4), Some(0.9), Some(0.3), "total", 5);
         assert_eq!(p("linear").unwrap(), Combination::Linear);
         assert_eq!(p("cat").unwrap(), Combination::Cat);
-        assert_eq!(p("svd").unwrap(), Combination::Svd { rank: 4 });
+        assert_eq!(p("svd").unwrap(), Combination::Svd { rank: Some(4), clamp: Some(0.9) });
         let ties = Merge::Ties { density: 0.3, sign: MajoritySign::Total };
         assert_eq!(p("ties").unwrap(), Combination::Factors { merge: ties });
-        assert_eq!(p("ties_svd").unwrap(), Combination::DeltaSvd { merge: ties, rank: 4 });
+        assert_eq!(p("ties_svd").unwrap(), Combination::DeltaSvd { merge: ties, rank: Some(4), clamp: Some(0.9) });
         assert_eq!(
             p("dare_ties_svd").unwrap(),
             Combination::DeltaSvd {
                 merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5 },
-                rank: 4
+                rank: Some(4),
+                clamp: Some(0.9),
             }
         );
         assert_eq!(
@@ -521,9 +575,71 @@ mod tests {
             Combination::Factors { merge: Merge::MagnitudePrune { density: 0.3 } }
         );
         assert!(p("cat_svd").is_err() && p("linear_svd").is_err() && p("nope").is_err());
-        assert!(Combination::from_peft("ties", None, None, "total", 0).is_err());
-        assert!(Combination::from_peft("ties_svd", None, Some(0.5), "total", 0).is_err());
-        assert!(Combination::from_peft("ties", None, Some(0.5), "median", 0).is_err());
+        assert!(Combination::from_peft("ties", None, None, None, "total", 0).is_err());
+        assert!(Combination::from_peft("ties", None, None, Some(0.5), "median", 0).is_err());
+        assert!(Combination::from_peft("svd", None, Some(1.5), None, "total", 0).is_err());
+        assert!(Combination::from_peft("svd", None, Some(f64::NAN), None, "total", 0).is_err());
+        assert_eq!(
+            Combination::from_peft("ties_svd", None, None, Some(0.5), "total", 0).unwrap(),
+            Combination::DeltaSvd {
+                merge: Merge::Ties { density: 0.5, sign: MajoritySign::Total },
+                rank: None,
+                clamp: None
+            }
+        );
+    }
+
+    /// `torch.quantile` semantics: linear interpolation at `q·(n-1)`; ends are min and max.
+    #[test]
+    fn quantile_interpolates_like_torch() {
+        let v = [3.0, -1.0, 2.0, 10.0];
+        let q = |x: f64| quantile(&mut v.to_vec(), x);
+        assert_eq!((q(0.0), q(1.0)), (-1.0, 10.0));
+        // sorted [-1, 2, 3, 10]: position 0.5·3 = 1.5 -> 2.5; position 0.9·3 = 2.7 -> 3 + 0.7·7 = 7.9.
+        assert!((q(0.5) - 2.5).abs() < 1e-12 && (q(0.9) - 7.9).abs() < 1e-12);
+        assert_eq!(quantile(&mut [4.0], 0.3), 4.0);
+    }
+
+    /// PEFT's defaults and `svd_clamp`: no rank means the largest adapter `r`; a clamp bounds every factor entry
+    /// by `±` the quantile of the unclamped signed entries and leaves the rest as they were. Even `clamp = 1` is
+    /// not a no-op: the bound is the largest *signed* entry, so a more negative entry is clipped (as in PEFT).
+    #[test]
+    fn svd_default_rank_and_clamp() {
+        let (_m, mut lm) = two(); // r 2 and r 3
+        let w = [0.7, -0.4];
+        let svd = |rank, clamp| Combination::Svd { rank, clamp };
+        lm.add_weighted_adapter(&["a", "b"], &w, "dflt", svd(None, None)).unwrap();
+        lm.add_weighted_adapter(&["a", "b"], &w, "r3", svd(Some(3), None)).unwrap();
+        lm.add_weighted_adapter(&["a", "b"], &w, "c1", svd(Some(3), Some(1.0))).unwrap();
+        lm.add_weighted_adapter(&["a", "b"], &w, "c8", svd(Some(3), Some(0.8))).unwrap();
+        let ties = Merge::Ties { density: 0.5, sign: MajoritySign::Total };
+        lm.add_weighted_adapter(&["a", "b"], &w, "t", Combination::DeltaSvd { merge: ties, rank: None, clamp: None })
+            .unwrap();
+        assert_eq!(lm.adapter("dflt").unwrap().layers[0].1.spec().r, 3);
+        assert_eq!(lm.adapter("t").unwrap().layers[0].1.spec().r, 3);
+        let n = lm.adapter("r3").unwrap().layers.len();
+        let mut clamped = [0, 0];
+        for k in 0..n {
+            let l = |name: &str| lm.adapter(name).unwrap().layers[k].1.clone();
+            let fac = |name: &str| {
+                let l = l(name);
+                let (a, b) = (l.lora_a().value().to_owned(), l.lora_b().value().to_owned());
+                b.iter().chain(a.iter()).copied().collect::<Vec<f32>>()
+            };
+            let (d, r3) = (l("dflt").lora_weight().unwrap(), l("r3").lora_weight().unwrap());
+            assert!(max_abs_diff(d.as_slice().unwrap(), r3.as_slice().unwrap()) < 1e-6);
+            let raw = fac("r3");
+            for (i, (name, q)) in [("c1", 1.0), ("c8", 0.8)].into_iter().enumerate() {
+                let mut sorted: Vec<f64> = raw.iter().map(|&v| f64::from(v)).collect();
+                let h = quantile(&mut sorted, q) as f32;
+                for (&r, &c) in raw.iter().zip(&fac(name)) {
+                    let want = r.clamp(-h, h);
+                    assert!((c - want).abs() <= 1e-6 * h.abs().max(1.0), "{name}: {r} clamped to {c}, want {want}");
+                    clamped[i] += usize::from(r.abs() > h);
+                }
+            }
+        }
+        assert!(clamped[1] > clamped[0], "the 0.8 quantile clamps more than the maximum: {clamped:?}");
     }
 
     #[test]
