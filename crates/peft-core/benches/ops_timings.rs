@@ -2,7 +2,9 @@
 //! same run (formerly the `#[ignore]` tests `attention_timings` and `conv_front_end_timings`):
 //! - scaled-dot-product attention forward and forward+backward vs the same attention composed from
 //!   matmul / softmax primitives, for a BERT-base shape and a LLaMA-ish causal GQA shape;
-//! - DINOv2's 14x14/14 patch embedding and Whisper-tiny's two 1-d convolutions vs one GEMM of the same size.
+//! - DINOv2's 14x14/14 patch embedding and Whisper-tiny's two 1-d convolutions vs one GEMM of the same size;
+//! - GELU's derivative over a MiniLM FFN activation (16 x 32 tokens x 1536) with `Elem::exp_fast` (what the
+//!   backward uses) vs the same loop with libm's `exp`, and the whole GELU forward+backward.
 //!
 //! ```text
 //! cargo bench -p peft-core --bench ops_timings
@@ -105,5 +107,29 @@ fn conv_front_ends(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, conv_front_ends);
+/// `d/dx GELU(x) = Φ(x) + x·φ(x)` over a slice, with `exp` as given.
+fn gelu_grad(x: &[f32], out: &mut [f32], exp: impl Fn(f32) -> f32) {
+    use peft_core::Elem;
+    let c = (1.0 / (2.0 * std::f64::consts::PI).sqrt()) as f32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + Elem::erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        *o = cdf + v * exp(-0.5 * v * v) * c;
+    }
+}
+
+fn gelu(c: &mut Criterion) {
+    use peft_core::Elem;
+    let n = 16 * 32 * 1536;
+    let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 * 4e-3 - 4.0).collect();
+    let mut out = vec![0f32; n];
+    let mut g = c.benchmark_group("gelu");
+    configure(&mut g);
+    g.bench_function("grad_exp_fast_512x1536", |b| b.iter(|| gelu_grad(&x, &mut out, Elem::exp_fast)));
+    g.bench_function("grad_baseline_libm_exp_512x1536", |b| b.iter(|| gelu_grad(&x, &mut out, f32::exp)));
+    let t = Tensor::var(ArrayD::from_shape_vec(IxDyn(&[512, 1536]), x.clone()).unwrap());
+    g.bench_function("tensor_gelu_fwd_bwd_512x1536", |b| b.iter(|| t.gelu().sum_all().backward().unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, attention, conv_front_ends, gelu);
 criterion_main!(benches);

@@ -191,7 +191,8 @@ pub struct LoraConfig {
     /// Base model revision (informational).
     #[serde(default)]
     pub revision: Option<String>,
-    /// A bias on `lora_B` (PEFT ≥ 0.14); unsupported here when true.
+    /// A trainable bias on `lora_B` (PEFT ≥ 0.14), merged into the base bias; only with `init_lora_weights`
+    /// true or false and without DoRA (as PEFT). Merging needs a base bias.
     #[serde(default)]
     pub lora_bias: bool,
     /// Keys peft-rs does not model, kept for round trips.
@@ -334,8 +335,13 @@ impl LoraConfig {
         if self.peft_type != "LORA" {
             return Err(ConfigError::Unsupported(format!("peft_type {:?} is not LORA", self.peft_type)));
         }
-        if self.lora_bias {
-            return Err(ConfigError::Unsupported("lora_bias = true".into()));
+        if self.lora_bias && self.use_dora {
+            return Err(ConfigError::Unsupported("lora_bias with DoRA (as in PEFT)".into()));
+        }
+        if self.lora_bias && !matches!(self.init_lora_weights, InitLoraWeights::Bool(_)) {
+            return Err(ConfigError::Unsupported(
+                "lora_bias needs init_lora_weights true or false (as in PEFT)".into(),
+            ));
         }
         if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
             return Err(ConfigError::Unsupported("layers_pattern needs layers_to_transform".into()));
@@ -489,6 +495,24 @@ mod tests {
         ));
         assert!(matches!(
             bad(&|c| c.layers_pattern = Some(StrOrList::One("layer".into()))),
+            ConfigError::Unsupported(_)
+        ));
+        // lora_bias: only plain LoRA with init true/false, as PEFT's __post_init__.
+        let mut lb = ok.clone();
+        lb.lora_bias = true;
+        lb.validate().unwrap();
+        assert!(matches!(
+            bad(&|c| {
+                c.lora_bias = true;
+                c.use_dora = true;
+            }),
+            ConfigError::Unsupported(_)
+        ));
+        assert!(matches!(
+            bad(&|c| {
+                c.lora_bias = true;
+                c.init_lora_weights = InitLoraWeights::Named("pissa".into());
+            }),
             ConfigError::Unsupported(_)
         ));
         assert!(matches!(

@@ -58,6 +58,9 @@ fn state_dict(model: &LoraModel, a: &AdapterSet) -> BTreeMap<String, ArrayD<f32>
         if let Some(m) = l.magnitude() {
             out.insert(format!("{p}.lora_magnitude_vector"), m.value().to_owned());
         }
+        if let Some(b) = l.lora_b_bias() {
+            out.insert(format!("{p}.lora_B.bias"), b.value().to_owned());
+        }
     }
     for bp in model.base_params() {
         if base_param_saved(a, bp.name()) {
@@ -160,6 +163,9 @@ impl LoraModel {
                 put(format!("{p}.lora_B.weight"), l.lora_b())?;
                 if let Some(m) = l.magnitude() {
                     put(format!("{p}.lora_magnitude_vector"), m)?;
+                }
+                if let Some(b) = l.lora_b_bias() {
+                    put(format!("{p}.lora_B.bias"), b)?;
                 }
             }
             for bp in self.base_params() {

@@ -128,11 +128,11 @@ fn pissa_adapter_converts_to_lora_for_the_original_model() {
 }
 
 /// PEFT 0.21 fixtures from `tests/fixtures/gen_peft_fixture.py` (LoRA; DoRA + rsLoRA + dropout; LoRA with
-/// bias = "lora_only" and modules_to_save = ["classifier"]).
+/// bias = "lora_only" and modules_to_save = ["classifier"]; lora_bias = true, a bias on lora_B).
 #[test]
 fn peft_fixtures_load_match_outputs_and_save_back_identically() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    for v in ["lora", "dora", "lora_bias"] {
+    for v in ["lora", "dora", "lora_bias", "lora_b_bias"] {
         let dir = root.join(v);
         let base = SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
         let io = SafeTensorsFile::open(dir.join("io.safetensors")).unwrap();

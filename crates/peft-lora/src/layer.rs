@@ -2,7 +2,8 @@
 //! Gaussian, PiSSA, OLoRA) and exact merge/unmerge.
 //!
 //! Forward (PEFT `lora.Linear.forward`): `y = base(x) + s · B(A(dropout(x)))` with `s = alpha / r` (or
-//! `alpha / √r` for rsLoRA).
+//! `alpha / √r` for rsLoRA); with `lora_bias`, `B` carries a bias `c` (`s·(B·A·x + c)`; merging adds `s·c` to the
+//! base bias).
 //!
 //! DoRA (PEFT `DoraLinearLayer.forward`): with `V = W + s·B·A` and the row norms `‖V‖` **detached** (treated as a
 //! constant, as PEFT does to save memory, following §4.3 of the DoRA paper), `f = m / ‖V‖` and
@@ -35,6 +36,8 @@ pub struct LoraSpec {
     pub init: Init,
     /// DoRA magnitude vector.
     pub use_dora: bool,
+    /// A trainable bias on `lora_B` (PEFT's `lora_bias`; merged into the base bias).
+    pub lora_bias: bool,
 }
 
 impl LoraSpec {
@@ -49,7 +52,8 @@ impl LoraSpec {
 }
 
 /// A LoRA/DoRA adapter on one linear site. Parameters are named `<site>.lora_A.<name>.weight` `[r, in]`,
-/// `<site>.lora_B.<name>.weight` `[out, r]` and (DoRA) `<site>.lora_magnitude_vector.<name>.weight` `[out]`.
+/// `<site>.lora_B.<name>.weight` `[out, r]`, (DoRA) `<site>.lora_magnitude_vector.<name>.weight` `[out]` and
+/// (`lora_bias`) `<site>.lora_B.<name>.bias` `[out]`.
 pub struct LoraLinear {
     name: String,
     spec: LoraSpec,
@@ -57,6 +61,8 @@ pub struct LoraLinear {
     a: Param,
     b: Param,
     magnitude: Option<Param>,
+    /// `lora_B`'s bias (`lora_bias`), scaled by `s` like the rest of the adapter output.
+    bias: Option<Param>,
     /// Row norms used by the last DoRA merge (PEFT caches `<name>-weight_norm` the same way), for exact unmerge.
     merge_norm: Mutex<Option<Array1<f32>>>,
     /// `(A₀, B₀)` of a base-mutating init (PiSSA/OLoRA), for converting the trained adapter to plain LoRA.
@@ -86,6 +92,9 @@ impl LoraLinear {
         let (in_f, out_f, r) = (base.in_features(), base.out_features(), spec.r);
         if r == 0 {
             crate::bail!("lora", "rank 0 at `{path}`");
+        }
+        if spec.lora_bias && (spec.use_dora || !matches!(spec.init, Init::Default | Init::Random | Init::Gaussian)) {
+            crate::bail!("lora", "lora_bias needs plain LoRA with init true, false or gaussian at `{path}`");
         }
         let scaling = spec.scaling();
         let kaiming = |fan_in: usize, shape: (usize, usize), rng: &mut dyn rand::RngCore| {
@@ -131,6 +140,17 @@ impl LoraLinear {
                 (a, b)
             }
         };
+        let bias = spec.lora_bias.then(|| {
+            // PEFT: zeros with B (init true / gaussian); nn.Linear's default U(±1/√r) for init false.
+            let v = if matches!(spec.init, Init::Random) {
+                let bound = 1.0 / (r as f32).sqrt();
+                let u = Uniform::new_inclusive(-bound, bound);
+                Array1::from_shape_fn(out_f, |_| u.sample(rng))
+            } else {
+                Array1::zeros(out_f)
+            };
+            Param::new(format!("{path}.lora_B.{name}.bias"), v.into_dyn(), true)
+        });
         let a = Param::new(format!("{path}.lora_A.{name}.weight"), a.into_dyn(), true);
         let b = Param::new(format!("{path}.lora_B.{name}.weight"), b.into_dyn(), true);
         let mut me = LoraLinear {
@@ -140,6 +160,7 @@ impl LoraLinear {
             a,
             b,
             magnitude: None,
+            bias,
             merge_norm: Mutex::new(None),
             initial,
         };
@@ -169,8 +190,8 @@ impl LoraLinear {
         if a.dim() != (r, in_f) || b.dim() != (out_f, r) {
             return Err(Error::Shape { op: "lora", lhs: a.shape().to_vec(), rhs: b.shape().to_vec() });
         }
-        if spec.use_dora {
-            crate::bail!("lora", "a mutating data-driven init cannot be combined with DoRA at `{path}`");
+        if spec.use_dora || spec.lora_bias {
+            crate::bail!("lora", "a mutating data-driven init cannot be combined with DoRA or lora_bias at `{path}`");
         }
         let scaling = spec.scaling();
         base.add_to_weight(&b.dot(&a).mapv(|v| -(scaling as f32) * v).into_dyn())?;
@@ -182,6 +203,7 @@ impl LoraLinear {
             a: Param::new(format!("{path}.lora_A.{name}.weight"), a.into_dyn(), true),
             b: Param::new(format!("{path}.lora_B.{name}.weight"), b.into_dyn(), true),
             magnitude: None,
+            bias: None,
             merge_norm: Mutex::new(None),
             initial,
         })
@@ -210,6 +232,11 @@ impl LoraLinear {
     /// The DoRA magnitude vector `[out]`.
     pub fn magnitude(&self) -> Option<&Param> {
         self.magnitude.as_ref()
+    }
+
+    /// `lora_B`'s bias `[out]` (`lora_bias`).
+    pub fn lora_b_bias(&self) -> Option<&Param> {
+        self.bias.as_ref()
     }
 
     /// `(A₀, B₀)` recorded by a base-mutating init.
@@ -261,7 +288,9 @@ impl LinearAdapter for LoraLinear {
     fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Tensor> {
         let dropped = ctx.train && self.spec.dropout > 0.0;
         let xd = if dropped { ctx.with_rng(|r| x.dropout(self.spec.dropout, true, r))? } else { x.clone() };
-        let lora = xd.linear(&self.a.tensor(), None)?.linear(&self.b.tensor(), None)?.mul_scalar(self.scaling as f32);
+        let bias = self.bias.as_ref().map(Param::tensor);
+        let lora =
+            xd.linear(&self.a.tensor(), None)?.linear(&self.b.tensor(), bias.as_ref())?.mul_scalar(self.scaling as f32);
         let Some(m) = &self.magnitude else { return Ok(lora) };
         let w = base.dense_weight()?;
         let w2 = mat(&w)?.to_owned();
@@ -282,7 +311,12 @@ impl LinearAdapter for LoraLinear {
     fn params(&self) -> Vec<Param> {
         let mut v = vec![self.a.clone(), self.b.clone()];
         v.extend(self.magnitude.clone());
+        v.extend(self.bias.clone());
         v
+    }
+
+    fn delta_bias(&self) -> Result<Option<ArrayD<f32>>> {
+        Ok(self.bias.as_ref().map(|b| b.value().mapv(|v| v * self.scaling as f32)))
     }
 
     fn delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {

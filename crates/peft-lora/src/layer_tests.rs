@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use super::*;
 
 fn spec(r: usize, init: Init, dora: bool) -> LoraSpec {
-    LoraSpec { r, alpha: 16.0, use_rslora: false, dropout: 0.0, init, use_dora: dora }
+    LoraSpec { r, alpha: 16.0, use_rslora: false, dropout: 0.0, init, use_dora: dora, lora_bias: false }
 }
 
 fn site(in_f: usize, out_f: usize) -> Linear {
@@ -373,5 +373,61 @@ mod prop {
                 assert_close(&an, &fd(&lin, &xs, &rr, p), p.name());
             }
         }
+    }
+}
+
+/// `lora_bias` (PEFT ≥ 0.14): zero at init with init true (identity kept), `U(±1/√r)` with init false; the bias
+/// gradient matches finite differences; merging adds `s·c` to the base bias and unmerging restores it exactly;
+/// a base without bias cannot merge it, and DoRA / mutating inits reject it.
+#[test]
+fn lora_bias_is_identity_at_init_has_exact_gradients_and_merges_into_the_base_bias() {
+    let with_bias = |init| LoraSpec { lora_bias: true, ..spec(3, init, false) };
+    let lin = site(5, 4);
+    let xs = x(3, 5);
+    let y0 = y(&lin, &xs);
+    let ad = attach(&lin, "a", with_bias(Init::Default), 1);
+    let c = ad.lora_b_bias().unwrap();
+    assert_eq!(c.name(), "l.lora_B.a.bias");
+    assert!(c.value().iter().all(|&v| v == 0.0));
+    assert!(max_abs_diff(&y0, &y(&lin, &xs)) < 1e-6);
+    assert_eq!(ad.params().len(), 3);
+    // Gradients of A, B and the bias against central differences.
+    perturb(&ad, 2);
+    c.set(RandomInit::new(4, 0.5).get("c", &[4]).unwrap()).unwrap();
+    let r = Tensor::new(RandomInit::new(11, 1.0).get("r", &[3, 4]).unwrap());
+    let g = loss(&lin, &xs, &r).backward().unwrap();
+    for p in [ad.lora_a(), ad.lora_b(), c] {
+        let an = g.get_id(p.id()).unwrap().as_slice().unwrap().to_vec();
+        assert_close(&an, &fd(&lin, &xs, &r, p), p.name());
+    }
+    // The bias term is s·c on every row: with B = 0 the output moves by exactly s·c.
+    let yb = y(&lin, &xs);
+    let b0 = lin.base().bias().unwrap().value().to_owned();
+    lin.merge("a").unwrap();
+    assert!(max_abs_diff(&yb, &y(&lin, &xs)) < 1e-5);
+    let b1 = lin.base().bias().unwrap().value().to_owned();
+    let want = &b0 + &c.value().mapv(|v| v * ad.scaling() as f32);
+    assert!(max_abs_diff(b1.as_slice().unwrap(), want.as_slice().unwrap()) < 1e-6);
+    lin.unmerge("a").unwrap();
+    let b2 = lin.base().bias().unwrap().value().to_owned();
+    assert!(max_abs_diff(b0.as_slice().unwrap(), b2.as_slice().unwrap()) < 1e-6);
+    assert!(max_abs_diff(&yb, &y(&lin, &xs)) < 1e-5);
+    // init false: nn.Linear's default bias init.
+    let lin2 = site(5, 4);
+    let ad2 = attach(&lin2, "r", with_bias(Init::Random), 3);
+    let bound = 1.0 / 3f32.sqrt();
+    let v = ad2.lora_b_bias().unwrap().value().to_owned();
+    assert!(v.iter().all(|x| x.abs() <= bound) && v.iter().any(|&x| x != 0.0));
+    // No base bias: forward works, merging is an error that leaves the weight untouched.
+    let nb = Linear::load("n", 5, 4, false, &RandomInit::new(1, 0.5)).unwrap();
+    let ad3 = attach(&nb, "a", with_bias(Init::Default), 1);
+    perturb(&ad3, 5);
+    let w0 = nb.base().dense_weight().unwrap();
+    assert!(nb.merge("a").is_err());
+    assert_eq!(w0, nb.base().dense_weight().unwrap());
+    assert!(!nb.is_merged("a").unwrap());
+    for bad in [LoraSpec { use_dora: true, ..with_bias(Init::Default) }, with_bias(Init::Olora)] {
+        let l = site(5, 4);
+        assert!(LoraLinear::new("l", "x", l.base().as_ref(), bad, &mut StdRng::seed_from_u64(0)).is_err());
     }
 }

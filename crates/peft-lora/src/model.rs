@@ -101,6 +101,7 @@ impl LoraModel {
                 dropout: config.lora_dropout,
                 init,
                 use_dora: config.use_dora,
+                lora_bias: config.lora_bias,
             };
             let mut rng = StdRng::seed_from_u64(self.seed ^ fnv(&format!("{name}/{}", site.path())));
             let ad = Arc::new(LoraLinear::new(site.path(), name, site.base().as_ref(), ls, &mut rng)?);

@@ -236,8 +236,8 @@ impl LoraModel {
         let max_r = sets.iter().map(|s| s.config.r).max().unwrap_or(0);
         let paths: Vec<String> = sets[0].layers.iter().map(|(s, _)| s.path().to_string()).collect();
         for s in &sets {
-            if s.config.use_dora {
-                crate::bail!(OP, "DoRA adapter `{}` cannot be combined", s.name);
+            if s.config.use_dora || s.config.lora_bias {
+                crate::bail!(OP, "adapter `{}` (DoRA or lora_bias) cannot be combined", s.name);
             }
             if s.layers.iter().map(|(l, _)| l.path()).ne(paths.iter().map(String::as_str)) {
                 crate::bail!(OP, "adapters `{}` and `{}` target different sites", sets[0].name, s.name);

@@ -113,6 +113,14 @@ pub trait LinearAdapter: Send + Sync {
     fn unmerge_delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
         self.delta_weight(base)
     }
+    /// The bias change `[out]` merged together with the weight (LoRA with `lora_bias`); `Ok(None)` (the default)
+    /// when the adapter leaves the bias alone.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn delta_bias(&self) -> Result<Option<ArrayD<f32>>> {
+        Ok(None)
+    }
 }
 
 struct Attached {
@@ -327,7 +335,28 @@ impl Linear {
             crate::error::bail!(op, "adapter `{name}` ({}) cannot be merged exactly", a.adapter.kind());
         };
         let delta = if merge { delta } else { delta.mapv(|v| -v) };
+        // The bias change is checked (base has a bias, shapes, finite) before anything is written.
+        let new_bias = match a.adapter.delta_bias()? {
+            None => None,
+            Some(db) => {
+                let Some(bias) = base.bias() else {
+                    crate::error::bail!(op, "adapter `{name}` has a bias term but `{}` has no bias", self.0.path);
+                };
+                let b = bias.value();
+                if b.shape() != db.shape() {
+                    return Err(Error::Shape { op: "merge", lhs: b.shape().to_vec(), rhs: db.shape().to_vec() });
+                }
+                let nb = if merge { &b + &db } else { &b - &db };
+                if nb.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite { what: format!("merged bias of {}", bias.name()) });
+                }
+                Some((bias.clone(), nb))
+            }
+        };
         base.add_to_weight(&delta)?;
+        if let Some((bias, nb)) = new_bias {
+            bias.set(nb)?;
+        }
         a.merged = merge;
         Ok(())
     }

@@ -311,7 +311,7 @@ impl<E: Elem> Tensor<E> {
     pub fn gelu(&self) -> Tensor<E> {
         unary("gelu", self, gelu_erf, |x, _| {
             let cdf = E::of(0.5) * (E::one() + (x * E::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-            let pdf = (E::of(-0.5) * x * x).exp() * E::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            let pdf = (E::of(-0.5) * x * x).exp_fast() * E::of(1.0 / (2.0 * std::f64::consts::PI).sqrt());
             cdf + x * pdf
         })
     }
