@@ -282,7 +282,7 @@ pub fn run(
             loss = loss.add(&aux)?;
         }
         let lv = loss.item()?;
-        let mut grads = loss.backward()?;
+        let mut grads = prepared.transform_grads(loss.backward()?)?;
         drop((loss, logits));
         opt.set_lr_factor(sched.lr_factor(step));
         let res = if lv.is_finite() { clip_grad_norm(&mut grads, cfg.max_grad_norm).map(|_| ()) } else { Ok(()) };

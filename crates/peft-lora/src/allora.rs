@@ -8,11 +8,16 @@
 //! [`Allora`] applies it before any base [`Optimizer`] (the paper's base optimizer is unconfirmed; AdamW is the
 //! usual choice, though Adam's normalisation cancels a constant per-tensor factor, so the row form matters there).
 
+use std::path::Path;
+
+use peft_core::adapter::{Method, Prepared};
 use peft_core::autograd::GradStore;
+use peft_core::nn::Module;
 use peft_core::optim::{Optimizer, ParamGroup, StateDict};
 use peft_core::{Param, Result};
 
 use crate::config::LoraConfig;
+use crate::methods::{LoraMethod, LoraPrepared};
 
 /// Which parameter blocks share one norm.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,30 +81,35 @@ impl<O: Optimizer> Allora<O> {
 
     /// `grads` with the ALLoRA rescaling applied.
     pub fn rescale(&self, grads: &GradStore) -> GradStore {
-        let mut out = GradStore::default();
-        for (id, g) in grads.iter() {
-            out.insert(*id, g.clone());
-        }
-        for p in &self.scaled {
-            let Some(mut g) = out.remove(p.id()) else { continue };
-            let v = p.value();
-            let eta = self.config.eta;
-            let rows = match (self.config.granularity, v.ndim()) {
-                (Granularity::Row, n) if n >= 2 => v.shape()[0],
-                _ => 1,
-            };
-            let per = v.len() / rows.max(1);
-            if let (Some(vs), Some(gs)) = (v.as_slice(), g.as_slice_mut()) {
-                for j in 0..rows {
-                    let n = vs[j * per..(j + 1) * per].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
-                    let c = allora_coefficient(n, eta) as f32;
-                    gs[j * per..(j + 1) * per].iter_mut().for_each(|x| *x *= c);
-                }
-            }
-            out.insert(p.id(), g);
-        }
-        out
+        rescale(grads, &self.scaled, &self.config)
     }
+}
+
+/// `grads` with the gradients of `scaled` multiplied by [`allora_coefficient`] of their current values (per row
+/// or per matrix); other gradients are copied unchanged.
+pub fn rescale(grads: &GradStore, scaled: &[Param], config: &AlloraConfig) -> GradStore {
+    let mut out = GradStore::default();
+    for (id, g) in grads.iter() {
+        out.insert(*id, g.clone());
+    }
+    for p in scaled {
+        let Some(mut g) = out.remove(p.id()) else { continue };
+        let v = p.value();
+        let rows = match (config.granularity, v.ndim()) {
+            (Granularity::Row, n) if n >= 2 => v.shape()[0],
+            _ => 1,
+        };
+        let per = v.len() / rows.max(1);
+        if let (Some(vs), Some(gs)) = (v.as_slice(), g.as_slice_mut()) {
+            for j in 0..rows {
+                let n = vs[j * per..(j + 1) * per].iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+                let c = allora_coefficient(n, config.eta) as f32;
+                gs[j * per..(j + 1) * per].iter_mut().for_each(|x| *x *= c);
+            }
+        }
+        out.insert(p.id(), g);
+    }
+    out
 }
 
 impl<O: Optimizer> Optimizer for Allora<O> {
@@ -124,6 +134,72 @@ impl<O: Optimizer> Optimizer for Allora<O> {
     }
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()> {
         self.inner.load_state_dict(state)
+    }
+}
+
+/// ALLoRA as a registry method (`"allora"`): LoRA r 8 with `lora_alpha = r` (`s = 1`), no dropout, whose A and B
+/// gradients are rescaled by [`rescale`] before the trainer clips them and steps its optimizer (through
+/// [`Prepared::transform_grads`]). The learning rate (2.5e-3, LoRA's registry rate) is not tuned for ALLoRA.
+#[derive(Clone, Debug)]
+pub struct AlloraMethod {
+    lora: LoraMethod,
+    config: AlloraConfig,
+}
+
+impl AlloraMethod {
+    /// ALLoRA on `targets` with `config`.
+    pub fn new<S: Into<String>>(targets: impl IntoIterator<Item = S>, config: AlloraConfig) -> Self {
+        AlloraMethod { lora: LoraMethod::new("allora", allora_lora_config(8, targets), 2.5e-3), config }
+    }
+}
+
+impl Method for AlloraMethod {
+    fn name(&self) -> &str {
+        "allora"
+    }
+    fn describe(&self) -> String {
+        let g = match self.config.granularity {
+            Granularity::Row => "row",
+            Granularity::Matrix => "matrix",
+        };
+        format!(
+            "ALLoRA r={} alpha={} (s=1, no dropout), eta={} per {g}",
+            self.lora.config.r, self.lora.config.r, self.config.eta
+        )
+    }
+    fn default_lr(&self) -> f64 {
+        self.lora.default_lr()
+    }
+    fn set_seed(&mut self, seed: u64) {
+        self.lora.set_seed(seed);
+    }
+    fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
+        if !(self.config.eta > 0.0 && self.config.eta.is_finite()) {
+            crate::bail!("allora", "eta must be positive and finite, got {}", self.config.eta);
+        }
+        let inner = self.lora.prepare_lora(model, head)?;
+        let scaled = inner.lm.adapter_params("default")?;
+        Ok(Box::new(AlloraPrepared { inner, scaled, config: self.config }))
+    }
+}
+
+/// A model prepared by [`AlloraMethod`]: LoRA files and trainables, ALLoRA's gradient rescaling.
+pub struct AlloraPrepared {
+    /// The LoRA model and head.
+    pub inner: LoraPrepared,
+    scaled: Vec<Param>,
+    config: AlloraConfig,
+}
+
+impl Prepared for AlloraPrepared {
+    fn trainable(&self) -> Vec<Param> {
+        self.inner.trainable()
+    }
+    fn save(&self, dir: &Path) -> Result<u64> {
+        self.inner.save(dir)
+    }
+    fn transform_grads(&self, grads: GradStore) -> Result<GradStore> {
+        Ok(rescale(&grads, &self.scaled, &self.config))
     }
 }
 
@@ -195,5 +271,46 @@ mod tests {
         let c = allora_lora_config(4, ["q"]);
         assert_eq!(c.scaling(4, c.alpha()), 1.0);
         assert_eq!(c.lora_dropout, 0.0);
+    }
+
+    /// The registry entry: s = 1, no dropout, LoRA files; `transform_grads` rescales exactly the A/B gradients
+    /// (per row, by the coefficient of the current row norm) and passes the head's through.
+    #[test]
+    fn registry_allora_rescales_adapter_gradients_only() {
+        use crate::testutil::{input, Tiny};
+        use peft_core::nn::Ctx;
+        let model = Tiny::new(16, 2, 0);
+        let head = model.classifier.base().params();
+        let m = AlloraMethod::new(["query", "value"], AlloraConfig { eta: 2.0, granularity: Granularity::Row });
+        let prep = m.prepare(&model, &head).unwrap();
+        let y = model.forward(&input(3, 16, 1), &Ctx::train(0)).unwrap();
+        let grads = y.mul(&y).unwrap().sum_all().backward().unwrap();
+        let adapter: Vec<Param> = prep.trainable().into_iter().filter(|p| p.name().contains(".lora_")).collect();
+        assert_eq!(adapter.len(), 8);
+        let before: Vec<_> = prep.trainable().iter().map(|p| grads.get_id(p.id()).unwrap().to_owned()).collect();
+        let after = prep.transform_grads(grads).unwrap();
+        let mut changed = 0;
+        for (p, g0) in prep.trainable().iter().zip(&before) {
+            let g1 = after.get_id(p.id()).unwrap();
+            if !p.name().contains(".lora_") {
+                assert_eq!(g0, g1, "{}", p.name());
+                continue;
+            }
+            let v = p.value();
+            let cols = v.shape()[1];
+            for j in 0..v.shape()[0] {
+                let n = (0..cols).map(|k| f64::from(v[[j, k]]).powi(2)).sum::<f64>().sqrt();
+                let c = allora_coefficient(n, 2.0) as f32;
+                for k in 0..cols {
+                    assert!((g1[[j, k]] - c * g0[[j, k]]).abs() <= 1e-6 * g0[[j, k]].abs().max(1e-6));
+                }
+            }
+            changed += usize::from(g0 != g1);
+        }
+        assert!(changed >= 4, "the A gradients (nonzero norm rows) change");
+        let cfg = &m.lora.config;
+        assert_eq!((cfg.r as f64, cfg.alpha(), cfg.lora_dropout), (8.0, 8.0, 0.0));
+        let bad = AlloraMethod::new(["query"], AlloraConfig { eta: 0.0, granularity: Granularity::Row });
+        assert!(bad.prepare(&Tiny::new(16, 1, 0), &[]).is_err());
     }
 }

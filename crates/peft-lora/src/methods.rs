@@ -1,5 +1,6 @@
-//! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"` (and from
-//! [`crate::init_methods`]: `"corda"`, `"eva"`, `"loldu"`, `"lora-sb"`).
+//! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"`, `"allora"` (from
+//! [`crate::allora`]) and, from [`crate::init_methods`] / [`crate::struct_methods`]: `"corda"`, `"eva"`,
+//! `"loldu"`, `"lora-sb"`, `"hydra"`, `"mos"`, `"mixlora"`.
 //!
 //! Learning rates: the LoRA paper trains RoBERTa-base on GLUE at 4e-4..5e-4 for 30-80 epochs (Hu et al., 2021,
 //! Table 9). The registry defaults serve the bench's short budgets (about 60-200 steps on MiniLM-L6), where 5e-4
@@ -82,6 +83,16 @@ impl Method for LoraMethod {
     }
 
     fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
+        Ok(Box::new(self.prepare_lora(model, head)?))
+    }
+}
+
+impl LoraMethod {
+    /// [`Method::prepare`] with the concrete type.
+    ///
+    /// # Errors
+    /// As [`LoraModel::new`].
+    pub fn prepare_lora(&self, model: &dyn Module, head: &[Param]) -> Result<LoraPrepared> {
         let mut cfg = self.config.clone();
         // The head trains and ships with the adapter, as PEFT's modules_to_save does for classifiers.
         let mut mts = cfg.modules_to_save.take().unwrap_or_default();
@@ -92,7 +103,7 @@ impl Method for LoraMethod {
             }
         }
         cfg.modules_to_save = (!mts.is_empty()).then_some(mts);
-        Ok(Box::new(LoraPrepared::new(LoraModel::new(model, cfg, "default", self.seed)?, head)))
+        Ok(LoraPrepared::new(LoraModel::new(model, cfg, "default", self.seed)?, head))
     }
 }
 
@@ -143,6 +154,7 @@ pub fn methods_for(targets: &[&str]) -> Vec<Box<dyn Method>> {
     let t = || targets.iter().map(|s| s.to_string());
     let mut v: Vec<Box<dyn Method>> =
         vec![Box::new(LoraMethod::lora(t())), Box::new(LoraMethod::dora(t())), Box::new(LoraMethod::pissa(t()))];
+    v.push(Box::new(crate::allora::AlloraMethod::new(t(), crate::allora::AlloraConfig::default())));
     v.extend(crate::init_methods::init_methods_for(targets));
     v.extend(crate::struct_methods::methods_for(targets));
     v
@@ -156,7 +168,10 @@ mod tests {
     #[test]
     fn registry_methods_prepare_train_and_save() {
         let names: Vec<String> = methods().iter().map(|m| m.name().to_string()).collect();
-        assert_eq!(names, ["lora", "dora", "pissa", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]);
+        assert_eq!(
+            names,
+            ["lora", "dora", "pissa", "allora", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]
+        );
         for m in methods().into_iter().take(3) {
             let model = Tiny::new(16, 2, 0);
             let head = model.classifier.base().params();

@@ -79,6 +79,15 @@ pub trait Prepared {
     fn take_aux_loss(&self) -> Result<Option<crate::Tensor>> {
         Ok(None)
     }
+
+    /// Rewrites the gradients of a step before the trainer clips them and steps the optimizer (ALLoRA's
+    /// norm-scaled learning rates, for instance). Default: unchanged.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn transform_grads(&self, grads: crate::GradStore) -> Result<crate::GradStore> {
+        Ok(grads)
+    }
 }
 
 /// Freezes every parameter of `model`, then unfreezes those for which `keep` is true and the head.
