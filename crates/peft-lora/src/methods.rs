@@ -1,6 +1,6 @@
 //! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"`, `"allora"` (from
 //! [`crate::allora`]) and, from [`crate::init_methods`] / [`crate::struct_methods`]: `"corda"`, `"eva"`,
-//! `"loldu"`, `"lora-sb"`, `"hydra"`, `"mos"`, `"mixlora"`.
+//! `"loldu"`, `"lora-sb"`, `"hydra"`, `"mos"`, `"mixlora"`, `"poly"`.
 //!
 //! Learning rates: the LoRA paper trains RoBERTa-base on GLUE at 4e-4..5e-4 for 30-80 epochs (Hu et al., 2021,
 //! Table 9). The registry defaults serve the bench's short budgets (about 60-200 steps on MiniLM-L6), where 5e-4
@@ -170,7 +170,7 @@ mod tests {
         let names: Vec<String> = methods().iter().map(|m| m.name().to_string()).collect();
         assert_eq!(
             names,
-            ["lora", "dora", "pissa", "allora", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora"]
+            ["lora", "dora", "pissa", "allora", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora", "poly"]
         );
         for m in methods().into_iter().take(3) {
             let model = Tiny::new(16, 2, 0);

@@ -15,7 +15,8 @@
 //! ([`PolySelector::Uniform`]), equal to one LoRA whose factors are the per-split skill means
 //! ([`PolyModel::into_mhr_mu`] turns the adapter into that [`LoraModel`]).
 //!
-//! Task ids come per batch row through [`Ctx::with_task_ids`]. Files use PEFT's layout
+//! Task ids come per batch row through [`Ctx::with_task_ids`]; with `n_tasks = 1` and no ids every row is task 0
+//! (PEFT asks for the ids even then). Files use PEFT's layout
 //! (`<site>.poly_lora_A`, `<site>.poly_lora_B`, `<site>.poly_router.module_logits`, `peft_type = "POLY"`).
 
 use std::collections::BTreeMap;
@@ -337,8 +338,15 @@ impl LinearAdapter for PolyLinear {
         let w = match self.selector() {
             PolySelector::Uniform => self.uniform(bs),
             PolySelector::Learned => {
-                let Some(ids) = &ctx.task_ids else {
-                    crate::bail!("poly", "adapter `{}` needs task ids (Ctx::with_task_ids)", self.name);
+                let single;
+                let ids: &[usize] = match &ctx.task_ids {
+                    Some(ids) => ids,
+                    // One task: every row is task 0 (PEFT requires the ids even then).
+                    None if self.n_tasks == 1 => {
+                        single = vec![0; bs];
+                        &single
+                    }
+                    None => crate::bail!("poly", "adapter `{}` needs task ids (Ctx::with_task_ids)", self.name),
                 };
                 if ids.len() != bs {
                     crate::bail!("poly", "{} task ids for a batch of {bs}", ids.len());

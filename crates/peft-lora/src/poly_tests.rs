@@ -273,3 +273,18 @@ fn poly_bad_configs_and_task_ids_are_typed_errors() {
     assert!(matches!(model.0.forward(&x, &tasks(&[0])), Err(Error::Invalid { .. })));
     drop(pm);
 }
+
+/// With one task, a batch without task ids is routed as task 0 (the registry's single-task use); with more
+/// tasks the ids stay required (tested above).
+#[test]
+fn single_task_poly_needs_no_task_ids() {
+    let model = one(6, 4);
+    let pm = PolyModel::new(&model, PolyConfig::new(2, 1, 3, 1, ["query"]), "a", 0).unwrap();
+    perturb(&pm, 4);
+    let x = input(3, 6, 2);
+    let without = model.0.forward(&x, &Ctx::eval()).unwrap().to_vec();
+    let with = model.0.forward(&x, &tasks(&[0, 0, 0])).unwrap().to_vec();
+    assert_eq!(without, with);
+    let base = one(6, 4).0.forward(&x, &Ctx::eval()).unwrap().to_vec();
+    assert!(max_abs_diff(&without, &base) > 1e-3, "the perturbed adapter contributes");
+}

@@ -1,15 +1,15 @@
 //! Registry entries for the structured LoRA variants that train on the bench's sequence classifier: `"hydra"`,
-//! `"mos"`, `"mixlora"`. Poly/MHR is not registered: it needs task ids per batch row ([`peft_core::nn::Ctx`]),
-//! which a single-task trainer does not set.
+//! `"mos"`, `"mixlora"`, `"poly"`. Poly is registered single-task (`n_tasks = 1`, every row routed as task 0, as
+//! a single-task trainer sets no task ids): it learns one soft mixture of its skills.
 //!
 //! Hyper-parameters: Hydra uses its NLU recipe (both branches on the FFN output dense, `r_p = 4`, `r_s = 8`,
 //! scale 1); MoS uses rank 8, α = 16 on the given targets with a budget of 3 equivalent ranks (1 private) and
 //! 4 shards per vector (8/3 times fewer trainable parameters than LoRA r = 8; the pool must hold the 28 distinct
 //! shards one module draws, so at least 4 adapted modules are needed); MixLoRA uses the README example
-//! (8 experts, top-2, r = 8, α = 16, router std 0.02) with LoRA on the given attention targets. The learning rate
-//! is the bench's LoRA rate (2.5e-3, see [`crate::methods::LoraMethod`]) for all three: not tuned per method. The bench's
-//! trainer does not add MixLoRA's load-balancing loss (the [`Method`] interface has no auxiliary-loss hook); a
-//! trainer that can should add [`MixLoraModel::take_aux_loss`] after each forward.
+//! (8 experts, top-2, r = 8, α = 16, router std 0.02) with LoRA on the given attention targets; Poly uses PEFT's
+//! defaults (r = 8, 4 skills, 1 split, LoRA scaling 1/r) on the given targets. The learning rate is the bench's
+//! LoRA rate (2.5e-3, see [`crate::methods::LoraMethod`]) for all four: not tuned per method. MixLoRA's
+//! load-balancing loss reaches the trainer through [`Prepared::take_aux_loss`].
 
 use std::path::Path;
 
@@ -20,6 +20,7 @@ use peft_core::{Param, Result};
 use crate::hydra::{HydraConfig, HydraModel};
 use crate::mixlora::{MixLoraConfig, MixLoraModel};
 use crate::mos::{MosConfig, MosModel};
+use crate::poly::{PolyConfig, PolyModel};
 
 /// The method and its config.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub enum StructKind {
     Mos(MosConfig),
     /// MixLoRA.
     MixLora(MixLoraConfig),
+    /// Poly (single task).
+    Poly(PolyConfig),
 }
 
 /// A structured LoRA variant with fixed hyper-parameters.
@@ -62,6 +65,7 @@ impl Method for StructMethod {
             StructKind::Hydra(_) => "hydra",
             StructKind::Mos(_) => "mos",
             StructKind::MixLora(_) => "mixlora",
+            StructKind::Poly(_) => "poly",
         }
     }
 
@@ -87,6 +91,14 @@ impl Method for StructMethod {
                 c.lora_alpha,
                 c.target_modules.as_ref().map_or("-".into(), targets)
             ),
+            StructKind::Poly(c) => format!(
+                "Poly r={} skills={} splits={} tasks={} on {}",
+                c.r,
+                c.n_skills,
+                c.n_splits,
+                c.n_tasks,
+                targets(&c.target_modules)
+            ),
         }
     }
 
@@ -105,6 +117,7 @@ impl Method for StructMethod {
             StructKind::Hydra(c) => Box::new(HydraModel::new(model, c.clone(), "default", self.seed)?),
             StructKind::Mos(c) => Box::new(MosModel::new(model, c.clone(), "default", self.seed)?),
             StructKind::MixLora(c) => Box::new(MixLoraModel::new(model, c.clone(), "default", self.seed)?),
+            StructKind::Poly(c) => Box::new(PolyModel::new(model, c.clone(), "default", self.seed)?),
         };
         let mut trainable = model.trainable();
         for h in head {
@@ -136,6 +149,15 @@ impl Saves for HydraModel {
 }
 
 impl Saves for MosModel {
+    fn trainable(&self) -> Vec<Param> {
+        self.trainable_params()
+    }
+    fn save(&self, dir: &Path) -> Result<u64> {
+        self.save_pretrained(dir)
+    }
+}
+
+impl Saves for PolyModel {
     fn trainable(&self) -> Vec<Param> {
         self.trainable_params()
     }
@@ -195,6 +217,7 @@ pub fn methods_for(targets: &[&str]) -> Vec<Box<dyn Method>> {
         Box::new(StructMethod::new(StructKind::Hydra(hydra), 2.5e-3)),
         Box::new(StructMethod::new(StructKind::Mos(mos), 2.5e-3)),
         Box::new(StructMethod::new(StructKind::MixLora(mix), 2.5e-3)),
+        Box::new(StructMethod::new(StructKind::Poly(PolyConfig::new(8, 1, 4, 1, t())), 2.5e-3)),
     ]
 }
 
@@ -259,7 +282,7 @@ mod tests {
     #[test]
     fn structured_methods_are_identity_at_prepare_and_save() {
         let names: Vec<String> = methods_for(&["query", "value"]).iter().map(|m| m.name().to_string()).collect();
-        assert_eq!(names, ["hydra", "mos", "mixlora"]);
+        assert_eq!(names, ["hydra", "mos", "mixlora", "poly"]);
         for m in methods_for(&["query", "value"]) {
             let model = bert(8);
             let xs = x(2, 8);
@@ -273,6 +296,8 @@ mod tests {
                 "hydra" => 2 * (4 * 24 + 8 * 16),
                 // 4 sites of 8 → 8: budget 3 ranks · (8 + 8).
                 "mos" => 4 * 3 * 16,
+                // 4 sites of 8 → 8: 4 skills · r 8 · (8 + 8) + 4 router logits (one task).
+                "poly" => 4 * (4 * 8 * 16 + 4),
                 // Per layer: router 8·8 + 8 experts · 8·(8+16+16+8); attention 2 sites · 8·16.
                 _ => 2 * (64 + 8 * 8 * 48 + 2 * 8 * 16),
             };
