@@ -1,4 +1,5 @@
-//! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"`, `"allora"` (from
+//! The registry entries for trainers and the bench: `"lora"`, `"dora"`, `"pissa"`, `"lora-all"` (LoRA on every
+//! linear site), `"allora"` (from
 //! [`crate::allora`]) and, from [`crate::init_methods`] / [`crate::struct_methods`]: `"corda"`, `"eva"`,
 //! `"loldu"`, `"lora-sb"`, `"hydra"`, `"mos"`, `"mixlora"`, `"poly"`.
 //!
@@ -38,6 +39,15 @@ impl LoraMethod {
     /// LoRA r=8, alpha=16 on `targets`.
     pub fn lora<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
         Self::new("lora", LoraConfig::new(8, 16.0, targets), 2.5e-3)
+    }
+
+    /// LoRA r=8, alpha=16 on every linear site but the output layer (PEFT's `target_modules="all-linear"`, the
+    /// QLoRA paper's placement): 6x the adapted sites of the q,v recipe on a BERT encoder. Learning rate 1e-3
+    /// (below the q,v rate because every layer's update adds up; not tuned).
+    pub fn lora_all() -> Self {
+        let mut c = LoraConfig::new(8, 16.0, Vec::<String>::new());
+        c.target_modules = Some(peft_core::adapter::ModulePattern::Regex("all-linear".into()));
+        Self::new("lora-all", c, 1e-3)
     }
 
     /// DoRA r=8, alpha=16 on `targets`.
@@ -152,8 +162,12 @@ pub fn methods() -> Vec<Box<dyn Method>> {
 /// The LoRA-family methods on the given target names.
 pub fn methods_for(targets: &[&str]) -> Vec<Box<dyn Method>> {
     let t = || targets.iter().map(|s| s.to_string());
-    let mut v: Vec<Box<dyn Method>> =
-        vec![Box::new(LoraMethod::lora(t())), Box::new(LoraMethod::dora(t())), Box::new(LoraMethod::pissa(t()))];
+    let mut v: Vec<Box<dyn Method>> = vec![
+        Box::new(LoraMethod::lora(t())),
+        Box::new(LoraMethod::dora(t())),
+        Box::new(LoraMethod::pissa(t())),
+        Box::new(LoraMethod::lora_all()),
+    ];
     v.push(Box::new(crate::allora::AlloraMethod::new(t(), crate::allora::AlloraConfig::default())));
     v.extend(crate::init_methods::init_methods_for(targets));
     v.extend(crate::struct_methods::methods_for(targets));
@@ -170,7 +184,10 @@ mod tests {
         let names: Vec<String> = methods().iter().map(|m| m.name().to_string()).collect();
         assert_eq!(
             names,
-            ["lora", "dora", "pissa", "allora", "corda", "eva", "loldu", "lora-sb", "hydra", "mos", "mixlora", "poly"]
+            [
+                "lora", "dora", "pissa", "lora-all", "allora", "corda", "eva", "loldu", "lora-sb", "hydra", "mos",
+                "mixlora", "poly"
+            ]
         );
         for m in methods().into_iter().take(3) {
             let model = Tiny::new(16, 2, 0);
@@ -189,6 +206,19 @@ mod tests {
             assert!(m.default_lr() >= 1e-3 && m.default_lr() <= 2.5e-3);
             assert!(m.describe().contains("r=8"));
         }
+    }
+
+    /// `lora-all` adapts every linear site but the output layer: query, value and output.dense of both layers.
+    #[test]
+    fn lora_all_targets_every_linear_but_the_classifier() {
+        let model = Tiny::new(16, 2, 0);
+        let head = model.classifier.base().params();
+        let m = LoraMethod::lora_all();
+        let prep = m.prepare(&model, &head).unwrap();
+        let n: usize = prep.trainable().iter().map(Param::numel).sum();
+        assert_eq!(n, 6 * 8 * 32 + 51);
+        assert!(prep.trainable().iter().all(|p| !p.name().starts_with("classifier.lora_")));
+        assert!(m.describe().contains("all-linear"), "{}", m.describe());
     }
 
     #[test]
