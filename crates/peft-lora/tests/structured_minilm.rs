@@ -1,4 +1,4 @@
-//! The structured LoRA registry methods (`hydra`, `mos`, `mixlora`) on the real MiniLM-L6 classifier: each leaves
+//! The structured LoRA registry methods (`hydra`, `mos`, `mixlora`, `poly`) on the real MiniLM-L6 classifier: each leaves
 //! the model output unchanged at prepare, lowers the SST-2 training loss in a few AdamW steps, and saves.
 
 use peft_core::io::require_asset;
