@@ -71,7 +71,7 @@ pub use hydra::{HydraConfig, HydraLinear, HydraModel};
 pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
 pub use merge_utils::{MajoritySign, Merge};
 pub use methods::{methods, methods_for, LoraMethod, LoraPrepared};
-pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel};
+pub use mixlora::{FfnKind, MixLoraConfig, MixLoraFfn, MixLoraModel, RouterLosses, RoutingStrategy};
 pub use model::{AdapterSet, LoraModel};
 pub use mos::{MosConfig, MosLinear, MosModel};
 pub use poly::{PolyConfig, PolyLinear, PolyModel, PolySelector};

@@ -11,9 +11,9 @@
 //!
 //! Load-balancing loss (Mixtral form): over the (non-padding) tokens, `f[k,e]` = fraction of tokens whose k-th
 //! choice is `e`, `P[e]` = mean router probability of `e`, `L_aux = E · Σ_{k,e} f[k,e]·P[e]`; a uniform router
-//! gives exactly `top_k`. It is returned by [`MixLoraFfn::forward`] and, for FFNs driven through a model's
-//! residual site, collected by [`MixLoraModel::take_aux_loss`] (already multiplied by `router_aux_loss_coef`) so a
-//! trainer can add it to its loss.
+//! gives exactly `top_k`. [`MixLoraFfn::forward`] returns it in [`RouterLosses`] (raw, and weighted by
+//! `router_aux_loss_coef` together with Switch's z-loss) and, for FFNs driven through a model's residual site,
+//! [`MixLoraModel::take_aux_loss`] collects the weighted sum so a trainer can add it to its loss.
 //!
 //! Wiring: [`MixLoraFfn`] wraps an existing FFN's [`Linear`] sites (their frozen bases are used; adapters attached
 //! to those sites are not part of the experts). In a post-norm (BERT) encoder layer the FFN residual site
@@ -23,8 +23,25 @@
 //! [`MixLoraFfn::forward`] on the normed input from the block. Experts are not mergeable (input-dependent
 //! routing); the attention LoRAs are.
 //!
-//! Not implemented: expert dropout, capacity limits, the Switch/dynamic top-p router variants. Router jitter
-//! multiplies only the router input.
+//! Routing strategies ([`RoutingStrategy`], MoE-PEFT's `routing_strategy`):
+//! - `"mixlora"` ([`RoutingStrategy::TopK`], the default, as above);
+//! - `"mixlora-dynamic"` ([`RoutingStrategy::Dynamic`]): experts sorted by probability (divided by `temperature`
+//!   when it is positive) are kept until their cumulative sum exceeds `top_p`, the crossing expert included (all
+//!   experts when the sum never does). As in MoE-PEFT the kept probabilities are the weights *without*
+//!   renormalisation, so the FFN output is scaled by the kept mass and the mixture is **not** the base FFN at init
+//!   (the spec's "sort logits" is, in the authors' code, a sort of the softmax probabilities; we follow the code).
+//!   The load-balancing loss is the Mixtral form over the variable-length choices;
+//! - `"mixlora-switch"` ([`RoutingStrategy::Switch`], Switch Transformers): top-1 by probability, output
+//!   `p_max · out_e(x)`; per sequence, a token whose position in its expert's queue exceeds `expert_capacity` is
+//!   dropped and its FFN output is `p_max · x` (the Switch Transformers / MoE-PEFT rule); `ffn_dropout` on the
+//!   mixture output in training; loss `router_z_loss_coef · mean(logsumexp(logits)²) + router_aux_loss_coef ·
+//!   E²·mean_e(f_e·P_e)` (f from the top-1 choice before the capacity check). Not the base FFN at init either (the
+//!   output is scaled by `p_max`). MoE-PEFT's Switch block returns its *input* unchanged in inference mode; that
+//!   is a bug in the authors' code and is not reproduced: evaluation uses the same mixture without dropout.
+//!
+//! Router jitter multiplies only the router input. Unlike MoE-PEFT, the padding mask (when given) applies to the
+//! loss of every strategy (MoE-PEFT masks it for top-k only). Not implemented: MoE-PEFT's router entropy loss
+//! (`router_dyn_loss_coef`, `entropy_*`) and Switch's `sparse_step`.
 //!
 //! Files: the LoRA layout with `peft_type = "MIXLORA"`: attention LoRA at `<site>.lora_A.weight`/`lora_B.weight`,
 //! expert `e` of projection site `p` at `<p>.experts.<e>.lora_A.weight` / `.lora_B.weight`, the router at
@@ -73,6 +90,26 @@ pub struct MixLoraConfig {
     /// Multiplicative router-input jitter `U(1−ε, 1+ε)` in training (0: off).
     #[serde(default)]
     pub jitter_noise: f64,
+    /// How the router picks experts (absent in files from before this option: top-k).
+    #[serde(default)]
+    pub routing_strategy: RoutingStrategy,
+    /// [`RoutingStrategy::Dynamic`] only: the cumulative probability to exceed (MoE-PEFT default 0.8 when `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// [`RoutingStrategy::Dynamic`] only: divides the probabilities before the top-p cut when positive (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// [`RoutingStrategy::Switch`] only: tokens per expert and sequence (MoE-PEFT default 32 when `None`; the
+    /// Switch paper sets `max_seq_len / num_experts · capacity_factor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_capacity: Option<usize>,
+    /// [`RoutingStrategy::Switch`] only: weight of the router z-loss (MoE-PEFT and transformers default 0.001 when
+    /// `None`; the spec quotes 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_z_loss_coef: Option<f64>,
+    /// [`RoutingStrategy::Switch`] only: dropout on the mixture output in training (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_dropout: Option<f64>,
     /// Suffix of the FFN residual site (BERT: `"output"`, giving prefix `encoder.layer.<i>`).
     pub ffn_residual: String,
     /// FFN up projection below the prefix (BERT: `"intermediate.dense"`).
@@ -104,6 +141,12 @@ impl MixLoraConfig {
             router_init_range: 0.02,
             router_aux_loss_coef: 0.01,
             jitter_noise: 0.0,
+            routing_strategy: RoutingStrategy::TopK,
+            top_p: None,
+            temperature: None,
+            expert_capacity: None,
+            router_z_loss_coef: None,
+            ffn_dropout: None,
             ffn_residual: "output".into(),
             ffn_up: "intermediate.dense".into(),
             ffn_down: "output.dense".into(),
@@ -133,12 +176,122 @@ impl MixLoraConfig {
             crate::bail!("MixLoraConfig", "router_init_range ≥ 0, 0 ≤ jitter_noise < 1 and a finite alpha required");
         }
         Activation::from_hf(&self.hidden_act)?;
+        let strategy = self.routing_strategy;
+        let misplaced = |set: bool, key: &str, owner: RoutingStrategy| -> Result<()> {
+            if set && strategy != owner {
+                crate::bail!("MixLoraConfig", "`{key}` belongs to routing_strategy {owner:?}, not {strategy:?}");
+            }
+            Ok(())
+        };
+        misplaced(self.top_p.is_some(), "top_p", RoutingStrategy::Dynamic)?;
+        misplaced(self.temperature.is_some(), "temperature", RoutingStrategy::Dynamic)?;
+        misplaced(self.expert_capacity.is_some(), "expert_capacity", RoutingStrategy::Switch)?;
+        misplaced(self.router_z_loss_coef.is_some(), "router_z_loss_coef", RoutingStrategy::Switch)?;
+        misplaced(self.ffn_dropout.is_some(), "ffn_dropout", RoutingStrategy::Switch)?;
+        let router = self.router()?;
+        if !(self.router_aux_loss_coef >= 0.0 && self.router_aux_loss_coef.is_finite()) {
+            crate::bail!(
+                "MixLoraConfig",
+                "router_aux_loss_coef = {} must be finite and ≥ 0",
+                self.router_aux_loss_coef
+            );
+        }
+        if let Router::Switch { .. } = router {
+            if self.top_k != 1 {
+                crate::bail!("MixLoraConfig", "routing_strategy Switch routes top-1; top_k = {} given", self.top_k);
+            }
+        }
         Ok(())
+    }
+
+    /// The router rule with the strategy's defaults filled in.
+    fn router(&self) -> Result<Router> {
+        Ok(match self.routing_strategy {
+            RoutingStrategy::TopK => Router::TopK(self.top_k),
+            RoutingStrategy::Dynamic => {
+                let (top_p, temperature) = (self.top_p.unwrap_or(0.8), self.temperature.unwrap_or(0.0));
+                if !(top_p > 0.0 && top_p <= 1.0 && temperature >= 0.0 && temperature.is_finite()) {
+                    crate::bail!(
+                        "MixLoraConfig",
+                        "top_p = {top_p} must be in (0, 1] and temperature = {temperature} ≥ 0"
+                    );
+                }
+                Router::Dynamic { top_p, temperature }
+            }
+            RoutingStrategy::Switch => {
+                let capacity = self.expert_capacity.unwrap_or(32);
+                let z_coef = self.router_z_loss_coef.unwrap_or(0.001);
+                let dropout = self.ffn_dropout.unwrap_or(0.0);
+                if capacity == 0 || !(z_coef >= 0.0 && z_coef.is_finite()) || !(0.0..1.0).contains(&dropout) {
+                    crate::bail!(
+                        "MixLoraConfig",
+                        "expert_capacity = {capacity} must be positive, router_z_loss_coef = {z_coef} finite and ≥ 0, \
+                         ffn_dropout = {dropout} in [0, 1)"
+                    );
+                }
+                Router::Switch { capacity, z_coef, dropout }
+            }
+        })
+    }
+
+    /// MoE-PEFT's `"mixlora-dynamic"`: top-p routing with the given `top_p` and `temperature` (MoE-PEFT defaults
+    /// 0.8 and 0).
+    pub fn with_dynamic_routing(mut self, top_p: f64, temperature: f64) -> Self {
+        self.routing_strategy = RoutingStrategy::Dynamic;
+        (self.top_p, self.temperature) = (Some(top_p), Some(temperature));
+        (self.expert_capacity, self.router_z_loss_coef, self.ffn_dropout) = (None, None, None);
+        self
+    }
+
+    /// MoE-PEFT's `"mixlora-switch"` with its defaults: top-1, `expert_capacity` tokens per expert and sequence,
+    /// router std 1.0, jitter 0.01, z-loss coefficient 0.001, no FFN dropout.
+    pub fn with_switch_routing(mut self, expert_capacity: usize) -> Self {
+        self.routing_strategy = RoutingStrategy::Switch;
+        self.top_k = 1;
+        (self.router_init_range, self.jitter_noise) = (1.0, 0.01);
+        (self.expert_capacity, self.router_z_loss_coef, self.ffn_dropout) =
+            (Some(expert_capacity), Some(0.001), Some(0.0));
+        (self.top_p, self.temperature) = (None, None);
+        self
     }
 
     fn scaling(&self) -> f32 {
         (self.lora_alpha / self.r as f64) as f32
     }
+}
+
+/// How the router picks experts; serialised as MoE-PEFT's `routing_strategy` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoutingStrategy {
+    /// `"mixlora"`: top-k, weights renormalised over the k.
+    #[default]
+    #[serde(rename = "mixlora")]
+    TopK,
+    /// `"mixlora-dynamic"`: top-p over the sorted probabilities, weights not renormalised.
+    #[serde(rename = "mixlora-dynamic")]
+    Dynamic,
+    /// `"mixlora-switch"`: top-1 with a per-sequence expert capacity and a z-loss.
+    #[serde(rename = "mixlora-switch")]
+    Switch,
+}
+
+/// A validated routing rule with its numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Router {
+    TopK(usize),
+    Dynamic { top_p: f64, temperature: f64 },
+    Switch { capacity: usize, z_coef: f64, dropout: f64 },
+}
+
+/// The router losses of one forward.
+pub struct RouterLosses {
+    /// The load-balancing loss, unweighted (Mixtral form `E·Σ_{k,e} f[k,e]·P[e]`; equal to Switch's
+    /// `E²·mean_e(f_e·P_e)` for top-1).
+    pub load_balance: Tensor,
+    /// Switch only: the z-loss `mean_t(logsumexp(logits_t)²)`, unweighted.
+    pub z: Option<Tensor>,
+    /// What a trainer adds to its loss: `router_aux_loss_coef · load_balance (+ router_z_loss_coef · z)`.
+    pub weighted: Tensor,
 }
 
 /// The FFN a [`MixLoraFfn`] wraps (handles to the model's sites).
@@ -187,12 +340,19 @@ impl ExpertLora {
 
 /// What the router decided for a batch of tokens.
 pub struct Routing {
+    /// Router logits `[N, E]` (of the jittered input in training).
+    pub logits: Tensor,
     /// Router probabilities `[N, E]`.
     pub probs: Tensor,
-    /// Top-k weights renormalised to sum 1 per token, zero off the top-k `[N, E]`.
+    /// Each expert's output weight per token `[N, E]`, zero for experts not run on the token: top-k renormalised to
+    /// sum 1; dynamic: the kept (temperature-divided) probabilities; Switch: `p_max` on the chosen expert, all zero
+    /// for a dropped token.
     pub weights: Tensor,
-    /// The chosen experts per token, best first `[N][k]`.
+    /// The chosen experts per token, best first (Switch: the top-1 before the capacity check), as counted by the
+    /// load-balancing loss.
     pub choices: Vec<Vec<usize>>,
+    /// Switch only: tokens over their expert's capacity (FFN output `p_max · x`); all false otherwise.
+    pub dropped: Vec<bool>,
 }
 
 /// A MixLoRA mixture around one FFN.
@@ -200,7 +360,7 @@ pub struct MixLoraFfn {
     name: String,
     prefix: String,
     kind: FfnKind,
-    top_k: usize,
+    router: Router,
     scaling: f32,
     jitter: f64,
     aux_coef: f64,
@@ -256,7 +416,7 @@ impl MixLoraFfn {
             name: name.to_string(),
             prefix: prefix.to_string(),
             kind,
-            top_k: cfg.top_k,
+            router: cfg.router()?,
             scaling: cfg.scaling(),
             jitter: cfg.jitter_noise,
             aux_coef: cfg.router_aux_loss_coef,
@@ -288,11 +448,24 @@ impl MixLoraFfn {
         v
     }
 
-    /// Routes tokens `x [N, d]`.
+    /// Routes tokens `x [N, d]` as one sequence (the Switch capacity counts over all `N` rows).
     ///
     /// # Errors
     /// Shape errors.
     pub fn route(&self, x: &Tensor, ctx: &Ctx) -> Result<Routing> {
+        let n = x.shape().first().copied().unwrap_or(0);
+        self.route_seq(x, n, ctx)
+    }
+
+    /// Routes tokens `x [N, d]` that are sequences of `seq_len` consecutive rows (`[B, L, d]` flattened; the
+    /// Switch capacity is counted per sequence, in row order, as in Switch Transformers).
+    ///
+    /// # Errors
+    /// Shape errors; [`Error::Invalid`] when `x` is not 2-D.
+    pub fn route_seq(&self, x: &Tensor, seq_len: usize, ctx: &Ctx) -> Result<Routing> {
+        if x.rank() != 2 {
+            crate::bail!("mixlora", "route expects tokens [N, d], got shape {:?}", x.shape());
+        }
         let xr = if ctx.train && self.jitter > 0.0 {
             let j = self.jitter as f32;
             let noise =
@@ -301,25 +474,67 @@ impl MixLoraFfn {
         } else {
             x.clone()
         };
-        let probs = xr.linear(&self.gate.tensor(), None)?.softmax(1)?;
-        let e = self.experts.len();
+        let logits = xr.linear(&self.gate.tensor(), None)?;
+        let probs = logits.softmax(1)?;
+        let (n, e) = (probs.shape()[0], probs.shape()[1]);
         let pv = probs.data();
-        let mut mask = ArrayD::<f32>::zeros(IxDyn(probs.shape()));
-        let choices: Vec<Vec<usize>> = (0..probs.shape()[0])
-            .map(|t| {
-                let mut order: Vec<usize> = (0..e).collect();
-                // Stable sort: equal probabilities keep the lower expert first.
-                order.sort_by(|&a, &b| pv[[t, b]].total_cmp(&pv[[t, a]]));
-                order.truncate(self.top_k);
-                for &c in &order {
+        // Experts by decreasing probability; the stable sort keeps the lower expert first on ties (torch's argmax
+        // also returns the first maximum).
+        let sorted = |t: usize| {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| pv[[t, b]].total_cmp(&pv[[t, a]]));
+            order
+        };
+        let mut dropped = vec![false; n];
+        let choices: Vec<Vec<usize>> = match self.router {
+            Router::TopK(k) => (0..n).map(|t| sorted(t)[..k].to_vec()).collect(),
+            Router::Dynamic { top_p, temperature } => {
+                let div = if temperature > 0.0 { temperature as f32 } else { 1.0 };
+                (0..n)
+                    .map(|t| {
+                        let order = sorted(t);
+                        let mut cum = 0f32;
+                        let keep = order
+                            .iter()
+                            .position(|&c| {
+                                cum += pv[[t, c]] / div;
+                                f64::from(cum) > top_p
+                            })
+                            .map_or(e, |i| i + 1);
+                        order[..keep].to_vec()
+                    })
+                    .collect()
+            }
+            Router::Switch { capacity, .. } => {
+                let mut used = vec![0usize; e];
+                (0..n)
+                    .map(|t| {
+                        if t % seq_len.max(1) == 0 {
+                            used.fill(0);
+                        }
+                        let c = sorted(t)[0];
+                        used[c] += 1;
+                        dropped[t] = used[c] > capacity;
+                        vec![c]
+                    })
+                    .collect()
+            }
+        };
+        let mut mask = ArrayD::<f32>::zeros(IxDyn(&[n, e]));
+        for (t, cs) in choices.iter().enumerate() {
+            if !dropped[t] {
+                for &c in cs {
                     mask[[t, c]] = 1.0;
                 }
-                order
-            })
-            .collect();
+            }
+        }
         let pm = probs.mul(&Tensor::new(mask))?;
-        let weights = pm.div(&pm.sum(&[1], true)?)?;
-        Ok(Routing { probs, weights, choices })
+        let weights = match self.router {
+            Router::TopK(_) => pm.div(&pm.sum(&[1], true)?)?,
+            Router::Dynamic { temperature, .. } if temperature > 0.0 => pm.mul_scalar((1.0 / temperature) as f32),
+            Router::Dynamic { .. } | Router::Switch { .. } => pm,
+        };
+        Ok(Routing { logits, probs, weights, choices, dropped })
     }
 
     /// The Mixtral load-balancing loss `E · Σ_{k,e} f[k,e]·P[e]` over the tokens with `valid[t]` (all when `None`),
@@ -328,15 +543,7 @@ impl MixLoraFfn {
     /// # Errors
     /// Shape errors; [`Error::Invalid`] when no token is valid or the mask length differs.
     pub fn aux_loss(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<Tensor> {
-        let n = routing.choices.len();
-        let rows: Vec<usize> = match valid {
-            Some(v) if v.len() != n => crate::bail!("mixlora", "{} mask entries for {n} tokens", v.len()),
-            Some(v) => (0..n).filter(|&t| v[t]).collect(),
-            None => (0..n).collect(),
-        };
-        if rows.is_empty() {
-            crate::bail!("mixlora", "no valid token for the load-balancing loss");
-        }
+        let rows = valid_rows(routing.choices.len(), valid)?;
         let e = self.experts.len();
         let mut f = vec![0f32; e];
         for &t in &rows {
@@ -348,7 +555,37 @@ impl MixLoraFfn {
         Ok(p.mul(&Tensor::from_vec(f, &[e])?)?.sum_all().mul_scalar(e as f32))
     }
 
-    /// `Σ_e w_e (out_e(x) − base(x))` for tokens `x [N, d]`.
+    /// The router z-loss `mean_t(logsumexp(logits_t)²)` over the valid tokens (all when `None`), unweighted.
+    ///
+    /// # Errors
+    /// As [`MixLoraFfn::aux_loss`].
+    pub fn z_loss(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<Tensor> {
+        let rows = valid_rows(routing.choices.len(), valid)?;
+        let l = routing.logits.index_select(0, &rows)?;
+        // logsumexp(l) = l_0 − log_softmax(l)_0, stable and differentiable.
+        let lse = l.narrow(1, 0, 1)?.sub(&l.log_softmax(1)?.narrow(1, 0, 1)?)?;
+        Ok(lse.square().mean_all())
+    }
+
+    /// The router losses over the valid tokens, with the strategy's weighted sum for the trainer.
+    ///
+    /// # Errors
+    /// As [`MixLoraFfn::aux_loss`].
+    pub fn router_losses(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<RouterLosses> {
+        let load_balance = self.aux_loss(routing, valid)?;
+        let mut weighted = load_balance.mul_scalar(self.aux_coef as f32);
+        let z = match self.router {
+            Router::Switch { z_coef, .. } => {
+                let z = self.z_loss(routing, valid)?;
+                weighted = weighted.add(&z.mul_scalar(z_coef as f32))?;
+                Some(z)
+            }
+            _ => None,
+        };
+        Ok(RouterLosses { load_balance, z, weighted })
+    }
+
+    /// `Σ_e w_e (out_e(x) − base(x))` for tokens `x [N, d]`, each expert run only on its (kept) tokens.
     fn moe_delta(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let s = self.scaling;
         let n = x.shape()[0];
@@ -362,7 +599,7 @@ impl MixLoraFfn {
         let down = self.kind.sites().last().expect("peft-rs bug: FFN has sites").base();
         let w_down = Tensor::new(down.dense_weight()?);
         for (e, ex) in self.experts.iter().enumerate() {
-            let rows: Vec<usize> = (0..n).filter(|&t| routing.choices[t].contains(&e)).collect();
+            let rows: Vec<usize> = (0..n).filter(|&t| !routing.dropped[t] && routing.choices[t].contains(&e)).collect();
             if rows.is_empty() {
                 continue;
             }
@@ -389,31 +626,79 @@ impl MixLoraFfn {
         Ok(acc)
     }
 
-    /// The MoE FFN output for `x [.., d]` and the load-balancing loss (unweighted) over the tokens marked in
-    /// `valid` (one flag per token of `x`'s leading axes; `None`: all).
+    /// The mixture output `Σ_e w_e out_e(x)` (+ `p_max · x` for Switch's dropped tokens, then Switch's FFN
+    /// dropout in training) for tokens `x [N, d]`, given `base [N, d]`, the base FFN output of the same tokens:
+    /// `(Σ_e w_e)·base + Σ_e w_e (out_e(x) − base(x))`; top-k's weights sum to 1, so there it is `base + Σ…`
+    /// exactly.
+    fn mixture(&self, x: &Tensor, base: &Tensor, routing: &Routing, ctx: &Ctx) -> Result<Tensor> {
+        let delta = self.moe_delta(x, routing)?;
+        if let Router::TopK(_) = self.router {
+            return base.add(&delta);
+        }
+        let mut y = base.mul(&routing.weights.sum(&[1], true)?)?.add(&delta)?;
+        let rows: Vec<usize> = (0..routing.dropped.len()).filter(|&t| routing.dropped[t]).collect();
+        if !rows.is_empty() {
+            let p_max = routing.probs.index_select(0, &rows)?.max(1, true)?;
+            let pass = x.index_select(0, &rows)?.mul(&p_max)?;
+            let index = ArrayD::from_shape_fn(IxDyn(pass.shape()), |ix| rows[ix[0]]);
+            y = y.scatter_add(0, &index, &pass)?;
+        }
+        match self.router {
+            Router::Switch { dropout, .. } if ctx.train && dropout > 0.0 => {
+                ctx.with_rng(|rng| y.dropout(dropout, true, rng))
+            }
+            _ => Ok(y),
+        }
+    }
+
+    /// The MoE FFN output for `x [.., d]` and the router losses over the tokens marked in `valid` (one flag per
+    /// token of `x`'s leading axes; `None`: all). With three or more axes the second-to-last is the sequence (for
+    /// Switch's capacity); a 2-D `x` is one sequence.
     ///
     /// # Errors
     /// Shape errors; a mask of the wrong length.
-    pub fn forward(&self, x: &Tensor, valid: Option<&[bool]>, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+    pub fn forward(&self, x: &Tensor, valid: Option<&[bool]>, ctx: &Ctx) -> Result<(Tensor, RouterLosses)> {
         let shape = x.shape().to_vec();
-        let d = *shape.last().unwrap_or(&0);
-        let x2 = x.reshape(&[x.len() / d.max(1), d])?;
+        let (x2, seq) = tokens(x)?;
         let base = match &self.kind {
             FfnKind::Mlp { fc1, fc2, act } => fc2.base().forward(&act.apply(&fc1.base().forward(&x2)?))?,
             FfnKind::SwiGlu { gate, up, down } => {
                 down.base().forward(&gate.base().forward(&x2)?.silu().mul(&up.base().forward(&x2)?)?)?
             }
         };
-        let routing = self.route(&x2, ctx)?;
-        let aux = self.aux_loss(&routing, valid)?;
-        let y = base.add(&self.moe_delta(&x2, &routing)?)?;
-        Ok((y.reshape(&shape)?, aux))
+        let routing = self.route_seq(&x2, seq, ctx)?;
+        let losses = self.router_losses(&routing, valid)?;
+        let y = self.mixture(&x2, &base, &routing, ctx)?;
+        Ok((y.reshape(&shape)?, losses))
     }
 
-    /// Takes the weighted aux loss recorded by the last residual-site forward.
+    /// Takes the weighted router loss recorded by the last residual-site forward.
     pub fn take_aux_loss(&self) -> Option<Tensor> {
         self.last_aux.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
+}
+
+/// Flattens `x [.., d]` to tokens `[N, d]` and gives the sequence length (second-to-last axis with three or more
+/// axes, else `N`).
+fn tokens(x: &Tensor) -> Result<(Tensor, usize)> {
+    let shape = x.shape();
+    let d = *shape.last().unwrap_or(&0);
+    let n = x.len() / d.max(1);
+    let seq = if shape.len() >= 3 { shape[shape.len() - 2] } else { n };
+    Ok((x.reshape(&[n, d])?, seq))
+}
+
+/// The token rows counted by a loss: those with `valid[t]`, or all.
+fn valid_rows(n: usize, valid: Option<&[bool]>) -> Result<Vec<usize>> {
+    let rows: Vec<usize> = match valid {
+        Some(v) if v.len() != n => crate::bail!("mixlora", "{} mask entries for {n} tokens", v.len()),
+        Some(v) => (0..n).filter(|&t| v[t]).collect(),
+        None => (0..n).collect(),
+    };
+    if rows.is_empty() {
+        crate::bail!("mixlora", "no valid token for the router loss");
+    }
+    Ok(rows)
 }
 
 impl ResidualAdapter for MixLoraFfn {
@@ -421,14 +706,15 @@ impl ResidualAdapter for MixLoraFfn {
         &self.name
     }
 
-    /// `h + Σ_e w_e (out_e(x) − base(x))`; records `coef · L_aux` over all tokens.
+    /// The mixture with `h` (the block's base FFN output after its dropout) standing for the base FFN output:
+    /// top-k gives `h + Σ_e w_e (out_e(x) − base(x))`. Records the weighted router loss over all tokens.
     fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let d = *x.shape().last().unwrap_or(&0);
-        let x2 = x.reshape(&[x.len() / d.max(1), d])?;
-        let routing = self.route(&x2, ctx)?;
-        let aux = self.aux_loss(&routing, None)?.mul_scalar(self.aux_coef as f32);
-        *self.last_aux.lock().unwrap_or_else(|p| p.into_inner()) = Some(aux);
-        h.add(&self.moe_delta(&x2, &routing)?.reshape(h.shape())?)
+        let (x2, seq) = tokens(x)?;
+        let routing = self.route_seq(&x2, seq, ctx)?;
+        let losses = self.router_losses(&routing, None)?;
+        *self.last_aux.lock().unwrap_or_else(|p| p.into_inner()) = Some(losses.weighted);
+        let h2 = h.reshape(&[x2.shape()[0], h.len() / x2.shape()[0].max(1)])?;
+        self.mixture(&x2, &h2, &routing, ctx)?.reshape(h.shape())
     }
 
     fn params(&self) -> Vec<Param> {
@@ -521,8 +807,8 @@ impl MixLoraModel {
         v
     }
 
-    /// The sum over FFNs of `router_aux_loss_coef · L_aux` recorded by the last forward (cleared), for the trainer
-    /// to add to its loss; `None` when no forward ran since the last call.
+    /// The sum over FFNs of the weighted router loss ([`RouterLosses::weighted`]) recorded by the last forward
+    /// (cleared), for the trainer to add to its loss; `None` when no forward ran since the last call.
     ///
     /// # Errors
     /// Shape errors (never for scalars).

@@ -100,9 +100,14 @@ fn mixlora_is_identity_at_init() {
     assert_eq!(n, 4 * 6 + 4 * 2 * 32 + 2 * 2 * 12);
 }
 
-/// The MoE FFN output computed densely: `Σ_e w_e · FFN_e(x)` with every expert run on every token.
+/// The MoE FFN output computed densely: `Σ_e w_e · FFN_e(x)` with every expert run on every token, for `x`
+/// routed as one sequence.
 fn dense_moe(f: &MixLoraFfn, fc1: &Linear, fc2: &Linear, x: &Tensor) -> Array2<f32> {
-    let routing = f.route(x, &Ctx::eval()).unwrap();
+    dense_moe_with(f, fc1, fc2, x, &f.route(x, &Ctx::eval()).unwrap())
+}
+
+/// [`dense_moe`] for a given routing: `Σ_e w_e · FFN_e(x)`, plus `p_max · x` for Switch's dropped tokens.
+fn dense_moe_with(f: &MixLoraFfn, fc1: &Linear, fc2: &Linear, x: &Tensor, routing: &Routing) -> Array2<f32> {
     let w = t2(&routing.weights);
     let s = f.scaling;
     let x2 = t2(x);
@@ -115,6 +120,11 @@ fn dense_moe(f: &MixLoraFfn, fc1: &Linear, fc2: &Linear, x: &Tensor) -> Array2<f
         fc2.base().params()[1].value().to_owned().into_dimensionality::<ndarray::Ix1>().unwrap(),
     );
     let mut out = Array2::<f32>::zeros((x2.nrows(), w2.nrows()));
+    let p = t2(&routing.probs);
+    for t in (0..x2.nrows()).filter(|&t| routing.dropped[t]) {
+        let p_max = p.row(t).iter().copied().fold(f32::MIN, f32::max);
+        out.row_mut(t).assign(&x2.row(t).mapv(|v| v * p_max));
+    }
     for e in 0..f.experts.len() {
         let ex = f.expert(e);
         let i = x2.dot(&w1.t()) + &b1 + x2.dot(&m2(ex[0].0).t()).dot(&m2(ex[0].1).t()).mapv(|v| v * s);
@@ -155,7 +165,8 @@ fn one_expert_top_one_is_plain_lora_on_the_ffn() {
     let f = &mm.ffns[0];
     let x = input(4, 5, 1);
     let (y, aux) = f.forward(&x, None, &Ctx::eval()).unwrap();
-    assert!((aux.item().unwrap() - 1.0).abs() < 1e-6);
+    assert!((aux.load_balance.item().unwrap() - 1.0).abs() < 1e-6);
+    assert!((aux.weighted.item().unwrap() - 0.01).abs() < 1e-8 && aux.z.is_none());
     // Plain LoRA (same factors) on intermediate.dense and output.dense.
     let lm = LoraModel::new(&b, LoraConfig::new(2, 3.0, ["intermediate.dense", "output.dense"]), "lora", 0).unwrap();
     for ((_, l), (a, bb)) in lm.adapter("lora").unwrap().layers.iter().zip(f.expert(0)) {
@@ -340,4 +351,279 @@ fn mixlora_bad_configs_are_typed_errors() {
     let mut c = cfg(2, 1, &[]);
     c.ffn_up = "mlp.fc1".into();
     assert!(matches!(bad(c), Error::NoTargetMatched { .. }));
+}
+
+fn dynamic(e: usize, top_p: f64, temperature: f64) -> MixLoraConfig {
+    cfg(e, 1, &[]).with_dynamic_routing(top_p, temperature)
+}
+
+fn switch(e: usize, capacity: usize) -> MixLoraConfig {
+    let mut c = cfg(e, 1, &[]).with_switch_routing(capacity);
+    (c.router_init_range, c.jitter_noise) = (0.5, 0.0);
+    c
+}
+
+#[test]
+fn dynamic_routing_keeps_experts_until_the_cumulative_probability_exceeds_top_p() {
+    let b = block(6, 10);
+    for (top_p, temp) in [(0.5, 0.0), (0.8, 0.0), (0.3, 2.0), (1.0, 0.0)] {
+        let mm = MixLoraModel::new(&b, dynamic(5, top_p, temp), &format!("dyn{top_p}-{temp}"), 0).unwrap();
+        let f = &mm.ffns[0];
+        f.router().set(RandomInit::new(4, 1.5).get("g", &[5, 6]).unwrap()).unwrap();
+        let x = input(12, 6, 4);
+        let r = f.route(&x, &Ctx::eval()).unwrap();
+        let (p, w) = (t2(&r.probs), t2(&r.weights));
+        let div = if temp > 0.0 { temp } else { 1.0 };
+        for t in 0..12 {
+            let c = &r.choices[t];
+            // Best first; every expert left out is no more likely than the last kept one.
+            assert!(c.windows(2).all(|v| p[[t, v[0]]] >= p[[t, v[1]]]));
+            let q = |e: usize| f64::from(p[[t, e]]) / div;
+            let before: f64 = c[..c.len() - 1].iter().map(|&e| q(e)).sum();
+            let with: f64 = c.iter().map(|&e| q(e)).sum();
+            assert!(before <= top_p + 1e-6, "the cut came late: {before} with top_p {top_p}");
+            assert!(with > top_p - 1e-6 || c.len() == 5, "the cut came early: {with} with top_p {top_p}");
+            for e in 0..5 {
+                let want = if c.contains(&e) { q(e) as f32 } else { 0.0 };
+                assert!((w[[t, e]] - want).abs() < 1e-6, "weights are the kept probabilities, not renormalised");
+                if !c.contains(&e) {
+                    assert!(p[[t, e]] <= p[[t, *c.last().unwrap()]]);
+                }
+            }
+        }
+        if top_p == 1.0 {
+            assert!(r.choices.iter().all(|c| c.len() == 5), "a sum that never exceeds 1 keeps every expert");
+        }
+    }
+}
+
+#[test]
+fn dynamic_aux_loss_counts_the_chosen_experts_of_a_uniform_router() {
+    // Uniform p = 1/4: the cumulative sums 0.25, 0.5, 0.75, 1 exceed 0.6 at the third expert, 0.2 at the first.
+    let b = block(2, 4);
+    for (top_p, chosen) in [(0.6, 3.0), (0.2, 1.0), (0.5, 3.0), (1.0, 4.0)] {
+        let mm = MixLoraModel::new(&b, dynamic(4, top_p, 0.0), &format!("dyn{top_p}"), 0).unwrap();
+        let f = &mm.ffns[0];
+        f.router().set(ArrayD::zeros(IxDyn(&[4, 2]))).unwrap();
+        let r = f.route(&input(6, 2, 1), &Ctx::eval()).unwrap();
+        assert!(r.choices.iter().all(|c| c.len() == chosen as usize), "top_p {top_p}");
+        // E · Σ_e f_e · (1/E) = Σ_e f_e = experts per token.
+        let aux = f.aux_loss(&r, None).unwrap().item().unwrap();
+        assert!((aux - chosen).abs() < 1e-6, "top_p {top_p}: {aux}");
+    }
+}
+
+#[test]
+fn dynamic_mixture_scales_the_base_ffn_by_the_kept_mass_and_equals_the_dense_sum() {
+    let b = block(6, 10);
+    let mm = MixLoraModel::new(&b, dynamic(4, 0.5, 0.0), "dyn", 0).unwrap();
+    let f = &mm.ffns[0];
+    f.router().set(RandomInit::new(8, 1.0).get("g", &[4, 6]).unwrap()).unwrap();
+    let x = input(7, 6, 2);
+    // At init every expert is the base FFN, so the output is (Σ_kept p)·base: not the identity (as in MoE-PEFT).
+    let (y, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
+    let base = t2(&b.fc2.forward(&b.fc1.forward(&x, &Ctx::eval()).unwrap().gelu(), &Ctx::eval()).unwrap());
+    let mass = t2(&f.route(&x, &Ctx::eval()).unwrap().weights).sum_axis(ndarray::Axis(1));
+    assert!(mass.iter().all(|&m| m > 0.5 && m <= 1.0 + 1e-6) && mass.iter().any(|&m| m < 0.999));
+    let want = &base * &mass.insert_axis(ndarray::Axis(1));
+    assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
+    perturb(&mm.trainable_params(), 3);
+    let (y, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
+    assert!(max_abs_diff(y.as_slice(), dense_moe(f, &b.fc1, &b.fc2, &x).as_slice().unwrap()) < 1e-5);
+    // Through the residual site (eval: h is the base FFN output).
+    let xb = input(7, 6, 3);
+    let h = b.ffn_in(&xb, &Ctx::eval());
+    let ffn = dense_moe(f, &b.fc1, &b.fc2, &h);
+    let want = b.cls.forward(&h.add(&Tensor::new(ffn.into_dyn())).unwrap(), &Ctx::eval()).unwrap();
+    assert!(max_abs_diff(b.forward(&xb, &Ctx::eval()).as_slice(), want.as_slice()) < 1e-5);
+}
+
+#[test]
+fn switch_routes_top_one_and_drops_tokens_over_capacity_per_sequence() {
+    let b = block(4, 6);
+    let mm = MixLoraModel::new(&b, switch(3, 2), "sw", 0).unwrap();
+    perturb(&mm.trainable_params(), 6);
+    let f = &mm.ffns[0];
+    // Router row 0 follows the (positive) inputs, so every token's top-1 is expert 0.
+    let mut g = ArrayD::zeros(IxDyn(&[3, 4]));
+    g.slice_mut(ndarray::s![0, ..]).fill(1.0);
+    f.router().set(g).unwrap();
+    let x = input(10, 4, 5).abs().add_scalar(0.1);
+    let x3 = x.reshape(&[2, 5, 4]).unwrap();
+    let (y, losses) = f.forward(&x3, None, &Ctx::eval()).unwrap();
+    let r = f.route_seq(&x, 5, &Ctx::eval()).unwrap();
+    assert!(r.choices.iter().all(|c| c == &[0]));
+    // Capacity 2 per expert and sequence: positions 0, 1 of each sequence run, 2..5 are dropped.
+    let dropped: Vec<bool> = (0..10).map(|t| t % 5 >= 2).collect();
+    assert_eq!(r.dropped, dropped);
+    // Kept: p_max · FFN_0(x) (the weight is p_max on the chosen expert); dropped: p_max · x.
+    let (w, p) = (t2(&r.weights), t2(&r.probs));
+    for (t, &d) in dropped.iter().enumerate() {
+        let p_max = p.row(t).iter().copied().fold(f32::MIN, f32::max);
+        assert!((w.row(t).sum() - if d { 0.0 } else { p_max }).abs() < 1e-7);
+    }
+    let want = dense_moe_with(f, &b.fc1, &b.fc2, &x, &r);
+    assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
+    for t in (0..10).filter(|&t| dropped[t]) {
+        let p0 = t2(&r.probs)[[t, 0]];
+        let row: Vec<f32> = t2(&y.reshape(&[10, 4]).unwrap()).row(t).to_vec();
+        let xr: Vec<f32> = t2(&x).row(t).iter().map(|v| v * p0).collect();
+        assert!(max_abs_diff(&row, &xr) < 1e-6, "a dropped token passes p_max · x");
+    }
+    // Load balance counts the top-1 before the capacity check: f = (1, 0, 0), so E · P_0.
+    let p0_mean = t2(&r.probs).column(0).mean().unwrap();
+    assert!((losses.load_balance.item().unwrap() - 3.0 * p0_mean).abs() < 1e-5);
+    // A 2-D input is one sequence of 10: only its first two tokens run.
+    let r1 = f.route(&x, &Ctx::eval()).unwrap();
+    assert_eq!(r1.dropped, (0..10).map(|t| t >= 2).collect::<Vec<_>>());
+}
+
+#[test]
+fn switch_losses_are_the_z_loss_and_the_top_one_balance_with_their_coefficients() {
+    let b = block(2, 4);
+    let mut c = switch(3, 8);
+    c.router_z_loss_coef = Some(0.5);
+    let mm = MixLoraModel::new(&b, c, "sw", 0).unwrap();
+    let f = &mm.ffns[0];
+    f.router().set(ArrayD::from_shape_vec(IxDyn(&[3, 2]), vec![1., 0., 0., 1., 0., 0.]).unwrap()).unwrap();
+    let x = Tensor::from_vec(vec![2., 0., 0., 1., -1., -1.], &[3, 2]).unwrap();
+    let r = f.route(&x, &Ctx::eval()).unwrap();
+    let l = f.router_losses(&r, Some(&[true, true, false])).unwrap();
+    let logits = [[2., 0., 0.], [0., 1., 0.]];
+    let lse = |l: [f64; 3]| l.iter().map(|v| v.exp()).sum::<f64>().ln();
+    let z = (lse(logits[0]).powi(2) + lse(logits[1]).powi(2)) / 2.0;
+    let soft = |l: [f64; 3]| l.map(|v| v.exp() / l.iter().map(|w| w.exp()).sum::<f64>());
+    let (p0, p1) = (soft(logits[0]), soft(logits[1]));
+    // Top-1: token 0 → expert 0, token 1 → expert 1; Switch's E²·mean_e(f_e·P_e) = E·Σ_e f_e·P_e.
+    let lb = 3.0 * (0.5 * (p0[0] + p1[0]) / 2.0 + 0.5 * (p0[1] + p1[1]) / 2.0);
+    let got = |t: &Tensor| f64::from(t.item().unwrap());
+    assert!((got(l.z.as_ref().unwrap()) - z).abs() < 1e-5, "z {} vs {z}", got(l.z.as_ref().unwrap()));
+    assert!((got(&l.load_balance) - lb).abs() < 1e-6);
+    assert!((got(&l.weighted) - (0.01 * lb + 0.5 * z)).abs() < 1e-5);
+    // Top-k and dynamic have no z-loss: weighted = coef · load balance.
+    let mm = MixLoraModel::new(&b, cfg(3, 2, &[]), "topk", 0).unwrap();
+    let r = mm.ffns[0].route(&x, &Ctx::eval()).unwrap();
+    let l = mm.ffns[0].router_losses(&r, None).unwrap();
+    assert!(l.z.is_none() && (got(&l.weighted) - 0.01 * got(&l.load_balance)).abs() < 1e-9);
+}
+
+#[test]
+fn switch_ffn_dropout_acts_in_training_only() {
+    let b = block(4, 6);
+    let mut c = switch(3, 16);
+    c.ffn_dropout = Some(0.5);
+    let mm = MixLoraModel::new(&b, c, "sw", 0).unwrap();
+    perturb(&mm.trainable_params(), 2);
+    let f = &mm.ffns[0];
+    let x = input(8, 4, 3);
+    let (ye, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
+    let (yt, _) = f.forward(&x, None, &Ctx::train(7)).unwrap();
+    let (mut zeros, mut kept) = (0, 0);
+    for (t, e) in yt.as_slice().iter().zip(ye.as_slice()) {
+        if *t == 0.0 {
+            zeros += 1;
+        } else {
+            assert!((t - 2.0 * e).abs() < 1e-5, "survivors are scaled by 1 / (1 − p)");
+            kept += 1;
+        }
+    }
+    assert!(zeros > 4 && kept > 4, "{zeros} dropped, {kept} kept of 32");
+}
+
+#[test]
+fn dynamic_and_switch_gradients_match_finite_differences_away_from_cuts() {
+    let x = input(4, 4, 4);
+    let r = input(4, 3, 5);
+    for (name, c) in [("dynamic", dynamic(3, 0.6, 0.0)), ("switch", switch(3, 2))] {
+        let b = block(4, 6);
+        let mm = MixLoraModel::new(&b, c, name, 0).unwrap();
+        perturb(&mm.trainable_params(), 11);
+        let h = b.ffn_in(&x, &Ctx::eval());
+        // A router whose decisions do not move under ±eps (Switch: top-1 ahead by 0.05 and some token dropped;
+        // dynamic: sorted probabilities 0.02 apart, every partial sum 0.03 away from top_p, some token with two
+        // or more experts).
+        let stable = |seed: u64| {
+            mm.ffns[0].router().set(RandomInit::new(seed, 2.0).get("g", &[3, 4]).unwrap()).unwrap();
+            let routing = mm.ffns[0].route(&h, &Ctx::eval()).unwrap();
+            let p = t2(&routing.probs);
+            let sorted = |t: usize| {
+                let mut v: Vec<f32> = p.row(t).to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                v
+            };
+            if name == "switch" {
+                (0..4).all(|t| sorted(t)[0] - sorted(t)[1] > 0.05) && routing.dropped.iter().any(|&d| d)
+            } else {
+                (0..4).all(|t| {
+                    let v = sorted(t);
+                    let mut cum = 0.0;
+                    v.windows(2).all(|w| w[0] - w[1] > 0.02)
+                        && v.iter().all(|&q| {
+                            cum += q;
+                            (cum - 0.6f32).abs() > 0.03
+                        })
+                }) && routing.choices.iter().any(|c| c.len() > 1)
+            }
+        };
+        let seed = (0..2000).find(|&s| stable(s)).expect("a stable router");
+        assert!(stable(seed));
+        let f = || {
+            let y = b.forward(&x, &Ctx::eval()).mul(&r).unwrap().sum_all();
+            y.add(&mm.take_aux_loss().unwrap().unwrap().mul_scalar(10.0)).unwrap()
+        };
+        fdcheck::check(&f, &mm.trainable_params(), 1e-3, 5e-3);
+    }
+}
+
+#[test]
+fn routing_strategies_round_trip_and_bad_combinations_are_typed_errors() {
+    let b = block(6, 10);
+    for c in [dynamic(3, 0.7, 0.5), switch(3, 4)] {
+        let b = block(6, 10);
+        let mm = MixLoraModel::new(&b, c.clone(), "rt", 0).unwrap();
+        perturb(&mm.trainable_params(), 9);
+        let d1 = tempfile::tempdir().unwrap();
+        mm.save_pretrained(d1.path()).unwrap();
+        let json = std::fs::read_to_string(d1.path().join(crate::io::CONFIG_NAME)).unwrap();
+        let b2 = block(6, 10);
+        let mm2 = MixLoraModel::load(&b2, d1.path(), "rt").unwrap();
+        assert_eq!(mm2.config.routing_strategy, c.routing_strategy, "{json}");
+        let x = input(4, 6, 1);
+        assert_eq!(b.forward(&x, &Ctx::eval()).to_vec(), b2.forward(&x, &Ctx::eval()).to_vec());
+        let d2 = tempfile::tempdir().unwrap();
+        mm2.save_pretrained(d2.path()).unwrap();
+        assert_eq!(json, std::fs::read_to_string(d2.path().join(crate::io::CONFIG_NAME)).unwrap());
+        let weights = crate::io::WEIGHTS_NAME;
+        assert_eq!(std::fs::read(d1.path().join(weights)).unwrap(), std::fs::read(d2.path().join(weights)).unwrap());
+    }
+    // MoE-PEFT's names; a file from before the option (no routing_strategy) is top-k.
+    let mut v = serde_json::to_value(switch(2, 4)).unwrap();
+    assert_eq!(v["routing_strategy"], "mixlora-switch");
+    assert_eq!(serde_json::to_value(dynamic(2, 0.8, 0.0)).unwrap()["routing_strategy"], "mixlora-dynamic");
+    assert_eq!(serde_json::to_value(cfg(2, 1, &[])).unwrap()["routing_strategy"], "mixlora");
+    v.as_object_mut().unwrap().retain(|k, _| {
+        !matches!(k.as_str(), "routing_strategy" | "expert_capacity" | "router_z_loss_coef" | "ffn_dropout")
+    });
+    let old: MixLoraConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(old.routing_strategy, RoutingStrategy::TopK);
+    let bad = |c: MixLoraConfig| MixLoraModel::new(&b, c, "a", 0).err().unwrap();
+    let mut c = switch(3, 4);
+    c.top_k = 2;
+    assert!(matches!(bad(c), Error::Invalid { .. }), "Switch is top-1");
+    let mut c = cfg(3, 2, &[]);
+    c.top_p = Some(0.5);
+    assert!(matches!(bad(c), Error::Invalid { .. }), "top_p without the dynamic strategy");
+    let mut c = dynamic(3, 0.5, 0.0);
+    c.expert_capacity = Some(3);
+    assert!(matches!(bad(c), Error::Invalid { .. }), "capacity without Switch");
+    for (top_p, t) in [(0.0, 0.0), (1.5, 0.0), (f64::NAN, 0.0), (0.5, -1.0)] {
+        assert!(matches!(bad(dynamic(3, top_p, t)), Error::Invalid { .. }), "top_p {top_p} temperature {t}");
+    }
+    assert!(matches!(bad(switch(3, 0)), Error::Invalid { .. }), "zero capacity");
+    let mut c = switch(3, 4);
+    c.ffn_dropout = Some(1.0);
+    assert!(matches!(bad(c), Error::Invalid { .. }));
+    let mut c = cfg(3, 2, &[]);
+    c.router_aux_loss_coef = -1.0;
+    assert!(matches!(bad(c), Error::Invalid { .. }));
 }
