@@ -45,6 +45,35 @@ const PAR_GEMM_WORK: usize = 1 << 22;
 /// Elements above which elementwise kernels run in parallel.
 pub const PAR_ELEMWISE: usize = 1 << 15;
 
+/// Runs `body` compiled for AVX2 + FMA when this x86-64 CPU has them (detected once, cached by std), else as is.
+///
+/// The workspace builds for the baseline x86-64 target (SSE2), so a plain elementwise loop vectorises 4 `f32`
+/// wide; inside `body` the same loop (inlined) uses 8-wide AVX2. Rust never contracts `a * b + c` into an FMA
+/// on its own, so plain arithmetic rounds identically on both paths (only explicit `mul_add` differs, which
+/// peft-rs's elementwise code does not use). Measured in docs/perf.md (`ops_timings -- gelu`).
+///
+/// ```
+/// let x = vec![1.5f32; 1000];
+/// let mut y = vec![0f32; 1000];
+/// peft_core::backend::wide(|| y.iter_mut().zip(&x).for_each(|(o, &v)| *o = v * v + 1.0));
+/// assert_eq!(y[999], 3.25);
+/// ```
+#[inline(always)]
+pub fn wide<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: both target features were detected on the running CPU.
+            return unsafe { avx2(body) };
+        }
+    }
+    body()
+}
+
 /// `dst (row-major m x n) = [dst +] lhs (m x k) · rhs (k x n)`.
 ///
 /// `accumulate` adds into `dst` instead of overwriting it. Panics (a peft-rs bug, never user input) when the

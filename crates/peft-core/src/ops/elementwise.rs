@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::autograd::{record, record_data};
-use crate::backend::PAR_ELEMWISE;
+use crate::backend::{wide, PAR_ELEMWISE};
 use crate::elem::Elem;
 use crate::error::Result;
 use crate::ops::broadcast::{broadcast_shape, sum_to};
@@ -26,13 +26,15 @@ fn zip_slices<E: Elem>(a: &[E], b: &[E], swap: bool, f: impl Fn(E, E) -> E + Syn
     let n = b.len().max(1);
     let chunk = if n >= CHUNK { n } else { CHUNK / n * n };
     let run = |(o, x): (&mut [E], &[E])| {
-        for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-            if swap {
-                o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(y, x));
-            } else {
-                o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(x, y));
+        wide(|| {
+            for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
+                if swap {
+                    o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(y, x));
+                } else {
+                    o.iter_mut().zip(x).zip(b).for_each(|((o, &x), &y)| *o = f(x, y));
+                }
             }
-        }
+        })
     };
     if a.len() >= PAR_ELEMWISE {
         use rayon::prelude::*;
@@ -79,7 +81,7 @@ fn zip2<E: Elem>(shape: &[usize], a: &Data<E>, b: &Data<E>, f: impl Fn(E, E) -> 
 fn same_shape<E: Elem>(a: &[E], b: &[E], f: &(impl Fn(E, E) -> E + Sync + Send)) -> Vec<E> {
     let mut out = vec![E::zero(); a.len()];
     let run = |((o, x), y): ((&mut [E], &[E]), &[E])| {
-        o.iter_mut().zip(x).zip(y).for_each(|((o, &x), &y)| *o = f(x, y));
+        wide(|| o.iter_mut().zip(x).zip(y).for_each(|((o, &x), &y)| *o = f(x, y)));
     };
     if a.len() >= PAR_ELEMWISE {
         use rayon::prelude::*;
@@ -100,7 +102,7 @@ pub(crate) fn map1<E: Elem>(a: &Data<E>, f: impl Fn(E) -> E + Sync + Send) -> Ar
         return a.mapv(f);
     };
     let mut out = vec![E::zero(); sa.len()];
-    let run = |(o, x): (&mut [E], &[E])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    let run = |(o, x): (&mut [E], &[E])| wide(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
     if sa.len() >= PAR_ELEMWISE {
         use rayon::prelude::*;
         out.par_chunks_mut(CHUNK).zip(sa.par_chunks(CHUNK)).for_each(run);
@@ -122,9 +124,11 @@ pub(crate) fn map3<E: Elem>(
             let mut out = vec![E::zero(); sg.len()];
             type Chunks<'a, E> = (((&'a mut [E], &'a [E]), &'a [E]), &'a [E]);
             let run = |(((o, g), x), y): Chunks<'_, E>| {
-                for i in 0..o.len() {
-                    o[i] = f(g[i], x[i], y[i]);
-                }
+                wide(|| {
+                    for i in 0..o.len() {
+                        o[i] = f(g[i], x[i], y[i]);
+                    }
+                })
             };
             if sg.len() >= PAR_ELEMWISE {
                 use rayon::prelude::*;
@@ -540,5 +544,34 @@ mod tests {
         assert!(matches!(a.sub(&b), Err(Error::Shape { op: "sub", .. })));
         assert!(matches!(a.mul(&b), Err(Error::Shape { op: "mul", .. })));
         assert!(matches!(a.div(&Tensor::zeros(&[3, 3])), Err(Error::Shape { op: "div", .. })));
+    }
+
+    /// `backend::wide` must not change a single bit: the map kernels (serial and parallel sizes) against the
+    /// same closures evaluated one element at a time outside it, for GELU's forward and derivative (erf, exp_fast,
+    /// divisions, clamps) and a broadcast division.
+    #[test]
+    fn wide_kernels_are_bit_identical_to_scalar_evaluation() {
+        let gelu_d = |g: f32, x: f32, _y: f32| {
+            let cdf = 0.5 * (1.0 + Elem::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            g * (cdf + x * (-0.5 * x * x).exp_fast() * 0.398_942_3)
+        };
+        for n in [1000usize, PAR_ELEMWISE + 4099] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 4001) as f32 * 3e-3 - 6.0).collect();
+            let g: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 * 1e-3 - 0.5).collect();
+            let xd: Data<f32> = ArrayD::from_shape_vec(IxDyn(&[n]), x.clone()).unwrap().into_shared();
+            let ga = ArrayD::from_shape_vec(IxDyn(&[n]), g.clone()).unwrap();
+            let fwd = map1(&xd, gelu_erf);
+            let bwd = map3(&ga, &xd, &xd, gelu_d);
+            for i in 0..n {
+                assert_eq!(fwd[i].to_bits(), gelu_erf(x[i]).to_bits(), "gelu({})", x[i]);
+                assert_eq!(bwd[i].to_bits(), gelu_d(g[i], x[i], x[i]).to_bits(), "gelu'({})", x[i]);
+            }
+            let rows = Tensor::<f32>::new(ArrayD::from_shape_vec(IxDyn(&[n / 8, 8]), x[..n / 8 * 8].to_vec()).unwrap());
+            let cols = Tensor::<f32>::new(ndarray::arr1(&[0.3f32, -1.7, 2.9, 1e-3, 7.0, -0.1, 0.77, 5.5]).into_dyn());
+            let q = rows.div(&cols).unwrap();
+            for (i, v) in q.as_slice().iter().enumerate() {
+                assert_eq!(v.to_bits(), (x[i] / cols.as_slice()[i % 8]).to_bits());
+            }
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! Row-blocked loops shared by the fused ops (softmax, norms, losses): serial for small inputs, rayon over
-//! blocks of rows once the work is large enough to pay for the threads.
+//! blocks of rows once the work is large enough to pay for the threads; the row bodies run under
+//! [`wide`] (AVX2 code generation where the CPU has it).
 
 use rayon::prelude::*;
 
-use crate::backend::PAR_ELEMWISE;
+use crate::backend::{wide, PAR_ELEMWISE};
 
 /// Elements of work each rayon task gets at least (keeps tiny rows from becoming one task each).
 const MIN_TASK_ELEMS: usize = 1 << 12;
@@ -22,9 +23,9 @@ pub(crate) fn for_each_block<E: Send>(dst: &mut [E], block: usize, f: impl Fn(us
     }
     if parallel(dst.len()) && dst.len() > block {
         let min_len = (MIN_TASK_ELEMS / block).max(1);
-        dst.par_chunks_mut(block).with_min_len(min_len).enumerate().for_each(|(i, c)| f(i, c));
+        dst.par_chunks_mut(block).with_min_len(min_len).enumerate().for_each(|(i, c)| wide(|| f(i, c)));
     } else {
-        dst.chunks_mut(block).enumerate().for_each(|(i, c)| f(i, c));
+        wide(|| dst.chunks_mut(block).enumerate().for_each(|(i, c)| f(i, c)));
     }
 }
 
@@ -32,9 +33,9 @@ pub(crate) fn for_each_block<E: Send>(dst: &mut [E], block: usize, f: impl Fn(us
 pub(crate) fn map_rows<T: Send>(n: usize, work: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     if parallel(n.saturating_mul(work)) && n > 1 {
         let min_len = (MIN_TASK_ELEMS / work.max(1)).max(1);
-        (0..n).into_par_iter().with_min_len(min_len).map(f).collect()
+        (0..n).into_par_iter().with_min_len(min_len).map(|i| wide(|| f(i))).collect()
     } else {
-        (0..n).map(f).collect()
+        wide(|| (0..n).map(f).collect())
     }
 }
 
@@ -63,9 +64,9 @@ pub(crate) fn for_each_block_with<E: Send, T: Send>(
             .zip(aux.par_iter_mut())
             .with_min_len(min_len)
             .enumerate()
-            .for_each(|(i, (c, a))| f(i, c, a));
+            .for_each(|(i, (c, a))| wide(|| f(i, c, a)));
     } else {
-        dst.chunks_mut(block).zip(aux.iter_mut()).enumerate().for_each(|(i, (c, a))| f(i, c, a));
+        wide(|| dst.chunks_mut(block).zip(aux.iter_mut()).enumerate().for_each(|(i, (c, a))| f(i, c, a)));
     }
 }
 
@@ -91,7 +92,7 @@ pub(crate) fn row_tasks<E: Send, T: Send>(
         Some(o) => o.chunks_mut(per * width).map(Some).collect(),
         None => (0..tasks).map(|_| None).collect(),
     };
-    let run = |(t, slot): (usize, Option<&mut [E]>)| f(t * per..((t + 1) * per).min(rows), slot);
+    let run = |(t, slot): (usize, Option<&mut [E]>)| wide(|| f(t * per..((t + 1) * per).min(rows), slot));
     if tasks > 1 {
         slots.into_par_iter().enumerate().map(run).collect()
     } else {

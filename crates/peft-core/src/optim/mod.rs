@@ -61,7 +61,7 @@ use rayon::prelude::*;
 use regex::Regex;
 
 use crate::autograd::GradStore;
-use crate::backend::PAR_ELEMWISE;
+use crate::backend::{wide, PAR_ELEMWISE};
 use crate::elem::Elem;
 use crate::error::{bail, Error, Result};
 use crate::param::Param;
@@ -325,7 +325,7 @@ pub(crate) fn slice_mut<E: Elem>(a: &mut ArrayD<E>) -> &mut [E] {
 
 /// Runs `f(param, grad)` over equal-length slices, in parallel chunks when large.
 pub(crate) fn fused0<E: Elem>(p: &mut [E], g: &[E], f: impl Fn(&mut E, E) + Sync + Send) {
-    let run = |p: &mut [E], g: &[E]| p.iter_mut().zip(g).for_each(|(p, &g)| f(p, g));
+    let run = |p: &mut [E], g: &[E]| wide(|| p.iter_mut().zip(g).for_each(|(p, &g)| f(p, g)));
     if p.len() >= PAR_ELEMWISE {
         p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(p, g)| run(p, g));
     } else {
@@ -335,8 +335,9 @@ pub(crate) fn fused0<E: Elem>(p: &mut [E], g: &[E], f: impl Fn(&mut E, E) + Sync
 
 /// Runs `f(param, grad, buf)` over equal-length slices, in parallel chunks when large.
 pub(crate) fn fused1<E: Elem>(p: &mut [E], g: &[E], a: &mut [E], f: impl Fn(&mut E, E, &mut E) + Sync + Send) {
-    let run =
-        |p: &mut [E], g: &[E], a: &mut [E]| p.iter_mut().zip(g).zip(a.iter_mut()).for_each(|((p, &g), a)| f(p, g, a));
+    let run = |p: &mut [E], g: &[E], a: &mut [E]| {
+        wide(|| p.iter_mut().zip(g).zip(a.iter_mut()).for_each(|((p, &g), a)| f(p, g, a)))
+    };
     if p.len() >= PAR_ELEMWISE {
         p.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
@@ -356,7 +357,7 @@ pub(crate) fn fused2<E: Elem>(
     f: impl Fn(&mut E, E, &mut E, &mut E) + Sync + Send,
 ) {
     let run = |p: &mut [E], g: &[E], a: &mut [E], b: &mut [E]| {
-        p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()).for_each(|(((p, &g), a), b)| f(p, g, a, b))
+        wide(|| p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()).for_each(|(((p, &g), a), b)| f(p, g, a, b)))
     };
     if p.len() >= PAR_ELEMWISE {
         p.par_chunks_mut(CHUNK)
