@@ -16,6 +16,8 @@
 //! A query row that sees no key (all its keys masked) has **output 0 and zero gradients** instead of the NaN a
 //! composed softmax would produce.
 //!
+//! Probabilities use [`Elem::exp_fast`] (f32: within 2e-7 relative of `exp`) under [`wide`].
+//!
 //! The forward keeps only the output and one log-sum-exp per query row; the backward recomputes the
 //! probabilities from them (memory `O(B·H·Lq)` beyond the output, not `O(B·H·Lq·Lk)`). Work is parallel over
 //! (batch, head) in the forward and (batch, kv head) in the backward, with every product a [`gemm()`] call.
@@ -28,7 +30,7 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use crate::autograd::{record, record_data};
-use crate::backend::{gemm, MatRef, PAR_ELEMWISE};
+use crate::backend::{gemm, wide, MatRef, PAR_ELEMWISE};
 use crate::elem::Elem;
 use crate::error::{bail, Error, Result};
 use crate::tensor::Tensor;
@@ -92,7 +94,7 @@ fn probs_from_lse<E: Elem>(s: &mut [E], lse: &[E], dims: &Dims, mask: &Mask, b: 
     for (i, row) in s.chunks_mut(dims.lk.max(1)).enumerate().take(dims.lq) {
         let (l, (end, valid)) = (lse[i], mask.row(dims, b, i));
         let end = if l.is_finite() { end } else { 0 };
-        map_visible(row, end, valid, |x| (x * scale - l).exp());
+        map_visible(row, end, valid, |x| (x * scale - l).exp_fast());
     }
 }
 
@@ -112,7 +114,7 @@ fn head_forward<E: Elem>(q: &[E], k: &[E], v: &[E], dims: &Dims, mask: &Mask, b:
             row.fill(E::zero()); // no visible key: output 0 (see the module docs)
             continue;
         }
-        map_visible(row, end, valid, |x| (x * scale - m).exp());
+        map_visible(row, end, valid, |x| (x * scale - m).exp_fast());
         let sum: E = row[..end].iter().copied().sum();
         let inv = E::one() / sum;
         row[..end].iter_mut().for_each(|x| *x *= inv);
@@ -295,7 +297,7 @@ impl<E: Elem> Tensor<E> {
                 let q = &qd[bh * dims.lq * dims.d..][..dims.lq * dims.d];
                 let k = &kd[kvh * dims.lk * dims.d..][..dims.lk * dims.d];
                 let v = &vd[kvh * dims.lk * dims.dv..][..dims.lk * dims.dv];
-                head_forward(q, k, v, &dims, &mask, b, scale)
+                wide(|| head_forward(q, k, v, &dims, &mask, b, scale))
             })
             .collect();
         let mut out = Vec::with_capacity(dims.b * dims.h * dims.lq * dims.dv);
@@ -322,7 +324,7 @@ impl<E: Elem> Tensor<E> {
             let need = [needs[0], needs[1], needs[2]];
             let groups: Vec<[Vec<E>; 3]> = (0..dims.b * dims.hkv)
                 .into_par_iter()
-                .map(|bk| group_backward(&saved, gs, bk / dims.hkv, bk % dims.hkv, need))
+                .map(|bk| wide(|| group_backward(&saved, gs, bk / dims.hkv, bk % dims.hkv, need)))
                 .collect();
             let mut r: Vec<Option<ArrayD<E>>> = Vec::with_capacity(3);
             for (i, data) in [&saved.q, &saved.k, &saved.v].into_iter().enumerate() {
