@@ -145,11 +145,15 @@ fn moe_output_equals_dense_weighted_sum_of_experts() {
     let mm = MixLoraModel::new(&b, cfg(4, 2, &[]), "default", 0).unwrap();
     perturb(&mm.trainable_params(), 3);
     let f = &mm.ffns[0];
+    assert_mixture_is_dense(&b, f);
+}
+
+/// `MixLoraFfn::forward` and the block's output through the residual site (eval: `h` is the base FFN output)
+/// both equal the dense mixture.
+fn assert_mixture_is_dense(b: &Block, f: &MixLoraFfn) {
     let x = input(7, 6, 2);
     let (y, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
-    let want = dense_moe(f, &b.fc1, &b.fc2, &x);
-    assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
-    // Through the residual site: the block's output uses the same FFN.
+    assert!(max_abs_diff(y.as_slice(), dense_moe(f, &b.fc1, &b.fc2, &x).as_slice().unwrap()) < 1e-5);
     let xb = input(7, 6, 3);
     let h = b.ffn_in(&xb, &Ctx::eval());
     let ffn = dense_moe(f, &b.fc1, &b.fc2, &h);
@@ -247,13 +251,18 @@ fn mixlora_gradients_match_finite_differences() {
     let b = block(4, 6);
     let mm = MixLoraModel::new(&b, cfg(2, 2, &["query"]), "default", 0).unwrap();
     perturb(&mm.trainable_params(), 7);
-    let x = input(3, 4, 4);
-    let r = input(3, 3, 5);
+    check_block_grads(&b, &mm, &input(3, 4, 4), 1e-2, 3e-3);
+}
+
+/// Finite-difference check of every trainable parameter on `Σ r ⊙ block(x) + 10 · router loss` (so the router
+/// gets gradients through both).
+fn check_block_grads(b: &Block, mm: &MixLoraModel, x: &Tensor, eps: f32, tol: f64) {
+    let r = input(x.shape()[0], 3, 5);
     let f = || {
-        let y = b.forward(&x, &Ctx::eval()).mul(&r).unwrap().sum_all();
+        let y = b.forward(x, &Ctx::eval()).mul(&r).unwrap().sum_all();
         y.add(&mm.take_aux_loss().unwrap().unwrap().mul_scalar(10.0)).unwrap()
     };
-    fdcheck::check(&f, &mm.trainable_params(), 1e-2, 3e-3);
+    fdcheck::check(&f, &mm.trainable_params(), eps, tol);
 }
 
 #[test]
@@ -320,15 +329,13 @@ fn swiglu_mixture_is_identity_at_init_and_equals_dense_sum() {
     assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
 }
 
-#[test]
-fn mixlora_save_load_save_is_byte_identical() {
-    let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, cfg(3, 2, &["query", "value"]), "default", 0).unwrap();
-    perturb(&mm.trainable_params(), 9);
+/// Saves `mm` (on block `b`), loads it into a fresh block, checks equal outputs and a byte-identical re-save;
+/// returns the loaded model.
+fn assert_round_trip(b: &Block, mm: &MixLoraModel) -> MixLoraModel {
     let d1 = tempfile::tempdir().unwrap();
     mm.save_pretrained(d1.path()).unwrap();
     let b2 = block(6, 10);
-    let mm2 = MixLoraModel::load(&b2, d1.path(), "default").unwrap();
+    let mm2 = MixLoraModel::load(&b2, d1.path(), &mm.name).unwrap();
     let x = input(4, 6, 1);
     assert_eq!(b.forward(&x, &Ctx::eval()).to_vec(), b2.forward(&x, &Ctx::eval()).to_vec());
     let d2 = tempfile::tempdir().unwrap();
@@ -336,6 +343,15 @@ fn mixlora_save_load_save_is_byte_identical() {
     for f in [crate::io::CONFIG_NAME, crate::io::WEIGHTS_NAME] {
         assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
     }
+    mm2
+}
+
+#[test]
+fn mixlora_save_load_save_is_byte_identical() {
+    let b = block(6, 10);
+    let mm = MixLoraModel::new(&b, cfg(3, 2, &["query", "value"]), "default", 0).unwrap();
+    perturb(&mm.trainable_params(), 9);
+    assert_round_trip(&b, &mm);
 }
 
 #[test]
@@ -428,14 +444,7 @@ fn dynamic_mixture_scales_the_base_ffn_by_the_kept_mass_and_equals_the_dense_sum
     let want = &base * &mass.insert_axis(ndarray::Axis(1));
     assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
     perturb(&mm.trainable_params(), 3);
-    let (y, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
-    assert!(max_abs_diff(y.as_slice(), dense_moe(f, &b.fc1, &b.fc2, &x).as_slice().unwrap()) < 1e-5);
-    // Through the residual site (eval: h is the base FFN output).
-    let xb = input(7, 6, 3);
-    let h = b.ffn_in(&xb, &Ctx::eval());
-    let ffn = dense_moe(f, &b.fc1, &b.fc2, &h);
-    let want = b.cls.forward(&h.add(&Tensor::new(ffn.into_dyn())).unwrap(), &Ctx::eval()).unwrap();
-    assert!(max_abs_diff(b.forward(&xb, &Ctx::eval()).as_slice(), want.as_slice()) < 1e-5);
+    assert_mixture_is_dense(&b, f);
 }
 
 #[test]
@@ -533,7 +542,6 @@ fn switch_ffn_dropout_acts_in_training_only() {
 #[test]
 fn dynamic_and_switch_gradients_match_finite_differences_away_from_cuts() {
     let x = input(4, 4, 4);
-    let r = input(4, 3, 5);
     for (name, c) in [("dynamic", dynamic(3, 0.6, 0.0)), ("switch", switch(3, 2))] {
         let b = block(4, 6);
         let mm = MixLoraModel::new(&b, c, name, 0).unwrap();
@@ -567,11 +575,7 @@ fn dynamic_and_switch_gradients_match_finite_differences_away_from_cuts() {
         };
         let seed = (0..2000).find(|&s| stable(s)).expect("a stable router");
         assert!(stable(seed));
-        let f = || {
-            let y = b.forward(&x, &Ctx::eval()).mul(&r).unwrap().sum_all();
-            y.add(&mm.take_aux_loss().unwrap().unwrap().mul_scalar(10.0)).unwrap()
-        };
-        fdcheck::check(&f, &mm.trainable_params(), 1e-3, 5e-3);
+        check_block_grads(&b, &mm, &x, 1e-3, 5e-3);
     }
 }
 
@@ -582,19 +586,7 @@ fn routing_strategies_round_trip_and_bad_combinations_are_typed_errors() {
         let b = block(6, 10);
         let mm = MixLoraModel::new(&b, c.clone(), "rt", 0).unwrap();
         perturb(&mm.trainable_params(), 9);
-        let d1 = tempfile::tempdir().unwrap();
-        mm.save_pretrained(d1.path()).unwrap();
-        let json = std::fs::read_to_string(d1.path().join(crate::io::CONFIG_NAME)).unwrap();
-        let b2 = block(6, 10);
-        let mm2 = MixLoraModel::load(&b2, d1.path(), "rt").unwrap();
-        assert_eq!(mm2.config.routing_strategy, c.routing_strategy, "{json}");
-        let x = input(4, 6, 1);
-        assert_eq!(b.forward(&x, &Ctx::eval()).to_vec(), b2.forward(&x, &Ctx::eval()).to_vec());
-        let d2 = tempfile::tempdir().unwrap();
-        mm2.save_pretrained(d2.path()).unwrap();
-        assert_eq!(json, std::fs::read_to_string(d2.path().join(crate::io::CONFIG_NAME)).unwrap());
-        let weights = crate::io::WEIGHTS_NAME;
-        assert_eq!(std::fs::read(d1.path().join(weights)).unwrap(), std::fs::read(d2.path().join(weights)).unwrap());
+        assert_eq!(assert_round_trip(&b, &mm).config, MixLoraConfig { inference_mode: true, ..c });
     }
     // MoE-PEFT's names; a file from before the option (no routing_strategy) is top-k.
     let mut v = serde_json::to_value(switch(2, 4)).unwrap();
