@@ -1,12 +1,30 @@
 //! Shape ops: reshape, transpose/permute, narrow, concat, stack, squeeze/unsqueeze, broadcast_to.
 
-use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 
-use crate::autograd::record;
+use crate::autograd::{record, record_data};
 use crate::elem::Elem;
 use crate::error::{Error, Result};
 use crate::ops::broadcast::{broadcast_shape, sum_to};
 use crate::tensor::Tensor;
+
+/// Innermost run length from which [`standard_copy`] copies whole rows instead of single elements.
+const MIN_RUN: usize = 8;
+
+/// `v` copied into a new standard-layout array. When the last axis is contiguous and at least [`MIN_RUN`] long
+/// (the attention head split `[B, L, H, D] -> [B, H, L, D]` and its inverse), each row is one slice copy;
+/// otherwise ndarray's element-by-element copy.
+fn standard_copy<E: Elem>(v: ArrayViewD<'_, E>) -> ArrayD<E> {
+    let rank = v.ndim();
+    if v.is_standard_layout() || rank < 2 || v.strides()[rank - 1] != 1 || v.shape()[rank - 1] < MIN_RUN {
+        return v.as_standard_layout().into_owned();
+    }
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.lanes(Axis(rank - 1)) {
+        out.extend_from_slice(row.to_slice().expect("peft-rs bug: unit-stride lane"));
+    }
+    ArrayD::from_shape_vec(v.raw_dim(), out).expect("peft-rs bug: standard_copy shape")
+}
 
 impl<E: Elem> Tensor<E> {
     /// The same elements in a new shape (row-major order).
@@ -18,9 +36,10 @@ impl<E: Elem> Tensor<E> {
         if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(self.len()) {
             return Err(Error::Shape { op: "reshape", lhs: self.shape().to_vec(), rhs: shape.to_vec() });
         }
-        let out = self.data().to_owned().into_shape_with_order(IxDyn(shape)).expect("peft-rs bug: reshape");
+        // Data is always standard layout, so the new shape shares the buffer (copy-on-write) instead of copying it.
+        let out = self.data().clone().into_shape_with_order(IxDyn(shape)).expect("peft-rs bug: reshape");
         let in_shape = self.shape().to_vec();
-        Ok(record("reshape", out, &[self], move |g, _| {
+        Ok(record_data("reshape", out, &[self], move |g, _| {
             vec![Some(g.clone().into_shape_with_order(IxDyn(&in_shape)).expect("peft-rs bug: reshape grad"))]
         }))
     }
@@ -35,14 +54,12 @@ impl<E: Elem> Tensor<E> {
         if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
             crate::error::bail!("permute", "{perm:?} is not a permutation of 0..{r}");
         }
-        let out = self.data().view().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned();
+        let out = standard_copy(self.data().view().permuted_axes(IxDyn(perm)));
         let mut inv = vec![0; r];
         for (i, &p) in perm.iter().enumerate() {
             inv[p] = i;
         }
-        Ok(record("permute", out, &[self], move |g, _| {
-            vec![Some(g.view().permuted_axes(IxDyn(&inv)).as_standard_layout().into_owned())]
-        }))
+        Ok(record("permute", out, &[self], move |g, _| vec![Some(standard_copy(g.view().permuted_axes(IxDyn(&inv))))]))
     }
 
     /// Swaps two axes.
@@ -190,6 +207,41 @@ mod tests {
 
     fn input() -> impl Strategy<Value = ArrayD<f64>> {
         shape().prop_flat_map(|s| array_strategy(s, -2.0, 2.0))
+    }
+
+    proptest! {
+        /// The row-copy path equals ndarray's element copy for every permutation of shapes whose axes are long
+        /// enough to take it (and short ones that do not).
+        #[test]
+        fn standard_copy_equals_ndarray_for_any_permutation(
+            (dims, perm) in prop::collection::vec(1usize..12, 2..5)
+                .prop_flat_map(|d| { let n = d.len(); (Just(d), Just((0..n).collect::<Vec<_>>()).prop_shuffle()) })
+        ) {
+            let n: usize = dims.iter().product();
+            let a = ArrayD::from_shape_vec(IxDyn(&dims), (0..n).map(|i| i as f32).collect()).unwrap();
+            let v = a.view().permuted_axes(IxDyn(&perm));
+            let got = standard_copy(v.clone());
+            prop_assert_eq!(got.shape(), v.shape());
+            prop_assert!(got.is_standard_layout());
+            let want = v.as_standard_layout();
+            prop_assert_eq!(got.as_slice().unwrap(), want.as_slice().unwrap());
+        }
+    }
+
+    #[test]
+    fn reshape_shares_the_buffer_and_permute_rows_match() {
+        let t = Tensor::<f32>::new(ArrayD::from_shape_fn(IxDyn(&[2, 5, 3, 16]), |ix| {
+            (ix[0] * 1000 + ix[1] * 100 + ix[2] * 16 + ix[3]) as f32
+        }));
+        let r = t.reshape(&[2, 5, 48]).unwrap();
+        assert_eq!(r.as_slice().as_ptr(), t.as_slice().as_ptr(), "reshape must not copy");
+        // The attention head split: [B, L, H, D] -> [B, H, L, D], rows of D = 16 copied whole.
+        let p = t.permute(&[0, 2, 1, 3]).unwrap();
+        assert_eq!(p.shape(), &[2, 3, 5, 16]);
+        let d = p.data();
+        for (b, h, l, k) in [(0, 0, 0, 0), (1, 2, 4, 15), (0, 1, 3, 7), (1, 0, 2, 9)] {
+            assert_eq!(d[[b, h, l, k]], (b * 1000 + l * 100 + h * 16 + k) as f32);
+        }
     }
 
     proptest! {
