@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ndarray::{ArcArray, ArrayD, IxDyn};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, Axis, IxDyn};
 
 use crate::autograd::{self, Node};
 use crate::elem::Elem;
@@ -80,8 +80,26 @@ pub(crate) fn standard<E: Elem>(a: ArrayD<E>) -> Data<E> {
     if a.is_standard_layout() {
         a.into_shared()
     } else {
-        a.as_standard_layout().into_owned().into_shared()
+        standard_copy(a.view()).into_shared()
     }
+}
+
+/// Innermost run length from which [`standard_copy`] copies whole rows instead of single elements.
+const MIN_RUN: usize = 8;
+
+/// `v` copied into a new standard-layout array. When the last axis is contiguous and at least [`MIN_RUN`] long
+/// (the attention head split `[B, L, H, D] -> [B, H, L, D]` and its inverse in `permute`, any transposed op
+/// output given to [`standard`]), each row is one slice copy; otherwise ndarray's element-by-element copy.
+pub(crate) fn standard_copy<E: Elem>(v: ArrayViewD<'_, E>) -> ArrayD<E> {
+    let rank = v.ndim();
+    if v.is_standard_layout() || rank < 2 || v.strides()[rank - 1] != 1 || v.shape()[rank - 1] < MIN_RUN {
+        return v.as_standard_layout().into_owned();
+    }
+    let mut out = Vec::with_capacity(v.len());
+    for row in v.lanes(Axis(rank - 1)) {
+        out.extend_from_slice(row.to_slice().expect("peft-rs bug: unit-stride lane"));
+    }
+    ArrayD::from_shape_vec(v.raw_dim(), out).expect("peft-rs bug: standard_copy shape")
 }
 
 impl<E: Elem> Tensor<E> {

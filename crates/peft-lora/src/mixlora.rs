@@ -188,7 +188,6 @@ impl MixLoraConfig {
         misplaced(self.expert_capacity.is_some(), "expert_capacity", RoutingStrategy::Switch)?;
         misplaced(self.router_z_loss_coef.is_some(), "router_z_loss_coef", RoutingStrategy::Switch)?;
         misplaced(self.ffn_dropout.is_some(), "ffn_dropout", RoutingStrategy::Switch)?;
-        let router = self.router()?;
         if !(self.router_aux_loss_coef >= 0.0 && self.router_aux_loss_coef.is_finite()) {
             crate::bail!(
                 "MixLoraConfig",
@@ -196,12 +195,7 @@ impl MixLoraConfig {
                 self.router_aux_loss_coef
             );
         }
-        if let Router::Switch { .. } = router {
-            if self.top_k != 1 {
-                crate::bail!("MixLoraConfig", "routing_strategy Switch routes top-1; top_k = {} given", self.top_k);
-            }
-        }
-        Ok(())
+        self.router().map(|_| ())
     }
 
     /// The router rule with the strategy's defaults filled in.
@@ -219,6 +213,9 @@ impl MixLoraConfig {
                 Router::Dynamic { top_p, temperature }
             }
             RoutingStrategy::Switch => {
+                if self.top_k != 1 {
+                    crate::bail!("MixLoraConfig", "routing_strategy Switch routes top-1; top_k = {} given", self.top_k);
+                }
                 let capacity = self.expert_capacity.unwrap_or(32);
                 let z_coef = self.router_z_loss_coef.unwrap_or(0.001);
                 let dropout = self.ffn_dropout.unwrap_or(0.0);

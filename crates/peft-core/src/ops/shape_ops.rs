@@ -1,30 +1,12 @@
 //! Shape ops: reshape, transpose/permute, narrow, concat, stack, squeeze/unsqueeze, broadcast_to.
 
-use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use crate::autograd::{record, record_data};
 use crate::elem::Elem;
 use crate::error::{Error, Result};
 use crate::ops::broadcast::{broadcast_shape, sum_to};
-use crate::tensor::Tensor;
-
-/// Innermost run length from which [`standard_copy`] copies whole rows instead of single elements.
-const MIN_RUN: usize = 8;
-
-/// `v` copied into a new standard-layout array. When the last axis is contiguous and at least [`MIN_RUN`] long
-/// (the attention head split `[B, L, H, D] -> [B, H, L, D]` and its inverse), each row is one slice copy;
-/// otherwise ndarray's element-by-element copy.
-fn standard_copy<E: Elem>(v: ArrayViewD<'_, E>) -> ArrayD<E> {
-    let rank = v.ndim();
-    if v.is_standard_layout() || rank < 2 || v.strides()[rank - 1] != 1 || v.shape()[rank - 1] < MIN_RUN {
-        return v.as_standard_layout().into_owned();
-    }
-    let mut out = Vec::with_capacity(v.len());
-    for row in v.lanes(Axis(rank - 1)) {
-        out.extend_from_slice(row.to_slice().expect("peft-rs bug: unit-stride lane"));
-    }
-    ArrayD::from_shape_vec(v.raw_dim(), out).expect("peft-rs bug: standard_copy shape")
-}
+use crate::tensor::{standard_copy, Tensor};
 
 impl<E: Elem> Tensor<E> {
     /// The same elements in a new shape (row-major order).
