@@ -8,17 +8,17 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ndarray::{ArrayD, Axis, Ix2};
 use peft_core::io::{write_safetensors, SafeTensorsFile};
-use peft_core::models::audio::{read_wav, resample, LogMel};
-use peft_core::models::bert::{l2_normalize, mean_pool, BertModel};
-use peft_core::models::image_proc::Preprocess;
-use peft_core::models::llama::{tokenizer_from_file, tokenizer_from_gguf, Llama};
-use peft_core::models::registry::{self, Model};
-use peft_core::models::tokenizer::TextTokenizer;
-use peft_core::models::vit::Dinov2;
-use peft_core::models::whisper::WhisperEncoder;
 use peft_core::nn::Ctx;
 use peft_core::{no_grad, Tensor};
 use peft_lora::LoraModel;
+use peft_models::audio::{read_wav, resample, LogMel};
+use peft_models::bert::{l2_normalize, mean_pool, BertModel};
+use peft_models::image_proc::Preprocess;
+use peft_models::llama::{tokenizer_from_file, tokenizer_from_gguf, Llama};
+use peft_models::registry::{self, Model};
+use peft_models::tokenizer::TextTokenizer;
+use peft_models::vit::Dinov2;
+use peft_models::whisper::WhisperEncoder;
 
 /// The `__metadata__` key holding the JSON description of the run.
 pub const META_KEY: &str = "peft_rs_embed";

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use peft_core::models::registry::{self, Model};
 use peft_core::nn::named_params;
 use peft_core::Param;
 use peft_lora::LoraModel;
+use peft_models::registry::{self, Model};
 use peft_quant::{Checkpoint, RawTensor};
 use safetensors::Dtype;
 

@@ -5,15 +5,15 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use peft_core::models::bert::{BertForSequenceClassification, Pooling};
 use peft_core::nn::{Ctx, Module};
 use peft_core::{Param, Tensor};
+use peft_models::bert::{BertForSequenceClassification, Pooling};
 
 /// Asset-relative folder of the model.
 pub const MINILM_DIR: &str = "models/all-MiniLM-L6-v2";
 
 /// A right-padded token batch, row-major `[batch, seq]` (the BERT model's batch type).
-pub use peft_core::models::tokenizer::Batch as TokBatch;
+pub use peft_models::tokenizer::Batch as TokBatch;
 
 /// A model the bench can fine-tune: a backbone plus a task head.
 pub trait SeqClassifier: Module {

@@ -4,11 +4,12 @@ mod common;
 
 use common::{max_diff, tensor, xtask, xtask_fails};
 use ndarray::{ArrayD, Axis};
-use peft_core::io::{require_asset, SafeTensorsFile};
-use peft_core::models::registry::{self, Model};
-use peft_core::models::tokenizer::TextTokenizer;
+use peft_core::io::SafeTensorsFile;
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
 use peft_lora::{InitLoraWeights, LoraConfig, LoraModel};
+use peft_models::registry::{self, Model};
+use peft_models::tokenizer::TextTokenizer;
 
 fn reference_sentences(dir: &std::path::Path) -> Vec<String> {
     let j: serde_json::Value =

@@ -3,12 +3,13 @@
 mod common;
 
 use common::{max_diff, xtask, xtask_fails};
-use peft_core::io::{require_asset, write_safetensors, BertConfig, SafeTensorsFile};
-use peft_core::models::bert::BertModel;
-use peft_core::models::registry::{self, Model};
-use peft_core::models::tokenizer::Batch;
+use peft_core::io::{write_safetensors, BertConfig, SafeTensorsFile};
 use peft_core::nn::{named_params, Ctx, RandomInit};
+use peft_core::testing::require_asset;
 use peft_lora::{InitLoraWeights, LoraConfig, LoraModel};
+use peft_models::bert::BertModel;
+use peft_models::registry::{self, Model};
+use peft_models::tokenizer::Batch;
 
 fn batch() -> Batch {
     let mut b = Batch::from_rows(&[vec![1, 5, 9, 3, 7, 2], vec![4, 4, 8, 1, 6, 0]]).unwrap();
@@ -109,7 +110,7 @@ fn minilm_merged_folder_matches_unmerged_adapter_forward() {
 
 #[test]
 fn tiny_tied_llama_merged_folder_matches_unmerged_adapter_forward() {
-    use peft_core::models::llama::{Llama, LlamaSpec};
+    use peft_models::llama::{Llama, LlamaSpec};
     let d = tempfile::tempdir().unwrap();
     let model_dir = d.path().join("tiny-llama");
     std::fs::create_dir_all(&model_dir).unwrap();

@@ -27,12 +27,12 @@ pub mod elem;
 pub mod error;
 pub mod io;
 pub mod linalg;
-pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod param;
 pub mod tensor;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use autograd::{no_grad, GradStore, NoGradGuard};

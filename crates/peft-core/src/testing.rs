@@ -1,4 +1,7 @@
-//! Test helpers shared by every crate: finite-difference gradient checks in f64 and closeness asserts.
+//! Test helpers shared by every crate (feature `testing`): finite-difference gradient checks in f64, closeness
+//! asserts, proptest strategies and the CI-aware asset lookup [`require_asset`].
+
+pub use crate::io::assets::require_asset;
 
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};

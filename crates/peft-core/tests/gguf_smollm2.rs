@@ -10,7 +10,8 @@
 use std::path::PathBuf;
 
 use ndarray::{ArrayD, Ix2};
-use peft_core::io::{require_asset, GgmlType, GgufFile};
+use peft_core::io::{GgmlType, GgufFile};
+use peft_core::testing::require_asset;
 
 fn gguf_path() -> Option<PathBuf> {
     match std::env::var_os("PEFT_SMOLLM2_GGUF") {

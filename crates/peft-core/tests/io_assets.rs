@@ -3,7 +3,8 @@
 //! Expected numbers were computed independently with Python's `struct` module (`'<e'` half-float decoding) on
 //! the same files.
 
-use peft_core::io::{require_asset, ArchConfig, DType, SafeTensorsFile};
+use peft_core::io::{ArchConfig, DType, SafeTensorsFile};
+use peft_core::testing::require_asset;
 
 fn sum_f64(a: &ndarray::ArrayD<f32>) -> f64 {
     a.iter().map(|&x| f64::from(x)).sum()

@@ -15,12 +15,13 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use peft_core::io::{require_asset, BertConfig};
-use peft_core::models::bert::BertModel;
-use peft_core::models::tokenizer::Batch;
+use peft_core::io::BertConfig;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::no_grad;
+use peft_core::testing::require_asset;
 use peft_lora::{LoraConfig, LoraModel};
+use peft_models::bert::BertModel;
+use peft_models::tokenizer::Batch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,12 +1,12 @@
 //! Each data-driven / structured init runs on the real MiniLM-L6 with SST-2 calibration batches: the init
 //! completes, base-equivalent inits keep the logits, and one training step on the prepared parameters works.
 
-use peft_core::io::require_asset;
-use peft_core::models::bert::{BertForSequenceClassification, BertModel, Pooling};
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_core::nn::{named_params, Ctx};
 use peft_core::testing::max_abs_diff;
+use peft_core::testing::require_asset;
 use peft_core::{AdamW, Optimizer};
+use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
+use peft_models::tokenizer::TextTokenizer;
 
 #[test]
 fn each_init_runs_on_minilm() {

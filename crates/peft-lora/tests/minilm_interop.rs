@@ -4,13 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use peft_core::io::{require_asset, SafeTensorsFile};
-use peft_core::models::bert::BertModel;
-use peft_core::models::tokenizer::TextTokenizer;
+use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
+use peft_core::testing::require_asset;
 use peft_lora::config::IntOrList;
 use peft_lora::io::{CONFIG_NAME, WEIGHTS_NAME};
 use peft_lora::{LoraConfig, LoraModel};
+use peft_models::bert::BertModel;
+use peft_models::tokenizer::TextTokenizer;
 
 /// The sentences of gen_minilm_interop.py.
 const SENTENCES: [&str; 3] = [

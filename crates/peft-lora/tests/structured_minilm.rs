@@ -1,11 +1,11 @@
 //! The structured LoRA registry methods (`hydra`, `mos`, `mixlora`, `poly`) on the real MiniLM-L6 classifier: each leaves
 //! the model output unchanged at prepare, lowers the SST-2 training loss in a few AdamW steps, and saves.
 
-use peft_core::io::require_asset;
-use peft_core::models::bert::{BertForSequenceClassification, BertModel, Pooling};
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
 use peft_core::{AdamW, Optimizer};
+use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
+use peft_models::tokenizer::TextTokenizer;
 
 #[test]
 fn structured_methods_train_minilm_on_sst2() {

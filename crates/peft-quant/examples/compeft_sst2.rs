@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use ndarray::ArrayD;
 use peft_core::adapter::{FullFineTune, Method};
-use peft_core::models::bert::BertForSequenceClassification;
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_core::nn::named_params;
 use peft_core::Param;
 use peft_lora::LoraMethod;
+use peft_models::bert::BertForSequenceClassification;
+use peft_models::tokenizer::TextTokenizer;
 use peft_quant::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use peft_core::adapter::Method;
-use peft_core::models::bert::BertForSequenceClassification;
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_lora::LoraMethod;
+use peft_models::bert::BertForSequenceClassification;
+use peft_models::tokenizer::TextTokenizer;
 use peft_quant::block4::FloatDtype;
 use peft_quant::qlora::{default_quant_spec, Qlora};
 use peft_quant::{QloraMethod, QuantFormat};

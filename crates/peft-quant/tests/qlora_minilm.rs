@@ -2,11 +2,11 @@
 //! parameter (measured from the stored buffers, code tables included), and the quantized model's pooled output
 //! stays close to the dense one.
 
-use peft_core::io::assets::require_asset;
-use peft_core::models::bert::{BertForSequenceClassification, Pooling};
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
 use peft_lora::LoraConfig;
+use peft_models::bert::{BertForSequenceClassification, Pooling};
+use peft_models::tokenizer::TextTokenizer;
 use peft_quant::qlora::{default_quant_spec, Qlora};
 use peft_quant::QuantFormat;
 

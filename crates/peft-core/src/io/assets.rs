@@ -8,18 +8,20 @@
 //!    directory. With the usual checkout layout (`<dir>/<workspace>` next to `<dir>/shared/assets`) this finds
 //!    `../shared/assets` relative to the workspace root.
 //!
-//! Tests that need an asset call [`require_asset`], which returns `None` (after printing why) when the asset is
+//! Tests that need an asset call `require_asset` (feature `testing`, re-exported as `peft_core::testing::require_asset`), which returns `None` (after printing why) when the asset is
 //! absent, so a local run without the pack skips, while a CI run (`CI=true`) fails loudly:
 //!
 //! ```no_run
-//! let Some(config) = peft_core::io::require_asset("models/all-MiniLM-L6-v2/config.json") else {
+//! let Some(config) = peft_core::testing::require_asset("models/all-MiniLM-L6-v2/config.json") else {
 //!     return; // printed "skipping: asset ... not found"
 //! };
 //! assert!(config.is_file());
 //! ```
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+#[cfg(any(test, feature = "testing"))]
+use std::path::Path;
+use std::path::PathBuf;
 
 /// Environment variable naming the asset directory.
 pub const ASSETS_ENV: &str = "PEFT_ASSETS";
@@ -55,11 +57,13 @@ fn find_assets_dir(env_value: Option<OsString>, starts: &[PathBuf]) -> Option<Pa
 /// # Panics
 /// When the asset is absent and the environment variable `CI` is `true` or `1`: CI must fail on a missing asset
 /// rather than pass by skipping.
+#[cfg(any(test, feature = "testing"))]
 pub fn require_asset(rel_path: impl AsRef<Path>) -> Option<PathBuf> {
     let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     require_asset_in(assets_dir().as_deref(), rel_path.as_ref(), ci)
 }
 
+#[cfg(any(test, feature = "testing"))]
 fn require_asset_in(dir: Option<&Path>, rel: &Path, ci: bool) -> Option<PathBuf> {
     if let Some(p) = dir.map(|d| d.join(rel)).filter(|p| p.exists()) {
         return Some(p);

@@ -7,13 +7,15 @@
 pub mod assets;
 pub mod atomic;
 pub mod error;
+#[cfg(feature = "gguf")]
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
 
-pub use assets::{assets_dir, require_asset};
+pub use assets::assets_dir;
 pub use atomic::atomic_write;
 pub use error::{IoError, IoResult};
+#[cfg(feature = "gguf")]
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use hf_config::{ArchConfig, BertConfig, Dinov2Config, LlamaConfig, WhisperConfig};
 pub use safetensors::{read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo};

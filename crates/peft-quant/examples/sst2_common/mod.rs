@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use peft_core::models::bert::{BertForSequenceClassification, Pooling};
-use peft_core::models::tokenizer::{Batch, TextTokenizer};
 use peft_core::nn::Ctx;
 use peft_core::{AdamW, Optimizer, Param};
+use peft_models::bert::{BertForSequenceClassification, Pooling};
+use peft_models::tokenizer::{Batch, TextTokenizer};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 

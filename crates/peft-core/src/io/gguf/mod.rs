@@ -435,7 +435,8 @@ impl GgufFile {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_writer;
+/// A GGUF file writer for tests (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod test_writer;
 #[cfg(test)]
 mod tests;

@@ -12,51 +12,56 @@ struct Entry {
 }
 
 /// Builds a GGUF file image.
-pub(crate) struct GgufBuilder {
+pub struct GgufBuilder {
     version: u32,
     alignment: u64,
     kvs: Vec<(String, GgufValue)>,
     tensors: Vec<Entry>,
 }
 
+impl Default for GgufBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl GgufBuilder {
-    pub(crate) fn new() -> Self {
+    /// An empty GGUF v3 file with 32-byte alignment.
+    pub fn new() -> Self {
         GgufBuilder { version: 3, alignment: 32, kvs: Vec::new(), tensors: Vec::new() }
     }
 
-    pub(crate) fn version(mut self, v: u32) -> Self {
+    /// Sets the version field.
+    pub fn version(mut self, v: u32) -> Self {
         self.version = v;
         self
     }
 
     /// Sets the layout alignment and writes `general.alignment`.
-    pub(crate) fn alignment(mut self, a: u32) -> Self {
+    pub fn alignment(mut self, a: u32) -> Self {
         self.alignment = a.into();
         self.kv("general.alignment", GgufValue::U32(a))
     }
 
-    pub(crate) fn kv(mut self, key: &str, value: GgufValue) -> Self {
+    /// Adds a metadata key.
+    pub fn kv(mut self, key: &str, value: GgufValue) -> Self {
         self.kvs.push((key.into(), value));
         self
     }
 
-    pub(crate) fn tensor(self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
+    /// Adds a tensor at the next aligned offset.
+    pub fn tensor(self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
         self.tensor_raw(name, dims, ty.id(), data, None)
     }
 
-    pub(crate) fn tensor_raw(
-        mut self,
-        name: &str,
-        dims: &[u64],
-        type_id: u32,
-        data: Vec<u8>,
-        offset: Option<u64>,
-    ) -> Self {
+    /// Adds a tensor with an explicit data offset (for corrupt-file tests).
+    pub fn tensor_raw(mut self, name: &str, dims: &[u64], type_id: u32, data: Vec<u8>, offset: Option<u64>) -> Self {
         self.tensors.push(Entry { name: name.into(), dims: dims.to_vec(), type_id, data, offset });
         self
     }
 
-    pub(crate) fn build(&self) -> Vec<u8> {
+    /// The file image.
+    pub fn build(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(self.version.to_le_bytes());
         out.extend((self.tensors.len() as u64).to_le_bytes());

@@ -17,10 +17,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use ndarray::{ArrayD, IxDyn};
 use peft_core::io::BertConfig;
-use peft_core::models::bert::BertModel;
-use peft_core::models::tokenizer::Batch;
 use peft_core::nn::{Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, NormPlacement, RandomInit};
 use peft_core::{no_grad, Tensor};
+use peft_models::bert::BertModel;
+use peft_models::tokenizer::Batch;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

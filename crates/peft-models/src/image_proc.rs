@@ -12,8 +12,9 @@ use std::path::Path;
 use ndarray::{Array3, ArrayD, IxDyn};
 use serde_json::Value;
 
-use crate::error::{bail, Error, Result};
-use crate::tensor::Tensor;
+use crate::bail;
+use peft_core::error::{Error, Result};
+use peft_core::tensor::Tensor;
 
 /// Pillow resampling filters (transformers' `resample` codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +258,7 @@ impl Preprocess {
     ///
     /// # Errors
     /// Unreadable or undecodable file, and as [`Preprocess::apply_rgb`].
+    #[cfg(feature = "image")]
     pub fn load(&self, path: impl AsRef<Path>) -> Result<ArrayD<f32>> {
         self.apply_rgb(&read_rgb(path)?)
     }
@@ -265,6 +267,7 @@ impl Preprocess {
     ///
     /// # Errors
     /// As [`Preprocess::load`], or images that end up with different sizes.
+    #[cfg(feature = "image")]
     pub fn load_batch<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Tensor> {
         let ts = paths.iter().map(|p| self.load(p).map(Tensor::new)).collect::<Result<Vec<_>>>()?;
         if ts.is_empty() {
@@ -278,6 +281,7 @@ impl Preprocess {
 ///
 /// # Errors
 /// Unreadable or undecodable file.
+#[cfg(feature = "image")]
 pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
     let img = image::open(path)

@@ -11,14 +11,15 @@
 
 use ndarray::Array2;
 
-use crate::error::{bail, Result};
-use crate::io::hf_config::Dinov2Config;
-use crate::nn::{
+use crate::bail;
+use peft_core::error::Result;
+use peft_core::io::hf_config::Dinov2Config;
+use peft_core::nn::{
     named_params, Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
     RandomInit, Visitor, WeightSource,
 };
-use crate::param::Param;
-use crate::tensor::Tensor;
+use peft_core::param::Param;
+use peft_core::tensor::Tensor;
 
 /// What [`Dinov2::forward`] returns.
 #[derive(Clone)]
@@ -139,7 +140,7 @@ impl Dinov2 {
         let s = pixel_values.shape();
         let (p, h) = (self.cfg.patch_size, self.cfg.hidden_size);
         if s.len() != 4 || s[1] != self.cfg.num_channels || s[2] < p || s[3] < p {
-            return Err(crate::Error::Shape {
+            return Err(peft_core::Error::Shape {
                 op: "Dinov2::embeddings",
                 lhs: s.to_vec(),
                 rhs: vec![0, self.cfg.num_channels, p, p],
@@ -304,9 +305,9 @@ fn kron(a: &Array2<f32>, b: &Array2<f32>) -> Array2<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::{linear_sites, RandomInit};
-    use crate::{no_grad, Error};
     use ndarray::{ArrayD, IxDyn};
+    use peft_core::nn::{linear_sites, RandomInit};
+    use peft_core::{no_grad, Error};
 
     fn tiny() -> Dinov2 {
         let cfg = Dinov2Config {

@@ -1,11 +1,11 @@
 //! Fine-tuning smoke test: MiniLM with a fresh classifier, backbone frozen, four AdamW steps on 32 SST-2
 //! sentences; the training-set loss must go down.
 
-use peft_core::io::require_asset;
-use peft_core::models::bert::{BertForSequenceClassification, BertModel, Pooling};
-use peft_core::models::tokenizer::TextTokenizer;
 use peft_core::nn::{named_params, Ctx};
+use peft_core::testing::require_asset;
 use peft_core::{AdamW, Optimizer};
+use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
+use peft_models::tokenizer::TextTokenizer;
 
 #[test]
 fn head_only_training_lowers_sst2_loss() {

@@ -3,12 +3,13 @@
 //! its pooled output is cached, which is exactly what head-only training needs.
 
 use ndarray::{Array3, Axis};
-use peft_core::io::{require_asset, SafeTensorsFile, WhisperConfig};
-use peft_core::models::audio::{read_wav, resample, LogMel};
-use peft_core::models::whisper::{WhisperClassifier, WhisperEncoder};
+use peft_core::io::{SafeTensorsFile, WhisperConfig};
 use peft_core::nn::{named_params, Ctx};
 use peft_core::optim::Optimizer;
+use peft_core::testing::require_asset;
 use peft_core::{no_grad, AdamW, Tensor};
+use peft_models::audio::{read_wav, resample, LogMel};
+use peft_models::whisper::{WhisperClassifier, WhisperEncoder};
 
 #[test]
 fn head_only_training_lowers_loss_on_fsdd_clips() {

@@ -5,14 +5,14 @@
 //! Tensor names are transformers' (`conv1.weight`, `layers.0.self_attn.q_proj.weight`, ...), optionally under an
 //! `encoder.` or `model.encoder.` prefix, which [`WhisperEncoder::load`] detects.
 
-use crate::error::{Error, Result};
-use crate::io::hf_config::WhisperConfig;
-use crate::nn::{
+use peft_core::error::{Error, Result};
+use peft_core::io::hf_config::WhisperConfig;
+use peft_core::nn::{
     Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement, RandomInit,
     Visitor, WeightSource,
 };
-use crate::param::Param;
-use crate::tensor::Tensor;
+use peft_core::param::Param;
+use peft_core::tensor::Tensor;
 
 /// Prefixes under which a checkpoint may store the encoder, tried in this order.
 pub const ENCODER_PREFIXES: [&str; 3] = ["", "encoder", "model.encoder"];
@@ -102,7 +102,7 @@ impl WhisperEncoder {
         let p = |n: &str| join(prefix, n);
         let (d, heads) = (cfg.d_model, cfg.encoder_attention_heads);
         if heads == 0 || d % heads != 0 {
-            crate::error::bail!("WhisperEncoder", "d_model {d} is not divisible by {heads} attention heads");
+            crate::bail!("WhisperEncoder", "d_model {d} is not divisible by {heads} attention heads");
         }
         let layer_cfg = EncoderConfig {
             hidden: d,
@@ -190,7 +190,7 @@ impl WhisperClassifier {
     /// [`Error::Invalid`] for zero labels.
     pub fn new(encoder: WhisperEncoder, num_labels: usize, seed: u64) -> Result<Self> {
         if num_labels == 0 {
-            crate::error::bail!("WhisperClassifier", "num_labels must be > 0");
+            crate::bail!("WhisperClassifier", "num_labels must be > 0");
         }
         let init = RandomInit::new(seed, encoder.config.init_std as f32);
         let classifier = Linear::load("classifier", encoder.config.d_model, num_labels, true, &init)?.as_output();
@@ -238,8 +238,8 @@ impl Module for WhisperClassifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::{named_params, MapWeights};
     use ndarray::{ArrayD, IxDyn};
+    use peft_core::nn::{named_params, MapWeights};
 
     fn tiny_cfg() -> WhisperConfig {
         WhisperConfig {

@@ -8,7 +8,9 @@ use std::str::FromStr;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use crate::io::{GgufFile, GgufValue, IoError, IoResult};
+#[cfg(feature = "gguf")]
+use peft_core::io::{GgufFile, GgufValue};
+use peft_core::io::{IoError, IoResult};
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -32,6 +34,7 @@ pub fn tokenizer_from_file(path: impl AsRef<Path>) -> IoResult<Tokenizer> {
 /// # Errors
 /// [`IoError::MissingKey`] / [`IoError::MetadataType`] for absent or mistyped keys; [`IoError::InvalidConfig`]
 /// for another tokenizer model or pre-tokenizer, or a vocabulary the tokenizers crate rejects.
+#[cfg(feature = "gguf")]
 pub fn tokenizer_from_gguf(f: &GgufFile) -> IoResult<Tokenizer> {
     let invalid = |field, reason: String| IoError::InvalidConfig { path: f.path().to_path_buf(), field, reason };
     let model = f.meta_str("tokenizer.ggml.model")?;

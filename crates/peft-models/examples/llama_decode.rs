@@ -16,8 +16,8 @@
 use std::time::Instant;
 
 use peft_core::io::{write_safetensors, GgufFile};
-use peft_core::models::llama::{tokenizer_from_gguf, GenerateOptions, Llama};
 use peft_core::nn::named_params;
+use peft_models::llama::{tokenizer_from_gguf, GenerateOptions, Llama};
 
 const PROMPT: &str = "The capital of France is";
 

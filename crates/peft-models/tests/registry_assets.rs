@@ -1,8 +1,8 @@
 //! `models::registry::load` picks the right architecture for every real backbone in the asset pack.
 
-use peft_core::io::assets::require_asset;
-use peft_core::models::registry::load;
 use peft_core::nn::{linear_sites, named_params};
+use peft_core::testing::require_asset;
+use peft_models::registry::load;
 
 #[test]
 fn registry_loads_each_backbone_with_named_sites() {

@@ -11,11 +11,12 @@
 use std::time::Instant;
 
 use ndarray::{Array3, Axis, Ix2};
-use peft_core::io::{require_asset, SafeTensorsFile, WhisperConfig};
-use peft_core::models::audio::{read_wav, resample, LogMel};
-use peft_core::models::whisper::WhisperEncoder;
+use peft_core::io::{SafeTensorsFile, WhisperConfig};
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
 use peft_core::{no_grad, Tensor};
+use peft_models::audio::{read_wav, resample, LogMel};
+use peft_models::whisper::WhisperEncoder;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();

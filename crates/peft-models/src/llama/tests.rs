@@ -3,13 +3,13 @@ use std::collections::HashMap;
 use ndarray::{ArrayD, IxDyn};
 
 use super::*;
-use crate::io::gguf::test_writer::GgufBuilder;
-use crate::io::gguf::GgufValueType;
-use crate::io::{GgmlType, GgufValue};
-use crate::nn::{linear_sites, named_params};
-use crate::ops::attention::RopePositions;
-use crate::optim::Optimizer;
-use crate::AdamW;
+use peft_core::io::gguf::test_writer::GgufBuilder;
+use peft_core::io::gguf::GgufValueType;
+use peft_core::io::{GgmlType, GgufValue};
+use peft_core::nn::{linear_sites, named_params};
+use peft_core::ops::attention::RopePositions;
+use peft_core::optim::Optimizer;
+use peft_core::AdamW;
 
 fn spec(tie: bool) -> LlamaSpec {
     LlamaSpec {
@@ -129,14 +129,14 @@ fn hf_safetensors_checkpoint_round_trips() {
     let config = json_config(&s);
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let w = weights(&m);
-    crate::io::write_safetensors(dir.path().join("model.safetensors"), w.iter(), None).unwrap();
+    peft_core::io::write_safetensors(dir.path().join("model.safetensors"), w.iter(), None).unwrap();
     let h = Llama::from_hf_dir(dir.path()).unwrap();
     assert_eq!(h.spec, s);
     assert_eq!(logits(&h, &[3, 4, 5]), logits(&m, &[3, 4, 5]));
     // A missing tensor is reported by name.
     let mut w2 = w.clone();
     w2.remove("model.layers.1.mlp.up_proj.weight");
-    crate::io::write_safetensors(dir.path().join("model.safetensors"), w2.iter(), None).unwrap();
+    peft_core::io::write_safetensors(dir.path().join("model.safetensors"), w2.iter(), None).unwrap();
     let e = Llama::from_hf_dir(dir.path()).err().unwrap();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
 }

@@ -1,17 +1,17 @@
 //! One entry point for every backbone: [`load`] picks the architecture from `config.json` (`model_type` /
 //! `architectures`) or from GGUF metadata and returns a model whose parameters carry checkpoint names and whose
-//! adapter sites are enumerable through [`crate::nn::Module`].
+//! adapter sites are enumerable through [`peft_core::nn::Module`].
 
 use std::path::Path;
 
-use crate::io::error::{IoError, IoResult};
-use crate::io::hf_config::ArchConfig;
-use crate::io::safetensors::SafeTensorsFile;
-use crate::models::bert::BertModel;
-use crate::models::llama::Llama;
-use crate::models::vit::Dinov2;
-use crate::models::whisper::WhisperEncoder;
-use crate::nn::Module;
+use crate::bert::BertModel;
+use crate::llama::Llama;
+use crate::vit::Dinov2;
+use crate::whisper::WhisperEncoder;
+use peft_core::io::error::{IoError, IoResult};
+use peft_core::io::hf_config::ArchConfig;
+use peft_core::io::safetensors::SafeTensorsFile;
+use peft_core::nn::Module;
 
 /// A loaded backbone.
 pub enum Model {
@@ -55,7 +55,7 @@ impl Model {
 /// not implement, and the loaders' errors (missing or mis-shaped tensors, corrupt files).
 ///
 /// ```no_run
-/// let m = peft_core::models::registry::load("../shared/assets/models/all-MiniLM-L6-v2")?;
+/// let m = peft_models::registry::load("../shared/assets/models/all-MiniLM-L6-v2")?;
 /// assert_eq!(m.arch(), "bert");
 /// let sites = peft_core::nn::linear_sites(m.module());
 /// assert!(sites.iter().any(|s| s.path() == "encoder.layer.0.attention.self.query"));
@@ -67,7 +67,14 @@ pub fn load(path: impl AsRef<Path>) -> IoResult<Model> {
         return Err(IoError::NotFound { path: path.to_path_buf() });
     }
     if path.is_file() {
+        #[cfg(feature = "gguf")]
         return Ok(Model::Llama(Llama::from_gguf(path)?));
+        #[cfg(not(feature = "gguf"))]
+        return Err(IoError::InvalidConfig {
+            path: path.to_path_buf(),
+            field: "gguf",
+            reason: "GGUF files need the `gguf` feature of peft-models".into(),
+        });
     }
     let cfg = ArchConfig::load(path.join("config.json"))?;
     Ok(match cfg {
@@ -80,6 +87,14 @@ pub fn load(path: impl AsRef<Path>) -> IoResult<Model> {
         ArchConfig::Whisper(c) => {
             let f = SafeTensorsFile::open(path.join("model.safetensors"))?;
             Model::Whisper(WhisperEncoder::load(&c, &f)?)
+        }
+        // `ArchConfig` is non-exhaustive: an architecture peft-core learns to parse before this crate builds it.
+        other => {
+            return Err(IoError::UnknownArchitecture {
+                path: path.join("config.json"),
+                model_type: Some(format!("{other:?}").split('(').next().unwrap_or("?").to_lowercase()),
+                architectures: Vec::new(),
+            })
         }
     })
 }

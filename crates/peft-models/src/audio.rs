@@ -1,4 +1,4 @@
-//! Audio front end: WAV reading (`hound`), polyphase resampling matching `scipy.signal.resample_poly`, and the
+//! Audio front end: WAV reading (`hound`, feature `audio`), polyphase resampling matching `scipy.signal.resample_poly`, and the
 //! Whisper log-mel spectrogram exactly as transformers' `WhisperFeatureExtractor` computes it.
 //!
 //! Everything here works in f64 internally and hands out f32, like the Python reference pipeline.
@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayD, IxDyn};
 
-use crate::backend::{gemm, MatRef};
+use peft_core::backend::{gemm, MatRef};
 
 /// Errors of the audio front end.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AudioError {
     /// The WAV file could not be opened or parsed.
+    #[cfg(feature = "audio")]
     #[error("{}: {source}", path.display())]
     Wav {
         /// The file.
@@ -57,6 +58,7 @@ pub struct Audio {
 ///
 /// # Errors
 /// [`AudioError::Wav`] for unreadable files; [`AudioError::UnsupportedFormat`] naming any other sample format.
+#[cfg(feature = "audio")]
 pub fn read_wav(path: impl AsRef<Path>) -> AudioResult<Audio> {
     let path = path.as_ref();
     let wav = |source| AudioError::Wav { path: path.to_path_buf(), source };
@@ -97,6 +99,7 @@ pub fn read_wav(path: impl AsRef<Path>) -> AudioResult<Audio> {
 }
 
 /// The sample format named by a RIFF/WAVE file's `fmt ` chunk, and whether [`read_wav`] supports it.
+#[cfg(feature = "audio")]
 fn describe_fmt(bytes: &[u8]) -> Option<(String, bool)> {
     let u16_at = |i: usize| bytes.get(i..i + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |i: usize| bytes.get(i..i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -348,6 +351,75 @@ impl LogMel {
 mod tests {
     use super::*;
 
+    #[test]
+    fn firwin_matches_scipy_values() {
+        // scipy.signal.firwin(5, 0.5, window=("kaiser", 5.0))
+        let h = firwin_kaiser(5, 0.5, 5.0);
+        let want =
+            [8.398632348489337e-19, 0.2065577423269086, 0.5868845153461828, 0.2065577423269086, 8.398632348489337e-19];
+        // the end taps are sinc zeros (cutoff 0.5, offset 2)
+        for (a, b) in h.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{h:?}");
+        }
+        assert!((h.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn resample_poly_keeps_length_and_low_frequencies() -> AudioResult<()> {
+        let x: Vec<f64> = (0..400).map(|i| (2.0 * std::f64::consts::PI * 0.02 * i as f64).sin()).collect();
+        let y = resample_poly(&x, 2, 1)?;
+        assert_eq!(y.len(), 800);
+        // interior samples: the interpolated sine at half the frequency per output sample
+        for (k, v) in y.iter().enumerate().take(700).skip(100) {
+            let want = (2.0 * std::f64::consts::PI * 0.01 * k as f64).sin();
+            assert!((v - want).abs() < 2e-3, "k {k}: {v} vs {want}");
+        }
+        // values from scipy.signal.resample_poly (scipy 1.17.1)
+        for (k, want) in [(1, 0.051001153536473685), (2, 0.12539808982738296), (401, 0.06280571263365281)] {
+            assert!((y[k] - want).abs() < 1e-12, "2/1 k {k}: {} vs {want}", y[k]);
+        }
+        let z = resample_poly(&x, 3, 2)?;
+        assert_eq!(z.len(), 600);
+        for (k, want) in [(1, 0.07473543807182573), (2, 0.1717286879623301), (301, 0.08350233258006935)] {
+            assert!((z[k] - want).abs() < 1e-12, "3/2 k {k}: {} vs {want}", z[k]);
+        }
+        assert_eq!(resample_poly(&x, 4, 4)?, x);
+        assert!(resample_poly(&x, 0, 1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn log_mel_of_silence_is_constant_and_shaped() -> AudioResult<()> {
+        let filters = ArrayD::from_shape_fn(IxDyn(&[201, 4]), |ix| if ix[0] / 50 == ix[1] { 0.1 } else { 0.0 });
+        let lm = LogMel::whisper(&filters)?;
+        let f = lm.features(&[]);
+        assert_eq!(f.shape(), &[4, 3000]);
+        assert!(f.iter().all(|&v| (v - (-1.5)).abs() < 1e-6));
+        assert!(LogMel::whisper(&ArrayD::zeros(IxDyn(&[200, 4]))).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn log_mel_puts_a_tone_in_its_band_and_clamps_at_max_minus_8() -> AudioResult<()> {
+        // 4 bands of 50 bins each (40 Hz per bin): a 1 kHz tone (bin 25) lands in band 0
+        let filters = ArrayD::from_shape_fn(IxDyn(&[201, 4]), |ix| if ix[0] / 50 == ix[1] { 1.0 } else { 0.0 });
+        let lm = LogMel::whisper(&filters)?;
+        let x: Vec<f32> =
+            (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
+        let f = lm.features(&x);
+        let max = f.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let min = f.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!((max - min - 2.0).abs() < 1e-5, "range {min}..{max} should be 8/4");
+        assert!((f[[0, 50]] - max).abs() < 0.1);
+        assert!(f[[3, 50]] < f[[0, 50]] - 1.0);
+        Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "audio"))]
+mod wav_tests {
+    use super::*;
+
     fn write_wav(
         path: &Path,
         spec: hound::WavSpec,
@@ -424,69 +496,5 @@ mod tests {
         std::fs::write(&ok, raw_wav(1, 16, &[0, 64, 0, 192])).expect("write");
         assert_eq!(read_wav(&ok).expect("read").samples, vec![0.5, -0.5]);
         assert!(matches!(read_wav(dir.path().join("missing.wav")), Err(AudioError::Wav { .. })));
-    }
-
-    #[test]
-    fn firwin_matches_scipy_values() {
-        // scipy.signal.firwin(5, 0.5, window=("kaiser", 5.0))
-        let h = firwin_kaiser(5, 0.5, 5.0);
-        let want =
-            [8.398632348489337e-19, 0.2065577423269086, 0.5868845153461828, 0.2065577423269086, 8.398632348489337e-19];
-        // the end taps are sinc zeros (cutoff 0.5, offset 2)
-        for (a, b) in h.iter().zip(want) {
-            assert!((a - b).abs() < 1e-15, "{h:?}");
-        }
-        assert!((h.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn resample_poly_keeps_length_and_low_frequencies() -> AudioResult<()> {
-        let x: Vec<f64> = (0..400).map(|i| (2.0 * std::f64::consts::PI * 0.02 * i as f64).sin()).collect();
-        let y = resample_poly(&x, 2, 1)?;
-        assert_eq!(y.len(), 800);
-        // interior samples: the interpolated sine at half the frequency per output sample
-        for (k, v) in y.iter().enumerate().take(700).skip(100) {
-            let want = (2.0 * std::f64::consts::PI * 0.01 * k as f64).sin();
-            assert!((v - want).abs() < 2e-3, "k {k}: {v} vs {want}");
-        }
-        // values from scipy.signal.resample_poly (scipy 1.17.1)
-        for (k, want) in [(1, 0.051001153536473685), (2, 0.12539808982738296), (401, 0.06280571263365281)] {
-            assert!((y[k] - want).abs() < 1e-12, "2/1 k {k}: {} vs {want}", y[k]);
-        }
-        let z = resample_poly(&x, 3, 2)?;
-        assert_eq!(z.len(), 600);
-        for (k, want) in [(1, 0.07473543807182573), (2, 0.1717286879623301), (301, 0.08350233258006935)] {
-            assert!((z[k] - want).abs() < 1e-12, "3/2 k {k}: {} vs {want}", z[k]);
-        }
-        assert_eq!(resample_poly(&x, 4, 4)?, x);
-        assert!(resample_poly(&x, 0, 1).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn log_mel_of_silence_is_constant_and_shaped() -> AudioResult<()> {
-        let filters = ArrayD::from_shape_fn(IxDyn(&[201, 4]), |ix| if ix[0] / 50 == ix[1] { 0.1 } else { 0.0 });
-        let lm = LogMel::whisper(&filters)?;
-        let f = lm.features(&[]);
-        assert_eq!(f.shape(), &[4, 3000]);
-        assert!(f.iter().all(|&v| (v - (-1.5)).abs() < 1e-6));
-        assert!(LogMel::whisper(&ArrayD::zeros(IxDyn(&[200, 4]))).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn log_mel_puts_a_tone_in_its_band_and_clamps_at_max_minus_8() -> AudioResult<()> {
-        // 4 bands of 50 bins each (40 Hz per bin): a 1 kHz tone (bin 25) lands in band 0
-        let filters = ArrayD::from_shape_fn(IxDyn(&[201, 4]), |ix| if ix[0] / 50 == ix[1] { 1.0 } else { 0.0 });
-        let lm = LogMel::whisper(&filters)?;
-        let x: Vec<f32> =
-            (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
-        let f = lm.features(&x);
-        let max = f.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let min = f.iter().copied().fold(f32::INFINITY, f32::min);
-        assert!((max - min - 2.0).abs() < 1e-5, "range {min}..{max} should be 8/4");
-        assert!((f[[0, 50]] - max).abs() < 0.1);
-        assert!(f[[3, 50]] < f[[0, 50]] - 1.0);
-        Ok(())
     }
 }

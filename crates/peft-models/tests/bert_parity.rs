@@ -1,10 +1,11 @@
 //! MiniLM (all-MiniLM-L6-v2) parity with transformers `BertModel`: token ids, last_hidden_state, sentence
 //! embeddings and the padded batch, against `reference/minilm_l6_v2.{json,safetensors}`.
 
-use peft_core::io::{require_asset, SafeTensorsFile};
-use peft_core::models::bert::{l2_normalize, mean_pool, BertModel};
-use peft_core::models::tokenizer::{Batch, TextTokenizer};
+use peft_core::io::SafeTensorsFile;
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
+use peft_models::bert::{l2_normalize, mean_pool, BertModel};
+use peft_models::tokenizer::{Batch, TextTokenizer};
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

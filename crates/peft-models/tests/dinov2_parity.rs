@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use peft_core::io::hf_config::Dinov2Config;
-use peft_core::io::{require_asset, SafeTensorsFile};
-use peft_core::models::image_proc::Preprocess;
-use peft_core::models::vit::{Dinov2, Dinov2Classifier, HeadInput};
+use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{linear_sites, named_params, residual_sites, Ctx};
+use peft_core::testing::require_asset;
 use peft_core::{no_grad, AdamW, Optimizer, Tensor};
+use peft_models::image_proc::Preprocess;
+use peft_models::vit::{Dinov2, Dinov2Classifier, HeadInput};
 
 fn max_abs(a: &Tensor, b: &ndarray::ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());

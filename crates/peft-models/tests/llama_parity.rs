@@ -1,4 +1,4 @@
-//! SmolLM2-135M-Instruct (Q4_1 GGUF) through `peft_core::models::llama` against the transformers reference in
+//! SmolLM2-135M-Instruct (Q4_1 GGUF) through `peft_models::llama` against the transformers reference in
 //! `reference/smollm2_135m.{json,safetensors}`: top-20 last-position logits within 1e-3, the 8-token greedy
 //! continuation exact, and the tokenizers (GGUF metadata and `tokenizer.json`) giving the reference ids.
 //!
@@ -9,9 +9,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use peft_core::io::{require_asset, GgufFile, SafeTensorsFile};
-use peft_core::models::llama::{tokenizer_from_file, tokenizer_from_gguf, GenerateOptions, Llama};
+use peft_core::io::{GgufFile, SafeTensorsFile};
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
+use peft_models::llama::{tokenizer_from_file, tokenizer_from_gguf, GenerateOptions, Llama};
 
 const NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPT: &str = "The capital of France is";

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use ndarray::{ArrayD, IxDyn};
 use peft_core::io::hf_config::Dinov2Config;
-use peft_core::io::{require_asset, SafeTensorsFile};
-use peft_core::models::vit::Dinov2;
+use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{Ctx, RandomInit};
+use peft_core::testing::require_asset;
 use peft_core::{no_grad, Tensor};
+use peft_models::vit::Dinov2;
 use rand::{Rng, SeedableRng};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,12 +1,13 @@
 //! A thin wrapper over the `tokenizers` crate for encoder models: loads a Hugging Face `tokenizer.json`, turns
 //! off the file's fixed padding and truncation, and encodes single texts or text pairs into right-padded batches
-//! (padded to the longest sequence of the batch) ready for [`crate::models::bert::BertModel::forward`].
+//! (padded to the longest sequence of the batch) ready for [`crate::bert::BertModel::forward`].
 
 use std::path::Path;
 
+#[cfg(feature = "text")]
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::error::{Error, Result};
+use peft_core::error::{Error, Result};
 
 /// A right-padded batch of encodings, row-major `[batch, seq]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,7 +46,7 @@ impl Batch {
     pub fn from_rows(rows: &[Vec<usize>]) -> Result<Self> {
         let l = rows.first().map_or(0, Vec::len);
         if rows.iter().any(|r| r.len() != l) {
-            crate::error::bail!("Batch::from_rows", "rows have different lengths");
+            crate::bail!("Batch::from_rows", "rows have different lengths");
         }
         let input_ids: Vec<usize> = rows.concat();
         let n = input_ids.len();
@@ -53,6 +54,7 @@ impl Batch {
     }
 
     /// Right-pads `encodings` to the longest one with `pad_id` (type 0, mask 0).
+    #[cfg(feature = "text")]
     pub fn pad(encodings: &[Encoding], pad_id: usize) -> Self {
         let l = encodings.iter().map(Encoding::len).max().unwrap_or(0);
         let n = encodings.len() * l;
@@ -77,6 +79,7 @@ impl Batch {
 
 /// A Hugging Face tokenizer with padding handled per batch and optional truncation.
 #[derive(Clone)]
+#[cfg(feature = "text")]
 pub struct TextTokenizer {
     inner: Tokenizer,
     pad_id: usize,
@@ -87,6 +90,7 @@ fn tok_err(op: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>
     move |e| Error::Invalid { op, msg: e.to_string() }
 }
 
+#[cfg(feature = "text")]
 impl TextTokenizer {
     /// Loads `tokenizer.json`, disabling its fixed padding and truncation. The pad id is taken from the file's
     /// padding settings, else from a `[PAD]` or `<pad>` token, else 0.
@@ -189,6 +193,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "text")]
     fn missing_file_is_a_typed_error() {
         assert!(matches!(TextTokenizer::from_file("/nonexistent/tokenizer.json"), Err(Error::Invalid { .. })));
     }

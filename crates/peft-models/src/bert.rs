@@ -15,15 +15,15 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::error::{Error, Result};
-use crate::io::{BertConfig, IoResult, SafeTensorsFile};
-use crate::models::tokenizer::Batch;
-use crate::nn::{
+use crate::tokenizer::Batch;
+use peft_core::error::{Error, Result};
+use peft_core::io::{BertConfig, IoResult, SafeTensorsFile};
+use peft_core::nn::{
     Activation, Ctx, Embedding, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
     RandomInit, Visitor, WeightSource,
 };
-use crate::param::Param;
-use crate::tensor::Tensor;
+use peft_core::param::Param;
+use peft_core::tensor::Tensor;
 
 /// A [`WeightSource`] that prepends a fixed prefix to every name.
 struct Prefixed<'a> {
@@ -92,7 +92,7 @@ pub struct BertModel {
 
 fn check_config(cfg: &BertConfig) -> Result<()> {
     if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-        crate::error::bail!(
+        crate::bail!(
             "BertModel",
             "hidden_size {} is not a multiple of num_attention_heads {}",
             cfg.hidden_size,
@@ -100,7 +100,7 @@ fn check_config(cfg: &BertConfig) -> Result<()> {
         );
     }
     if cfg.position_embedding_type != "absolute" {
-        crate::error::bail!("BertModel", "position_embedding_type `{}` is not supported", cfg.position_embedding_type);
+        crate::bail!("BertModel", "position_embedding_type `{}` is not supported", cfg.position_embedding_type);
     }
     Ok(())
 }
@@ -238,7 +238,7 @@ impl BertModel {
     /// [`Error::Invalid`] when the model has no pooler; shape errors.
     pub fn pool_cls(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let Some(p) = &self.pooler else {
-            crate::error::bail!("BertModel::pool_cls", "the checkpoint has no pooler.dense");
+            crate::bail!("BertModel::pool_cls", "the checkpoint has no pooler.dense");
         };
         Ok(p.forward(&cls_token(hidden)?, ctx)?.tanh())
     }
@@ -346,7 +346,7 @@ impl BertForSequenceClassification {
     /// `num_labels == 0`.
     pub fn new(mut bert: BertModel, num_labels: usize, pooling: Pooling, seed: u64) -> Result<Self> {
         if num_labels == 0 {
-            crate::error::bail!("BertForSequenceClassification", "num_labels must be at least 1");
+            crate::bail!("BertForSequenceClassification", "num_labels must be at least 1");
         }
         let (h, std) = (bert.cfg.hidden_size, bert.cfg.initializer_range as f32);
         if pooling == Pooling::Cls && bert.pooler.is_none() {
@@ -444,7 +444,7 @@ impl BertForSequenceClassification {
         } else {
             let t: Vec<i64> = labels.iter().map(|&y| y as i64).collect();
             if labels.iter().any(|&y| y.fract() != 0.0) {
-                crate::error::bail!("BertForSequenceClassification::loss", "class labels must be integers");
+                crate::bail!("BertForSequenceClassification::loss", "class labels must be integers");
             }
             logits.cross_entropy(&t, None, 0.0)
         }
@@ -461,7 +461,7 @@ impl Module for BertForSequenceClassification {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::{linear_sites, named_params, MapWeights};
+    use peft_core::nn::{linear_sites, named_params, MapWeights};
 
     fn tiny_cfg() -> BertConfig {
         BertConfig {

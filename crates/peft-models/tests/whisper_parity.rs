@@ -2,11 +2,12 @@
 //! front end from `waveform_16k`, the encoder from `input_features`, and the WAV -> 16 kHz resampling path.
 
 use ndarray::{ArrayD, Axis};
-use peft_core::io::{require_asset, SafeTensorsFile, WhisperConfig};
-use peft_core::models::audio::{read_wav, resample, LogMel};
-use peft_core::models::whisper::WhisperEncoder;
+use peft_core::io::{SafeTensorsFile, WhisperConfig};
 use peft_core::nn::Ctx;
+use peft_core::testing::require_asset;
 use peft_core::{no_grad, Tensor};
+use peft_models::audio::{read_wav, resample, LogMel};
+use peft_models::whisper::WhisperEncoder;
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

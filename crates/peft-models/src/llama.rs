@@ -11,6 +11,7 @@
 //! Generation runs with a per-layer [`KvCache`], greedily or by seeded sampling (temperature, top-k, top-p), and
 //! stops at an end-of-sequence id. [`tokenizer`] builds the matching byte-level BPE tokenizer.
 
+#[cfg(feature = "text")]
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -19,16 +20,22 @@ use ndarray::{ArrayD, Ix2};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{bail, Error, Result};
-use crate::io::{GgufFile, IoError, IoResult, LlamaConfig, SafeTensorsFile};
-use crate::nn::{
+use crate::bail;
+use peft_core::error::{Error, Result};
+#[cfg(feature = "gguf")]
+use peft_core::io::GgufFile;
+use peft_core::io::{IoError, IoResult, LlamaConfig, SafeTensorsFile};
+use peft_core::nn::{
     Ctx, DecoderConfig, DecoderLayer, Embedding, KvCache, Linear, Module, RandomInit, ResidualSite, RmsNorm, Rope,
     Visitor, WeightSource,
 };
-use crate::ops::attention::RopeLayout;
-use crate::tensor::Tensor;
+use peft_core::ops::attention::RopeLayout;
+use peft_core::tensor::Tensor;
 
-pub use tokenizer::{tokenizer_from_file, tokenizer_from_gguf};
+#[cfg(feature = "text")]
+pub use tokenizer::tokenizer_from_file;
+#[cfg(all(feature = "text", feature = "gguf"))]
+pub use tokenizer::tokenizer_from_gguf;
 
 /// The sizes and options of a LLaMA model, from a `config.json` ([`LlamaSpec::from_hf`]) or GGUF metadata
 /// ([`LlamaSpec::from_gguf`]).
@@ -82,7 +89,7 @@ impl LlamaSpec {
                 c.hidden_act
             );
         }
-        let ids = |t: &Option<crate::io::hf_config::TokenIds>| -> Vec<usize> {
+        let ids = |t: &Option<peft_core::io::hf_config::TokenIds>| -> Vec<usize> {
             t.as_ref()
                 .map(|t| t.as_slice().iter().filter_map(|&i| usize::try_from(i).ok()).collect())
                 .unwrap_or_default()
@@ -110,6 +117,7 @@ impl LlamaSpec {
     /// [`IoError::UnknownArchitecture`] naming the architecture when `general.architecture` is not `llama`;
     /// [`IoError::MissingKey`] / [`IoError::MetadataType`] for absent or mistyped keys; [`IoError::InvalidConfig`]
     /// for inconsistent head counts.
+    #[cfg(feature = "gguf")]
     pub fn from_gguf(f: &GgufFile) -> IoResult<Self> {
         match f.architecture() {
             Some("llama") => {}
@@ -176,6 +184,7 @@ impl LlamaSpec {
 
 /// The llama.cpp name of the Hugging Face tensor `name`, with the head count to un-permute by for q/k
 /// projections (`model.layers.0.self_attn.k_proj.weight` -> `blk.0.attn_k.weight`, kv heads).
+#[cfg(feature = "gguf")]
 pub fn hf_name_to_gguf(name: &str, spec: &LlamaSpec) -> Option<(String, Option<usize>)> {
     match name {
         "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
@@ -207,6 +216,7 @@ pub fn hf_name_to_gguf(name: &str, spec: &LlamaSpec) -> Option<(String, Option<u
 ///
 /// # Errors
 /// [`Error::Shape`] when `w` is not a matrix whose rows split into `heads` heads of even size.
+#[cfg(feature = "gguf")]
 pub fn unpermute_qk(w: ArrayD<f32>, heads: usize) -> Result<ArrayD<f32>> {
     let shape = w.shape().to_vec();
     let bad = || Error::Shape { op: "unpermute_qk", lhs: shape.clone(), rhs: vec![heads] };
@@ -223,11 +233,13 @@ pub fn unpermute_qk(w: ArrayD<f32>, heads: usize) -> Result<ArrayD<f32>> {
 
 /// A [`WeightSource`] over a GGUF LLaMA file answering Hugging Face names: dequantises on demand and undoes the
 /// q/k permutation.
+#[cfg(feature = "gguf")]
 pub struct GgufLlamaWeights<'a> {
     file: &'a GgufFile,
     spec: LlamaSpec,
 }
 
+#[cfg(feature = "gguf")]
 impl<'a> GgufLlamaWeights<'a> {
     /// Wraps `file`, whose metadata gave `spec`.
     pub fn new(file: &'a GgufFile, spec: LlamaSpec) -> Self {
@@ -235,6 +247,7 @@ impl<'a> GgufLlamaWeights<'a> {
     }
 }
 
+#[cfg(feature = "gguf")]
 impl WeightSource for GgufLlamaWeights<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let unknown = || Error::UnknownName { name: format!("{name} (in {})", self.file.path().display()) };
@@ -343,6 +356,7 @@ impl Llama {
     /// # Errors
     /// [`IoError::UnknownArchitecture`] naming the file's architecture when it is not `llama`, the metadata errors
     /// of [`LlamaSpec::from_gguf`], and [`IoError::Core`] for missing or mis-shaped tensors.
+    #[cfg(feature = "gguf")]
     pub fn from_gguf(path: impl AsRef<Path>) -> IoResult<Self> {
         let f = GgufFile::open(path)?;
         let spec = LlamaSpec::from_gguf(&f)?;
@@ -451,7 +465,7 @@ impl Llama {
         let ctx = Ctx::eval();
         let mut cache = self.new_cache();
         let mut out = Vec::new();
-        crate::autograd::no_grad(|| {
+        peft_core::autograd::no_grad(|| {
             let mut input = prompt.to_vec();
             while out.len() < opts.max_new_tokens {
                 let h = self.hidden_states(&input, [1, input.len()], Some(&mut cache), &ctx)?;
@@ -515,9 +529,9 @@ impl Module for Llama {
         self.norm.visit(v);
         if self.spec.tie_embeddings {
             // The tied weight was reported by the embedding; report only the site (and its adapters' params).
-            struct NoBase<'a>(&'a mut dyn Visitor, crate::tensor::TensorId);
+            struct NoBase<'a>(&'a mut dyn Visitor, peft_core::tensor::TensorId);
             impl Visitor for NoBase<'_> {
-                fn param(&mut self, p: &crate::param::Param) {
+                fn param(&mut self, p: &peft_core::param::Param) {
                     if p.id() != self.1 {
                         self.0.param(p);
                     }
@@ -536,5 +550,5 @@ impl Module for Llama {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "gguf", feature = "text"))]
 mod tests;
