@@ -32,6 +32,7 @@ pub mod ops;
 pub mod optim;
 pub mod param;
 pub mod tensor;
+pub mod train;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -39,5 +40,5 @@ pub use autograd::{no_grad, GradStore, NoGradGuard};
 pub use elem::Elem;
 pub use error::{Error, Result};
 pub use optim::{AdamW, GradAccumulator, LrSchedule, Optimizer, ParamGroup, Schedule, Sgd};
-pub use param::Param;
+pub use param::{Param, ParamDelta};
 pub use tensor::{Tensor, TensorId};

@@ -14,6 +14,36 @@ struct ParamInner<E: Elem> {
     id: TensorId,
     value: RwLock<Data<E>>,
     trainable: AtomicBool,
+    deltas: RwLock<Vec<DeltaSlot<E>>>,
+}
+
+/// A change of a parameter's value attached to it (the parameter-delta site): dense deltas for BitFit or
+/// LayerNorm tuning, sparse `(indices, values)` deltas for sparse fine-tuning. While active and not merged,
+/// [`Param::tensor`] hands the forward pass [`ParamDelta::apply`] of the stored value instead of the value.
+pub trait ParamDelta<E: Elem = f32>: Send + Sync {
+    /// The adapter's name.
+    fn name(&self) -> &str;
+    /// The method, for messages (`"dense-delta"`, `"sparse-delta"`, ...).
+    fn kind(&self) -> &str;
+    /// The effective value given the stored value `base` (a constant or a trainable leaf): e.g. `base + Δ`.
+    /// Must keep `base`'s shape (checked once when attached).
+    ///
+    /// # Errors
+    /// Shape errors from the underlying ops.
+    fn apply(&self, base: &Tensor<E>) -> Result<Tensor<E>>;
+    /// The dense change `Δ` (shape of the parameter) that merging adds to the stored value.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn delta_value(&self) -> Result<ArrayD<E>>;
+    /// Its own parameters (e.g. the delta values), named `<param name>.<method>...`.
+    fn params(&self) -> Vec<Param<E>>;
+}
+
+struct DeltaSlot<E: Elem> {
+    delta: Arc<dyn ParamDelta<E>>,
+    active: bool,
+    merged: bool,
 }
 
 /// A model parameter: a checkpoint name (`encoder.layer.0.attention.self.query.weight`), a value that
@@ -55,6 +85,7 @@ impl<E: Elem> Param<E> {
             id: TensorId::fresh(),
             value: RwLock::new(standard(value)),
             trainable: AtomicBool::new(trainable),
+            deltas: RwLock::new(Vec::new()),
         }))
     }
 
@@ -68,9 +99,130 @@ impl<E: Elem> Param<E> {
         self.0.id
     }
 
-    /// The current value as a tensor for the forward pass (trainable leaf or constant).
+    /// The current value as a tensor for the forward pass (trainable leaf or constant), with the active,
+    /// unmerged deltas applied in attach order.
     pub fn tensor(&self) -> Tensor<E> {
-        Tensor::with_id(self.0.id, self.value(), self.trainable())
+        let base = Tensor::with_id(self.0.id, self.value(), self.trainable());
+        let ds = self.0.deltas.read().unwrap_or_else(|p| p.into_inner());
+        let mut t = base;
+        for d in ds.iter().filter(|d| d.active && !d.merged) {
+            // Shapes were checked by `attach_delta`; an error here is a bug of the delta implementation.
+            t = d.delta.apply(&t).expect("peft-rs bug: a parameter delta failed after its attach-time check");
+        }
+        t
+    }
+
+    /// Attaches `delta` (active). The delta is applied once to the current value to check that it keeps the
+    /// parameter's shape.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when a delta of that name is attached already; [`Error::Shape`] when `apply` changes
+    /// the shape; errors of `apply`.
+    pub fn attach_delta(&self, delta: Arc<dyn ParamDelta<E>>) -> Result<()> {
+        if self.deltas().iter().any(|d| d.name() == delta.name()) {
+            crate::error::bail!("attach_delta", "`{}` already has a delta named `{}`", self.name(), delta.name());
+        }
+        let probe = crate::autograd::no_grad(|| delta.apply(&Tensor::new(self.value().to_owned())))?;
+        if probe.shape() != self.shape().as_slice() {
+            return Err(Error::Shape { op: "attach_delta", lhs: self.shape(), rhs: probe.shape().to_vec() });
+        }
+        let mut ds = self.0.deltas.write().unwrap_or_else(|p| p.into_inner());
+        ds.push(DeltaSlot { delta, active: true, merged: false });
+        Ok(())
+    }
+
+    /// Detaches the delta `name` (unmerging it first when merged), returning it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`]; errors of the unmerge.
+    pub fn detach_delta(&self, name: &str) -> Result<Arc<dyn ParamDelta<E>>> {
+        if self.is_delta_merged(name)? {
+            self.merge_delta_sign(name, false)?;
+        }
+        let mut ds = self.0.deltas.write().unwrap_or_else(|p| p.into_inner());
+        let i = ds.iter().position(|d| d.delta.name() == name).ok_or_else(|| self.unknown_delta(name))?;
+        Ok(ds.remove(i).delta)
+    }
+
+    /// The attached deltas in attach order.
+    pub fn deltas(&self) -> Vec<Arc<dyn ParamDelta<E>>> {
+        self.0.deltas.read().unwrap_or_else(|p| p.into_inner()).iter().map(|d| d.delta.clone()).collect()
+    }
+
+    /// Makes exactly the deltas named in `names` active.
+    pub fn set_active_deltas(&self, names: &[&str]) {
+        for d in self.0.deltas.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            d.active = names.contains(&d.delta.name());
+        }
+    }
+
+    /// Turns delta `name` on or off (a no-op when it is not attached).
+    pub fn activate_delta(&self, name: &str, on: bool) {
+        for d in self.0.deltas.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            if d.delta.name() == name {
+                d.active = on;
+            }
+        }
+    }
+
+    /// Removes delta `name` without unmerging it (a merged change stays in the value).
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`].
+    pub fn detach_delta_keep_merged(&self, name: &str) -> Result<Arc<dyn ParamDelta<E>>> {
+        let mut ds = self.0.deltas.write().unwrap_or_else(|p| p.into_inner());
+        let i = ds.iter().position(|d| d.delta.name() == name).ok_or_else(|| self.unknown_delta(name))?;
+        Ok(ds.remove(i).delta)
+    }
+
+    /// True when delta `name` is merged into the stored value.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`].
+    pub fn is_delta_merged(&self, name: &str) -> Result<bool> {
+        let ds = self.0.deltas.read().unwrap_or_else(|p| p.into_inner());
+        ds.iter().find(|d| d.delta.name() == name).map(|d| d.merged).ok_or_else(|| self.unknown_delta(name))
+    }
+
+    /// Adds delta `name` into the stored value (checked finite before anything is written); forward then skips it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`]; [`Error::Invalid`] when merged already; [`Error::NonFinite`]; shape errors.
+    pub fn merge_delta(&self, name: &str) -> Result<()> {
+        self.merge_delta_sign(name, true)
+    }
+
+    /// Subtracts a merged delta from the stored value again.
+    ///
+    /// # Errors
+    /// As [`Param::merge_delta`].
+    pub fn unmerge_delta(&self, name: &str) -> Result<()> {
+        self.merge_delta_sign(name, false)
+    }
+
+    fn merge_delta_sign(&self, name: &str, merge: bool) -> Result<()> {
+        let mut ds = self.0.deltas.write().unwrap_or_else(|p| p.into_inner());
+        let slot = ds.iter_mut().find(|d| d.delta.name() == name).ok_or_else(|| self.unknown_delta(name))?;
+        if slot.merged == merge {
+            let not = if merge { "" } else { "not " };
+            crate::error::bail!("merge_delta", "delta `{name}` of `{}` is {not}merged already", self.name());
+        }
+        let d = slot.delta.delta_value()?;
+        let v = self.value();
+        if v.shape() != d.shape() {
+            return Err(Error::Shape { op: "merge_delta", lhs: v.shape().to_vec(), rhs: d.shape().to_vec() });
+        }
+        let new = if merge { &v + &d } else { &v - &d };
+        if new.iter().any(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { what: format!("merged value of {}", self.name()) });
+        }
+        self.set(new)?;
+        slot.merged = merge;
+        Ok(())
+    }
+
+    fn unknown_delta(&self, name: &str) -> Error {
+        Error::UnknownName { name: format!("{}: delta `{name}`", self.name()) }
     }
 
     /// The current value (a cheap shared handle).

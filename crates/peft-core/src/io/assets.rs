@@ -8,10 +8,11 @@
 //!    directory. With the usual checkout layout (`<dir>/<workspace>` next to `<dir>/shared/assets`) this finds
 //!    `../shared/assets` relative to the workspace root.
 //!
-//! Tests that need an asset call `require_asset` (feature `testing`, re-exported as `peft_core::testing::require_asset`), which returns `None` (after printing why) when the asset is
-//! absent, so a local run without the pack skips, while a CI run (`CI=true`) fails loudly:
+//! Tests that need an asset call `peft_core::testing::require_asset` (feature `testing`), which returns `None`
+//! (after printing why) when the asset is absent, so a local run without the pack skips, while a CI run
+//! (`CI=true`) fails loudly:
 //!
-//! ```no_run
+//! ```text
 //! let Some(config) = peft_core::testing::require_asset("models/all-MiniLM-L6-v2/config.json") else {
 //!     return; // printed "skipping: asset ... not found"
 //! };

@@ -3,7 +3,7 @@
 use ndarray::ArrayD;
 
 use crate::error::Result;
-use crate::nn::{Ctx, Linear, Module, Visitor};
+use crate::nn::{Ctx, Linear, Module, PrefixSite, Visitor};
 use crate::ops::attention::{RopeLayout, RopePositions};
 use crate::tensor::Tensor;
 
@@ -23,6 +23,9 @@ pub struct KvCache {
     pub k: Option<Tensor>,
     /// Values.
     pub v: Option<Tensor>,
+    /// How many of the cached positions are prefix key/values (from the attention-prefix site); the caller's
+    /// key masks do not count them.
+    pub prefix: usize,
 }
 
 impl KvCache {
@@ -56,6 +59,9 @@ pub struct MultiHeadAttention {
     pub head_dim: usize,
     /// Rotary embedding, if the model uses it.
     pub rope: Option<Rope>,
+    /// The attention-prefix site (prefix key/values are prepended here; prompt tokens are driven by the layer
+    /// stack through [`crate::nn::PromptedSeq`]).
+    pub prefix: PrefixSite,
 }
 
 impl MultiHeadAttention {
@@ -82,11 +88,22 @@ impl MultiHeadAttention {
         let mut q = self.split(&self.q.forward(x, ctx)?, self.heads)?;
         let mut k = self.split(&self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = self.split(&self.v.forward(x, ctx)?, self.kv_heads)?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let cached = cache.as_ref().map_or(0, |c| c.len());
+        // Prefix key/values: prepended once per sequence (with a cache, only while it is empty; they are then
+        // cached like ordinary positions). As with past key/values in transformers, the real tokens then start
+        // at position P for the rotary embedding.
+        let new_prefix = if cached == 0 { self.prefix.key_values(b, ctx)? } else { None };
+        let n_new = new_prefix.as_ref().map_or(0, |(pk, _)| pk.shape()[2]);
+        let offset = cached + n_new;
         if let Some(r) = self.rope {
             q = q.rotary_embedding(RopePositions::Offset(offset), r.theta, r.layout)?;
             k = k.rotary_embedding(RopePositions::Offset(offset), r.theta, r.layout)?;
         }
+        let (k, v) = match new_prefix {
+            Some((pk, pv)) => (Tensor::concat(&[&pk, &k], 2)?, Tensor::concat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        let mut n_prefix = n_new;
         let (k, v) = match cache {
             Some(c) => {
                 let k = match &c.k {
@@ -99,12 +116,25 @@ impl MultiHeadAttention {
                 };
                 c.k = Some(k.clone());
                 c.v = Some(v.clone());
+                if cached == 0 {
+                    c.prefix = n_new;
+                }
+                n_prefix = c.prefix;
                 (k, v)
             }
             None => (k, v),
         };
-        let valid = key_mask
-            .map(|m| m.as_slice().map(<[bool]>::to_vec).unwrap_or_else(|| m.iter().copied().collect::<Vec<_>>()));
+        let valid = key_mask.map(|m| {
+            let m: Vec<bool> = m.iter().copied().collect();
+            if n_prefix == 0 {
+                return m;
+            }
+            // Prefix positions are valid keys in front of each row's mask.
+            let lk = m.len() / b.max(1);
+            (0..b)
+                .flat_map(|r| std::iter::repeat_n(true, n_prefix).chain(m[r * lk..(r + 1) * lk].iter().copied()))
+                .collect()
+        });
         let a = q.scaled_dot_product_attention(&k, &v, valid.as_deref(), causal, None)?;
         let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b, l, self.heads * self.head_dim])?;
         self.o.forward(&a, ctx)
@@ -117,5 +147,6 @@ impl Module for MultiHeadAttention {
         self.k.visit(v);
         self.v.visit(v);
         self.o.visit(v);
+        self.prefix.visit(v);
     }
 }

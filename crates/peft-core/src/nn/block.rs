@@ -1,15 +1,16 @@
 //! Transformer blocks: the encoder layer (post-LN as BERT, pre-LN with optional layer scale as ViT/DINOv2 and
 //! Whisper) and the LLaMA decoder layer (RMSNorm, RoPE, SwiGLU, GQA, KV cache).
 //!
-//! Each block exposes two residual adapter sites, one after the attention sub-layer and one after the
-//! feed-forward sub-layer, applied to the sub-layer output before the residual addition.
+//! Each block exposes, besides its linear layers and parameters: two residual adapter sites (after the attention
+//! sub-layer and after the feed-forward sub-layer, applied to the sub-layer output before the residual addition),
+//! an attention-prefix site (inside the attention) and a block-replacement site around the feed-forward block.
 
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::Result;
 use crate::nn::attention::{KvCache, MultiHeadAttention, Rope};
 use crate::nn::layers::{Activation, LayerNorm, Mlp, RmsNorm, SwiGlu};
-use crate::nn::{Ctx, Linear, Module, ResidualSite, Visitor, WeightSource};
+use crate::nn::{BlockSite, Ctx, Ffn, Linear, Module, PrefixSite, ResidualSite, Visitor, WeightSource};
 use crate::param::Param;
 use crate::tensor::Tensor;
 
@@ -140,8 +141,15 @@ pub struct EncoderLayer {
     pub res_attn: ResidualSite,
     /// Residual site after the feed-forward block.
     pub res_ffn: ResidualSite,
+    /// Block-replacement site around the feed-forward block (path of `res_ffn`).
+    pub ffn: BlockSite,
     /// Config.
     pub cfg: EncoderConfig,
+}
+
+/// The module path above `name` (`attention.self.query` -> `attention.self`).
+fn parent(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(p, _)| p)
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -169,18 +177,21 @@ impl EncoderLayer {
             kv_heads: cfg.heads,
             head_dim: h / cfg.heads,
             rope: None,
+            prefix: PrefixSite::new(p(parent(names.q)), h, cfg.heads, h / cfg.heads),
         };
         let ls = |n: Option<&str>| -> Result<Option<Param>> {
             n.map(|n| Ok(Param::new(p(n), src.get_or(&p(n), &[h], 1.0)?, false))).transpose()
         };
+        let mlp = Mlp {
+            fc1: Linear::load(&p(names.fc1), h, i, true, src)?,
+            fc2: Linear::load(&p(names.fc2), i, h, true, src)?,
+            act: cfg.act,
+        };
         Ok(EncoderLayer {
             attn,
             ln_attn: LayerNorm::load(&p(names.ln_attn), h, cfg.eps, src)?,
-            mlp: Mlp {
-                fc1: Linear::load(&p(names.fc1), h, i, true, src)?,
-                fc2: Linear::load(&p(names.fc2), i, h, true, src)?,
-                act: cfg.act,
-            },
+            ffn: BlockSite::new(p(names.res_ffn), Ffn::Mlp(mlp.clone())),
+            mlp,
             ln_ffn: LayerNorm::load(&p(names.ln_ffn), h, cfg.eps, src)?,
             ls_attn: ls(names.ls_attn)?,
             ls_ffn: ls(names.ls_ffn)?,
@@ -215,7 +226,7 @@ impl EncoderLayer {
                 let a = self.attn.forward(x, key_mask, false, None, ctx)?;
                 let a = self.res_attn.forward(self.dropout(a, ctx)?, x, ctx)?;
                 let x = self.ln_attn.forward(&x.add(&a)?)?;
-                let f = self.mlp.forward(&x, ctx)?;
+                let f = self.ffn.forward(&x, ctx)?;
                 let f = self.res_ffn.forward(self.dropout(f, ctx)?, &x, ctx)?;
                 self.ln_ffn.forward(&x.add(&f)?)
             }
@@ -224,7 +235,7 @@ impl EncoderLayer {
                 let a = Self::scale(a, &self.ls_attn)?;
                 let a = self.res_attn.forward(self.dropout(a, ctx)?, x, ctx)?;
                 let x = x.add(&a)?;
-                let f = self.mlp.forward(&self.ln_ffn.forward(&x)?, ctx)?;
+                let f = self.ffn.forward(&self.ln_ffn.forward(&x)?, ctx)?;
                 let f = Self::scale(f, &self.ls_ffn)?;
                 let f = self.res_ffn.forward(self.dropout(f, ctx)?, &x, ctx)?;
                 x.add(&f)
@@ -242,6 +253,7 @@ impl Module for EncoderLayer {
         }
         self.res_attn.visit(v);
         self.mlp.visit(v);
+        self.ffn.visit(v);
         self.ln_ffn.visit(v);
         if let Some(p) = &self.ls_ffn {
             v.param(p);
@@ -284,6 +296,8 @@ pub struct DecoderLayer {
     pub res_attn: ResidualSite,
     /// Residual site after the MLP (`<prefix>.mlp`).
     pub res_ffn: ResidualSite,
+    /// Block-replacement site around the MLP (`<prefix>.mlp`).
+    pub ffn: BlockSite,
 }
 
 impl DecoderLayer {
@@ -294,6 +308,11 @@ impl DecoderLayer {
     pub fn load(prefix: &str, cfg: &DecoderConfig, src: &dyn WeightSource) -> Result<Self> {
         let p = |n: &str| join(prefix, n);
         let (h, qd, kvd) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+        let mlp = SwiGlu {
+            gate: Linear::load(&p("mlp.gate_proj"), h, cfg.intermediate, false, src)?,
+            up: Linear::load(&p("mlp.up_proj"), h, cfg.intermediate, false, src)?,
+            down: Linear::load(&p("mlp.down_proj"), cfg.intermediate, h, false, src)?,
+        };
         Ok(DecoderLayer {
             input_norm: RmsNorm::load(&p("input_layernorm"), h, cfg.eps, src)?,
             attn: MultiHeadAttention {
@@ -305,13 +324,11 @@ impl DecoderLayer {
                 kv_heads: cfg.kv_heads,
                 head_dim: cfg.head_dim,
                 rope: Some(cfg.rope),
+                prefix: PrefixSite::new(p("self_attn"), h, cfg.kv_heads, cfg.head_dim),
             },
             post_attn_norm: RmsNorm::load(&p("post_attention_layernorm"), h, cfg.eps, src)?,
-            mlp: SwiGlu {
-                gate: Linear::load(&p("mlp.gate_proj"), h, cfg.intermediate, false, src)?,
-                up: Linear::load(&p("mlp.up_proj"), h, cfg.intermediate, false, src)?,
-                down: Linear::load(&p("mlp.down_proj"), cfg.intermediate, h, false, src)?,
-            },
+            ffn: BlockSite::new(p("mlp"), Ffn::SwiGlu(mlp.clone())),
+            mlp,
             res_attn: ResidualSite::new(p("self_attn")),
             res_ffn: ResidualSite::new(p("mlp")),
         })
@@ -331,7 +348,7 @@ impl DecoderLayer {
         let a = self.attn.forward(&self.input_norm.forward(x)?, key_mask, true, cache, ctx)?;
         let a = self.res_attn.forward(a, x, ctx)?;
         let x = x.add(&a)?;
-        let f = self.mlp.forward(&self.post_attn_norm.forward(&x)?, ctx)?;
+        let f = self.ffn.forward(&self.post_attn_norm.forward(&x)?, ctx)?;
         let f = self.res_ffn.forward(f, &x, ctx)?;
         x.add(&f)
     }
@@ -344,6 +361,7 @@ impl Module for DecoderLayer {
         self.res_attn.visit(v);
         self.post_attn_norm.visit(v);
         self.mlp.visit(v);
+        self.ffn.visit(v);
         self.res_ffn.visit(v);
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use ndarray::ArrayD;
 
 use crate::error::{Error, Result};
-use crate::nn::{Ctx, Module, Visitor, WeightSource};
+use crate::nn::{Ctx, Module, Site, Visitor, WeightSource};
 use crate::param::Param;
 use crate::tensor::Tensor;
 
@@ -92,11 +92,23 @@ pub trait LinearAdapter: Send + Sync {
     fn name(&self) -> &str;
     /// The method (`"lora"`, `"dora"`, ...), for messages.
     fn kind(&self) -> &str;
-    /// The term added to the base output for input `x [.., in]` and base output `base_out [.., out]`.
+    /// The term added to the base output for input `x [.., in]` and base output `base_out [.., out]`; `None` when
+    /// the adapter adds nothing (input-side adapters such as IA3 on a feed-forward layer, recorders).
+    ///
+    /// `x` is the input after the input hooks ([`LinearAdapter::transform_input`]) of the active adapters.
     ///
     /// # Errors
     /// Shape errors from the underlying ops.
-    fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Tensor>;
+    fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Option<Tensor>>;
+    /// The input hook: a replacement for the input `x [.., in]` before the base GEMM (IA3 on feed-forward layers
+    /// scales the input by a learned vector here, which costs no extra GEMM). Default: none.
+    ///
+    /// # Errors
+    /// Shape errors from the underlying ops.
+    fn transform_input(&self, x: &Tensor, ctx: &Ctx) -> Result<Option<Tensor>> {
+        let _ = (x, ctx);
+        Ok(None)
+    }
     /// Its trainable (or frozen) parameters, named `<site path>.<prefix>...`.
     fn params(&self) -> Vec<Param>;
     /// The weight change `[out, in]` this adapter is equivalent to, for merging; `Ok(None)` when it cannot be
@@ -281,6 +293,26 @@ impl Linear {
         }
     }
 
+    /// Turns adapter `name` on or off (a no-op when it is not attached here).
+    pub fn activate(&self, name: &str, on: bool) {
+        for a in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            if a.adapter.name() == name {
+                a.active = on;
+            }
+        }
+    }
+
+    /// Removes adapter `name` without unmerging it: a merged adapter's change stays in the base weight (what
+    /// `merge_and_unload` does), an unmerged one simply leaves.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] when there is no such adapter.
+    pub fn detach_keep_merged(&self, name: &str) -> Result<Arc<dyn LinearAdapter>> {
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        let i = ads.iter().position(|a| a.adapter.name() == name).ok_or_else(|| unknown(self.path(), name))?;
+        Ok(ads.remove(i).adapter)
+    }
+
     /// Names of the active adapters.
     pub fn active(&self) -> Vec<String> {
         let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
@@ -369,29 +401,48 @@ impl Linear {
     /// routes to a merged adapter.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let base = self.base();
-        let mut y = base.forward(x)?;
         let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
         if ads.is_empty() {
-            return Ok(y);
+            return base.forward(x);
         }
-        let base_out = y.clone();
-        match &ctx.adapter_names {
+        match ctx.adapter_names() {
             None => {
+                let mut xin = x.clone();
                 for a in ads.iter().filter(|a| a.active && !a.merged) {
-                    y = y.add(&a.adapter.delta(x, &base_out, base.as_ref(), ctx)?)?;
+                    if let Some(t) = a.adapter.transform_input(&xin, ctx)? {
+                        xin = t;
+                    }
                 }
+                let base_out = base.forward(&xin)?;
+                let mut y = base_out.clone();
+                for a in ads.iter().filter(|a| a.active && !a.merged) {
+                    if let Some(d) = a.adapter.delta(&xin, &base_out, base.as_ref(), ctx)? {
+                        y = y.add(&d)?;
+                    }
+                }
+                Ok(y)
             }
             Some(names) => {
                 let batch = x.shape().first().copied().unwrap_or(0);
                 if names.len() != batch {
                     crate::error::bail!("forward", "{} adapter names for a batch of {batch}", names.len());
                 }
-                if let Some(d) = mixed_delta(&ads, names, x, &base_out, base.as_ref(), ctx)? {
-                    y = y.add(&d)?;
+                // As PEFT: a merged adapter would act on every row, including rows routed elsewhere.
+                if let Some(a) = ads.iter().find(|a| a.merged) {
+                    crate::error::bail!(
+                        "forward",
+                        "mixed batch on `{}` while adapter `{}` is merged: unmerge it first",
+                        self.0.path,
+                        a.adapter.name()
+                    );
+                }
+                let base_out = base.forward(x)?;
+                match mixed_delta(&ads, names, x, &base_out, base.as_ref(), ctx)? {
+                    Some(d) => base_out.add(&d),
+                    None => Ok(base_out),
                 }
             }
         }
-        Ok(y)
     }
 }
 
@@ -415,14 +466,20 @@ fn mixed_delta(
         if rows.is_empty() {
             continue;
         }
-        if a.merged {
-            crate::error::bail!("forward", "mixed batch routes to merged adapter `{}`", a.adapter.name());
-        }
-        let d = if rows.len() == batch {
-            a.adapter.delta(x, base_out, base, ctx)?
+        let (xs, bs) = if rows.len() == batch {
+            (x.clone(), base_out.clone())
         } else {
-            a.adapter.delta(&x.index_select(0, &rows)?, &base_out.index_select(0, &rows)?, base, ctx)?
+            (x.index_select(0, &rows)?, base_out.index_select(0, &rows)?)
         };
+        if a.adapter.transform_input(&xs, ctx)?.is_some() {
+            crate::error::bail!(
+                "forward",
+                "adapter `{}` ({}) scales its input and cannot serve a mixed batch",
+                a.adapter.name(),
+                a.adapter.kind()
+            );
+        }
+        let Some(d) = a.adapter.delta(&xs, &bs, base, ctx)? else { continue };
         for (k, &r) in rows.iter().enumerate() {
             pos[r] = offset + k;
         }
@@ -453,7 +510,7 @@ fn unknown(path: &str, name: &str) -> Error {
 
 impl Module for Linear {
     fn visit(&self, v: &mut dyn Visitor) {
-        v.linear(self);
+        v.site(Site::Linear(self));
         for p in self.base().params() {
             v.param(&p);
         }
@@ -483,8 +540,8 @@ mod tests {
         fn kind(&self) -> &str {
             "toy"
         }
-        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Tensor> {
-            x.linear(&self.d.tensor(), None)
+        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Option<Tensor>> {
+            x.linear(&self.d.tensor(), None).map(Some)
         }
         fn params(&self) -> Vec<Param> {
             vec![self.d.clone()]
@@ -573,8 +630,8 @@ mod tests {
         fn kind(&self) -> &str {
             "toy"
         }
-        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Tensor> {
-            x.linear(&self.d.tensor(), None)
+        fn delta(&self, x: &Tensor, _y: &Tensor, _b: &dyn LinearBase, _c: &Ctx) -> Result<Option<Tensor>> {
+            x.linear(&self.d.tensor(), None).map(Some)
         }
         fn params(&self) -> Vec<Param> {
             vec![self.d.clone()]

@@ -1,20 +1,30 @@
-//! Neural-network layers built from tensor ops. Every [`Linear`] and every [`ResidualSite`] is an adapter site
-//! reachable by its checkpoint path, so method crates attach to models by pattern without editing model code.
+//! Neural-network layers built from tensor ops, with the five kinds of adapter site ([`Site`]): linear layers,
+//! residual sites, attention-prefix sites, block-replacement sites and named parameters, each reachable by its
+//! checkpoint path, so method crates attach to models by pattern without editing model code.
 
 pub mod attention;
 pub mod block;
+mod block_site;
 mod ctx;
 pub mod layers;
 mod linear;
 mod module;
+mod prefix;
 mod residual;
 mod weights;
 
 pub use attention::{KvCache, MultiHeadAttention, Rope};
 pub use block::{DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, EncoderNames, NormPlacement};
-pub use ctx::Ctx;
+pub use block_site::{BlockAdapter, BlockSite, Ffn};
+pub use ctx::{AdapterNames, Ctx, TaskIds, TokenMask};
 pub use layers::{Activation, Embedding, LayerNorm, Mlp, RmsNorm, SwiGlu};
 pub use linear::{Dense, Linear, LinearAdapter, LinearBase};
-pub use module::{linear_sites, named_params, residual_sites, Module, Visitor};
+pub use module::{
+    block_sites, linear_sites, named_params, prefix_sites, residual_sites, site_counts, Module, Site, SiteCounts, Visitor,
+};
+pub use prefix::{Prefix, PrefixAdapter, PrefixSite, PromptedSeq};
 pub use residual::{ResidualAdapter, ResidualSite};
 pub use weights::{MapWeights, RandomInit, WeightSource};
+
+#[cfg(test)]
+mod sites_tests;

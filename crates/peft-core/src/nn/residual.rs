@@ -4,7 +4,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::error::Result;
-use crate::nn::{Ctx, Module, Visitor};
+use crate::nn::{Ctx, Module, Site, Visitor};
 use crate::param::Param;
 use crate::tensor::Tensor;
 
@@ -56,6 +56,27 @@ impl ResidualSite {
         Ok(())
     }
 
+    /// Detaches (deletes) adapter `name`, returning it.
+    ///
+    /// # Errors
+    /// [`crate::Error::UnknownName`] when there is no such adapter.
+    pub fn detach(&self, name: &str) -> Result<Arc<dyn ResidualAdapter>> {
+        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
+        let i = ads.iter().position(|(a, _)| a.name() == name).ok_or_else(|| crate::Error::UnknownName {
+            name: format!("{}: adapter `{name}`", self.0.path),
+        })?;
+        Ok(ads.remove(i).0)
+    }
+
+    /// Turns adapter `name` on or off (a no-op when it is not attached here).
+    pub fn activate(&self, name: &str, on: bool) {
+        for (a, active) in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            if a.name() == name {
+                *active = on;
+            }
+        }
+    }
+
     /// Makes exactly `names` active.
     pub fn set_active(&self, names: &[&str]) {
         for (a, on) in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
@@ -86,7 +107,7 @@ impl ResidualSite {
 
 impl Module for ResidualSite {
     fn visit(&self, v: &mut dyn Visitor) {
-        v.residual(self);
+        v.site(Site::Residual(self));
         for a in self.adapters() {
             for p in a.params() {
                 v.param(&p);
