@@ -8,16 +8,13 @@
 //! [`Allora`] applies it before any base [`Optimizer`] (the paper's base optimizer is unconfirmed; AdamW is the
 //! usual choice, though Adam's normalisation cancels a constant per-tensor factor, so the row form matters there).
 
-use std::path::Path;
-
-use peft_core::adapter::{Method, Prepared};
+use peft_core::adapter::{AdapterError, AdapterResult, InjectCx, Tuner, TunerConfig};
 use peft_core::autograd::GradStore;
 use peft_core::nn::Module;
 use peft_core::optim::{Optimizer, ParamGroup, StateDict};
 use peft_core::{Param, Result};
 
 use crate::config::LoraConfig;
-use crate::methods::{LoraMethod, LoraPrepared};
 
 /// Which parameter blocks share one norm.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,66 +134,111 @@ impl<O: Optimizer> Optimizer for Allora<O> {
     }
 }
 
-/// ALLoRA as a registry method (`"allora"`): LoRA r 8 with `lora_alpha = r` (`s = 1`), no dropout, whose A and B
-/// gradients are rescaled by [`rescale`] before the trainer clips them and steps its optimizer (through
-/// [`Prepared::transform_grads`]). The learning rate (2.5e-3, LoRA's registry rate) is not tuned for ALLoRA.
+/// ALLoRA as a tuner: LoRA with `lora_alpha = r` (`s = 1`) and no dropout, whose A and B gradients are rescaled
+/// by [`rescale`] before the trainer clips them and steps its optimizer (the `transform_grads` hook). Saved as a
+/// plain LoRA adapter (`peft_type = "LORA"`): ALLoRA differs from LoRA only in training. The registry's `"allora"`
+/// (r 8) trains at LoRA's registry rate (2.5e-3), not tuned for ALLoRA.
 #[derive(Clone, Debug)]
-pub struct AlloraMethod {
-    lora: LoraMethod,
-    config: AlloraConfig,
+pub struct AlloraLoraConfig {
+    /// The LoRA part.
+    pub lora: LoraConfig,
+    /// ALLoRA's coefficient.
+    pub allora: AlloraConfig,
 }
 
-impl AlloraMethod {
-    /// ALLoRA on `targets` with `config`.
-    pub fn new<S: Into<String>>(targets: impl IntoIterator<Item = S>, config: AlloraConfig) -> Self {
-        AlloraMethod { lora: LoraMethod::new("allora", allora_lora_config(8, targets), 2.5e-3), config }
+impl AlloraLoraConfig {
+    /// ALLoRA with rank `r` on `targets`.
+    pub fn new<S: Into<String>>(r: usize, targets: impl IntoIterator<Item = S>, allora: AlloraConfig) -> Self {
+        AlloraLoraConfig { lora: allora_lora_config(r, targets), allora }
     }
 }
 
-impl Method for AlloraMethod {
-    fn name(&self) -> &str {
-        "allora"
+impl TunerConfig for AlloraLoraConfig {
+    fn peft_type(&self) -> &str {
+        "LORA"
     }
     fn describe(&self) -> String {
-        let g = match self.config.granularity {
+        let g = match self.allora.granularity {
             Granularity::Row => "row",
             Granularity::Matrix => "matrix",
         };
-        format!(
-            "ALLoRA r={} alpha={} (s=1, no dropout), eta={} per {g}",
-            self.lora.config.r, self.lora.config.r, self.config.eta
-        )
+        format!("ALLoRA r={} alpha={} (s=1, no dropout), eta={} per {g}", self.lora.r, self.lora.alpha(), self.allora.eta)
     }
-    fn default_lr(&self) -> f64 {
-        self.lora.default_lr()
+    fn to_json(&self) -> AdapterResult<serde_json::Value> {
+        TunerConfig::to_json(&self.lora)
     }
-    fn set_seed(&mut self, seed: u64) {
-        self.lora.set_seed(seed);
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
     }
-    fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
-        if !(self.config.eta > 0.0 && self.config.eta.is_finite()) {
-            crate::bail!("allora", "eta must be positive and finite, got {}", self.config.eta);
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.lora.inference_mode = on;
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        if !(self.allora.eta > 0.0 && self.allora.eta.is_finite()) {
+            return Err(AdapterError::config("ALLORA", "eta", format!("must be positive and finite, got {}", self.allora.eta)));
         }
-        let inner = self.lora.prepare_lora(model, head)?;
-        let scaled = inner.lm.adapter_params("default")?;
-        Ok(Box::new(AlloraPrepared { inner, scaled, config: self.config }))
+        let inner = self.lora.inject(model, cx)?;
+        let scaled = inner.params();
+        Ok(Box::new(AlloraTuner { inner, scaled, config: self.allora }))
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
-/// A model prepared by [`AlloraMethod`]: LoRA files and trainables, ALLoRA's gradient rescaling.
-pub struct AlloraPrepared {
-    /// The LoRA model and head.
-    pub inner: LoraPrepared,
+/// A LoRA adapter trained with ALLoRA's gradient rescaling.
+struct AlloraTuner {
+    inner: Box<dyn Tuner>,
     scaled: Vec<Param>,
     config: AlloraConfig,
 }
 
-impl Prepared for AlloraPrepared {
-    fn trainable(&self) -> Vec<Param> {
-        self.inner.trainable()
+impl Tuner for AlloraTuner {
+    fn name(&self) -> &str {
+        self.inner.name()
     }
-    fn save(&self, dir: &Path) -> Result<u64> {
-        self.inner.save(dir)
+    fn kind(&self) -> &str {
+        "ALLORA"
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        // The LoRA layers, for `LoraModelExt`.
+        self.inner.as_any()
+    }
+    fn params(&self) -> Vec<Param> {
+        self.inner.params()
+    }
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        self.inner.state_dict()
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.inner.wrapped_modules()
+    }
+    fn set_active(&self, on: bool) {
+        self.inner.set_active(on);
+    }
+    fn merge(&self) -> AdapterResult<()> {
+        self.inner.merge()
+    }
+    fn unmerge(&self) -> AdapterResult<()> {
+        self.inner.unmerge()
+    }
+    fn is_merged(&self) -> bool {
+        self.inner.is_merged()
+    }
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        self.inner.detach(keep_merged)
     }
     fn transform_grads(&self, grads: GradStore) -> Result<GradStore> {
         Ok(rescale(&grads, &self.scaled, &self.config))
@@ -273,24 +315,26 @@ mod tests {
         assert_eq!(c.lora_dropout, 0.0);
     }
 
-    /// The registry entry: s = 1, no dropout, LoRA files; `transform_grads` rescales exactly the A/B gradients
-    /// (per row, by the coefficient of the current row norm) and passes the head's through.
+    /// The tuner: s = 1, no dropout, LoRA files; `transform_grads` (through `PeftModel`'s hooks) rescales exactly
+    /// the A/B gradients (per row, by the coefficient of the current row norm) and passes the head's through.
     #[test]
-    fn registry_allora_rescales_adapter_gradients_only() {
+    fn allora_tuner_rescales_adapter_gradients_only() {
         use crate::testutil::{input, Tiny};
+        use peft_core::adapter::PeftModel;
         use peft_core::nn::Ctx;
-        let model = Tiny::new(16, 2, 0);
-        let head = model.classifier.base().params();
-        let m = AlloraMethod::new(["query", "value"], AlloraConfig { eta: 2.0, granularity: Granularity::Row });
-        let prep = m.prepare(&model, &head).unwrap();
+        use peft_core::train::TrainHooks;
+        let mut cfg = AlloraLoraConfig::new(8, ["query", "value"], AlloraConfig { eta: 2.0, granularity: Granularity::Row });
+        cfg.set_modules_to_save(vec!["classifier".into()]).unwrap();
+        let model = PeftModel::new(Tiny::new(16, 2, 0), cfg.clone(), "default", 0).unwrap();
         let y = model.forward(&input(3, 16, 1), &Ctx::train(0)).unwrap();
         let grads = y.mul(&y).unwrap().sum_all().backward().unwrap();
-        let adapter: Vec<Param> = prep.trainable().into_iter().filter(|p| p.name().contains(".lora_")).collect();
+        let tr = model.trainable_params();
+        let adapter: Vec<&Param> = tr.iter().filter(|p| p.name().contains(".lora_")).collect();
         assert_eq!(adapter.len(), 8);
-        let before: Vec<_> = prep.trainable().iter().map(|p| grads.get_id(p.id()).unwrap().to_owned()).collect();
-        let after = prep.transform_grads(grads).unwrap();
+        let before: Vec<_> = tr.iter().map(|p| grads.get_id(p.id()).unwrap().to_owned()).collect();
+        let after = model.transform_grads(grads).unwrap();
         let mut changed = 0;
-        for (p, g0) in prep.trainable().iter().zip(&before) {
+        for (p, g0) in tr.iter().zip(&before) {
             let g1 = after.get_id(p.id()).unwrap();
             if !p.name().contains(".lora_") {
                 assert_eq!(g0, g1, "{}", p.name());
@@ -308,9 +352,9 @@ mod tests {
             changed += usize::from(g0 != g1);
         }
         assert!(changed >= 4, "the A gradients (nonzero norm rows) change");
-        let cfg = &m.lora.config;
-        assert_eq!((cfg.r as f64, cfg.alpha(), cfg.lora_dropout), (8.0, 8.0, 0.0));
-        let bad = AlloraMethod::new(["query"], AlloraConfig { eta: 0.0, granularity: Granularity::Row });
-        assert!(bad.prepare(&Tiny::new(16, 1, 0), &[]).is_err());
+        assert_eq!((cfg.lora.r as f64, cfg.lora.alpha(), cfg.lora.lora_dropout), (8.0, 8.0, 0.0));
+        assert_eq!(TunerConfig::to_json(&cfg).unwrap()["peft_type"], "LORA");
+        let bad = AlloraLoraConfig::new(8, ["query"], AlloraConfig { eta: 0.0, granularity: Granularity::Row });
+        assert!(PeftModel::new(Tiny::new(16, 1, 0), bad, "default", 0).is_err());
     }
 }

@@ -2,8 +2,10 @@
 //! target linear sites while calibration batches run, and a helper that accumulates the gradient of frozen dense
 //! weights (LoRA-SB).
 //!
-//! The recorder is a [`LinearAdapter`] named [`RECORDER`] that adds an exact zero to the site output and keeps
-//! running statistics of the rows of its input `x [.., in]` (flattened to `[n, in]`):
+//! The recorder is a [`LinearAdapter`] named [`RECORDER`] that adds nothing to the site output and keeps running
+//! statistics of the rows of its input `x [.., in]` (flattened to `[n, in]`; rows marked as padding by the
+//! [`peft_core::nn::TokenMask`] in the context are left out, so run calibration batches in
+//! [`peft_core::train::calibration_ctx`]):
 //! - [`RecordMode::Moments`]: row count, `Σ x` and `XᵀX` (f64), enough for an exact streaming PCA (EVA);
 //! - [`RecordMode::CordaCovariance`]: CorDA's covariance, per forward call (one calibration sample)
 //!   `C += (X/|max X|)ᵀ(X/|max X|)`, where `max X` is the largest *element* (not the max-abs), as CorDA does.
@@ -11,9 +13,8 @@
 use std::sync::{Arc, Mutex};
 
 use ndarray::{Array1, Array2, ArrayD, Ix2};
-use peft_core::adapter::TargetSpec;
 use peft_core::autograd::no_grad;
-use peft_core::nn::{linear_sites, Ctx, Linear, LinearAdapter, LinearBase, Module};
+use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase};
 use peft_core::{Error, Param, Result, Tensor};
 
 /// The name the recorder is attached under.
@@ -69,7 +70,8 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn record(&self, x: &Tensor) -> Result<()> {
+    /// Records the rows of `x`; with a token mask in `ctx` that covers them, padding rows are left out.
+    fn record(&self, x: &Tensor, ctx: &Ctx) -> Result<()> {
         let d = self.stats.lock().unwrap_or_else(|p| p.into_inner()).sum.len();
         let n = x.shape().iter().product::<usize>() / d.max(1);
         let rows = x.data().to_owned().into_shape_with_order((n, d)).map_err(|_| Error::Shape {
@@ -77,6 +79,17 @@ impl Recorder {
             lhs: x.shape().to_vec(),
             rhs: vec![d],
         })?;
+        let rows = match ctx.token_mask().and_then(|m| m.flags_for(n)) {
+            Some(valid) => {
+                let keep: Vec<usize> = (0..n).filter(|&i| valid[i]).collect();
+                rows.select(ndarray::Axis(0), &keep)
+            }
+            None => rows,
+        };
+        let n = rows.nrows();
+        if n == 0 {
+            return Ok(());
+        }
         let mut xs = rows.mapv(f64::from);
         let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         if xs.iter().any(|v| !v.is_finite()) {
@@ -110,9 +123,9 @@ impl LinearAdapter for Recorder {
     fn kind(&self) -> &str {
         "calibration-recorder"
     }
-    fn delta(&self, x: &Tensor, base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Tensor> {
-        self.record(x)?;
-        Ok(Tensor::zeros(base_out.shape()))
+    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, ctx: &Ctx) -> Result<Option<Tensor>> {
+        self.record(x, ctx)?;
+        Ok(None)
     }
     fn params(&self) -> Vec<Param> {
         Vec::new()
@@ -207,17 +220,6 @@ pub fn run_forward(
         return Err(empty_calibration(method));
     }
     Ok(i)
-}
-
-/// The sites of `model` selected by `spec`, each once, in model order.
-///
-/// # Errors
-/// [`Error::NoTargetMatched`].
-pub fn target_sites(model: &dyn Module, spec: &TargetSpec) -> Result<Vec<Linear>> {
-    let mut sites = linear_sites(model);
-    sites.dedup_by(|a, b| a.path() == b.path());
-    let paths = spec.select(sites.iter().map(|s| (s.path(), s.is_output())))?;
-    Ok(sites.into_iter().filter(|s| paths.iter().any(|p| p == s.path())).collect())
 }
 
 /// The dense `[out, in]` weight parameter of a site's base.
@@ -315,6 +317,22 @@ mod tests {
         let xs = x.data().to_owned().into_dimensionality::<Ix2>().unwrap().mapv(f64::from);
         assert_eq!(st[0].rows, 5);
         assert!((&st[0].xtx - &xs.t().dot(&xs)).iter().all(|v| v.abs() < 1e-9));
+    }
+
+    /// Audit item: calibration counted padding tokens. Rows the token mask marks as padding are left out.
+    #[test]
+    fn recorder_skips_padding_rows_of_the_token_mask() {
+        let model = Tiny::new(4, 1, 0);
+        let site = model.layers[0][0].clone();
+        let x = input(6, 4, 2).reshape(&[2, 3, 4]).unwrap();
+        let cal = Calibration::attach(std::slice::from_ref(&site), RecordMode::Moments).unwrap();
+        let ctx = peft_core::train::calibration_ctx(Some(peft_core::nn::TokenMask::from_lengths(&[3, 1], 3)));
+        site.forward(&x, &ctx).unwrap();
+        let st = cal.finish().unwrap();
+        assert_eq!(st[0].rows, 4, "3 real tokens in row 0, 1 in row 1");
+        let xs = x.data().to_owned().into_shape_with_order((6, 4)).unwrap().mapv(f64::from);
+        let kept = xs.select(ndarray::Axis(0), &[0, 1, 2, 3]);
+        assert!((&st[0].xtx - &kept.t().dot(&kept)).iter().all(|v| v.abs() < 1e-9));
     }
 
     #[test]

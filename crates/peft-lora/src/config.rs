@@ -145,7 +145,7 @@ pub struct LoraConfig {
     pub lora_dropout: f64,
     /// True when the base stores weights as `[in, out]` (GPT-2 `Conv1D`). Every peft-rs site is a linear layer
     /// storing `[out, in]`, so, as PEFT does for a `torch.nn.Linear` target, a `true` here is reset to `false`:
-    /// with a warning by [`LoraConfig::from_json`], silently by `LoraModel::add_adapter`.
+    /// with a warning by [`LoraConfig::from_json`], silently when injected.
     #[serde(default)]
     pub fan_in_fan_out: bool,
     /// Which biases train.
@@ -261,7 +261,17 @@ impl LoraConfig {
     /// # Errors
     /// [`peft_core::Error::Invalid`] for malformed JSON or wrongly typed known fields.
     pub fn from_json(text: &str) -> peft_core::Result<(Self, Vec<String>)> {
-        let mut cfg: LoraConfig = serde_json::from_str(text)
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
+        Self::from_value(v)
+    }
+
+    /// [`LoraConfig::from_json`] on a parsed JSON value.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::Invalid`] for wrongly typed known fields.
+    pub fn from_value(v: Value) -> peft_core::Result<(Self, Vec<String>)> {
+        let mut cfg: LoraConfig = serde_json::from_value(v)
             .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
         let mut warnings: Vec<String> = cfg
             .extra
@@ -281,9 +291,9 @@ impl LoraConfig {
     }
 
     /// The file text as PEFT writes it (`json.dumps(indent=2, sort_keys=True)`).
-    pub fn to_json(&self) -> String {
+    pub fn to_json_string(&self) -> String {
         let v = serde_json::to_value(self).expect("peft-rs bug: LoraConfig serialises");
-        crate::pyjson::dumps(&v)
+        peft_core::adapter::pyjson::dumps(&v)
     }
 
     /// `lora_alpha` as f64.
@@ -454,21 +464,21 @@ mod tests {
         c.alpha_pattern.insert("z".into(), Value::Number(Number::from_f64(0.5).unwrap()));
         c.init_lora_weights = InitLoraWeights::Named("pissa_niter_4".into());
         c.lora_dropout = 0.1;
-        let text = c.to_json();
+        let text = c.to_json_string();
         assert!(text.contains("\"lora_alpha\": 16,"), "{text}");
         assert!(text.contains("\"lora_dropout\": 0.1,"));
         let (back, warnings) = LoraConfig::from_json(&text).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(back.rank_pattern.len(), 2);
         assert_eq!((back.r, back.lora_dropout, &back.init_lora_weights), (c.r, c.lora_dropout, &c.init_lora_weights));
-        assert_eq!(back.to_json(), text);
+        assert_eq!(back.to_json_string(), text);
         // In memory the insertion order is kept; on disk (like PEFT's sort_keys=True) nested keys are sorted.
         assert_eq!(c.rank_pattern.keys().collect::<Vec<_>>(), ["value", "query"]);
         assert_eq!(back.rank_pattern.keys().collect::<Vec<_>>(), ["query", "value"]);
         assert_eq!(back.init().unwrap(), Init::Pissa { niter: Some(4) });
         // A float alpha stays a float.
         let (f, _) = LoraConfig::from_json(r#"{"lora_alpha": 16.0, "target_modules": "x"}"#).unwrap();
-        assert!(f.to_json().contains("\"lora_alpha\": 16.0,"));
+        assert!(f.to_json_string().contains("\"lora_alpha\": 16.0,"));
     }
 
     #[test]

@@ -6,17 +6,19 @@
 //! (IPM, instruction-previewed) or the **smallest** (KPM, knowledge-preserving):
 //! `A = diag(√(Σ_r/s)) V̂_rᵀ`, `B = U_r diag(√(Σ_r/s))`, and the base becomes `W_res = W − s·B·A`, so the model
 //! output is unchanged at init. A, B train; merging gives back a plain dense weight;
-//! [`LoraModel::save_mutated_as_lora`] turns the trained adapter into a plain LoRA delta for the original `W`.
+//! [`crate::LoraModelExt::save_mutated_as_lora`] turns the trained adapter into a plain LoRA delta for the original `W`.
 
 use ndarray::{s, Array2};
 use peft_core::nn::Module;
 use peft_core::{Error, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::calib::{run_forward, target_sites, Calibration, RecordMode};
+use peft_core::adapter::{AdapterError, AdapterResult, InjectCx, LinearTuner, Tuner, TunerConfig};
+
+use crate::calib::{run_forward, Calibration, RecordMode};
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::layer::LoraLinear;
-use crate::model::LoraModel;
+use crate::tuner::{lora_sites, spec_at};
 
 /// Which end of the spectrum the adapter takes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,9 +148,82 @@ pub fn corda_factors(
     Ok(CordaFactors { a, b, sigma: sv.to_vec(), delta })
 }
 
-/// Builds a CorDA adapter `name` on `model`: runs the calibration batches (all of them, or the first `max_batches`)
-/// to collect each target's input covariance, decomposes, rewrites the bases and returns the [`LoraModel`] whose
-/// stored config has `init_lora_weights = "corda"` and `corda_config`.
+/// CorDA as a tuner: LoRA whose `A`, `B` come from the decomposition above, computed from calibration data read
+/// through the inject context (see [`peft_core::adapter::PeftModel::add_adapter_calibrated`]). The stored config
+/// is the LoRA config with `init_lora_weights = "corda"` and `corda_config`; such an adapter expects the residual
+/// base, so it cannot be reloaded onto the original model without the data (save it with
+/// [`crate::LoraModelExt::save_mutated_as_lora`]).
+#[derive(Clone, Debug)]
+pub struct CordaLoraConfig {
+    /// The LoRA part (targets, rank, alpha; `init_lora_weights` is set by CorDA).
+    pub lora: LoraConfig,
+    /// CorDA's options.
+    pub corda: CordaConfig,
+    /// At most this many calibration batches (`None`: all).
+    pub max_batches: Option<usize>,
+}
+
+impl CordaLoraConfig {
+    /// CorDA (IPM) on `lora`'s targets, 32 calibration batches at most.
+    pub fn new(lora: LoraConfig) -> Self {
+        CordaLoraConfig { lora, corda: CordaConfig::default(), max_batches: Some(32) }
+    }
+}
+
+impl TunerConfig for CordaLoraConfig {
+    fn peft_type(&self) -> &str {
+        "LORA"
+    }
+    fn describe(&self) -> String {
+        let m = match self.corda.corda_method {
+            CordaMethod::Ipm => "IPM",
+            CordaMethod::Kpm => "KPM",
+        };
+        format!("CorDA-{m} r={} alpha={}", self.lora.r, self.lora.alpha())
+    }
+    fn to_json(&self) -> AdapterResult<serde_json::Value> {
+        TunerConfig::to_json(&self.lora)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.lora.inference_mode = on;
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        let Some(calib) = cx.calib else {
+            return Err(AdapterError::Unsupported {
+                method: "LORA".into(),
+                what: "CorDA without calibration data".into(),
+                reason: "use PeftModel::add_adapter_calibrated".into(),
+            });
+        };
+        let (tuner, saved) = corda_init(model, &self.lora, &self.corda, cx.name, calib, self.max_batches)?;
+        Ok(Box::new(tuner.with_saved_config(Box::new(saved))))
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Builds a CorDA adapter `name` on `model`: runs the calibration batches (all of them, or the first
+/// `max_batches`) to collect each target's input covariance, decomposes, rewrites the bases and attaches the
+/// adapters. Returns them with the config to store (`init_lora_weights = "corda"`, `corda_config`).
 ///
 /// # Errors
 /// Config errors (DoRA is rejected); [`crate::calib::empty_calibration`]; [`corda_factors`] errors (a NaN
@@ -158,35 +233,34 @@ pub fn corda_init(
     config: &LoraConfig,
     corda: &CordaConfig,
     name: &str,
-    seed: u64,
     calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
     max_batches: Option<usize>,
-) -> Result<LoraModel> {
+) -> AdapterResult<(LinearTuner<LoraLinear>, LoraConfig)> {
     let mut build = LoraConfig { init_lora_weights: InitLoraWeights::Bool(true), ..config.clone() };
     build.validate()?;
     if build.use_dora {
-        crate::bail!("corda", "CorDA cannot be combined with DoRA");
+        return Err(AdapterError::config("LORA", "use_dora", "CorDA cannot be combined with DoRA"));
     }
-    let sites = target_sites(model, &build.target_spec()?)?;
+    let sites = lora_sites(model, &build)?;
     for s in &sites {
         for a in s.adapters() {
             if s.is_merged(a.name())? {
-                crate::bail!("corda", "CorDA rewrites `{}`, which has a merged adapter", s.path());
+                return Err(AdapterError::config(
+                    "LORA",
+                    "init_lora_weights",
+                    format!("CorDA rewrites `{}`, which has a merged adapter", s.path()),
+                ));
             }
         }
     }
     let cal = Calibration::attach(&sites, RecordMode::CordaCovariance)?;
     run_forward("corda", calib, max_batches, |_| Ok(false))?;
     let stats = cal.finish()?;
-    build.extra.insert(
-        "corda_config".into(),
-        serde_json::to_value(corda).map_err(|e| Error::Invalid { op: "corda", msg: e.to_string() })?,
-    );
     // Decompose every site before touching anything, so an error leaves the model as it was.
     let mut factors = Vec::new();
     for (site, st) in sites.iter().zip(&stats) {
         if st.nonfinite {
-            return Err(Error::NonFinite { what: format!("CorDA input statistics of `{}`", site.path()) });
+            return Err(Error::NonFinite { what: format!("CorDA input statistics of `{}`", site.path()) }.into());
         }
         let cov = &st.xtx / st.samples as f64;
         let (r, alpha) = build.rank_alpha(site.path())?;
@@ -204,27 +278,19 @@ pub fn corda_init(
         )?;
         factors.push(f);
     }
-    let mut lm = LoraModel::new(model, build, name, seed)?;
-    let set = lm.adapters_mut().iter_mut().find(|a| a.name == name).expect("peft-rs bug: adapter just added");
-    for (site, layer) in set.layers.iter_mut() {
-        let i = sites.iter().position(|s| s.path() == site.path()).expect("peft-rs bug: site list");
-        let f = factors[i].clone();
-        let spec = *layer.spec();
-        site.detach(name)?;
-        let ad = std::sync::Arc::new(LoraLinear::from_mutating_init(
-            site.path(),
-            name,
-            site.base().as_ref(),
-            spec,
-            f.a,
-            f.b,
-        )?);
-        site.attach(ad.clone())?;
-        *layer = ad;
-    }
-    set.config.init_lora_weights = InitLoraWeights::Named("corda".into());
-    lm.set_adapter(name)?;
-    Ok(lm)
+    let mut k = 0;
+    let tuner = LinearTuner::attach(name, "LORA", &sites, |site| {
+        let f = factors[k].clone();
+        k += 1;
+        let spec = spec_at(&build, site)?;
+        Ok(LoraLinear::from_mutating_init(site.path(), name, site.base().as_ref(), spec, f.a, f.b)?)
+    })?;
+    build.extra.insert(
+        "corda_config".into(),
+        serde_json::to_value(corda).map_err(|e| AdapterError::config("LORA", "corda_config", e.to_string()))?,
+    );
+    build.init_lora_weights = InitLoraWeights::Named("corda".into());
+    Ok((tuner, build))
 }
 
 #[cfg(test)]

@@ -21,10 +21,12 @@ use peft_core::{Error, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::calib::{regex_escape, run_forward, target_sites, Calibration, InputStats, RecordMode};
+use peft_core::adapter::{AdapterError, AdapterResult, InjectCx, LinearTuner, ModulePattern, Tuner, TunerConfig};
+
+use crate::calib::{regex_escape, run_forward, Calibration, InputStats, RecordMode};
 use crate::config::{num, InitLoraWeights, LoraConfig};
-use crate::model::LoraModel;
-use peft_core::adapter::ModulePattern;
+use crate::layer::LoraLinear;
+use crate::tuner::{attach_lora, lora_sites};
 
 /// PEFT's `EvaConfig` (`eva_config` in `adapter_config.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,7 +146,7 @@ pub fn eva_calibrate(
     if !(eva.tau > 0.0 && eva.tau <= 1.0) {
         crate::bail!("eva", "tau must be in (0, 1], got {}", eva.tau);
     }
-    let sites = target_sites(model, &config.target_spec()?)?;
+    let sites = lora_sites(model, config).map_err(|e| Error::Invalid { op: "eva", msg: e.to_string() })?;
     let mut budget = Vec::new();
     let mut max_c = Vec::new();
     for s in &sites {
@@ -193,8 +195,77 @@ pub fn eva_calibrate(
     })
 }
 
-/// Builds an EVA adapter `name` on `model` from calibration data (see the module doc). The stored config has
-/// `init_lora_weights = "eva"`, `eva_config`, and the redistributed ranks/alphas in `rank_pattern`/`alpha_pattern`.
+/// EVA as a tuner: LoRA whose `A` rows are the leading principal components of each site's inputs on
+/// calibration data (read through the inject context), with the ranks redistributed. Stored as the LoRA config
+/// EVA produced (`init_lora_weights = "eva"`, `eva_config`, per-site ranks in `rank_pattern`), which loads back as
+/// plain LoRA (the base is untouched).
+#[derive(Clone, Debug)]
+pub struct EvaLoraConfig {
+    /// The LoRA part (targets, rank budget, alpha).
+    pub lora: LoraConfig,
+    /// EVA's options.
+    pub eva: EvaConfig,
+    /// At most this many calibration batches (`None`: until converged or exhausted).
+    pub max_batches: Option<usize>,
+}
+
+impl EvaLoraConfig {
+    /// EVA (rho 2) on `lora`'s targets, 32 calibration batches at most.
+    pub fn new(lora: LoraConfig) -> Self {
+        EvaLoraConfig { lora, eva: EvaConfig::default(), max_batches: Some(32) }
+    }
+}
+
+impl TunerConfig for EvaLoraConfig {
+    fn peft_type(&self) -> &str {
+        "LORA"
+    }
+    fn describe(&self) -> String {
+        format!("EVA rho={} r={} alpha={}", self.eva.rho, self.lora.r, self.lora.alpha())
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        TunerConfig::to_json(&self.lora)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.lora.inference_mode = on;
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn needs_calibration(&self) -> bool {
+        true
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        let Some(calib) = cx.calib else {
+            return Err(AdapterError::Unsupported {
+                method: "LORA".into(),
+                what: "EVA without calibration data".into(),
+                reason: "use PeftModel::add_adapter_calibrated".into(),
+            });
+        };
+        let (tuner, saved) = eva_init(model, &self.lora, &self.eva, cx.name, cx.seed, calib, self.max_batches)?;
+        Ok(Box::new(tuner.with_saved_config(Box::new(saved))))
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Builds an EVA adapter `name` on `model` from calibration data (see the module doc). Returns the attached
+/// adapters and the config to store: `init_lora_weights = "eva"`, `eva_config`, and the redistributed
+/// ranks/alphas in `rank_pattern`/`alpha_pattern`.
 ///
 /// # Errors
 /// As [`eva_calibrate`]; config errors; [`Error::Invalid`] when every site got rank 0.
@@ -206,7 +277,7 @@ pub fn eva_init(
     seed: u64,
     calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
     max_batches: Option<usize>,
-) -> Result<LoraModel> {
+) -> AdapterResult<(LinearTuner<LoraLinear>, LoraConfig)> {
     let mut build = LoraConfig { init_lora_weights: InitLoraWeights::Bool(true), ..config.clone() };
     build.validate()?;
     let res = eva_calibrate(model, &build, eva, calib, max_batches)?;
@@ -224,7 +295,7 @@ pub fn eva_init(
         alphas.insert(key, Value::Number(num(a)));
     }
     if ranks.is_empty() {
-        crate::bail!("eva", "rank redistribution left no site with an adapter");
+        return Err(AdapterError::config("LORA", "eva_config", "rank redistribution left no site with an adapter"));
     }
     // Our keys first: PEFT's pattern lookup takes the first hit.
     ranks.extend(std::mem::take(&mut build.rank_pattern));
@@ -246,23 +317,22 @@ pub fn eva_init(
     }
     build.extra.insert(
         "eva_config".into(),
-        serde_json::to_value(eva).map_err(|e| Error::Invalid { op: "eva", msg: e.to_string() })?,
+        serde_json::to_value(eva).map_err(|e| AdapterError::config("LORA", "eva_config", e.to_string()))?,
     );
-    let mut lm = LoraModel::new(model, build, name, seed)?;
-    let set = lm.adapter(name)?;
-    for (site, layer) in &set.layers {
+    let sites = lora_sites(model, &build)?;
+    let tuner = attach_lora(&build, &sites, name, seed, |site, spec, rng| {
+        let l = LoraLinear::new(site.path(), name, site.base().as_ref(), spec, rng)?;
         let i = res.paths.iter().position(|p| p == site.path()).expect("peft-rs bug: EVA site list");
         let (k, p) = (res.ranks[i], &res.pca[i]);
         let a = Array2::from_shape_fn((k, site.in_features()), |(r, c)| {
             let v = p.components[[r, c]];
             (if eva.whiten { v / p.variance[r].sqrt().max(f64::MIN_POSITIVE) } else { v }) as f32
         });
-        layer.lora_a().set(a.into_dyn())?;
-    }
-    lm.adapters_mut().iter_mut().find(|a| a.name == name).expect("peft-rs bug: EVA adapter").config.init_lora_weights =
-        InitLoraWeights::Named("eva".into());
-    lm.set_adapter(name)?;
-    Ok(lm)
+        l.lora_a().set(a.into_dyn())?;
+        Ok(l)
+    })?;
+    build.init_lora_weights = InitLoraWeights::Named("eva".into());
+    Ok((tuner, build))
 }
 
 #[cfg(test)]

@@ -285,13 +285,13 @@ impl LinearAdapter for LoraLinear {
         }
     }
 
-    fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Tensor> {
+    fn delta(&self, x: &Tensor, base_out: &Tensor, base: &dyn LinearBase, ctx: &Ctx) -> Result<Option<Tensor>> {
         let dropped = ctx.train && self.spec.dropout > 0.0;
         let xd = if dropped { ctx.with_rng(|r| x.dropout(self.spec.dropout, true, r))? } else { x.clone() };
         let bias = self.bias.as_ref().map(Param::tensor);
         let lora =
             xd.linear(&self.a.tensor(), None)?.linear(&self.b.tensor(), bias.as_ref())?.mul_scalar(self.scaling as f32);
-        let Some(m) = &self.magnitude else { return Ok(lora) };
+        let Some(m) = &self.magnitude else { return Ok(Some(lora)) };
         let w = base.dense_weight()?;
         let w2 = mat(&w)?.to_owned();
         // ‖W + s·B·A‖ from the current values: a constant in the graph (detached as in PEFT).
@@ -305,7 +305,7 @@ impl LinearAdapter for LoraLinear {
                 None => base_out.clone(),
             }
         };
-        f.mul(&base0.add(&lora)?)?.sub(&base0)
+        f.mul(&base0.add(&lora)?)?.sub(&base0).map(Some)
     }
 
     fn params(&self) -> Vec<Param> {

@@ -36,7 +36,11 @@ use serde_json::Value;
 
 use crate::config::{num, InitLoraWeights, LoraConfig};
 use crate::merge_utils::{MajoritySign, Merge};
-use crate::model::LoraModel;
+use peft_core::adapter::{AdapterResult, PeftModel};
+use peft_core::nn::{Linear, Module};
+
+use crate::layer::LoraLinear;
+use crate::tuner::LoraModelExt;
 
 /// How adapters are combined.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -205,19 +209,33 @@ fn combine_deltas(
     Ok((a, b))
 }
 
-impl LoraModel {
-    /// Adds adapter `name` combining `adapters` with `weights` (see the module docs). The new adapter is inactive.
+/// PEFT's `add_weighted_adapter` on a [`PeftModel`] with LoRA adapters.
+pub trait WeightedExt {
+    /// Adds adapter `name` combining the LoRA `adapters` with `weights` (see the module docs). The new adapter is
+    /// inactive.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for mismatched lengths, unequal ranks under `Linear`/`Factors`, DoRA
-    /// adapters, adapters on different sites, a zero SVD rank, or a bad density; [`Error::UnknownName`].
-    pub fn add_weighted_adapter(
+    /// [`peft_core::Error::Invalid`] (as an adapter error) for mismatched lengths, unequal ranks under
+    /// `Linear`/`Factors`, DoRA adapters, adapters on different sites, a zero SVD rank, or a bad density;
+    /// [`AdapterError::UnknownAdapter`]; adapters that are not LoRA.
+    fn add_weighted_adapter(&mut self, adapters: &[&str], weights: &[f64], name: &str, how: Combination)
+        -> AdapterResult<()>;
+}
+
+struct Source {
+    name: String,
+    config: LoraConfig,
+    layers: Vec<(Linear, std::sync::Arc<LoraLinear>)>,
+}
+
+impl<M: Module> WeightedExt for PeftModel<M> {
+    fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
         name: &str,
         how: Combination,
-    ) -> Result<()> {
+    ) -> AdapterResult<()> {
         const OP: &str = "add_weighted_adapter";
         if adapters.is_empty() || adapters.len() != weights.len() {
             crate::bail!(OP, "{} adapters but {} weights", adapters.len(), weights.len());
@@ -231,7 +249,16 @@ impl LoraModel {
             }
             _ => 0,
         };
-        let sets = adapters.iter().map(|n| self.adapter(n)).collect::<Result<Vec<_>>>()?;
+        let mut sets = Vec::new();
+        for n in adapters {
+            let config = self
+                .config(n)?
+                .as_any()
+                .downcast_ref::<LoraConfig>()
+                .cloned()
+                .ok_or_else(|| peft_core::adapter::not_supported(n, "?", OP, "not a LoRA adapter"))?;
+            sets.push(Source { name: n.to_string(), config, layers: self.lora_layers(n)? });
+        }
         // PEFT: `new_rank = svd_rank or max(adapters_ranks)` (the configs' `r`).
         let max_r = sets.iter().map(|s| s.config.r).max().unwrap_or(0);
         let paths: Vec<String> = sets[0].layers.iter().map(|(s, _)| s.path().to_string()).collect();
@@ -300,8 +327,7 @@ impl LoraModel {
             }
         }
         self.add_adapter(name, cfg)?;
-        let set = self.adapter(name)?;
-        for ((_, l), (_, a, b)) in set.layers.iter().zip(&new) {
+        for ((_, l), (_, a, b)) in self.lora_layers(name)?.iter().zip(&new) {
             l.lora_a().set(a.clone().into_dyn())?;
             l.lora_b().set(b.clone().into_dyn())?;
         }

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 
 use crate::adapter::error::{AdapterError, AdapterResult};
 use crate::adapter::target::TargetSpec;
-use crate::adapter::tuner::{AdapterTensors, Tuner};
+use crate::adapter::tuner::{AdapterTensors, Tuner, TunerConfig};
 use crate::autograd::GradStore;
 use crate::nn::{linear_sites, BlockAdapter, BlockSite, Linear, LinearAdapter, Module};
 use crate::param::Param;
@@ -54,6 +54,7 @@ pub struct LinearTuner<A: LinearAdapter + SavedTensors + 'static> {
     name: String,
     kind: String,
     layers: Vec<(Linear, Arc<A>)>,
+    saved_config: Option<Box<dyn TunerConfig>>,
 }
 
 impl<A: LinearAdapter + SavedTensors + 'static> LinearTuner<A> {
@@ -67,7 +68,7 @@ impl<A: LinearAdapter + SavedTensors + 'static> LinearTuner<A> {
         sites: &[Linear],
         mut make: impl FnMut(&Linear) -> AdapterResult<A>,
     ) -> AdapterResult<Self> {
-        let mut me = LinearTuner { name: name.into(), kind: kind.into(), layers: Vec::new() };
+        let mut me = LinearTuner { name: name.into(), kind: kind.into(), layers: Vec::new(), saved_config: None };
         for site in sites {
             let made = make(site).and_then(|a| {
                 let a = Arc::new(a);
@@ -90,9 +91,18 @@ impl<A: LinearAdapter + SavedTensors + 'static> LinearTuner<A> {
     pub fn layers(&self) -> &[(Linear, Arc<A>)] {
         &self.layers
     }
+
+    /// Records the config to save instead of the injecting one (see [`Tuner::saved_config`]).
+    pub fn with_saved_config(mut self, config: Box<dyn TunerConfig>) -> Self {
+        self.saved_config = Some(config);
+        self
+    }
 }
 
 impl<A: LinearAdapter + SavedTensors + 'static> Tuner for LinearTuner<A> {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -113,6 +123,9 @@ impl<A: LinearAdapter + SavedTensors + 'static> Tuner for LinearTuner<A> {
     }
     fn wrapped_modules(&self) -> Vec<String> {
         self.layers.iter().map(|(s, _)| s.path().to_string()).collect()
+    }
+    fn saved_config(&self) -> Option<Box<dyn TunerConfig>> {
+        self.saved_config.as_ref().map(|c| c.clone_box())
     }
     fn set_active(&self, on: bool) {
         for (s, _) in &self.layers {
@@ -197,6 +210,9 @@ impl<A: BlockAdapter + SavedTensors + 'static> BlockTuner<A> {
 }
 
 impl<A: BlockAdapter + SavedTensors + 'static> Tuner for BlockTuner<A> {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -248,6 +264,9 @@ impl CompositeTuner {
 }
 
 impl Tuner for CompositeTuner {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.name
     }

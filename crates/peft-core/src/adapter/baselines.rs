@@ -209,6 +209,9 @@ struct DeltaTuner {
 }
 
 impl Tuner for DeltaTuner {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -349,6 +352,9 @@ impl PeftConfig for BaseTuneConfig {
 struct NoTuner(String);
 
 impl Tuner for NoTuner {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.0
     }

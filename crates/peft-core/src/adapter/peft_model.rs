@@ -202,6 +202,7 @@ impl<M: Module> PeftModel<M> {
                 config.inject(model, cx)?
             }
         };
+        let config = tuner.saved_config().unwrap_or(config);
         // modules_to_save: this adapter's copy starts from the original values (PEFT copies the module).
         let mts_names = config.modules_to_save();
         let mut mts = Vec::new();

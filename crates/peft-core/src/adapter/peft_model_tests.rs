@@ -248,6 +248,9 @@ impl TunerConfig for LogCfg {
 }
 
 impl Tuner for LogTuner {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn name(&self) -> &str {
         &self.0
     }

@@ -128,6 +128,11 @@ pub trait Tuner: Send + Sync {
     fn params(&self) -> Vec<Param>;
     /// The saved tensors: `(key relative to the model root, with the adapter name stripped, parameter)`.
     fn state_dict(&self) -> Vec<(String, Param)>;
+    /// The config to store and save for this adapter when it differs from the one that injected it (a
+    /// data-driven init records what it found: EVA's redistributed ranks, CorDA's init name). Default: `None`.
+    fn saved_config(&self) -> Option<Box<dyn TunerConfig>> {
+        None
+    }
     /// The module paths PEFT wraps for this adapter (their own tensors are saved as `<path>.base_layer.<leaf>`).
     fn wrapped_modules(&self) -> Vec<String> {
         Vec::new()
@@ -180,6 +185,8 @@ pub trait Tuner: Send + Sync {
     fn detach(&self, keep_merged: bool) -> AdapterResult<()>;
     /// The method, for messages.
     fn kind(&self) -> &str;
+    /// For downcasting to the concrete tuner (a method crate's extra operations on its own adapters).
+    fn as_any(&self) -> &dyn Any;
     /// An auxiliary loss recorded by the last forward (MixLoRA's router losses), taken (cleared).
     ///
     /// # Errors
