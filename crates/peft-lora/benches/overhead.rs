@@ -19,7 +19,8 @@ use peft_core::io::BertConfig;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::no_grad;
 use peft_core::testing::require_asset;
-use peft_lora::{LoraConfig, LoraModel};
+use peft_core::adapter::PeftModel;
+use peft_lora::LoraConfig;
 use peft_models::bert::BertModel;
 use peft_models::tokenizer::Batch;
 use rand::rngs::StdRng;
@@ -52,7 +53,7 @@ fn rows(n: usize, seed: u64) -> Vec<Vec<usize>> {
 }
 
 /// Adds adapter `name` (r 8 on query/value) with non-zero B.
-fn add(lm: &mut LoraModel, name: &str, seed: u64) {
+fn add(lm: &mut PeftModel<BertModel>, name: &str, seed: u64) {
     lm.add_adapter(name, LoraConfig::new(8, 16.0, ["query", "value"])).unwrap();
     let init = RandomInit::new(seed, 0.01);
     for p in lm.adapter_params(name).unwrap() {
@@ -70,50 +71,48 @@ fn group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, 
 }
 
 fn unmerged_vs_merged(c: &mut Criterion) {
-    let model = model();
     let batch = Batch::from_rows(&rows(B, 3)).unwrap();
     let ctx = Ctx::eval();
-    let mut lm = LoraModel::wrap(&model, 0);
+    let mut lm = PeftModel::wrap(model(), 0);
     add(&mut lm, "a", 1);
     let mut g = group(c, "unmerged_vs_merged");
-    lm.disable_adapters();
-    g.bench_function("base", |b| b.iter(|| no_grad(|| model.forward(&batch, &ctx).unwrap())));
-    lm.enable_adapters();
+    lm.disable_adapters().unwrap();
+    g.bench_function("base", |b| b.iter(|| no_grad(|| lm.forward(&batch, &ctx).unwrap())));
+    lm.enable_adapters().unwrap();
     lm.set_adapter("a").unwrap();
-    g.bench_function("lora_unmerged", |b| b.iter(|| no_grad(|| model.forward(&batch, &ctx).unwrap())));
-    lm.merge().unwrap();
-    g.bench_function("lora_merged", |b| b.iter(|| no_grad(|| model.forward(&batch, &ctx).unwrap())));
+    g.bench_function("lora_unmerged", |b| b.iter(|| no_grad(|| lm.forward(&batch, &ctx).unwrap())));
+    lm.merge_adapter().unwrap();
+    g.bench_function("lora_merged", |b| b.iter(|| no_grad(|| lm.forward(&batch, &ctx).unwrap())));
     g.finish();
 }
 
 fn mixed_batch(c: &mut Criterion) {
-    let model = model();
     let all_rows = rows(B, 4);
     let batch = Batch::from_rows(&all_rows).unwrap();
-    let mut lm = LoraModel::wrap(&model, 0);
+    let mut lm = PeftModel::wrap(model(), 0);
     let names: Vec<String> = (0..N_ADAPTERS).map(|i| format!("a{i}")).collect();
     for (i, n) in names.iter().enumerate() {
         add(&mut lm, n, 10 + i as u64);
     }
     let per_row: Vec<String> = (0..B).map(|i| names[i % N_ADAPTERS].clone()).collect();
-    let mixed_ctx = Ctx::eval().with_adapter_names(per_row);
+    let mixed_ctx = lm.mixed_batch(Ctx::eval(), per_row).unwrap();
     let subs: Vec<Batch> = (0..N_ADAPTERS)
         .map(|k| Batch::from_rows(&all_rows.iter().skip(k).step_by(N_ADAPTERS).cloned().collect::<Vec<_>>()).unwrap())
         .collect();
     let ctx = Ctx::eval();
     let mut g = group(c, "mixed_batch");
-    g.bench_function("mixed_8_adapters", |b| b.iter(|| no_grad(|| model.forward(&batch, &mixed_ctx).unwrap())));
+    g.bench_function("mixed_8_adapters", |b| b.iter(|| no_grad(|| lm.forward(&batch, &mixed_ctx).unwrap())));
     g.bench_function("separate_8_passes", |b| {
         b.iter(|| {
             for (n, sub) in names.iter().zip(&subs) {
                 lm.set_adapter(n).unwrap();
-                no_grad(|| model.forward(sub, &ctx).unwrap());
+                no_grad(|| lm.forward(sub, &ctx).unwrap());
             }
         })
     });
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     lm.set_adapters(&refs).unwrap();
-    g.bench_function("all_8_on_every_row", |b| b.iter(|| no_grad(|| model.forward(&batch, &ctx).unwrap())));
+    g.bench_function("all_8_on_every_row", |b| b.iter(|| no_grad(|| lm.forward(&batch, &ctx).unwrap())));
     g.finish();
 }
 

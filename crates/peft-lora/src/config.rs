@@ -314,7 +314,7 @@ impl LoraConfig {
             InitLoraWeights::Named(s) if s == "olora" => Init::Olora,
             InitLoraWeights::Named(s) if s == "corda" || s == "eva" => {
                 return Err(ConfigError::Unsupported(format!(
-                    "init_lora_weights {s:?} needs calibration data: use peft_lora::{s}::{s}_init"
+                    "init_lora_weights {s:?} needs calibration data: use peft_lora::corda::CordaLoraConfig or peft_lora::eva::EvaLoraConfig with PeftModel::add_adapter_calibrated"
                 )))
             }
             InitLoraWeights::Named(s) => match s.strip_prefix("pissa_niter_").and_then(|n| n.parse().ok()) {

@@ -1,23 +1,40 @@
 use ndarray::{Array2, Ix2};
+use peft_core::adapter::{AdapterError, PeftModel};
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::testing::{assert_grads, max_abs_diff};
 
 use super::*;
 use crate::testutil::{input, Tiny};
+use crate::LoraModelExt;
+
+/// Calibration batch `i` of `n` on `model` (width `d`), as `PeftModel::add_adapter_calibrated` calls it.
+pub(crate) fn calib_batch(model: &Tiny, d: usize, n: usize, i: usize) -> Result<Option<Tensor>> {
+    let targets: Vec<i64> = (0..6).map(|i| (i % 3) as i64).collect();
+    if i >= n {
+        return Ok(None);
+    }
+    let x = input(6, d, 50 + i as u64);
+    Ok(Some(model.forward(&x, &Ctx::eval())?.cross_entropy(&targets, None, 0.0)?))
+}
+
+/// `model` with a calibrated adapter from `cfg` (`n` batches), active.
+pub(crate) fn calibrated(
+    model: Tiny,
+    cfg: Box<dyn TunerConfig>,
+    n: usize,
+) -> std::result::Result<PeftModel<Tiny>, AdapterError> {
+    let mut pm = PeftModel::wrap(model, 0);
+    pm.add_adapter_calibrated("default", cfg, &mut |m: &Tiny, i| calib_batch(m, 8, n, i))?;
+    pm.set_adapter("default")?;
+    Ok(pm)
+}
 
 fn rand2(seed: u64, r: usize, c: usize) -> Array2<f64> {
     RandomInit::new(seed, 1.0).get("m", &[r, c]).unwrap().into_dimensionality::<Ix2>().unwrap().mapv(f64::from)
 }
 
 pub(crate) fn calib_batches(model: &Tiny, d: usize, n: usize) -> impl FnMut(usize) -> Result<Option<Tensor>> + '_ {
-    let targets: Vec<i64> = (0..6).map(|i| (i % 3) as i64).collect();
-    move |i| {
-        if i >= n {
-            return Ok(None);
-        }
-        let x = input(6, d, 50 + i as u64);
-        Ok(Some(model.forward(&x, &Ctx::eval())?.cross_entropy(&targets, None, 0.0)?))
-    }
+    move |i| calib_batch(model, d, n, i)
 }
 
 fn y(model: &Tiny, d: usize) -> Vec<f32> {
@@ -61,42 +78,33 @@ fn corda_keeps_the_output_at_init_merges_exactly_and_round_trips() {
         let y0 = y(&model, 8);
         let w0 = model.layers[0][0].base().dense_weight().unwrap();
         let corda = CordaConfig { corda_method: method, ..Default::default() };
-        let cfg = LoraConfig::new(4, 8.0, ["query", "value"]);
-        let lm = corda_init(&model, &cfg, &corda, "default", 0, &mut calib_batches(&model, 8, 3), None).unwrap();
-        assert!(max_abs_diff(&y0, &y(&model, 8)) < 1e-5, "{method:?}: identity at init");
+        let cfg = CordaLoraConfig { corda, max_batches: None, ..CordaLoraConfig::new(LoraConfig::new(4, 8.0, ["query", "value"])) };
+        let mut lm = calibrated(model, Box::new(cfg), 3).unwrap();
+        assert!(max_abs_diff(&y0, &y(&lm, 8)) < 1e-5, "{method:?}: identity at init");
         assert!(
-            max_abs_diff(w0.as_slice().unwrap(), model.layers[0][0].base().dense_weight().unwrap().as_slice().unwrap())
+            max_abs_diff(w0.as_slice().unwrap(), lm.layers[0][0].base().dense_weight().unwrap().as_slice().unwrap())
                 > 1e-3
         );
         assert_eq!(lm.trainable_params().len(), 8);
         // Train-like change, then merge == unmerged forward.
-        for (_, l) in &lm.adapters()[0].layers {
+        for (_, l) in lm.lora_layers("default").unwrap() {
             l.lora_b().update(|b| b.mapv_inplace(|v| v * 1.5 + 0.01));
         }
-        let y1 = y(&model, 8);
-        lm.merge().unwrap();
-        assert!(max_abs_diff(&y1, &y(&model, 8)) < 1e-5);
-        lm.unmerge().unwrap();
+        let y1 = y(&lm, 8);
+        lm.merge_adapter().unwrap();
+        assert!(max_abs_diff(&y1, &y(&lm, 8)) < 1e-5);
+        lm.unmerge_adapter().unwrap();
         // Conversion to a plain LoRA delta for the original W: W0 + s·B'A' == W_res + s·B·A.
         let dir = tempfile::tempdir().unwrap();
         lm.save_mutated_as_lora(dir.path(), "default").unwrap();
-        let fresh = Tiny::new(8, 2, 0);
-        let mut plain = LoraModel::wrap(&fresh, 0);
-        plain.load_adapter(dir.path(), "default").unwrap();
-        plain.set_adapter("default").unwrap();
-        assert!(max_abs_diff(&y1, &y(&fresh, 8)) < 1e-4);
-        // save -> load -> save is byte-identical.
-        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (plain, _) = PeftModel::from_pretrained(Tiny::new(8, 2, 0), dir.path(), &crate::registry()).unwrap();
+        assert!(max_abs_diff(&y1, &y(&plain, 8)) < 1e-4);
+        // The saved config says what the adapter is; loading it without the data is refused (see tuner_io_tests).
+        let d1 = tempfile::tempdir().unwrap();
         lm.save_pretrained(d1.path()).unwrap();
         let text = std::fs::read_to_string(d1.path().join("adapter_config.json")).unwrap();
         assert!(text.contains("\"init_lora_weights\": \"corda\"") && text.contains("\"corda_method\""), "{text}");
-        let other = Tiny::new(8, 2, 1);
-        let mut back = LoraModel::wrap(&other, 0);
-        back.load_adapter(d1.path(), "default").unwrap();
-        back.save_pretrained(d2.path()).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
-        }
+        assert!(PeftModel::from_pretrained(Tiny::new(8, 2, 1), d1.path(), &crate::registry()).is_err());
     }
 }
 
@@ -114,14 +122,15 @@ fn corda_reports_typed_errors() {
     let model = Tiny::new(8, 1, 0);
     let corda = CordaConfig::default();
     let run = |cfg: &LoraConfig, n: usize| {
-        corda_init(&model, cfg, &corda, "default", 0, &mut calib_batches(&model, 8, n), None).err().unwrap()
+        corda_init(&model, cfg, &corda, "default", &mut calib_batches(&model, 8, n), None).err().unwrap()
     };
     let w0 = model.layers[0][0].base().dense_weight().unwrap();
-    assert!(matches!(run(&LoraConfig::new(9, 8.0, ["query"]), 2), Error::Invalid { op: "corda", .. }));
+    let e = run(&LoraConfig::new(9, 8.0, ["query"]), 2);
+    assert!(matches!(e, AdapterError::Core(Error::Invalid { op: "corda", .. })), "{e}");
     assert!(run(&LoraConfig::new(2, 8.0, ["query"]), 0).to_string().contains("empty"));
     let mut dora = LoraConfig::new(2, 8.0, ["query"]);
     dora.use_dora = true;
-    assert!(matches!(run(&dora, 2), Error::Invalid { .. }));
+    assert!(matches!(run(&dora, 2), AdapterError::InvalidConfig { .. }));
     // NaN activations.
     let mut nan = |i: usize| -> Result<Option<Tensor>> {
         if i > 0 {
@@ -130,16 +139,17 @@ fn corda_reports_typed_errors() {
         let x = Tensor::new(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2, 8]), f32::NAN));
         Ok(Some(model.forward(&x, &Ctx::eval())?.sum_all()))
     };
-    let e =
-        corda_init(&model, &LoraConfig::new(2, 8.0, ["query"]), &corda, "default", 0, &mut nan, None).err().unwrap();
-    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    let e = corda_init(&model, &LoraConfig::new(2, 8.0, ["query"]), &corda, "default", &mut nan, None).err().unwrap();
+    assert!(matches!(e, AdapterError::Core(Error::NonFinite { .. })), "{e}");
     // Nothing was left attached or rewritten.
     assert!(model.layers[0][0].adapters().is_empty());
     assert_eq!(model.layers[0][0].base().dense_weight().unwrap(), w0);
-    // The plain constructor refuses the data-driven init.
+    // The plain LoRA path refuses the data-driven init, and CorDA without data is refused too.
     let mut c = LoraConfig::new(2, 8.0, ["query"]);
     c.init_lora_weights = InitLoraWeights::Named("corda".into());
-    assert!(LoraModel::new(&model, c, "default", 0).is_err());
+    assert!(PeftModel::new(Tiny::new(8, 1, 0), c, "default", 0).is_err());
+    let e = PeftModel::new(Tiny::new(8, 1, 0), CordaLoraConfig::new(LoraConfig::new(2, 8.0, ["query"])), "default", 0);
+    assert!(matches!(e, Err(AdapterError::Unsupported { .. })));
     let e = corda_factors(&Array2::zeros((3, 3)), &Array2::from_elem((3, 3), f64::NAN), 1, 1.0, CordaMethod::Ipm);
     assert!(matches!(e, Err(Error::NonFinite { .. })));
 }

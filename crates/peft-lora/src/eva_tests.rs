@@ -2,9 +2,12 @@ use ndarray::{Array2, ArrayD, Ix2};
 use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor, WeightSource};
 use peft_core::testing::max_abs_diff;
 
+use peft_core::adapter::{AdapterError, PeftModel};
+
 use super::*;
-use crate::corda::tests::calib_batches;
+use crate::corda::tests::{calib_batches, calibrated};
 use crate::testutil::{input, Tiny};
+use crate::LoraModelExt;
 
 fn y(model: &Tiny) -> Vec<f32> {
     model.forward(&input(5, 8, 9), &Ctx::eval()).unwrap().to_vec()
@@ -74,12 +77,12 @@ fn leading_components_match_the_true_eigenvectors_and_ranks_move_to_the_informat
     assert_eq!(res.ranks.iter().sum::<usize>(), res.budget.iter().sum::<usize>());
     // The full init drops site `b` (excluded) and gives `a` rank 2 with α_a/k_a = α/r.
     let mut calib2 = |i: usize| calib(i);
-    let lm = eva_init(&m, &cfg, &eva, "default", 0, &mut calib2, None).unwrap();
-    let set = lm.adapter("default").unwrap();
-    assert_eq!(set.layers.len(), 1);
-    assert_eq!(set.layers[0].0.path(), "a");
-    assert_eq!(set.layers[0].1.spec().r, 2);
-    assert!((set.layers[0].1.spec().alpha / 2.0 - 4.0 / 1.0).abs() < 1e-12);
+    let (tuner, _) = eva_init(&m, &cfg, &eva, "default", 0, &mut calib2, None).unwrap();
+    let layers = tuner.layers();
+    assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0].0.path(), "a");
+    assert_eq!(layers[0].1.spec().r, 2);
+    assert!((layers[0].1.spec().alpha / 2.0 - 4.0 / 1.0).abs() < 1e-12);
     assert!(m.1.adapters().is_empty());
 }
 
@@ -87,13 +90,13 @@ fn leading_components_match_the_true_eigenvectors_and_ranks_move_to_the_informat
 fn eva_is_identity_at_init_with_orthonormal_a_and_round_trips() {
     let model = Tiny::new(8, 2, 0);
     let y0 = y(&model);
-    let cfg = LoraConfig::new(2, 8.0, ["query", "value"]);
     let eva = EvaConfig { tau: 0.999999, ..Default::default() };
-    let lm = eva_init(&model, &cfg, &eva, "default", 0, &mut calib_batches(&model, 8, 4), None).unwrap();
-    assert_eq!(max_abs_diff(&y0, &y(&model)), 0.0, "B = 0");
-    let set = lm.adapter("default").unwrap();
+    let cfg = EvaLoraConfig { eva, max_batches: None, ..EvaLoraConfig::new(LoraConfig::new(2, 8.0, ["query", "value"])) };
+    let mut lm = calibrated(model, Box::new(cfg), 4).unwrap();
+    assert_eq!(max_abs_diff(&y0, &y(&lm)), 0.0, "B = 0");
+    let layers = lm.lora_layers("default").unwrap();
     let mut total = 0;
-    for (_, l) in &set.layers {
+    for (_, l) in &layers {
         let a = l.lora_a().value().into_dimensionality::<Ix2>().unwrap().mapv(f64::from);
         let k = a.nrows();
         total += k;
@@ -104,23 +107,21 @@ fn eva_is_identity_at_init_with_orthonormal_a_and_round_trips() {
     }
     assert_eq!(total, 8, "budget Σ r_l = 4 sites × 2 conserved");
     // Train-like change; merge == unmerged.
-    for (_, l) in &set.layers {
+    for (_, l) in &layers {
         l.lora_b().update(|b| b.mapv_inplace(|_| 0.05));
     }
-    let y1 = y(&model);
-    lm.merge().unwrap();
-    assert!(max_abs_diff(&y1, &y(&model)) < 1e-5);
-    lm.unmerge().unwrap();
+    let y1 = y(&lm);
+    lm.merge_adapter().unwrap();
+    assert!(max_abs_diff(&y1, &y(&lm)) < 1e-5);
+    lm.unmerge_adapter().unwrap();
     // save -> load -> save byte-identical (rank/alpha patterns and eva_config included).
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     lm.save_pretrained(d1.path()).unwrap();
     let text = std::fs::read_to_string(d1.path().join("adapter_config.json")).unwrap();
     assert!(text.contains("\"init_lora_weights\": \"eva\"") && text.contains("\"rho\": 2.0"), "{text}");
-    let other = Tiny::new(8, 2, 0);
-    let mut back = LoraModel::wrap(&other, 0);
-    back.load_adapter(d1.path(), "default").unwrap();
-    back.set_adapter("default").unwrap();
-    assert!(max_abs_diff(&y1, &y(&other)) < 1e-5);
+    let (back, report) = PeftModel::from_pretrained(Tiny::new(8, 2, 0), d1.path(), &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(max_abs_diff(&y1, &y(&back)) < 1e-5);
     back.save_pretrained(d2.path()).unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
@@ -132,8 +133,8 @@ fn whitening_divides_by_the_root_variance() {
     let model = Tiny::new(8, 1, 0);
     let cfg = LoraConfig::new(1, 8.0, ["query"]);
     let eva = EvaConfig { whiten: true, rho: 1.0, ..Default::default() };
-    let lm = eva_init(&model, &cfg, &eva, "default", 0, &mut calib_batches(&model, 8, 3), None).unwrap();
-    let a = lm.adapter("default").unwrap().layers[0].1.lora_a().value().to_owned();
+    let (tuner, _) = eva_init(&model, &cfg, &eva, "default", 0, &mut calib_batches(&model, 8, 3), None).unwrap();
+    let a = tuner.layers()[0].1.lora_a().value().to_owned();
     let n: f64 = a.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
     assert!((n - 1.0).abs() > 1e-3, "whitened rows are not unit norm: {n}");
 }
@@ -146,10 +147,13 @@ fn eva_reports_typed_errors() {
         eva_init(&model, cfg, eva, "default", 0, &mut calib_batches(&model, 8, n), None).err().unwrap()
     };
     assert!(run(&cfg, &EvaConfig::default(), 0).to_string().contains("empty"));
-    assert!(matches!(run(&cfg, &EvaConfig { rho: 0.5, ..Default::default() }, 2), Error::Invalid { op: "eva", .. }));
+    assert!(matches!(
+        run(&cfg, &EvaConfig { rho: 0.5, ..Default::default() }, 2),
+        AdapterError::Core(Error::Invalid { op: "eva", .. })
+    ));
     assert!(matches!(
         run(&LoraConfig::new(9, 8.0, ["query"]), &EvaConfig::default(), 2),
-        Error::Invalid { op: "eva", .. }
+        AdapterError::Core(Error::Invalid { op: "eva", .. })
     ));
     let mut nan = |i: usize| -> Result<Option<Tensor>> {
         if i > 1 {
@@ -159,6 +163,6 @@ fn eva_reports_typed_errors() {
         Ok(Some(model.forward(&x, &Ctx::eval())?.sum_all()))
     };
     let e = eva_init(&model, &cfg, &EvaConfig::default(), "default", 0, &mut nan, None).err().unwrap();
-    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    assert!(matches!(e, AdapterError::Core(Error::NonFinite { .. })), "{e}");
     assert!(model.layers[0][0].adapters().is_empty());
 }

@@ -151,18 +151,24 @@ impl TunerConfig for LoraConfig {
             }
     }
     fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
-        self.validate()?;
         if self.needs_calibration() {
             return Err(AdapterError::Unsupported {
                 method: "LORA".into(),
                 what: format!("init_lora_weights = {:?}", self.init_lora_weights),
-                reason: "a data-driven init: use peft_lora::corda::CordaConfig / peft_lora::eva::EvaConfig".into(),
+                reason: "a data-driven init: use peft_lora::corda::CordaLoraConfig / peft_lora::eva::EvaLoraConfig with \
+                         PeftModel::add_adapter_calibrated"
+                    .into(),
             });
         }
+        self.validate()?;
         let sites = lora_sites(model, self)?;
         let tuner = attach_lora(self, &sites, cx.name, cx.seed, |site, spec, rng| {
             Ok(LoraLinear::new(site.path(), cx.name, site.base().as_ref(), spec, rng)?)
         })?;
+        if self.fan_in_fan_out {
+            // Every peft-rs site is a linear layer storing [out, in]: PEFT resets the flag for such targets too.
+            return Ok(Box::new(tuner.with_saved_config(Box::new(LoraConfig { fan_in_fan_out: false, ..self.clone() }))));
+        }
         Ok(Box::new(tuner))
     }
     fn needs_calibration(&self) -> bool {
@@ -222,7 +228,12 @@ impl PeftConfig for LoraConfig {
     const PEFT_TYPE: &'static str = "LORA";
     fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
         let (c, warnings) = LoraConfig::from_value(v.clone())?;
-        c.validate()?;
+        // A CorDA/EVA-initialised adapter is read as LoRA (its init is handled by `for_loading`).
+        let mut check = c.clone();
+        if c.needs_calibration() {
+            check.init_lora_weights = InitLoraWeights::Bool(true);
+        }
+        check.validate()?;
         Ok((c, warnings))
     }
 }
@@ -297,3 +308,11 @@ impl<M: Module> LoraModelExt for PeftModel<M> {
 pub fn init_of(config: &LoraConfig) -> AdapterResult<Init> {
     Ok(config.init()?)
 }
+
+#[cfg(test)]
+#[path = "tuner_tests.rs"]
+mod tests;
+
+#[cfg(test)]
+#[path = "tuner_io_tests.rs"]
+mod io_tests;

@@ -344,13 +344,16 @@ mod tests {
     use peft_core::nn::Ctx;
     use peft_core::testing::max_abs_diff;
 
+    use peft_core::adapter::PeftModel;
+
     use super::*;
     use crate::layer::LoraLinear;
     use crate::testutil::{input, Tiny};
 
-    fn two() -> (Tiny, LoraModel) {
-        let m = Tiny::new(6, 1, 1);
-        let mut lm = LoraModel::new(&m, LoraConfig::new(2, 4.0, ["query", "value"]), "a", 0).unwrap();
+    type LoraModel = PeftModel<Tiny>;
+
+    fn two() -> LoraModel {
+        let mut lm = PeftModel::new(Tiny::new(6, 1, 1), LoraConfig::new(2, 4.0, ["query", "value"]), "a", 0).unwrap();
         let mut c = LoraConfig::new(3, 6.0, ["query", "value"]);
         c.use_rslora = true;
         lm.add_adapter("b", c).unwrap();
@@ -359,16 +362,16 @@ mod tests {
                 p.update(|v| v.mapv_inplace(|x| x + 0.05));
             }
         }
-        (m, lm)
+        lm
     }
 
     fn delta(lm: &LoraModel, n: &str) -> Vec<Array2<f32>> {
-        lm.adapter(n).unwrap().layers.iter().map(|(_, l)| l.lora_weight().unwrap()).collect()
+        lm.lora_layers(n).unwrap().iter().map(|(_, l)| l.lora_weight().unwrap()).collect()
     }
 
     #[test]
     fn cat_is_the_exact_weighted_sum_and_svd_at_full_rank_too() {
-        let (m, mut lm) = two();
+        let mut lm = two();
         lm.add_weighted_adapter(&["a", "b"], &[0.7, -0.4], "c", Combination::Cat).unwrap();
         lm.add_weighted_adapter(&["a", "b"], &[0.7, -0.4], "s", Combination::Svd { rank: Some(5), clamp: None })
             .unwrap();
@@ -378,17 +381,17 @@ mod tests {
             assert!(max_abs_diff(want.as_slice().unwrap(), dc[k].as_slice().unwrap()) < 1e-5);
             assert!(max_abs_diff(want.as_slice().unwrap(), ds[k].as_slice().unwrap()) < 1e-5);
         }
-        assert_eq!(lm.adapter("c").unwrap().layers[0].1.spec().r, 5);
+        assert_eq!(lm.lora_layers("c").unwrap()[0].1.spec().r, 5);
         // Forward with the combined adapter equals forward with both adapters weighted... checked via ΔW above;
         // and the new adapter is usable.
         lm.set_adapter("c").unwrap();
         let x = input(2, 6, 3);
-        assert!(m.forward(&x, &Ctx::eval()).is_ok());
+        assert!(lm.forward(&x, &Ctx::eval()).is_ok());
     }
 
     #[test]
     fn linear_follows_peft_and_is_exact_for_one_adapter() {
-        let (_m, mut lm) = two();
+        let mut lm = two();
         for (w, n) in [(0.5, "h"), (-0.7, "neg")] {
             lm.add_weighted_adapter(&["a"], &[w], n, Combination::Linear).unwrap();
             let (da, dh) = (delta(&lm, "a"), delta(&lm, n));
@@ -408,10 +411,9 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighted");
         let base = peft_core::io::SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
         let want = peft_core::io::SafeTensorsFile::open(dir.join("deltas.safetensors")).unwrap();
-        let m = Tiny::load(8, 2, &base);
-        let mut lm = LoraModel::wrap(&m, 0);
-        lm.load_adapter(&dir.join("adapters"), "default").unwrap();
-        lm.load_adapter(&dir.join("adapters/other"), "other").unwrap();
+        let mut lm = PeftModel::wrap(Tiny::load(8, 2, &base), 0);
+        lm.load_adapter(&dir.join("adapters"), "default", &crate::registry()).unwrap();
+        lm.load_adapter(&dir.join("adapters/other"), "other", &crate::registry()).unwrap();
         let w = [0.7, -0.4];
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
         lm.add_weighted_adapter(&["default", "other"], &w, "cat", Combination::Cat).unwrap();
@@ -420,7 +422,7 @@ mod tests {
         for c in ["lin", "cat", "svd"] {
             let mut worst = 0f32;
             let mut scale = 0f32;
-            for (site, l) in &lm.adapter(c).unwrap().layers {
+            for (site, l) in &lm.lora_layers(c).unwrap() {
                 let got = l.lora_weight().unwrap();
                 let exp = want.get(&format!("{}.{c}", site.path())).unwrap();
                 worst = worst.max(max_abs_diff(got.as_slice().unwrap(), exp.as_slice().unwrap()));
@@ -432,22 +434,21 @@ mod tests {
         }
     }
 
-    fn load_weighted() -> (Tiny, LoraModel, peft_core::io::SafeTensorsFile) {
+    fn load_weighted() -> (LoraModel, peft_core::io::SafeTensorsFile) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/weighted");
         let base = peft_core::io::SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
         let want = peft_core::io::SafeTensorsFile::open(dir.join("merges.safetensors")).unwrap();
-        let m = Tiny::load(8, 2, &base);
-        let mut lm = LoraModel::wrap(&m, 0);
-        lm.load_adapter(&dir.join("adapters"), "default").unwrap();
-        lm.load_adapter(&dir.join("adapters/other"), "other").unwrap();
-        (m, lm, want)
+        let mut lm = PeftModel::wrap(Tiny::load(8, 2, &base), 0);
+        lm.load_adapter(&dir.join("adapters"), "default", &crate::registry()).unwrap();
+        lm.load_adapter(&dir.join("adapters/other"), "other", &crate::registry()).unwrap();
+        (lm, want)
     }
 
     /// PEFT 0.21 fixture (gen_merge_fixture.py): ties / magnitude_prune on the factors must give PEFT's A and B,
     /// and every merge (the *_svd ones included) PEFT's ΔW, within 1e-5.
     #[test]
     fn pruning_merges_match_peft() {
-        let (_m, mut lm, want) = load_weighted();
+        let (mut lm, want) = load_weighted();
         let w = [0.7, -0.4];
         let combos = [
             ("ties_total", "ties", "total"),
@@ -460,9 +461,9 @@ mod tests {
         for (name, ty, sign) in combos {
             let how = Combination::from_peft(ty, Some(3), None, Some(0.5), sign, 0).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, name, how).unwrap();
-            let set = lm.adapter(name).unwrap();
-            assert_eq!(set.layers.len(), 4);
-            for (site, l) in &set.layers {
+            let set = lm.lora_layers(name).unwrap();
+            assert_eq!(set.len(), 4);
+            for (site, l) in &set {
                 assert_eq!(l.scaling(), 1.0);
                 let key = |t: &str| format!("{}.{name}.{t}", site.path());
                 let dw = want.get(&key("dW")).unwrap();
@@ -485,7 +486,7 @@ mod tests {
     /// (factors) / the exact weighted sum (ΔW); about `density` of the entries survive.
     #[test]
     fn dare_is_seeded_and_unbiased() {
-        let (_m, mut lm, _) = load_weighted();
+        let (mut lm, _) = load_weighted();
         let w = [0.7, -0.4];
         let density = 0.6;
         let factor = |seed| Combination::Factors { merge: Merge::DareLinear { density, seed } };
@@ -494,7 +495,7 @@ mod tests {
         lm.add_weighted_adapter(&["default", "other"], &w, "d1b", factor(1)).unwrap();
         lm.add_weighted_adapter(&["default", "other"], &w, "d2", factor(2)).unwrap();
         fn a(lm: &LoraModel, n: &str) -> ndarray::ArrayD<f32> {
-            lm.adapter(n).unwrap().layers[0].1.lora_a().value().to_owned()
+            lm.lora_layers(n).unwrap()[0].1.lora_a().value().to_owned()
         }
         assert_eq!(a(&lm, "d1"), a(&lm, "d1b"));
         assert_ne!(a(&lm, "d1"), a(&lm, "d2"));
@@ -510,7 +511,7 @@ mod tests {
             mean = mean + &v / n as f32;
             lm.delete_adapter(&name).unwrap();
         }
-        let l0 = |n: &str| lm.adapter(n).unwrap().layers[0].1.clone();
+        let l0 = |n: &str| lm.lora_layers(n).unwrap()[0].1.clone();
         let lin = l0("lin").lora_a().value().to_owned();
         // Per entry, the std of the mean is sqrt((1-d)/d · Σᵢ (waᵢ·Aᵢ)² / n); allow 5 of them.
         let mut var = ndarray::ArrayD::<f32>::zeros(lin.raw_dim());
@@ -524,7 +525,7 @@ mod tests {
             assert!((m - l).abs() <= *t, "mean of DARE A {m} vs linear A {l} (tol {t})");
         }
         // Density: the merged factor of one adapter pruned by DARE keeps about `density` of its entries.
-        let single = lm.adapter("default").unwrap().layers[0].1.lora_a().value().to_owned();
+        let single = lm.lora_layers("default").unwrap()[0].1.lora_a().value().to_owned();
         let t = single.mapv(f64::from);
         for seed in 0..50 {
             let p = crate::merge_utils::random_prune(&t, density, true, &mut StdRng::seed_from_u64(seed));
@@ -539,7 +540,7 @@ mod tests {
             let how = Combination::from_peft(ty, Some(2), None, Some(density), "frequency", 9).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, &format!("{ty}1"), how).unwrap();
             lm.add_weighted_adapter(&["default", "other"], &w, &format!("{ty}2"), how).unwrap();
-            let d = |n: String| lm.adapter(&n).unwrap().layers[1].1.lora_weight().unwrap();
+            let d = |n: String| lm.lora_layers(&n).unwrap()[1].1.lora_weight().unwrap();
             assert_eq!(d(format!("{ty}1")), d(format!("{ty}2")));
         }
     }
@@ -548,14 +549,14 @@ mod tests {
     /// except with one adapter. Documents where `linear` differs from `Σ wᵢ·ΔWᵢ`.
     #[test]
     fn linear_differs_from_the_weighted_sum_by_the_cross_terms() {
-        let (_m, mut lm, _) = load_weighted();
+        let (mut lm, _) = load_weighted();
         let w = [0.7, -0.4];
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
         let full =
             Combination::DeltaSvd { merge: Merge::DareLinear { density: 1.0, seed: 0 }, rank: Some(4), clamp: None };
         lm.add_weighted_adapter(&["default", "other"], &w, "exact", full).unwrap();
         for k in 0..4 {
-            let l = |n: &str| lm.adapter(n).unwrap().layers[k].1.clone();
+            let l = |n: &str| lm.lora_layers(n).unwrap()[k].1.clone();
             let (d0, d1) = (l("default"), l("other"));
             let sum = d0.lora_weight().unwrap() * 0.7 + d1.lora_weight().unwrap() * -0.4;
             let exact = l("exact").lora_weight().unwrap();
@@ -631,7 +632,7 @@ mod tests {
     /// not a no-op: the bound is the largest *signed* entry, so a more negative entry is clipped (as in PEFT).
     #[test]
     fn svd_default_rank_and_clamp() {
-        let (_m, mut lm) = two(); // r 2 and r 3
+        let mut lm = two(); // r 2 and r 3
         let w = [0.7, -0.4];
         let svd = |rank, clamp| Combination::Svd { rank, clamp };
         lm.add_weighted_adapter(&["a", "b"], &w, "dflt", svd(None, None)).unwrap();
@@ -641,12 +642,12 @@ mod tests {
         let ties = Merge::Ties { density: 0.5, sign: MajoritySign::Total };
         lm.add_weighted_adapter(&["a", "b"], &w, "t", Combination::DeltaSvd { merge: ties, rank: None, clamp: None })
             .unwrap();
-        assert_eq!(lm.adapter("dflt").unwrap().layers[0].1.spec().r, 3);
-        assert_eq!(lm.adapter("t").unwrap().layers[0].1.spec().r, 3);
-        let n = lm.adapter("r3").unwrap().layers.len();
+        assert_eq!(lm.lora_layers("dflt").unwrap()[0].1.spec().r, 3);
+        assert_eq!(lm.lora_layers("t").unwrap()[0].1.spec().r, 3);
+        let n = lm.lora_layers("r3").unwrap().len();
         let mut clamped = [0, 0];
         for k in 0..n {
-            let l = |name: &str| lm.adapter(name).unwrap().layers[k].1.clone();
+            let l = |name: &str| lm.lora_layers(name).unwrap()[k].1.clone();
             let fac = |name: &str| {
                 let l = l(name);
                 let (a, b) = (l.lora_a().value().to_owned(), l.lora_b().value().to_owned());
@@ -670,7 +671,7 @@ mod tests {
 
     #[test]
     fn factor_merges_need_equal_ranks_and_one_adapter_is_linear() {
-        let (_m, mut lm) = two();
+        let mut lm = two();
         let ties = Combination::Factors { merge: Merge::Ties { density: 0.5, sign: MajoritySign::Total } };
         assert!(lm.add_weighted_adapter(&["a", "b"], &[0.5, 0.5], "t", ties).is_err());
         // One adapter: PEFT falls back to linear whatever the type.

@@ -8,8 +8,8 @@ use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::testing::require_asset;
 use peft_lora::config::IntOrList;
-use peft_lora::io::{CONFIG_NAME, WEIGHTS_NAME};
-use peft_lora::{LoraConfig, LoraModel};
+use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
+use peft_lora::{LoraConfig, LoraModelExt};
 use peft_models::bert::BertModel;
 use peft_models::tokenizer::TextTokenizer;
 
@@ -55,22 +55,21 @@ fn peft_saved_adapter_gives_peft_outputs() {
     };
     let (model, tok) = load(&model_dir);
     let reference = SafeTensorsFile::open(fixtures().join("peft_outputs.safetensors")).unwrap();
-    let mut lm = LoraModel::wrap(&model, 0);
-    let warnings = lm.load_adapter(&fixtures().join("peft_adapter"), "default").unwrap();
-    println!("warnings: {warnings:?}");
+    let (mut lm, report) =
+        PeftModel::from_pretrained(model, &fixtures().join("peft_adapter"), &peft_lora::registry()).unwrap();
+    println!("{report}");
     // 2 layers × (query, value, attention.output.dense, intermediate.dense, output.dense); no pooler.
-    assert_eq!(lm.adapter("default").unwrap().layers.len(), 10);
-    lm.set_adapter("default").unwrap();
-    let err = worst_error(&model, &tok, &reference);
-    lm.disable_adapters();
-    let base_err = worst_error(&model, &tok, &reference);
-    lm.enable_adapters();
+    assert_eq!(lm.lora_layers("default").unwrap().len(), 10);
+    let err = worst_error(&lm, &tok, &reference);
+    lm.disable_adapters().unwrap();
+    let base_err = worst_error(&lm, &tok, &reference);
+    lm.enable_adapters().unwrap();
     println!("PEFT adapter: max |ours - PEFT| = {err:.3e} (base model vs PEFT: {base_err:.3e})");
     assert!(err <= 1e-4, "{err}");
     assert!(base_err > 1e-2, "the adapter must matter: {base_err}");
     // Merged, too.
-    lm.merge().unwrap();
-    let merged = worst_error(&model, &tok, &reference);
+    lm.merge_adapter().unwrap();
+    let merged = worst_error(&lm, &tok, &reference);
     println!("merged: {merged:.3e}");
     assert!(merged <= 1e-4, "{merged}");
 }
@@ -82,13 +81,12 @@ fn rust_saved_adapter_gives_the_same_outputs_in_peft() {
     };
     let (model, tok) = load(&model_dir);
     let reference = SafeTensorsFile::open(fixtures().join("rust_outputs.safetensors")).unwrap();
-    let mut lm = LoraModel::wrap(&model, 0);
-    let warnings = lm.load_adapter(&fixtures().join("rust_adapter"), "default").unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
-    lm.set_adapter("default").unwrap();
-    let err = worst_error(&model, &tok, &reference);
-    lm.disable_adapters();
-    let base_err = worst_error(&model, &tok, &reference);
+    let (mut lm, report) =
+        PeftModel::from_pretrained(model, &fixtures().join("rust_adapter"), &peft_lora::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    let err = worst_error(&lm, &tok, &reference);
+    lm.disable_adapters().unwrap();
+    let base_err = worst_error(&lm, &tok, &reference);
     println!("peft-rs adapter: max |ours - PEFT| = {err:.3e} (base model vs PEFT: {base_err:.3e})");
     assert!(err <= 1e-4, "{err}");
     assert!(base_err > 1e-2, "the adapter must matter: {base_err}");
@@ -99,10 +97,9 @@ fn peft_adapter_load_save_is_byte_identical() {
     let Some(model_dir) = require_asset("models/all-MiniLM-L6-v2") else {
         return;
     };
-    let model = BertModel::load(&model_dir).unwrap();
     for sub in ["peft_adapter", "rust_adapter"] {
-        let mut lm = LoraModel::wrap(&model, 0);
-        lm.load_adapter(&fixtures().join(sub), "default").unwrap();
+        let model = BertModel::load(&model_dir).unwrap();
+        let (lm, _) = PeftModel::from_pretrained(model, &fixtures().join(sub), &peft_lora::registry()).unwrap();
         let out = tempfile::tempdir().unwrap();
         lm.save_pretrained(out.path()).unwrap();
         for f in [CONFIG_NAME, WEIGHTS_NAME] {
@@ -125,7 +122,7 @@ fn write_rust_adapter_fixture() {
     let mut cfg = LoraConfig::new(4, 8.0, ["query", "value", "dense"]);
     cfg.layers_to_transform = Some(IntOrList::Many(vec![1, 3]));
     cfg.use_rslora = true;
-    let lm = LoraModel::new(&model, cfg, "default", 7).unwrap();
+    let lm = PeftModel::new(model, cfg, "default", 7).unwrap();
     // B starts at zero: give it small random values so the adapter changes the outputs.
     let init = RandomInit::new(11, 0.05);
     for p in lm.adapter_params("default").unwrap() {

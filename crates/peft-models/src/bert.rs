@@ -20,7 +20,7 @@ use peft_core::error::{Error, Result};
 use peft_core::io::{BertConfig, IoResult, SafeTensorsFile};
 use peft_core::nn::{
     Activation, Ctx, Embedding, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
-    RandomInit, Visitor, WeightSource,
+    PromptedSeq, RandomInit, Visitor, WeightSource,
 };
 use peft_core::param::Param;
 use peft_core::tensor::Tensor;
@@ -219,17 +219,20 @@ impl BertModel {
     /// # Errors
     /// Inconsistent batch vectors, ids out of range, or a sequence longer than `max_position_embeddings`.
     pub fn forward(&self, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
-        let mut x = self.embed(batch, ctx)?;
+        let x = self.embed(batch, ctx)?;
         let mask = if batch.attention_mask.iter().all(|&m| m != 0) {
             None
         } else {
             let m: Vec<bool> = batch.attention_mask.iter().map(|&m| m != 0).collect();
             Some(ArrayD::from_shape_vec(IxDyn(&batch.shape), m).expect("peft-rs bug: mask shape checked in embed"))
         };
+        let mut seq = PromptedSeq::new(x, mask);
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref(), ctx)?;
+            seq.enter(&layer.attn.prefix, ctx)?;
+            let h = layer.forward(seq.hidden(), seq.mask(), ctx)?;
+            seq.set_hidden(h)?;
         }
-        Ok(x)
+        seq.finish()
     }
 
     /// BERT's pooled output `tanh(pooler.dense(h[:, 0]))`, `[B, H]`.

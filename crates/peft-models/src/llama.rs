@@ -26,7 +26,7 @@ use peft_core::error::{Error, Result};
 use peft_core::io::GgufFile;
 use peft_core::io::{IoError, IoResult, LlamaConfig, SafeTensorsFile};
 use peft_core::nn::{
-    Ctx, DecoderConfig, DecoderLayer, Embedding, KvCache, Linear, Module, RandomInit, ResidualSite, RmsNorm, Rope,
+    Ctx, DecoderConfig, DecoderLayer, Embedding, KvCache, Linear, Module, PromptedSeq, RandomInit, RmsNorm, Rope, Site,
     Visitor, WeightSource,
 };
 use peft_core::ops::attention::RopeLayout;
@@ -405,12 +405,19 @@ impl Llama {
                 bail!("Llama::forward", "cache has {} layers, the model {}", c.len(), self.layers.len());
             }
         }
-        let mut h = self.embed.forward(ids, &shape)?;
+        // Prompt tokens from the attention-prefix sites enter with the first call of a sequence only (later calls
+        // see them in the cache).
+        let fresh = cache.as_deref().is_none_or(|c| c.iter().all(KvCache::is_empty));
+        let mut seq = PromptedSeq::new(self.embed.forward(ids, &shape)?, None);
         for (i, layer) in self.layers.iter().enumerate() {
+            if fresh {
+                seq.enter(&layer.attn.prefix, ctx)?;
+            }
             let c = cache.as_deref_mut().map(|c| &mut c[i]);
-            h = layer.forward(&h, None, c, ctx)?;
+            let h = layer.forward(seq.hidden(), seq.mask(), c, ctx)?;
+            seq.set_hidden(h)?;
         }
-        self.norm.forward(&h)
+        self.norm.forward(&seq.finish()?)
     }
 
     /// Logits `[B, L, vocab]` of `ids` laid out as `[B, L]` (see [`Llama::hidden_states`]).
@@ -531,16 +538,11 @@ impl Module for Llama {
             // The tied weight was reported by the embedding; report only the site (and its adapters' params).
             struct NoBase<'a>(&'a mut dyn Visitor, peft_core::tensor::TensorId);
             impl Visitor for NoBase<'_> {
-                fn param(&mut self, p: &peft_core::param::Param) {
-                    if p.id() != self.1 {
-                        self.0.param(p);
+                fn site(&mut self, s: Site<'_>) {
+                    match s {
+                        Site::Param(p) if p.id() == self.1 => {}
+                        other => self.0.site(other),
                     }
-                }
-                fn linear(&mut self, l: &Linear) {
-                    self.0.linear(l);
-                }
-                fn residual(&mut self, r: &ResidualSite) {
-                    self.0.residual(r);
                 }
             }
             self.lm_head.visit(&mut NoBase(v, self.embed.weight.id()));

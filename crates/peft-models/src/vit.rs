@@ -16,7 +16,7 @@ use peft_core::error::Result;
 use peft_core::io::hf_config::Dinov2Config;
 use peft_core::nn::{
     named_params, Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
-    RandomInit, Visitor, WeightSource,
+    PromptedSeq, RandomInit, Visitor, WeightSource,
 };
 use peft_core::param::Param;
 use peft_core::tensor::Tensor;
@@ -161,10 +161,13 @@ impl Dinov2 {
     /// # Errors
     /// As [`Dinov2::embeddings`].
     pub fn forward(&self, pixel_values: &Tensor, ctx: &Ctx) -> Result<VitOutput> {
-        let mut x = self.embeddings(pixel_values)?;
+        let mut seq = PromptedSeq::new(self.embeddings(pixel_values)?, None);
         for layer in &self.layers {
-            x = layer.forward(&x, None, ctx)?;
+            seq.enter(&layer.attn.prefix, ctx)?;
+            let h = layer.forward(seq.hidden(), None, ctx)?;
+            seq.set_hidden(h)?;
         }
+        let mut x = seq.finish()?;
         if let Some(ln) = &self.layernorm {
             x = ln.forward(&x)?;
         }

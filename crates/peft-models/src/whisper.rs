@@ -9,7 +9,7 @@ use peft_core::error::{Error, Result};
 use peft_core::io::hf_config::WhisperConfig;
 use peft_core::nn::{
     Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement, RandomInit,
-    Visitor, WeightSource,
+    PromptedSeq, Visitor, WeightSource,
 };
 use peft_core::param::Param;
 use peft_core::tensor::Tensor;
@@ -146,11 +146,14 @@ impl WhisperEncoder {
         }
         let h = self.conv1.forward(features)?.gelu();
         let h = self.conv2.forward(&h)?.gelu();
-        let mut h = h.permute(&[0, 2, 1])?.add(&self.embed_positions.tensor())?;
+        let h = h.permute(&[0, 2, 1])?.add(&self.embed_positions.tensor())?;
+        let mut seq = PromptedSeq::new(h, None);
         for layer in &self.layers {
-            h = layer.forward(&h, None, ctx)?;
+            seq.enter(&layer.attn.prefix, ctx)?;
+            let h = layer.forward(seq.hidden(), None, ctx)?;
+            seq.set_hidden(h)?;
         }
-        self.layer_norm.forward(&h)
+        self.layer_norm.forward(&seq.finish()?)
     }
 
     /// The encoder output averaged over frames, `[B, d_model]`.
