@@ -15,10 +15,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ndarray::ArrayD;
-use peft_core::adapter::{FullFineTune, Method};
 use peft_core::nn::named_params;
 use peft_core::Param;
-use peft_lora::LoraMethod;
 use peft_models::bert::BertForSequenceClassification;
 use peft_models::tokenizer::TextTokenizer;
 use peft_quant::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
@@ -26,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 mod sst2_common;
-use sst2_common::{accuracy, load_model, read_tsv, train, Data, Res};
+use sst2_common::{accuracy, load_model, prepare, read_tsv, train, Data, Res};
 
 /// Compresses `tau` at each density, installs `base + τ̂` through `install`, measures accuracy, and restores.
 fn sweep(
@@ -81,15 +79,12 @@ fn main() -> Res<()> {
     println!("SST-2: {} train examples (1 epoch, batch 16), {} dev examples", data.train.len(), data.dev.len());
 
     // LoRA r=8 alpha=16 on query,value.
-    let model = load_model(&mdir)?;
-    let head = model.classifier.base().params();
-    let lora = LoraMethod::lora(["query", "value"]);
-    let prep = lora.prepare(&model, &head)?;
+    let lora = peft_lora::methods().into_iter().find(|m| m.name.0 == "lora").ok_or("no lora entry")?;
+    let model = prepare(&lora, load_model(&mdir)?)?;
     let t = Instant::now();
-    train(&model, prep.trainable(), lora.default_lr(), &data)?;
+    train(&model, model.trainable_params(), lora.lr, &data)?;
     println!("LoRA trained in {:.0}s; dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
-    let head_ids: Vec<_> = head.iter().map(Param::id).collect();
-    let adapter: Vec<Param> = prep.trainable().into_iter().filter(|p| !head_ids.contains(&p.id())).collect();
+    let adapter: Vec<Param> = model.adapter_params("default")?;
     let tv =
         TaskVector::from_tensors(adapter.iter().map(|p| (p.name().to_string(), p.value().to_owned())).collect(), 0.0);
     let install = |v: &[f32]| -> Res<()> {
@@ -100,20 +95,20 @@ fn main() -> Res<()> {
         Ok(())
     };
     sweep("LoRA (A and B ternarized)", &tv, &densities, &model, &data, &install)?;
-    drop(prep);
+    drop(model);
 
     if std::env::var("PEFT_COMPEFT_SKIP_FULL").is_ok_and(|v| v == "1") {
         return Ok(());
     }
     // Full fine-tuning: tau = trained - pretrained over the backbone.
+    let full = peft_core::adapter::methods().into_iter().find(|m| m.name.0 == "full").ok_or("no full entry")?;
     let model = load_model(&mdir)?;
-    let head = model.classifier.base().params();
-    let head_ids: Vec<_> = head.iter().map(Param::id).collect();
-    let backbone: Vec<Param> = named_params(&model).into_iter().filter(|p| !head_ids.contains(&p.id())).collect();
+    let backbone: Vec<Param> =
+        named_params(&model).into_iter().filter(|p| !p.name().starts_with("classifier")).collect();
     let pre: Vec<ArrayD<f32>> = backbone.iter().map(|p| p.value().to_owned()).collect();
-    let prep = FullFineTune.prepare(&model, &head)?;
+    let model = prepare(&full, model)?;
     let t = Instant::now();
-    train(&model, prep.trainable(), FullFineTune.default_lr(), &data)?;
+    train(&model, model.trainable_params(), full.lr, &data)?;
     println!("Full FT trained in {:.0}s; dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
     let tv = TaskVector::from_tensors(
         backbone.iter().zip(&pre).map(|(p, p0)| (p.name().to_string(), &p.value().to_owned() - p0)).collect(),

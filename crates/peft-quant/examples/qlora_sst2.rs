@@ -9,18 +9,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use peft_core::adapter::Method;
-use peft_lora::LoraMethod;
+use peft_core::adapter::PeftModel;
 use peft_models::bert::BertForSequenceClassification;
 use peft_models::tokenizer::TextTokenizer;
 use peft_quant::block4::FloatDtype;
-use peft_quant::qlora::{default_quant_spec, Qlora};
-use peft_quant::{QloraMethod, QuantFormat};
+use peft_quant::qlora::{default_quant_spec, quantize_sites};
+use peft_quant::{QloraExt, QuantFormat};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 mod sst2_common;
-use sst2_common::{accuracy, load_model, read_tsv, train, Data, Res};
+use sst2_common::{accuracy, load_model, prepare, read_tsv, train, Data, Res};
 
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -36,50 +35,48 @@ fn main() -> Res<()> {
     let data = Data { tok, train: train_rows, dev: read_tsv(&gdir.join("dev.tsv"))? };
     println!("SST-2: {} train examples (1 epoch, batch 16), {} dev examples", data.train.len(), data.dev.len());
 
-    let lora = LoraMethod::lora(["query", "value"]);
-    let model = load_model(&mdir)?;
-    let prep = lora.prepare(&model, &model.classifier.base().params())?;
+    let lora = peft_lora::methods().into_iter().find(|m| m.name.0 == "lora").ok_or("no lora entry")?;
+    let model = prepare(&lora, load_model(&mdir)?)?;
     let t = Instant::now();
-    train(&model, prep.trainable(), lora.default_lr(), &data)?;
+    train(&model, model.trainable_params(), lora.lr, &data)?;
     println!("lora : trained in {:5.0}s, dev acc {:.2}", t.elapsed().as_secs_f64(), accuracy(&model, &data)?);
 
-    let qm = QloraMethod::new(["query", "value"]);
+    let qm = peft_quant::methods().remove(0);
     println!("{}", qm.describe());
-    let model = load_model(&mdir)?;
-    let prep = qm.prepare(&model, &model.classifier.base().params())?;
+    let model = prepare(&qm, load_model(&mdir)?)?;
     let t = Instant::now();
-    train(&model, prep.trainable(), qm.default_lr(), &data)?;
+    train(&model, model.trainable_params(), qm.lr, &data)?;
     let acc = accuracy(&model, &data)?;
     println!("qlora: trained in {:5.0}s, dev acc {acc:.2}", t.elapsed().as_secs_f64());
     let dir = std::env::temp_dir().join(format!("qlora_sst2_{}", std::process::id()));
-    prep.save(&dir)?;
-    drop(prep);
+    model.save_pretrained(&dir)?;
+    drop(model);
 
     // Reload the adapter (and head) on a freshly quantized model, then try both merge options.
-    let reload = |dir: &Path| -> Res<(BertForSequenceClassification, Qlora)> {
+    let reload = |dir: &Path| -> Res<PeftModel<BertForSequenceClassification>> {
         let model = load_model(&mdir)?;
-        let spec = default_quant_spec()?;
-        let (q, warnings) = Qlora::load(&model, &spec, &QuantFormat::default(), dir, "default")?;
-        if !warnings.is_empty() {
-            println!("  load warnings: {warnings:?}");
+        quantize_sites(&model, &default_quant_spec()?, &QuantFormat::default())?;
+        let (q, report) = PeftModel::from_pretrained(model, dir, &peft_lora::registry())?;
+        if !report.is_clean() {
+            println!("  load: {report}");
         }
-        Ok((model, q))
+        Ok(q)
     };
-    let (model, q) = reload(&dir)?;
-    let m = q.memory();
+    let q = reload(&dir)?;
+    let m = q.quant_memory();
     println!(
         "quantized base: {} linears, {} params, {} bytes = {:.4} bytes/param ({:.4} without code tables)",
-        q.quantized_paths().len(),
+        q.quantized_sites().len(),
         m.params,
         m.bytes(),
         m.bytes_per_param(),
         m.bytes_per_param_without_maps()
     );
-    println!("reloaded qlora: dev acc {:.2}", accuracy(&model, &data)?);
-    q.merge_and_unload_dense(FloatDtype::F32)?;
+    println!("reloaded qlora: dev acc {:.2}", accuracy(&q, &data)?);
+    let (model, _) = q.merge_and_unload_dense(FloatDtype::F32)?;
     println!("merge (a) dequantize + dW -> dense f32: dev acc {:.2}", accuracy(&model, &data)?);
-    let (model, q) = reload(&dir)?;
-    let report = q.merge_requantized()?;
+    let mut model = reload(&dir)?;
+    let report = model.merge_requantized()?;
     let max = report.iter().map(|r| r.max_abs).fold(0f32, f32::max);
     let mean = report.iter().map(|r| r.mean_abs).sum::<f32>() / report.len() as f32;
     let rel = report.iter().map(|r| r.relative).sum::<f32>() / report.len() as f32;

@@ -16,8 +16,9 @@
 //!   on the fly (never the whole f32 weight) with gradients to the input only, and [`quantize_linear_sites`] to
 //!   swap the bases of a model's selected [`peft_core::nn::Linear`] sites (QLoRA's frozen NF4 base).
 //! * **ComPEFT** ([`compeft`]): top-k sparsified, ternarised PEFT updates with one scale and bit-packed storage.
-//! * **QLoRA** ([`qlora`]): NF4-DQ base + LoRA ([`Qlora`]), merge by dense export or re-quantization (with its
-//!   rounding error), byte accounting ([`QuantMemory`]), the `"qlora"` registry entry ([`QloraMethod`]).
+//! * **QLoRA** ([`qlora`]): NF4-DQ base + LoRA as a tuner ([`QloraConfig`]), merge by dense export or
+//!   re-quantization with its rounding error ([`QloraExt`]), byte accounting ([`QuantMemory`]), the `"qlora"`
+//!   registry entry ([`methods`]).
 //! * **LQ-LoRA** ([`lq_lora`]): `W ≈ Q + L1·L2` by alternating NF-b quantisation and truncated SVD, Fisher
 //!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack).
 //! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation, packing.
@@ -66,5 +67,5 @@ pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
-pub use qlora::{methods, methods_for, Qlora, QloraMethod, QuantMemory, RoundingError};
+pub use qlora::{methods, methods_for, QloraConfig, QloraExt, QuantMemory, RoundingError};
 pub use storage::{Checkpoint, RawTensor};

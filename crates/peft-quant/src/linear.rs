@@ -386,6 +386,9 @@ impl LinearBase for QuantLinear {
     fn weight_bytes(&self) -> usize {
         self.weight().storage_bytes()
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// Replaces the base of every linear site of `model` selected by `spec` with a [`QuantLinear`] of `format`

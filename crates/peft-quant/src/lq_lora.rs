@@ -374,7 +374,7 @@ pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize
     (budget_bits_per_param * weights.iter().map(Array2::len).sum::<usize>() as f64).floor() as usize
 }
 
-/// LQ-LoRA initialisation of the LoRA adapter `name` of `lora`: for every adapted site, decomposes the base
+/// LQ-LoRA initialisation of the LoRA adapter `name` of `model`: for every adapted site, decomposes the base
 /// weight `W ≈ Q + L1·L2` at the adapter's rank ([`decompose`] with `quant`, `iters` and the Fisher matrix
 /// `fisher(path)` if any), sets `A = L2/√s`, `B = L1/√s` (so `s·B·A = L1·L2` at init) and replaces the base by
 /// a frozen dense one holding `dequant(Q)` (`<path>.weight`, bias kept). The base is held dequantised in f32:
@@ -383,16 +383,17 @@ pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize
 ///
 /// # Errors
 /// [`Error::UnknownName`]; [`Error::Invalid`] for a DoRA adapter or a merged site; decomposition errors.
-pub fn init_adapter(
-    lora: &peft_lora::LoraModel,
+pub fn init_adapter<M: peft_core::nn::Module>(
+    model: &peft_core::adapter::PeftModel<M>,
     name: &str,
     quant: &NfQuant,
     iters: usize,
     fisher: &dyn Fn(&str) -> Option<Array2<f32>>,
 ) -> Result<Vec<(String, Decomposition)>> {
-    let set = lora.adapter(name)?;
-    let mut out = Vec::with_capacity(set.layers.len());
-    for (site, l) in &set.layers {
+    use peft_lora::LoraModelExt;
+    let layers = model.lora_layers(name).map_err(|e| Error::Invalid { op: "lq_lora::init_adapter", msg: e.to_string() })?;
+    let mut out = Vec::with_capacity(layers.len());
+    for (site, l) in &layers {
         if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {
             return Err(Error::Invalid {
                 op: "lq_lora::init_adapter",

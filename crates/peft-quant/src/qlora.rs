@@ -1,30 +1,36 @@
 //! QLoRA (Dettmers et al. 2023): a frozen 4-bit (NF4 + double quantisation) base with LoRA adapters on top.
 //!
-//! [`Qlora::new`] quantizes the linear sites of a loaded model selected by a [`TargetSpec`] (by default every
-//! linear except the output layer / task head and `pooler.dense`, see [`default_quant_spec`]) into
-//! [`QuantLinear`] bases, then injects LoRA with a [`LoraConfig`] ([`LoraModel`]). Forward of an adapted site is
+//! [`QloraConfig`] is a tuner: injecting it quantizes the linear sites of the model selected by its `quant` pattern
+//! (by default every linear except the output layer / task head, `modules_to_save` and `pooler.dense`, see
+//! [`default_quant_spec`]) into [`QuantLinear`] bases, then injects LoRA with its [`LoraConfig`]. The adapter file
+//! is a plain PEFT LoRA adapter (QLoRA saves only the adapter; the base is re-quantized from the original
+//! checkpoint): to load one, quantize the model ([`quantize_sites`]) and load it as LoRA. Forward of an adapted
+//! site is
 //! `y = x · dequant(W_q)ᵀ + b + s·(drop(x) Aᵀ) Bᵀ`; gradients reach the input, LoRA and trainable biases, never the
 //! quantized weight. Compute is f32 (bnb casts the dequantised weight to bf16 first; not done here).
 //!
 //! Merging, two options:
-//! * (a) [`Qlora::merged_dense_weights`] / [`Qlora::merge_and_unload_dense`]: dequantize `W_q`, add the adapters'
-//!   `ΔW = s·B·A`, export f32 (or f16/bf16-rounded) dense weights. The paper's recipe (export bf16).
-//! * (b) [`Qlora::merge_requantized`]: re-quantize `dequant(W_q) + ΔW` with the same format (lossy: every element
-//!   is rounded again to its block's new absmax) and report the rounding error ([`RoundingError`]).
+//! * (a) [`QloraExt::merged_dense_weights`] / [`QloraExt::merge_and_unload_dense`]: dequantize `W_q`, add the
+//!   adapters' `ΔW = s·B·A` (and a `lora_bias` term into the bias), export f32 (or f16/bf16-rounded) dense
+//!   weights. The paper's recipe (export bf16).
+//! * (b) [`QloraExt::merge_requantized`]: re-quantize `dequant(W_q) + ΔW` with the same format (lossy: every
+//!   element is rounded again to its block's new absmax) and report the rounding error ([`RoundingError`]).
 //!
 //! Memory: [`QuantMemory`] counts the bytes of the quantized base as stored (packed codes, absmax, nested absmax +
 //! offset, and the code tables serialized with each tensor).
 //!
-//! The registry entry [`QloraMethod`] (`"qlora"`) is LoRA r=8 alpha=16 on `query,value` over an NF4-DQ base.
+//! The registry entry (`"qlora"`, [`methods`]) is LoRA r=8 alpha=16 on `query,value` over an NF4-DQ base.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use ndarray::{ArrayD, Zip};
-use peft_core::adapter::{Method, ModulePattern, Prepared, TargetSpec};
+use ndarray::ArrayD;
+use peft_core::adapter::{
+    not_supported, AdapterError, AdapterResult, AdapterTensors, InjectCx, MethodName, MethodSpec, ModulePattern,
+    PeftModel, TargetSpec, Tuner, TunerConfig,
+};
 use peft_core::nn::{linear_sites, Dense, Linear, LinearBase, Module};
 use peft_core::{Error, Param, Result};
-use peft_lora::{LoraConfig, LoraMethod, LoraModel};
+use peft_lora::LoraConfig;
 
 use crate::block4::{Absmax, FloatDtype};
 use crate::linear::{QuantFormat, QuantLinear, QuantWeight};
@@ -164,17 +170,10 @@ fn round_to(w: &mut ArrayD<f32>, dtype: FloatDtype) {
     }
 }
 
-/// A model with a quantized base and LoRA adapters.
-pub struct Qlora {
-    /// The LoRA bookkeeping (adapters, activation, save/load in PEFT's layout).
-    pub lora: LoraModel,
-    quantized: Vec<(Linear, Arc<QuantLinear>)>,
-}
-
-/// Quantizes the sites of `model` selected by `spec` and returns them with their new bases.
+/// Quantizes the sites of `model` selected by `spec` (each once) and returns them with their new bases.
 ///
 /// # Errors
-/// As [`crate::quantize_linear_sites`].
+/// [`Error::NoTargetMatched`]; quantizer errors; a site with a merged adapter.
 pub fn quantize_sites(
     model: &dyn Module,
     spec: &TargetSpec,
@@ -194,208 +193,48 @@ pub fn quantize_sites(
     Ok(out)
 }
 
-impl Qlora {
-    /// Quantizes the sites of `model` selected by `quant` to `format`, then injects LoRA adapter `name` with
-    /// `config` (initial values from `seed`).
-    ///
-    /// # Errors
-    /// [`Error::NoTargetMatched`] when either selection is empty; quantizer and config errors.
-    pub fn new(
-        model: &dyn Module,
-        quant: &TargetSpec,
-        format: &QuantFormat,
-        config: LoraConfig,
-        name: &str,
-        seed: u64,
-    ) -> Result<Self> {
-        let quantized = quantize_sites(model, quant, format)?;
-        let lora = LoraModel::new(model, config, name, seed)?;
-        Ok(Qlora { lora, quantized })
-    }
-
-    /// Quantizes like [`Qlora::new`] and loads the PEFT adapter saved in `dir` as `name` (active).
-    ///
-    /// # Errors
-    /// As [`Qlora::new`] and [`LoraModel::load_adapter`].
-    pub fn load(
-        model: &dyn Module,
-        quant: &TargetSpec,
-        format: &QuantFormat,
-        dir: &Path,
-        name: &str,
-    ) -> Result<(Self, Vec<String>)> {
-        let quantized = quantize_sites(model, quant, format)?;
-        let mut lora = LoraModel::wrap(model, 0);
-        let warnings = lora.load_adapter(dir, name)?;
-        lora.set_adapter(name)?;
-        Ok((Qlora { lora, quantized }, warnings))
-    }
-
-    /// The quantized site paths, in visit order.
-    pub fn quantized_paths(&self) -> Vec<&str> {
-        self.quantized.iter().map(|(s, _)| s.path()).collect()
-    }
-
-    /// The quantized bases (snapshots of the current ones).
-    pub fn quantized_layers(&self) -> impl Iterator<Item = (&str, &QuantLinear)> {
-        self.quantized.iter().map(|(s, q)| (s.path(), q.as_ref()))
-    }
-
-    /// Bytes held by the quantized base weights.
-    pub fn memory(&self) -> QuantMemory {
-        quant_memory(self.quantized.iter().map(|(_, q)| q.as_ref()))
-    }
-
-    /// Saves the adapters in PEFT's layout (the base is not saved: it is re-quantized from the original
-    /// checkpoint on load, as QLoRA does).
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        self.lora.save_pretrained(dir)
-    }
-
-    /// The active, unmerged adapter deltas `ΔW` of `site`, summed (`None` when it has none).
-    fn active_delta(&self, site: &Linear) -> Result<Option<ArrayD<f32>>> {
-        let base = site.base();
-        let mut acc: Option<ArrayD<f32>> = None;
-        for name in site.active() {
-            if site.is_merged(&name)? {
-                continue;
-            }
-            let ad = site.adapter(&name).ok_or(Error::UnknownName { name })?;
-            let Some(d) = ad.delta_weight(base.as_ref())? else {
-                return Err(Error::Invalid {
-                    op: "qlora merge",
-                    msg: format!("adapter `{}` on `{}` is not mergeable", ad.name(), site.path()),
-                });
-            };
-            acc = Some(match acc {
-                Some(a) => a + &d,
-                None => d,
-            });
-        }
-        Ok(acc)
-    }
-
-    /// Merge option (a), non-destructive: for every quantized site, `dequant(W_q) + Σ ΔW` of the active adapters,
-    /// rounded to `dtype` (f32 leaves it exact). Returns `(site path, [out, in] weight)`.
-    ///
-    /// # Errors
-    /// Adapter errors.
-    pub fn merged_dense_weights(&self, dtype: FloatDtype) -> Result<Vec<(String, ArrayD<f32>)>> {
-        let mut out = Vec::with_capacity(self.quantized.len());
-        for (site, _) in &self.quantized {
-            let mut w = site.base().dense_weight()?;
-            if let Some(d) = self.active_delta(site)? {
-                w += &d;
-            }
-            round_to(&mut w, dtype);
-            out.push((site.path().to_string(), w));
-        }
-        Ok(out)
-    }
-
-    /// Merge option (a): replaces every quantized base by a frozen dense one holding
-    /// [`Qlora::merged_dense_weights`] (`<path>.weight`, bias kept) and removes all adapters. The model is a
-    /// plain dense model afterwards.
-    ///
-    /// # Errors
-    /// Adapter errors; [`Error::Invalid`] when an adapter is merged already.
-    pub fn merge_and_unload_dense(mut self, dtype: FloatDtype) -> Result<Vec<(String, ArrayD<f32>)>> {
-        let merged = self.merged_dense_weights(dtype)?;
-        let names: Vec<String> = self.lora.adapters().iter().map(|a| a.name.clone()).collect();
-        for n in &names {
-            self.lora.delete_adapter(n)?;
-        }
-        for ((site, q), (_, w)) in self.quantized.iter().zip(&merged) {
-            let weight = Param::new(format!("{}.weight", site.path()), w.clone(), false);
-            site.replace_base(Arc::new(Dense { weight, bias: q.bias() }))?;
-        }
-        Ok(merged)
-    }
-
-    /// Merge option (b): merges every active adapter into its quantized base by re-quantizing
-    /// `dequant(W_q) + ΔW` (same quant type, blocksize, double quantisation), and reports the rounding error
-    /// against the exact merge per merged site. The adapters stay attached, marked merged (forward skips them).
-    ///
-    /// # Errors
-    /// Adapter and quantizer errors.
-    pub fn merge_requantized(&self) -> Result<Vec<RoundingError>> {
-        let mut out = Vec::new();
-        for (site, q) in &self.quantized {
-            for name in site.active() {
-                if site.is_merged(&name)? {
-                    continue;
-                }
-                let ad = site.adapter(&name).ok_or_else(|| Error::UnknownName { name: name.clone() })?;
-                let base = site.base();
-                let Some(d) = ad.delta_weight(base.as_ref())? else { continue };
-                let mut target = base.dense_weight()?;
-                Zip::from(&mut target).and(&d).for_each(|t, &v| *t += v);
-                site.merge(&name)?;
-                let got = q.dense_weight()?;
-                let (t, g) = (target.as_standard_layout(), got.as_standard_layout());
-                out.push(RoundingError::measure(
-                    site.path(),
-                    t.as_slice().expect("peft-rs bug: standard layout"),
-                    g.as_slice().expect("peft-rs bug: standard layout"),
-                ));
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// The `"qlora"` registry entry: LoRA (by default r=8, alpha=16 on `query,value`) over a base whose linear
-/// sites selected by `quant` (default [`default_quant_spec`]) are quantized to `format` (default NF4 + double
-/// quantisation, blocksize 64).
-///
-/// Learning rate: LoRA's registry default for the bench's short runs (2.5e-3; the paper uses 1e-4..2e-4 for
-/// long LLM runs).
-pub struct QloraMethod {
-    /// The LoRA part (config, rate, seed).
-    pub lora: LoraMethod,
-    /// Which linear sites to quantize (`None`: [`default_quant_spec`]). The task head is always excluded.
+/// QLoRA as a tuner: quantize, then LoRA. Saved as a plain PEFT LoRA adapter (`peft_type = "LORA"`).
+#[derive(Clone, Debug)]
+pub struct QloraConfig {
+    /// The LoRA part.
+    pub lora: LoraConfig,
+    /// Which linear sites to quantize (`None`: [`default_quant_spec`]). `modules_to_save` are never quantized.
     pub quant: Option<ModulePattern>,
     /// The quantized format.
     pub format: QuantFormat,
 }
 
-impl QloraMethod {
+impl QloraConfig {
     /// LoRA r=8, alpha=16 on `targets` over an NF4-DQ base of every linear except head and pooler.
     pub fn new<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
-        QloraMethod {
-            lora: LoraMethod::new("qlora", LoraConfig::new(8, 16.0, targets), 2.5e-3),
-            quant: None,
-            format: QuantFormat::default(),
-        }
+        QloraConfig { lora: LoraConfig::new(8, 16.0, targets), quant: None, format: QuantFormat::default() }
     }
 
-    /// The quantization selection, with the head modules excluded.
-    fn quant_spec(&self, head: &[Param]) -> Result<TargetSpec> {
-        let head_modules: Vec<String> =
-            head.iter().map(|h| h.name().rsplit_once('.').map_or(h.name(), |(m, _)| m).to_string()).collect();
+    /// The quantization selection, `modules_to_save` excluded.
+    ///
+    /// # Errors
+    /// Regex errors.
+    pub fn quant_spec(&self) -> Result<TargetSpec> {
+        let mts = self.lora.modules_to_save.clone().unwrap_or_default();
         match &self.quant {
             None => TargetSpec::new(
                 &ModulePattern::Regex("all-linear".into()),
                 Some(&ModulePattern::list(["pooler.dense"])),
                 None,
                 None,
-                &head_modules,
+                &mts,
             ),
-            Some(p) => TargetSpec::new(p, None, None, None, &head_modules),
+            Some(p) => TargetSpec::new(p, None, None, None, &mts),
         }
     }
 }
 
-impl Method for QloraMethod {
-    fn name(&self) -> &str {
-        "qlora"
+impl TunerConfig for QloraConfig {
+    fn peft_type(&self) -> &str {
+        "LORA"
     }
-
     fn describe(&self) -> String {
-        let t = match &self.lora.config.target_modules {
+        let t = match &self.lora.target_modules {
             Some(ModulePattern::List(v)) => v.join(","),
             Some(ModulePattern::Regex(s)) => s.clone(),
             None => "-".into(),
@@ -406,27 +245,216 @@ impl Method for QloraMethod {
             }
             QuantFormat::Int8 => "int8".into(),
         };
-        format!("QLoRA: LoRA r={} alpha={} on {t} over {q} linears", self.lora.config.r, self.lora.config.alpha())
+        format!("QLoRA: LoRA r={} alpha={} on {t} over {q} linears", self.lora.r, self.lora.alpha())
     }
-
-    fn default_lr(&self) -> f64 {
-        self.lora.default_lr()
+    fn to_json(&self) -> AdapterResult<serde_json::Value> {
+        TunerConfig::to_json(&self.lora)
     }
-
-    fn prepare(&self, model: &dyn Module, head: &[Param]) -> Result<Box<dyn Prepared>> {
-        quantize_sites(model, &self.quant_spec(head)?, &self.format)?;
-        self.lora.prepare(model, head)
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.lora.inference_mode = on;
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.lora.preflight(model, file)
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.lora.validate()?;
+        quantize_sites(model, &self.quant_spec()?, &self.format)?;
+        self.lora.inject(model, cx)
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 
+/// The quantized linear sites of `model` (those whose base is a [`QuantLinear`]), in visit order, each once.
+pub fn quantized_sites(model: &dyn Module) -> Vec<Linear> {
+    let mut out: Vec<Linear> = Vec::new();
+    for s in linear_sites(model) {
+        if s.base().as_any().downcast_ref::<QuantLinear>().is_some() && !out.iter().any(|o| o.path() == s.path()) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// The active, unmerged adapters' weight and bias changes at `site`, summed (`None` when it has none).
+fn active_delta(site: &Linear) -> AdapterResult<Option<(ArrayD<f32>, Option<ArrayD<f32>>)>> {
+    let base = site.base();
+    let mut acc: Option<(ArrayD<f32>, Option<ArrayD<f32>>)> = None;
+    for name in site.active() {
+        if site.is_merged(&name)? {
+            continue;
+        }
+        let ad = site.adapter(&name).ok_or(Error::UnknownName { name })?;
+        let Some(d) = ad.delta_weight(base.as_ref())? else {
+            return Err(not_supported(ad.name(), ad.kind(), "merge", format!("not mergeable on `{}`", site.path())));
+        };
+        let db = ad.delta_bias()?;
+        acc = Some(match acc {
+            Some((a, ab)) => {
+                let bias = match (ab, db) {
+                    (Some(x), Some(y)) => Some(x + &y),
+                    (x, y) => x.or(y),
+                };
+                (a + &d, bias)
+            }
+            None => (d, db),
+        });
+    }
+    Ok(acc)
+}
+
+/// QLoRA's operations on a [`PeftModel`] whose base has quantized sites.
+pub trait QloraExt<M: Module> {
+    /// The quantized sites.
+    fn quantized_sites(&self) -> Vec<Linear>;
+
+    /// Bytes held by the quantized base weights.
+    fn quant_memory(&self) -> QuantMemory;
+
+    /// Merge option (a), non-destructive: for every quantized site, `dequant(W_q) + Σ ΔW` of the active adapters,
+    /// rounded to `dtype` (f32 leaves it exact). Returns `(site path, [out, in] weight)`.
+    ///
+    /// # Errors
+    /// A non-mergeable active adapter (typed, naming it); adapter errors.
+    fn merged_dense_weights(&self, dtype: FloatDtype) -> AdapterResult<Vec<(String, ArrayD<f32>)>>;
+
+    /// Merge option (a): replaces every quantized base by a frozen dense one holding
+    /// [`QloraExt::merged_dense_weights`] (`<path>.weight`; the bias gets any `lora_bias` term), removes every
+    /// adapter and returns the plain dense model with the merged weights.
+    ///
+    /// # Errors
+    /// As [`QloraExt::merged_dense_weights`]; an adapter merged already.
+    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, Vec<(String, ArrayD<f32>)>)>;
+
+    /// Merge option (b): merges the active adapters into their quantized bases by re-quantizing
+    /// `dequant(W_q) + ΔW` (same quant type, blocksize, double quantisation) and reports, per quantized site with
+    /// an adapter, the rounding error against the exact merge. Forward then skips the merged adapters.
+    ///
+    /// # Errors
+    /// A non-mergeable active adapter (nothing is merged then); quantizer errors.
+    fn merge_requantized(&mut self) -> AdapterResult<Vec<RoundingError>>;
+}
+
+impl<M: Module> QloraExt<M> for PeftModel<M> {
+    fn quantized_sites(&self) -> Vec<Linear> {
+        quantized_sites(self.model())
+    }
+
+    fn quant_memory(&self) -> QuantMemory {
+        let sites = self.quantized_sites();
+        let bases: Vec<Arc<dyn LinearBase>> = sites.iter().map(Linear::base).collect();
+        quant_memory(bases.iter().filter_map(|b| b.as_any().downcast_ref::<QuantLinear>()))
+    }
+
+    fn merged_dense_weights(&self, dtype: FloatDtype) -> AdapterResult<Vec<(String, ArrayD<f32>)>> {
+        let sites = self.quantized_sites();
+        let mut out = Vec::with_capacity(sites.len());
+        for site in &sites {
+            let mut w = site.base().dense_weight()?;
+            if let Some((d, _)) = active_delta(site)? {
+                w += &d;
+            }
+            round_to(&mut w, dtype);
+            out.push((site.path().to_string(), w));
+        }
+        Ok(out)
+    }
+
+    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, Vec<(String, ArrayD<f32>)>)> {
+        let sites = self.quantized_sites();
+        let mut biases = Vec::with_capacity(sites.len());
+        for site in &sites {
+            let bias = site.base().bias();
+            let db = active_delta(site)?.and_then(|(_, db)| db);
+            let new_bias = match (bias, db) {
+                (Some(b), Some(db)) => {
+                    let v = &b.value().to_owned() + &db;
+                    if v.iter().any(|x| !x.is_finite()) {
+                        return Err(Error::NonFinite { what: format!("merged bias of {}", b.name()) }.into());
+                    }
+                    Some(Param::new(b.name(), v, false))
+                }
+                (None, Some(_)) => {
+                    return Err(not_supported(
+                        "?",
+                        "LORA",
+                        "merge",
+                        format!("an adapter has a lora_bias but `{}` has no bias", site.path()),
+                    ))
+                }
+                (b, None) => b,
+            };
+            biases.push(new_bias);
+        }
+        let merged = self.merged_dense_weights(dtype)?;
+        let model = self.into_base()?;
+        for ((site, bias), (_, w)) in sites.iter().zip(biases).zip(&merged) {
+            let weight = Param::new(format!("{}.weight", site.path()), w.clone(), false);
+            site.replace_base(Arc::new(Dense { weight, bias }))?;
+        }
+        Ok((model, merged))
+    }
+
+    fn merge_requantized(&mut self) -> AdapterResult<Vec<RoundingError>> {
+        // The exact targets first; checking every adapter is mergeable before anything is written.
+        let mut targets = Vec::new();
+        for site in self.quantized_sites() {
+            if let Some((d, _)) = active_delta(&site)? {
+                let mut t = site.base().dense_weight()?;
+                t += &d;
+                targets.push((site, t));
+            }
+        }
+        self.merge_adapter()?;
+        let mut out = Vec::with_capacity(targets.len());
+        for (site, target) in targets {
+            let got = site.base().dense_weight()?;
+            let (t, g) = (target.as_standard_layout(), got.as_standard_layout());
+            out.push(RoundingError::measure(
+                site.path(),
+                t.as_slice().expect("peft-rs bug: standard layout"),
+                g.as_slice().expect("peft-rs bug: standard layout"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// `"qlora"`.
+pub const QLORA: MethodName = MethodName("qlora");
+
 /// The QLoRA registry entries with LoRA on `query,value` (BERT site names).
-pub fn methods() -> Vec<Box<dyn Method>> {
+///
+/// Learning rate: LoRA's registry default for the bench's short runs (2.5e-3; the paper uses 1e-4..2e-4 for long
+/// LLM runs).
+pub fn methods() -> Vec<MethodSpec> {
     methods_for(&["query", "value"])
 }
 
 /// The QLoRA registry entries with LoRA on the given target names.
-pub fn methods_for(targets: &[&str]) -> Vec<Box<dyn Method>> {
-    vec![Box::new(QloraMethod::new(targets.iter().map(|s| s.to_string())))]
+pub fn methods_for(targets: &[&str]) -> Vec<MethodSpec> {
+    vec![MethodSpec::new(QLORA, QloraConfig::new(targets.iter().map(|s| s.to_string())), 2.5e-3)]
+}
+
+/// An error for a QLoRA operation on a model without quantized sites.
+pub fn no_quantized_sites() -> AdapterError {
+    AdapterError::Core(Error::Invalid { op: "qlora", msg: "the model has no quantized linear site".into() })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 use super::*;
 use peft_core::nn::{named_params, Ctx, RandomInit, Visitor, WeightSource};
 use peft_core::Tensor;
+use peft_lora::LoraModelExt;
 
 /// Two BERT-named layers (`query`, `value`, `output.dense`) and a `classifier` output layer.
 struct Toy {
@@ -56,30 +57,39 @@ fn cfg() -> LoraConfig {
     LoraConfig::new(4, 8.0, ["query", "value"])
 }
 
+type Model = PeftModel<Toy>;
+
 /// Gives every LoRA B a non-zero value (B starts at zero), the same in any model of the same shape.
-fn randomize_b(lm: &LoraModel) {
-    for a in lm.adapters() {
-        for (i, (_, l)) in a.layers.iter().enumerate() {
-            let b = l.lora_b();
-            b.set(RandomInit::new(100 + i as u64, 0.2).get("b", &b.shape()).unwrap()).unwrap();
-        }
+fn randomize_b(lm: &Model) {
+    for (i, (_, l)) in lm.lora_layers("default").unwrap().iter().enumerate() {
+        let b = l.lora_b();
+        b.set(RandomInit::new(100 + i as u64, 0.2).get("b", &b.shape()).unwrap()).unwrap();
     }
+}
+
+fn qcfg() -> QloraConfig {
+    QloraConfig { lora: cfg(), ..QloraConfig::new(["query"]) }
 }
 
 /// A QLoRA toy and its dense twin: same bias params, dense bases holding exactly the dequantised weights,
 /// the same LoRA adapter values.
-fn qlora_and_twin() -> (Toy, Qlora, Toy, LoraModel) {
-    let toy = Toy::new(D, 1);
-    let q = Qlora::new(&toy, &default_quant_spec().unwrap(), &QuantFormat::default(), cfg(), "default", 7).unwrap();
-    randomize_b(&q.lora);
+fn qlora_and_twin() -> (Model, Model) {
+    let q = PeftModel::new(Toy::new(D, 1), qcfg(), "default", 7).unwrap();
+    randomize_b(&q);
     let twin = Toy::new(D, 1);
-    for (site, (_, ql)) in linear_sites(&twin).iter().zip(q.quantized_layers()) {
-        let w = Param::new(format!("{}.weight", site.path()), ql.dense_weight().unwrap(), false);
+    let qs = q.quantized_sites();
+    for site in linear_sites(&twin) {
+        let Some(qsite) = qs.iter().find(|s| s.path() == site.path()) else { continue };
+        let w = Param::new(format!("{}.weight", site.path()), qsite.base().dense_weight().unwrap(), false);
         site.replace_base(Arc::new(Dense { weight: w, bias: site.base().bias() })).unwrap();
     }
-    let lm = LoraModel::new(&twin, cfg(), "default", 7).unwrap();
+    let lm = PeftModel::new(twin, cfg(), "default", 7).unwrap();
     randomize_b(&lm);
-    (toy, q, twin, lm)
+    (q, lm)
+}
+
+fn paths(q: &Model) -> Vec<String> {
+    q.quantized_sites().iter().map(|s| s.path().to_string()).collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -88,17 +98,17 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn default_spec_quantizes_every_linear_but_the_head() {
-    let (toy, q, _, _) = qlora_and_twin();
-    assert_eq!(q.quantized_paths().len(), 6);
-    assert!(!q.quantized_paths().contains(&"classifier"));
-    assert_eq!(toy.classifier.base().weight_bytes(), 3 * D * 4, "the head stays dense");
+    let (q, _) = qlora_and_twin();
+    assert_eq!(paths(&q).len(), 6);
+    assert!(!paths(&q).contains(&"classifier".to_string()));
+    assert_eq!(q.classifier.base().weight_bytes(), 3 * D * 4, "the head stays dense");
     // 64·64/2 packed + 64 u8 scales + 1 nested f32 + offset.
-    assert_eq!(toy.layers[0][2].base().weight_bytes(), D * D / 2 + D + 8);
+    assert_eq!(q.layers[0][2].base().weight_bytes(), D * D / 2 + D + 8);
 }
 
 #[test]
 fn qlora_forward_equals_dequantized_dense_plus_lora_forward() {
-    let (toy, _q, twin, _lm) = qlora_and_twin();
+    let (toy, twin) = qlora_and_twin();
     let x = input(3);
     let ctx = Ctx::eval();
     let (y, yd) = (toy.forward(&x, &ctx).unwrap(), twin.forward(&x, &ctx).unwrap());
@@ -110,15 +120,15 @@ fn qlora_forward_equals_dequantized_dense_plus_lora_forward() {
 
 #[test]
 fn gradients_flow_to_lora_only_and_equal_the_dense_twin() {
-    let (toy, q, twin, lm) = qlora_and_twin();
+    let (toy, lm) = qlora_and_twin();
     let x = input(4);
     let targets = [0i64, 1, 2, 0, 1];
     let loss = |m: &Toy| m.forward(&x, &Ctx::train(0)).unwrap().cross_entropy(&targets, None, 0.0).unwrap();
     let g = loss(&toy).backward().unwrap();
-    let gd = loss(&twin).backward().unwrap();
-    let lora = q.lora.trainable_params();
+    let gd = loss(&lm).backward().unwrap();
+    let lora = toy.trainable_params();
     assert_eq!(lora.len(), 8, "A and B on 4 sites");
-    for p in named_params(&toy) {
+    for p in named_params(toy.model()) {
         let is_lora = lora.iter().any(|l| l.id() == p.id());
         assert_eq!(g.get_id(p.id()).is_some(), is_lora, "{}", p.name());
     }
@@ -133,10 +143,10 @@ fn gradients_flow_to_lora_only_and_equal_the_dense_twin() {
 
 #[test]
 fn merge_option_a_equals_the_unmerged_forward() {
-    let (toy, q, _, _) = qlora_and_twin();
+    let (q, _) = qlora_and_twin();
     let x = input(5);
-    let y0 = toy.forward(&x, &Ctx::eval()).unwrap();
-    let merged = q.merge_and_unload_dense(FloatDtype::F32).unwrap();
+    let y0 = q.forward(&x, &Ctx::eval()).unwrap();
+    let (toy, merged) = q.merge_and_unload_dense(FloatDtype::F32).unwrap();
     assert_eq!(merged.len(), 6);
     let y1 = toy.forward(&x, &Ctx::eval()).unwrap();
     assert!(max_diff(&y0, &y1) < 1e-4, "{}", max_diff(&y0, &y1));
@@ -144,7 +154,7 @@ fn merge_option_a_equals_the_unmerged_forward() {
     assert!(site.adapters().is_empty());
     assert_eq!(site.base().weight_bytes(), D * D * 4, "dense again");
     // f16 export rounds each element by at most 2^-11 relative.
-    let (_, q2, _, _) = qlora_and_twin();
+    let (q2, _) = qlora_and_twin();
     let w32 = q2.merged_dense_weights(FloatDtype::F32).unwrap();
     let w16 = q2.merged_dense_weights(FloatDtype::F16).unwrap();
     for ((_, a), (_, b)) in w32.iter().zip(&w16) {
@@ -154,11 +164,11 @@ fn merge_option_a_equals_the_unmerged_forward() {
 
 #[test]
 fn merge_option_b_requantizes_and_reports_the_rounding_error() {
-    let (toy, q, _, _) = qlora_and_twin();
+    let (mut q, _) = qlora_and_twin();
     let x = input(6);
-    let y0 = toy.forward(&x, &Ctx::eval()).unwrap();
+    let y0 = q.forward(&x, &Ctx::eval()).unwrap();
     let exact = q.merged_dense_weights(FloatDtype::F32).unwrap();
-    let bytes = q.memory();
+    let bytes = q.quant_memory();
     let report = q.merge_requantized().unwrap();
     assert_eq!(report.len(), 4, "only the adapted sites");
     let half_gap = 0.5 * crate::codes::max_gap(&crate::codes::NF4);
@@ -168,9 +178,9 @@ fn merge_option_b_requantizes_and_reports_the_rounding_error() {
         assert!(r.max_abs > 0.0 && r.max_abs <= half_gap * absmax * 1.05, "{r:?}");
         assert!(r.mean_abs <= r.max_abs && r.relative > 0.0 && r.relative < 0.15, "{r:?}");
     }
-    assert_eq!(q.memory(), bytes, "still 4-bit");
-    assert!(toy.layers[0][0].is_merged("default").unwrap());
-    let y1 = toy.forward(&x, &Ctx::eval()).unwrap();
+    assert_eq!(q.quant_memory(), bytes, "still 4-bit");
+    assert!(q.layers[0][0].is_merged("default").unwrap());
+    let y1 = q.forward(&x, &Ctx::eval()).unwrap();
     let norm = y0.as_slice().iter().map(|v| v * v).sum::<f32>().sqrt();
     let diff: f32 = y0.as_slice().iter().zip(y1.as_slice()).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
     assert!(diff / norm < 0.15, "relative output change {}", diff / norm);
@@ -178,21 +188,22 @@ fn merge_option_b_requantizes_and_reports_the_rounding_error() {
 
 #[test]
 fn save_and_load_round_trip_in_peft_layout() {
-    let (toy, q, _, _) = qlora_and_twin();
+    let (q, _) = qlora_and_twin();
     let x = input(8);
-    let y0 = toy.forward(&x, &Ctx::eval()).unwrap();
+    let y0 = q.forward(&x, &Ctx::eval()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     assert!(q.save_pretrained(dir.path()).unwrap() > 0);
     let f = peft_core::io::safetensors::SafeTensorsFile::open(dir.path().join("adapter_model.safetensors")).unwrap();
     assert!(f.contains("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"));
     assert!(f.contains("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"));
     assert_eq!(f.len(), 8);
+    // Loading: quantize the fresh model the same way, then load the plain LoRA adapter.
     let fresh = Toy::new(D, 1);
-    let (q2, warnings) =
-        Qlora::load(&fresh, &default_quant_spec().unwrap(), &QuantFormat::default(), dir.path(), "default").unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(q2.quantized_paths(), q.quantized_paths());
-    let y1 = fresh.forward(&x, &Ctx::eval()).unwrap();
+    quantize_sites(&fresh, &default_quant_spec().unwrap(), &QuantFormat::default()).unwrap();
+    let (q2, report) = PeftModel::from_pretrained(fresh, dir.path(), &peft_lora::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(paths(&q2), paths(&q));
+    let y1 = q2.forward(&x, &Ctx::eval()).unwrap();
     assert_eq!(y0.as_slice(), y1.as_slice());
 }
 
@@ -201,22 +212,24 @@ fn registry_entry_quantizes_the_encoder_and_trains_lora_and_head() {
     let all = methods();
     assert_eq!(all.len(), 1);
     let m = &all[0];
-    assert_eq!(m.name(), "qlora");
-    assert!((m.default_lr() - 2.5e-3).abs() < 1e-12);
+    assert_eq!(m.name, QLORA);
+    assert!((m.lr - 2.5e-3).abs() < 1e-12);
     assert!(m.describe().contains("r=8") && m.describe().contains("nf4-DQ"), "{}", m.describe());
-    let toy = Toy::new(D, 2);
-    let head = toy.classifier.base().params();
-    let prep = m.prepare(&toy, &head).unwrap();
-    let n: usize = prep.trainable().iter().map(Param::numel).sum();
+    let mut cfg = m.config();
+    cfg.set_modules_to_save(vec!["classifier".into()]).unwrap();
+    let mut toy = PeftModel::wrap(Toy::new(D, 2), 0);
+    toy.add_adapter_boxed("default", cfg).unwrap();
+    toy.set_adapter("default").unwrap();
+    let n: usize = toy.trainable_params().iter().map(Param::numel).sum();
     assert_eq!(n, 4 * 8 * 2 * D + 3 * D + 3);
     assert_eq!(toy.layers[1][2].base().weight_bytes(), D * D / 2 + D + 8);
     assert_eq!(toy.classifier.base().weight_bytes(), 3 * D * 4);
     let dir = tempfile::tempdir().unwrap();
-    assert!(prep.save(dir.path()).unwrap() > 0);
+    assert!(toy.save_pretrained(dir.path()).unwrap() > 0);
     // A few AdamW steps reduce the loss.
     let x = input(9);
     let targets = [0i64, 1, 2, 0, 1];
-    let mut opt = peft_core::AdamW::with_lr(prep.trainable(), 1e-2, 0.0).unwrap();
+    let mut opt = peft_core::AdamW::with_lr(toy.trainable_params(), 1e-2, 0.0).unwrap();
     let mut losses = vec![];
     for step in 0..30 {
         let loss = toy.forward(&x, &Ctx::train(step)).unwrap().cross_entropy(&targets, None, 0.0).unwrap();
@@ -226,6 +239,48 @@ fn registry_entry_quantizes_the_encoder_and_trains_lora_and_head() {
         peft_core::Optimizer::step(&mut opt, &g).unwrap();
     }
     assert!(losses[29] < 0.5 * losses[0], "{losses:?}");
+}
+
+/// Audit items: the QLoRA dense export ignored the `lora_bias` term, and re-quantized merging skipped
+/// non-mergeable adapters silently.
+#[test]
+fn dense_export_keeps_the_lora_bias_and_unmergeable_adapters_are_errors() {
+    let mut c = qcfg();
+    c.lora.lora_bias = true;
+    let q = PeftModel::new(Toy::new(D, 3), c, "default", 7).unwrap();
+    randomize_b(&q);
+    for (_, l) in q.lora_layers("default").unwrap() {
+        l.lora_b_bias().unwrap().update(|b| b.fill(0.25));
+    }
+    let x = input(10);
+    let y0 = q.forward(&x, &Ctx::eval()).unwrap();
+    let (toy, _) = q.merge_and_unload_dense(FloatDtype::F32).unwrap();
+    let y1 = toy.forward(&x, &Ctx::eval()).unwrap();
+    assert!(max_diff(&y0, &y1) < 1e-4, "{}", max_diff(&y0, &y1));
+    // An adapter that cannot merge (a test adapter with no delta weight) is refused by name, nothing merged.
+    struct NoMerge;
+    impl peft_core::nn::LinearAdapter for NoMerge {
+        fn name(&self) -> &str {
+            "nomerge"
+        }
+        fn kind(&self) -> &str {
+            "test"
+        }
+        fn delta(&self, _: &Tensor, _: &Tensor, _: &dyn LinearBase, _: &Ctx) -> Result<Option<Tensor>> {
+            Ok(None)
+        }
+        fn params(&self) -> Vec<Param> {
+            Vec::new()
+        }
+        fn delta_weight(&self, _: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
+            Ok(None)
+        }
+    }
+    let (mut q, _) = qlora_and_twin();
+    q.layers[0][0].attach(Arc::new(NoMerge)).unwrap();
+    let e = q.merge_requantized().unwrap_err();
+    assert!(e.to_string().contains("nomerge"), "{e}");
+    assert!(!q.layers[0][1].is_merged("default").unwrap(), "nothing merged");
 }
 
 #[test]

@@ -2,13 +2,12 @@
 //! parameter (measured from the stored buffers, code tables included), and the quantized model's pooled output
 //! stays close to the dense one.
 
+use peft_core::adapter::PeftModel;
 use peft_core::nn::Ctx;
 use peft_core::testing::require_asset;
-use peft_lora::LoraConfig;
 use peft_models::bert::{BertForSequenceClassification, Pooling};
 use peft_models::tokenizer::TextTokenizer;
-use peft_quant::qlora::{default_quant_spec, Qlora};
-use peft_quant::QuantFormat;
+use peft_quant::{QloraConfig, QloraExt};
 
 #[test]
 fn minilm_nf4_dq_base_is_at_most_0_52_bytes_per_param() {
@@ -17,18 +16,11 @@ fn minilm_nf4_dq_base_is_at_most_0_52_bytes_per_param() {
     let batch = tok.batch(&["a gripping, funny film", "dull and far too long"]).unwrap();
     let dense = BertForSequenceClassification::load(&dir, 2, Pooling::Mean, 0).unwrap();
     let model = BertForSequenceClassification::load(&dir, 2, Pooling::Mean, 0).unwrap();
-    let q = Qlora::new(
-        &model,
-        &default_quant_spec().unwrap(),
-        &QuantFormat::default(),
-        LoraConfig::new(8, 16.0, ["query", "value"]),
-        "default",
-        0,
-    )
-    .unwrap();
-    assert_eq!(q.quantized_paths().len(), 36, "6 layers x (q, k, v, attention out, intermediate, output)");
-    assert!(!q.quantized_paths().iter().any(|p| p.contains("pooler") || *p == "classifier"));
-    let m = q.memory();
+    let q = PeftModel::new(model, QloraConfig::new(["query", "value"]), "default", 0).unwrap();
+    let paths: Vec<String> = q.quantized_sites().iter().map(|s| s.path().to_string()).collect();
+    assert_eq!(paths.len(), 36, "6 layers x (q, k, v, attention out, intermediate, output)");
+    assert!(!paths.iter().any(|p| p.contains("pooler") || *p == "classifier"));
+    let m = q.quant_memory();
     assert_eq!(m.params, 6 * (4 * 384 * 384 + 2 * 384 * 1536));
     let bpp = m.bytes_per_param();
     println!(
@@ -40,7 +32,7 @@ fn minilm_nf4_dq_base_is_at_most_0_52_bytes_per_param() {
     assert!(bpp <= 0.52, "{bpp}");
     // LoRA starts at B = 0: the outputs differ only by the quantisation error.
     let (hd, hq) =
-        (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), model.bert.forward(&batch, &Ctx::eval()).unwrap());
+        (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), q.bert.forward(&batch, &Ctx::eval()).unwrap());
     let (a, b) = (hd.as_slice(), hq.as_slice());
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());

@@ -38,6 +38,8 @@ pub trait LinearBase: Send + Sync {
     fn params(&self) -> Vec<Param>;
     /// Bytes held by the base weight (memory accounting).
     fn weight_bytes(&self) -> usize;
+    /// For downcasting to the concrete base (a quantized base's own operations).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// The dense f32 base: a `[out, in]` weight and an optional `[out]` bias.
@@ -83,6 +85,9 @@ impl LinearBase for Dense {
     }
     fn weight_bytes(&self) -> usize {
         self.weight.numel() * 4
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

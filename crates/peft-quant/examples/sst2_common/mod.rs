@@ -77,3 +77,16 @@ pub fn train(model: &BertForSequenceClassification, params: Vec<Param>, lr: f64,
 pub fn load_model(dir: &Path) -> Res<BertForSequenceClassification> {
     Ok(BertForSequenceClassification::load(dir, 2, Pooling::Mean, 0)?)
 }
+
+/// `spec`'s adapter on `model`, with the classifier head in `modules_to_save` (as the bench does).
+pub fn prepare(
+    spec: &peft_core::adapter::MethodSpec,
+    model: BertForSequenceClassification,
+) -> Res<peft_core::adapter::PeftModel<BertForSequenceClassification>> {
+    let mut cfg = spec.config();
+    cfg.set_modules_to_save(vec!["classifier".into()])?;
+    let mut pm = peft_core::adapter::PeftModel::wrap(model, spec.seed);
+    pm.add_adapter_boxed("default", cfg)?;
+    pm.set_adapter("default")?;
+    Ok(pm)
+}
