@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use peft_core::adapter::Method;
+use peft_core::adapter::{duplicate_name, MethodSpec, PeftModel};
 use peft_core::nn::named_params;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -83,8 +83,9 @@ pub fn profile(args: &BenchArgs) -> Profile {
 /// Default methods, in table order.
 pub const DEFAULT_METHODS: [&str; 4] = ["head", "bitfit", "lora", "full"];
 
-/// Every method the registries provide: peft-core's baselines plus the method crates'.
-pub fn registry() -> Vec<Box<dyn Method>> {
+/// Every method the registries provide: peft-core's baselines plus the method crates' (data: a tuner config, a
+/// learning rate and a seed per method).
+pub fn registry() -> Vec<MethodSpec> {
     let mut v = peft_core::adapter::methods();
     v.extend(peft_lora::methods());
     v.extend(peft_quant::methods());
@@ -94,17 +95,20 @@ pub fn registry() -> Vec<Box<dyn Method>> {
 /// Resolves method names against the registry.
 ///
 /// # Errors
-/// A name no registry provides, naming the known ones.
-pub fn resolve_methods(names: &[String], reg: Vec<Box<dyn Method>>) -> Result<Vec<Box<dyn Method>>> {
-    let mut reg: Vec<Option<Box<dyn Method>>> = reg.into_iter().map(Some).collect();
-    let known: Vec<String> = reg.iter().flatten().map(|m| m.name().to_string()).collect();
-    let mut out = Vec::new();
+/// A name no registry provides (naming the known ones), or a name given twice.
+pub fn resolve_methods(names: &[String], reg: Vec<MethodSpec>) -> Result<Vec<MethodSpec>> {
+    if let Some(d) = duplicate_name(&reg) {
+        bail!("xtask bug: two registry methods are named `{d}`");
+    }
+    let known: Vec<String> = reg.iter().map(|m| m.name.to_string()).collect();
+    let mut out: Vec<MethodSpec> = Vec::new();
     for n in names {
-        match reg.iter_mut().find(|m| m.as_ref().is_some_and(|m| m.name() == n)).and_then(Option::take) {
-            Some(m) => out.push(m),
-            None => {
-                bail!("method `{n}` is not in the registry (known: {})", known.join(", "))
-            }
+        if out.iter().any(|m| m.name.0 == n) {
+            bail!("method `{n}` is listed twice");
+        }
+        match reg.iter().find(|m| m.name.0 == n) {
+            Some(m) => out.push(m.clone()),
+            None => bail!("method `{n}` is not in the registry (known: {})", known.join(", ")),
         }
     }
     Ok(out)
@@ -170,7 +174,7 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     // 2. Methods and model (fail before any work).
     let names: Vec<String> =
         args.methods.clone().unwrap_or_else(|| DEFAULT_METHODS.iter().map(|s| s.to_string()).collect());
-    let mut methods = resolve_methods(&names, registry())?;
+    let methods = resolve_methods(&names, registry())?;
     drop(load_minilm(&model_dir, 2, 0)?);
     // 3. Threads.
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
@@ -203,30 +207,26 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         let train_split =
             Split { enc: train::encode_all(&tok, &sub)?, labels: idx.iter().map(|&i| train_y[i]).collect() };
         let dev_split = Split { enc: train::encode_all(&tok, &dev_ex)?, labels: dev_y };
-        for m in &mut methods {
+        for spec in &methods {
             for seed in args.seed..args.seed + args.seeds {
-                m.set_seed(seed);
-                let cfg = TrainConfig { lr: args.lr.unwrap_or_else(|| m.default_lr()), ..prof.cfg.clone() };
-                if !args.force && res.find(task.name(), m.name(), seed, &cfg).is_some() {
-                    eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name());
+                let m = spec.clone().with_seed(seed);
+                let cfg = TrainConfig { lr: args.lr.unwrap_or(m.lr), ..prof.cfg.clone() };
+                if !args.force && res.find(task.name(), m.name.0, seed, &cfg).is_some() {
+                    eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name);
                     continue;
                 }
-                match one_run(task, m.as_ref(), &cfg, seed, &model_dir, &run_dir, &train_split, &dev_split) {
+                match one_run(task, &m, &cfg, &model_dir, &run_dir, &train_split, &dev_split) {
                     Ok(rec) => {
                         eprintln!(
                             "{} / {} / seed {seed}: {:?}  {:.1} samples/s, {:.0} s",
-                            task,
-                            m.name(),
-                            rec.metrics,
-                            rec.samples_per_sec,
-                            rec.train_seconds
+                            task, m.name, rec.metrics, rec.samples_per_sec, rec.train_seconds
                         );
                         res.upsert(rec);
                         res.save(&results_path)?;
                     }
                     Err(e) => {
-                        eprintln!("{} / {} / seed {seed}: FAILED: {e:#}", task, m.name());
-                        failures.push(format!("{task}/{}/{seed}", m.name()));
+                        eprintln!("{} / {} / seed {seed}: FAILED: {e:#}", task, m.name);
+                        failures.push(format!("{task}/{}/{seed}", m.name));
                     }
                 }
             }
@@ -256,40 +256,53 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One task x method x seed run: the method's adapter on a fresh model (the task head in `modules_to_save`,
+/// calibration batches for data-driven inits), the core trainer, the adapter folder written.
 fn one_run(
     task: Task,
-    method: &dyn Method,
+    method: &MethodSpec,
     cfg: &TrainConfig,
-    seed: u64,
     model_dir: &Path,
     run_dir: &Path,
     train_split: &Split,
     dev_split: &Split,
 ) -> Result<Record> {
+    let seed = method.seed;
     train::reset_peak_rss();
     let model = load_minilm(model_dir, task.num_outputs(), seed)?;
-    let module = model.as_ref() as &dyn peft_core::nn::Module;
     // The pretrained model's size, counted before a method adds adapters or swaps weights for quantized storage
     // (QLoRA's NF4 weights are not parameters), so "trainable %" has the same denominator for every method.
-    let total: u64 = named_params(module).iter().map(|p| p.numel() as u64).sum();
-    let prepared = if method.needs_calibration() {
+    let total: u64 = named_params(model.as_ref()).iter().map(|p| p.numel() as u64).sum();
+    let mut head: Vec<String> = Vec::new();
+    for p in model.head() {
+        let m = p.name().rsplit_once('.').map_or(p.name(), |(m, _)| m).to_string();
+        if !head.contains(&m) {
+            head.push(m);
+        }
+    }
+    let mut config = method.config();
+    config.set_modules_to_save(head)?;
+    let mut pm = PeftModel::wrap(model, seed);
+    if config.needs_calibration() {
         let batches = train::calibration_batches(train_split, cfg.batch_size, CALIBRATION_BATCHES);
-        let mut calib = |i: usize| train::calibration_loss(task, model.as_ref(), train_split, &batches, i, seed);
-        method.prepare_calibrated(module, &model.head(), &mut calib)?
+        let mut calib = |m: &Box<dyn crate::model::SeqClassifier>, i: usize| {
+            train::calibration_loss(task, m.as_ref(), train_split, &batches, i)
+        };
+        pm.add_adapter_calibrated("default", config, &mut calib)?;
     } else {
-        method.prepare(module, &model.head())?
-    };
-    let trainable: u64 = prepared.trainable().iter().map(|p| p.numel() as u64).sum();
-    let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name()));
-    let out = train::run(task, model.as_ref(), prepared.as_ref(), cfg, cfg.lr, seed, train_split, dev_split, &bar);
+        pm.add_adapter_boxed("default", config)?;
+    }
+    pm.set_adapter("default")?;
+    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
+    let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name));
+    let out = train::run(task, &pm, cfg, cfg.lr, seed, train_split, dev_split, &bar);
     bar.finish_and_clear();
     let out = out?;
-    let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name()));
-    let adapter_bytes = prepared.save(&adapter_dir)?;
+    let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
+    let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
     Ok(Record {
         task: task.name().to_string(),
-        method: method.name().to_string(),
+        method: method.name.to_string(),
         method_desc: method.describe(),
         seed,
         lr: cfg.lr,
@@ -328,7 +341,7 @@ fn run_baseline(
         eprintln!("PyTorch baseline skipped: {e:#}");
         return;
     }
-    let Some(lora) = registry().into_iter().find(|m| m.name() == "lora") else {
+    let Some(lora) = registry().into_iter().find(|m| m.name.0 == "lora") else {
         eprintln!("PyTorch baseline skipped: it compares against our `lora` method, which is not in the registry");
         return;
     };
@@ -341,7 +354,7 @@ fn run_baseline(
             task,
             indices: idx,
             cfg,
-            lr: args.lr.unwrap_or_else(|| lora.default_lr()),
+            lr: args.lr.unwrap_or(lora.lr),
             seed,
             threads,
             work: &run_dir.join("baseline"),
@@ -393,9 +406,20 @@ mod tests {
     #[test]
     fn resolve_methods_names_missing_ones() {
         let got = resolve_methods(&["bitfit".into(), "head".into()], registry()).unwrap();
-        assert_eq!(got.iter().map(|m| m.name()).collect::<Vec<_>>(), vec!["bitfit", "head"]);
+        assert_eq!(got.iter().map(|m| m.name.0).collect::<Vec<_>>(), vec!["bitfit", "head"]);
         let Err(e) = resolve_methods(&["nope".into()], registry()) else { panic!("resolved an unknown method") };
         let e = e.to_string();
-        assert!(e.contains("`nope`") && e.contains("known: full, head, bitfit, lora"), "{e}");
+        assert!(e.contains("`nope`") && e.contains("known: full, head, bitfit, ln-tuning, lora"), "{e}");
+        // Issue 14 item 9: `--methods lora,lora` said "not in the registry".
+        let e = resolve_methods(&["lora".into(), "lora".into()], registry()).unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    /// Typed names: no two methods of all the registries (core, peft-lora, peft-quant) share one.
+    #[test]
+    fn no_two_registry_methods_share_a_name() {
+        let all = registry();
+        assert_eq!(duplicate_name(&all), None);
+        assert!(all.len() >= 12, "{}", all.len());
     }
 }

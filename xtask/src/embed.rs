@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use ndarray::{ArrayD, Axis, Ix2};
+use peft_core::adapter::PeftModel;
 use peft_core::io::{write_safetensors, SafeTensorsFile};
 use peft_core::nn::Ctx;
 use peft_core::{no_grad, Tensor};
-use peft_lora::LoraModel;
 use peft_models::audio::{read_wav, resample, LogMel};
 use peft_models::bert::{l2_normalize, mean_pool, BertModel};
 use peft_models::image_proc::Preprocess;
@@ -60,6 +60,10 @@ pub struct EmbedArgs {
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch: u64,
+    /// Refuse an adapter whose load report lists anything not applied (unexpected tensors, config keys this
+    /// library ignores, settings reset on load).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Errors in the input list, before any model runs.
@@ -166,9 +170,9 @@ pub fn run(args: &EmbedArgs) -> Result<std::process::ExitCode> {
             if !dir.is_dir() {
                 return Err(EmbedError::Missing { what: "adapter folder", path: dir.clone() }.into());
             }
-            let mut lm = LoraModel::wrap(model.module(), 0);
-            lm.load_adapter(dir, "default").with_context(|| format!("loading adapter {}", dir.display()))?;
-            lm.set_adapter("default")?;
+            let (lm, report) = PeftModel::from_pretrained(model.module(), dir, &peft_lora::registry())
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            crate::merge::check_report(dir, &report, args.strict)?;
             Some(lm)
         }
         None => None,

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use peft_core::adapter::{LoadReport, PeftModel};
 use peft_core::nn::named_params;
 use peft_core::Param;
-use peft_lora::LoraModel;
 use peft_models::registry::{self, Model};
 use peft_quant::{Checkpoint, RawTensor};
 use safetensors::Dtype;
@@ -37,6 +37,26 @@ pub struct MergeArgs {
     /// Replace OUT if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Refuse an adapter whose load report lists anything not applied (unexpected tensors, config keys this
+    /// library ignores, settings reset on load).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Prints the load report's warnings (to stderr) and, under `--strict`, fails on any.
+///
+/// # Errors
+/// `strict` with a report that is not clean.
+pub fn check_report(dir: &Path, report: &LoadReport, strict: bool) -> Result<()> {
+    for p in report.problems() {
+        eprintln!("warning: adapter {}: {p}", dir.display());
+    }
+    if strict {
+        if let Err(summary) = report.check_strict() {
+            bail!("adapter {}: --strict: not everything was applied: {summary}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 /// Runs `cargo xtask merge`.
@@ -54,11 +74,11 @@ pub fn run(args: &MergeArgs) -> Result<std::process::ExitCode> {
         bail!("--out {} exists; pass --force to replace it", args.out.display());
     }
     let model = registry::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let mut lm = LoraModel::wrap(model.module(), 0);
-    lm.load_adapter(&args.adapter, "default").with_context(|| format!("loading adapter {}", args.adapter.display()))?;
-    lm.set_adapter("default")?;
+    let (lm, report) = PeftModel::from_pretrained(model.module(), &args.adapter, &peft_lora::registry())
+        .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
+    check_report(&args.adapter, &report, args.strict)?;
     let merged_sites: Vec<String> =
-        lm.adapter("default")?.layers.iter().map(|(s, _)| format!("{}.weight", s.path())).collect();
+        lm.tuner("default")?.wrapped_modules().iter().map(|s| format!("{s}.weight")).collect();
     lm.merge_and_unload()?;
 
     let src =
@@ -196,6 +216,7 @@ mod tests {
             adapter: d.path().to_path_buf(),
             out: d.path().to_path_buf(),
             force: false,
+            strict: false,
         };
         assert!(run(&args).unwrap_err().to_string().contains("config.json"));
     }

@@ -1,5 +1,6 @@
-//! One fine-tuning run: tokenize, length-bucketed batches, AdamW with linear warmup/decay, gradient clipping, a
-//! non-finite guard, evaluation on the whole dev set, and the measurements the report needs.
+//! One fine-tuning run: tokenize, length-bucketed batches, the core trainer (`peft_core::train`: AdamW with linear
+//! warmup/decay, gradient clipping, the method's hooks, a non-finite guard), evaluation on the whole dev set, and
+//! the measurements the report needs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,10 +8,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::adapter::Prepared;
-use peft_core::nn::Ctx;
-use peft_core::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, ParamGroup, Schedule};
-use peft_core::{Error as CoreError, Tensor};
+use peft_core::adapter::PeftModel;
+use peft_core::nn::{Ctx, TokenMask};
+use peft_core::train::{calibration_ctx, Loss, NonFinitePolicy, ScheduleKind, TrainError, Trainer, TrainerConfig};
+use peft_core::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -224,32 +225,37 @@ pub fn calibration_batches(train: &Split, batch_size: usize, n: usize) -> Vec<Ve
     idx.chunks(batch_size.max(1)).take(n).map(<[usize]>::to_vec).collect()
 }
 
-/// Loss of calibration batch `i` (`None` past the last batch), computed in training mode as a training step would,
-/// for [`peft_core::adapter::Method::prepare_calibrated`].
+/// The token mask of a collated batch (padding false).
+pub fn token_mask(batch: &TokBatch) -> TokenMask {
+    TokenMask { valid: batch.attention_mask.iter().map(|&m| m != 0).collect(), shape: batch.shape }
+}
+
+/// Loss of calibration batch `i` (`None` past the last batch), for `PeftModel::add_adapter_calibrated`: in
+/// evaluation mode (no dropout) with the batch's padding masked ([`peft_core::train::calibration_ctx`]).
 pub fn calibration_loss(
     task: Task,
     model: &dyn SeqClassifier,
     train: &Split,
     batches: &[Vec<usize>],
     i: usize,
-    seed: u64,
 ) -> peft_core::Result<Option<Tensor>> {
     let Some(idx) = batches.get(i) else { return Ok(None) };
     let batch = collate(&train.enc, idx);
-    let ctx = Ctx::train(seed ^ 0xca1b_0000_u64.wrapping_add(i as u64));
+    let ctx = calibration_ctx(Some(token_mask(&batch)));
     let logits = model.logits(&batch, &ctx)?;
     loss_of(task, &logits, &train.labels, idx).map(Some)
 }
 
-/// Trains `prepared`'s parameters of `model` on `train`, then scores `dev`.
+/// Trains the trainable parameters of `model` (its active adapter, head included) on `train` with the core
+/// trainer ([`Trainer`]: AdamW with decoupled weight decay off biases and norms, linear warmup and decay, gradient
+/// clipping, the method's hooks, non-finite steps skipped), then scores `dev`.
 ///
 /// # Errors
 /// Model errors, and divergence: more than 10% of the steps (or 20 in a row) with a non-finite loss or gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     task: Task,
-    model: &dyn SeqClassifier,
-    prepared: &dyn Prepared,
+    model: &PeftModel<Box<dyn SeqClassifier>>,
     cfg: &TrainConfig,
     lr: f64,
     seed: u64,
@@ -257,56 +263,51 @@ pub fn run(
     dev: &Split,
     bar: &ProgressBar,
 ) -> Result<RunOutcome> {
-    let params = prepared.trainable();
-    let mut opt = AdamW::new(ParamGroup::decay_split(params, lr, cfg.weight_decay), AdamWConfig::default())?;
     let mut rng = StdRng::seed_from_u64(seed);
     let lens: Vec<usize> = train.enc.iter().map(|e| e.ids.len()).collect();
     let epochs: Vec<Vec<Vec<usize>>> =
         (0..cfg.epochs).map(|_| length_batches(&lens, cfg.batch_size, Some(&mut rng))).collect();
     let total: usize = epochs.iter().map(Vec::len).sum();
-    let warmup = (cfg.warmup_frac * total as f64).round() as usize;
-    let sched = Schedule::linear(warmup, total);
+    let tcfg = TrainerConfig {
+        lr,
+        weight_decay: cfg.weight_decay,
+        max_grad_norm: Some(cfg.max_grad_norm),
+        warmup_steps: (cfg.warmup_frac * total as f64).round() as usize,
+        total_steps: total,
+        schedule: ScheduleKind::Linear,
+        grad_accum: 1,
+        seed,
+        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
+        ..TrainerConfig::default()
+    };
+    let mut trainer = Trainer::new(model.trainable_params(), model, tcfg)?;
     bar.set_length(total as u64);
     bar.set_position(0);
     let mut out = RunOutcome::default();
-    let (mut run_loss, mut run_n, mut in_a_row, mut samples) = (0.0, 0usize, 0usize, 0usize);
+    let (mut run_loss, mut run_n, mut samples) = (0.0, 0usize, 0usize);
     let log_every = (total / 50).max(1);
     let t0 = Instant::now();
-    let mut step = 0;
     for idx in epochs.iter().flatten() {
         let batch = collate(&train.enc, idx);
-        let ctx = Ctx::train(seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
-        let logits = model.logits(&batch, &ctx)?;
-        let mut loss = loss_of(task, &logits, &train.labels, idx)?;
-        if let Some(aux) = prepared.take_aux_loss()? {
-            loss = loss.add(&aux)?;
-        }
-        let lv = loss.item()?;
-        let mut grads = prepared.transform_grads(loss.backward()?)?;
-        drop((loss, logits));
-        opt.set_lr_factor(sched.lr_factor(step));
-        let res = if lv.is_finite() { clip_grad_norm(&mut grads, cfg.max_grad_norm).map(|_| ()) } else { Ok(()) };
-        match res.and_then(|()| opt.checked_step(lv, &grads)) {
-            Ok(()) => {
-                in_a_row = 0;
-                run_loss += f64::from(lv);
-                run_n += 1;
-            }
-            Err(CoreError::NonFinite { what }) => {
-                out.skipped_steps += 1;
-                in_a_row += 1;
-                bar.println(format!("  step {step}: non-finite {what}, batch skipped"));
-                if in_a_row >= 20 || out.skipped_steps * 10 > total.max(10) {
-                    bail!(
-                        "training diverged: {} non-finite steps ({in_a_row} in a row) by step {step}",
-                        out.skipped_steps
-                    );
-                }
-            }
-            Err(e) => return Err(e).context("optimizer step"),
+        let report = trainer.step(|ctx| {
+            ctx.insert(token_mask(&batch));
+            let logits = model.logits(&batch, ctx)?;
+            Ok(Loss::Single(loss_of(task, &logits, &train.labels, idx)?))
+        });
+        let report = match report {
+            Ok(r) => r,
+            Err(e @ TrainError::Diverged { .. }) => bail!("{e}"),
+            Err(e) => return Err(e).context("training step"),
+        };
+        if report.skipped {
+            out.skipped_steps += 1;
+            bar.println(format!("  step {}: non-finite loss or gradient, batch skipped", report.step));
+        } else {
+            run_loss += report.loss;
+            run_n += 1;
         }
         samples += idx.len();
-        step += 1;
+        let step = trainer.steps_done();
         if step % log_every == 0 || step == total {
             if run_n > 0 {
                 out.losses.push((step, run_loss / run_n as f64));
@@ -318,12 +319,12 @@ pub fn run(
         }
         bar.set_position(step as u64);
     }
-    out.steps = step;
+    out.steps = trainer.steps_done();
     out.train_seconds = t0.elapsed().as_secs_f64();
     out.samples_per_sec = samples as f64 / out.train_seconds.max(1e-9);
     bar.set_message("evaluating dev");
     let t1 = Instant::now();
-    let outputs = predict(model, &dev.enc, cfg.batch_size.max(32))?;
+    let outputs = predict(model.model().as_ref(), &dev.enc, cfg.batch_size.max(32))?;
     out.eval_seconds = t1.elapsed().as_secs_f64();
     out.metrics = score(task, &outputs, &dev.labels);
     Ok(out)
@@ -357,7 +358,7 @@ pub fn reset_peak_rss() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peft_core::adapter::{HeadOnly, Method};
+    use peft_core::adapter::BaseTuneConfig;
     use peft_core::nn::{Linear, Module, RandomInit, Visitor};
     use peft_core::Param;
 
@@ -398,6 +399,13 @@ mod tests {
             emb[[i, i % 4]] = 1.0;
         }
         Toy { emb, head: Linear::load("classifier", 4, outputs, true, &RandomInit::new(1, 0.02)).unwrap() }
+    }
+
+    /// The toy as the bench prepares it: head-only, the head in modules_to_save.
+    fn prepared(t: Toy) -> PeftModel<Box<dyn SeqClassifier>> {
+        let mut cfg = BaseTuneConfig::head_only();
+        cfg.modules_to_save = Some(vec!["classifier".into()]);
+        PeftModel::new(Box::new(t) as Box<dyn SeqClassifier>, cfg, "default", 0).unwrap()
     }
 
     /// Class 1 examples contain token 2, class 0 ones token 3.
@@ -468,17 +476,15 @@ mod tests {
         for p in m.head() {
             p.set_trainable(true);
         }
-        let l0 = calibration_loss(Task::Sst2, &m, &sp, &b, 0, 0).unwrap().expect("batch 0 exists");
+        let l0 = calibration_loss(Task::Sst2, &m, &sp, &b, 0).unwrap().expect("batch 0 exists");
         assert!(l0.item().unwrap().is_finite() && l0.tracks(), "calibration loss must be differentiable");
-        assert!(calibration_loss(Task::Sst2, &m, &sp, &b, 3, 0).unwrap().is_none());
+        assert!(calibration_loss(Task::Sst2, &m, &sp, &b, 3).unwrap().is_none());
     }
 
     #[test]
     fn run_learns_a_separable_toy_task() {
-        let m = toy(2);
-        let prep = HeadOnly.prepare(&m, &m.head()).unwrap();
-        let out =
-            run(Task::Sst2, &m, prep.as_ref(), &cfg(), 0.1, 0, &split(64), &split(20), &ProgressBar::hidden()).unwrap();
+        let m = prepared(toy(2));
+        let out = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(20), &ProgressBar::hidden()).unwrap();
         assert_eq!(out.metrics["acc"], 1.0);
         assert_eq!(out.steps, 24);
         assert!(out.losses.first().unwrap().1 > out.losses.last().unwrap().1);
@@ -487,11 +493,10 @@ mod tests {
 
     #[test]
     fn non_finite_losses_abort_the_run_with_divergence_error() {
-        let m = toy(2);
-        m.head.base().params()[0].update(|w| w.fill(f32::NAN));
-        let prep = HeadOnly.prepare(&m, &m.head()).unwrap();
-        let e = run(Task::Sst2, &m, prep.as_ref(), &cfg(), 0.1, 0, &split(64), &split(8), &ProgressBar::hidden())
-            .unwrap_err();
+        let t = toy(2);
+        t.head.base().params()[0].update(|w| w.fill(f32::NAN));
+        let m = prepared(t);
+        let e = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(8), &ProgressBar::hidden()).unwrap_err();
         assert!(e.to_string().contains("diverged"), "{e}");
     }
 

@@ -4,10 +4,11 @@ mod common;
 
 use common::{max_diff, tensor, xtask, xtask_fails};
 use ndarray::{ArrayD, Axis};
+use peft_core::adapter::PeftModel;
 use peft_core::io::SafeTensorsFile;
 use peft_core::nn::Ctx;
 use peft_core::testing::require_asset;
-use peft_lora::{InitLoraWeights, LoraConfig, LoraModel};
+use peft_lora::{InitLoraWeights, LoraConfig};
 use peft_models::registry::{self, Model};
 use peft_models::tokenizer::TextTokenizer;
 
@@ -56,7 +57,7 @@ fn minilm_adapter_changes_output_and_equals_in_process_lora_forward() {
     let Model::Bert(bert) = registry::load(&model_dir).unwrap() else { panic!("MiniLM is BERT") };
     let mut cfg = LoraConfig::new(4, 8.0, ["query", "value", "dense"]);
     cfg.init_lora_weights = InitLoraWeights::Bool(false);
-    let lm = LoraModel::new(&bert, cfg, "default", 7).unwrap();
+    let lm = PeftModel::new(&bert, cfg, "default", 7).unwrap();
     let adapter = d.path().join("adapter");
     lm.save_pretrained(&adapter).unwrap();
     let tok = TextTokenizer::from_file(model_dir.join("tokenizer.json")).unwrap();
@@ -78,7 +79,7 @@ fn minilm_adapter_changes_output_and_equals_in_process_lora_forward() {
     for (i, w) in want.iter().enumerate() {
         let got = a.index_axis(Axis(0), i).to_owned().into_dyn();
         let d = max_diff(&got, &w.index_axis(Axis(0), 0).to_owned().into_dyn());
-        assert!(d <= 1e-5, "input {i}: CLI with adapter vs in-process LoraModel differ by {d}");
+        assert!(d <= 1e-5, "input {i}: CLI with adapter vs in-process PeftModel differ by {d}");
     }
 }
 

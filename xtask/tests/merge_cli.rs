@@ -3,10 +3,11 @@
 mod common;
 
 use common::{max_diff, xtask, xtask_fails};
+use peft_core::adapter::PeftModel;
 use peft_core::io::{write_safetensors, BertConfig, SafeTensorsFile};
 use peft_core::nn::{named_params, Ctx, RandomInit};
 use peft_core::testing::require_asset;
-use peft_lora::{InitLoraWeights, LoraConfig, LoraModel};
+use peft_lora::{InitLoraWeights, LoraConfig};
 use peft_models::bert::BertModel;
 use peft_models::registry::{self, Model};
 use peft_models::tokenizer::Batch;
@@ -25,7 +26,7 @@ fn forward(m: &BertModel) -> ndarray::ArrayD<f32> {
 fn adapter_and_unmerged_output(model: &BertModel, dir: &std::path::Path, targets: &[&str]) -> ndarray::ArrayD<f32> {
     let mut cfg = LoraConfig::new(4, 8.0, targets.iter().copied());
     cfg.init_lora_weights = InitLoraWeights::Bool(false);
-    let lm = LoraModel::new(model, cfg, "default", 3).unwrap();
+    let lm = PeftModel::new(model, cfg, "default", 3).unwrap();
     lm.save_pretrained(dir).unwrap();
     forward(model)
 }
@@ -135,7 +136,7 @@ fn tiny_tied_llama_merged_folder_matches_unmerged_adapter_forward() {
     let plain = fwd(&base);
     let mut cfg = LoraConfig::new(4, 8.0, ["q_proj", "v_proj", "down_proj"]);
     cfg.init_lora_weights = InitLoraWeights::Bool(false);
-    let lm = LoraModel::new(&base, cfg, "default", 3).unwrap();
+    let lm = PeftModel::new(&base, cfg, "default", 3).unwrap();
     let adapter = d.path().join("adapter");
     lm.save_pretrained(&adapter).unwrap();
     let want = fwd(&base);

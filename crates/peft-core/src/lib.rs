@@ -32,9 +32,9 @@ pub mod ops;
 pub mod optim;
 pub mod param;
 pub mod tensor;
-pub mod train;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod train;
 
 pub use autograd::{no_grad, GradStore, NoGradGuard};
 pub use elem::Elem;

@@ -15,11 +15,11 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use peft_core::adapter::PeftModel;
 use peft_core::io::BertConfig;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::no_grad;
 use peft_core::testing::require_asset;
-use peft_core::adapter::PeftModel;
 use peft_lora::LoraConfig;
 use peft_models::bert::BertModel;
 use peft_models::tokenizer::Batch;

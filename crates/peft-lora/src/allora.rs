@@ -162,7 +162,12 @@ impl TunerConfig for AlloraLoraConfig {
             Granularity::Row => "row",
             Granularity::Matrix => "matrix",
         };
-        format!("ALLoRA r={} alpha={} (s=1, no dropout), eta={} per {g}", self.lora.r, self.lora.alpha(), self.allora.eta)
+        format!(
+            "ALLoRA r={} alpha={} (s=1, no dropout), eta={} per {g}",
+            self.lora.r,
+            self.lora.alpha(),
+            self.allora.eta
+        )
     }
     fn to_json(&self) -> AdapterResult<serde_json::Value> {
         TunerConfig::to_json(&self.lora)
@@ -184,7 +189,11 @@ impl TunerConfig for AlloraLoraConfig {
     }
     fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
         if !(self.allora.eta > 0.0 && self.allora.eta.is_finite()) {
-            return Err(AdapterError::config("ALLORA", "eta", format!("must be positive and finite, got {}", self.allora.eta)));
+            return Err(AdapterError::config(
+                "ALLORA",
+                "eta",
+                format!("must be positive and finite, got {}", self.allora.eta),
+            ));
         }
         let inner = self.lora.inject(model, cx)?;
         let scaled = inner.params();
@@ -323,7 +332,8 @@ mod tests {
         use peft_core::adapter::PeftModel;
         use peft_core::nn::Ctx;
         use peft_core::train::TrainHooks;
-        let mut cfg = AlloraLoraConfig::new(8, ["query", "value"], AlloraConfig { eta: 2.0, granularity: Granularity::Row });
+        let mut cfg =
+            AlloraLoraConfig::new(8, ["query", "value"], AlloraConfig { eta: 2.0, granularity: Granularity::Row });
         cfg.set_modules_to_save(vec!["classifier".into()]).unwrap();
         let model = PeftModel::new(Tiny::new(16, 2, 0), cfg.clone(), "default", 0).unwrap();
         let y = model.forward(&input(3, 16, 1), &Ctx::train(0)).unwrap();

@@ -78,7 +78,11 @@ fn corda_keeps_the_output_at_init_merges_exactly_and_round_trips() {
         let y0 = y(&model, 8);
         let w0 = model.layers[0][0].base().dense_weight().unwrap();
         let corda = CordaConfig { corda_method: method, ..Default::default() };
-        let cfg = CordaLoraConfig { corda, max_batches: None, ..CordaLoraConfig::new(LoraConfig::new(4, 8.0, ["query", "value"])) };
+        let cfg = CordaLoraConfig {
+            corda,
+            max_batches: None,
+            ..CordaLoraConfig::new(LoraConfig::new(4, 8.0, ["query", "value"]))
+        };
         let mut lm = calibrated(model, Box::new(cfg), 3).unwrap();
         assert!(max_abs_diff(&y0, &y(&lm, 8)) < 1e-5, "{method:?}: identity at init");
         assert!(

@@ -91,7 +91,8 @@ fn eva_is_identity_at_init_with_orthonormal_a_and_round_trips() {
     let model = Tiny::new(8, 2, 0);
     let y0 = y(&model);
     let eva = EvaConfig { tau: 0.999999, ..Default::default() };
-    let cfg = EvaLoraConfig { eva, max_batches: None, ..EvaLoraConfig::new(LoraConfig::new(2, 8.0, ["query", "value"])) };
+    let cfg =
+        EvaLoraConfig { eva, max_batches: None, ..EvaLoraConfig::new(LoraConfig::new(2, 8.0, ["query", "value"])) };
     let mut lm = calibrated(model, Box::new(cfg), 4).unwrap();
     assert_eq!(max_abs_diff(&y0, &y(&lm)), 0.0, "B = 0");
     let layers = lm.lora_layers("default").unwrap();

@@ -30,7 +30,8 @@ fn registry_names_are_unique_and_plain_methods_inject_train_and_save() {
         assert_eq!(tr.iter().map(Param::numel).sum::<usize>(), 4 * per + 51, "{}", spec.name);
         let dir = tempfile::tempdir().unwrap();
         assert!(m.save_pretrained(dir.path()).unwrap() > 0);
-        let f = peft_core::io::safetensors::SafeTensorsFile::open(dir.path().join("adapter_model.safetensors")).unwrap();
+        let f =
+            peft_core::io::safetensors::SafeTensorsFile::open(dir.path().join("adapter_model.safetensors")).unwrap();
         assert!(f.contains("base_model.model.classifier.weight"));
         assert!(spec.lr >= 1e-3 && spec.lr <= 2.5e-3);
         assert!(spec.describe().contains("r=8"), "{}", spec.describe());
@@ -80,7 +81,7 @@ fn each_method_reduces_the_loss_and_leaves_frozen_weights_alone() {
         let mut losses = Vec::new();
         for _ in 0..60 {
             let r = t
-                .step(|ctx: &Ctx| Ok(Loss::Single(m.forward(&x, ctx)?.cross_entropy(&targets, None, 0.0)?)))
+                .step(|ctx: &mut Ctx| Ok(Loss::Single(m.forward(&x, ctx)?.cross_entropy(&targets, None, 0.0)?)))
                 .unwrap();
             losses.push(r.loss);
         }

@@ -39,7 +39,8 @@ impl From<ConfigError> for AdapterError {
 
 impl SavedTensors for LoraLinear {
     fn saved_tensors(&self) -> Vec<(String, Param)> {
-        let mut v = vec![("lora_A.weight".to_string(), self.lora_a().clone()), ("lora_B.weight".into(), self.lora_b().clone())];
+        let mut v =
+            vec![("lora_A.weight".to_string(), self.lora_a().clone()), ("lora_B.weight".into(), self.lora_b().clone())];
         if let Some(m) = self.magnitude() {
             v.push(("lora_magnitude_vector".into(), m.clone()));
         }
@@ -155,9 +156,10 @@ impl TunerConfig for LoraConfig {
             return Err(AdapterError::Unsupported {
                 method: "LORA".into(),
                 what: format!("init_lora_weights = {:?}", self.init_lora_weights),
-                reason: "a data-driven init: use peft_lora::corda::CordaLoraConfig / peft_lora::eva::EvaLoraConfig with \
+                reason:
+                    "a data-driven init: use peft_lora::corda::CordaLoraConfig / peft_lora::eva::EvaLoraConfig with \
                          PeftModel::add_adapter_calibrated"
-                    .into(),
+                        .into(),
             });
         }
         self.validate()?;
@@ -167,7 +169,9 @@ impl TunerConfig for LoraConfig {
         })?;
         if self.fan_in_fan_out {
             // Every peft-rs site is a linear layer storing [out, in]: PEFT resets the flag for such targets too.
-            return Ok(Box::new(tuner.with_saved_config(Box::new(LoraConfig { fan_in_fan_out: false, ..self.clone() }))));
+            return Ok(Box::new(
+                tuner.with_saved_config(Box::new(LoraConfig { fan_in_fan_out: false, ..self.clone() })),
+            ));
         }
         Ok(Box::new(tuner))
     }
@@ -182,7 +186,10 @@ impl TunerConfig for LoraConfig {
             let want = [r, site.in_features()];
             match file.shape(&key) {
                 None => {
-                    return Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key: format!("base_model.model.{key}") })
+                    return Err(AdapterError::MissingTensor {
+                        file: file.path().to_path_buf(),
+                        key: format!("base_model.model.{key}"),
+                    })
                 }
                 Some(s) if s != want => {
                     return Err(AdapterError::TensorShape {

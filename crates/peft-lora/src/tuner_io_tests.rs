@@ -219,7 +219,9 @@ fn corda_adapter_saved_as_trained_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     lm.save_pretrained(dir.path()).unwrap();
     let path = dir.path().join(CONFIG_NAME);
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"init_lora_weights\": true", "\"init_lora_weights\": \"corda\"");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"init_lora_weights\": true", "\"init_lora_weights\": \"corda\"");
     std::fs::write(&path, text).unwrap();
     let mut m = PeftModel::wrap(Tiny::new(6, 2, 1), 0);
     let e = m.load_adapter(dir.path(), "c", &crate::registry()).unwrap_err();
@@ -253,7 +255,8 @@ fn unknown_config_keys_are_reported_and_fail_strict() {
     let dir = tempfile::tempdir().unwrap();
     lm.save_pretrained(dir.path()).unwrap();
     let path = dir.path().join(CONFIG_NAME);
-    let text = std::fs::read_to_string(&path).unwrap().replacen("{\n", "{\n  \"trainable_token_indices\": [1, 2],\n", 1);
+    let text =
+        std::fs::read_to_string(&path).unwrap().replacen("{\n", "{\n  \"trainable_token_indices\": [1, 2],\n", 1);
     std::fs::write(&path, text).unwrap();
     let (_, report) = load(Tiny::new(6, 2, 1), dir.path());
     assert!(report.ignored_config.iter().any(|w| w.contains("trainable_token_indices")), "{report}");

@@ -218,8 +218,13 @@ pub trait WeightedExt {
     /// [`peft_core::Error::Invalid`] (as an adapter error) for mismatched lengths, unequal ranks under
     /// `Linear`/`Factors`, DoRA adapters, adapters on different sites, a zero SVD rank, or a bad density;
     /// [`AdapterError::UnknownAdapter`]; adapters that are not LoRA.
-    fn add_weighted_adapter(&mut self, adapters: &[&str], weights: &[f64], name: &str, how: Combination)
-        -> AdapterResult<()>;
+    fn add_weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        name: &str,
+        how: Combination,
+    ) -> AdapterResult<()>;
 }
 
 struct Source {

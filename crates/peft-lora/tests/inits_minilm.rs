@@ -3,9 +3,9 @@
 
 use peft_core::adapter::PeftModel;
 use peft_core::nn::{Ctx, TokenMask};
-use peft_core::train::calibration_ctx;
 use peft_core::testing::max_abs_diff;
 use peft_core::testing::require_asset;
+use peft_core::train::calibration_ctx;
 use peft_core::{AdamW, Optimizer};
 use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
 use peft_models::tokenizer::TextTokenizer;
@@ -33,10 +33,8 @@ fn each_init_runs_on_minilm() {
             (tok.batch(&texts).unwrap(), c.iter().map(|r| r.1).collect::<Vec<f32>>())
         })
         .collect();
-    let specs: Vec<_> = peft_lora::methods()
-        .into_iter()
-        .filter(|m| ["corda", "eva", "loldu", "lora-sb"].contains(&m.name.0))
-        .collect();
+    let specs: Vec<_> =
+        peft_lora::methods().into_iter().filter(|m| ["corda", "eva", "loldu", "lora-sb"].contains(&m.name.0)).collect();
     assert!(specs.len() >= 2, "corda and eva at least");
     for m in specs {
         let model = BertForSequenceClassification::new(BertModel::load(&dir).unwrap(), 2, Pooling::Mean, 0).unwrap();
@@ -46,11 +44,12 @@ fn each_init_runs_on_minilm() {
         let mut pm = PeftModel::wrap(model, 0);
         let t = std::time::Instant::now();
         // Calibration as the bench runs it: evaluation mode, padding masked.
-        let mut calib = |model: &BertForSequenceClassification, i: usize| -> peft_core::Result<Option<peft_core::Tensor>> {
-            let Some((b, y)) = chunks.get(i) else { return Ok(None) };
-            let mask = TokenMask { valid: b.attention_mask.iter().map(|&v| v != 0).collect(), shape: b.shape };
-            model.loss(b, y, &calibration_ctx(Some(mask))).map(Some)
-        };
+        let mut calib =
+            |model: &BertForSequenceClassification, i: usize| -> peft_core::Result<Option<peft_core::Tensor>> {
+                let Some((b, y)) = chunks.get(i) else { return Ok(None) };
+                let mask = TokenMask { valid: b.attention_mask.iter().map(|&v| v != 0).collect(), shape: b.shape };
+                model.loss(b, y, &calibration_ctx(Some(mask))).map(Some)
+            };
         pm.add_adapter_calibrated("default", cfg, &mut calib).unwrap();
         pm.set_adapter("default").unwrap();
         let secs = t.elapsed().as_secs_f64();

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
 use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::testing::require_asset;
 use peft_lora::config::IntOrList;
-use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
 use peft_lora::{LoraConfig, LoraModelExt};
 use peft_models::bert::BertModel;
 use peft_models::tokenizer::TextTokenizer;

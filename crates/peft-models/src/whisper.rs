@@ -8,8 +8,8 @@
 use peft_core::error::{Error, Result};
 use peft_core::io::hf_config::WhisperConfig;
 use peft_core::nn::{
-    Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement, RandomInit,
-    PromptedSeq, Visitor, WeightSource,
+    Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement, PromptedSeq,
+    RandomInit, Visitor, WeightSource,
 };
 use peft_core::param::Param;
 use peft_core::tensor::Tensor;

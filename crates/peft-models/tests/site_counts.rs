@@ -43,9 +43,13 @@ fn smollm2_sites() {
     let path = match std::env::var("PEFT_SMOLLM2_GGUF") {
         Ok(p) => std::path::PathBuf::from(p),
         Err(_) => {
-            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
             if !p.is_file() {
-                assert!(std::env::var("CI").is_err(), "CI=true: the SmolLM2 GGUF must be fetched (scripts/fetch_smollm2.sh)");
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "CI=true: the SmolLM2 GGUF must be fetched (scripts/fetch_smollm2.sh)"
+                );
                 eprintln!("skipping: SmolLM2 GGUF not found (scripts/fetch_smollm2.sh)");
                 return;
             }

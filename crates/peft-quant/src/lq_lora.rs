@@ -391,7 +391,8 @@ pub fn init_adapter<M: peft_core::nn::Module>(
     fisher: &dyn Fn(&str) -> Option<Array2<f32>>,
 ) -> Result<Vec<(String, Decomposition)>> {
     use peft_lora::LoraModelExt;
-    let layers = model.lora_layers(name).map_err(|e| Error::Invalid { op: "lq_lora::init_adapter", msg: e.to_string() })?;
+    let layers =
+        model.lora_layers(name).map_err(|e| Error::Invalid { op: "lq_lora::init_adapter", msg: e.to_string() })?;
     let mut out = Vec::with_capacity(layers.len());
     for (site, l) in &layers {
         if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {

@@ -208,8 +208,7 @@ fn init_adapter_makes_q_plus_lora_the_decomposition_and_keeps_the_output_close()
     let m = One(Linear::load("q", 64, 24, true, &src).unwrap());
     let x = Tensor::new(randn(23, 5, 64, 1.0).into_dyn());
     let y0 = m.0.forward(&x, &Ctx::eval()).unwrap();
-    let lora =
-        peft_core::adapter::PeftModel::new(m, peft_lora::LoraConfig::new(4, 8.0, ["q"]), "default", 0).unwrap();
+    let lora = peft_core::adapter::PeftModel::new(m, peft_lora::LoraConfig::new(4, 8.0, ["q"]), "default", 0).unwrap();
     let ds = init_adapter(&lora, "default", &NfQuant::new(2), 10, &|_| None).unwrap();
     let m = &*lora;
     assert_eq!(ds.len(), 1);

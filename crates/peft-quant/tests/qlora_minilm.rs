@@ -31,8 +31,7 @@ fn minilm_nf4_dq_base_is_at_most_0_52_bytes_per_param() {
     );
     assert!(bpp <= 0.52, "{bpp}");
     // LoRA starts at B = 0: the outputs differ only by the quantisation error.
-    let (hd, hq) =
-        (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), q.bert.forward(&batch, &Ctx::eval()).unwrap());
+    let (hd, hq) = (dense.bert.forward(&batch, &Ctx::eval()).unwrap(), q.bert.forward(&batch, &Ctx::eval()).unwrap());
     let (a, b) = (hd.as_slice(), hq.as_slice());
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let cos = dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());

@@ -174,7 +174,8 @@ impl TunerConfig for DeltaConfig {
 impl PeftConfig for DeltaConfig {
     const PEFT_TYPE: &'static str = "PARAM_DELTA";
     fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
-        let ignored = unknown_keys(v, &["peft_type", "target_parameters", "modules_to_save", "inference_mode"], "PARAM_DELTA");
+        let ignored =
+            unknown_keys(v, &["peft_type", "target_parameters", "modules_to_save", "inference_mode"], "PARAM_DELTA");
         Ok((parse(v, Self::PEFT_TYPE)?, ignored))
     }
 }

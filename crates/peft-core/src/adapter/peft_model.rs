@@ -100,10 +100,7 @@ fn module_of(pname: &str) -> &str {
 fn in_saved_module(pname: &str, modules: &[String]) -> bool {
     let m = module_of(pname);
     modules.iter().any(|t| {
-        m == t
-            || m.ends_with(&format!(".{t}"))
-            || m.starts_with(&format!("{t}."))
-            || m.contains(&format!(".{t}."))
+        m == t || m.ends_with(&format!(".{t}")) || m.starts_with(&format!("{t}.")) || m.contains(&format!(".{t}."))
     })
 }
 

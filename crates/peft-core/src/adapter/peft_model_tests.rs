@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use ndarray::{ArrayD, IxDyn};
 
 use super::*;
-use crate::adapter::{BaseTuneConfig, ConfigRegistry, DeltaConfig, InjectCx, Tuner, TunerConfig};
 use crate::adapter::ModulePattern;
+use crate::adapter::{BaseTuneConfig, ConfigRegistry, DeltaConfig, InjectCx, Tuner, TunerConfig};
 use crate::nn::{Ctx, Linear, Module, RandomInit, Visitor, WeightSource};
 use crate::testing::max_abs_diff;
 use crate::Tensor;
@@ -55,7 +55,10 @@ fn bitfit_delta_is_identity_at_init_and_merges_exactly() {
     let mut m = get_peft_model(net, DeltaConfig::bitfit()).unwrap();
     assert_eq!(m.forward(&x(), &Ctx::eval()).to_vec(), y0);
     let tr = m.trainable_params();
-    assert_eq!(tr.iter().map(|p| p.name().to_string()).collect::<Vec<_>>(), ["body.bias.delta.default", "head.bias.delta.default"]);
+    assert_eq!(
+        tr.iter().map(|p| p.name().to_string()).collect::<Vec<_>>(),
+        ["body.bias.delta.default", "head.bias.delta.default"]
+    );
     assert!(m.base_params().iter().all(|p| !p.trainable()));
     set_all(&tr, 0.3);
     let y1 = m.forward(&x(), &Ctx::eval()).to_vec();
@@ -189,7 +192,10 @@ fn bad_adapter_files_are_typed_errors_and_leave_nothing_attached() {
     let cfg_path = dir.path().join("adapter_config.json");
     let good = std::fs::read_to_string(&cfg_path).unwrap();
     std::fs::write(&cfg_path, good.replace("PARAM_DELTA", "LOHA")).unwrap();
-    assert!(matches!(PeftModel::from_pretrained(Net::new(0), dir.path(), &reg), Err(AdapterError::UnknownPeftType { .. })));
+    assert!(matches!(
+        PeftModel::from_pretrained(Net::new(0), dir.path(), &reg),
+        Err(AdapterError::UnknownPeftType { .. })
+    ));
     std::fs::write(&cfg_path, "{not json").unwrap();
     assert!(matches!(PeftModel::from_pretrained(Net::new(0), dir.path(), &reg), Err(AdapterError::Json { .. })));
     // A tensor of the wrong shape: error, and the fresh model keeps no delta.

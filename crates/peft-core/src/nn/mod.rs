@@ -20,7 +20,8 @@ pub use ctx::{AdapterNames, Ctx, TaskIds, TokenMask};
 pub use layers::{Activation, Embedding, LayerNorm, Mlp, RmsNorm, SwiGlu};
 pub use linear::{Dense, Linear, LinearAdapter, LinearBase};
 pub use module::{
-    block_sites, linear_sites, named_params, prefix_sites, residual_sites, site_counts, Module, Site, SiteCounts, Visitor,
+    block_sites, linear_sites, named_params, prefix_sites, residual_sites, site_counts, Module, Site, SiteCounts,
+    Visitor,
 };
 pub use prefix::{Prefix, PrefixAdapter, PrefixSite, PromptedSeq};
 pub use residual::{ResidualAdapter, ResidualSite};

@@ -62,13 +62,7 @@ pub struct PrefixSite(Arc<Inner>);
 impl PrefixSite {
     /// A site with no adapters for an attention of `kv_heads × head_dim` keys over a `hidden`-wide stream.
     pub fn new(path: impl Into<String>, hidden: usize, kv_heads: usize, head_dim: usize) -> Self {
-        PrefixSite(Arc::new(Inner {
-            path: path.into(),
-            hidden,
-            kv_heads,
-            head_dim,
-            adapters: RwLock::new(Vec::new()),
-        }))
+        PrefixSite(Arc::new(Inner { path: path.into(), hidden, kv_heads, head_dim, adapters: RwLock::new(Vec::new()) }))
     }
 
     /// The path.
@@ -245,9 +239,8 @@ impl PromptedSeq {
             let (b, l) = (m.shape()[0], m.shape()[1] - self.n_prompt);
             let old = m.clone();
             let n_old = self.n_prompt;
-            self.mask = Some(ArrayD::from_shape_fn(IxDyn(&[b, p + l]), |ix| {
-                ix[1] < p || old[[ix[0], ix[1] - p + n_old]]
-            }));
+            self.mask =
+                Some(ArrayD::from_shape_fn(IxDyn(&[b, p + l]), |ix| ix[1] < p || old[[ix[0], ix[1] - p + n_old]]));
         }
         self.n_prompt = p;
         Ok(())

@@ -62,9 +62,10 @@ impl ResidualSite {
     /// [`crate::Error::UnknownName`] when there is no such adapter.
     pub fn detach(&self, name: &str) -> Result<Arc<dyn ResidualAdapter>> {
         let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
-        let i = ads.iter().position(|(a, _)| a.name() == name).ok_or_else(|| crate::Error::UnknownName {
-            name: format!("{}: adapter `{name}`", self.0.path),
-        })?;
+        let i = ads
+            .iter()
+            .position(|(a, _)| a.name() == name)
+            .ok_or_else(|| crate::Error::UnknownName { name: format!("{}: adapter `{name}`", self.0.path) })?;
         Ok(ads.remove(i).0)
     }
 

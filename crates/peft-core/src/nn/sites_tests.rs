@@ -6,14 +6,13 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::nn::block::length_mask;
 use crate::nn::{
-    site_counts, Activation, BlockAdapter, Ctx, DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer,
-    EncoderNames, KvCache, NormPlacement, Prefix, PrefixAdapter, PromptedSeq, RandomInit, Rope, SiteCounts,
-    WeightSource,
+    site_counts, Activation, BlockAdapter, Ctx, DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, EncoderNames,
+    KvCache, NormPlacement, Prefix, PrefixAdapter, PromptedSeq, RandomInit, Rope, SiteCounts, WeightSource,
 };
 use crate::ops::attention::RopeLayout;
 use crate::param::Param;
-use crate::testing::max_abs_diff;
 use crate::tensor::Tensor;
+use crate::testing::max_abs_diff;
 
 fn encoder(norm: NormPlacement) -> EncoderLayer {
     let cfg = EncoderConfig {
@@ -158,7 +157,12 @@ impl BlockAdapter for Twice {
     fn name(&self) -> &str {
         "twice"
     }
-    fn forward(&self, x: &Tensor, base: &dyn Fn(&Tensor) -> crate::Result<Tensor>, _ctx: &Ctx) -> crate::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        base: &dyn Fn(&Tensor) -> crate::Result<Tensor>,
+        _ctx: &Ctx,
+    ) -> crate::Result<Tensor> {
         base(x)?.mul(&self.0.tensor())
     }
     fn params(&self) -> Vec<Param> {

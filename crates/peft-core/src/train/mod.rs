@@ -368,7 +368,8 @@ impl<'h> Trainer<'h> {
         Ctx::train(self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(self.micro as u64))
     }
 
-    /// Runs one micro-batch: `f(ctx)` computes its loss in training mode; the auxiliary loss of the hooks is
+    /// Runs one micro-batch: `f(ctx)` computes its loss in training mode (it may add extensions to the context,
+    /// such as the batch's [`TokenMask`]); the auxiliary loss of the hooks is
     /// added; backward; the hooks' gradient transform; accumulation. Every `grad_accum` micro-batches the
     /// optimizer steps (clip, schedule, step, `after_step` hook) and the step's report is returned.
     ///
@@ -377,11 +378,11 @@ impl<'h> Trainer<'h> {
     /// policy says.
     pub fn micro_step(
         &mut self,
-        f: impl FnOnce(&Ctx) -> crate::Result<Loss>,
+        f: impl FnOnce(&mut Ctx) -> crate::Result<Loss>,
     ) -> Result<Option<StepReport>, TrainError> {
-        let ctx = self.next_ctx();
+        let mut ctx = self.next_ctx();
         self.micro += 1;
-        let loss = f(&ctx)?;
+        let loss = f(&mut ctx)?;
         let (mut total, tasks) = match loss {
             Loss::Single(t) => (t, Vec::new()),
             Loss::Tasks(ts) => {
@@ -433,7 +434,7 @@ impl<'h> Trainer<'h> {
     ///
     /// # Errors
     /// As [`Trainer::micro_step`].
-    pub fn step(&mut self, mut f: impl FnMut(&Ctx) -> crate::Result<Loss>) -> Result<StepReport, TrainError> {
+    pub fn step(&mut self, mut f: impl FnMut(&mut Ctx) -> crate::Result<Loss>) -> Result<StepReport, TrainError> {
         loop {
             if let Some(r) = self.micro_step(&mut f)? {
                 return Ok(r);
@@ -507,7 +508,7 @@ impl<'h> Trainer<'h> {
     pub fn fit<B>(
         &mut self,
         batches: impl IntoIterator<Item = B>,
-        mut loss: impl FnMut(&B, &Ctx) -> crate::Result<Loss>,
+        mut loss: impl FnMut(&B, &mut Ctx) -> crate::Result<Loss>,
         observer: &mut dyn Observer,
     ) -> Result<Vec<StepReport>, TrainError> {
         let mut out = Vec::new();

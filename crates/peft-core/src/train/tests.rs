@@ -53,7 +53,10 @@ fn gradient_accumulation_equals_the_full_batch() {
     let (a, b) = (lin(3), lin(3));
     let mut full = Trainer::new(a.base().params(), &NoHooks, cfg(5)).unwrap();
     let mut acc = Trainer::new(b.base().params(), &NoHooks, TrainerConfig { grad_accum: 2, ..cfg(5) }).unwrap();
-    let halves = [(x.narrow(0, 0, 8).unwrap(), y.narrow(0, 0, 8).unwrap()), (x.narrow(0, 8, 8).unwrap(), y.narrow(0, 8, 8).unwrap())];
+    let halves = [
+        (x.narrow(0, 0, 8).unwrap(), y.narrow(0, 0, 8).unwrap()),
+        (x.narrow(0, 8, 8).unwrap(), y.narrow(0, 8, 8).unwrap()),
+    ];
     for _ in 0..5 {
         let r1 = full.step(|ctx| mse(&a, &x, &y, ctx)).unwrap();
         let mut k = 0;
@@ -83,7 +86,16 @@ fn non_finite_loss_stops_and_keeps_the_last_good_parameters() {
     assert_eq!(values(&l), good);
     // An infinite gradient with a finite loss (x·∞ is ∞ only in the gradient path): also stopped.
     let big = Tensor::new(ArrayD::from_elem(IxDyn(&[8, 3]), f32::MAX));
-    let e = t.step(|ctx| Ok(Loss::Single(l.forward(&big, ctx)?.mul_scalar(0.0).sum_all().add(&l.forward(&big, ctx)?.square().sum_all().mul_scalar(0.0))?))).unwrap_err();
+    let e = t
+        .step(|ctx| {
+            Ok(Loss::Single(
+                l.forward(&big, ctx)?
+                    .mul_scalar(0.0)
+                    .sum_all()
+                    .add(&l.forward(&big, ctx)?.square().sum_all().mul_scalar(0.0))?,
+            ))
+        })
+        .unwrap_err();
     assert!(matches!(e, TrainError::NonFinite { .. }), "{e}");
     assert_eq!(values(&l), good);
 }
@@ -94,7 +106,7 @@ fn skip_policy_skips_then_reports_divergence() {
     let (x, _) = data(8, 7);
     let policy = NonFinitePolicy::Skip { max_in_a_row: 3, max_fraction: 1.0 };
     let mut t = Trainer::new(l.base().params(), &NoHooks, TrainerConfig { non_finite: policy, ..cfg(100) }).unwrap();
-    let nan = |ctx: &Ctx| Ok(Loss::Single(l.forward(&x, ctx)?.mul_scalar(f32::NAN).mean_all()));
+    let nan = |ctx: &mut Ctx| Ok(Loss::Single(l.forward(&x, ctx)?.mul_scalar(f32::NAN).mean_all()));
     assert!(t.step(nan).unwrap().skipped);
     assert!(t.step(nan).unwrap().skipped);
     let e = t.step(nan).unwrap_err();
@@ -140,7 +152,9 @@ fn hooks_are_called_in_order() {
     let mut t = Trainer::new(params, &h, TrainerConfig { grad_accum: 2, ..cfg(3) }).unwrap();
     let r = t.step(|ctx| mse(&l, &x, &y, ctx)).unwrap();
     assert_eq!(r.aux_loss, Some(2.0));
-    let task = f64::from(crate::no_grad(|| l.forward(&x, &Ctx::eval()).unwrap().sub(&y).unwrap().square().mean_all()).item().unwrap());
+    let task = f64::from(
+        crate::no_grad(|| l.forward(&x, &Ctx::eval()).unwrap().sub(&y).unwrap().square().mean_all()).item().unwrap(),
+    );
     assert!(r.loss > 2.0 && (r.loss - 2.0) < task + 1.0);
     t.step(|ctx| mse(&l, &x, &y, ctx)).unwrap();
     assert_eq!(*h.after.borrow(), [0, 1]);
@@ -163,7 +177,9 @@ fn multi_task_losses_are_weighted() {
         .unwrap();
     assert!((r.loss - r.task_losses[0].1).abs() < 1e-6, "task 1 has weight 0");
     assert_eq!(r.task_losses.len(), 2);
-    let mut bad = Trainer::new(l.base().params(), &NoHooks, cfg(3)).unwrap().with_loss_weighting(Box::new(StaticWeights(vec![1.0])));
+    let mut bad = Trainer::new(l.base().params(), &NoHooks, cfg(3))
+        .unwrap()
+        .with_loss_weighting(Box::new(StaticWeights(vec![1.0])));
     assert!(bad.step(|ctx| Ok(Loss::Tasks(vec![(3, l.forward(&x, ctx)?.sum_all())]))).is_err());
 }
 
@@ -200,8 +216,13 @@ fn checkpoint_resume_continues_exactly() {
     }
     assert_eq!(values(&c), straight);
     t.save_checkpoint(dir.path()).unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-    assert!(names.contains(&"step-00000006".to_string()) && !names.iter().any(|n| n.contains("tmp") || n == "step-00000003"), "{names:?}");
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(
+        names.contains(&"step-00000006".to_string())
+            && !names.iter().any(|n| n.contains("tmp") || n == "step-00000003"),
+        "{names:?}"
+    );
     // A checkpoint of other parameters is refused.
     let other = Linear::load("other", 3, 2, true, &RandomInit::new(0, 0.5)).unwrap();
     let mut t = Trainer::new(other.base().params(), &NoHooks, cfg(6)).unwrap();
