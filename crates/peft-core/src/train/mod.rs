@@ -270,6 +270,50 @@ pub struct Silent;
 
 impl Observer for Silent {}
 
+/// A terminal progress bar over the planned steps showing the running loss (feature `progress`; hidden when
+/// stderr is not a terminal).
+#[cfg(feature = "progress")]
+pub struct ProgressObserver {
+    bar: indicatif::ProgressBar,
+    loss: f64,
+    n: usize,
+}
+
+#[cfg(feature = "progress")]
+impl ProgressObserver {
+    /// A bar for `total_steps` steps labelled `label`.
+    pub fn new(label: &str, total_steps: usize) -> Self {
+        let bar = indicatif::ProgressBar::new(total_steps as u64);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
+        {
+            bar.set_style(style);
+        }
+        bar.set_prefix(label.to_string());
+        ProgressObserver { bar, loss: 0.0, n: 0 }
+    }
+}
+
+#[cfg(feature = "progress")]
+impl Observer for ProgressObserver {
+    fn on_step(&mut self, r: &StepReport) -> Result<(), TrainError> {
+        if !r.skipped {
+            self.loss += r.loss;
+            self.n += 1;
+        }
+        self.bar.set_position(r.step as u64 + 1);
+        self.bar.set_message(format!("loss {:.4}", self.loss / self.n.max(1) as f64));
+        Ok(())
+    }
+}
+
+#[cfg(feature = "progress")]
+impl Drop for ProgressObserver {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// The loop. See the module docs.
 pub struct Trainer<'h> {
     cfg: TrainerConfig,
