@@ -7,7 +7,38 @@
 //! so that a crash leaves either the previous checkpoint or the new one ([`Trainer::save_checkpoint`]).
 //!
 //! A user's own loop calls the same pieces: `hooks.aux_loss()` after the forward, `hooks.transform_grads(..)`
-//! after backward, `hooks.after_step(step)` after the optimizer, exactly as [`Trainer::micro_step`] does.
+//! after backward, `hooks.after_step(step)` after the optimizer, exactly as [`Trainer::micro_step`] does:
+//!
+//! ```
+//! use peft_core::adapter::{get_peft_model, DeltaConfig};
+//! use peft_core::nn::{Ctx, Linear, Module, RandomInit, Visitor};
+//! use peft_core::optim::{clip_grad_norm, AdamW, Optimizer};
+//! use peft_core::train::TrainHooks;
+//! use peft_core::Tensor;
+//!
+//! struct Net(Linear);
+//! impl Module for Net {
+//!     fn visit(&self, v: &mut dyn Visitor) {
+//!         self.0.visit(v);
+//!     }
+//! }
+//! let model = get_peft_model(Net(Linear::load("proj", 3, 2, true, &RandomInit::new(0, 0.5))?), DeltaConfig::bitfit())?;
+//! let x = Tensor::ones(&[4, 3]);
+//! let mut opt = AdamW::with_lr(model.trainable_params(), 0.1, 0.0)?;
+//! for step in 0..5 {
+//!     let ctx = Ctx::train(step as u64);
+//!     let mut loss = model.0.forward(&x, &ctx)?.square().mean_all();
+//!     if let Some(aux) = model.aux_loss()? {
+//!         loss = loss.add(&aux)?; // router losses of MixLoRA, for instance
+//!     }
+//!     let mut grads = model.transform_grads(loss.backward()?)?; // ALLoRA's rescaling, for instance
+//!     drop(loss);
+//!     clip_grad_norm(&mut grads, 1.0)?;
+//!     opt.step(&grads)?;
+//!     model.after_step(step)?; // mask updates of sparse methods, for instance
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! ```
 //! use peft_core::adapter::{get_peft_model, DeltaConfig};
