@@ -285,6 +285,8 @@ fn one_run(
     let mut pm = PeftModel::wrap(model, seed);
     if config.needs_calibration() {
         let batches = train::calibration_batches(train_split, cfg.batch_size, CALIBRATION_BATCHES);
+        // `PeftModel<M>` hands the callback `&M`, and `M` is the boxed classifier here.
+        #[allow(clippy::borrowed_box)]
         let mut calib = |m: &Box<dyn crate::model::SeqClassifier>, i: usize| {
             train::calibration_loss(task, m.as_ref(), train_split, &batches, i)
         };

@@ -292,10 +292,16 @@ pub fn quantized_sites(model: &dyn Module) -> Vec<Linear> {
     out
 }
 
+/// Parameter paths with their dense values.
+pub type NamedWeights = Vec<(String, ArrayD<f32>)>;
+
+/// A weight change and its optional bias change.
+type WeightBiasDelta = (ArrayD<f32>, Option<ArrayD<f32>>);
+
 /// The active, unmerged adapters' weight and bias changes at `site`, summed (`None` when it has none).
-fn active_delta(site: &Linear) -> AdapterResult<Option<(ArrayD<f32>, Option<ArrayD<f32>>)>> {
+fn active_delta(site: &Linear) -> AdapterResult<Option<WeightBiasDelta>> {
     let base = site.base();
-    let mut acc: Option<(ArrayD<f32>, Option<ArrayD<f32>>)> = None;
+    let mut acc: Option<WeightBiasDelta> = None;
     for name in site.active() {
         if site.is_merged(&name)? {
             continue;
@@ -340,7 +346,7 @@ pub trait QloraExt<M: Module> {
     ///
     /// # Errors
     /// As [`QloraExt::merged_dense_weights`]; an adapter merged already.
-    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, Vec<(String, ArrayD<f32>)>)>;
+    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, NamedWeights)>;
 
     /// Merge option (b): merges the active adapters into their quantized bases by re-quantizing
     /// `dequant(W_q) + ΔW` (same quant type, blocksize, double quantisation) and reports, per quantized site with
@@ -376,7 +382,7 @@ impl<M: Module> QloraExt<M> for PeftModel<M> {
         Ok(out)
     }
 
-    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, Vec<(String, ArrayD<f32>)>)> {
+    fn merge_and_unload_dense(self, dtype: FloatDtype) -> AdapterResult<(M, NamedWeights)> {
         let sites = self.quantized_sites();
         let mut biases = Vec::with_capacity(sites.len());
         for site in &sites {

@@ -28,7 +28,7 @@ pub use attach::{not_supported, select_linear, site_rng, BlockTuner, CompositeTu
 pub use baselines::{BaseTuneConfig, DeltaConfig};
 pub use error::{AdapterError, AdapterResult};
 pub use files::{adapter_dir, CONFIG_NAME, WEIGHTS_NAME};
-pub use peft_model::{get_peft_model, PeftModel, BASE_ROW};
+pub use peft_model::{get_peft_model, CalibFn, PeftModel, BASE_ROW};
 pub use registry::{duplicate_name, ConfigRegistry, MethodName, MethodSpec, PeftConfig};
 pub use report::LoadReport;
 pub use target::{layer_index, ModulePattern, PatternMap, TargetSpec};

@@ -26,6 +26,10 @@ use crate::tensor::Tensor;
 /// The row name of a mixed batch that runs the base model only.
 pub const BASE_ROW: &str = "__base__";
 
+/// A calibration callback: `f(model, i)` runs calibration batch `i` forward and returns its loss, `None` past the
+/// last batch.
+pub type CalibFn<'a, M> = dyn FnMut(&M, usize) -> crate::Result<Option<Tensor>> + 'a;
+
 struct Entry {
     name: String,
     config: Box<dyn TunerConfig>,
@@ -173,7 +177,7 @@ impl<M: Module> PeftModel<M> {
         &mut self,
         name: &str,
         config: Box<dyn TunerConfig>,
-        calib: &mut dyn FnMut(&M, usize) -> crate::Result<Option<Tensor>>,
+        calib: &mut CalibFn<'_, M>,
     ) -> AdapterResult<()> {
         self.add(name, config, Some(calib))
     }
@@ -182,7 +186,7 @@ impl<M: Module> PeftModel<M> {
         &mut self,
         name: &str,
         config: Box<dyn TunerConfig>,
-        calib: Option<&mut dyn FnMut(&M, usize) -> crate::Result<Option<Tensor>>>,
+        calib: Option<&mut CalibFn<'_, M>>,
     ) -> AdapterResult<()> {
         if self.adapters.iter().any(|a| a.name == name) || name == BASE_ROW {
             return Err(AdapterError::AdapterExists { name: name.into() });

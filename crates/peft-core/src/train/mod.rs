@@ -591,18 +591,18 @@ impl<'h> Trainer<'h> {
             let Some(r) = self.micro_step(|ctx| loss(&b, ctx))? else { continue };
             observer.on_step(&r)?;
             let done = self.step;
-            if self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0 {
+            if self.cfg.eval_every > 0 && done.is_multiple_of(self.cfg.eval_every) {
                 observer.on_eval(done)?;
             }
             if let (Some(dir), true) = (&self.cfg.checkpoint_dir, self.cfg.checkpoint_every > 0) {
-                if done % self.cfg.checkpoint_every == 0 {
+                if done.is_multiple_of(self.cfg.checkpoint_every) {
                     let dir = dir.clone();
                     self.save_checkpoint(&dir)?;
                 }
             }
             out.push(r);
         }
-        if self.cfg.eval_every == 0 || self.step % self.cfg.eval_every != 0 {
+        if self.cfg.eval_every == 0 || !self.step.is_multiple_of(self.cfg.eval_every) {
             observer.on_eval(self.step)?;
         }
         if let Some(dir) = self.cfg.checkpoint_dir.clone() {
