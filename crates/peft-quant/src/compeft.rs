@@ -9,7 +9,7 @@
 //!   `|τ|`, keep `|τ| ≥ threshold`, i.e. `⌊k·n⌋ + 1` entries absent ties (their off-by-one); `Exact` keeps exactly
 //!   `⌊k·n⌋` entries (largest magnitudes, ties to the lower index). `k = 1` keeps everything.
 //! * **Values** ([`ComPeftMode`]): `Ternary { alpha }` → `α·σ·sign(τ_i)` (authors' `replace_factor > 0`); `Stc` →
-//!   `mean|τ_kept| · sign(τ_i)` (the authors' code averages the *signed* kept values, which we take to be a slip;
+//!   `mean|τ_kept≠0| · sign(τ_i)` (the mean over the non-zero kept entries; the authors' code averages the *signed* kept values, which we take to be a slip;
 //!   flagged); `PruneOnly` keeps the values.
 //! * **Storage** ([`ComPeft::encode`], our definition — the paper's coding is not specified): a header (n, nnz,
 //!   mode, f32 scale) and the smaller of (a) dense 2-bit codes (`00` zero, `01` +, `10` −; 2n bits) or (b) sparse
@@ -28,7 +28,7 @@ pub enum ComPeftMode {
         /// The multiplier of σ.
         alpha: f32,
     },
-    /// `mean|τ_kept|·sign(τ)` (sparse ternary compression).
+    /// `mean|τ_kept|·sign(τ)` over the non-zero kept entries (sparse ternary compression).
     Stc,
     /// Keep the values of the top-k entries (plain magnitude pruning).
     PruneOnly,
@@ -152,7 +152,10 @@ impl ComPeft {
                 (alpha * std_unbiased(tau), None)
             }
             ComPeftMode::Stc => {
-                let mean = idx.iter().map(|&i| f64::from(tau[i].abs())).sum::<f64>() / idx.len().max(1) as f64;
+                // Over the non-zero kept entries: a kept exact zero (the authors' `>=` threshold keeps zeros
+                // when most of τ is zero) has no sign and stays 0, so it must not dilute the scale.
+                let nz: Vec<f64> = idx.iter().map(|&i| f64::from(tau[i].abs())).filter(|&v| v != 0.0).collect();
+                let mean = nz.iter().sum::<f64>() / nz.len().max(1) as f64;
                 (mean as f32, None)
             }
             ComPeftMode::PruneOnly => (1.0, Some(idx.iter().map(|&i| tau[i]).collect())),
@@ -506,6 +509,20 @@ mod tests {
         let c = ComPeft::compress(&t, &cfg(0.2, ComPeftMode::Stc, Selection::Exact)).unwrap();
         let mean = c.indices().iter().map(|&i| f64::from(t[i].abs())).sum::<f64>() / c.nnz() as f64;
         assert_eq!(c.scale(), mean as f32);
+    }
+
+    /// Audit item: STC's scale averaged |τ| over every kept entry, zeros included. When most of τ is zero the
+    /// authors' `>=` threshold keeps zeros; the scale is the mean over the non-zero kept entries.
+    #[test]
+    fn stc_scale_is_the_mean_over_nonzero_kept_entries() {
+        let t: Vec<f32> = (0..100).map(|i| if i % 10 < 7 { 0.0 } else { (i as f32 - 50.0) * 0.01 }).collect();
+        let c = ComPeft::compress(&t, &cfg(0.5, ComPeftMode::Stc, Selection::Authors)).unwrap();
+        let nz: Vec<f64> = t.iter().filter(|v| **v != 0.0).map(|v| f64::from(v.abs())).collect();
+        assert_eq!(c.scale(), (nz.iter().sum::<f64>() / nz.len() as f64) as f32);
+        // every non-zero output is ±scale; zeros stay zero
+        for (o, v) in c.decompress().iter().zip(&t) {
+            assert!(if *v == 0.0 { *o == 0.0 } else { o.abs() == c.scale() }, "{v} -> {o}");
+        }
     }
 
     #[test]

@@ -5,8 +5,13 @@
 //! - a **string** pattern is a regular expression that must match the whole module path;
 //! - a **list** matches a path that equals an entry or ends with `"." + entry`;
 //! - `"all-linear"` matches every linear site except the model's output layer (the caller says which that is);
-//! - `layers_to_transform` keeps only paths whose layer index (the number after `layers_pattern`, or after any
-//!   `layer`/`layers`/`h`/`blocks` segment when no pattern is given) is listed;
+//! - `layers_to_transform` keeps only list-matched paths whose layer index is listed. The index is the
+//!   all-digit segment after a `layers_pattern` segment (each pattern a regular expression, tried in order), or
+//!   after any segment when no pattern is given; the segment must not be the path's first and the number must
+//!   be followed by another segment, and the **last** such number in the path counts (PEFT matches
+//!   `.*\.{pattern}\.(\d+)\.` greedily, or `.*\.[^.]*\.(\d+)\.` without a pattern). An empty list means no
+//!   restriction. As in PEFT, a path named in full in the target list, and every regex target, is not filtered
+//!   by layer (LoRA's config refuses `layers_to_transform` with a regex target);
 //! - `rank_pattern`/`alpha_pattern` keys are tried in insertion order with `(.*\.)?(key)$`; the first hit wins.
 //!
 //! Python's `re` and Rust's `regex` differ in rare constructs (look-around, backreferences); such a pattern is a
@@ -63,6 +68,15 @@ impl Compiled {
         })
     }
 
+    /// True when a match of `path` is subject to `layers_to_transform`: PEFT filters only list targets matched
+    /// by suffix, not a path named in full and not a regex.
+    fn filters_layers(&self, path: &str) -> bool {
+        match self {
+            Compiled::List(v) => !v.iter().any(|t| t == path),
+            Compiled::AllLinear | Compiled::Regex(_) => false,
+        }
+    }
+
     fn matches(&self, path: &str, is_output_layer: bool) -> bool {
         match self {
             Compiled::AllLinear => !is_output_layer,
@@ -79,15 +93,15 @@ pub struct TargetSpec {
     target_src: ModulePattern,
     exclude: Option<Compiled>,
     layers: Option<Vec<usize>>,
-    layers_pattern: Option<Vec<String>>,
+    layer_re: Vec<Regex>,
     modules_to_save: Vec<String>,
 }
 
 impl TargetSpec {
-    /// Compiles the selection rules.
+    /// Compiles the selection rules. `layers_to_transform: Some(&[])` means no restriction, as in PEFT.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a pattern the regex engine rejects.
+    /// [`Error::Invalid`] for a pattern (target, exclude or layers) the regex engine rejects.
     pub fn new(
         target: &ModulePattern,
         exclude: Option<&ModulePattern>,
@@ -99,8 +113,8 @@ impl TargetSpec {
             target: Compiled::new(target)?,
             target_src: target.clone(),
             exclude: exclude.map(Compiled::new).transpose()?,
-            layers: layers_to_transform.map(<[usize]>::to_vec),
-            layers_pattern: layers_pattern.map(<[String]>::to_vec),
+            layers: layers_to_transform.filter(|l| !l.is_empty()).map(<[usize]>::to_vec),
+            layer_re: layer_regexes(layers_pattern)?,
             modules_to_save: modules_to_save.to_vec(),
         })
     }
@@ -127,13 +141,11 @@ impl TargetSpec {
                 return false;
             }
         }
-        if let Some(layers) = &self.layers {
-            match layer_index(path, self.layers_pattern.as_deref()) {
-                Some(i) => layers.contains(&i),
-                None => false,
+        match &self.layers {
+            Some(layers) if self.target.filters_layers(path) => {
+                layer_index_re(path, &self.layer_re).is_some_and(|i| layers.contains(&i))
             }
-        } else {
-            true
+            _ => true,
         }
     }
 
@@ -159,23 +171,34 @@ fn in_module(path: &str, m: &str) -> bool {
         || path.ends_with(&format!(".{m}"))
 }
 
-/// The layer index in a path: the integer segment after a `layers_pattern` segment (or after `layer`, `layers`,
-/// `h`, `blocks`, `block` when no pattern is given).
-pub fn layer_index(path: &str, layers_pattern: Option<&[String]>) -> Option<usize> {
-    const DEFAULT: [&str; 5] = ["layer", "layers", "h", "blocks", "block"];
-    let segs: Vec<&str> = path.split('.').collect();
-    for w in segs.windows(2) {
-        let is_pat = match layers_pattern {
-            Some(p) => p.iter().any(|s| s == w[0]),
-            None => DEFAULT.contains(&w[0]),
-        };
-        if is_pat {
-            if let Ok(i) = w[1].parse() {
-                return Some(i);
-            }
-        }
+/// The layer regexes PEFT's `check_target_module_exists` builds: `.*\.{pattern}\.(\d+)\.` per pattern, or
+/// `.*\.[^.]*\.(\d+)\.` when there is none (an empty list or an empty string counts as none).
+fn layer_regexes(layers_pattern: Option<&[String]>) -> Result<Vec<Regex>> {
+    let pats: Vec<&String> = layers_pattern.unwrap_or_default().iter().filter(|p| !p.is_empty()).collect();
+    let compile = |p: &str| {
+        Regex::new(&format!(r"\A.*\.{p}\.(\d+)\.")).map_err(|e| Error::Invalid {
+            op: "layers_pattern",
+            msg: format!("pattern `{p}` is not a supported regular expression: {e}"),
+        })
+    };
+    if pats.is_empty() {
+        return Ok(vec![compile("[^.]*")?]);
     }
-    None
+    pats.into_iter().map(|p| compile(&format!("(?:{p})"))).collect()
+}
+
+/// The index of the first regex that matches, read from its last (greedy) match in `path`.
+fn layer_index_re(path: &str, res: &[Regex]) -> Option<usize> {
+    res.iter().find_map(|re| re.captures(path)).and_then(|c| c.get(1)).and_then(|m| m.as_str().parse().ok())
+}
+
+/// The layer index PEFT reads from a module path: the all-digit segment after a `layers_pattern` match (or after
+/// any non-first segment without a pattern), last occurrence, followed by at least one more segment.
+///
+/// # Errors
+/// [`Error::Invalid`] for a pattern the regex engine rejects.
+pub fn layer_index(path: &str, layers_pattern: Option<&[String]>) -> Result<Option<usize>> {
+    Ok(layer_index_re(path, &layer_regexes(layers_pattern)?))
 }
 
 /// An ordered `rank_pattern` / `alpha_pattern`: keys tried in order with `(.*\.)?(key)$`, first hit wins.
@@ -272,6 +295,38 @@ mod tests {
             TargetSpec::new(&ModulePattern::list(["classifier", "query"]), None, None, None, &["classifier".into()])
                 .unwrap();
         assert_eq!(sel(&s), vec![PATHS[0], PATHS[2]]);
+    }
+
+    /// PEFT's rules (`tuners_utils.check_target_module_exists`): the last numbered segment counts, any segment
+    /// name works without a pattern, `[]` is no restriction, patterns are regexes tried in order, a full-path
+    /// target is not filtered, a number must be followed by another segment and preceded by a non-first one.
+    #[test]
+    fn layers_to_transform_follows_peft() {
+        let moe = ["model.layers.3.mlp.experts.1.w1", "model.layers.1.mlp.experts.3.w1"];
+        let pick = |layers: &[usize], pat: Option<&[String]>, targets: &[&str], paths: &[&str]| {
+            let s =
+                TargetSpec::new(&ModulePattern::list(targets.iter().copied()), None, Some(layers), pat, &[]).unwrap();
+            paths.iter().filter(|p| s.matches(p, false)).map(|p| p.to_string()).collect::<Vec<_>>()
+        };
+        // last number wins: experts.1 / experts.3
+        assert_eq!(pick(&[1], None, &["w1"], &moe), vec![moe[0]]);
+        // with a pattern, the number after it
+        let layers = vec!["layers".to_string()];
+        assert_eq!(pick(&[1], Some(&layers), &["w1"], &moe), vec![moe[1]]);
+        // any segment name, not a fixed list
+        assert_eq!(pick(&[2], None, &["q"], &["net.stage.2.q", "net.stage.1.q"]), vec!["net.stage.2.q"]);
+        // patterns are regexes, tried in order, the first that matches decides
+        let re = vec!["stag.".to_string(), "net".to_string()];
+        assert_eq!(pick(&[2], Some(&re), &["q"], &["net.stage.2.q", "net.stage.1.q"]), vec!["net.stage.2.q"]);
+        // empty list: no restriction
+        assert_eq!(pick(&[], None, &["w1"], &moe).len(), 2);
+        // a full-path target is not filtered by layer
+        assert_eq!(pick(&[7], None, &[moe[0]], &moe), vec![moe[0]]);
+        // the number must follow a non-first segment and precede another one
+        assert_eq!(pick(&[0], None, &["q"], &["layers.0.q", "x.layers.0"]), Vec::<String>::new());
+        assert_eq!(layer_index("a.layers.12.b", None).unwrap(), Some(12));
+        assert_eq!(layer_index("a.b12.3.c", None).unwrap(), Some(3));
+        assert!(layer_index("a.b", Some(&["(".to_string()])).is_err());
     }
 
     #[test]

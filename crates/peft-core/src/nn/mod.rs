@@ -16,7 +16,7 @@ mod weights;
 pub use attention::{KvCache, MultiHeadAttention, Rope};
 pub use block::{DecoderConfig, DecoderLayer, EncoderConfig, EncoderLayer, EncoderNames, NormPlacement};
 pub use block_site::{BlockAdapter, BlockSite, Ffn};
-pub use ctx::{AdapterNames, Ctx, TaskIds, TokenMask};
+pub use ctx::{AdapterNames, Ctx, TaskIds, TokenLabels, TokenMask};
 pub use layers::{Activation, Embedding, LayerNorm, Mlp, RmsNorm, SwiGlu};
 pub use linear::{Dense, Linear, LinearAdapter, LinearBase};
 pub use module::{
