@@ -313,3 +313,16 @@ fn minilm_shaped_layer_holds_at_most_0_52_bytes_per_param() {
     let m = QuantMemory::of(&q.weight());
     assert!((m.bytes_per_param_without_maps() - 0.5625).abs() < 1e-9);
 }
+
+/// Audit item: the QLoRA bench method did not forward the run's seed, so every seed got the same LoRA init. The
+/// seed is the `PeftModel`'s: equal seeds give equal `lora_A`, different seeds different ones.
+#[test]
+fn the_run_seed_reaches_the_qlora_init() {
+    let a = |seed: u64| {
+        let mut toy = PeftModel::wrap(Toy::new(D, 2), seed);
+        toy.add_adapter_boxed("default", methods()[0].config()).unwrap();
+        toy.lora_layers("default").unwrap()[0].1.lora_a().value().to_owned()
+    };
+    assert_eq!(a(3), a(3));
+    assert_ne!(a(3), a(4));
+}
