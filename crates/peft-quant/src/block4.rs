@@ -557,11 +557,11 @@ fn row_sum<const L: usize>(load: impl Fn(usize) -> [f32; L], size: usize) -> [f3
     for i in size_ilp * 4..size {
         add_lanes(&mut partial[0], &load(i));
     }
-    for k in 1..4 {
-        let p = partial[k];
-        add_lanes(&mut partial[0], &p);
+    let [mut total, p1, p2, p3] = partial;
+    for p in [p1, p2, p3] {
+        add_lanes(&mut total, &p);
     }
-    partial[0]
+    total
 }
 
 /// ATen `multi_row_sum` with `nrows = 4`, `num_levels = 4`: `load(row, k)` is column `k` of row `row`.
@@ -576,16 +576,16 @@ fn multi_row_sum<const L: usize>(load: impl Fn(usize, usize) -> [f32; L], size: 
     let mut i = 0;
     while i + level_step <= size {
         for _ in 0..level_step {
-            for k in 0..4 {
-                add_lanes(&mut acc[0][k], &load(i, k));
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add_lanes(a, &load(i, k));
             }
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add_lanes(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; L];
+            let (lower, upper) = acc.split_at_mut(j);
+            for (up, low) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                add_lanes(up, low);
+                *low = [0f32; L];
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -593,15 +593,15 @@ fn multi_row_sum<const L: usize>(load: impl Fn(usize, usize) -> [f32; L], size: 
         }
     }
     while i < size {
-        for k in 0..4 {
-            add_lanes(&mut acc[0][k], &load(i, k));
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add_lanes(a, &load(i, k));
         }
         i += 1;
     }
     for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add_lanes(&mut acc[0][k], &upper);
+        let upper = acc[j];
+        for (a, u) in acc[0].iter_mut().zip(&upper) {
+            add_lanes(a, u);
         }
     }
     acc[0]
