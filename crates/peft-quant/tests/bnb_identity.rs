@@ -250,3 +250,29 @@ fn bnb_native_cpu_dequantize_differs_only_as_its_kernel_explains() {
     }
     assert_eq!(differing, 36, "native kernel vs reference: cases that differ");
 }
+
+/// The double-quant offset is `absmax.mean()` in torch: its CPU cascade sum in f32, then `/ n`. Checked against
+/// torch 2.15 (one thread: the serial order; below 32768 values torch reduces serially at any thread count) for
+/// lengths 1..79 and around every power-of-two boundary of the cascade up to 300000 values.
+#[test]
+fn offset_mean_is_torch_cpu_cascade_sum_bit_for_bit() {
+    use peft_quant::block4::{torch_mean, torch_sum};
+    let t = File::open("torch_sums.safetensors");
+    let lengths: Vec<usize> = t
+        .raw("lengths")
+        .chunks_exact(4)
+        .map(|b| usize::try_from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])).unwrap())
+        .collect();
+    let (sums, means) = (t.f32s("sums"), t.f32s("means"));
+    let max = lengths.iter().copied().max().unwrap();
+    // The generator's x_i = f32((i * 7919) % 10007 + 1) / f32(1013): exact integer conversions, one IEEE division.
+    let x: Vec<f32> = (0..max).map(|i| ((i * 7919) % 10007 + 1) as f32 / 1013.0).collect();
+    for (k, &n) in lengths.iter().enumerate() {
+        assert_eq!(torch_sum(&x[..n]).to_bits(), sums[k].to_bits(), "sum of {n}");
+        assert_eq!(torch_mean(&x[..n]).to_bits(), means[k].to_bits(), "mean of {n}");
+    }
+    // The f64 mean the crate used before differs from torch's for some of these lengths.
+    let f64_mean = |n: usize| (x[..n].iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64) as f32;
+    let differing = lengths.iter().zip(&means).filter(|(&n, m)| f64_mean(n).to_bits() != m.to_bits()).count();
+    eprintln!("{differing} of {} lengths: the f64-accumulated mean differs from torch's", lengths.len());
+}
