@@ -1,13 +1,16 @@
 //! bitsandbytes' blockwise 8-bit quantisation with a 256-entry code (`quantize_blockwise` / `dequantize_blockwise`),
 //! used here for double quantisation of the 4-bit block scales.
 //!
-//! Per block of `blocksize` values (the last block may be partial): `absmax = max|x|`, code index =
-//! [`quantize_dynamic`]`(code, x · (1/absmax))` (CUDA `kQuantizeBlockwise`: the reciprocal is taken once per block).
-//! Dequantisation: `code[q] · absmax[i / blocksize]` in f32.
+//! The rule is that of bitsandbytes 0.50.2's CPU backend (`quantize_cpu_impl` in `csrc/cpu_ops.cpp`, reached from
+//! `backends/cpu/ops.py` for float32 input): per block of `blocksize` values (the last block may be partial, it is
+//! handled like the others), `absmax = max|x|`; a block whose absmax is 0 stores code index **0** everywhere (bnb
+//! `out[i] = 0`, which dequantises to `code[0] · 0 = -0.0`); otherwise `inv = 1 / absmax` once per block and the
+//! code index is [`DynamicLut::code`]`(x · inv)` (a 65536-entry lookup table, not a nearest-entry search; see
+//! [`crate::codes`]). Dequantisation (`dequantizeBlockwise8bitCpu`): `code[q] · absmax[i / blocksize]` in f32.
 
 use rayon::prelude::*;
 
-use crate::codes::quantize_dynamic;
+use crate::codes::DynamicLut;
 use crate::error::{size, QuantError, Result};
 
 /// Blockwise 8-bit codes with one f32 absmax per block and the code they index.
@@ -20,9 +23,8 @@ pub struct Blockwise8 {
 }
 
 impl Blockwise8 {
-    /// Quantizes `x` in blocks of `blocksize` against the sorted 256-entry `code`.
-    ///
-    /// A block whose absmax is 0 gets the code nearest 0 everywhere (CUDA would divide by zero).
+    /// Quantizes `x` in blocks of `blocksize` against the sorted 256-entry `code`, exactly as bnb's CPU backend
+    /// (module docs).
     ///
     /// # Errors
     /// [`QuantError::Empty`] for empty input, [`QuantError::NonFinite`] for NaN/inf values,
@@ -34,6 +36,7 @@ impl Blockwise8 {
         if x.is_empty() {
             return Err(QuantError::Empty("quantize_blockwise"));
         }
+        let lut = DynamicLut::new(code);
         let nblocks = x.len().div_ceil(blocksize);
         let mut codes = vec![0u8; x.len()];
         let mut absmax = vec![0f32; nblocks];
@@ -49,16 +52,15 @@ impl Blockwise8 {
                     m = m.max(v.abs());
                 }
                 *am = m;
-                let inv = 1.0 / m;
-                for (qi, &v) in q.iter_mut().zip(xs) {
-                    let scaled = if m == 0.0 {
-                        0.0
-                    } else if inv.is_finite() {
-                        v * inv
-                    } else {
-                        v / m
-                    };
-                    *qi = quantize_dynamic(code, scaled);
+                if m == 0.0 {
+                    q.fill(0);
+                } else {
+                    // A subnormal absmax can make inv infinite; bnb then maps v * inv (±inf, or NaN for 0) through
+                    // the same clamp and index, and so do we.
+                    let inv = 1.0 / m;
+                    for (qi, &v) in q.iter_mut().zip(xs) {
+                        *qi = lut.code(v * inv);
+                    }
                 }
                 finite
             })
@@ -134,7 +136,7 @@ mod tests {
     use crate::codes::dynamic_map;
 
     #[test]
-    fn dequantize_of_quantize_is_within_half_the_local_code_gap() {
+    fn dequantize_of_quantize_is_within_half_the_local_code_gap_plus_one_lut_step() {
         let code = dynamic_map();
         let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
         let q = Blockwise8::quantize(&x, 256, &code).unwrap();
@@ -144,18 +146,25 @@ mod tests {
             let k = usize::from(q.codes()[i]);
             let lo = if k > 0 { code[k] - code[k - 1] } else { 0.0 };
             let hi = if k < 255 { code[k + 1] - code[k] } else { 0.0 };
-            let bound = 0.5 * lo.max(hi) * am * (1.0 + 1e-5) + 1e-7;
+            // The lookup table resolves the normalised value only to its grid step 2/65535.
+            let bound = (0.5 * lo.max(hi) + 2.0 / 65535.0) * am * (1.0 + 1e-5) + 1e-7;
             assert!((q.value(i) - v).abs() <= bound, "element {i}: {v} -> {}", q.value(i));
         }
     }
 
     #[test]
-    fn block_maximum_maps_to_the_extreme_codes_and_zero_to_code_127() {
+    fn block_maximum_maps_to_the_extreme_codes_and_zero_to_the_grid_points_code() {
         let code = dynamic_map();
         let q = Blockwise8::quantize(&[2.0, -2.0, 0.0, 1.0], 256, &code).unwrap();
         assert_eq!(q.codes()[0], 255);
         assert_eq!(q.codes()[1], 0, "-1 is below every code; the nearest is code 0 = -0.99296875");
-        assert_eq!(q.codes()[2], 127);
+        // 0 lands on grid index 32768, whose value 2·32768/65535 − 1 = 1.5259e-5 is nearest a small positive
+        // entry, not code 127 (= 0.0): bnb's CPU quantizer does not reproduce an exact 0 at 8 bits.
+        let z = usize::from(q.codes()[2]);
+        assert!(z > 127, "code {z}");
+        let grid = 2.0 * 32768.0f32 / 65535.0 - 1.0;
+        let nearest = (0..256).min_by(|&a, &b| (code[a] - grid).abs().total_cmp(&(code[b] - grid).abs())).unwrap();
+        assert_eq!(z, nearest);
         assert_eq!(q.value(0), 2.0);
     }
 
@@ -163,6 +172,7 @@ mod tests {
     fn all_zero_block_and_bad_inputs() {
         let code = dynamic_map();
         let q = Blockwise8::quantize(&[0.0; 10], 4, &code).unwrap();
+        assert!(q.codes().iter().all(|&c| c == 0), "bnb stores code index 0 for an all-zero block");
         assert!(q.dequantize().iter().all(|&v| v == 0.0));
         assert!(matches!(Blockwise8::quantize(&[], 4, &code), Err(QuantError::Empty(_))));
         assert!(matches!(Blockwise8::quantize(&[f32::NAN], 4, &code), Err(QuantError::NonFinite(_))));

@@ -8,10 +8,23 @@
 //! * [`dynamic_map`]: `create_dynamic_map(signed=True)`, the 256-entry signed 8-bit dynamic map used by double
 //!   quantisation; stored bit-exactly as bnb builds it (its f32 `linspace` rounding included).
 //!
-//! Nearest-code rules follow the CUDA kernels (`csrc/kernels.cu`): NF4 and FP4 use decision trees over fixed f32
-//! thresholds with strict `>` (a value exactly on a threshold takes the lower code), evaluated here branch-free as
-//! "number of thresholds below x", which is the same function; 8-bit uses `dQuantize<0>`'s binary search with its
-//! midpoint test, reproduced literally.
+//! Nearest-code rules are those of bitsandbytes 0.50.2's **CPU backend** (checked byte for byte by
+//! `tests/bnb_identity.rs`):
+//!
+//! * 4-bit (`backends/default/ops.py`, `quantize_4bit`, which the CPU backend uses): `torch.bucketize(scaled,
+//!   bounds)` with `bounds` the f32 midpoints of the *sorted* table (`_get_4bit_quantize_bounds`), i.e. the bucket
+//!   is the number of bounds strictly below `x` (a value exactly on a bound takes the lower bucket), mapped back to
+//!   a code through the table's sort order. For NF4 the order is the identity and the bounds are
+//!   [`NF4_THRESHOLDS`] (the same thresholds and `>` tests as the CUDA tree `dQuantizeNF4`). For FP4 the bounds
+//!   are [`FP4_BOUNDS`] and the order [`FP4_ORDER`]; this differs from the CUDA tree `dQuantizeFP4` (sign bit from
+//!   `x < 0`, rounded literal thresholds on `|x|`) in three ways: the two zero codes swap (`(-0.0026, 0]` → code 0,
+//!   `(0, 0.0026]` → code 8, `-0` pattern), a negative value exactly on a bound rounds away from zero, and the
+//!   bounds are exact midpoints instead of CUDA's 7-digit literals.
+//! * 8-bit (`csrc/cpu_ops.cpp`, `quantize_cpu_impl` behind `quantize_blockwise` on CPU): not a search but a
+//!   65536-entry lookup table ([`DynamicLut`]): `x` is clamped to `[-1, 1]`, mapped to `i = trunc(fma((x + 1) ·
+//!   0.5, 65535, 0.5))`, and the code is the nearest table entry of the grid point `-1 + 2i/65535`. Values closer
+//!   together than the grid step `2/65535 ≈ 3.05e-5` share a code, so near 0 (where the dynamic map's entries are
+//!   ~1e-7 apart) it is much coarser than a true nearest-entry search (CUDA's `dQuantize`).
 
 /// The NF4 table (index = 4-bit code), bitsandbytes' hard-coded f32 values.
 pub const NF4: [f32; 16] = [
@@ -53,7 +66,8 @@ pub const FP4: [f32; 16] = [
     -3.0 / 12.0,
 ];
 
-/// The NF4 decision-tree thresholds of `dQuantizeNF4` (midpoints of consecutive [`NF4`] values), ascending.
+/// The NF4 bucket boundaries, ascending: the f32 midpoints of consecutive [`NF4`] values, which are both bnb's CPU
+/// `bucketize` bounds and the thresholds of the CUDA tree `dQuantizeNF4`.
 pub const NF4_THRESHOLDS: [f32; 15] = [
     -0.8480964,
     -0.6106329,
@@ -72,35 +86,57 @@ pub const NF4_THRESHOLDS: [f32; 15] = [
     0.86147845,
 ];
 
-/// The thresholds of `dQuantizeFP4` on `|x|`, ascending (bnb's rounded literals, not exact midpoints).
-pub const FP4_THRESHOLDS: [f32; 7] = [0.00260417, 0.0859375, 0.20833333, 0.29166666, 0.4166667, 0.583333, 0.8333333];
+/// The FP4 values in ascending order (`FP4[FP4_ORDER[k]]`), as `torch.argsort` orders bnb's table: the two
+/// zeros keep their index order (pattern 0 before pattern 8).
+const FP4_SORTED: [f32; 16] = {
+    let mut v = [0f32; 16];
+    let mut k = 0;
+    while k < 16 {
+        v[k] = FP4[FP4_ORDER[k] as usize];
+        k += 1;
+    }
+    v
+};
 
-/// FP4 magnitude bits for "number of [`FP4_THRESHOLDS`] below |x|" (0..=7).
-const FP4_MAGNITUDE: [u8; 8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011];
+/// The FP4 code of each bucket: `torch.argsort(get_4bit_type("fp4"))` as bnb 0.50.2's CPU backend computes it
+/// (`_get_4bit_quantize_bounds`, checked against the fixture `tables.safetensors`).
+pub const FP4_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
 
-/// The nearest NF4 code of a normalised value, exactly as `dQuantizeNF4` (strict `>` at every threshold; NaN gives
-/// code 0, like the CUDA tree).
+/// The 15 bucket boundaries of bnb's CPU FP4 quantizer, ascending: `(sorted[k] + sorted[k + 1]) / 2` in f32. The
+/// middle one is 0 (between the two zero codes).
+pub const FP4_BOUNDS: [f32; 15] = {
+    let mut b = [0f32; 15];
+    let mut k = 0;
+    while k < 15 {
+        b[k] = (FP4_SORTED[k] + FP4_SORTED[k + 1]) / 2.0;
+        k += 1;
+    }
+    b
+};
+
+/// The nearest NF4 code of a normalised value, as bnb's CPU backend (`torch.bucketize` on [`NF4_THRESHOLDS`]) and
+/// equally the CUDA tree `dQuantizeNF4`: the number of thresholds strictly below `x` (a value on a threshold takes
+/// the lower code; NaN gives code 0).
 #[inline(always)]
 pub fn quantize_nf4(x: f32) -> u8 {
     // A u32 count keeps the compare lanes as wide as the f32 lanes, which lets the loop vectorise across elements.
     let mut c = 0u32;
     for t in NF4_THRESHOLDS {
-        c += u32::from(x > t);
+        c += u32::from(t < x);
     }
     c as u8
 }
 
-/// The nearest FP4 code (bit pattern) of a normalised value, exactly as `dQuantizeFP4`: sign bit from `x < 0`, then
-/// the tree on `|x|`.
+/// The FP4 code (bit pattern) of a normalised value, as bnb's CPU backend: `FP4_ORDER[#{b in FP4_BOUNDS : b < x}]`.
+/// Tiny positives `(0, 0.0026]` get pattern `0b1000` and `(-0.0026, 0]` (0.0 and -0.0 included) pattern 0, the
+/// reverse of CUDA's sign-bit rule; both decode to 0.0.
 #[inline(always)]
 pub fn quantize_fp4(x: f32) -> u8 {
-    let sign = if x < 0.0 { 0b1000 } else { 0 };
-    let a = x.abs();
     let mut c = 0u32;
-    for t in FP4_THRESHOLDS {
-        c += u32::from(a > t);
+    for t in FP4_BOUNDS {
+        c += u32::from(t < x);
     }
-    FP4_MAGNITUDE[c as usize] | sign
+    FP4_ORDER[c as usize]
 }
 
 /// The signed dynamic map as f32 bit patterns, dumped from bitsandbytes 0.50.2 `create_dynamic_map(signed=True)`.
@@ -144,6 +180,9 @@ pub fn dynamic_map() -> [f32; 256] {
 /// The nearest 8-bit code of a normalised value in a sorted 256-entry `code`, exactly as CUDA `dQuantize<0>`: a
 /// 7-step binary search from pivot 127, then a midpoint test against the neighbour on the side of `x` (ties go to
 /// the pivot).
+///
+/// This is the CUDA rule, kept for comparison; bitsandbytes' CPU backend (and [`crate::Blockwise8`]) uses the
+/// coarser lookup table [`DynamicLut`] instead.
 pub fn quantize_dynamic(code: &[f32; 256], x: f32) -> u8 {
     let mut pivot: usize = 127;
     let mut upper_pivot: usize = 255;
@@ -186,6 +225,66 @@ pub fn quantize_dynamic(code: &[f32; 256], x: f32) -> u8 {
         } else {
             pivot as u8
         }
+    }
+}
+
+/// Entries of the 8-bit quantizer's lookup table (`kLUTSize` in bnb's `csrc/cpu_ops.cpp`).
+pub const LUT_SIZE: usize = 65536;
+
+/// bitsandbytes' CPU 8-bit quantizer (`quantize_cpu_impl` / `build_quantize_lut` / `norm_to_lut_index` in
+/// `csrc/cpu_ops.cpp`, 0.50.2): a 65536-entry table from grid index to code index, built once per code table.
+///
+/// Built as bnb does: `mid[k] = 0.5 · (code[k] + code[k + 1])` (f32), and for `i` in `0..65536` the grid value
+/// `v_i = (2 · i) / 65535 − 1` (f32 division) gets the smallest code index `k` with `k == 255 || !(v_i > mid[k])`,
+/// i.e. the number of midpoints strictly below `v_i`. Looking up a normalised `x`: clamp to `[-1, 1]`, then `i =
+/// trunc(fma((x + 1) · 0.5, 65535, 0.5))` (the library is compiled with FMA contraction; one rounding), truncated to
+/// 16 bits. NaN maps to index 0 (`cvttss2si` gives `0x80000000`; Rust's saturating cast gives 0; both keep the low
+/// 16 bits 0).
+#[derive(Clone)]
+pub struct DynamicLut {
+    lut: Box<[u8]>,
+}
+
+impl std::fmt::Debug for DynamicLut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamicLut").field("entries", &self.lut.len()).finish()
+    }
+}
+
+impl DynamicLut {
+    /// Builds the table for a sorted 256-entry code (bnb assumes it sorted and so do we; an unsorted code gives
+    /// bnb's result for it, not the nearest entry).
+    pub fn new(code: &[f32; 256]) -> Self {
+        let mut mid = [0f32; 255];
+        for (k, m) in mid.iter_mut().enumerate() {
+            *m = 0.5 * (code[k] + code[k + 1]);
+        }
+        let mut lut = vec![0u8; LUT_SIZE].into_boxed_slice();
+        let mut k = 0usize;
+        for (i, slot) in lut.iter_mut().enumerate() {
+            // i < 65536 is exact in f32.
+            let v = (2.0 * i as f32) / 65535.0 - 1.0;
+            while k < 255 && v > mid[k] {
+                k += 1;
+            }
+            // k <= 255 by the loop bound.
+            *slot = k as u8;
+        }
+        DynamicLut { lut }
+    }
+
+    /// The grid index of a normalised value.
+    #[inline(always)]
+    pub fn index(x: f32) -> usize {
+        let h = (x.clamp(-1.0, 1.0) + 1.0) * 0.5;
+        // In range the value is in [0.5, 65535.5], so the cast truncates like cvttss2si; NaN gives 0 either way.
+        usize::from(h.mul_add(65535.0, 0.5) as i32 as u16)
+    }
+
+    /// The code index of a normalised value.
+    #[inline(always)]
+    pub fn code(&self, x: f32) -> u8 {
+        self.lut[Self::index(x)]
     }
 }
 
@@ -304,17 +403,33 @@ mod tests {
     }
 
     #[test]
-    fn nf4_thresholds_are_exact_f32_midpoints_and_fp4_thresholds_are_near_midpoints() {
+    fn nf4_thresholds_and_fp4_bounds_are_exact_f32_midpoints_of_the_sorted_tables() {
         for i in 0..15 {
             assert_eq!(NF4_THRESHOLDS[i], (NF4[i] + NF4[i + 1]) / 2.0, "threshold {i}");
         }
-        let mut mags: Vec<f32> = FP4[..8].to_vec();
-        mags.sort_by(f32::total_cmp);
-        for i in 0..7 {
-            let mid = (mags[i] + mags[i + 1]) / 2.0;
-            assert!((FP4_THRESHOLDS[i] - mid).abs() < 5e-7, "fp4 threshold {i}: {} vs {mid}", FP4_THRESHOLDS[i]);
+        let mut sorted = FP4;
+        sorted.sort_by(f32::total_cmp);
+        for i in 0..15 {
+            assert_eq!(FP4_BOUNDS[i].to_bits(), ((sorted[i] + sorted[i + 1]) / 2.0).to_bits(), "fp4 bound {i}");
+        }
+        assert_eq!(FP4_BOUNDS[7], 0.0);
+        // FP4_ORDER is a permutation that sorts the table, the +0.0 pattern before the -0 pattern.
+        let mut seen = [false; 16];
+        for w in FP4_ORDER.windows(2) {
+            assert!(FP4[usize::from(w[0])] <= FP4[usize::from(w[1])]);
+        }
+        FP4_ORDER.iter().for_each(|&c| seen[usize::from(c)] = true);
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!((FP4_ORDER[7], FP4_ORDER[8]), (0, 8));
+        // CUDA's rounded literals are within 5e-7 of the exact positive bounds.
+        for (lit, exact) in CUDA_FP4_THRESHOLDS.iter().zip(&FP4_BOUNDS[8..]) {
+            assert!((lit - exact).abs() < 5e-7, "{lit} vs {exact}");
         }
     }
+
+    /// The thresholds of CUDA's `dQuantizeFP4` on `|x|` (rounded literals).
+    const CUDA_FP4_THRESHOLDS: [f32; 7] =
+        [0.00260417, 0.0859375, 0.20833333, 0.29166666, 0.4166667, 0.583333, 0.8333333];
 
     /// `dQuantizeNF4` from csrc/kernels.cu, transcribed literally.
     fn nf4_tree(x: f32) -> u8 {
@@ -398,24 +513,44 @@ mod tests {
 
     fn edge_values() -> Vec<f32> {
         let mut v = vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -1e-30];
-        for t in NF4_THRESHOLDS.iter().chain(&FP4_THRESHOLDS).flat_map(|&t| [t, -t]) {
+        for t in NF4_THRESHOLDS.iter().chain(&FP4_BOUNDS).chain(&CUDA_FP4_THRESHOLDS).flat_map(|&t| [t, -t]) {
             v.extend([t, t.next_up(), t.next_down()]);
         }
         v.extend(NF4.iter().chain(&FP4));
         v
     }
 
+    /// bnb's CPU rule, literally: `order[torch.bucketize(x, bounds)]` with `right=False`, i.e. the first bucket
+    /// `k` with `x <= bounds[k]`.
+    fn bucketize(x: f32, bounds: &[f32], order: &[u8]) -> u8 {
+        let k = bounds.iter().position(|&b| x <= b).unwrap_or(bounds.len());
+        order[k]
+    }
+
     #[test]
-    fn branch_free_codes_equal_the_cuda_decision_trees_on_every_threshold_and_its_neighbours() {
-        for x in edge_values() {
-            assert_eq!(quantize_nf4(x), nf4_tree(x), "nf4 at {x:e}");
-            assert_eq!(quantize_fp4(x), fp4_tree(x), "fp4 at {x:e}");
+    fn codes_equal_bnb_cpu_bucketize_and_nf4_equals_the_cuda_tree_on_every_threshold_and_its_neighbours() {
+        let identity: Vec<u8> = (0..16).collect();
+        for x in edge_values().into_iter().filter(|x| !x.is_nan()) {
+            assert_eq!(quantize_nf4(x), bucketize(x, &NF4_THRESHOLDS, &identity), "nf4 at {x:e}");
+            assert_eq!(quantize_nf4(x), nf4_tree(x), "nf4 vs CUDA at {x:e}");
+            assert_eq!(quantize_fp4(x), bucketize(x, &FP4_BOUNDS, &FP4_ORDER), "fp4 at {x:e}");
+            // Against the CUDA FP4 tree: same value everywhere except ties and the gaps between CUDA's rounded
+            // literals and the exact bounds; the zero codes differ only in which pattern encodes 0.0.
+            let (ours, cuda) = (FP4[usize::from(quantize_fp4(x))], FP4[usize::from(fp4_tree(x))]);
+            let near_bound = FP4_BOUNDS.iter().chain(&CUDA_FP4_THRESHOLDS).any(|b| (x.abs() - b.abs()).abs() < 1e-6);
+            assert!(ours == cuda || near_bound, "fp4 at {x:e}: {ours} vs CUDA {cuda}");
         }
-        // Ties go to the lower code (strict `>`).
+        // Ties go to the lower code.
         assert_eq!(quantize_nf4(NF4_THRESHOLDS[7]), 7);
         assert_eq!(quantize_nf4(NF4_THRESHOLDS[7].next_up()), 8);
-        assert_eq!(quantize_nf4(f32::NAN), 0, "the CUDA tree sends NaN to code 0");
-        assert_eq!(quantize_fp4(-1e-30), 0b1000, "tiny negatives keep the sign bit (-0)");
+        assert_eq!(quantize_nf4(f32::NAN), 0, "NaN is below no threshold: code 0");
+        // The sign-of-zero rule of the CPU backend is the reverse of CUDA's sign bit.
+        assert_eq!((quantize_fp4(1e-30), fp4_tree(1e-30)), (0b1000, 0));
+        assert_eq!((quantize_fp4(-1e-30), fp4_tree(-1e-30)), (0, 0b1000));
+        assert_eq!((quantize_fp4(0.0), quantize_fp4(-0.0)), (0, 0));
+        // A negative value exactly on a bound rounds away from zero (lower bucket), a positive one toward zero.
+        assert_eq!(quantize_fp4(FP4_BOUNDS[5]), 14, "-(2/12 + 0.0625/12)/2 -> -2/12");
+        assert_eq!(quantize_fp4(FP4_BOUNDS[9]), 1, "(2/12 + 0.0625/12)/2 -> 0.0625/12");
     }
 
     #[test]
@@ -466,6 +601,47 @@ mod tests {
             let d = (m[usize::from(q)] - x).abs();
             let best = m.iter().map(|t| (t - x).abs()).fold(f32::INFINITY, f32::min);
             prop_assert!(d <= best + 1e-7, "x {} code {} dist {} best {}", x, q, d, best);
+        }
+    }
+
+    #[test]
+    fn dynamic_lut_follows_bnb_build_and_index_rules() {
+        let m = dynamic_map();
+        let lut = DynamicLut::new(&m);
+        assert_eq!(DynamicLut::index(-1.0), 0);
+        assert_eq!(DynamicLut::index(1.0), 65535);
+        assert_eq!(DynamicLut::index(2.0), 65535, "clamped");
+        assert_eq!(DynamicLut::index(f32::NAN), 0);
+        assert_eq!(DynamicLut::index(0.0), 32768, "fma(0.5, 65535, 0.5) = 32768 exactly");
+        assert_eq!(lut.code(1.0), 255);
+        assert_eq!(lut.code(-1.0), 0);
+        // Near zero the grid step (2/65535) is far coarser than the map: 0 and every small positive value land on
+        // grid index 32768 (+1.53e-5), every small negative one on 32767 (-1.53e-5; `x + 1` rounds below 1).
+        let (c0, cn) = (lut.code(0.0), lut.code(-1e-6));
+        assert_eq!((DynamicLut::index(1e-7), DynamicLut::index(-1e-7)), (32768, 32767));
+        assert!([1e-7f32, 1e-6, 5e-6].iter().all(|&x| lut.code(x) == c0));
+        assert!([-1e-7f32, -5e-6].iter().all(|&x| lut.code(x) == cn));
+        assert!(c0 > 127 && cn < 127, "neither is the exact-zero code 127");
+        assert_ne!(quantize_dynamic(&m, 1e-6), quantize_dynamic(&m, -1e-6), "CUDA's search tells them apart");
+        // Each table entry holds the number of midpoints strictly below its grid value.
+        for i in (0..LUT_SIZE).step_by(97).chain([LUT_SIZE - 1]) {
+            let v = (2.0 * i as f32) / 65535.0 - 1.0;
+            let below = (0..255).filter(|&k| 0.5 * (m[k] + m[k + 1]) < v).count();
+            assert_eq!(usize::from(lut.lut[i]), below, "entry {i}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The table's code is the nearest entry to a grid point at most one grid step `2/65535` from `x`.
+        #[test]
+        fn dynamic_lut_codes_are_within_a_grid_step_of_the_nearest_entry(x in -1.0f32..1.0) {
+            let m = dynamic_map();
+            let lut = DynamicLut::new(&m);
+            let d = (m[usize::from(lut.code(x))] - x).abs();
+            let best = m.iter().map(|t| (t - x).abs()).fold(f32::INFINITY, f32::min);
+            prop_assert!(d <= best + 2.0 / 65535.0 + 1e-7, "x {} dist {} best {}", x, d, best);
         }
     }
 

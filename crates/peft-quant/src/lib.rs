@@ -3,11 +3,17 @@
 //! Quantized storage for frozen base weights, compatible with bitsandbytes (bnb):
 //!
 //! * **4-bit NF4 / FP4** block quantisation ([`Quant4`]): row-major flattened blocks of 32..4096 values (default
-//!   64), one absmax per block, nearest code by bnb's CUDA decision trees ([`codes`]), two codes per byte with the
-//!   first element in the high nibble. `x̂ = table[q] · absmax[block]`.
+//!   64), one absmax per block, nearest code by bnb's CPU rule (`torch.bucketize` on the midpoints of the sorted
+//!   table, [`codes`]), two codes per byte with the first element in the high nibble. `x̂ = table[q] · absmax[block]`.
 //! * **Double quantisation** of the block scales ([`Absmax::Double`]): `absmax − mean(absmax)` quantized with the
-//!   signed 8-bit dynamic map in blocks of 256 ([`Blockwise8`]): storage `4 + 8/64 + 32/(64·256) = 4.127` bits per
-//!   parameter at blocksize 64 (4.5 without).
+//!   signed 8-bit dynamic map in blocks of 256 ([`Blockwise8`], bnb's CPU lookup-table rule): storage `4 + 8/64 +
+//!   32/(64·256) = 4.127` bits per parameter at blocksize 64 (4.5 without).
+//! * **Byte identity with bitsandbytes 0.50.2's CPU backend**, checked by `tests/bnb_identity.rs` on fixtures bnb
+//!   generated (`tests/fixtures/identity/gen_bnb_identity.py`): NF4 and FP4, blocksizes 32, 64, …, 4096, double
+//!   quantisation off and on, float32 input, element counts that are multiples of neither the blocksize nor 256 —
+//!   packed codes, absmax, offset, nested codes and nested absmax identical byte for byte, dequantized values bit for
+//!   bit (against bnb's reference dequantisation; its native CPU kernel differs where [`block4`]'s docs explain).
+//!   bnb's CUDA kernels round differently (decision trees, a binary-searched 8-bit code) and are not the reference.
 //! * **Row-wise int8** ([`Int8Rows`], LLM.int8() style): `q = round(127 · x / absmax_row)`.
 //! * **Storage** ([`Checkpoint`]): bnb's safetensors layout (`<p>.weight`, `.weight.absmax`, `.weight.quant_map`,
 //!   `.weight.nested_absmax`, `.weight.nested_quant_map`, `.weight.quant_state.bitsandbytes__nf4` JSON bytes),
@@ -23,9 +29,10 @@
 //!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack).
 //! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation, packing.
 //!
-//! References: QLoRA (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>); bitsandbytes
-//! `bitsandbytes/functional.py` (`quantize_4bit`, `dequantize_4bit`, `create_dynamic_map`, `QuantState`) and
-//! `csrc/kernels.cu` (`dQuantizeNF4`, `dQuantizeFP4`, `dQuantize`).
+//! References: QLoRA (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>); bitsandbytes 0.50.2
+//! `bitsandbytes/functional.py` (`quantize_4bit`, `dequantize_4bit`, `create_dynamic_map`, `QuantState`),
+//! `backends/default/ops.py` (`quantize_4bit`, `_dequantize_4bit_compute`), `backends/cpu/ops.py` and
+//! `csrc/cpu_ops.cpp` (`quantize_cpu_impl`, `build_quantize_lut`, `dequantizeBlockwise4bitCpu`).
 //!
 //! ```
 //! use peft_quant::{Checkpoint, Quant4, Quant4Config, QuantType};
