@@ -11,9 +11,12 @@ pub mod error;
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
+pub mod stale;
+pub mod unused;
 
 pub use assets::assets_dir;
 pub use atomic::atomic_write;
+pub use stale::remove_stale_temps;
 pub use error::{IoError, IoResult};
 #[cfg(feature = "gguf")]
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
