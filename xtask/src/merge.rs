@@ -191,7 +191,9 @@ const NOT_COPIED: &[&str] = &[
 /// a shard of one.
 fn is_other_weights(name: &str) -> bool {
     NOT_COPIED.contains(&name)
-        || [".bin", ".h5", ".ot", ".msgpack", ".onnx", ".gguf", ".ckpt", ".pt", ".pth"].iter().any(|e| name.ends_with(e))
+        || [".bin", ".h5", ".ot", ".msgpack", ".onnx", ".gguf", ".ckpt", ".pt", ".pth"]
+            .iter()
+            .any(|e| name.ends_with(e))
         || (name.starts_with("model-") && name.ends_with(".safetensors"))
 }
 

@@ -169,7 +169,8 @@ fn merge_force_never_replaces_what_it_did_not_write() {
 fn merge_drops_weights_in_other_formats_and_says_so() {
     let d = tempfile::tempdir().unwrap();
     let (model, adapter) = tiny_bert_and_adapter(d.path());
-    for f in ["tf_model.h5", "rust_model.ot", "pytorch_model.bin", "flax_model.msgpack", "onnx/model.onnx", "openvino/m.xml"]
+    for f in
+        ["tf_model.h5", "rust_model.ot", "pytorch_model.bin", "flax_model.msgpack", "onnx/model.onnx", "openvino/m.xml"]
     {
         let p = model.join(f);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -196,20 +197,35 @@ fn merge_drops_weights_in_other_formats_and_says_so() {
 fn stale_temporaries_of_killed_runs_are_cleaned() {
     let d = tempfile::tempdir().unwrap();
     let (model, adapter) = tiny_bert_and_adapter(d.path());
-    let stale =
-        [format!(".merged.tmp-{DEAD_PID}"), format!(".merged.old-{DEAD_PID}"), format!(".q.safetensors.{DEAD_PID}.0.tmp")];
+    let stale = [
+        format!(".merged.tmp-{DEAD_PID}"),
+        format!(".merged.old-{DEAD_PID}"),
+        format!(".q.safetensors.{DEAD_PID}.0.tmp"),
+    ];
     for s in &stale[..2] {
         std::fs::create_dir_all(d.path().join(s).join("sub")).unwrap();
         std::fs::write(d.path().join(s).join("sub/model.safetensors"), "partial").unwrap();
     }
     std::fs::write(d.path().join(&stale[2]), "partial").unwrap();
-    let keep = [format!(".merged.tmp-{DEAD_PID}x"), format!(".mine.tmp-{DEAD_PID}"), format!(".merged.tmp-{}", std::process::id())];
+    let keep = [
+        format!(".merged.tmp-{DEAD_PID}x"),
+        format!(".mine.tmp-{DEAD_PID}"),
+        format!(".merged.tmp-{}", std::process::id()),
+    ];
     for k in &keep {
         std::fs::create_dir_all(d.path().join(k)).unwrap();
     }
     let out = d.path().join("merged");
     xtask(&[&"merge", &"--model", &model, &"--adapter", &adapter, &"--out", &out]);
-    xtask(&[&"quantize", &"--in", &model.join("model.safetensors"), &"--out", &d.path().join("q.safetensors"), &"--type", &"nf4"]);
+    xtask(&[
+        &"quantize",
+        &"--in",
+        &model.join("model.safetensors"),
+        &"--out",
+        &d.path().join("q.safetensors"),
+        &"--type",
+        &"nf4",
+    ]);
     for s in &stale {
         assert!(!d.path().join(s).exists(), "{s} removed");
     }
@@ -228,7 +244,10 @@ fn dequantize_refuses_overflowing_quant_state_shapes() {
     let mut c = Checkpoint::new();
     c.insert_quant4("fc", &q).unwrap();
     let json = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4294967296, 4294967296]}"#;
-    c.insert("fc.weight.quant_state.bitsandbytes__nf4", RawTensor::new(Dtype::U8, vec![json.len()], json.into()).unwrap());
+    c.insert(
+        "fc.weight.quant_state.bitsandbytes__nf4",
+        RawTensor::new(Dtype::U8, vec![json.len()], json.into()).unwrap(),
+    );
     c.insert("fc.weight", RawTensor::new(Dtype::U8, vec![0, 1], vec![]).unwrap());
     c.insert("fc.weight.absmax", RawTensor::from_f32(vec![0], &[]).unwrap());
     let src = d.path().join("q.safetensors");
@@ -245,7 +264,9 @@ fn dequantize_refuses_overflowing_quant_state_shapes() {
 /// Item 9: bench refuses counts of 0 and bad learning rates up front, with one message naming the flag.
 #[test]
 fn bench_refuses_zero_counts_and_bad_learning_rates_once() {
-    for (flag, value) in [("--train-examples", "0"), ("--seeds", "0"), ("--threads", "0"), ("--lr", "NaN"), ("--lr", "-1")] {
+    for (flag, value) in
+        [("--train-examples", "0"), ("--seeds", "0"), ("--threads", "0"), ("--lr", "NaN"), ("--lr", "-1")]
+    {
         let e = xtask_fails(&[&"bench", &flag, &value]);
         assert!(e.contains(flag), "{flag} {value}: {e}");
         assert_eq!(e.matches("error:").count(), 1, "printed once: {e}");

@@ -33,7 +33,12 @@ pub enum AudioError {
     },
     /// A sample rate outside [`SAMPLE_RATES`] (a header saying 100 MHz would make the resampler's filter
     /// gigabytes long).
-    #[error("{}sample rate {rate} Hz is outside the supported {}..={} Hz", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default(), SAMPLE_RATES.start(), SAMPLE_RATES.end())]
+    #[error(
+        "{}sample rate {rate} Hz is outside the supported {}..={} Hz",
+        file_prefix(path.as_deref()),
+        SAMPLE_RATES.start(),
+        SAMPLE_RATES.end()
+    )]
     SampleRate {
         /// The file, when the rate came from one.
         path: Option<PathBuf>,
@@ -54,6 +59,11 @@ pub enum AudioError {
 /// 384 kHz (the highest rate audio interfaces record). The resampler's filter grows with the rates' reduced
 /// ratio (`20 * max(up, down) + 1` taps), which this range keeps below ~8 million taps (64 MB).
 pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 1_000..=384_000;
+
+/// `"PATH: "` for messages about a file, `""` otherwise.
+fn file_prefix(path: Option<&Path>) -> String {
+    path.map(|p| format!("{}: ", p.display())).unwrap_or_default()
+}
 
 /// Fails with [`AudioError::SampleRate`] for a rate outside [`SAMPLE_RATES`].
 fn check_rate(path: Option<&Path>, rate: u32) -> AudioResult<()> {

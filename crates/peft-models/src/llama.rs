@@ -22,10 +22,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::bail;
 use peft_core::error::{Error, Result};
+use peft_core::io::unused::check_unused;
 #[cfg(feature = "gguf")]
 use peft_core::io::GgufFile;
 use peft_core::io::{IoError, IoResult, LlamaConfig, SafeTensorsFile};
-use peft_core::io::unused::check_unused;
 use peft_core::nn::{
     Ctx, DecoderConfig, DecoderLayer, Embedding, KvCache, Linear, Module, PromptedSeq, RandomInit, RmsNorm, Rope, Site,
     Visitor, WeightSource,

@@ -624,7 +624,8 @@ mod tests {
         let mut c = ckpt(&sample(false));
         set_json(
             &mut c,
-            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4294967296, 4294967296]}"#);
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4294967296, 4294967296]}"#,
+        );
         c.insert("m.proj.weight", RawTensor::new(Dtype::U8, vec![0, 1], vec![]).unwrap());
         c.insert("m.proj.weight.absmax", RawTensor::from_f32(vec![0], &[]).unwrap());
         let e = c.quant4("m.proj").unwrap_err();

@@ -16,9 +16,9 @@ pub mod unused;
 
 pub use assets::assets_dir;
 pub use atomic::atomic_write;
-pub use stale::remove_stale_temps;
 pub use error::{IoError, IoResult};
 #[cfg(feature = "gguf")]
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use hf_config::{ArchConfig, BertConfig, Dinov2Config, LlamaConfig, WhisperConfig};
 pub use safetensors::{read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo};
+pub use stale::remove_stale_temps;

@@ -335,7 +335,10 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
     let e = crate::nn::WeightSource::get(&f, "w", &[3]).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, crate::Error::WeightShape { .. }), "{msg}");
-    assert!(msg.contains("t.safetensors") && msg.contains("`w`") && msg.contains("[3]") && msg.contains("[2]"), "{msg}");
+    assert!(
+        msg.contains("t.safetensors") && msg.contains("`w`") && msg.contains("[3]") && msg.contains("[2]"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -80,7 +80,8 @@ mod tests {
         assert_eq!(temp_owner(".out.tmp-123", "out"), Some(123));
         assert_eq!(temp_owner(".out.old-7", "out"), Some(7));
         assert_eq!(temp_owner(".f.safetensors.99.3.tmp", "f.safetensors"), Some(99));
-        for other in [".out.tmp-", ".out.tmp-12x", "out.tmp-1", ".outer.tmp-1", ".out.1.tmp", ".out.tmp-1/x", ".o.tmp-1"]
+        for other in
+            [".out.tmp-", ".out.tmp-12x", "out.tmp-1", ".outer.tmp-1", ".out.1.tmp", ".out.tmp-1/x", ".o.tmp-1"]
         {
             assert_eq!(temp_owner(other, "out"), None, "{other}");
         }
@@ -93,7 +94,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dead = u32::MAX - 1; // above Linux's pid_max, so never a running process
         let me = std::process::id();
-        for dir in [format!(".out.tmp-{dead}"), format!(".out.old-{dead}"), format!(".out.tmp-{me}"), ".out.tmp-x".into()] {
+        for dir in
+            [format!(".out.tmp-{dead}"), format!(".out.old-{dead}"), format!(".out.tmp-{me}"), ".out.tmp-x".into()]
+        {
             std::fs::create_dir_all(d.path().join(&dir).join("sub")).unwrap();
         }
         std::fs::write(d.path().join(format!(".m.st.{dead}.0.tmp")), b"x").unwrap();

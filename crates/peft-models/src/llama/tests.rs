@@ -81,8 +81,11 @@ fn malformed_gguf_llama_metadata_is_a_typed_error() {
     let path = dir.path().join("bad.gguf");
     let mut w = weights(&m);
     w.remove("model.embed_tokens.weight");
-    std::fs::write(&path, gguf_builder("llama", &s, &w).tensor("token_embd.weight", &[], GgmlType::F32, vec![0; 4]).build())
-        .unwrap();
+    std::fs::write(
+        &path,
+        gguf_builder("llama", &s, &w).tensor("token_embd.weight", &[], GgmlType::F32, vec![0; 4]).build(),
+    )
+    .unwrap();
     let e = LlamaSpec::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
     assert!(matches!(&e, IoError::InvalidConfig { field: "token_embd.weight", .. }), "{e}");
     for layers in [0, 1] {
