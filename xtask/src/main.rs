@@ -57,19 +57,6 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    /// Issue 14 item 9: a cause already quoted by its parent's message is printed once.
-    #[test]
-    fn causes_already_in_the_message_are_not_repeated() {
-        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
-        let e = peft_core::io::IoError::io("/x/model.safetensors", io);
-        let e = anyhow::Error::new(e).context("reading /x");
-        assert_eq!(format!("{e:#}").matches("Permission denied").count(), 2, "what `{{:#}}` prints");
-        assert_eq!(super::render(&e), "reading /x: /x/model.safetensors: Permission denied");
-    }
-}
-
 fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
     if suite != Suite::Glue {
         anyhow::bail!("suite {suite:?} is not built yet, so it has no asset list; only `--suite glue` exists");
@@ -84,5 +71,18 @@ fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
             eprintln!("{msg}");
             Ok(ExitCode::from(2))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Issue 14 item 9: a cause already quoted by its parent's message is printed once.
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let e = peft_core::io::IoError::io("/x/model.safetensors", io);
+        let e = anyhow::Error::new(e).context("reading /x");
+        assert_eq!(format!("{e:#}").matches("Permission denied").count(), 2, "what `{{:#}}` prints");
+        assert_eq!(super::render(&e), "reading /x: /x/model.safetensors: Permission denied");
     }
 }
