@@ -234,6 +234,23 @@ fn stale_temporaries_of_killed_runs_are_cleaned() {
     }
 }
 
+/// `embed --out` naming one of its inputs (here the model's weights) is refused: the atomic replace would have
+/// overwritten the model with the embeddings.
+#[test]
+fn embed_refuses_an_output_that_is_an_input() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, _) = tiny_bert_and_adapter(d.path());
+    let list = d.path().join("in.txt");
+    std::fs::write(&list, "hello\n").unwrap();
+    let weights = model.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    for out in [&weights, &list] {
+        let e = xtask_fails(&[&"embed", &"--model", &model, &"--input", &list, &"--out", out]);
+        assert!(e.contains("refusing to overwrite an input"), "{e}");
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+}
+
 /// Item 6: a quant_state shape of [2^32, 2^32] used to wrap to 0 elements and write a corrupt file with exit 0.
 #[test]
 fn dequantize_refuses_overflowing_quant_state_shapes() {
@@ -271,6 +288,7 @@ fn bench_refuses_zero_counts_and_bad_learning_rates_once() {
         assert!(e.contains(flag), "{flag} {value}: {e}");
         assert_eq!(e.matches("error:").count(), 1, "printed once: {e}");
     }
-    let e = xtask_fails(&[&"bench", &"--methods", &"lora,lora"]);
-    assert!(e.contains("listed twice") || e.contains("assets"), "{e}");
+    // refused before any work when the assets are present (else bench stops at the asset check first)
+    let (ok, text) = run(&[&"bench", &"--methods", &"lora,lora", &"--tasks", &"rte"]);
+    assert!(!ok && (text.contains("listed twice") || text.contains("assets are missing")), "{text}");
 }

@@ -819,7 +819,9 @@ mod tests {
         assert!(matches!(Checkpoint::from_bytes(&bytes[..bytes.len() - 3]), Err(QuantError::Safetensors(_))));
         assert!(matches!(Checkpoint::from_bytes(b"\x05\0\0\0\0\0\0\0{}"), Err(QuantError::Safetensors(_))));
         assert!(matches!(RawTensor::new(Dtype::F32, vec![2], vec![0; 7]), Err(QuantError::Size { .. })));
-        assert!(matches!(Checkpoint::read("/nonexistent/peft-quant.safetensors"), Err(QuantError::Io(_))));
+        // the error names the file (issue 14 item 9)
+        let e = Checkpoint::read("/nonexistent/peft-quant.safetensors").unwrap_err();
+        assert!(matches!(e, QuantError::File(_)) && e.to_string().contains("/nonexistent/peft-quant.safetensors"));
         let t = RawTensor::new(Dtype::I32, vec![1], vec![0; 4]).unwrap();
         assert!(matches!(t.to_f32("t"), Err(QuantError::Dtype { .. })));
     }
