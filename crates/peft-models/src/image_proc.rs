@@ -282,6 +282,9 @@ impl Preprocess {
 /// shortest edge of 256 would be 256 x 16.8 million), are refused before anything is allocated.
 pub const MAX_PIXELS: usize = 1 << 25;
 
+/// The largest image file [`read_rgb`] reads (256 MiB: an uncompressed [`MAX_PIXELS`] RGB image is 100 MB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
 /// Fails unless `h x w` (checked) is at most [`MAX_PIXELS`].
 fn check_pixels(op: &'static str, what: &str, h: usize, w: usize) -> Result<()> {
     match h.checked_mul(w) {
@@ -301,6 +304,10 @@ fn check_pixels(op: &'static str, what: &str, h: usize, w: usize) -> Result<()> 
 pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
     let fail = |e: &dyn std::fmt::Display| Error::Invalid { op: "read_rgb", msg: format!("{}: {e}", path.display()) };
+    let len = std::fs::metadata(path).map_err(|e| fail(&e))?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(fail(&format!("{len} bytes, more than the {MAX_FILE_BYTES}-byte cap for an image file")));
+    }
     let bytes = std::fs::read(path).map_err(|e| fail(&e))?;
     let format = image::guess_format(&bytes).map_err(|e| fail(&e))?;
     let reader = image::ImageReader::with_format(std::io::Cursor::new(&bytes), format);
