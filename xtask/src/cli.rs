@@ -76,22 +76,22 @@ pub struct BenchArgs {
     pub full: bool,
     /// Override the profile's number of training examples per task (a fixed random subset; results go to a
     /// run folder named after the override, e.g. `default-n8000`).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub train_examples: Option<usize>,
     /// Override the profile's number of epochs (run folder gets an `-e<N>` suffix).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub epochs: Option<usize>,
     /// Override every selected method's learning rate (run folder gets an `-lr<X>` suffix); for sweeps.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_finite, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     /// Seed of the first run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of seeds (seed, seed+1, ...).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub seeds: u64,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_usize)]
     pub threads: Option<usize>,
     /// Output root (default: <workspace>/target/bench).
     #[arg(long)]
@@ -102,6 +102,24 @@ pub struct BenchArgs {
     /// Also run an external baseline on the same recipe.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
+}
+
+/// Parses a whole number >= 1 (counts such as `--train-examples`, `--threads`).
+fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would run nothing)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// Parses a finite number > 0 (`--lr`).
+fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number > 0, got {v}")),
+        Err(e) => Err(format!("`{s}` is not a number: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +151,28 @@ mod tests {
         assert_eq!((b.seeds, b.threads, b.force, b.full, b.quick), (3, Some(2), true, true, false));
         assert_eq!(b.baseline, Some(Baseline::Pytorch));
         assert_eq!(b.suite, Suite::Glue);
+    }
+
+    /// Issue 14 item 9: counts of 0 and non-positive or non-finite learning rates are refused with a message
+    /// naming the flag (they used to record 0-step results or run nothing with exit 0).
+    #[test]
+    fn bench_refuses_zero_counts_and_bad_learning_rates() {
+        for (flag, value, says) in [
+            ("--train-examples", "0", "at least 1"),
+            ("--epochs", "0", "at least 1"),
+            ("--seeds", "0", "0"),
+            ("--threads", "0", "at least 1"),
+            ("--lr", "NaN", "finite number > 0"),
+            ("--lr", "inf", "finite number > 0"),
+            ("--lr", "0", "finite number > 0"),
+            ("--lr", "-1e-3", "finite number > 0"),
+            ("--threads", "two", "not a whole number"),
+        ] {
+            let e = Cli::try_parse_from(["xtask", "bench", flag, value]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(says), "{flag} {value}: {e}");
+        }
+        let ok = ["xtask", "bench", "--train-examples", "1", "--seeds", "1", "--threads", "1", "--lr", "1e-4"];
+        assert!(Cli::try_parse_from(ok).is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use peft_core::adapter::PeftModel;
 use peft_core::io::{write_safetensors, SafeTensorsFile};
 use peft_core::nn::Ctx;
 use peft_core::{no_grad, Tensor};
-use peft_models::audio::{read_wav, resample, LogMel};
+use peft_models::audio::{read_wav_prefix, resample, LogMel};
 use peft_models::bert::{l2_normalize, mean_pool, BertModel};
 use peft_models::image_proc::Preprocess;
 use peft_models::llama::{tokenizer_from_file, tokenizer_from_gguf, Llama};
@@ -165,6 +165,17 @@ pub fn run(args: &EmbedArgs) -> Result<std::process::ExitCode> {
         Model::Bert(_) | Model::Llama(_) => None,
     };
     let inputs = read_inputs(&args.input, files)?;
+    let mut sources = vec![
+        ("model", args.model.clone()),
+        ("model weights", args.model.join("model.safetensors")),
+        ("input list", args.input.clone()),
+    ];
+    if let Some(a) = &args.adapter {
+        sources.push(("adapter weights", a.join("adapter_model.safetensors")));
+        sources.push(("adapter config", a.join("adapter_config.json")));
+    }
+    sources.extend(inputs.iter().filter_map(|i| i.path.clone().map(|p| ("input", p))));
+    crate::outpath::check_not_input("--out", &args.out, &sources)?;
     let _lora = match &args.adapter {
         Some(dir) => {
             if !dir.is_dir() {
@@ -330,7 +341,10 @@ fn embed_whisper(m: &WhisperEncoder, dir: &Path, inputs: &[Input], bs: usize) ->
                 input: i.raw.clone(),
                 reason: format!("not usable audio: {e}"),
             };
-            let a = read_wav(p).map_err(|e| bad(&e))?;
+            // Whisper sees the first 30 s; one more second keeps the resampler's filter edge identical to
+            // resampling the whole file.
+            let secs = (mel.n_samples as f64 / 16_000.0) + 1.0;
+            let a = read_wav_prefix(p, Some(secs)).map_err(|e| bad(&e))?;
             let x = resample(&a.samples, a.sample_rate, 16_000).map_err(|e| bad(&e))?;
             feats.push(Tensor::new(mel.features(&x)));
         }

@@ -9,6 +9,7 @@ mod embed;
 mod glue;
 mod merge;
 mod model;
+mod outpath;
 mod plot;
 mod quantize;
 mod report;
@@ -33,10 +34,27 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by `": "`, each said once: many library errors already include their
+/// source's text in their own message (`path: No such file`), which `{:#}` would then print a second time.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
@@ -53,5 +71,18 @@ fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
             eprintln!("{msg}");
             Ok(ExitCode::from(2))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Issue 14 item 9: a cause already quoted by its parent's message is printed once.
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let e = peft_core::io::IoError::io("/x/model.safetensors", io);
+        let e = anyhow::Error::new(e).context("reading /x");
+        assert_eq!(format!("{e:#}").matches("Permission denied").count(), 2, "what `{{:#}}` prints");
+        assert_eq!(super::render(&e), "reading /x: /x/model.safetensors: Permission denied");
     }
 }

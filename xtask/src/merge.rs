@@ -13,6 +13,8 @@ use peft_models::registry::{self, Model};
 use peft_quant::{Checkpoint, RawTensor};
 use safetensors::Dtype;
 
+use crate::outpath;
+
 /// The weights file of a Hugging Face folder.
 pub const WEIGHTS: &str = "model.safetensors";
 
@@ -22,8 +24,12 @@ pub const WEIGHTS: &str = "model.safetensors";
 Loads MODEL (config.json + model.safetensors: BERT/RoBERTa, LLaMA, DINOv2, Whisper encoder), attaches the PEFT
 LoRA/DoRA adapter, merges it into the base weights and writes OUT: config.json and every other file of MODEL
 (tokenizer and preprocessor files, sub-folders) copied, and model.safetensors with the same tensor names as the
-input file, float tensors stored as F32 (integer buffers copied unchanged). OUT is built in a temporary folder
-next to it and renamed into place; an existing OUT is replaced only with --force.")]
+input file, float tensors stored as F32 (integer buffers copied unchanged). Weights in other formats
+(pytorch_model.bin, tf_model.h5, flax_model.msgpack, rust_model.ot, onnx/, openvino/, shards) are not copied,
+since they would still hold the unmerged model; the command lists them. OUT must not be, contain or lie inside
+MODEL or ADAPTER. OUT is built in a temporary folder next to it (.OUT.tmp-PID) and renamed into place; an
+existing OUT is replaced only with --force, and only when an earlier merge wrote it. Temporary folders of killed
+runs are removed.")]
 pub struct MergeArgs {
     /// Hugging Face model folder (config.json + model.safetensors).
     #[arg(long)]
@@ -70,8 +76,12 @@ pub fn run(args: &MergeArgs) -> Result<std::process::ExitCode> {
     if !args.adapter.is_dir() {
         bail!("--adapter {} is not a folder", args.adapter.display());
     }
-    if args.out.exists() && !args.force {
-        bail!("--out {} exists; pass --force to replace it", args.out.display());
+    outpath::check_disjoint("--out", &args.out, &[("--model", &args.model), ("--adapter", &args.adapter)])?;
+    if args.out.symlink_metadata().is_ok() {
+        if !args.force {
+            bail!("--out {} exists; pass --force to replace it", args.out.display());
+        }
+        check_replaceable(&args.out)?;
     }
     let model = registry::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let (lm, report) = PeftModel::from_pretrained(model.module(), &args.adapter, &peft_lora::registry())
@@ -83,12 +93,24 @@ pub fn run(args: &MergeArgs) -> Result<std::process::ExitCode> {
 
     let src =
         Checkpoint::read(args.model.join(WEIGHTS)).with_context(|| format!("reading {}", args.model.display()))?;
-    let (ckpt, written) = merged_checkpoint(&model, &src)?;
+    let (mut ckpt, written) = merged_checkpoint(&model, &src)?;
+    let stamp = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "adapter": args.adapter.display().to_string(),
+    });
+    ckpt.set_metadata(MERGE_KEY, stamp.to_string());
     let missing: Vec<&String> = merged_sites.iter().filter(|s| !written.contains(*s)).collect();
     if !missing.is_empty() {
         bail!("merged weights {missing:?} have no tensor in {} (tied or renamed weights)", args.model.display());
     }
-    write_folder(&args.model, &args.out, &ckpt)?;
+    let dropped = write_folder(&args.model, &args.out, &ckpt)?;
+    if !dropped.is_empty() {
+        eprintln!(
+            "note: not copied into {} (weights in other formats that would still hold the unmerged model): {}",
+            args.out.display(),
+            dropped.join(", ")
+        );
+    }
     println!(
         "merged {} sites of {} into {} ({} tensors)",
         merged_sites.len(),
@@ -145,46 +167,121 @@ fn merged_checkpoint(model: &Model, src: &Checkpoint) -> Result<(Checkpoint, BTr
     Ok((out, written))
 }
 
-fn copy_tree(from: &Path, to: &Path, skip_top: &[&str]) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
-        let e = e?;
-        let name = e.file_name();
-        if skip_top.iter().any(|s| name == *s) {
-            continue;
-        }
-        let (src, dst) = (e.path(), to.join(&name));
-        if e.file_type()?.is_dir() {
-            copy_tree(&src, &dst, &[])?;
-        } else {
-            std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
-        }
+/// The `__metadata__` key of a merged `model.safetensors`: marks the folder as one this command wrote, which
+/// `--force` may replace.
+pub const MERGE_KEY: &str = "peft_rs_merge";
+
+/// Top-level entries of the model folder that are not copied: the weights (rewritten), and weights in other
+/// formats, which would still hold the unmerged model next to the merged one.
+const NOT_COPIED: &[&str] = &[
+    WEIGHTS,
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+    "rust_model.ot",
+    "model.onnx",
+    "onnx",
+    "openvino",
+    "coreml",
+];
+
+/// Whether a top-level entry of the model folder is a weights file of another format (see [`NOT_COPIED`]), or
+/// a shard of one.
+fn is_other_weights(name: &str) -> bool {
+    NOT_COPIED.contains(&name)
+        || [".bin", ".h5", ".ot", ".msgpack", ".onnx", ".gguf", ".ckpt", ".pt", ".pth"]
+            .iter()
+            .any(|e| name.ends_with(e))
+        || (name.starts_with("model-") && name.ends_with(".safetensors"))
+}
+
+/// `--force` replaces only a folder an earlier `merge` wrote (its `model.safetensors` carries [`MERGE_KEY`]):
+/// anything else at OUT (a file, an unrelated folder, a model) is left alone.
+fn check_replaceable(out: &Path) -> Result<()> {
+    let refuse = |why: &str| {
+        anyhow::anyhow!(
+            "--out {} exists and {why}; --force only replaces a folder written by `xtask merge`, so remove it \
+             yourself or choose another --out",
+            out.display()
+        )
+    };
+    let meta = out.symlink_metadata().with_context(|| format!("inspecting {}", out.display()))?;
+    if !meta.is_dir() {
+        return Err(refuse("is not a folder"));
+    }
+    let weights = out.join(WEIGHTS);
+    let ours = weights.is_file()
+        && peft_core::io::SafeTensorsFile::open(&weights).is_ok_and(|f| f.metadata().contains_key(MERGE_KEY));
+    if !ours {
+        return Err(refuse("was not written by `xtask merge`"));
     }
     Ok(())
 }
 
-/// Writes `ckpt` plus the non-weight files of `model_dir` into `out` via a temporary sibling folder.
-fn write_folder(model_dir: &Path, out: &Path, ckpt: &Checkpoint) -> Result<()> {
+/// Copies `from` into `to` (created), skipping the top-level entries `skip_top` accepts (returned, sorted).
+/// Symlinked files are copied as files; symlinked folders are skipped (they could loop).
+fn copy_tree(from: &Path, to: &Path, skip_top: Option<&dyn Fn(&str) -> bool>) -> Result<Vec<String>> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut skipped = Vec::new();
+    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let e = e.with_context(|| format!("listing {}", from.display()))?;
+        let name = e.file_name();
+        let text = name.to_string_lossy();
+        if skip_top.is_some_and(|f| f(&text)) {
+            skipped.push(text.into_owned());
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(&name));
+        let ft = e.file_type().with_context(|| format!("inspecting {}", src.display()))?;
+        if ft.is_dir() {
+            copy_tree(&src, &dst, None)?;
+        } else if ft.is_symlink() && src.is_dir() {
+            eprintln!("warning: not copying {} (a symlink to a folder)", src.display());
+        } else {
+            std::fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    skipped.sort();
+    Ok(skipped)
+}
+
+/// Writes `ckpt` plus the non-weight files of `model_dir` into `out` via a temporary sibling folder
+/// `.OUT.tmp-PID`, renamed into place (an existing OUT, already checked by [`check_replaceable`], is moved to
+/// `.OUT.old-PID` first and removed after; it is moved back if the rename fails). Temporaries of killed
+/// earlier runs are removed first. Returns the weight files in other formats that were not copied.
+fn write_folder(model_dir: &Path, out: &Path, ckpt: &Checkpoint) -> Result<Vec<String>> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().context("--out has no folder name")?.to_string_lossy().to_string();
+    for stale in peft_core::io::remove_stale_temps(out) {
+        eprintln!("removed {} (left by a merge that was killed)", stale.display());
+    }
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let res = (|| -> Result<()> {
-        copy_tree(model_dir, &tmp, &[WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin"])?;
-        ckpt.write(tmp.join(WEIGHTS))?;
-        if out.exists() {
+    if tmp.symlink_metadata().is_ok() {
+        bail!("{} exists (another merge in this process?); not touching it", tmp.display());
+    }
+    let res = (|| -> Result<Vec<String>> {
+        let skip = |n: &str| is_other_weights(n);
+        let mut dropped = copy_tree(model_dir, &tmp, Some(&skip))?;
+        dropped.retain(|n| n != WEIGHTS);
+        ckpt.write(tmp.join(WEIGHTS)).with_context(|| format!("writing {}", tmp.join(WEIGHTS).display()))?;
+        if out.symlink_metadata().is_ok() {
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-            std::fs::rename(&tmp, out)?;
-            std::fs::remove_dir_all(&old)?;
+            if let Err(e) = std::fs::rename(&tmp, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(e).with_context(|| format!("renaming into {}", out.display()));
+            }
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing the old output {}", old.display()))?;
         } else {
             std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
         }
-        Ok(())
+        Ok(dropped)
     })();
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

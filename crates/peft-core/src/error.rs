@@ -16,6 +16,18 @@ pub enum Error {
         /// Shape of the second operand (or the requested shape).
         rhs: Vec<usize>,
     },
+    /// A stored weight whose shape differs from the one the model needs (loading a checkpoint).
+    #[error("{origin}: tensor `{name}`: the model needs shape {expected:?}, the checkpoint has {found:?}")]
+    WeightShape {
+        /// Where the tensor came from (a file path, or a description of an in-memory source).
+        origin: String,
+        /// The tensor's name there.
+        name: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
     /// An axis index beyond the tensor's rank.
     #[error("{op}: axis {axis} out of range for a rank-{rank} tensor")]
     Axis {

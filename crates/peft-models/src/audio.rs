@@ -31,6 +31,20 @@ pub enum AudioError {
         /// The format found, e.g. `"64-bit float"`.
         format: String,
     },
+    /// A sample rate outside [`SAMPLE_RATES`] (a header saying 100 MHz would make the resampler's filter
+    /// gigabytes long).
+    #[error(
+        "{}sample rate {rate} Hz is outside the supported {}..={} Hz",
+        file_prefix(path.as_deref()),
+        SAMPLE_RATES.start(),
+        SAMPLE_RATES.end()
+    )]
+    SampleRate {
+        /// The file, when the rate came from one.
+        path: Option<PathBuf>,
+        /// The rate found.
+        rate: u32,
+    },
     /// A bad argument (zero sample rate, wrong filter shape, empty input).
     #[error("{op}: {msg}")]
     Invalid {
@@ -39,6 +53,25 @@ pub enum AudioError {
         /// What was wrong.
         msg: String,
     },
+}
+
+/// The sample rates [`read_wav`] accepts and [`resample`] converts between: 1 kHz (below any speech corpus) to
+/// 384 kHz (the highest rate audio interfaces record). The resampler's filter grows with the rates' reduced
+/// ratio (`20 * max(up, down) + 1` taps), which this range keeps below ~8 million taps (64 MB).
+pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 1_000..=384_000;
+
+/// `"PATH: "` for messages about a file, `""` otherwise.
+fn file_prefix(path: Option<&Path>) -> String {
+    path.map(|p| format!("{}: ", p.display())).unwrap_or_default()
+}
+
+/// Fails with [`AudioError::SampleRate`] for a rate outside [`SAMPLE_RATES`].
+fn check_rate(path: Option<&Path>, rate: u32) -> AudioResult<()> {
+    if SAMPLE_RATES.contains(&rate) {
+        Ok(())
+    } else {
+        Err(AudioError::SampleRate { path: path.map(Path::to_path_buf), rate })
+    }
 }
 
 /// Result alias for the audio front end.
@@ -57,16 +90,28 @@ pub struct Audio {
 /// `scipy.io.wavfile` + division does) or 32-bit float PCM, any channel count (channels are averaged).
 ///
 /// # Errors
-/// [`AudioError::Wav`] for unreadable files; [`AudioError::UnsupportedFormat`] naming any other sample format.
+/// [`AudioError::Wav`] for unreadable files; [`AudioError::UnsupportedFormat`] naming any other sample format;
+/// [`AudioError::SampleRate`] for a rate outside [`SAMPLE_RATES`].
 #[cfg(feature = "audio")]
 pub fn read_wav(path: impl AsRef<Path>) -> AudioResult<Audio> {
+    read_wav_prefix(path, None)
+}
+
+/// [`read_wav`] reading only the first `max_seconds` of the file (all of it for `None`): a one-hour file costs
+/// no more than the window a model uses (Whisper: 30 s).
+///
+/// # Errors
+/// As [`read_wav`].
+#[cfg(feature = "audio")]
+pub fn read_wav_prefix(path: impl AsRef<Path>, max_seconds: Option<f64>) -> AudioResult<Audio> {
     let path = path.as_ref();
     let wav = |source| AudioError::Wav { path: path.to_path_buf(), source };
     let mut reader = match hound::WavReader::open(path) {
         Ok(r) => r,
         Err(e) => {
-            // hound refuses some formats while parsing the header; name them from the fmt chunk ourselves
-            let described = std::fs::read(path).ok().and_then(|b| describe_fmt(&b));
+            // hound refuses some formats while parsing the header; name them from the fmt chunk ourselves (the
+            // header is at the start: read at most 64 KiB, never the whole file)
+            let described = head_bytes(path, 1 << 16).and_then(|b| describe_fmt(&b));
             return Err(match described {
                 Some((format, false)) => AudioError::UnsupportedFormat { path: path.to_path_buf(), format },
                 _ => wav(e),
@@ -78,13 +123,24 @@ pub fn read_wav(path: impl AsRef<Path>) -> AudioResult<Audio> {
     if channels == 0 {
         return Err(AudioError::UnsupportedFormat { path: path.to_path_buf(), format: "0 channels".into() });
     }
+    check_rate(Some(path), spec.sample_rate)?;
+    // Interleaved samples to read: whole frames, at most `max_seconds` of them.
+    let limit = match max_seconds {
+        Some(secs) => ((secs.max(0.0) * f64::from(spec.sample_rate)).ceil() as usize).saturating_mul(channels),
+        None => usize::MAX,
+    };
     let interleaved: Vec<f64> = match (spec.sample_format, spec.bits_per_sample) {
         (hound::SampleFormat::Int, bits @ (8 | 16 | 24 | 32)) => {
             let scale = f64::from(1u32 << (bits - 1));
-            reader.samples::<i32>().map(|s| s.map(|v| f64::from(v) / scale)).collect::<Result<_, _>>().map_err(wav)?
+            reader
+                .samples::<i32>()
+                .take(limit)
+                .map(|s| s.map(|v| f64::from(v) / scale))
+                .collect::<Result<_, _>>()
+                .map_err(wav)?
         }
         (hound::SampleFormat::Float, 32) => {
-            reader.samples::<f32>().map(|s| s.map(f64::from)).collect::<Result<_, _>>().map_err(wav)?
+            reader.samples::<f32>().take(limit).map(|s| s.map(f64::from)).collect::<Result<_, _>>().map_err(wav)?
         }
         (fmt, bits) => {
             let kind = if fmt == hound::SampleFormat::Int { "integer" } else { "float" };
@@ -96,6 +152,15 @@ pub fn read_wav(path: impl AsRef<Path>) -> AudioResult<Audio> {
     };
     let samples = interleaved.chunks(channels).map(|c| (c.iter().sum::<f64>() / c.len() as f64) as f32).collect();
     Ok(Audio { samples, sample_rate: spec.sample_rate })
+}
+
+/// The first `n` bytes of the file at `path` (fewer for a shorter file); `None` when it cannot be read.
+#[cfg(feature = "audio")]
+fn head_bytes(path: &Path, n: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    std::fs::File::open(path).ok()?.take(n).read_to_end(&mut v).ok()?;
+    Some(v)
 }
 
 /// The sample format named by a RIFF/WAVE file's `fmt ` chunk, and whether [`read_wav`] supports it.
@@ -172,12 +237,17 @@ pub fn firwin_kaiser(numtaps: usize, cutoff: f64, beta: f64) -> Vec<f64> {
     h
 }
 
+/// The longest filter half-length [`resample_poly`] builds: `10 * max(up, down)` for any pair of rates in
+/// [`SAMPLE_RATES`] (a 64 MB filter at most).
+pub const MAX_HALF_LEN: usize = 10 * 384_000;
+
 /// `scipy.signal.resample_poly(x, up, down)` with its default window `("kaiser", 5.0)` and zero padding: a
 /// polyphase FIR of half-length `10 * max(up, down)` (after dividing `up`, `down` by their gcd), output length
 /// `ceil(len * up / down)`.
 ///
 /// # Errors
-/// [`AudioError::Invalid`] when `up` or `down` is zero.
+/// [`AudioError::Invalid`] when `up` or `down` is zero, when the filter would be longer than
+/// `2 * MAX_HALF_LEN + 1` taps, or when the output length overflows.
 pub fn resample_poly(x: &[f64], up: usize, down: usize) -> AudioResult<Vec<f64>> {
     if up == 0 || down == 0 {
         return Err(AudioError::Invalid { op: "resample_poly", msg: format!("up {up} and down {down} must be > 0") });
@@ -188,9 +258,16 @@ pub fn resample_poly(x: &[f64], up: usize, down: usize) -> AudioResult<Vec<f64>>
         return Ok(x.to_vec());
     }
     let n_in = x.len();
-    let n_out = (n_in * up).div_ceil(down);
+    let too_big = || AudioError::Invalid {
+        op: "resample_poly",
+        msg: format!("{n_in} samples x up {up} / down {down} does not fit in memory"),
+    };
+    let n_out = n_in.checked_mul(up).ok_or_else(too_big)?.div_ceil(down);
     let max_rate = up.max(down);
-    let half_len = 10 * max_rate;
+    let half_len = max_rate.checked_mul(10).filter(|h| *h <= MAX_HALF_LEN).ok_or_else(|| AudioError::Invalid {
+        op: "resample_poly",
+        msg: format!("up {up} / down {down} would need a filter of more than {} taps", 2 * MAX_HALF_LEN + 1),
+    })?;
     let mut h = firwin_kaiser(2 * half_len + 1, 1.0 / max_rate as f64, 5.0);
     h.iter_mut().for_each(|v| *v *= up as f64);
     // scipy prepends `n_pre_pad` zeros to h and drops the first `n_pre_remove` outputs of upfirdn.
@@ -224,11 +301,10 @@ pub fn resample_poly(x: &[f64], up: usize, down: usize) -> AudioResult<Vec<f64>>
 /// Resamples `x` from `from` Hz to `to` Hz with [`resample_poly`] (`up = to / g`, `down = from / g`).
 ///
 /// # Errors
-/// [`AudioError::Invalid`] for a zero rate.
+/// [`AudioError::SampleRate`] for a rate outside [`SAMPLE_RATES`] (checked before any filter is built).
 pub fn resample(x: &[f32], from: u32, to: u32) -> AudioResult<Vec<f32>> {
-    if from == 0 || to == 0 {
-        return Err(AudioError::Invalid { op: "resample", msg: format!("rates {from} -> {to} must be > 0") });
-    }
+    check_rate(None, from)?;
+    check_rate(None, to)?;
     if from == to {
         return Ok(x.to_vec());
     }
@@ -479,6 +555,34 @@ mod wav_tests {
         v.extend((data.len() as u32).to_le_bytes());
         v.extend(data);
         v
+    }
+
+    /// Issue 14 item 2: a header rate outside [`SAMPLE_RATES`] is refused before any filter is built (100 MHz
+    /// made `resample` build a 16 GB filter), and `read_wav_prefix` reads only the samples asked for.
+    #[test]
+    fn absurd_sample_rates_are_refused_and_prefix_reads_stop_early() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("fast.wav");
+        let mut bytes = raw_wav(1, 16, &[0u8; 64]);
+        bytes[24..28].copy_from_slice(&100_000_007u32.to_le_bytes());
+        bytes[28..32].copy_from_slice(&200_000_014u32.to_le_bytes()); // byte rate = rate x block align
+        std::fs::write(&p, &bytes).expect("write");
+        let e = read_wav(&p).unwrap_err();
+        assert!(matches!(e, AudioError::SampleRate { rate: 100_000_007, .. }), "{e}");
+        assert!(e.to_string().contains("fast.wav") && e.to_string().contains("100000007 Hz"), "{e}");
+        let e = resample(&[0.0; 16], 100_000_007, 16_000).unwrap_err();
+        assert!(matches!(e, AudioError::SampleRate { rate: 100_000_007, path: None }), "{e}");
+        assert!(matches!(resample(&[0.0; 16], 16_000, 0), Err(AudioError::SampleRate { rate: 0, .. })));
+        assert!(resample_poly(&[0.0; 4], 100_000_007, 1).is_err(), "the filter length is capped");
+        // 3 s of stereo at 8 kHz: a 1 s prefix reads 8000 frames
+        let long = dir.path().join("long.wav");
+        write_wav(&long, spec(2, 16, hound::SampleFormat::Int), |w| {
+            for i in 0..48_000 {
+                w.write_sample((i % 100) as i16).expect("write");
+            }
+        });
+        assert_eq!(read_wav_prefix(&long, Some(1.0)).expect("read").samples.len(), 8_000);
+        assert_eq!(read_wav_prefix(&long, None).expect("read").samples.len(), 24_000);
     }
 
     #[test]

@@ -277,19 +277,83 @@ impl Preprocess {
     }
 }
 
-/// Decodes an image file to RGB `[H, W, 3]` u8.
+/// The most pixels an image may have when decoded or after a resize (2^25, about 33.5 million: an 8K frame;
+/// 100 MB as RGB u8). Larger images, and resizes that would produce them (a 1 x 65535 image resized to a
+/// shortest edge of 256 would be 256 x 16.8 million), are refused before anything is allocated.
+pub const MAX_PIXELS: usize = 1 << 25;
+
+/// The largest image file [`read_rgb`] reads (256 MiB: an uncompressed [`MAX_PIXELS`] RGB image is 100 MB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Fails unless `h x w` (checked) is at most [`MAX_PIXELS`].
+fn check_pixels(op: &'static str, what: &str, h: usize, w: usize) -> Result<()> {
+    match h.checked_mul(w) {
+        Some(n) if n <= MAX_PIXELS => Ok(()),
+        _ => bail!(op, "{what} would be {h}x{w} pixels, more than the {MAX_PIXELS}-pixel cap"),
+    }
+}
+
+/// Decodes an image file to RGB `[H, W, 3]` u8. The size in the header is checked against [`MAX_PIXELS`]
+/// before decoding; JPEGs are decoded strictly (`zune-jpeg` strict mode: a truncated or corrupt entropy-coded
+/// stream is an error, as Pillow raises for truncated files, instead of grey-filled pixels); PNGs are decoded by
+/// the `png` crate, which fails on truncated data and on chunk CRC mismatches.
 ///
 /// # Errors
-/// Unreadable or undecodable file.
+/// Unreadable, undecodable, truncated or corrupt file; an image over [`MAX_PIXELS`].
 #[cfg(feature = "image")]
 pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
-    let img = image::open(path)
-        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("{}: {e}", path.display()) })?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    Array3::from_shape_vec((h, w, 3), img.into_raw())
-        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("peft-rs bug: rgb buffer: {e}") })
+    let fail = |e: &dyn std::fmt::Display| Error::Invalid { op: "read_rgb", msg: format!("{}: {e}", path.display()) };
+    let len = std::fs::metadata(path).map_err(|e| fail(&e))?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(fail(&format!("{len} bytes, more than the {MAX_FILE_BYTES}-byte cap for an image file")));
+    }
+    let bytes = std::fs::read(path).map_err(|e| fail(&e))?;
+    let format = image::guess_format(&bytes).map_err(|e| fail(&e))?;
+    let reader = image::ImageReader::with_format(std::io::Cursor::new(&bytes), format);
+    let (w, h) = reader.into_dimensions().map_err(|e| fail(&e))?;
+    let (w, h) = (w as usize, h as usize);
+    check_pixels("read_rgb", &format!("{}: the decoded image", path.display()), h, w)?;
+    let raw = if format == image::ImageFormat::Jpeg {
+        decode_jpeg_strict(&bytes).map_err(|e| fail(&e))?
+    } else {
+        if format == image::ImageFormat::Png && !bytes.windows(8).any(|w| w == b"\0\0\0\0IEND") {
+            return Err(fail(&"truncated PNG: no IEND chunk"));
+        }
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(&bytes), format);
+        let mut limits = image::Limits::default();
+        // RGBA16 is the widest decoded form: 8 bytes a pixel, plus the RGB8 copy.
+        limits.max_alloc = Some((MAX_PIXELS * 11) as u64);
+        reader.limits(limits);
+        reader.decode().map_err(|e| fail(&e))?.to_rgb8().into_raw()
+    };
+    Array3::from_shape_vec((h, w, 3), raw)
+        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("{}: decoded size: {e}", path.display()) })
+}
+
+/// Decodes a JPEG to RGB u8 with `zune-jpeg` in strict mode (the decoder `image` uses, which `image` runs in
+/// lenient mode).
+#[cfg(feature = "image")]
+fn decode_jpeg_strict(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let side = MAX_PIXELS.min(u16::MAX as usize);
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(side)
+        .set_max_height(side)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut d = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let px = d.decode().map_err(|e| format!("corrupt or truncated JPEG: {e}"))?;
+    // A file cut exactly at an MCU boundary decodes without overread: require the end-of-image marker after the
+    // last start-of-scan (entropy-coded data cannot contain a marker, and an EXIF thumbnail's own EOI comes
+    // before the main image's scans).
+    let marker = |m: u8| bytes.windows(2).rposition(|w| w == [0xFF, m]);
+    match (marker(0xDA), marker(0xD9)) {
+        (Some(sos), Some(eoi)) if eoi > sos => Ok(px),
+        _ => Err("truncated JPEG: no end-of-image marker after the last scan".into()),
+    }
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -337,6 +401,10 @@ fn clip8(v: i32) -> u8 {
 /// # Errors
 /// A zero output size.
 pub fn resize_u8(img: &Array3<u8>, oh: usize, ow: usize, f: Resample) -> Result<Array3<u8>> {
+    let (ih, iw, _) = img.dim();
+    // the horizontal pass makes an [ih, ow] image, the vertical one [oh, ow]
+    check_pixels("resize", &format!("resizing {ih}x{iw} to {oh}x{ow}: the intermediate image"), ih, ow)?;
+    check_pixels("resize", &format!("resizing {ih}x{iw}: the output"), oh, ow)?;
     let (h, w, c) = img.dim();
     if oh == 0 || ow == 0 {
         bail!("resize", "zero output size {oh}x{ow}");
@@ -403,6 +471,73 @@ mod tests {
         let d = Preprocess::from_json_str(r#"{"size":{"shortest_edge":256},"crop_size":{"height":224,"width":224}}"#)
             .unwrap();
         assert_eq!(d, Preprocess::dinov2_default());
+    }
+
+    /// A deterministic noisy RGB test image.
+    #[cfg(feature = "image")]
+    fn noise(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 37 + y * 91 + x * y * 13) as u8;
+            image::Rgb([v, v.wrapping_mul(3), v ^ 0x5a])
+        })
+    }
+
+    /// Issue 14 item 3: a 1 x 65535 PNG (a few hundred bytes) resized to a shortest edge of 256 would be
+    /// 256 x 16.8 million pixels (12.9 GB): refused before allocating; a plain over-cap resize is refused too.
+    #[cfg(feature = "image")]
+    #[test]
+    fn extreme_aspect_ratio_resizes_are_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("thin.png");
+        image::GrayImage::new(1, 65535).save(&p).unwrap();
+        let e = Preprocess::dinov2_default().load(&p).unwrap_err();
+        assert!(e.to_string().contains("pixel cap"), "{e}");
+        let e = resize_u8(&Array3::zeros((2, 2, 3)), 100_000, 100_000, Resample::Bicubic).unwrap_err();
+        assert!(e.to_string().contains("pixel cap"), "{e}");
+        let e = resize_u8(&Array3::zeros((2, 2, 3)), usize::MAX, 2, Resample::Bicubic).unwrap_err();
+        assert!(e.to_string().contains("pixel cap"), "{e}");
+    }
+
+    /// Issue 14 item 3: truncated or garbled JPEGs and PNGs are errors (the `image` crate decodes JPEGs leniently,
+    /// filling missing data with grey); intact files still decode exactly as `image` decodes them.
+    #[cfg(feature = "image")]
+    #[test]
+    fn truncated_or_garbled_images_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = noise(64, 48);
+        let (jpg, png) = (dir.path().join("a.jpg"), dir.path().join("a.png"));
+        img.save(&jpg).unwrap();
+        img.save(&png).unwrap();
+        for p in [&jpg, &png] {
+            let got = read_rgb(p).unwrap();
+            let want = image::open(p).unwrap().to_rgb8().into_raw();
+            assert_eq!(got.as_slice().unwrap(), &want[..], "{}", p.display());
+        }
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let jb = std::fs::read(&jpg).unwrap();
+        let pb = std::fs::read(&png).unwrap();
+        let mut garbled_jpg = jb.clone();
+        let mid = garbled_jpg.len() * 2 / 3;
+        garbled_jpg[mid..mid + 8].copy_from_slice(&[0xFF, 0x05, 0xFF, 0x07, 0xFF, 0x11, 0xFF, 0x23]);
+        let mut garbled_png = pb.clone();
+        let mid = garbled_png.len() / 2;
+        garbled_png[mid] ^= 0x55;
+        let cases = [
+            write("half.jpg", &jb[..jb.len() / 2]),
+            write("no-eoi.jpg", &jb[..jb.len() - 2]),
+            write("garbled.jpg", &garbled_jpg),
+            write("half.png", &pb[..pb.len() / 2]),
+            write("no-iend.png", &pb[..pb.len() - 12]),
+            write("garbled.png", &garbled_png),
+        ];
+        for p in &cases {
+            let e = read_rgb(p).expect_err(&p.display().to_string());
+            assert!(e.to_string().contains(p.file_name().unwrap().to_str().unwrap()), "{e}");
+        }
     }
 
     #[test]

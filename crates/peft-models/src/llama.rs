@@ -22,6 +22,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::bail;
 use peft_core::error::{Error, Result};
+use peft_core::io::unused::check_unused;
 #[cfg(feature = "gguf")]
 use peft_core::io::GgufFile;
 use peft_core::io::{IoError, IoResult, LlamaConfig, SafeTensorsFile};
@@ -146,13 +147,25 @@ impl LlamaSpec {
         if !head_dim.is_multiple_of(2) {
             return Err(invalid("llama.attention.key_length", format!("head dim {head_dim} is odd")));
         }
-        let vocab = f.tensor_info("token_embd.weight")?.shape()[0];
+        let vocab = match f.tensor_info("token_embd.weight")?.shape().as_slice() {
+            &[vocab, h] if h == hidden && vocab > 0 => vocab,
+            other => {
+                return Err(invalid(
+                    "token_embd.weight",
+                    format!("must be a [vocab > 0, llama.embedding_length = {hidden}] matrix, found shape {other:?}"),
+                ))
+            }
+        };
+        let layers = u("block_count")?;
+        if layers == 0 {
+            return Err(invalid("llama.block_count", "0 blocks: the file describes no decoder layer".into()));
+        }
         let id = |k: &str| f.meta(k).and_then(|v| v.as_u64()).map(|v| v as usize);
         Ok(LlamaSpec {
             vocab,
             hidden,
             intermediate: u("feed_forward_length")?,
-            layers: u("block_count")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -258,7 +271,12 @@ impl WeightSource for GgufLlamaWeights<'_> {
             Err(e) => return Err(Error::Invalid { op: "load weight", msg: e.to_string() }),
         };
         if w.shape() != shape {
-            return Err(Error::Shape { op: "load weight", lhs: shape.to_vec(), rhs: w.shape().to_vec() });
+            return Err(Error::WeightShape {
+                origin: self.file.path().display().to_string(),
+                name: format!("{g}` (`{name}`"),
+                expected: shape.to_vec(),
+                found: w.shape().to_vec(),
+            });
         }
         match heads {
             Some(h) => unpermute_qk(w, h),
@@ -360,7 +378,18 @@ impl Llama {
     pub fn from_gguf(path: impl AsRef<Path>) -> IoResult<Self> {
         let f = GgufFile::open(path)?;
         let spec = LlamaSpec::from_gguf(&f)?;
-        Ok(Self::load(&spec, &GgufLlamaWeights::new(&f, spec.clone()))?)
+        let m = Self::load(&spec, &GgufLlamaWeights::new(&f, spec.clone()))?;
+        let used: std::collections::HashSet<String> =
+            m.param_names().iter().filter_map(|p| hf_name_to_gguf(p, &spec).map(|(g, _)| g)).collect();
+        let names = f.tensors().iter().map(|t| t.name.as_str());
+        let hint = format!("llama.block_count = {}", spec.layers);
+        check_unused(f.path(), names, |n| used.contains(n), &hint)?;
+        Ok(m)
+    }
+
+    /// The checkpoint names of this model's parameters.
+    fn param_names(&self) -> Vec<String> {
+        peft_core::nn::named_params(self).iter().map(|p| p.name().to_string()).collect()
     }
 
     /// Loads a Hugging Face checkpoint: `config.json` (transformers `LlamaConfig`) and a safetensors file.
@@ -371,7 +400,10 @@ impl Llama {
         let cfg = LlamaConfig::load(config)?;
         let spec = LlamaSpec::from_hf(&cfg)?;
         let st = SafeTensorsFile::open(weights)?;
-        Ok(Self::load(&spec, &st)?)
+        let m = Self::load(&spec, &st)?;
+        let used: std::collections::HashSet<String> = m.param_names().into_iter().collect();
+        check_unused(st.path(), st.names(), |n| used.contains(n), &format!("num_hidden_layers = {}", spec.layers))?;
+        Ok(m)
     }
 
     /// Loads `dir/config.json` and `dir/model.safetensors`.

@@ -2,6 +2,7 @@
 //! `architectures`) or from GGUF metadata and returns a model whose parameters carry checkpoint names and whose
 //! adapter sites are enumerable through [`peft_core::nn::Module`].
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use crate::bert::BertModel;
@@ -11,7 +12,8 @@ use crate::whisper::WhisperEncoder;
 use peft_core::io::error::{IoError, IoResult};
 use peft_core::io::hf_config::ArchConfig;
 use peft_core::io::safetensors::SafeTensorsFile;
-use peft_core::nn::Module;
+use peft_core::io::unused::check_unused;
+use peft_core::nn::{named_params, Module};
 
 /// A loaded backbone.
 pub enum Model {
@@ -77,16 +79,25 @@ pub fn load(path: impl AsRef<Path>) -> IoResult<Model> {
         });
     }
     let cfg = ArchConfig::load(path.join("config.json"))?;
+    let weights = path.join("model.safetensors");
     Ok(match cfg {
-        ArchConfig::Bert(_) => Model::Bert(BertModel::load(path)?),
+        ArchConfig::Bert(_) => {
+            let m = BertModel::load(path)?;
+            let hint = format!("num_hidden_layers = {}", m.layers.len());
+            check_all_read(&m, &weights, &m.prefix, &hint)?;
+            Model::Bert(m)
+        }
+        // checked by the loader itself
         ArchConfig::Llama(_) => Model::Llama(Llama::from_hf_dir(path)?),
         ArchConfig::Dinov2(c) => {
-            let f = SafeTensorsFile::open(path.join("model.safetensors"))?;
-            Model::Dinov2(Dinov2::load(&c, &f)?)
+            let m = Dinov2::load(&c, &SafeTensorsFile::open(&weights)?)?;
+            check_all_read(&m, &weights, "", &format!("num_hidden_layers = {}", c.num_hidden_layers))?;
+            Model::Dinov2(m)
         }
         ArchConfig::Whisper(c) => {
-            let f = SafeTensorsFile::open(path.join("model.safetensors"))?;
-            Model::Whisper(WhisperEncoder::load(&c, &f)?)
+            let m = WhisperEncoder::load(&c, &SafeTensorsFile::open(&weights)?)?;
+            check_all_read(&m, &weights, &m.prefix, &format!("encoder_layers = {}", m.layers.len()))?;
+            Model::Whisper(m)
         }
         // `ArchConfig` is non-exhaustive: an architecture peft-core learns to parse before this crate builds it.
         other => {
@@ -99,9 +110,59 @@ pub fn load(path: impl AsRef<Path>) -> IoResult<Model> {
     })
 }
 
+/// Fails when `weights` holds layers `model` (built from the config) did not read: see
+/// [`peft_core::io::unused`]. Parameter names may carry the checkpoint's `prefix` or not.
+fn check_all_read(model: &dyn Module, weights: &Path, prefix: &str, hint: &str) -> IoResult<()> {
+    let params: HashSet<String> = named_params(model).iter().map(|p| p.name().to_string()).collect();
+    let used = |n: &str| params.contains(n) || n.strip_prefix(prefix).is_some_and(|s| params.contains(s));
+    let f = SafeTensorsFile::open(weights)?;
+    check_unused(weights, f.names(), used, hint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14 item 7: a config with fewer layers than the checkpoint used to load a silently truncated model.
+    #[test]
+    fn bert_config_with_fewer_layers_than_the_checkpoint_is_refused() {
+        use peft_core::io::{write_safetensors, BertConfig};
+        use peft_core::nn::RandomInit;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BertConfig {
+            vocab_size: 16,
+            hidden_size: 8,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            ..BertConfig::default()
+        };
+        let m = BertModel::from_source(&cfg, &RandomInit::new(1, 0.2)).unwrap();
+        let ps = named_params(&m);
+        let names: Vec<String> = ps.iter().map(|p| format!("bert.{}", p.name())).collect();
+        let vals: Vec<_> = ps.iter().map(|p| p.value().to_owned()).collect();
+        write_safetensors(dir.path().join("model.safetensors"), names.iter().zip(vals.iter()), None).unwrap();
+        let json = |layers: usize| {
+            serde_json::json!({
+                "model_type": "bert", "vocab_size": 16, "hidden_size": 8, "num_hidden_layers": layers,
+                "num_attention_heads": 2, "intermediate_size": 12, "max_position_embeddings": 16,
+                "type_vocab_size": 2, "hidden_act": "gelu", "layer_norm_eps": 1e-12
+            })
+            .to_string()
+        };
+        std::fs::write(dir.path().join("config.json"), json(3)).unwrap();
+        assert!(load(dir.path()).is_ok());
+        std::fs::write(dir.path().join("config.json"), json(2)).unwrap();
+        match load(dir.path()) {
+            Err(e @ IoError::UnusedTensors { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("bert.encoder.layer.2.") && msg.contains("num_hidden_layers = 2"), "{msg}");
+            }
+            Err(e) => panic!("expected UnusedTensors, got {e}"),
+            Ok(_) => panic!("a 2-layer model was loaded from a 3-layer checkpoint"),
+        }
+    }
 
     #[test]
     fn missing_path_and_unknown_architecture_are_typed_errors() {

@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use crate::blockwise8::Blockwise8;
 use crate::codes::{dynamic_map, quantize_fp4, quantize_nf4, FP4, NF4};
-use crate::error::{size, QuantError, Result};
+use crate::error::{checked_numel, size, QuantError, Result};
 
 /// The 4-bit data type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -255,7 +255,7 @@ impl Quant4 {
     /// `x.len()` is not the product of `shape`.
     pub fn quantize(x: &[f32], shape: &[usize], cfg: &Quant4Config) -> Result<Self> {
         check_blocksize(cfg.blocksize)?;
-        size("quantize_4bit: elements of the shape", shape.iter().product(), x.len())?;
+        size("quantize_4bit: elements of the shape", checked_numel("quantize_4bit", shape)?, x.len())?;
         if x.is_empty() {
             return Err(QuantError::Empty("quantize_4bit"));
         }
@@ -286,7 +286,7 @@ impl Quant4 {
         absmax: Absmax,
     ) -> Result<Self> {
         check_blocksize(blocksize)?;
-        let n: usize = shape.iter().product();
+        let n = checked_numel("4-bit weight", &shape)?;
         size("packed 4-bit bytes", n.div_ceil(2), packed.len())?;
         size("4-bit block scales", n.div_ceil(blocksize), absmax.len())?;
         Ok(Quant4 { quant_type, blocksize, shape, dtype, storage: QuantStorage::U8, packed, absmax })

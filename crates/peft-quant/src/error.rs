@@ -23,6 +23,14 @@ pub enum QuantError {
         /// The size found.
         got: usize,
     },
+    /// A size derived from file contents (a shape's element count, a byte count) that does not fit in `usize`.
+    #[error("{what}: shape {shape:?} has more elements than this machine can address")]
+    Overflow {
+        /// What was being sized (a tensor or quant_state name).
+        what: String,
+        /// The shape.
+        shape: Vec<usize>,
+    },
     /// A required tensor is absent from a checkpoint.
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
@@ -50,6 +58,9 @@ pub enum QuantError {
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A file-system error on a named file (reading or writing a checkpoint).
+    #[error(transparent)]
+    File(#[from] peft_core::io::IoError),
     /// A malformed safetensors file.
     #[error("safetensors: {0}")]
     Safetensors(#[from] safetensors::SafeTensorError),
@@ -77,4 +88,16 @@ pub(crate) fn size(what: impl Into<String>, expected: usize, got: usize) -> Resu
     } else {
         Err(QuantError::Size { what: what.into(), expected, got })
     }
+}
+
+/// The element count of `shape`, or [`QuantError::Overflow`] (naming `what`) when it does not fit in `usize`: a
+/// plain `product()` wraps in release builds, so a hostile shape such as `[2^32, 2^32]` would count as 0.
+///
+/// # Errors
+/// [`QuantError::Overflow`].
+pub fn checked_numel(what: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| QuantError::Overflow { what: what.to_string(), shape: shape.to_vec() })
 }

@@ -309,8 +309,9 @@ impl LowBitWeight {
             (0..rank).map(|_| take4(&mut rest).map(|b| u32::from_le_bytes(b) as usize)).collect::<Result<_>>()?;
         let mu = f32::from_le_bytes(take4(&mut rest)?);
         let sigma = f32::from_le_bytes(take4(&mut rest)?);
-        let n: usize = shape.iter().product();
-        if rest.len() != (n * usize::from(bits)).div_ceil(8) {
+        let n = crate::error::checked_numel("LowBitWeight", &shape)?;
+        let want = n.checked_mul(usize::from(bits)).map(|b| b.div_ceil(8));
+        if want != Some(rest.len()) {
             return Err(bad("packed length does not match the shape"));
         }
         Ok(LowBitWeight { bits, shape, packed: rest.to_vec(), mu, sigma })

@@ -24,33 +24,78 @@
 //! from parsed [`Quant4`] states — reproduces the file byte for byte. Writes are atomic (temp file + rename).
 
 use std::collections::BTreeMap;
+use std::ops::{Deref, Range};
 use std::path::Path;
+use std::sync::Arc;
+
+use peft_core::io::IoError;
 
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
 
 use crate::block4::{Absmax, FloatDtype, Quant4, QuantStorage, QuantType, NESTED_BLOCKSIZE};
 use crate::blockwise8::Blockwise8;
-use crate::error::{size, QuantError, Result};
+use crate::error::{checked_numel, size, QuantError, Result};
 use crate::int8::Int8Rows;
 
-/// One stored tensor: dtype, shape and little-endian bytes.
+/// Tensor bytes: owned, or a range of a shared read-only memory map.
+#[derive(Clone)]
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped { map: Arc<memmap2::Mmap>, range: Range<usize> },
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped { map, range } => &map[range.clone()],
+        }
+    }
+}
+
+impl PartialEq for Bytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Bytes {}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if matches!(self, Bytes::Owned(_)) { "owned" } else { "mapped" };
+        write!(f, "{} {kind} bytes", self.len())
+    }
+}
+
+/// One stored tensor: dtype, shape and little-endian bytes (owned, or a range of the memory map of the file it
+/// was read from).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawTensor {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl RawTensor {
     /// A tensor from its parts.
     ///
     /// # Errors
-    /// [`QuantError::Size`] when the byte count does not match dtype and shape.
+    /// [`QuantError::Overflow`] when the shape's size does not fit in `usize`; [`QuantError::Size`] when the byte
+    /// count does not match dtype and shape.
     pub fn new(dtype: Dtype, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        size("tensor bytes", (n * dtype.bitsize()).div_ceil(8), data.len())?;
-        Ok(RawTensor { dtype, shape, data })
+        size("tensor bytes", Self::byte_len(dtype, &shape)?, data.len())?;
+        Ok(RawTensor { dtype, shape, data: Bytes::Owned(data) })
+    }
+
+    /// The byte count of a `dtype` tensor of `shape`, checked.
+    fn byte_len(dtype: Dtype, shape: &[usize]) -> Result<usize> {
+        let n = checked_numel("tensor", shape)?;
+        n.checked_mul(dtype.bitsize())
+            .map(|b| b.div_ceil(8))
+            .ok_or_else(|| QuantError::Overflow { what: "tensor bytes".into(), shape: shape.to_vec() })
     }
 
     /// An F32 tensor.
@@ -139,6 +184,11 @@ impl Checkpoint {
     /// # Errors
     /// [`QuantError::Safetensors`] for a malformed file.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::parse(bytes, |_, data| Bytes::Owned(data.to_vec()))
+    }
+
+    /// Parses a safetensors buffer, storing each tensor's bytes as `keep(offset, bytes)` makes them.
+    fn parse(bytes: &[u8], keep: impl Fn(usize, &[u8]) -> Bytes) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes)?;
         // The crate validated the header; re-read it only to keep the metadata's key order.
         let n = u64::from_le_bytes(bytes[..8].try_into().expect("peft-rs bug: validated header length")) as usize;
@@ -150,21 +200,49 @@ impl Checkpoint {
         };
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
-            tensors.insert(name, RawTensor::new(view.dtype(), view.shape().to_vec(), view.data().to_vec())?);
+            let (dtype, shape, data) = (view.dtype(), view.shape().to_vec(), view.data());
+            size(format!("bytes of `{name}`"), RawTensor::byte_len(dtype, &shape)?, data.len())?;
+            // `data` borrows from `bytes`: its offset locates it in a memory map.
+            let offset = (data.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+            let inside = bytes.get(offset..).is_some_and(|b| b.as_ptr() == data.as_ptr() && b.len() >= data.len());
+            let data = if inside { keep(offset, data) } else { Bytes::Owned(data.to_vec()) };
+            tensors.insert(name, RawTensor { dtype, shape, data });
         }
         Ok(Checkpoint { metadata, tensors })
     }
 
-    /// Reads a safetensors file.
+    /// Reads a safetensors file through a read-only memory map: tensor bytes stay in the page cache (shared with
+    /// the file) instead of being copied onto the heap, so reading a 3 GB file costs no 3 GB of memory.
+    ///
+    /// The file must not be truncated or rewritten in place while the checkpoint is alive (every writer in this
+    /// workspace replaces files by rename, which leaves an existing map valid).
     ///
     /// # Errors
-    /// [`QuantError::Io`]; as [`Checkpoint::from_bytes`].
+    /// [`QuantError::File`] naming the path (missing or unreadable file); as [`Checkpoint::from_bytes`].
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
-        Self::from_bytes(&std::fs::read(path)?)
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| IoError::io(path, e))?;
+        if file.metadata().map_err(|e| IoError::io(path, e))?.len() == 0 {
+            // An empty file cannot be mapped; let the parser report it.
+            return Self::from_bytes(&[]);
+        }
+        // SAFETY: the map is read-only and private to this process; see the note above on concurrent writers.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| IoError::io(path, e))?);
+        Self::parse(&map, |offset, data| Bytes::Mapped { map: Arc::clone(&map), range: offset..offset + data.len() })
     }
 
     /// Serialises exactly as the `safetensors` library does.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_to(&mut out).expect("peft-rs bug: writing to a Vec cannot fail");
+        out
+    }
+
+    /// Streams the serialisation of [`Checkpoint::to_bytes`] into `w` (no second copy of the tensors in memory).
+    ///
+    /// # Errors
+    /// `w`'s errors.
+    pub fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         let mut order: Vec<(&String, &RawTensor)> = self.tensors.iter().collect();
         order.sort_by(|(ln, l), (rn, r)| r.dtype.cmp(&l.dtype).then(ln.cmp(rn)));
         let mut header = Map::new();
@@ -182,21 +260,21 @@ impl Checkpoint {
         }
         let mut h = serde_json::to_string(&header).expect("peft-rs bug: header serialises").into_bytes();
         h.resize(h.len().next_multiple_of(8), b' ');
-        let mut out = Vec::with_capacity(8 + h.len() + offset);
-        out.extend((h.len() as u64).to_le_bytes());
-        out.extend(h);
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
         for (_, t) in order {
-            out.extend(&t.data);
+            w.write_all(&t.data)?;
         }
-        out
+        Ok(())
     }
 
-    /// Writes atomically: a temporary file in the same directory, flushed, then renamed over `path`.
+    /// Writes atomically with [`peft_core::io::atomic_write`]: a temporary file in the same directory, synced,
+    /// then renamed over `path` (temporaries of killed earlier writers of `path` are removed first).
     ///
     /// # Errors
-    /// [`QuantError::Io`].
+    /// [`QuantError::File`] naming the path.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        write_atomic(path.as_ref(), &self.to_bytes())
+        Ok(peft_core::io::atomic_write(path, |w| self.write_to(w))?)
     }
 
     /// The `__metadata__` map (e.g. `{"format": "pt"}`).
@@ -445,6 +523,7 @@ fn parse_quant_state(k: &str, bytes: &[u8]) -> Result<QuantStateJson> {
         .iter()
         .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(k, "`shape` entry")))
         .collect::<Result<Vec<usize>>>()?;
+    checked_numel(k, &shape)?;
     let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
         let nbs = uint("nested_blocksize")?;
         if nbs == 0 {
@@ -518,25 +597,6 @@ pub fn python_float_repr(v: f64) -> String {
     }
 }
 
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("checkpoint");
-    let tmp = dir.join(format!(".{file}.tmp.{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    Ok(res?)
-}
-
 const _: () = assert!(NESTED_BLOCKSIZE == 256);
 
 #[cfg(test)]
@@ -555,6 +615,44 @@ mod tests {
         c.set_metadata("format", "pt");
         c.insert_quant4("m.proj", q).unwrap();
         c
+    }
+
+    /// Issue 14 item 6: a quant_state shape whose element count overflows (`[2^32, 2^32]` wraps to 0 with a plain
+    /// `product()`, which matched empty packed/absmax tensors) is a typed error, as is a raw tensor of such a shape.
+    #[test]
+    fn overflowing_shapes_are_typed_errors_not_wrapped_sizes() {
+        let mut c = ckpt(&sample(false));
+        set_json(
+            &mut c,
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [4294967296, 4294967296]}"#,
+        );
+        c.insert("m.proj.weight", RawTensor::new(Dtype::U8, vec![0, 1], vec![]).unwrap());
+        c.insert("m.proj.weight.absmax", RawTensor::from_f32(vec![0], &[]).unwrap());
+        let e = c.quant4("m.proj").unwrap_err();
+        assert!(matches!(e, QuantError::Overflow { .. }), "{e}");
+        assert!(e.to_string().contains("4294967296"), "{e}");
+        let e = RawTensor::new(Dtype::F32, vec![1 << 32, 1 << 32], vec![]).unwrap_err();
+        assert!(matches!(e, QuantError::Overflow { .. }), "{e}");
+        let e = RawTensor::new(Dtype::F32, vec![1 << 62], vec![]).unwrap_err();
+        assert!(matches!(e, QuantError::Overflow { .. }), "{e}");
+    }
+
+    /// Issue 14 item 8: [`Checkpoint::read`] maps the file (tensor bytes are not copied) and equals the parsed copy;
+    /// a missing file's error names the path.
+    #[test]
+    fn read_maps_the_file_and_names_the_path_on_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.safetensors");
+        let c = ckpt(&sample(true));
+        c.write(&p).unwrap();
+        let back = Checkpoint::read(&p).unwrap();
+        assert_eq!(back, c);
+        assert!(back.tensors.values().all(|t| matches!(t.data, Bytes::Mapped { .. })));
+        assert_eq!(back.to_bytes(), std::fs::read(&p).unwrap());
+        let e = Checkpoint::read(dir.path().join("nope.safetensors")).unwrap_err();
+        assert!(e.to_string().contains("nope.safetensors"), "{e}");
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(Checkpoint::read(&p), Err(QuantError::Safetensors(_))));
     }
 
     #[test]
@@ -721,7 +819,9 @@ mod tests {
         assert!(matches!(Checkpoint::from_bytes(&bytes[..bytes.len() - 3]), Err(QuantError::Safetensors(_))));
         assert!(matches!(Checkpoint::from_bytes(b"\x05\0\0\0\0\0\0\0{}"), Err(QuantError::Safetensors(_))));
         assert!(matches!(RawTensor::new(Dtype::F32, vec![2], vec![0; 7]), Err(QuantError::Size { .. })));
-        assert!(matches!(Checkpoint::read("/nonexistent/peft-quant.safetensors"), Err(QuantError::Io(_))));
+        // the error names the file (issue 14 item 9)
+        let e = Checkpoint::read("/nonexistent/peft-quant.safetensors").unwrap_err();
+        assert!(matches!(e, QuantError::File(_)) && e.to_string().contains("/nonexistent/peft-quant.safetensors"));
         let t = RawTensor::new(Dtype::I32, vec![1], vec![0; 4]).unwrap();
         assert!(matches!(t.to_f32("t"), Err(QuantError::Dtype { .. })));
     }

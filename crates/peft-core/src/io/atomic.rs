@@ -4,7 +4,8 @@
 //! then renames it over the destination (an atomic replace on POSIX filesystems) and syncs the directory. A reader
 //! therefore sees either the old file or the complete new one, never a torn write; a failure at any step (including
 //! an error returned by the caller's closure) removes the temporary file and leaves an existing destination
-//! untouched.
+//! untouched. Temporaries of the same destination left by a killed writer (a process no longer running) are
+//! removed first ([`super::stale`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -64,6 +65,8 @@ where
         .file_name()
         .ok_or_else(|| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "destination has no file name")))?;
 
+    // Temporaries of this destination left by a killed writer (see `super::stale`).
+    super::stale::remove_stale_temps(path);
     // A name no other writer (thread or process) uses: pid + process-wide counter, created with `create_new`.
     let (file, guard) = loop {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -101,6 +101,23 @@ pub enum IoError {
         /// The tensor in the file.
         name: String,
     },
+    /// Checkpoint tensors the model built from the config did not read although they belong to the same family
+    /// as tensors it did (more layers in the file than in the config): loading would give a truncated model.
+    #[error(
+        "{}: {count} tensor(s) of the checkpoint are not used by the model its config describes, e.g. `{first}`: \
+         the config ({hint}) describes fewer layers than the file holds",
+        path.display()
+    )]
+    UnusedTensors {
+        /// The checkpoint.
+        path: PathBuf,
+        /// How many tensors were left unread.
+        count: usize,
+        /// The first of them (sorted by name).
+        first: String,
+        /// The config value to compare, e.g. `num_hidden_layers = 2`.
+        hint: String,
+    },
     /// Two tensors with the same name were given to a writer.
     #[error("{}: duplicate tensor name `{name}`", path.display())]
     DuplicateTensor {
@@ -192,6 +209,7 @@ impl IoError {
             | ShapeMismatch { path, .. }
             | MissingTensor { path, .. }
             | UnknownTensor { path, .. }
+            | UnusedTensors { path, .. }
             | DuplicateTensor { path, .. }
             | MissingKey { path, .. }
             | MetadataType { path, .. }

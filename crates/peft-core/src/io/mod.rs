@@ -11,6 +11,8 @@ pub mod error;
 pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
+pub mod stale;
+pub mod unused;
 
 pub use assets::assets_dir;
 pub use atomic::atomic_write;
@@ -19,3 +21,4 @@ pub use error::{IoError, IoResult};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use hf_config::{ArchConfig, BertConfig, Dinov2Config, LlamaConfig, WhisperConfig};
 pub use safetensors::{read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo};
+pub use stale::remove_stale_temps;

@@ -591,9 +591,12 @@ impl crate::nn::WeightSource for SafeTensorsFile {
         }
         match self.get_checked(name, shape) {
             Ok(a) => Ok(a),
-            Err(IoError::ShapeMismatch { expected, found, .. }) => {
-                Err(crate::Error::Shape { op: "load weight", lhs: expected, rhs: found })
-            }
+            Err(IoError::ShapeMismatch { expected, found, .. }) => Err(crate::Error::WeightShape {
+                origin: self.path().display().to_string(),
+                name: name.to_string(),
+                expected,
+                found,
+            }),
             Err(e) => Err(crate::Error::Invalid { op: "load weight", msg: e.to_string() }),
         }
     }

@@ -330,6 +330,15 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
         "{e}"
     );
     assert_eq!(f.get_checked("w", &[2]).unwrap().into_raw_vec_and_offset().0, [1.0, 2.0]);
+    // Issue 14 item 9: loading a model through the weight-source interface names the tensor and the file
+    // (it used to say only "load weight: shape mismatch: lhs [3], rhs [2]").
+    let e = crate::nn::WeightSource::get(&f, "w", &[3]).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, crate::Error::WeightShape { .. }), "{msg}");
+    assert!(
+        msg.contains("t.safetensors") && msg.contains("`w`") && msg.contains("[3]") && msg.contains("[2]"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -40,7 +40,12 @@ impl WeightSource for MapWeights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let t = self.0.get(name).ok_or_else(|| Error::UnknownName { name: name.to_string() })?;
         if t.shape() != shape {
-            return Err(Error::Shape { op: "load weight", lhs: shape.to_vec(), rhs: t.shape().to_vec() });
+            return Err(Error::WeightShape {
+                origin: "in-memory weights".into(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
         }
         Ok(t.clone())
     }

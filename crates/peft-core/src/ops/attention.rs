@@ -14,7 +14,9 @@
 //!   queries see no key at all.
 //!
 //! A query row that sees no key (all its keys masked) has **output 0 and zero gradients** instead of the NaN a
-//! composed softmax would produce.
+//! composed softmax would produce; this is what PyTorch (>= 2.5) does too, whose math SDPA backend uses
+//! `_safe_softmax` (0 for rows that are entirely `-inf`). A NaN among the *visible* scores (NaN in Q or K) makes
+//! the whole row and its gradients NaN, as in PyTorch: errors are never hidden as zeros.
 //!
 //! Probabilities use [`Elem::exp_fast`] (f32: within 2e-7 relative of `exp`) under [`wide`].
 //!
@@ -93,6 +95,10 @@ fn map_visible<E: Elem>(row: &mut [E], end: usize, valid: Option<&[bool]>, f: im
 fn probs_from_lse<E: Elem>(s: &mut [E], lse: &[E], dims: &Dims, mask: &Mask, b: usize, scale: E) {
     for (i, row) in s.chunks_mut(dims.lk.max(1)).enumerate().take(dims.lq) {
         let (l, (end, valid)) = (lse[i], mask.row(dims, b, i));
+        if l.is_nan() {
+            row.fill(E::nan()); // a NaN score: the whole row is NaN, as in the forward
+            continue;
+        }
         let end = if l.is_finite() { end } else { 0 };
         map_visible(row, end, valid, |x| (x * scale - l).exp_fast());
     }
@@ -105,10 +111,18 @@ fn head_forward<E: Elem>(q: &[E], k: &[E], v: &[E], dims: &Dims, mask: &Mask, b:
     for (i, row) in s.chunks_mut(dims.lk.max(1)).enumerate().take(dims.lq) {
         let (end, valid) = mask.row(dims, b, i);
         let mut m = E::neg_infinity();
+        let mut nan = false;
         for (j, &x) in row[..end].iter().enumerate() {
             if valid.is_none_or(|v| v[j]) {
+                // `max` skips NaN, so a NaN-only row would look fully masked: track NaN on its own.
+                nan |= x.is_nan();
                 m = m.max(x * scale);
             }
+        }
+        if nan {
+            row.fill(E::nan()); // a visible NaN score makes the whole row NaN, as PyTorch's softmax does
+            lse[i] = E::nan();
+            continue;
         }
         if !m.is_finite() {
             row.fill(E::zero()); // no visible key: output 0 (see the module docs)
@@ -530,6 +544,33 @@ mod tests {
         for t in [&q, &k, &v] {
             assert!(g.get(t).unwrap().iter().all(|&x| x == 0.0));
         }
+    }
+
+    /// Issue 14 item 7: a NaN score makes the whole row NaN (PyTorch's softmax and SDPA), also when every score of
+    /// the row is NaN (the max over a NaN-only row used to be `-inf`, which took the fully-masked path and gave 0);
+    /// rows fully masked by padding keep output 0 (PyTorch >= 2.5 `_safe_softmax` in the math SDPA backend).
+    #[test]
+    fn nan_scores_propagate_but_fully_masked_rows_stay_zero() {
+        for nan_keys in [vec![0usize, 1, 2], vec![1]] {
+            let mut kd = ArrayD::from_elem(IxDyn(&[1, 1, 3, 2]), 0.2f32);
+            for &j in &nan_keys {
+                kd[[0, 0, j, 0]] = f32::NAN;
+            }
+            let q = Tensor::<f32>::var(ArrayD::from_elem(IxDyn(&[1, 1, 2, 2]), 0.3));
+            let k = Tensor::<f32>::var(kd);
+            let v = Tensor::<f32>::var(ArrayD::from_elem(IxDyn(&[1, 1, 3, 2]), 1.0));
+            let y = q.scaled_dot_product_attention(&k, &v, None, false, None).unwrap();
+            assert!(y.as_slice().iter().all(|x| x.is_nan()), "NaN keys {nan_keys:?}: {:?}", y.as_slice());
+            let g = y.sum_all().backward().unwrap();
+            assert!(g.get(&q).unwrap().iter().all(|x| x.is_nan()), "NaN reaches the query grads");
+        }
+        // a NaN key that padding hides does not reach the output
+        let mut kd = ArrayD::from_elem(IxDyn(&[1, 1, 3, 2]), 0.2f32);
+        kd[[0, 0, 2, 0]] = f32::NAN;
+        let (q, k) = (Tensor::<f32>::new(ArrayD::from_elem(IxDyn(&[1, 1, 2, 2]), 0.3)), Tensor::<f32>::new(kd));
+        let v = Tensor::<f32>::new(ArrayD::from_elem(IxDyn(&[1, 1, 3, 2]), 1.0));
+        let y = q.scaled_dot_product_attention(&k, &v, Some(&[true, true, false]), false, None).unwrap();
+        assert!(y.as_slice().iter().all(|&x| (x - 1.0).abs() < 1e-6), "{:?}", y.as_slice());
     }
 
     #[test]

@@ -41,6 +41,10 @@ fn weights(m: &Llama) -> HashMap<String, ArrayD<f32>> {
 }
 
 fn gguf_image(arch: &str, s: &LlamaSpec, w: &HashMap<String, ArrayD<f32>>) -> Vec<u8> {
+    gguf_builder(arch, s, w).build()
+}
+
+fn gguf_builder(arch: &str, s: &LlamaSpec, w: &HashMap<String, ArrayD<f32>>) -> GgufBuilder {
     let mut b = GgufBuilder::new()
         .kv("general.architecture", GgufValue::String(arch.into()))
         .kv("llama.block_count", GgufValue::U32(s.layers as u32))
@@ -64,7 +68,58 @@ fn gguf_image(arch: &str, s: &LlamaSpec, w: &HashMap<String, ArrayD<f32>>) -> Ve
         let bytes = a.iter().flat_map(|x| x.to_le_bytes()).collect();
         b = b.tensor(&g, &dims, GgmlType::F32, bytes);
     }
-    b.build()
+    b
+}
+
+/// Issue 14 item 5: a 0-dimensional `token_embd.weight` (indexed `shape()[0]`) and `block_count` 0 are typed
+/// errors; item 7: a `block_count` smaller than the file's blocks is refused (the model would be truncated).
+#[test]
+fn malformed_gguf_llama_metadata_is_a_typed_error() {
+    let s = spec(true);
+    let m = Llama::random(&s, 3, 0.2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    let mut w = weights(&m);
+    w.remove("model.embed_tokens.weight");
+    std::fs::write(
+        &path,
+        gguf_builder("llama", &s, &w).tensor("token_embd.weight", &[], GgmlType::F32, vec![0; 4]).build(),
+    )
+    .unwrap();
+    let e = LlamaSpec::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+    assert!(matches!(&e, IoError::InvalidConfig { field: "token_embd.weight", .. }), "{e}");
+    for layers in [0, 1] {
+        let short = LlamaSpec { layers, ..s.clone() };
+        std::fs::write(&path, gguf_image("llama", &short, &weights(&m))).unwrap();
+        let e = Llama::from_gguf(&path).err().expect("refused");
+        let msg = e.to_string();
+        match layers {
+            0 => assert!(matches!(&e, IoError::InvalidConfig { field: "llama.block_count", .. }), "{msg}"),
+            _ => assert!(
+                matches!(&e, IoError::UnusedTensors { count: 9, ref first, .. } if first.starts_with("blk.1.")),
+                "{msg}"
+            ),
+        }
+        assert!(msg.contains("bad.gguf"), "{msg}");
+    }
+}
+
+/// Issue 14 item 7: a Hugging Face config with fewer layers than `model.safetensors` is refused.
+#[test]
+fn hf_config_with_fewer_layers_than_the_checkpoint_is_refused() {
+    let m = Llama::random(&spec(false), 3, 0.2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let w = weights(&m);
+    peft_core::io::write_safetensors(dir.path().join("model.safetensors"), w.iter(), None).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64,
+        "tie_word_embeddings": false, "hidden_act": "silu"
+    });
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = Llama::from_hf_dir(dir.path()).err().expect("refused");
+    assert!(matches!(&e, IoError::UnusedTensors { ref hint, .. } if hint == "num_hidden_layers = 1"), "{e}");
+    assert!(e.to_string().contains("model.layers.1."), "{e}");
 }
 
 fn logits(m: &Llama, ids: &[usize]) -> Vec<f32> {
@@ -272,4 +327,15 @@ fn gguf_tokenizer_builds_byte_level_bpe_with_special_tokens() {
     std::fs::write(&path, image("llama-bpe")).unwrap();
     let e = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
     assert!(matches!(&e, IoError::InvalidConfig { field: "tokenizer.ggml.pre", .. }), "{e:?}");
+    // Issue 14 item 5: a token_type array longer than the token list (indexed `tokens[i]`) is a typed error.
+    let long_types = GgufValue::Array(GgufValueType::I32, [3, 1, 1, 1, 1, 1, 1, 1, 3].map(GgufValue::I32).to_vec());
+    let bytes = GgufBuilder::new()
+        .kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.tokens", strs(&tokens))
+        .kv("tokenizer.ggml.merges", strs(&["a b"]))
+        .kv("tokenizer.ggml.token_type", long_types)
+        .build();
+    std::fs::write(&path, bytes).unwrap();
+    let e = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+    assert!(matches!(&e, IoError::InvalidConfig { field: "tokenizer.ggml.token_type", .. }), "{e:?}");
 }

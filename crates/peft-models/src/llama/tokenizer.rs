@@ -60,6 +60,12 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> IoResult<Tokenizer> {
         Some(_) => f.meta_array("tokenizer.ggml.token_type")?.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => Vec::new(),
     };
+    if !types.is_empty() && types.len() != tokens.len() {
+        return Err(invalid(
+            "tokenizer.ggml.token_type",
+            format!("{} entries for {} tokens (llama.cpp needs one per token)", types.len(), tokens.len()),
+        ));
+    }
     let digits = match f.meta("tokenizer.ggml.pre").and_then(GgufValue::as_str) {
         Some("smollm") => true,
         None | Some("gpt2" | "gpt-2" | "default") => false,
