@@ -9,7 +9,7 @@
 //! - Adapter arithmetic: `add_weighted_adapter` with linear/cat/svd/ties/dare/magnitude-prune ([`weighted`],
 //!   [`merge_utils`]).
 //! - Registry entries for trainers and `cargo xtask bench` ([`mod@methods`]); the `peft_type`s this crate
-//!   reads ([`registry`]).
+//!   reads ([`mod@registry`]).
 //!
 //! Every method here is a [`peft_core::adapter::TunerConfig`]: [`peft_core::adapter::PeftModel`] owns the model
 //! and its adapters and saves and loads them in PEFT's layout.

@@ -9,8 +9,6 @@ use super::*;
 use crate::structured::fdcheck;
 use crate::testutil::{input, Tiny};
 
-type PolyModel<M> = PeftModel<M>;
-
 fn poly<M: Module>(model: M, cfg: PolyConfig) -> PeftModel<M> {
     PeftModel::new(model, cfg, "default", 0).unwrap()
 }
@@ -19,7 +17,7 @@ fn layers<M: Module>(m: &PeftModel<M>) -> Vec<(Linear, Arc<PolyLinear>)> {
     m.poly_layers("default").unwrap()
 }
 
-fn perturb<M: Module>(m: &PolyModel<M>, seed: u64) {
+fn perturb<M: Module>(m: &PeftModel<M>, seed: u64) {
     for (i, (_, l)) in layers(m).iter().enumerate() {
         for (j, p) in l.params3().into_iter().enumerate() {
             p.set(RandomInit::new(seed + (10 * i + j) as u64, 0.4).get("p", &p.shape()).unwrap()).unwrap();
