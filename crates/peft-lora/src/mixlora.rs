@@ -47,7 +47,9 @@
 //! Files: the LoRA layout with `peft_type = "MIXLORA"`: attention LoRA at `<site>.lora_A.weight`/`lora_B.weight`,
 //! expert `e` of projection site `p` at `<p>.experts.<e>.lora_A.weight` / `.lora_B.weight`, the router at
 //! `<ffn prefix>.mixlora_router.weight` `[E, d]`, where the FFN prefix is the longest common module path of its
-//! projections (`encoder.layer.<i>` in BERT, `model.layers.<i>.mlp` in LLaMA).
+//! projections (`encoder.layer.<i>` in BERT, `model.layers.<i>.mlp` in LLaMA). Configs written when MixLoRA sat
+//! on the residual site (with `ffn_residual`, `ffn_up`, `ffn_down`, `hidden_act`) load unchanged: the FFN now
+//! comes from the block site, and those keys are reported as ignored.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};

@@ -773,3 +773,28 @@ fn mixlora_on_pre_norm_llama_mlps_is_identity_at_init_mixes_the_normed_input_and
     assert!(matches!(m2.merge_adapter(), Err(AdapterError::NotSupportedBy { .. })));
     assert_eq!(m2.forward(&x, &Ctx::eval()).to_vec(), y1);
 }
+
+/// A file written before MixLoRA moved to the block site (its config named the FFN by residual-site suffix,
+/// projections and activation) loads: the tensor layout is unchanged, the old keys are reported as ignored.
+#[test]
+fn mixlora_files_with_the_residual_site_keys_load_and_report_them() {
+    let mm = mix(block(6, 10), cfg(3, 2, &["query"]), "default");
+    perturb(&mm.trainable_params(), 12);
+    let d = tempfile::tempdir().unwrap();
+    mm.save_pretrained(d.path()).unwrap();
+    let path = d.path().join(CONFIG_NAME);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    for (k, val) in [("ffn_residual", "output"), ("ffn_up", "intermediate.dense"), ("ffn_down", "output.dense")] {
+        o.insert(k.into(), val.into());
+    }
+    o.insert("hidden_act".into(), "gelu".into());
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let (back, report) = PeftModel::from_pretrained(block(6, 10), d.path(), &crate::registry()).unwrap();
+    for k in ["ffn_residual", "ffn_up", "ffn_down", "hidden_act"] {
+        assert!(report.ignored_config.iter().any(|l| l.contains(k)), "{k}: {report}");
+    }
+    assert!(report.unexpected.is_empty(), "{report}");
+    let x = input(4, 6, 2);
+    assert_eq!(back.forward(&x, &Ctx::eval()).to_vec(), mm.forward(&x, &Ctx::eval()).to_vec());
+}
