@@ -1,5 +1,6 @@
+use ndarray::{Array2, ArrayD, IxDyn};
 use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
-use peft_core::nn::{Activation, Mlp, RandomInit, ResidualSite, SwiGlu, Visitor, WeightSource};
+use peft_core::nn::{Activation, BlockAdapter, Ctx, Ffn, Mlp, RandomInit, ResidualSite, SwiGlu, Visitor, WeightSource};
 use peft_core::testing::max_abs_diff;
 use peft_core::train::TrainHooks;
 use rand::rngs::StdRng;
