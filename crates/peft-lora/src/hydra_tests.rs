@@ -181,3 +181,24 @@ fn hydra_bad_configs_are_typed_errors() {
     c.scale = f64::NAN;
     assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }));
 }
+
+#[test]
+fn deleting_a_merged_hydra_adapter_restores_weight_and_bias() {
+    let mut hm = new(Tiny::new(6, 1, 0), HydraConfig::new(2, 3, ["query", "dense"]));
+    perturb(&hm, 6);
+    for (s, _) in hydra(&hm).layers() {
+        let b = s.base().bias().unwrap();
+        b.set(RandomInit::new(23, 0.5).get("b", &b.shape()).unwrap()).unwrap();
+    }
+    let sites: Vec<Linear> = hydra(&hm).layers().iter().map(|(s, _)| s.clone()).collect();
+    let before: Vec<_> =
+        sites.iter().map(|s| (s.base().dense_weight().unwrap(), s.base().bias().unwrap().value().to_owned())).collect();
+    hm.merge_adapter().unwrap();
+    hm.delete_adapter("default").unwrap();
+    for (s, (w0, b0)) in sites.iter().zip(&before) {
+        assert!(s.adapters().is_empty());
+        assert_eq!(&s.base().bias().unwrap().value().to_owned(), b0, "{}", s.path());
+        let w = s.base().dense_weight().unwrap();
+        assert!(max_abs_diff(w.as_slice().unwrap(), w0.as_slice().unwrap()) < 1e-5, "{}", s.path());
+    }
+}
