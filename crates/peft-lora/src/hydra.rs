@@ -5,23 +5,34 @@
 //! Kaiming-uniform, `B_p = B_s = 0`, so the adapted site is the base site at init. The map is linear in `x`, so
 //! it merges exactly: `W' = W₀ + s·B_pA_p + s·B_sA_sW₀`, `b' = b₀ + s·B_sA_s b₀`.
 //!
+//! Merging goes through [`HydraTuner`] (what [`peft_core::adapter::PeftModel::merge_adapter`] calls): the deltas
+//! are computed without touching the base ([`HydraLinear::delta_weight`] and [`HydraLinear::delta_bias`] are
+//! pure), the site writes weight and bias only once both are known to be finite, and the tuner records the
+//! original bias of each merged site so an unmerge restores it exactly.
+//!
 //! Files: the LoRA layout with `peft_type = "HYDRA"`; the parallel branch is saved as `lora_A.weight` /
 //! `lora_B.weight`, the sequential one as `hydra_seq_A.weight` / `hydra_seq_B.weight`.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
-use peft_core::adapter::ModulePattern;
-use peft_core::nn::{Ctx, LinearAdapter, LinearBase, Module};
+use peft_core::adapter::{
+    select_linear, site_rng, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern,
+    PeftConfig, SavedTensors, Tuner, TunerConfig,
+};
+use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Error, Param, Result, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::structured::{kaiming, read_adapter, write_adapter, Injected, SavedTensors};
+use crate::structured::{config_json, expect_tensor, kaiming, m2, parse_config, target_spec};
+
+/// Hydra's `peft_type`.
+pub const HYDRA_TYPE: &str = "HYDRA";
 
 fn d_peft_type() -> String {
-    "HYDRA".into()
+    HYDRA_TYPE.into()
 }
 
 /// Hydra's config (`adapter_config.json`, LoRA-style keys plus `sequential_r`).
@@ -44,10 +55,25 @@ pub struct HydraConfig {
     /// `"SEQ_CLS"`, ... (informational).
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`; written only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// True in saved files (as PEFT writes).
     #[serde(default)]
     pub inference_mode: bool,
 }
+
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "sequential_r",
+    "scale",
+    "target_modules",
+    "exclude_modules",
+    "task_type",
+    "modules_to_save",
+    "inference_mode",
+];
 
 impl HydraConfig {
     /// Ranks `r_p`, `r_s`, scale 1 on `targets`.
@@ -60,6 +86,7 @@ impl HydraConfig {
             target_modules: ModulePattern::list(targets),
             exclude_modules: None,
             task_type: None,
+            modules_to_save: None,
             inference_mode: false,
         }
     }
@@ -67,24 +94,31 @@ impl HydraConfig {
     /// Checks ranks and scale.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a zero rank or a non-finite scale.
-    pub fn validate(&self) -> Result<()> {
+    /// [`AdapterError::InvalidConfig`] for a zero rank or a non-finite scale.
+    pub fn validate(&self) -> AdapterResult<()> {
         if self.r == 0 || self.sequential_r == 0 {
-            crate::bail!(
-                "HydraConfig",
-                "ranks must be positive (r = {}, sequential_r = {})",
-                self.r,
-                self.sequential_r
-            );
+            return Err(AdapterError::config(
+                HYDRA_TYPE,
+                if self.r == 0 { "r" } else { "sequential_r" },
+                format!("ranks must be positive (r = {}, sequential_r = {})", self.r, self.sequential_r),
+            ));
         }
         if !self.scale.is_finite() {
-            crate::bail!("HydraConfig", "scale {} is not finite", self.scale);
+            return Err(AdapterError::config(HYDRA_TYPE, "scale", format!("{} is not finite", self.scale)));
         }
         Ok(())
     }
+
+    /// The sites this config adapts in `model`.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors.
+    pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
+        select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)
+    }
 }
 
-/// The weight delta of a merge and the bias it replaced.
+/// The weight delta a merge added and the bias it replaced.
 type MergeRecord = (ArrayD<f32>, Option<ArrayD<f32>>);
 
 /// Hydra on one linear site.
@@ -95,29 +129,24 @@ pub struct HydraLinear {
     bp: Param,
     a_s: Param,
     b_s: Param,
-    /// The weight delta and the original bias of the last merge, for an exact unmerge.
+    /// The base bias (a handle shared with the site), read by the pure [`LinearAdapter::delta_bias`].
+    bias: Option<Param>,
+    /// Set by [`HydraTuner`] after a successful merge: the weight delta added and the bias it replaced.
     merged: Mutex<Option<MergeRecord>>,
-}
-
-fn m2(p: &Param) -> Result<Array2<f32>> {
-    p.value()
-        .to_owned()
-        .into_dimensionality::<Ix2>()
-        .map_err(|_| Error::Invalid { op: "hydra", msg: format!("{} is not a matrix", p.name()) })
 }
 
 impl HydraLinear {
     /// Creates adapter `name` for the site at `path` over `base`, initialised from `rng`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for zero ranks.
+    /// [`AdapterError::InvalidConfig`] for zero ranks.
     pub fn new(
         path: &str,
         name: &str,
         base: &dyn LinearBase,
         cfg: &HydraConfig,
         rng: &mut impl rand::Rng,
-    ) -> Result<Self> {
+    ) -> AdapterResult<Self> {
         cfg.validate()?;
         let (i, o) = (base.in_features(), base.out_features());
         let p = |k: &str, v: Array2<f32>| Param::new(format!("{path}.{k}.{name}.weight"), v.into_dyn(), true);
@@ -128,6 +157,7 @@ impl HydraLinear {
             bp: p("lora_B", Array2::zeros((o, cfg.r))),
             a_s: p("hydra_seq_A", kaiming(o, cfg.sequential_r, o, rng)),
             b_s: p("hydra_seq_B", Array2::zeros((o, cfg.sequential_r))),
+            bias: base.bias(),
             merged: Mutex::new(None),
         })
     }
@@ -135,6 +165,15 @@ impl HydraLinear {
     /// `(A_p, B_p, A_s, B_s)`.
     pub fn factors(&self) -> [&Param; 4] {
         [&self.ap, &self.bp, &self.a_s, &self.b_s]
+    }
+
+    /// `s·B_sA_s` `[out, out]`.
+    fn seq_map(&self) -> Result<Array2<f32>> {
+        Ok(m2(&self.b_s)?.dot(&m2(&self.a_s)?).mapv(|v| v * self.scale))
+    }
+
+    fn record(&self) -> std::sync::MutexGuard<'_, Option<MergeRecord>> {
+        self.merged.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -147,118 +186,214 @@ impl LinearAdapter for HydraLinear {
         "hydra"
     }
 
-    fn delta(&self, x: &Tensor, base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Tensor> {
+    fn delta(&self, x: &Tensor, base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Option<Tensor>> {
         let par = x.linear(&self.ap.tensor(), None)?.linear(&self.bp.tensor(), None)?;
         let seq = base_out.linear(&self.a_s.tensor(), None)?.linear(&self.b_s.tensor(), None)?;
-        Ok(par.add(&seq)?.mul_scalar(self.scale))
+        Ok(Some(par.add(&seq)?.mul_scalar(self.scale)))
     }
 
     fn params(&self) -> Vec<Param> {
         vec![self.ap.clone(), self.bp.clone(), self.a_s.clone(), self.b_s.clone()]
     }
 
-    /// `s·B_pA_p + s·B_sA_sW₀`; also folds `s·B_sA_s b₀` into the bias (the trait merges weights only, so the bias
-    /// is updated here and restored exactly by the unmerge).
+    /// `s·B_pA_p + s·B_sA_sW₀`, computed from the base without changing it.
     fn delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
         let w = base.dense_weight()?;
-        let w =
-            w.view().into_dimensionality::<Ix2>().map_err(|_| Error::Invalid { op: "hydra", msg: "weight".into() })?;
-        let s = self.scale;
-        let seq = m2(&self.b_s)?.dot(&m2(&self.a_s)?);
-        let dw = (m2(&self.bp)?.dot(&m2(&self.ap)?) + seq.dot(&w)).mapv(|v| v * s).into_dyn();
+        let w = w
+            .view()
+            .into_dimensionality::<Ix2>()
+            .map_err(|_| Error::Invalid { op: "hydra", msg: "the base weight is not a matrix".into() })?;
+        let dw = (m2(&self.bp)?.dot(&m2(&self.ap)?).mapv(|v| v * self.scale) + self.seq_map()?.dot(&w)).into_dyn();
         if dw.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: format!("hydra merge delta of `{}`", self.name) });
         }
-        let old_bias = match base.bias() {
-            Some(b) => {
-                let b0 = b.value().to_owned();
-                let b1 = b0
-                    .view()
-                    .into_dimensionality::<Ix1>()
-                    .map_err(|_| Error::Invalid { op: "hydra", msg: "bias".into() })?;
-                let nb: Array1<f32> = &b1 + &seq.dot(&b1).mapv(|v| v * s);
-                b.set(nb.into_dyn())?;
-                Some(b0)
-            }
-            None => None,
-        };
-        *self.merged.lock().unwrap_or_else(|p| p.into_inner()) = Some((dw.clone(), old_bias));
         Ok(Some(dw))
     }
 
-    fn unmerge_delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
-        let Some((dw, b0)) = self.merged.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            crate::bail!("unmerge", "hydra adapter `{}` has no recorded merge", self.name);
-        };
-        if let (Some(b), Some(b0)) = (base.bias(), b0) {
-            b.set(b0)?;
+    /// The weight delta recorded by the merge being taken back.
+    fn unmerge_delta_weight(&self, _base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
+        match &*self.record() {
+            Some((dw, _)) => Ok(Some(dw.clone())),
+            None => crate::bail!("unmerge", "hydra adapter `{}` has no recorded merge", self.name),
         }
-        Ok(Some(dw))
+    }
+
+    /// Unmerged: `s·B_sA_s b₀` from the current bias. Merged (the unmerge asks): the merged bias minus the recorded
+    /// original (the tuner then writes the original back exactly). Nothing is written.
+    fn delta_bias(&self) -> Result<Option<ArrayD<f32>>> {
+        let Some(b) = &self.bias else { return Ok(None) };
+        let cur = b.value().to_owned();
+        if let Some((_, Some(b0))) = &*self.record() {
+            return Ok(Some(&cur - b0));
+        }
+        let b1 = cur
+            .into_dimensionality::<Ix1>()
+            .map_err(|_| Error::Invalid { op: "hydra", msg: "the base bias is not a vector".into() })?;
+        let db: Array1<f32> = self.seq_map()?.dot(&b1);
+        if db.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: format!("hydra merge bias delta of `{}`", self.name) });
+        }
+        Ok(Some(db.into_dyn()))
     }
 }
 
-/// The tensors saved for this site, by key suffix.
 impl SavedTensors for HydraLinear {
-    fn saved_tensors(&self) -> Vec<(&'static str, &Param)> {
+    fn saved_tensors(&self) -> Vec<(String, Param)> {
         vec![
-            ("lora_A.weight", &self.ap),
-            ("lora_B.weight", &self.bp),
-            ("hydra_seq_A.weight", &self.a_s),
-            ("hydra_seq_B.weight", &self.b_s),
+            ("lora_A.weight".into(), self.ap.clone()),
+            ("lora_B.weight".into(), self.bp.clone()),
+            ("hydra_seq_A.weight".into(), self.a_s.clone()),
+            ("hydra_seq_B.weight".into(), self.b_s.clone()),
         ]
     }
 }
 
-/// A model with one Hydra adapter.
-pub struct HydraModel {
-    /// The config.
-    pub config: HydraConfig,
-    /// The adapted sites.
-    pub adapter: Injected<HydraLinear>,
+/// An injected Hydra adapter: [`LinearTuner`] plus the merge records that make an unmerge exact.
+pub struct HydraTuner {
+    inner: LinearTuner<HydraLinear>,
 }
 
-impl HydraModel {
-    /// Injects adapter `name` into the sites of `model` selected by `config`, initialised from `seed`.
-    ///
-    /// # Errors
-    /// Invalid config; [`Error::NoTargetMatched`].
-    pub fn new(model: &dyn Module, config: HydraConfig, name: &str, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let (targets, exclude) = (&config.target_modules, config.exclude_modules.as_ref());
-        let adapter = Injected::inject(model, targets, exclude, name, seed, |s, rng| {
-            HydraLinear::new(s.path(), name, s.base().as_ref(), &config, rng)
+impl HydraTuner {
+    /// The adapted sites and their layers.
+    pub fn layers(&self) -> &[(Linear, Arc<HydraLinear>)] {
+        self.inner.layers()
+    }
+
+    fn merge_site(&self, site: &Linear, a: &HydraLinear) -> AdapterResult<()> {
+        let name = self.inner.name();
+        let dw = a.delta_weight(site.base().as_ref())?.unwrap_or_default();
+        let b0 = a.bias.as_ref().map(|b| b.value().to_owned());
+        site.merge(name)?;
+        *a.record() = Some((dw, b0));
+        Ok(())
+    }
+
+    fn unmerge_site(&self, site: &Linear, a: &HydraLinear) -> AdapterResult<()> {
+        site.unmerge(self.inner.name())?;
+        if let Some((_, Some(b0))) = a.record().take() {
+            if let Some(b) = &a.bias {
+                b.set(b0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Tuner for HydraTuner {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn params(&self) -> Vec<Param> {
+        self.inner.params()
+    }
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        self.inner.state_dict()
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.inner.wrapped_modules()
+    }
+    fn set_active(&self, on: bool) {
+        self.inner.set_active(on);
+    }
+    fn merge(&self) -> AdapterResult<()> {
+        for (i, (s, a)) in self.layers().iter().enumerate() {
+            if let Err(e) = self.merge_site(s, a) {
+                // All or nothing: take back the sites merged so far.
+                for (t, b) in &self.layers()[..i] {
+                    let _ = self.unmerge_site(t, b);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+    fn unmerge(&self) -> AdapterResult<()> {
+        for (s, a) in self.layers() {
+            if s.is_merged(self.name())? {
+                self.unmerge_site(s, a)?;
+            }
+        }
+        Ok(())
+    }
+    fn is_merged(&self) -> bool {
+        self.inner.is_merged()
+    }
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        if !keep_merged {
+            self.unmerge()?;
+        }
+        self.inner.detach(keep_merged)
+    }
+    fn kind(&self) -> &str {
+        self.inner.kind()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl TunerConfig for HydraConfig {
+    fn peft_type(&self) -> &str {
+        HYDRA_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "Hydra r_p={} r_s={} scale={} on {}",
+            self.r,
+            self.sequential_r,
+            self.scale,
+            crate::structured::describe_targets(&self.target_modules)
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, HYDRA_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let sites = self.sites(model)?;
+        let inner = LinearTuner::attach(cx.name, HYDRA_TYPE, &sites, |s| {
+            HydraLinear::new(s.path(), cx.name, s.base().as_ref(), self, &mut site_rng(cx.seed, cx.name, s.path()))
         })?;
-        Ok(HydraModel { config, adapter })
+        Ok(Box::new(HydraTuner { inner }))
     }
-
-    /// The trainable parameters.
-    pub fn trainable_params(&self) -> Vec<Param> {
-        self.adapter.trainable_params()
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        for s in self.sites(model)? {
+            let (i, o, p) = (s.in_features(), s.out_features(), s.path());
+            expect_tensor(file, &format!("{p}.lora_A.weight"), &[self.r, i])?;
+            expect_tensor(file, &format!("{p}.lora_B.weight"), &[o, self.r])?;
+            expect_tensor(file, &format!("{p}.hydra_seq_A.weight"), &[self.sequential_r, o])?;
+            expect_tensor(file, &format!("{p}.hydra_seq_B.weight"), &[o, self.sequential_r])?;
+        }
+        Ok(())
     }
-
-    /// The tensors as saved, by file key.
-    pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        self.adapter.state_dict()
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
     }
-
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = HydraConfig { inference_mode: true, ..self.config.clone() };
-        write_adapter(dir, &cfg, &self.state_dict())
+    fn as_any(&self) -> &dyn Any {
+        self
     }
+}
 
-    /// Injects the adapter saved in `dir` into `model` under `name`.
-    ///
-    /// # Errors
-    /// IO errors; a config of another type; missing or mis-shaped tensors.
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (config, file) = read_adapter::<HydraConfig>(dir, "HYDRA")?;
-        let mut me = Self::new(model, config, name, 0)?;
-        me.adapter.load_tensors(&file)?;
-        Ok(me)
+impl PeftConfig for HydraConfig {
+    const PEFT_TYPE: &'static str = HYDRA_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (HydraConfig, _) = parse_config(v, HYDRA_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
     }
 }
 

@@ -3,11 +3,13 @@
 //!
 //! - LoRA, rsLoRA, DoRA with inits true/false/gaussian/PiSSA/OLoRA ([`config`], [`layer`], [`tuner`]);
 //!   data-driven inits CorDA ([`corda`]) and EVA ([`eva`]) from calibration statistics ([`calib`]); ALLoRA's
-//!   norm-scaled learning rate ([`allora`]).
+//!   norm-scaled learning rate ([`allora`]); LoLDU ([`loldu`]); LoRA-SB ([`lora_sb`]).
+//! - Structured variants: Hydra ([`hydra`]), MoS ([`mos`]), MixLoRA on the feed-forward block sites
+//!   ([`mixlora`]), Poly/MHR routed by task ids ([`poly`]); their shared helpers ([`structured`]).
 //! - Adapter arithmetic: `add_weighted_adapter` with linear/cat/svd/ties/dare/magnitude-prune ([`weighted`],
 //!   [`merge_utils`]).
 //! - Registry entries for trainers and `cargo xtask bench` ([`mod@methods`]); the `peft_type`s this crate
-//!   reads ([`registry`]).
+//!   reads ([`mod@registry`]).
 //!
 //! Every method here is a [`peft_core::adapter::TunerConfig`]: [`peft_core::adapter::PeftModel`] owns the model
 //! and its adapters and saves and loads them in PEFT's layout.
@@ -50,16 +52,21 @@ pub mod calib;
 pub mod config;
 pub mod corda;
 pub mod eva;
+pub mod hydra;
 pub mod layer;
+pub mod loldu;
+pub mod lora_sb;
 pub mod merge_utils;
 pub mod methods;
+pub mod mixlora;
+pub mod mos;
+pub mod poly;
 pub mod registry;
 pub mod structured;
 #[cfg(test)]
 mod testutil;
 pub mod tuner;
 pub mod weighted;
-// MIGRATING: hydra, mos, mixlora, poly, loldu, lora_sb, struct_methods
 
 pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
 pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};

@@ -6,19 +6,27 @@
 //!
 //! PEFT has no LoLDU; the files use PEFT's layout with `peft_type = "LOLDU"` and one tensor per site,
 //! `base_model.model.<site>.loldu_z`. The frozen factors are not stored: loading recomputes them from the
-//! original base weight (the LU is deterministic), then sets `z`.
+//! original base weight (the LU is deterministic; the init is replayed as PiSSA's is), then sets `z`.
+//! Removing the adapter ([`LolduTuner`]'s detach, `PeftModel::delete_adapter`) gives the base its original
+//! weight back; `merge_and_unload` keeps the merged one.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::any::Any;
+use std::sync::Arc;
 
 use ndarray::{Array1, Array2, ArrayD, Ix2};
-use peft_core::adapter::{ModulePattern, TargetSpec};
+use peft_core::adapter::{
+    select_linear, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern, PeftConfig,
+    SavedTensors, Tuner, TunerConfig,
+};
 use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Elem, Error, Param, Result, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::calib::target_sites;
-use crate::sitemodel::{load_into, read_files, write_files, SiteModel, PREFIX};
+use crate::structured::{config_json, describe_targets, expect_tensor, parse_config, target_spec};
+
+/// LoLDU's `peft_type`.
+pub const LOLDU_TYPE: &str = "LOLDU";
 
 /// How `z` starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,10 +73,26 @@ pub struct LolduConfig {
     /// Informational.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`; written only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// True in saved files (as PEFT).
     #[serde(default)]
     pub inference_mode: bool,
 }
+
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "alpha",
+    "target_modules",
+    "exclude_modules",
+    "init_z",
+    "task_type",
+    "base_model_name_or_path",
+    "modules_to_save",
+    "inference_mode",
+];
 
 impl LolduConfig {
     /// Rank `r`, α = 1, on list targets.
@@ -82,26 +106,34 @@ impl LolduConfig {
             init_z: ZInit::Diag,
             task_type: None,
             base_model_name_or_path: None,
+            modules_to_save: None,
             inference_mode: false,
         }
     }
 
-    /// The file text (`json.dumps(indent=2, sort_keys=True)` style).
-    pub fn to_json(&self) -> String {
-        crate::pyjson::dumps(&serde_json::to_value(self).expect("peft-rs bug: LolduConfig serialises"))
-    }
-
-    fn spec(&self) -> Result<TargetSpec> {
-        if self.peft_type != "LOLDU" {
-            crate::bail!("loldu", "peft_type {:?} is not LOLDU", self.peft_type);
+    /// Checks the config.
+    ///
+    /// # Errors
+    /// [`AdapterError::InvalidConfig`] for another `peft_type`, rank 0 or a non-finite alpha.
+    pub fn validate(&self) -> AdapterResult<()> {
+        if self.peft_type != LOLDU_TYPE {
+            return Err(AdapterError::config(LOLDU_TYPE, "peft_type", format!("{:?} is not LOLDU", self.peft_type)));
         }
         if self.r == 0 {
-            crate::bail!("loldu", "rank 0");
+            return Err(AdapterError::config(LOLDU_TYPE, "r", "rank 0"));
         }
         if !self.alpha.is_finite() {
-            crate::bail!("loldu", "alpha must be finite, got {}", self.alpha);
+            return Err(AdapterError::config(LOLDU_TYPE, "alpha", format!("must be finite, got {}", self.alpha)));
         }
-        TargetSpec::new(&self.target_modules, self.exclude_modules.as_ref(), None, None, &[])
+        Ok(())
+    }
+
+    /// The sites this config adapts in `model`.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors.
+    pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
+        select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)
     }
 }
 
@@ -241,8 +273,8 @@ impl LinearAdapter for LolduLinear {
     fn kind(&self) -> &str {
         "loldu"
     }
-    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Tensor> {
-        loldu_delta(x, &self.u_hat, &self.pl, &self.z.tensor(), self.sigma)
+    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Option<Tensor>> {
+        Ok(Some(loldu_delta(x, &self.u_hat, &self.pl, &self.z.tensor(), self.sigma)?))
     }
     fn params(&self) -> Vec<Param> {
         vec![self.z.clone()]
@@ -252,84 +284,176 @@ impl LinearAdapter for LolduLinear {
     }
 }
 
-/// A model with a LoLDU adapter.
-pub struct LolduModel {
-    /// The config (as given or loaded).
-    pub config: LolduConfig,
-    /// The adapter on its sites.
-    pub sites: SiteModel<LolduLinear>,
+impl SavedTensors for LolduLinear {
+    fn saved_tensors(&self) -> Vec<(String, Param)> {
+        vec![("loldu_z".into(), self.z.clone())]
+    }
 }
 
-impl LolduModel {
-    /// Injects LoLDU adapter `name` into `model` (rewriting the target weights to their residuals).
-    ///
-    /// # Errors
-    /// Config errors, [`Error::NoTargetMatched`], [`loldu_factors`] errors (nothing is changed on error).
-    pub fn new(model: &dyn Module, config: LolduConfig, name: &str) -> Result<Self> {
-        let sites = target_sites(model, &config.spec()?)?;
-        // Check every site before rewriting any base.
+/// The LoLDU factors of `site`'s weight at rank `r`, with the site named in errors.
+fn site_factors(site: &Linear, r: usize) -> Result<LolduFactors> {
+    let w = site.base().dense_weight()?;
+    let w = w.view().into_dimensionality::<Ix2>().map_err(|_| shape(w.shape()))?;
+    loldu_factors(&w.mapv(f64::from), r).map_err(|e| match e {
+        Error::Invalid { op, msg } => Error::Invalid { op, msg: format!("`{}`: {msg}", site.path()) },
+        e => e,
+    })
+}
+
+/// An injected LoLDU adapter: its sites' layers; removing it gives each base its original weight back.
+pub struct LolduTuner {
+    inner: LinearTuner<LolduLinear>,
+}
+
+impl LolduTuner {
+    /// The adapted sites and their layers.
+    pub fn layers(&self) -> &[(Linear, Arc<LolduLinear>)] {
+        self.inner.layers()
+    }
+}
+
+/// Adds each removed part `σ·P L_r diag(D_r) Û_r` back into its base (undoing the init's rewrite).
+fn restore(removed: &[(Linear, Array2<f32>)]) -> AdapterResult<()> {
+    for (s, part) in removed {
+        s.base().add_to_weight(&part.clone().into_dyn())?;
+    }
+    Ok(())
+}
+
+impl Tuner for LolduTuner {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn params(&self) -> Vec<Param> {
+        self.inner.params()
+    }
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        self.inner.state_dict()
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.inner.wrapped_modules()
+    }
+    fn set_active(&self, on: bool) {
+        self.inner.set_active(on);
+    }
+    fn merge(&self) -> AdapterResult<()> {
+        self.inner.merge()
+    }
+    fn unmerge(&self) -> AdapterResult<()> {
+        self.inner.unmerge()
+    }
+    fn is_merged(&self) -> bool {
+        self.inner.is_merged()
+    }
+    /// Unmerges and removes the adapter, then restores the original weights; with `keep_merged` the (merged)
+    /// effective weights stay.
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        let merged = self.inner.is_merged();
+        self.inner.detach(keep_merged)?;
+        if keep_merged && merged {
+            return Ok(());
+        }
+        let removed: Vec<(Linear, Array2<f32>)> =
+            self.layers().iter().map(|(s, a)| Ok((s.clone(), a.pivot_part()?))).collect::<AdapterResult<_>>()?;
+        restore(&removed)
+    }
+    fn kind(&self) -> &str {
+        LOLDU_TYPE
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl TunerConfig for LolduConfig {
+    fn peft_type(&self) -> &str {
+        LOLDU_TYPE
+    }
+    fn describe(&self) -> String {
+        format!("LoLDU r={} alpha={} on {}", self.r, self.alpha, describe_targets(&self.target_modules))
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, LOLDU_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    /// Decomposes every target weight (all checked before any is rewritten), rewrites each to its residual and
+    /// attaches the adapters; on error every weight is as before.
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let sites = self.sites(model)?;
         for s in &sites {
-            let w = s.base().dense_weight()?;
-            let w = w.view().into_dimensionality::<Ix2>().map_err(|_| shape(w.shape()))?;
-            loldu_factors(&w.mapv(f64::from), config.r).map_err(|e| match e {
-                Error::Invalid { op, msg } => Error::Invalid { op, msg: format!("`{}`: {msg}", s.path()) },
-                e => e,
-            })?;
-        }
-        let sm = SiteModel::inject(model, &sites, name, |s: &Linear| {
-            LolduLinear::new(s.path(), name, s.base().as_ref(), config.r, config.alpha, config.init_z)
-        })?;
-        Ok(LolduModel { config, sites: sm })
-    }
-
-    /// The trainable parameters (`z` of every site).
-    pub fn trainable_params(&self) -> Vec<Param> {
-        self.sites.trainable_params()
-    }
-
-    /// Saves `adapter_config.json` (with `inference_mode = true`) and the `z` tensors; returns the bytes.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = LolduConfig { inference_mode: true, ..self.config.clone() };
-        let tensors: BTreeMap<String, ArrayD<f32>> = self
-            .sites
-            .layers
-            .iter()
-            .map(|(s, a)| (format!("{PREFIX}{}.loldu_z", s.path()), a.z().value().to_owned()))
-            .collect();
-        write_files(dir, &cfg.to_json(), &tensors)
-    }
-
-    /// Loads a LoLDU adapter saved by [`LolduModel::save_pretrained`] onto the *original* `model` under `name`.
-    ///
-    /// # Errors
-    /// Missing files, an invalid config, missing or mis-shaped tensors.
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (text, file) = read_files(dir)?;
-        let config: LolduConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::Invalid { op: "loldu", msg: format!("adapter_config.json: {e}") })?;
-        let me = Self::new(model, config, name)?;
-        let res = me
-            .sites
-            .layers
-            .iter()
-            .try_for_each(|(s, a)| load_into(&file, &format!("{PREFIX}{}.loldu_z", s.path()), a.z()));
-        if let Err(e) = res {
-            // Restore the original weights.
-            for (s, a) in &me.sites.layers {
-                s.base().add_to_weight(&a.pivot_part()?.into_dyn())?;
+            site_factors(s, self.r)?;
+            if s.adapter(cx.name).is_some() {
+                crate::bail!("attach", "adapter `{}` already exists on `{}`", cx.name, s.path());
             }
-            me.sites.detach()?;
-            return Err(e);
-        }
-        if me.config.inference_mode {
-            for p in me.trainable_params() {
-                p.set_trainable(false);
+            for a in s.adapters() {
+                if s.is_merged(a.name())? {
+                    crate::bail!("loldu", "`{}` has a merged adapter; LoLDU rewrites its weight", s.path());
+                }
             }
         }
-        Ok(me)
+        // Each layer rewrites its base as it is built; `removed` records what to add back on error.
+        let mut built: Vec<LolduLinear> = Vec::new();
+        let mut removed: Vec<(Linear, Array2<f32>)> = Vec::new();
+        for s in &sites {
+            let made = LolduLinear::new(s.path(), cx.name, s.base().as_ref(), self.r, self.alpha, self.init_z)
+                .and_then(|a| Ok((a.pivot_part()?, a)));
+            match made {
+                Ok((part, a)) => {
+                    removed.push((s.clone(), part));
+                    built.push(a);
+                }
+                Err(e) => {
+                    restore(&removed)?;
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut it = built.into_iter();
+        let attached = LinearTuner::attach(cx.name, LOLDU_TYPE, &sites, |_| {
+            it.next().ok_or_else(|| Error::Invalid { op: "loldu", msg: "one layer per site".into() }.into())
+        });
+        match attached {
+            Ok(inner) => Ok(Box::new(LolduTuner { inner })),
+            Err(e) => {
+                restore(&removed)?;
+                Err(e)
+            }
+        }
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        for s in self.sites(model)? {
+            expect_tensor(file, &format!("{}.loldu_z", s.path()), &[self.r])?;
+        }
+        Ok(())
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl PeftConfig for LolduConfig {
+    const PEFT_TYPE: &'static str = LOLDU_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (LolduConfig, _) = parse_config(v, LOLDU_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
     }
 }
 

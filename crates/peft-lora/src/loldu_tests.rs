@@ -1,9 +1,15 @@
 use ndarray::{Array2, Ix2};
+use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::testing::{assert_grads, max_abs_diff};
 
 use super::*;
+use crate::structured::fdcheck;
 use crate::testutil::{input, Tiny};
+
+fn loldu(m: &PeftModel<Tiny>) -> &LolduTuner {
+    m.tuner("default").unwrap().as_any().downcast_ref::<LolduTuner>().unwrap()
+}
 
 fn rand2(seed: u64, r: usize, c: usize) -> Array2<f64> {
     RandomInit::new(seed, 1.0).get("m", &[r, c]).unwrap().into_dimensionality::<Ix2>().unwrap().mapv(f64::from)
@@ -30,45 +36,81 @@ fn loldu_is_identity_at_init_trains_r_per_site_and_merges_exactly() {
     let model = Tiny::new(8, 2, 0);
     let y0 = y(&model);
     let w0 = model.layers[0][0].base().dense_weight().unwrap();
-    let lm = LolduModel::new(&model, LolduConfig::new(3, ["query", "value"]), "default").unwrap();
-    assert!(max_abs_diff(&y0, &y(&model)) < 1e-5);
+    let mut lm = PeftModel::new(model, LolduConfig::new(3, ["query", "value"]), "default", 0).unwrap();
+    assert!(max_abs_diff(&y0, &y(&lm)) < 1e-5);
     assert!(
-        max_abs_diff(w0.as_slice().unwrap(), model.layers[0][0].base().dense_weight().unwrap().as_slice().unwrap())
-            > 1e-3
+        max_abs_diff(w0.as_slice().unwrap(), lm.layers[0][0].base().dense_weight().unwrap().as_slice().unwrap()) > 1e-3
     );
     let tr = lm.trainable_params();
     assert_eq!(tr.len(), 4);
     assert!(tr.iter().all(|p| p.numel() == 3));
-    assert!(model.classifier.base().params().iter().all(|p| !p.trainable()));
-    for (_, a) in &lm.sites.layers {
+    assert!(lm.classifier.base().params().iter().all(|p| !p.trainable()));
+    for (_, a) in loldu(&lm).layers() {
         a.z().update(|z| z.mapv_inplace(|v| v * 1.3 - 0.05));
     }
-    let y1 = y(&model);
-    lm.sites.merge().unwrap();
-    assert!(max_abs_diff(&y1, &y(&model)) < 1e-5);
-    lm.sites.unmerge().unwrap();
-    assert!(max_abs_diff(&y1, &y(&model)) < 1e-5);
+    let y1 = y(&lm);
+    lm.merge_adapter().unwrap();
+    assert!(max_abs_diff(&y1, &y(&lm)) < 1e-5);
+    lm.unmerge_adapter().unwrap();
+    assert!(max_abs_diff(&y1, &y(&lm)) < 1e-5);
+    // Deleting the adapter gives the base its original weight back; merge_and_unload keeps the trained one.
+    lm.delete_adapter("default").unwrap();
+    assert!(max_abs_diff(&y0, &y(&lm)) < 1e-5);
+    let w = lm.layers[0][0].base().dense_weight().unwrap();
+    assert!(max_abs_diff(w.as_slice().unwrap(), w0.as_slice().unwrap()) < 1e-5);
+    lm.add_adapter("again", LolduConfig::new(3, ["query", "value"])).unwrap();
+    lm.set_adapter("again").unwrap();
+    let l = lm.tuner("again").unwrap().as_any().downcast_ref::<LolduTuner>().unwrap();
+    for (_, a) in l.layers() {
+        a.z().update(|z| z.mapv_inplace(|v| v * 1.3 - 0.05));
+    }
+    let tiny = lm.merge_and_unload().unwrap();
+    assert!(max_abs_diff(&y1, &y(&tiny)) < 1e-5);
+    assert!(tiny.layers[0][0].adapters().is_empty());
+}
+
+#[test]
+fn loldu_z_gradients_through_the_model_match_finite_differences() {
+    let lm = PeftModel::new(Tiny::new(4, 1, 0), LolduConfig::new(2, ["query", "dense"]), "default", 0).unwrap();
+    for (_, a) in loldu(&lm).layers() {
+        a.z().update(|z| z.mapv_inplace(|v| v * 0.9 + 0.1));
+    }
+    let x = input(3, 4, 4);
+    let r = input(3, 3, 5);
+    let f = || lm.forward(&x, &Ctx::eval()).unwrap().mul(&r).unwrap().sum_all();
+    fdcheck::check(&f, &lm.trainable_params(), 1e-2, 3e-3);
 }
 
 #[test]
 fn loldu_save_load_save_is_byte_identical() {
-    let model = Tiny::new(8, 2, 0);
-    let lm = LolduModel::new(&model, LolduConfig::new(2, ["query"]), "default").unwrap();
-    for (_, a) in &lm.sites.layers {
+    let lm = PeftModel::new(Tiny::new(8, 2, 0), LolduConfig::new(2, ["query"]), "default", 0).unwrap();
+    for (_, a) in loldu(&lm).layers() {
         a.z().update(|z| z.mapv_inplace(|v| v + 0.25));
     }
-    let y1 = y(&model);
+    let y1 = y(&lm);
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     lm.save_pretrained(d1.path()).unwrap();
-    let text = std::fs::read_to_string(d1.path().join("adapter_config.json")).unwrap();
+    let text = std::fs::read_to_string(d1.path().join(CONFIG_NAME)).unwrap();
     assert!(text.contains("\"peft_type\": \"LOLDU\""), "{text}");
-    let other = Tiny::new(8, 2, 0);
-    let back = LolduModel::load(&other, d1.path(), "default").unwrap();
-    assert!(max_abs_diff(&y1, &y(&other)) < 1e-5);
+    let f = peft_core::io::safetensors::SafeTensorsFile::open(d1.path().join(WEIGHTS_NAME)).unwrap();
+    assert!(f.contains("base_model.model.encoder.layer.1.attention.self.query.loldu_z"));
+    assert_eq!(f.len(), 2);
+    let (back, report) = PeftModel::from_pretrained(Tiny::new(8, 2, 0), d1.path(), &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(max_abs_diff(&y1, &y(&back)) < 1e-5);
     back.save_pretrained(d2.path()).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+    for f in [CONFIG_NAME, WEIGHTS_NAME] {
         assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
     }
+    // A rank the file contradicts is refused before any weight is rewritten.
+    let path = d1.path().join(CONFIG_NAME);
+    std::fs::write(&path, text.replace("\"r\": 2", "\"r\": 3")).unwrap();
+    let mut m = PeftModel::wrap(Tiny::new(8, 2, 0), 0);
+    let w0 = m.layers[0][0].base().dense_weight().unwrap();
+    let err = m.load_adapter(d1.path(), "x", &crate::registry()).unwrap_err();
+    assert!(matches!(err, AdapterError::TensorShape { .. }), "{err}");
+    assert_eq!(m.layers[0][0].base().dense_weight().unwrap(), w0);
+    assert!(m.layers[0][0].adapters().is_empty());
 }
 
 #[test]
@@ -99,21 +141,17 @@ fn z_gradients_match_finite_differences_and_the_frobenius_identity() {
 
 #[test]
 fn loldu_reports_typed_errors() {
-    let model = Tiny::new(8, 1, 0);
-    let w0 = model.layers[0][0].base().dense_weight().unwrap();
-    assert!(matches!(
-        LolduModel::new(&model, LolduConfig::new(9, ["query"]), "x").err().unwrap(),
-        Error::Invalid { op: "loldu", .. }
-    ));
-    assert!(matches!(
-        LolduModel::new(&model, LolduConfig::new(0, ["query"]), "x").err().unwrap(),
-        Error::Invalid { .. }
-    ));
-    assert!(matches!(
-        LolduModel::new(&model, LolduConfig::new(1, ["nothing"]), "x").err().unwrap(),
-        Error::NoTargetMatched { .. }
-    ));
-    assert_eq!(model.layers[0][0].base().dense_weight().unwrap(), w0);
+    let w0 = Tiny::new(8, 1, 0).layers[0][0].base().dense_weight().unwrap();
+    let fail = |c: LolduConfig| {
+        let mut m = PeftModel::wrap(Tiny::new(8, 1, 0), 0);
+        let e = m.add_adapter("x", c).err().unwrap();
+        assert_eq!(m.layers[0][0].base().dense_weight().unwrap(), w0, "nothing rewritten");
+        assert!(m.layers[0][0].adapters().is_empty());
+        e
+    };
+    assert!(matches!(fail(LolduConfig::new(9, ["query"])), AdapterError::Core(Error::Invalid { op: "loldu", .. })));
+    assert!(matches!(fail(LolduConfig::new(0, ["query"])), AdapterError::InvalidConfig { .. }));
+    assert!(matches!(fail(LolduConfig::new(1, ["nothing"])), AdapterError::Core(Error::NoTargetMatched { .. })));
     // A singular weight (zero first column) has a zero pivot.
     let z = Array2::from_shape_fn((3, 3), |(i, j)| if j == 0 { 0.0 } else { (i + j) as f64 });
     assert!(matches!(loldu_factors(&z, 1), Err(Error::Invalid { .. })));

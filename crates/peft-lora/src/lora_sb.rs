@@ -11,19 +11,27 @@
 //! this uses the exact SVD, which it approximates.
 //!
 //! PEFT has no LoRA-SB; the files use PEFT's layout with `peft_type = "LORA_SB"` and per site the tensors
-//! `lora_A.weight`, `lora_B.weight` and `lora_latent_mapping.weight` (LoRA-XS's name for `R`).
+//! `lora_A.weight`, `lora_B.weight` and `lora_latent_mapping.weight` (LoRA-XS's name for `R`). The init needs
+//! calibration data (`PeftModel::add_adapter_calibrated`); loading needs none: the factors are read from the file.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::any::Any;
+use std::sync::Arc;
 
 use ndarray::{s, Array2, ArrayD, Ix2};
-use peft_core::adapter::{ModulePattern, TargetSpec};
+use peft_core::adapter::{
+    select_linear, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern, PeftConfig,
+    SavedTensors, Tuner, TunerConfig,
+};
 use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Elem, Error, Param, Result, Tensor};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::calib::{accumulate_weight_grads, target_sites};
-use crate::sitemodel::{load_into, read_files, write_files, SiteModel, PREFIX};
+use crate::calib::accumulate_weight_grads;
+use crate::structured::{config_json, describe_targets, expect_tensor, parse_config, target_spec};
+
+/// LoRA-SB's `peft_type`.
+pub const LORA_SB_TYPE: &str = "LORA_SB";
 
 fn d_peft_type() -> String {
     "LORA_SB".into()
@@ -56,10 +64,31 @@ pub struct LoraSbConfig {
     /// Informational.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`; written only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// True in saved files.
     #[serde(default)]
     pub inference_mode: bool,
+    /// Set by [`TunerConfig::for_loading`]: the factors come from a file, so no calibration runs.
+    #[serde(skip)]
+    from_file: bool,
 }
+
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "lr",
+    "warmup_ratio",
+    "total_steps",
+    "num_batches",
+    "task_type",
+    "base_model_name_or_path",
+    "modules_to_save",
+    "inference_mode",
+];
 
 impl LoraSbConfig {
     /// Rank `r` on list targets, `lr = 1e-4`, `warmup_ratio = 0.02`, `total_steps = 1000`, 17 batches.
@@ -75,7 +104,9 @@ impl LoraSbConfig {
             num_batches: 17,
             task_type: None,
             base_model_name_or_path: None,
+            modules_to_save: None,
             inference_mode: false,
+            from_file: false,
         }
     }
 
@@ -84,22 +115,38 @@ impl LoraSbConfig {
         self.lr / (self.warmup_ratio * self.total_steps as f64).ceil().max(1.0)
     }
 
-    /// The file text.
-    pub fn to_json(&self) -> String {
-        crate::pyjson::dumps(&serde_json::to_value(self).expect("peft-rs bug: LoraSbConfig serialises"))
-    }
-
-    fn spec(&self) -> Result<TargetSpec> {
-        if self.peft_type != "LORA_SB" {
-            crate::bail!("lora_sb", "peft_type {:?} is not LORA_SB", self.peft_type);
+    /// Checks the config.
+    ///
+    /// # Errors
+    /// [`AdapterError::InvalidConfig`] for another `peft_type`, rank 0, or a non-positive `η`.
+    pub fn validate(&self) -> AdapterResult<()> {
+        let bad = |field: &str, reason: String| Err(AdapterError::config(LORA_SB_TYPE, field, reason));
+        if self.peft_type != LORA_SB_TYPE {
+            return bad("peft_type", format!("{:?} is not LORA_SB", self.peft_type));
         }
         if self.r == 0 {
-            crate::bail!("lora_sb", "rank 0");
+            return bad("r", "rank 0".into());
         }
         if !(self.eta().is_finite() && self.eta() > 0.0) {
-            crate::bail!("lora_sb", "lr / warm-up steps must be positive and finite, got {}", self.eta());
+            return bad("lr", format!("lr / warm-up steps must be positive and finite, got {}", self.eta()));
         }
-        TargetSpec::new(&self.target_modules, self.exclude_modules.as_ref(), None, None, &[])
+        Ok(())
+    }
+
+    /// The sites this config adapts in `model`, each checked for the rank.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors; [`Error::Invalid`] for a rank above a site's
+    /// `min(out, in)`.
+    pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
+        let sites = select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)?;
+        for s in &sites {
+            let k = s.in_features().min(s.out_features());
+            if self.r > k {
+                crate::bail!("lora_sb", "`{}`: rank {} must be in 1..=min(out, in) = {k}", s.path(), self.r);
+            }
+        }
+        Ok(sites)
     }
 }
 
@@ -204,8 +251,8 @@ impl LinearAdapter for LoraSbLinear {
     fn kind(&self) -> &str {
         "lora-sb"
     }
-    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Tensor> {
-        lora_sb_delta(x, &self.a.tensor(), &self.r.tensor(), &self.b.tensor())
+    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Option<Tensor>> {
+        Ok(Some(lora_sb_delta(x, &self.a.tensor(), &self.r.tensor(), &self.b.tensor())?))
     }
     fn params(&self) -> Vec<Param> {
         vec![self.a.clone(), self.r.clone(), self.b.clone()]
@@ -215,110 +262,166 @@ impl LinearAdapter for LoraSbLinear {
     }
 }
 
-/// A model with a LoRA-SB adapter.
-pub struct LoraSbModel {
-    /// The config.
-    pub config: LoraSbConfig,
-    /// The adapter on its sites.
-    pub sites: SiteModel<LoraSbLinear>,
+impl SavedTensors for LoraSbLinear {
+    fn saved_tensors(&self) -> Vec<(String, Param)> {
+        vec![
+            ("lora_A.weight".into(), self.a.clone()),
+            ("lora_latent_mapping.weight".into(), self.r.clone()),
+            ("lora_B.weight".into(), self.b.clone()),
+        ]
+    }
 }
 
-const TENSORS: [&str; 3] = ["lora_A.weight", "lora_latent_mapping.weight", "lora_B.weight"];
+/// An injected LoRA-SB adapter: [`LinearTuner`] whose trainable parameters are the `R` matrices only (`A`, `B`
+/// stay frozen and are saved).
+pub struct LoraSbTuner {
+    inner: LinearTuner<LoraSbLinear>,
+}
 
-impl LoraSbModel {
-    /// Runs the gradient calibration on `model` (calibration batch `i` from `calib(i)`) and injects adapter
-    /// `name`.
-    ///
-    /// # Errors
-    /// Config errors; [`Error::NoTargetMatched`]; [`crate::calib::empty_calibration`]; [`lora_sb_factors`]
-    /// errors (nothing is attached on error); errors of `calib`.
-    pub fn init(
-        model: &dyn Module,
-        config: LoraSbConfig,
-        name: &str,
-        calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
-    ) -> Result<Self> {
-        let sites = target_sites(model, &config.spec()?)?;
-        for s in &sites {
-            let k = s.in_features().min(s.out_features());
-            if config.r > k {
-                crate::bail!("lora_sb", "`{}`: rank {} must be in 1..=min(out, in) = {k}", s.path(), config.r);
+impl LoraSbTuner {
+    /// The adapted sites and their layers.
+    pub fn layers(&self) -> &[(Linear, Arc<LoraSbLinear>)] {
+        self.inner.layers()
+    }
+}
+
+impl Tuner for LoraSbTuner {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    /// `R` of every site.
+    fn params(&self) -> Vec<Param> {
+        self.layers().iter().map(|(_, a)| a.lora_r().clone()).collect()
+    }
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        self.inner.state_dict()
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.inner.wrapped_modules()
+    }
+    fn set_active(&self, on: bool) {
+        self.inner.set_active(on);
+    }
+    fn merge(&self) -> AdapterResult<()> {
+        self.inner.merge()
+    }
+    fn unmerge(&self) -> AdapterResult<()> {
+        self.inner.unmerge()
+    }
+    fn is_merged(&self) -> bool {
+        self.inner.is_merged()
+    }
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        self.inner.detach(keep_merged)
+    }
+    fn kind(&self) -> &str {
+        LORA_SB_TYPE
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl TunerConfig for LoraSbConfig {
+    fn peft_type(&self) -> &str {
+        LORA_SB_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "LoRA-SB r={} ({} calibration batches) on {}",
+            self.r,
+            self.num_batches,
+            describe_targets(&self.target_modules)
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, LORA_SB_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    fn needs_calibration(&self) -> bool {
+        !self.from_file
+    }
+    /// Sums the target weights' gradients over the calibration batches and attaches the factors of the first
+    /// approximate full fine-tuning step (or, for a config from [`TunerConfig::for_loading`], zeros that the file
+    /// overwrites). Nothing is attached on error, and the base weights are never written.
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let sites = self.sites(model)?;
+        let (name, r) = (cx.name, self.r);
+        let mut factors: Vec<(Array2<f32>, Array2<f32>, Array2<f32>)> = if self.from_file {
+            sites
+                .iter()
+                .map(|s| {
+                    (Array2::zeros((r, s.in_features())), Array2::zeros((r, r)), Array2::zeros((s.out_features(), r)))
+                })
+                .collect()
+        } else {
+            let Some(calib) = cx.calib else {
+                return Err(AdapterError::Unsupported {
+                    method: LORA_SB_TYPE.into(),
+                    what: "an init without calibration data".into(),
+                    reason: "LoRA-SB initialises from gradients: use PeftModel::add_adapter_calibrated".into(),
+                });
+            };
+            let (grads, _) = accumulate_weight_grads("lora_sb", &sites, calib, self.num_batches.max(1))?;
+            let mut out = Vec::new();
+            for (s, g) in sites.iter().zip(&grads) {
+                let (a, rr, b) = lora_sb_factors(g, r, self.eta()).map_err(|e| match e {
+                    Error::NonFinite { what } => Error::NonFinite { what: format!("{what} of `{}`", s.path()) },
+                    e => e,
+                })?;
+                out.push((a.mapv(|v| v as f32), rr.mapv(|v| v as f32), b.mapv(|v| v as f32)));
             }
-        }
-        let (grads, _) = accumulate_weight_grads("lora_sb", &sites, calib, config.num_batches.max(1))?;
-        let mut factors = Vec::new();
-        for (s, g) in sites.iter().zip(&grads) {
-            let (a, r, b) = lora_sb_factors(g, config.r, config.eta()).map_err(|e| match e {
-                Error::NonFinite { what } => Error::NonFinite { what: format!("{what} of `{}`", s.path()) },
-                e => e,
-            })?;
-            factors.push((a.mapv(|v| v as f32), r.mapv(|v| v as f32), b.mapv(|v| v as f32)));
-        }
-        let mut it = factors.into_iter();
-        let sm = SiteModel::inject(model, &sites, name, |s: &Linear| {
-            let (a, r, b) = it.next().expect("peft-rs bug: one factor set per site");
-            LoraSbLinear::new(s.path(), name, (s.in_features(), s.out_features()), a, r, b)
+            out
+        };
+        factors.reverse();
+        let inner = LinearTuner::attach(name, LORA_SB_TYPE, &sites, |s: &Linear| {
+            let (a, rr, b) =
+                factors.pop().ok_or_else(|| Error::Invalid { op: "lora_sb", msg: "one factor set per site".into() })?;
+            Ok(LoraSbLinear::new(s.path(), name, (s.in_features(), s.out_features()), a, rr, b)?)
         })?;
-        Ok(LoraSbModel { config, sites: sm })
+        Ok(Box::new(LoraSbTuner { inner }))
     }
-
-    /// The trainable parameters (`R` of every site).
-    pub fn trainable_params(&self) -> Vec<Param> {
-        self.sites.trainable_params()
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        let r = self.r;
+        for s in self.sites(model)? {
+            let p = s.path();
+            expect_tensor(file, &format!("{p}.lora_A.weight"), &[r, s.in_features()])?;
+            expect_tensor(file, &format!("{p}.lora_latent_mapping.weight"), &[r, r])?;
+            expect_tensor(file, &format!("{p}.lora_B.weight"), &[s.out_features(), r])?;
+        }
+        Ok(())
     }
-
-    /// Saves `adapter_config.json` (`inference_mode = true`) and A, R, B of every site; returns the bytes.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = LoraSbConfig { inference_mode: true, ..self.config.clone() };
-        let mut tensors = BTreeMap::new();
-        for (s, a) in &self.sites.layers {
-            for (t, p) in TENSORS.iter().zip([a.lora_a(), a.lora_r(), a.lora_b()]) {
-                tensors.insert(format!("{PREFIX}{}.{t}", s.path()), p.value().to_owned());
-            }
-        }
-        write_files(dir, &cfg.to_json(), &tensors)
+    fn for_loading(&self) -> AdapterResult<Box<dyn TunerConfig>> {
+        Ok(Box::new(LoraSbConfig { from_file: true, ..self.clone() }))
     }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
-    /// Loads an adapter saved by [`LoraSbModel::save_pretrained`] onto `model` under `name` (no calibration).
-    ///
-    /// # Errors
-    /// Missing files, an invalid config, missing or mis-shaped tensors (nothing stays attached on error).
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (text, file) = read_files(dir)?;
-        let config: LoraSbConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::Invalid { op: "lora_sb", msg: format!("adapter_config.json: {e}") })?;
-        let sites = target_sites(model, &config.spec()?)?;
-        let r = config.r;
-        let sm = SiteModel::inject(model, &sites, name, |s: &Linear| {
-            let (i, o) = (s.in_features(), s.out_features());
-            LoraSbLinear::new(
-                s.path(),
-                name,
-                (i, o),
-                Array2::zeros((r, i)),
-                Array2::zeros((r, r)),
-                Array2::zeros((o, r)),
-            )
-        })?;
-        let res = sm.layers.iter().try_for_each(|(s, a)| {
-            for (t, p) in TENSORS.iter().zip([a.lora_a(), a.lora_r(), a.lora_b()]) {
-                load_into(&file, &format!("{PREFIX}{}.{t}", s.path()), p)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = res {
-            sm.detach()?;
-            return Err(e);
-        }
-        if config.inference_mode {
-            for p in sm.trainable_params() {
-                p.set_trainable(false);
-            }
-        }
-        Ok(LoraSbModel { config, sites: sm })
+impl PeftConfig for LoraSbConfig {
+    const PEFT_TYPE: &'static str = LORA_SB_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (LoraSbConfig, _) = parse_config(v, LORA_SB_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
     }
 }
 

@@ -1,10 +1,24 @@
 use ndarray::{Array2, ArrayD, Ix2};
+use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
 use peft_core::nn::{Ctx, RandomInit, WeightSource};
 use peft_core::testing::{assert_grads, max_abs_diff};
 
 use super::*;
 use crate::corda::tests::calib_batches;
+use crate::structured::fdcheck;
 use crate::testutil::{input, Tiny};
+
+/// Adds LoRA-SB adapter `"default"` calibrated on `n` batches of width `d`, active.
+fn init(model: Tiny, cfg: LoraSbConfig, n: usize) -> AdapterResult<PeftModel<Tiny>> {
+    let mut m = PeftModel::wrap(model, 0);
+    m.add_adapter_calibrated("default", Box::new(cfg), &mut |t: &Tiny, i| calib_batches(t, 8, n)(i))?;
+    m.set_adapter("default")?;
+    Ok(m)
+}
+
+fn sb(m: &PeftModel<Tiny>) -> &LoraSbTuner {
+    m.tuner("default").unwrap().as_any().downcast_ref::<LoraSbTuner>().unwrap()
+}
 
 fn rand2(seed: u64, r: usize, c: usize) -> Array2<f64> {
     RandomInit::new(seed, 1.0).get("m", &[r, c]).unwrap().into_dimensionality::<Ix2>().unwrap().mapv(f64::from)
@@ -59,58 +73,84 @@ fn lora_sb_starts_one_approximate_step_ahead_trains_only_r_and_round_trips() {
     let y0 = y(&model);
     let w0 = model.layers[0][0].base().dense_weight().unwrap();
     let cfg = LoraSbConfig::new(2, ["query", "value"]);
-    let m = LoraSbModel::init(&model, cfg.clone(), "default", &mut calib_batches(&model, 8, 3)).unwrap();
-    assert_eq!(model.layers[0][0].base().dense_weight().unwrap(), w0, "W0 unchanged");
-    assert!(!model.layers[0][0].base().params()[0].trainable(), "flags restored");
+    let mut m = init(model, cfg.clone(), 3).unwrap();
+    assert_eq!(m.layers[0][0].base().dense_weight().unwrap(), w0, "W0 unchanged");
+    assert!(!m.layers[0][0].base().params()[0].trainable(), "flags restored");
     assert!(!head[0].trainable(), "inject freezes the model's own parameters");
-    assert!(max_abs_diff(&y0, &y(&model)) > 1e-7, "not base-equivalent by design");
+    assert!(max_abs_diff(&y0, &y(&m)) > 1e-7, "not base-equivalent by design");
     let tr = m.trainable_params();
     assert_eq!(tr.len(), 4);
     assert!(tr.iter().all(|p| p.shape() == [2, 2] && p.name().contains("lora_latent_mapping")));
     // ΔW at init is the rank-2 approximation of −η·sign(G): every entry is bounded by η·√(out·in).
-    for (s, a) in &m.sites.layers {
+    for (s, a) in sb(&m).layers() {
         let dw = a.delta_weight(s.base().as_ref()).unwrap().unwrap();
         assert!(dw.iter().all(|v| f64::from(v.abs()) <= cfg.eta() * 8.0 + 1e-9));
         assert!(dw.iter().any(|&v| v != 0.0));
     }
-    m.sites.layers[0].1.lora_r().update(|r| r.mapv_inplace(|v| v * 3.0 + 0.1));
-    let y1 = y(&model);
-    m.sites.merge().unwrap();
-    assert!(max_abs_diff(&y1, &y(&model)) < 1e-5);
-    m.sites.unmerge().unwrap();
+    sb(&m).layers()[0].1.lora_r().update(|r| r.mapv_inplace(|v| v * 3.0 + 0.1));
+    let y1 = y(&m);
+    m.merge_adapter().unwrap();
+    assert!(max_abs_diff(&y1, &y(&m)) < 1e-5);
+    m.unmerge_adapter().unwrap();
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     m.save_pretrained(d1.path()).unwrap();
-    let other = Tiny::new(8, 2, 0);
-    let back = LoraSbModel::load(&other, d1.path(), "default").unwrap();
-    assert!(max_abs_diff(&y1, &y(&other)) < 1e-6);
+    // Loading needs no calibration data: the factors come from the file.
+    let (back, report) = PeftModel::from_pretrained(Tiny::new(8, 2, 0), d1.path(), &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(max_abs_diff(&y1, &y(&back)) < 1e-6);
+    assert!(back.config("default").unwrap().needs_calibration(), "the stored config is the file's");
     back.save_pretrained(d2.path()).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+    for f in [CONFIG_NAME, WEIGHTS_NAME] {
         assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
     }
+    // A file whose rank contradicts the config is refused before anything is attached.
+    let path = d1.path().join(CONFIG_NAME);
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"r\": 2", "\"r\": 1");
+    std::fs::write(&path, text).unwrap();
+    let mut other = PeftModel::wrap(Tiny::new(8, 2, 0), 0);
+    let err = other.load_adapter(d1.path(), "x", &crate::registry()).unwrap_err();
+    assert!(matches!(err, AdapterError::TensorShape { .. }), "{err}");
+    assert!(other.layers[0][0].adapters().is_empty());
+}
+
+#[test]
+fn lora_sb_r_gradients_through_the_model_match_finite_differences() {
+    let m = init(Tiny::new(8, 1, 0), LoraSbConfig::new(2, ["query", "dense"]), 2).unwrap();
+    for (_, a) in sb(&m).layers() {
+        a.lora_r().update(|r| r.mapv_inplace(|v| v * 2.0 + 0.3));
+    }
+    let x = input(3, 8, 4);
+    let r = input(3, 3, 5);
+    let f = || m.forward(&x, &Ctx::eval()).unwrap().mul(&r).unwrap().sum_all();
+    fdcheck::check(&f, &m.trainable_params(), 1e-2, 3e-3);
 }
 
 #[test]
 fn lora_sb_reports_typed_errors() {
-    let model = Tiny::new(8, 1, 0);
-    let run = |cfg: LoraSbConfig, n: usize| {
-        LoraSbModel::init(&model, cfg, "default", &mut calib_batches(&model, 8, n)).err().unwrap()
-    };
-    assert!(matches!(run(LoraSbConfig::new(9, ["query"]), 2), Error::Invalid { op: "lora_sb", .. }));
+    let run = |cfg: LoraSbConfig, n: usize| init(Tiny::new(8, 1, 0), cfg, n).err().unwrap();
+    assert!(matches!(
+        run(LoraSbConfig::new(9, ["query"]), 2),
+        AdapterError::Core(Error::Invalid { op: "lora_sb", .. })
+    ));
     assert!(run(LoraSbConfig::new(2, ["query"]), 0).to_string().contains("empty"));
     let mut bad = LoraSbConfig::new(2, ["query"]);
     bad.lr = f64::NAN;
-    assert!(matches!(run(bad, 2), Error::Invalid { .. }));
-    let mut nan = |i: usize| -> Result<Option<Tensor>> {
+    assert!(matches!(run(bad, 2), AdapterError::InvalidConfig { .. }));
+    // Without calibration data the init is refused.
+    let e = PeftModel::new(Tiny::new(8, 1, 0), LoraSbConfig::new(2, ["query"]), "default", 0).err().unwrap();
+    assert!(matches!(e, AdapterError::Unsupported { .. }), "{e}");
+    let mut m = PeftModel::wrap(Tiny::new(8, 1, 0), 0);
+    let mut nan = |t: &Tiny, i: usize| -> Result<Option<Tensor>> {
         if i > 0 {
             return Ok(None);
         }
         let x = Tensor::new(ArrayD::from_elem(ndarray::IxDyn(&[2, 8]), f32::NAN));
-        Ok(Some(model.forward(&x, &Ctx::eval())?.sum_all()))
+        Ok(Some(t.forward(&x, &Ctx::eval())?.sum_all()))
     };
-    let e = LoraSbModel::init(&model, LoraSbConfig::new(2, ["query"]), "default", &mut nan).err().unwrap();
-    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
-    assert!(model.layers[0][0].adapters().is_empty());
-    assert!(!model.layers[0][0].base().params()[0].trainable());
+    let e = m.add_adapter_calibrated("default", Box::new(LoraSbConfig::new(2, ["query"])), &mut nan).err().unwrap();
+    assert!(matches!(e, AdapterError::Core(Error::NonFinite { .. })), "{e}");
+    assert!(m.layers[0][0].adapters().is_empty());
+    assert!(!m.layers[0][0].base().params()[0].trainable());
 }
 
 mod prop {

@@ -12,16 +12,17 @@
 //! Load-balancing loss (Mixtral form): over the (non-padding) tokens, `f[k,e]` = fraction of tokens whose k-th
 //! choice is `e`, `P[e]` = mean router probability of `e`, `L_aux = E · Σ_{k,e} f[k,e]·P[e]`; a uniform router
 //! gives exactly `top_k`. [`MixLoraFfn::forward`] returns it in [`RouterLosses`] (raw, and weighted by
-//! `router_aux_loss_coef` together with Switch's z-loss) and, for FFNs driven through a model's residual site,
-//! [`MixLoraModel::take_aux_loss`] collects the weighted sum so a trainer can add it to its loss.
+//! `router_aux_loss_coef` together with Switch's z-loss) and, for FFNs driven through a model's block site,
+//! [`MixLoraTuner`]'s [`Tuner::aux_loss`] collects the weighted sum so a trainer can add it to its loss.
 //!
-//! Wiring: [`MixLoraFfn`] wraps an existing FFN's [`Linear`] sites (their frozen bases are used; adapters attached
-//! to those sites are not part of the experts). In a post-norm (BERT) encoder layer the FFN residual site
-//! (`encoder.layer.<i>.output`) sees exactly the FFN input, so [`MixLoraModel`] attaches the wrapper there as a
-//! [`ResidualAdapter`] returning `h + Σ_e w_e (out_e(x) − base(x))` (with `h` the block's base FFN output after its
-//! dropout). Pre-norm blocks (LLaMA) feed the residual site the stream *before* the norm, so there call
-//! [`MixLoraFfn::forward`] on the normed input from the block. Experts are not mergeable (input-dependent
-//! routing); the attention LoRAs are.
+//! Wiring: MixLoRA attaches to the feed-forward **block** sites ([`peft_core::nn::BlockSite`]) through
+//! [`BlockTuner`]: the site hands [`MixLoraFfn`] the block's input (after the pre-norm in pre-norm layers), so the
+//! same adapter works on BERT's post-norm `intermediate.dense → act → output.dense` and on LLaMA's pre-norm SwiGLU
+//! MLP. The experts use the FFN's frozen projection bases (adapters attached to those linear sites act only in
+//! the base output the site passes in). Experts are not mergeable (input-dependent routing); the attention LoRAs
+//! are, but the adapter merges as a whole, so a MixLoRA adapter refuses to merge. The load-balancing loss of the
+//! last forward reaches the trainer through [`Tuner::aux_loss`] ([`MixLoraTuner`]), over the non-padding tokens
+//! when the context carries a [`peft_core::nn::TokenMask`].
 //!
 //! Routing strategies ([`RoutingStrategy`], MoE-PEFT's `routing_strategy`):
 //! - `"mixlora"` ([`RoutingStrategy::TopK`], the default, as above);
@@ -45,22 +46,34 @@
 //!
 //! Files: the LoRA layout with `peft_type = "MIXLORA"`: attention LoRA at `<site>.lora_A.weight`/`lora_B.weight`,
 //! expert `e` of projection site `p` at `<p>.experts.<e>.lora_A.weight` / `.lora_B.weight`, the router at
-//! `<ffn prefix>.mixlora_router.weight` `[E, d]`.
+//! `<ffn prefix>.mixlora_router.weight` `[E, d]`, where the FFN prefix is the longest common module path of its
+//! projections (`encoder.layer.<i>` in BERT, `model.layers.<i>.mlp` in LLaMA). Configs written when MixLoRA sat
+//! on the residual site (with `ffn_residual`, `ffn_up`, `ffn_down`, `hidden_act`) load unchanged: the FFN now
+//! comes from the block site, and those keys are reported as ignored.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::any::Any;
+use std::sync::Arc;
 
-use ndarray::{Array2, ArrayD, IxDyn};
-use peft_core::adapter::ModulePattern;
-use peft_core::nn::{linear_sites, residual_sites, Activation, Ctx, Linear, Module, ResidualAdapter};
+use peft_core::adapter::{
+    site_rng, AdapterError, AdapterResult, AdapterTensors, BlockTuner, InjectCx, LinearTuner, ModulePattern,
+    PeftConfig, Tuner, TunerConfig,
+};
+use peft_core::nn::{block_sites, BlockSite, Linear, Module};
 use peft_core::{Error, Param, Result, Tensor};
-use rand::Rng;
-use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::structured::{kaiming, load_param, read_adapter, site_rng, write_adapter, PREFIX};
-use crate::{LoraConfig, LoraModel};
+mod ffn;
+
+use ffn::{common_prefix, sites_of};
+pub use ffn::{MixLoraFfn, Routing};
+
+use crate::layer::LoraLinear;
+use crate::structured::{config_json, describe_targets, expect_tensor, parse_config, target_spec};
+use crate::LoraConfig;
+
+/// MixLoRA's `peft_type`.
+pub const MIXLORA_TYPE: &str = "MIXLORA";
 
 fn d_peft_type() -> String {
     "MIXLORA".into()
@@ -110,25 +123,30 @@ pub struct MixLoraConfig {
     /// [`RoutingStrategy::Switch`] only: dropout on the mixture output in training (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_dropout: Option<f64>,
-    /// Suffix of the FFN residual site (BERT: `"output"`, giving prefix `encoder.layer.<i>`).
-    pub ffn_residual: String,
-    /// FFN up projection below the prefix (BERT: `"intermediate.dense"`).
-    pub ffn_up: String,
-    /// FFN down projection below the prefix (BERT: `"output.dense"`).
-    pub ffn_down: String,
-    /// FFN activation (`hidden_act` name, e.g. `"gelu"`).
-    pub hidden_act: String,
+    /// Which feed-forward block sites get the mixture (PEFT's target rules on the block paths,
+    /// `encoder.layer.<i>.output` / `model.layers.<i>.mlp`); `None`: every block site. The FFN's projections and
+    /// activation come from the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_modules: Option<ModulePattern>,
     /// Informational.
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`; written only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// True in saved files.
     #[serde(default)]
     pub inference_mode: bool,
 }
 
 impl MixLoraConfig {
-    /// The README example (`E = 8`, `k = 2`, r = 8, α = 16, router std 0.02, aux coef 0.01) on a BERT layer:
-    /// experts on `intermediate.dense`/`output.dense`, LoRA on `attention` (e.g. `["query", "value"]`).
+    /// The README example (`E = 8`, `k = 2`, r = 8, α = 16, router std 0.02, aux coef 0.01): experts on every
+    /// feed-forward block, LoRA on `attention` (e.g. `["query", "value"]`, or `["q_proj", "v_proj"]` in LLaMA).
+    pub fn new<S: Into<String>>(attention: impl IntoIterator<Item = S>) -> Self {
+        Self::bert(attention)
+    }
+
+    /// [`MixLoraConfig::new`] (the name of the BERT recipe).
     pub fn bert<S: Into<String>>(attention: impl IntoIterator<Item = S>) -> Self {
         let t: Vec<String> = attention.into_iter().map(Into::into).collect();
         MixLoraConfig {
@@ -147,11 +165,9 @@ impl MixLoraConfig {
             expert_capacity: None,
             router_z_loss_coef: None,
             ffn_dropout: None,
-            ffn_residual: "output".into(),
-            ffn_up: "intermediate.dense".into(),
-            ffn_down: "output.dense".into(),
-            hidden_act: "gelu".into(),
+            block_modules: None,
             task_type: None,
+            modules_to_save: None,
             inference_mode: false,
         }
     }
@@ -159,9 +175,16 @@ impl MixLoraConfig {
     /// Checks the counts.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for `r = 0`, no experts, `top_k` of 0 or above `num_experts`, bad numbers or an unknown
-    /// activation.
-    pub fn validate(&self) -> Result<()> {
+    /// [`AdapterError::InvalidConfig`] for `r = 0`, no experts, `top_k` of 0 or above `num_experts`, bad numbers,
+    /// or keys of another routing strategy.
+    pub fn validate(&self) -> AdapterResult<()> {
+        self.check().map_err(|e| match e {
+            Error::Invalid { msg, .. } => AdapterError::config(MIXLORA_TYPE, "<config>", msg),
+            e => e.into(),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
         if self.r == 0 || self.num_experts == 0 {
             crate::bail!("MixLoraConfig", "r and num_experts must be positive");
         }
@@ -175,7 +198,6 @@ impl MixLoraConfig {
         {
             crate::bail!("MixLoraConfig", "router_init_range ≥ 0, 0 ≤ jitter_noise < 1 and a finite alpha required");
         }
-        Activation::from_hf(&self.hidden_act)?;
         let strategy = self.routing_strategy;
         let misplaced = |set: bool, key: &str, owner: RoutingStrategy| -> Result<()> {
             if set && strategy != owner {
@@ -291,527 +313,70 @@ pub struct RouterLosses {
     pub weighted: Tensor,
 }
 
-/// The FFN a [`MixLoraFfn`] wraps (handles to the model's sites).
-#[derive(Clone)]
-pub enum FfnKind {
-    /// `fc2(act(fc1(x)))` (BERT, ViT, Whisper).
-    Mlp {
-        /// Up projection.
-        fc1: Linear,
-        /// Down projection.
-        fc2: Linear,
-        /// Activation.
-        act: Activation,
-    },
-    /// `down(silu(gate(x)) ⊙ up(x))` (LLaMA).
-    SwiGlu {
-        /// Gate projection.
-        gate: Linear,
-        /// Up projection.
-        up: Linear,
-        /// Down projection.
-        down: Linear,
-    },
-}
-
-impl FfnKind {
-    fn sites(&self) -> Vec<&Linear> {
-        match self {
-            FfnKind::Mlp { fc1, fc2, .. } => vec![fc1, fc2],
-            FfnKind::SwiGlu { gate, up, down } => vec![gate, up, down],
-        }
-    }
-}
-
-/// One expert's LoRA on one projection.
-struct ExpertLora {
-    a: Param,
-    b: Param,
-}
-
-impl ExpertLora {
-    fn apply(&self, x: &Tensor, s: f32) -> Result<Tensor> {
-        Ok(x.linear(&self.a.tensor(), None)?.linear(&self.b.tensor(), None)?.mul_scalar(s))
-    }
-}
-
-/// What the router decided for a batch of tokens.
-pub struct Routing {
-    /// Router logits `[N, E]` (of the jittered input in training).
-    pub logits: Tensor,
-    /// Router probabilities `[N, E]`.
-    pub probs: Tensor,
-    /// Each expert's output weight per token `[N, E]`, zero for experts not run on the token: top-k renormalised to
-    /// sum 1; dynamic: the kept (temperature-divided) probabilities; Switch: `p_max` on the chosen expert, all zero
-    /// for a dropped token.
-    pub weights: Tensor,
-    /// The chosen experts per token, best first (Switch: the top-1 before the capacity check), as counted by the
-    /// load-balancing loss.
-    pub choices: Vec<Vec<usize>>,
-    /// Switch only: tokens over their expert's capacity (FFN output `p_max · x`); all false otherwise.
-    pub dropped: Vec<bool>,
-}
-
-/// A MixLoRA mixture around one FFN.
-pub struct MixLoraFfn {
+/// An injected MixLoRA adapter: the mixtures on the block sites ([`BlockTuner`]) and the attention LoRA.
+pub struct MixLoraTuner {
     name: String,
-    prefix: String,
-    kind: FfnKind,
-    router: Router,
-    scaling: f32,
-    jitter: f64,
-    aux_coef: f64,
-    gate: Param,
-    /// `experts[e][projection]`, projections in [`FfnKind`] order.
-    experts: Vec<Vec<ExpertLora>>,
-    last_aux: Mutex<Option<Tensor>>,
+    blocks: BlockTuner<MixLoraFfn>,
+    attention: Option<LinearTuner<LoraLinear>>,
 }
 
-impl MixLoraFfn {
-    /// Builds adapter `name` around `kind` (the FFN at module path `prefix`), initialised from `rng`.
-    ///
-    /// # Errors
-    /// Invalid config; projections whose widths do not chain.
-    pub fn new(prefix: &str, name: &str, kind: FfnKind, cfg: &MixLoraConfig, rng: &mut impl Rng) -> Result<Self> {
-        cfg.validate()?;
-        let sites = kind.sites();
-        let d = sites[0].in_features();
-        let down = sites[sites.len() - 1];
-        if down.out_features() != d
-            || sites[..sites.len() - 1].iter().any(|s| s.in_features() != d || s.out_features() != down.in_features())
-        {
-            crate::bail!("mixlora", "the projections of `{prefix}` do not form an FFN of width {d}");
-        }
-        let n = Normal::new(0.0f32, cfg.router_init_range as f32)
-            .map_err(|e| Error::Invalid { op: "mixlora", msg: e.to_string() })?;
-        let gate = Array2::from_shape_fn((cfg.num_experts, d), |_| n.sample(rng));
-        let gate = Param::new(format!("{prefix}.mixlora_router.{name}.weight"), gate.into_dyn(), true);
-        let r = cfg.r;
-        let experts = (0..cfg.num_experts)
-            .map(|e| {
-                sites
-                    .iter()
-                    .map(|s| {
-                        let (i, o, p) = (s.in_features(), s.out_features(), s.path());
-                        ExpertLora {
-                            a: Param::new(
-                                format!("{p}.experts.{e}.lora_A.{name}.weight"),
-                                kaiming(i, r, i, rng).into_dyn(),
-                                true,
-                            ),
-                            b: Param::new(
-                                format!("{p}.experts.{e}.lora_B.{name}.weight"),
-                                ArrayD::zeros(IxDyn(&[o, r])),
-                                true,
-                            ),
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        Ok(MixLoraFfn {
-            name: name.to_string(),
-            prefix: prefix.to_string(),
-            kind,
-            router: cfg.router()?,
-            scaling: cfg.scaling(),
-            jitter: cfg.jitter_noise,
-            aux_coef: cfg.router_aux_loss_coef,
-            gate,
-            experts,
-            last_aux: Mutex::new(None),
-        })
+impl MixLoraTuner {
+    /// The mixtures, one per feed-forward block.
+    pub fn ffns(&self) -> Vec<Arc<MixLoraFfn>> {
+        self.blocks.blocks().iter().map(|(_, f)| f.clone()).collect()
     }
 
-    /// The router weight `[E, d]`.
-    pub fn router(&self) -> &Param {
-        &self.gate
-    }
-
-    /// Expert `e`'s `(lora_A, lora_B)` on each projection, in FFN order.
-    pub fn expert(&self, e: usize) -> Vec<(&Param, &Param)> {
-        self.experts.get(e).map(|v| v.iter().map(|x| (&x.a, &x.b)).collect()).unwrap_or_default()
-    }
-
-    /// The saved tensors by file key.
-    fn saved(&self) -> Vec<(String, Param)> {
-        let mut v = vec![(format!("{PREFIX}{}.mixlora_router.weight", self.prefix), self.gate.clone())];
-        for (e, projs) in self.experts.iter().enumerate() {
-            for (s, x) in self.kind.sites().iter().zip(projs) {
-                v.push((format!("{PREFIX}{}.experts.{e}.lora_A.weight", s.path()), x.a.clone()));
-                v.push((format!("{PREFIX}{}.experts.{e}.lora_B.weight", s.path()), x.b.clone()));
-            }
-        }
-        v
-    }
-
-    /// Routes tokens `x [N, d]` as one sequence (the Switch capacity counts over all `N` rows).
-    ///
-    /// # Errors
-    /// Shape errors.
-    pub fn route(&self, x: &Tensor, ctx: &Ctx) -> Result<Routing> {
-        let n = x.shape().first().copied().unwrap_or(0);
-        self.route_seq(x, n, ctx)
-    }
-
-    /// Routes tokens `x [N, d]` that are sequences of `seq_len` consecutive rows (`[B, L, d]` flattened; the
-    /// Switch capacity is counted per sequence, in row order, as in Switch Transformers).
-    ///
-    /// # Errors
-    /// Shape errors; [`Error::Invalid`] when `x` is not 2-D.
-    pub fn route_seq(&self, x: &Tensor, seq_len: usize, ctx: &Ctx) -> Result<Routing> {
-        if x.rank() != 2 {
-            crate::bail!("mixlora", "route expects tokens [N, d], got shape {:?}", x.shape());
-        }
-        let xr = if ctx.train && self.jitter > 0.0 {
-            let j = self.jitter as f32;
-            let noise =
-                ctx.with_rng(|rng| ArrayD::from_shape_fn(IxDyn(x.shape()), |_| rng.gen_range(1.0 - j..=1.0 + j)));
-            x.mul(&Tensor::new(noise))?
-        } else {
-            x.clone()
-        };
-        let logits = xr.linear(&self.gate.tensor(), None)?;
-        let probs = logits.softmax(1)?;
-        let (n, e) = (probs.shape()[0], probs.shape()[1]);
-        let pv = probs.data();
-        // Experts by decreasing probability; the stable sort keeps the lower expert first on ties (torch's argmax
-        // also returns the first maximum).
-        let sorted = |t: usize| {
-            let mut order: Vec<usize> = (0..e).collect();
-            order.sort_by(|&a, &b| pv[[t, b]].total_cmp(&pv[[t, a]]));
-            order
-        };
-        let mut dropped = vec![false; n];
-        let choices: Vec<Vec<usize>> = match self.router {
-            Router::TopK(k) => (0..n).map(|t| sorted(t)[..k].to_vec()).collect(),
-            Router::Dynamic { top_p, temperature } => {
-                let div = if temperature > 0.0 { temperature as f32 } else { 1.0 };
-                (0..n)
-                    .map(|t| {
-                        let order = sorted(t);
-                        let mut cum = 0f32;
-                        let keep = order
-                            .iter()
-                            .position(|&c| {
-                                cum += pv[[t, c]] / div;
-                                f64::from(cum) > top_p
-                            })
-                            .map_or(e, |i| i + 1);
-                        order[..keep].to_vec()
-                    })
-                    .collect()
-            }
-            Router::Switch { capacity, .. } => {
-                let mut used = vec![0usize; e];
-                (0..n)
-                    .map(|t| {
-                        if t % seq_len.max(1) == 0 {
-                            used.fill(0);
-                        }
-                        let c = sorted(t)[0];
-                        used[c] += 1;
-                        dropped[t] = used[c] > capacity;
-                        vec![c]
-                    })
-                    .collect()
-            }
-        };
-        let mut mask = ArrayD::<f32>::zeros(IxDyn(&[n, e]));
-        for (t, cs) in choices.iter().enumerate() {
-            if !dropped[t] {
-                for &c in cs {
-                    mask[[t, c]] = 1.0;
-                }
-            }
-        }
-        let pm = probs.mul(&Tensor::new(mask))?;
-        let weights = match self.router {
-            Router::TopK(_) => pm.div(&pm.sum(&[1], true)?)?,
-            Router::Dynamic { temperature, .. } if temperature > 0.0 => pm.mul_scalar((1.0 / temperature) as f32),
-            Router::Dynamic { .. } | Router::Switch { .. } => pm,
-        };
-        Ok(Routing { logits, probs, weights, choices, dropped })
-    }
-
-    /// The Mixtral load-balancing loss `E · Σ_{k,e} f[k,e]·P[e]` over the tokens with `valid[t]` (all when `None`),
-    /// not multiplied by the coefficient.
-    ///
-    /// # Errors
-    /// Shape errors; [`Error::Invalid`] when no token is valid or the mask length differs.
-    pub fn aux_loss(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<Tensor> {
-        let rows = valid_rows(routing.choices.len(), valid)?;
-        let e = self.experts.len();
-        let mut f = vec![0f32; e];
-        for &t in &rows {
-            for &c in &routing.choices[t] {
-                f[c] += 1.0 / rows.len() as f32;
-            }
-        }
-        let p = routing.probs.index_select(0, &rows)?.mean(&[0], false)?;
-        Ok(p.mul(&Tensor::from_vec(f, &[e])?)?.sum_all().mul_scalar(e as f32))
-    }
-
-    /// The router z-loss `mean_t(logsumexp(logits_t)²)` over the valid tokens (all when `None`), unweighted.
-    ///
-    /// # Errors
-    /// As [`MixLoraFfn::aux_loss`].
-    pub fn z_loss(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<Tensor> {
-        let rows = valid_rows(routing.choices.len(), valid)?;
-        let l = routing.logits.index_select(0, &rows)?;
-        // logsumexp(l) = l_0 − log_softmax(l)_0, stable and differentiable.
-        let lse = l.narrow(1, 0, 1)?.sub(&l.log_softmax(1)?.narrow(1, 0, 1)?)?;
-        Ok(lse.square().mean_all())
-    }
-
-    /// The router losses over the valid tokens, with the strategy's weighted sum for the trainer.
-    ///
-    /// # Errors
-    /// As [`MixLoraFfn::aux_loss`].
-    pub fn router_losses(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<RouterLosses> {
-        let load_balance = self.aux_loss(routing, valid)?;
-        let mut weighted = load_balance.mul_scalar(self.aux_coef as f32);
-        let z = match self.router {
-            Router::Switch { z_coef, .. } => {
-                let z = self.z_loss(routing, valid)?;
-                weighted = weighted.add(&z.mul_scalar(z_coef as f32))?;
-                Some(z)
-            }
-            _ => None,
-        };
-        Ok(RouterLosses { load_balance, z, weighted })
-    }
-
-    /// `Σ_e w_e (out_e(x) − base(x))` for tokens `x [N, d]`, each expert run only on its (kept) tokens.
-    fn moe_delta(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let s = self.scaling;
-        let n = x.shape()[0];
-        let d_out = self.kind.sites().last().expect("peft-rs bug: FFN has sites").out_features();
-        let mut acc = Tensor::zeros(&[n, d_out]);
-        // Base projections once for all experts.
-        let pre: Vec<Tensor> = match &self.kind {
-            FfnKind::Mlp { fc1, .. } => vec![fc1.base().forward(x)?],
-            FfnKind::SwiGlu { gate, up, .. } => vec![gate.base().forward(x)?, up.base().forward(x)?],
-        };
-        let down = self.kind.sites().last().expect("peft-rs bug: FFN has sites").base();
-        let w_down = Tensor::new(down.dense_weight()?);
-        for (e, ex) in self.experts.iter().enumerate() {
-            let rows: Vec<usize> = (0..n).filter(|&t| !routing.dropped[t] && routing.choices[t].contains(&e)).collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let xe = x.index_select(0, &rows)?;
-            let (h, h0) = match &self.kind {
-                FfnKind::Mlp { act, .. } => {
-                    let i0 = pre[0].index_select(0, &rows)?;
-                    let i = i0.add(&ex[0].apply(&xe, s)?)?;
-                    (act.apply(&i), act.apply(&i0))
-                }
-                FfnKind::SwiGlu { .. } => {
-                    let (g0, u0) = (pre[0].index_select(0, &rows)?, pre[1].index_select(0, &rows)?);
-                    let g = g0.add(&ex[0].apply(&xe, s)?)?;
-                    let u = u0.add(&ex[1].apply(&xe, s)?)?;
-                    (g.silu().mul(&u)?, g0.silu().mul(&u0)?)
-                }
-            };
-            let last = ex.last().expect("peft-rs bug: expert has projections");
-            let de = h.sub(&h0)?.linear(&w_down, None)?.add(&last.apply(&h, s)?)?;
-            let we = routing.weights.narrow(1, e, 1)?.index_select(0, &rows)?;
-            let index = ArrayD::from_shape_fn(IxDyn(&[rows.len(), d_out]), |ix| rows[ix[0]]);
-            acc = acc.scatter_add(0, &index, &de.mul(&we)?)?;
-        }
-        Ok(acc)
-    }
-
-    /// The mixture output `Σ_e w_e out_e(x)` (+ `p_max · x` for Switch's dropped tokens, then Switch's FFN
-    /// dropout in training) for tokens `x [N, d]`, given `base [N, d]`, the base FFN output of the same tokens:
-    /// `(Σ_e w_e)·base + Σ_e w_e (out_e(x) − base(x))`; top-k's weights sum to 1, so there it is `base + Σ…`
-    /// exactly.
-    fn mixture(&self, x: &Tensor, base: &Tensor, routing: &Routing, ctx: &Ctx) -> Result<Tensor> {
-        let delta = self.moe_delta(x, routing)?;
-        if let Router::TopK(_) = self.router {
-            return base.add(&delta);
-        }
-        let mut y = base.mul(&routing.weights.sum(&[1], true)?)?.add(&delta)?;
-        let rows: Vec<usize> = (0..routing.dropped.len()).filter(|&t| routing.dropped[t]).collect();
-        if !rows.is_empty() {
-            let p_max = routing.probs.index_select(0, &rows)?.max(1, true)?;
-            let pass = x.index_select(0, &rows)?.mul(&p_max)?;
-            let index = ArrayD::from_shape_fn(IxDyn(pass.shape()), |ix| rows[ix[0]]);
-            y = y.scatter_add(0, &index, &pass)?;
-        }
-        match self.router {
-            Router::Switch { dropout, .. } if ctx.train && dropout > 0.0 => {
-                ctx.with_rng(|rng| y.dropout(dropout, true, rng))
-            }
-            _ => Ok(y),
-        }
-    }
-
-    /// The MoE FFN output for `x [.., d]` and the router losses over the tokens marked in `valid` (one flag per
-    /// token of `x`'s leading axes; `None`: all). With three or more axes the second-to-last is the sequence (for
-    /// Switch's capacity); a 2-D `x` is one sequence.
-    ///
-    /// # Errors
-    /// Shape errors; a mask of the wrong length.
-    pub fn forward(&self, x: &Tensor, valid: Option<&[bool]>, ctx: &Ctx) -> Result<(Tensor, RouterLosses)> {
-        let shape = x.shape().to_vec();
-        let (x2, seq) = tokens(x)?;
-        let base = match &self.kind {
-            FfnKind::Mlp { fc1, fc2, act } => fc2.base().forward(&act.apply(&fc1.base().forward(&x2)?))?,
-            FfnKind::SwiGlu { gate, up, down } => {
-                down.base().forward(&gate.base().forward(&x2)?.silu().mul(&up.base().forward(&x2)?)?)?
-            }
-        };
-        let routing = self.route_seq(&x2, seq, ctx)?;
-        let losses = self.router_losses(&routing, valid)?;
-        let y = self.mixture(&x2, &base, &routing, ctx)?;
-        Ok((y.reshape(&shape)?, losses))
-    }
-
-    /// Takes the weighted router loss recorded by the last residual-site forward.
-    pub fn take_aux_loss(&self) -> Option<Tensor> {
-        self.last_aux.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// The attention LoRA layers.
+    pub fn attention(&self) -> Option<&LinearTuner<LoraLinear>> {
+        self.attention.as_ref()
     }
 }
 
-/// Flattens `x [.., d]` to tokens `[N, d]` and gives the sequence length (second-to-last axis with three or more
-/// axes, else `N`).
-fn tokens(x: &Tensor) -> Result<(Tensor, usize)> {
-    let shape = x.shape();
-    let d = *shape.last().unwrap_or(&0);
-    let n = x.len() / d.max(1);
-    let seq = if shape.len() >= 3 { shape[shape.len() - 2] } else { n };
-    Ok((x.reshape(&[n, d])?, seq))
-}
-
-/// The token rows counted by a loss: those with `valid[t]`, or all.
-fn valid_rows(n: usize, valid: Option<&[bool]>) -> Result<Vec<usize>> {
-    let rows: Vec<usize> = match valid {
-        Some(v) if v.len() != n => crate::bail!("mixlora", "{} mask entries for {n} tokens", v.len()),
-        Some(v) => (0..n).filter(|&t| v[t]).collect(),
-        None => (0..n).collect(),
-    };
-    if rows.is_empty() {
-        crate::bail!("mixlora", "no valid token for the router loss");
-    }
-    Ok(rows)
-}
-
-impl ResidualAdapter for MixLoraFfn {
+impl Tuner for MixLoraTuner {
     fn name(&self) -> &str {
         &self.name
     }
-
-    /// The mixture with `h` (the block's base FFN output after its dropout) standing for the base FFN output:
-    /// top-k gives `h + Σ_e w_e (out_e(x) − base(x))`. Records the weighted router loss over all tokens.
-    fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let (x2, seq) = tokens(x)?;
-        let routing = self.route_seq(&x2, seq, ctx)?;
-        let losses = self.router_losses(&routing, None)?;
-        *self.last_aux.lock().unwrap_or_else(|p| p.into_inner()) = Some(losses.weighted);
-        let h2 = h.reshape(&[x2.shape()[0], h.len() / x2.shape()[0].max(1)])?;
-        self.mixture(&x2, &h2, &routing, ctx)?.reshape(h.shape())
-    }
-
+    /// Routers and experts, then the attention LoRA.
     fn params(&self) -> Vec<Param> {
-        let mut v = vec![self.gate.clone()];
-        for ex in &self.experts {
-            for x in ex {
-                v.push(x.a.clone());
-                v.push(x.b.clone());
-            }
-        }
-        v
-    }
-}
-
-/// A model with MixLoRA on its post-norm FFNs (through their residual sites) and LoRA on attention.
-pub struct MixLoraModel {
-    /// The config.
-    pub config: MixLoraConfig,
-    /// The adapter name.
-    pub name: String,
-    /// The FFN mixtures, one per layer.
-    pub ffns: Vec<Arc<MixLoraFfn>>,
-    /// The attention LoRA, when `target_modules` is set.
-    pub attention: Option<LoraModel>,
-}
-
-impl MixLoraModel {
-    /// Finds every FFN residual site `<prefix>.<ffn_residual>` with linear sites `<prefix>.<ffn_up>` and
-    /// `<prefix>.<ffn_down>`, attaches a [`MixLoraFfn`] there, and plain LoRA on `target_modules`.
-    ///
-    /// # Errors
-    /// Invalid config; [`Error::NoTargetMatched`] when no FFN (or no attention target) is found.
-    pub fn new(model: &dyn Module, config: MixLoraConfig, name: &str, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let act = Activation::from_hf(&config.hidden_act)?;
-        let lins = linear_sites(model);
-        let find = |p: String| lins.iter().find(|l| l.path() == p).cloned();
-        let suffix = format!(".{}", config.ffn_residual);
-        // Build every mixture before touching the model (residual sites cannot detach).
-        let mut built = Vec::new();
-        for site in residual_sites(model) {
-            let Some(prefix) = site.path().strip_suffix(&suffix) else { continue };
-            let (Some(fc1), Some(fc2)) =
-                (find(format!("{prefix}.{}", config.ffn_up)), find(format!("{prefix}.{}", config.ffn_down)))
-            else {
-                continue;
-            };
-            if site.adapters().iter().any(|a| a.name() == name) {
-                crate::bail!("mixlora", "adapter `{name}` already exists on `{}`", site.path());
-            }
-            let kind = FfnKind::Mlp { fc1, fc2, act };
-            let ffn = Arc::new(MixLoraFfn::new(prefix, name, kind, &config, &mut site_rng(seed, name, prefix))?);
-            built.push((site, ffn));
-        }
-        if built.is_empty() {
-            return Err(Error::NoTargetMatched {
-                patterns: vec![format!(
-                    "FFN `<prefix>.{}` with `{}`/`{}`",
-                    config.ffn_residual, config.ffn_up, config.ffn_down
-                )],
-            });
-        }
-        // Attention LoRA before attaching the mixtures: LoraModel freezes every parameter it sees as a base
-        // parameter, which would include the routers and experts.
-        let attention = match &config.target_modules {
-            Some(t) => {
-                let mut lc = LoraConfig::new(config.r, config.lora_alpha, Vec::<String>::new());
-                lc.target_modules = Some(t.clone());
-                Some(LoraModel::new(model, lc, name, seed)?)
-            }
-            None => None,
-        };
-        let mut ffns = Vec::new();
-        for (site, ffn) in built {
-            for p in ffn.kind.sites().iter().flat_map(|l| l.base().params()) {
-                p.set_trainable(false);
-            }
-            site.attach(ffn.clone())?;
-            ffns.push(ffn);
-        }
-        Ok(MixLoraModel { config, name: name.to_string(), ffns, attention })
-    }
-
-    /// The trainable parameters: routers and experts, then the attention LoRA.
-    pub fn trainable_params(&self) -> Vec<Param> {
-        let mut v: Vec<Param> = self.ffns.iter().flat_map(|f| f.params()).collect();
+        let mut v = self.blocks.params();
         if let Some(a) = &self.attention {
-            v.extend(a.trainable_params());
+            v.extend(a.params());
         }
         v
     }
-
-    /// The sum over FFNs of the weighted router loss ([`RouterLosses::weighted`]) recorded by the last forward
-    /// (cleared), for the trainer to add to its loss; `None` when no forward ran since the last call.
-    ///
-    /// # Errors
-    /// Shape errors (never for scalars).
-    pub fn take_aux_loss(&self) -> Result<Option<Tensor>> {
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        let mut v: Vec<(String, Param)> = self.blocks.blocks().iter().flat_map(|(_, f)| f.saved()).collect();
+        if let Some(a) = &self.attention {
+            v.extend(a.state_dict());
+        }
+        v
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.attention.as_ref().map(|a| a.wrapped_modules()).unwrap_or_default()
+    }
+    fn set_active(&self, on: bool) {
+        self.blocks.set_active(on);
+        if let Some(a) = &self.attention {
+            a.set_active(on);
+        }
+    }
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        self.blocks.detach(keep_merged)?;
+        match &self.attention {
+            Some(a) => a.detach(keep_merged),
+            None => Ok(()),
+        }
+    }
+    fn kind(&self) -> &str {
+        MIXLORA_TYPE
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    /// The sum over blocks of the weighted router loss recorded by the last forward (taken).
+    fn aux_loss(&self) -> Result<Option<Tensor>> {
         let mut total: Option<Tensor> = None;
-        for f in &self.ffns {
+        for (_, f) in self.blocks.blocks() {
             if let Some(a) = f.take_aux_loss() {
                 total = Some(match total {
                     Some(t) => t.add(&a)?,
@@ -821,63 +386,151 @@ impl MixLoraModel {
         }
         Ok(total)
     }
+}
 
-    fn saved(&self) -> Vec<(String, Param)> {
-        let mut v: Vec<(String, Param)> = self.ffns.iter().flat_map(|f| f.saved()).collect();
-        if let Some(a) = &self.attention {
-            if let Ok(set) = a.adapter(&self.name) {
-                for (site, l) in &set.layers {
-                    v.push((format!("{PREFIX}{}.lora_A.weight", site.path()), l.lora_a().clone()));
-                    v.push((format!("{PREFIX}{}.lora_B.weight", site.path()), l.lora_b().clone()));
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "num_experts",
+    "top_k",
+    "router_init_range",
+    "router_aux_loss_coef",
+    "jitter_noise",
+    "routing_strategy",
+    "top_p",
+    "temperature",
+    "expert_capacity",
+    "router_z_loss_coef",
+    "ffn_dropout",
+    "block_modules",
+    "task_type",
+    "modules_to_save",
+    "inference_mode",
+];
+
+impl MixLoraConfig {
+    /// The attention LoRA config, when `target_modules` is set.
+    fn attention_config(&self) -> Option<LoraConfig> {
+        let t = self.target_modules.clone()?;
+        let mut lc = LoraConfig::new(self.r, self.lora_alpha, Vec::<String>::new());
+        lc.target_modules = Some(t);
+        Some(lc)
+    }
+
+    /// The feed-forward block sites this config adapts in `model`.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`] when the model has no (selected) block site; regex errors.
+    pub fn blocks(&self, model: &dyn Module) -> AdapterResult<Vec<BlockSite>> {
+        let sites = block_sites(model);
+        let sites: Vec<BlockSite> = match &self.block_modules {
+            None => sites,
+            Some(p) => {
+                let spec = target_spec(p, None)?;
+                let keep = spec.select(sites.iter().map(|s| (s.path(), false)))?;
+                sites.into_iter().filter(|s| keep.iter().any(|k| k == s.path())).collect()
+            }
+        };
+        if sites.is_empty() {
+            return Err(Error::NoTargetMatched { patterns: vec!["a feed-forward block site".into()] }.into());
+        }
+        Ok(sites)
+    }
+}
+
+impl TunerConfig for MixLoraConfig {
+    fn peft_type(&self) -> &str {
+        MIXLORA_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "MixLoRA E={} top-{} r={} alpha={} on FFN + {}",
+            self.num_experts,
+            self.top_k,
+            self.r,
+            self.lora_alpha,
+            self.target_modules.as_ref().map_or("-".into(), describe_targets)
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, MIXLORA_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let name = cx.name;
+        let sites = self.blocks(model)?;
+        let attention = match self.attention_config() {
+            Some(lc) => {
+                let lsites = crate::tuner::lora_sites(model, &lc)?;
+                Some(crate::tuner::attach_lora(&lc, &lsites, name, cx.seed, |site, spec, rng| {
+                    Ok(LoraLinear::new(site.path(), name, site.base().as_ref(), spec, rng)?)
+                })?)
+            }
+            None => None,
+        };
+        let blocks = BlockTuner::attach(name, MIXLORA_TYPE, &sites, |site| {
+            MixLoraFfn::new(name, site.ffn().clone(), self, &mut site_rng(cx.seed, name, site.path()))
+        });
+        let blocks = match blocks {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(a) = &attention {
+                    let _ = a.detach(false);
+                }
+                return Err(e);
+            }
+        };
+        Ok(Box::new(MixLoraTuner { name: name.into(), blocks, attention }))
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        for site in self.blocks(model)? {
+            let lins = sites_of(site.ffn());
+            let paths: Vec<&str> = lins.iter().map(Linear::path).collect();
+            let d = lins.first().map_or(0, Linear::in_features);
+            expect_tensor(file, &format!("{}.mixlora_router.weight", common_prefix(&paths)), &[self.num_experts, d])?;
+            for e in 0..self.num_experts {
+                for l in &lins {
+                    let p = l.path();
+                    expect_tensor(file, &format!("{p}.experts.{e}.lora_A.weight"), &[self.r, l.in_features()])?;
+                    expect_tensor(file, &format!("{p}.experts.{e}.lora_B.weight"), &[l.out_features(), self.r])?;
                 }
             }
         }
-        v
-    }
-
-    /// The tensors as saved, by file key.
-    pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        self.saved().into_iter().map(|(k, p)| (k, p.value().to_owned())).collect()
-    }
-
-    /// Writes the adapter files into `dir`.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = MixLoraConfig { inference_mode: true, ..self.config.clone() };
-        write_adapter(dir, &cfg, &self.state_dict())
-    }
-
-    /// Attaches the MixLoRA adapter saved in `dir` to `model` under `name`.
-    ///
-    /// # Errors
-    /// IO errors; another `peft_type`; missing or mis-shaped tensors (the mixtures are then left inactive, see
-    /// [`MixLoraModel::deactivate`]).
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (config, file) = read_adapter::<MixLoraConfig>(dir, "MIXLORA")?;
-        let me = Self::new(model, config, name, 0)?;
-        if let Err(e) = me.saved().iter().try_for_each(|(k, p)| load_param(&file, k, p)) {
-            me.deactivate(model);
-            return Err(e);
+        if let Some(lc) = self.attention_config() {
+            lc.preflight(model, file)?;
         }
-        Ok(me)
+        Ok(())
     }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
-    /// Turns the mixtures off on their residual sites (other adapters there stay active) and detaches the
-    /// attention LoRA. Residual sites cannot detach adapters, so the mixtures stay attached, inactive.
-    pub fn deactivate(mut self, model: &dyn Module) {
-        for site in residual_sites(model) {
-            if site.adapters().iter().any(|a| a.name() == self.name) {
-                let others: Vec<String> =
-                    site.adapters().iter().map(|a| a.name().to_string()).filter(|n| *n != self.name).collect();
-                site.set_active(&others.iter().map(String::as_str).collect::<Vec<_>>());
-            }
-        }
-        if let Some(a) = &mut self.attention {
-            // The adapter was created by us; a failure means it is gone already.
-            let _ = a.delete_adapter(&self.name);
-        }
+impl PeftConfig for MixLoraConfig {
+    const PEFT_TYPE: &'static str = MIXLORA_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (MixLoraConfig, _) = parse_config(v, MIXLORA_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
     }
 }
 

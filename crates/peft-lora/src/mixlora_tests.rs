@@ -1,34 +1,41 @@
-use peft_core::nn::{Linear, RandomInit, ResidualSite, Visitor, WeightSource};
+use ndarray::{Array2, ArrayD, IxDyn};
+use peft_core::adapter::{PeftModel, CONFIG_NAME, WEIGHTS_NAME};
+use peft_core::nn::{Activation, BlockAdapter, Ctx, Ffn, Mlp, RandomInit, ResidualSite, SwiGlu, Visitor, WeightSource};
 use peft_core::testing::max_abs_diff;
+use peft_core::train::TrainHooks;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::*;
 use crate::structured::fdcheck;
 use crate::testutil::input;
+use crate::tuner::LoraModelExt;
 
-/// One post-norm-style layer with BERT names: `h = x + tanh(q(x)) + v(x)`, `out = h + res(fc2(gelu(fc1(h))), h)`,
-/// then a classifier.
+/// One post-norm-style layer with BERT names: `h = x + tanh(q(x)) + v(x)`, `out = h + ffn(h)` with the FFN
+/// `fc2(gelu(fc1(h)))` behind its block site `encoder.layer.0.output`, then a classifier.
 struct Block {
     q: Linear,
     v: Linear,
     res_attn: ResidualSite,
     fc1: Linear,
     fc2: Linear,
-    res: ResidualSite,
+    ffn: BlockSite,
     cls: Linear,
 }
 
 fn block(d: usize, i: usize) -> Block {
     let init = RandomInit::new(0, 0.4);
     let l = |p: &str, a, b| Linear::load(p, a, b, true, &init).unwrap();
+    let fc1 = l("encoder.layer.0.intermediate.dense", d, i);
+    let fc2 = l("encoder.layer.0.output.dense", i, d);
+    let mlp = Mlp { fc1: fc1.clone(), fc2: fc2.clone(), act: Activation::Gelu };
     Block {
         q: l("encoder.layer.0.attention.self.query", d, d),
         v: l("encoder.layer.0.attention.self.value", d, d),
         res_attn: ResidualSite::new("encoder.layer.0.attention.output"),
-        fc1: l("encoder.layer.0.intermediate.dense", d, i),
-        fc2: l("encoder.layer.0.output.dense", i, d),
-        res: ResidualSite::new("encoder.layer.0.output"),
+        fc1,
+        fc2,
+        ffn: BlockSite::new("encoder.layer.0.output", Ffn::Mlp(mlp)),
         cls: l("classifier", d, 3).as_output(),
     }
 }
@@ -40,8 +47,7 @@ impl Block {
     }
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Tensor {
         let h = self.ffn_in(x, ctx);
-        let f = self.fc2.forward(&self.fc1.forward(&h, ctx).unwrap().gelu(), ctx).unwrap();
-        let f = self.res.forward(f, &h, ctx).unwrap();
+        let f = self.ffn.forward(&h, ctx).unwrap();
         self.cls.forward(&h.add(&f).unwrap(), ctx).unwrap()
     }
 }
@@ -55,9 +61,37 @@ impl Module for Block {
         for s in [&self.fc1, &self.fc2] {
             s.visit(v);
         }
-        self.res.visit(v);
+        self.ffn.visit(v);
         self.cls.visit(v);
     }
+}
+
+type Model = PeftModel<Block>;
+
+/// `block` with MixLoRA adapter `name`, active.
+fn mix(b: Block, c: MixLoraConfig, name: &str) -> Model {
+    PeftModel::new(b, c, name, 0).unwrap()
+}
+
+fn tuner<'a, M: Module>(m: &'a PeftModel<M>, name: &str) -> &'a MixLoraTuner {
+    m.tuner(name).unwrap().as_any().downcast_ref::<MixLoraTuner>().unwrap()
+}
+
+/// `mix` on a fresh copy of `b` (same weights: `block` is deterministic).
+fn mix_like(b: &Block, c: MixLoraConfig, name: &str) -> Model {
+    mix(block(b.fc1.in_features(), b.fc1.out_features()), c, name)
+}
+
+/// The single mixture of the model's first adapter.
+fn ffn0(m: &Model) -> Arc<MixLoraFfn> {
+    ffn(m, &m.adapter_names()[0])
+}
+
+/// The single mixture of adapter `name`.
+fn ffn(m: &Model, name: &str) -> Arc<MixLoraFfn> {
+    let f = tuner(m, name).ffns();
+    assert_eq!(f.len(), 1);
+    f[0].clone()
 }
 
 fn cfg(e: usize, k: usize, attention: &[&str]) -> MixLoraConfig {
@@ -92,9 +126,10 @@ fn mixlora_is_identity_at_init() {
     let b = block(6, 10);
     let x = input(5, 6, 1);
     let y0 = b.forward(&x, &Ctx::eval()).to_vec();
-    let mm = MixLoraModel::new(&b, cfg(4, 2, &["query", "value"]), "default", 0).unwrap();
-    assert_eq!(mm.ffns.len(), 1, "the attention residual site has no FFN");
-    assert!(max_abs_diff(&b.forward(&x, &Ctx::eval()).to_vec(), &y0) < 1e-6);
+    let mm = mix(b, cfg(4, 2, &["query", "value"]), "default");
+    assert_eq!(tuner(&mm, "default").ffns().len(), 1, "one feed-forward block site");
+    assert_eq!(ffn(&mm, "default").prefix(), "encoder.layer.0");
+    assert!(max_abs_diff(&mm.forward(&x, &Ctx::eval()).to_vec(), &y0) < 1e-6);
     // Router E·d + E experts · r·(d + i + i + d) + attention 2 sites · r·2d.
     let n: usize = mm.trainable_params().iter().map(Param::numel).sum();
     assert_eq!(n, 4 * 6 + 4 * 2 * 32 + 2 * 2 * 12);
@@ -141,15 +176,13 @@ fn dense_moe_with(f: &MixLoraFfn, fc1: &Linear, fc2: &Linear, x: &Tensor, routin
 
 #[test]
 fn moe_output_equals_dense_weighted_sum_of_experts() {
-    let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, cfg(4, 2, &[]), "default", 0).unwrap();
+    let mm = mix(block(6, 10), cfg(4, 2, &[]), "default");
     perturb(&mm.trainable_params(), 3);
-    let f = &mm.ffns[0];
-    assert_mixture_is_dense(&b, f);
+    assert_mixture_is_dense(&mm, &ffn(&mm, "default"));
 }
 
-/// `MixLoraFfn::forward` and the block's output through the residual site (eval: `h` is the base FFN output)
-/// both equal the dense mixture.
+/// `MixLoraFfn::forward` and the block's output through the block site (eval: the base FFN output) both equal
+/// the dense mixture.
 fn assert_mixture_is_dense(b: &Block, f: &MixLoraFfn) {
     let x = input(7, 6, 2);
     let (y, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
@@ -163,29 +196,28 @@ fn assert_mixture_is_dense(b: &Block, f: &MixLoraFfn) {
 
 #[test]
 fn one_expert_top_one_is_plain_lora_on_the_ffn() {
-    let b = block(5, 7);
-    let mm = MixLoraModel::new(&b, cfg(1, 1, &[]), "default", 0).unwrap();
+    let mut mm = mix(block(5, 7), cfg(1, 1, &[]), "default");
     perturb(&mm.trainable_params(), 5);
-    let f = &mm.ffns[0];
+    let f = ffn(&mm, "default");
     let x = input(4, 5, 1);
     let (y, aux) = f.forward(&x, None, &Ctx::eval()).unwrap();
     assert!((aux.load_balance.item().unwrap() - 1.0).abs() < 1e-6);
     assert!((aux.weighted.item().unwrap() - 0.01).abs() < 1e-8 && aux.z.is_none());
     // Plain LoRA (same factors) on intermediate.dense and output.dense.
-    let lm = LoraModel::new(&b, LoraConfig::new(2, 3.0, ["intermediate.dense", "output.dense"]), "lora", 0).unwrap();
-    for ((_, l), (a, bb)) in lm.adapter("lora").unwrap().layers.iter().zip(f.expert(0)) {
+    mm.add_adapter("lora", LoraConfig::new(2, 3.0, ["intermediate.dense", "output.dense"])).unwrap();
+    mm.set_adapter("lora").unwrap();
+    for ((_, l), (a, bb)) in mm.lora_layers("lora").unwrap().iter().zip(f.expert(0)) {
         l.lora_a().set(a.value().to_owned()).unwrap();
         l.lora_b().set(bb.value().to_owned()).unwrap();
     }
-    let want = b.fc2.forward(&b.fc1.forward(&x, &Ctx::eval()).unwrap().gelu(), &Ctx::eval()).unwrap();
+    let want = mm.fc2.forward(&mm.fc1.forward(&x, &Ctx::eval()).unwrap().gelu(), &Ctx::eval()).unwrap();
     assert!(max_abs_diff(y.as_slice(), want.as_slice()) < 1e-5);
 }
 
 #[test]
 fn top_k_weights_sum_to_one_and_pick_the_largest_probabilities() {
-    let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, cfg(5, 2, &[]), "default", 0).unwrap();
-    let f = &mm.ffns[0];
+    let mm = mix(block(6, 10), cfg(5, 2, &[]), "default");
+    let f = ffn(&mm, "default");
     let x = input(9, 6, 4);
     let r = f.route(&x, &Ctx::eval()).unwrap();
     let (p, w) = (t2(&r.probs), t2(&r.weights));
@@ -207,17 +239,17 @@ fn top_k_weights_sum_to_one_and_pick_the_largest_probabilities() {
 
 #[test]
 fn aux_loss_is_top_k_for_a_uniform_router_and_matches_a_hand_computed_case() {
-    let b = block(2, 4);
     for k in [1, 2, 3] {
-        let mm = MixLoraModel::new(&b, cfg(4, k, &[]), &format!("k{k}"), 0).unwrap();
-        let f = &mm.ffns[0];
+        let name = format!("k{k}");
+        let mm = mix(block(2, 4), cfg(4, k, &[]), &name);
+        let f = ffn(&mm, &name);
         f.router().set(ArrayD::zeros(IxDyn(&[4, 2]))).unwrap();
         let r = f.route(&input(8, 2, 1), &Ctx::eval()).unwrap();
         assert!((f.aux_loss(&r, None).unwrap().item().unwrap() - k as f32).abs() < 1e-6, "k = {k}");
     }
     // E = 3, k = 1, gate rows (1,0), (0,1), (0,0); tokens (2,0), (0,1), (−1,−1) (the last one padding).
-    let mm = MixLoraModel::new(&b, cfg(3, 1, &[]), "hand", 0).unwrap();
-    let f = &mm.ffns[0];
+    let mm = mix(block(2, 4), cfg(3, 1, &[]), "hand");
+    let f = ffn(&mm, "hand");
     f.router().set(ArrayD::from_shape_vec(IxDyn(&[3, 2]), vec![1., 0., 0., 1., 0., 0.]).unwrap()).unwrap();
     let x = Tensor::from_vec(vec![2., 0., 0., 1., -1., -1.], &[3, 2]).unwrap();
     let r = f.route(&x, &Ctx::eval()).unwrap();
@@ -234,49 +266,68 @@ fn aux_loss_is_top_k_for_a_uniform_router_and_matches_a_hand_computed_case() {
 }
 
 #[test]
-fn residual_forward_records_the_weighted_aux_loss_once() {
-    let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, cfg(4, 2, &[]), "default", 0).unwrap();
-    assert!(mm.take_aux_loss().unwrap().is_none());
-    b.forward(&input(3, 6, 1), &Ctx::eval());
-    let aux = mm.take_aux_loss().unwrap().unwrap().item().unwrap();
+fn block_forward_records_the_weighted_aux_loss_once() {
+    let mut mm = mix(block(6, 10), cfg(4, 2, &[]), "default");
+    assert!(mm.aux_loss().unwrap().is_none());
+    mm.forward(&input(3, 6, 1), &Ctx::eval());
+    let aux = mm.aux_loss().unwrap().unwrap().item().unwrap();
     // 0.01 · L_aux, and L_aux ≥ 1 (E·Σ f·P with Σ_e f_e = k, spread over E).
     assert!(aux > 0.0 && aux < 0.01 * 4.0 * 2.0, "{aux}");
-    assert!(mm.take_aux_loss().unwrap().is_none());
+    assert!(mm.aux_loss().unwrap().is_none());
+    // A disabled adapter contributes no loss.
+    mm.forward(&input(3, 6, 1), &Ctx::eval());
+    mm.disable_adapters().unwrap();
+    assert!(mm.aux_loss().unwrap().is_none());
+}
+
+#[test]
+fn the_router_loss_skips_padding_tokens_of_the_context_mask() {
+    let mm = mix(block(6, 10), cfg(4, 2, &[]), "default");
+    perturb(&mm.trainable_params(), 2);
+    let f = ffn(&mm, "default");
+    let x = input(6, 6, 1).reshape(&[2, 3, 6]).unwrap();
+    let h = mm.ffn_in(&x, &Ctx::eval());
+    let mask = peft_core::nn::TokenMask::from_lengths(&[3, 1], 3);
+    mm.forward(&x, &Ctx::eval().with(mask.clone()));
+    let got = mm.aux_loss().unwrap().unwrap().item().unwrap();
+    let r = f.route_seq(&h.reshape(&[6, 6]).unwrap(), 3, &Ctx::eval()).unwrap();
+    let want = f.router_losses(&r, Some(&mask.valid)).unwrap().weighted.item().unwrap();
+    assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+    let all = f.router_losses(&r, None).unwrap().weighted.item().unwrap();
+    assert!((all - want).abs() > 1e-7, "the padding tokens count otherwise");
 }
 
 #[test]
 fn mixlora_gradients_match_finite_differences() {
     // k = E: no routing discontinuity; the loss includes the aux term, so the router gets both gradients.
-    let b = block(4, 6);
-    let mm = MixLoraModel::new(&b, cfg(2, 2, &["query"]), "default", 0).unwrap();
+    let mm = mix(block(4, 6), cfg(2, 2, &["query"]), "default");
     perturb(&mm.trainable_params(), 7);
-    check_block_grads(&b, &mm, &input(3, 4, 4), 1e-2, 3e-3);
+    check_block_grads(&mm, &input(3, 4, 4), 1e-2, 3e-3);
 }
 
 /// Finite-difference check of every trainable parameter on `Σ r ⊙ block(x) + 10 · router loss` (so the router
 /// gets gradients through both).
-fn check_block_grads(b: &Block, mm: &MixLoraModel, x: &Tensor, eps: f32, tol: f64) {
+fn check_block_grads(mm: &Model, x: &Tensor, eps: f32, tol: f64) {
     let r = input(x.shape()[0], 3, 5);
     let f = || {
-        let y = b.forward(x, &Ctx::eval()).mul(&r).unwrap().sum_all();
-        y.add(&mm.take_aux_loss().unwrap().unwrap().mul_scalar(10.0)).unwrap()
+        let y = mm.forward(x, &Ctx::eval()).mul(&r).unwrap().sum_all();
+        y.add(&mm.aux_loss().unwrap().unwrap().mul_scalar(10.0)).unwrap()
     };
     fdcheck::check(&f, &mm.trainable_params(), eps, tol);
 }
 
 #[test]
 fn mixlora_top_k_gradients_match_finite_differences_away_from_ties() {
-    let b = block(4, 6);
-    let mm = MixLoraModel::new(&b, cfg(3, 2, &[]), "default", 0).unwrap();
+    let mm = mix(block(4, 6), cfg(3, 2, &[]), "default");
     perturb(&mm.trainable_params(), 11);
+    let f0 = ffn(&mm, "default");
     let x = input(3, 4, 4);
     let r = input(3, 3, 5);
-    let h = b.ffn_in(&x, &Ctx::eval());
+    let h = mm.ffn_in(&x, &Ctx::eval());
     // A router whose 2nd and 3rd probabilities are well apart for every token, so ±eps keeps the choices.
     let gap = |seed: u64| {
-        mm.ffns[0].router().set(RandomInit::new(seed, 2.0).get("g", &[3, 4]).unwrap()).unwrap();
-        let p = t2(&mm.ffns[0].route(&h, &Ctx::eval()).unwrap().probs);
+        f0.router().set(RandomInit::new(seed, 2.0).get("g", &[3, 4]).unwrap()).unwrap();
+        let p = t2(&f0.route(&h, &Ctx::eval()).unwrap().probs);
         (0..3).all(|t| {
             let mut v: Vec<f32> = p.row(t).to_vec();
             v.sort_by(|a, b| b.total_cmp(a));
@@ -285,7 +336,7 @@ fn mixlora_top_k_gradients_match_finite_differences_away_from_ties() {
     };
     let seed = (0..200).find(|&s| gap(s)).expect("a well-separated router");
     assert!(gap(seed));
-    let f = || b.forward(&x, &Ctx::eval()).mul(&r).unwrap().sum_all();
+    let f = || mm.forward(&x, &Ctx::eval()).mul(&r).unwrap().sum_all();
     fdcheck::check(&f, &mm.trainable_params(), 1e-3, 5e-3);
 }
 
@@ -293,11 +344,12 @@ fn mixlora_top_k_gradients_match_finite_differences_away_from_ties() {
 fn swiglu_mixture_is_identity_at_init_and_equals_dense_sum() {
     let init = RandomInit::new(2, 0.4);
     let l = |p: &str, a, b| Linear::load(p, a, b, false, &init).unwrap();
-    let kind =
-        FfnKind::SwiGlu { gate: l("mlp.gate_proj", 4, 6), up: l("mlp.up_proj", 4, 6), down: l("mlp.down_proj", 6, 4) };
-    let f = MixLoraFfn::new("mlp", "default", kind.clone(), &cfg(3, 2, &[]), &mut StdRng::seed_from_u64(0)).unwrap();
+    let sw = SwiGlu { gate: l("mlp.gate_proj", 4, 6), up: l("mlp.up_proj", 4, 6), down: l("mlp.down_proj", 6, 4) };
+    let f =
+        MixLoraFfn::new("default", Ffn::SwiGlu(sw.clone()), &cfg(3, 2, &[]), &mut StdRng::seed_from_u64(0)).unwrap();
+    assert_eq!(f.prefix(), "mlp");
     let x = input(5, 4, 1);
-    let FfnKind::SwiGlu { gate, up, down } = &kind else { unreachable!() };
+    let SwiGlu { gate, up, down } = &sw;
     let base = down
         .forward(
             &gate.forward(&x, &Ctx::eval()).unwrap().silu().mul(&up.forward(&x, &Ctx::eval()).unwrap()).unwrap(),
@@ -331,42 +383,66 @@ fn swiglu_mixture_is_identity_at_init_and_equals_dense_sum() {
 
 /// Saves `mm` (on block `b`), loads it into a fresh block, checks equal outputs and a byte-identical re-save;
 /// returns the loaded model.
-fn assert_round_trip(b: &Block, mm: &MixLoraModel) -> MixLoraModel {
+fn assert_round_trip(mm: &Model) -> Model {
     let d1 = tempfile::tempdir().unwrap();
     mm.save_pretrained(d1.path()).unwrap();
-    let b2 = block(6, 10);
-    let mm2 = MixLoraModel::load(&b2, d1.path(), &mm.name).unwrap();
+    let d1 = peft_core::adapter::adapter_dir(d1.path(), &mm.adapter_names()[0]);
+    let (mm2, report) = PeftModel::from_pretrained(block(6, 10), &d1, &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
     let x = input(4, 6, 1);
-    assert_eq!(b.forward(&x, &Ctx::eval()).to_vec(), b2.forward(&x, &Ctx::eval()).to_vec());
+    assert_eq!(mm.forward(&x, &Ctx::eval()).to_vec(), mm2.forward(&x, &Ctx::eval()).to_vec());
     let d2 = tempfile::tempdir().unwrap();
     mm2.save_pretrained(d2.path()).unwrap();
-    for f in [crate::io::CONFIG_NAME, crate::io::WEIGHTS_NAME] {
-        assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
+    for f in [CONFIG_NAME, WEIGHTS_NAME] {
+        assert_eq!(std::fs::read(d1.join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
     }
     mm2
 }
 
 #[test]
 fn mixlora_save_load_save_is_byte_identical() {
-    let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, cfg(3, 2, &["query", "value"]), "default", 0).unwrap();
+    let mm = mix(block(6, 10), cfg(3, 2, &["query", "value"]), "default");
     perturb(&mm.trainable_params(), 9);
-    assert_round_trip(&b, &mm);
+    assert_round_trip(&mm);
+    let d = tempfile::tempdir().unwrap();
+    mm.save_pretrained(d.path()).unwrap();
+    let f = peft_core::io::safetensors::SafeTensorsFile::open(d.path().join(WEIGHTS_NAME)).unwrap();
+    for k in [
+        "encoder.layer.0.mixlora_router.weight",
+        "encoder.layer.0.intermediate.dense.experts.2.lora_A.weight",
+        "encoder.layer.0.output.dense.experts.0.lora_B.weight",
+        "encoder.layer.0.attention.self.value.lora_B.weight",
+    ] {
+        assert!(f.contains(&format!("base_model.model.{k}")), "{k}");
+    }
+    assert_eq!(f.len(), 1 + 3 * 2 * 2 + 2 * 2);
+    // A file whose rank contradicts the config is refused before anything is attached.
+    let path = d.path().join(CONFIG_NAME);
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"r\": 2", "\"r\": 3");
+    std::fs::write(&path, text).unwrap();
+    let mut m = PeftModel::wrap(block(6, 10), 0);
+    let err = m.load_adapter(d.path(), "x", &crate::registry()).unwrap_err();
+    assert!(matches!(err, AdapterError::TensorShape { .. }), "{err}");
+    assert!(m.ffn.adapters().is_empty() && m.q.adapters().is_empty());
 }
 
 #[test]
 fn mixlora_bad_configs_are_typed_errors() {
-    let b = block(4, 6);
-    let bad = |c: MixLoraConfig| MixLoraModel::new(&b, c, "a", 0).err().unwrap();
-    assert!(matches!(bad(cfg(2, 3, &[])), Error::Invalid { .. }), "top_k > n_experts");
-    assert!(matches!(bad(cfg(2, 0, &[])), Error::Invalid { .. }));
-    assert!(matches!(bad(cfg(0, 0, &[])), Error::Invalid { .. }));
+    let bad = |c: MixLoraConfig| PeftModel::new(block(4, 6), c, "a", 0).err().unwrap();
+    let invalid = |e: AdapterError| matches!(e, AdapterError::InvalidConfig { .. });
+    assert!(invalid(bad(cfg(2, 3, &[]))), "top_k > n_experts");
+    assert!(invalid(bad(cfg(2, 0, &[]))));
+    assert!(invalid(bad(cfg(0, 0, &[]))));
     let mut c = cfg(2, 1, &[]);
-    c.hidden_act = "nope".into();
-    assert!(matches!(bad(c), Error::Invalid { .. }));
+    c.router_init_range = -1.0;
+    assert!(invalid(bad(c)));
     let mut c = cfg(2, 1, &[]);
-    c.ffn_up = "mlp.fc1".into();
-    assert!(matches!(bad(c), Error::NoTargetMatched { .. }));
+    c.block_modules = Some(ModulePattern::list(["mlp"]));
+    assert!(matches!(bad(c), AdapterError::Core(Error::NoTargetMatched { .. })));
+    // A model without feed-forward block sites.
+    let tiny = crate::testutil::Tiny::new(4, 1, 0);
+    let err = PeftModel::new(tiny, cfg(2, 1, &["query"]), "a", 0).err().unwrap();
+    assert!(matches!(err, AdapterError::Core(Error::NoTargetMatched { .. })), "{err}");
 }
 
 fn dynamic(e: usize, top_p: f64, temperature: f64) -> MixLoraConfig {
@@ -383,8 +459,8 @@ fn switch(e: usize, capacity: usize) -> MixLoraConfig {
 fn dynamic_routing_keeps_experts_until_the_cumulative_probability_exceeds_top_p() {
     let b = block(6, 10);
     for (top_p, temp) in [(0.5, 0.0), (0.8, 0.0), (0.3, 2.0), (1.0, 0.0)] {
-        let mm = MixLoraModel::new(&b, dynamic(5, top_p, temp), &format!("dyn{top_p}-{temp}"), 0).unwrap();
-        let f = &mm.ffns[0];
+        let mm = mix_like(&b, dynamic(5, top_p, temp), &format!("dyn{top_p}-{temp}"));
+        let f = &ffn0(&mm);
         f.router().set(RandomInit::new(4, 1.5).get("g", &[5, 6]).unwrap()).unwrap();
         let x = input(12, 6, 4);
         let r = f.route(&x, &Ctx::eval()).unwrap();
@@ -418,8 +494,8 @@ fn dynamic_aux_loss_counts_the_chosen_experts_of_a_uniform_router() {
     // Uniform p = 1/4: the cumulative sums 0.25, 0.5, 0.75, 1 exceed 0.6 at the third expert, 0.2 at the first.
     let b = block(2, 4);
     for (top_p, chosen) in [(0.6, 3.0), (0.2, 1.0), (0.5, 3.0), (1.0, 4.0)] {
-        let mm = MixLoraModel::new(&b, dynamic(4, top_p, 0.0), &format!("dyn{top_p}"), 0).unwrap();
-        let f = &mm.ffns[0];
+        let mm = mix_like(&b, dynamic(4, top_p, 0.0), &format!("dyn{top_p}"));
+        let f = &ffn0(&mm);
         f.router().set(ArrayD::zeros(IxDyn(&[4, 2]))).unwrap();
         let r = f.route(&input(6, 2, 1), &Ctx::eval()).unwrap();
         assert!(r.choices.iter().all(|c| c.len() == chosen as usize), "top_p {top_p}");
@@ -432,8 +508,8 @@ fn dynamic_aux_loss_counts_the_chosen_experts_of_a_uniform_router() {
 #[test]
 fn dynamic_mixture_scales_the_base_ffn_by_the_kept_mass_and_equals_the_dense_sum() {
     let b = block(6, 10);
-    let mm = MixLoraModel::new(&b, dynamic(4, 0.5, 0.0), "dyn", 0).unwrap();
-    let f = &mm.ffns[0];
+    let mm = mix_like(&b, dynamic(4, 0.5, 0.0), "dyn");
+    let f = &ffn0(&mm);
     f.router().set(RandomInit::new(8, 1.0).get("g", &[4, 6]).unwrap()).unwrap();
     let x = input(7, 6, 2);
     // At init every expert is the base FFN, so the output is (Σ_kept p)·base: not the identity (as in MoE-PEFT).
@@ -444,15 +520,15 @@ fn dynamic_mixture_scales_the_base_ffn_by_the_kept_mass_and_equals_the_dense_sum
     let want = &base * &mass.insert_axis(ndarray::Axis(1));
     assert!(max_abs_diff(y.as_slice(), want.as_slice().unwrap()) < 1e-5);
     perturb(&mm.trainable_params(), 3);
-    assert_mixture_is_dense(&b, f);
+    assert_mixture_is_dense(&mm, f);
 }
 
 #[test]
 fn switch_routes_top_one_and_drops_tokens_over_capacity_per_sequence() {
     let b = block(4, 6);
-    let mm = MixLoraModel::new(&b, switch(3, 2), "sw", 0).unwrap();
+    let mm = mix_like(&b, switch(3, 2), "sw");
     perturb(&mm.trainable_params(), 6);
-    let f = &mm.ffns[0];
+    let f = &ffn0(&mm);
     // Router row 0 follows the (positive) inputs, so every token's top-1 is expert 0.
     let mut g = ArrayD::zeros(IxDyn(&[3, 4]));
     g.slice_mut(ndarray::s![0, ..]).fill(1.0);
@@ -492,8 +568,8 @@ fn switch_losses_are_the_z_loss_and_the_top_one_balance_with_their_coefficients(
     let b = block(2, 4);
     let mut c = switch(3, 8);
     c.router_z_loss_coef = Some(0.5);
-    let mm = MixLoraModel::new(&b, c, "sw", 0).unwrap();
-    let f = &mm.ffns[0];
+    let mm = mix_like(&b, c, "sw");
+    let f = &ffn0(&mm);
     f.router().set(ArrayD::from_shape_vec(IxDyn(&[3, 2]), vec![1., 0., 0., 1., 0., 0.]).unwrap()).unwrap();
     let x = Tensor::from_vec(vec![2., 0., 0., 1., -1., -1.], &[3, 2]).unwrap();
     let r = f.route(&x, &Ctx::eval()).unwrap();
@@ -510,9 +586,9 @@ fn switch_losses_are_the_z_loss_and_the_top_one_balance_with_their_coefficients(
     assert!((got(&l.load_balance) - lb).abs() < 1e-6);
     assert!((got(&l.weighted) - (0.01 * lb + 0.5 * z)).abs() < 1e-5);
     // Top-k and dynamic have no z-loss: weighted = coef · load balance.
-    let mm = MixLoraModel::new(&b, cfg(3, 2, &[]), "topk", 0).unwrap();
-    let r = mm.ffns[0].route(&x, &Ctx::eval()).unwrap();
-    let l = mm.ffns[0].router_losses(&r, None).unwrap();
+    let mm = mix_like(&b, cfg(3, 2, &[]), "topk");
+    let r = ffn0(&mm).route(&x, &Ctx::eval()).unwrap();
+    let l = ffn0(&mm).router_losses(&r, None).unwrap();
     assert!(l.z.is_none() && (got(&l.weighted) - 0.01 * got(&l.load_balance)).abs() < 1e-9);
 }
 
@@ -521,9 +597,9 @@ fn switch_ffn_dropout_acts_in_training_only() {
     let b = block(4, 6);
     let mut c = switch(3, 16);
     c.ffn_dropout = Some(0.5);
-    let mm = MixLoraModel::new(&b, c, "sw", 0).unwrap();
+    let mm = mix_like(&b, c, "sw");
     perturb(&mm.trainable_params(), 2);
-    let f = &mm.ffns[0];
+    let f = &ffn0(&mm);
     let x = input(8, 4, 3);
     let (ye, _) = f.forward(&x, None, &Ctx::eval()).unwrap();
     let (yt, _) = f.forward(&x, None, &Ctx::train(7)).unwrap();
@@ -544,15 +620,15 @@ fn dynamic_and_switch_gradients_match_finite_differences_away_from_cuts() {
     let x = input(4, 4, 4);
     for (name, c) in [("dynamic", dynamic(3, 0.6, 0.0)), ("switch", switch(3, 2))] {
         let b = block(4, 6);
-        let mm = MixLoraModel::new(&b, c, name, 0).unwrap();
+        let mm = mix_like(&b, c, name);
         perturb(&mm.trainable_params(), 11);
         let h = b.ffn_in(&x, &Ctx::eval());
         // A router whose decisions do not move under ±eps (Switch: top-1 ahead by 0.05 and some token dropped;
         // dynamic: sorted probabilities 0.02 apart, every partial sum 0.03 away from top_p, some token with two
         // or more experts).
         let stable = |seed: u64| {
-            mm.ffns[0].router().set(RandomInit::new(seed, 2.0).get("g", &[3, 4]).unwrap()).unwrap();
-            let routing = mm.ffns[0].route(&h, &Ctx::eval()).unwrap();
+            ffn0(&mm).router().set(RandomInit::new(seed, 2.0).get("g", &[3, 4]).unwrap()).unwrap();
+            let routing = ffn0(&mm).route(&h, &Ctx::eval()).unwrap();
             let p = t2(&routing.probs);
             let sorted = |t: usize| {
                 let mut v: Vec<f32> = p.row(t).to_vec();
@@ -575,18 +651,19 @@ fn dynamic_and_switch_gradients_match_finite_differences_away_from_cuts() {
         };
         let seed = (0..2000).find(|&s| stable(s)).expect("a stable router");
         assert!(stable(seed));
-        check_block_grads(&b, &mm, &x, 1e-3, 5e-3);
+        check_block_grads(&mm, &x, 1e-3, 5e-3);
     }
 }
 
 #[test]
 fn routing_strategies_round_trip_and_bad_combinations_are_typed_errors() {
-    let b = block(6, 10);
     for c in [dynamic(3, 0.7, 0.5), switch(3, 4)] {
         let b = block(6, 10);
-        let mm = MixLoraModel::new(&b, c.clone(), "rt", 0).unwrap();
+        let mm = mix_like(&b, c.clone(), "rt");
         perturb(&mm.trainable_params(), 9);
-        assert_eq!(assert_round_trip(&b, &mm).config, MixLoraConfig { inference_mode: true, ..c });
+        let back = assert_round_trip(&mm);
+        let got = back.config("default").unwrap().as_any().downcast_ref::<MixLoraConfig>().unwrap();
+        assert_eq!(got, &MixLoraConfig { inference_mode: true, ..c });
     }
     // MoE-PEFT's names; a file from before the option (no routing_strategy) is top-k.
     let mut v = serde_json::to_value(switch(2, 4)).unwrap();
@@ -598,24 +675,127 @@ fn routing_strategies_round_trip_and_bad_combinations_are_typed_errors() {
     });
     let old: MixLoraConfig = serde_json::from_value(v).unwrap();
     assert_eq!(old.routing_strategy, RoutingStrategy::TopK);
-    let bad = |c: MixLoraConfig| MixLoraModel::new(&b, c, "a", 0).err().unwrap();
+    let bad = |c: MixLoraConfig| PeftModel::new(block(6, 10), c, "a", 0).err().unwrap();
     let mut c = switch(3, 4);
     c.top_k = 2;
-    assert!(matches!(bad(c), Error::Invalid { .. }), "Switch is top-1");
+    assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }), "Switch is top-1");
     let mut c = cfg(3, 2, &[]);
     c.top_p = Some(0.5);
-    assert!(matches!(bad(c), Error::Invalid { .. }), "top_p without the dynamic strategy");
+    assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }), "top_p without the dynamic strategy");
     let mut c = dynamic(3, 0.5, 0.0);
     c.expert_capacity = Some(3);
-    assert!(matches!(bad(c), Error::Invalid { .. }), "capacity without Switch");
+    assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }), "capacity without Switch");
     for (top_p, t) in [(0.0, 0.0), (1.5, 0.0), (f64::NAN, 0.0), (0.5, -1.0)] {
-        assert!(matches!(bad(dynamic(3, top_p, t)), Error::Invalid { .. }), "top_p {top_p} temperature {t}");
+        assert!(
+            matches!(bad(dynamic(3, top_p, t)), AdapterError::InvalidConfig { .. }),
+            "top_p {top_p} temperature {t}"
+        );
     }
-    assert!(matches!(bad(switch(3, 0)), Error::Invalid { .. }), "zero capacity");
+    assert!(matches!(bad(switch(3, 0)), AdapterError::InvalidConfig { .. }), "zero capacity");
     let mut c = switch(3, 4);
     c.ffn_dropout = Some(1.0);
-    assert!(matches!(bad(c), Error::Invalid { .. }));
+    assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }));
     let mut c = cfg(3, 2, &[]);
     c.router_aux_loss_coef = -1.0;
-    assert!(matches!(bad(c), Error::Invalid { .. }));
+    assert!(matches!(bad(c), AdapterError::InvalidConfig { .. }));
+}
+
+/// Two pre-norm LLaMA decoder layers (RMSNorm before a SwiGLU MLP behind its block site `model.layers.<i>.mlp`).
+struct Llama(Vec<peft_core::nn::DecoderLayer>);
+
+impl Module for Llama {
+    fn visit(&self, v: &mut dyn Visitor) {
+        for l in &self.0 {
+            l.visit(v);
+        }
+    }
+}
+
+impl Llama {
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Tensor {
+        self.0.iter().fold(x.clone(), |h, l| l.forward(&h, None, None, ctx).unwrap())
+    }
+}
+
+fn llama() -> Llama {
+    let cfg = peft_core::nn::DecoderConfig {
+        hidden: 8,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        intermediate: 12,
+        eps: 1e-5,
+        rope: peft_core::nn::Rope { theta: 10000.0, layout: peft_core::ops::attention::RopeLayout::RotateHalf },
+    };
+    let init = RandomInit::new(5, 0.3);
+    Llama(
+        (0..2).map(|i| peft_core::nn::DecoderLayer::load(&format!("model.layers.{i}"), &cfg, &init).unwrap()).collect(),
+    )
+}
+
+#[test]
+fn mixlora_on_pre_norm_llama_mlps_is_identity_at_init_mixes_the_normed_input_and_round_trips() {
+    let x = Tensor::new(RandomInit::new(1, 1.0).get("x", &[2, 3, 8]).unwrap());
+    let y0 = llama().forward(&x, &Ctx::eval()).to_vec();
+    let mut c = MixLoraConfig::new(["q_proj", "v_proj"]);
+    (c.num_experts, c.r, c.router_init_range) = (3, 2, 0.5);
+    let m = PeftModel::new(llama(), c, "default", 0).unwrap();
+    let t = tuner(&m, "default");
+    assert_eq!(t.ffns().len(), 2);
+    assert_eq!(t.ffns()[1].prefix(), "model.layers.1.mlp");
+    assert_eq!(t.attention().map(|a| a.layers().len()), Some(4));
+    assert!(max_abs_diff(&m.forward(&x, &Ctx::eval()).to_vec(), &y0) < 1e-6);
+    assert!(m.aux_loss().unwrap().is_some(), "the router loss reaches the hooks");
+    perturb(&m.trainable_params(), 4);
+    // The block site hands the mixture the post-attention RMSNorm output: the layer's MLP output is the mixture
+    // of that input.
+    let l0 = &m.0[0];
+    let h = Tensor::new(RandomInit::new(2, 1.0).get("h", &[2, 3, 8]).unwrap());
+    let via_site = l0.ffn.forward(&h, &Ctx::eval()).unwrap();
+    let (direct, _) = t.ffns()[0].forward(&h, None, &Ctx::eval()).unwrap();
+    assert!(max_abs_diff(via_site.as_slice(), direct.as_slice()) < 1e-6);
+    let y1 = m.forward(&x, &Ctx::eval()).to_vec();
+    assert!(max_abs_diff(&y1, &y0) > 1e-4, "the perturbed experts change the output");
+    let d1 = tempfile::tempdir().unwrap();
+    m.save_pretrained(d1.path()).unwrap();
+    let f = peft_core::io::safetensors::SafeTensorsFile::open(d1.path().join(WEIGHTS_NAME)).unwrap();
+    assert!(f.contains("base_model.model.model.layers.0.mlp.mixlora_router.weight"));
+    assert!(f.contains("base_model.model.model.layers.1.mlp.down_proj.experts.2.lora_B.weight"));
+    let (m2, report) = PeftModel::from_pretrained(llama(), d1.path(), &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(m2.forward(&x, &Ctx::eval()).to_vec(), y1);
+    let d2 = tempfile::tempdir().unwrap();
+    m2.save_pretrained(d2.path()).unwrap();
+    for f in [CONFIG_NAME, WEIGHTS_NAME] {
+        assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
+    }
+    // Not mergeable (input-dependent routing): a typed refusal that leaves the model as it was.
+    let mut m2 = m2;
+    assert!(matches!(m2.merge_adapter(), Err(AdapterError::NotSupportedBy { .. })));
+    assert_eq!(m2.forward(&x, &Ctx::eval()).to_vec(), y1);
+}
+
+/// A file written before MixLoRA moved to the block site (its config named the FFN by residual-site suffix,
+/// projections and activation) loads: the tensor layout is unchanged, the old keys are reported as ignored.
+#[test]
+fn mixlora_files_with_the_residual_site_keys_load_and_report_them() {
+    let mm = mix(block(6, 10), cfg(3, 2, &["query"]), "default");
+    perturb(&mm.trainable_params(), 12);
+    let d = tempfile::tempdir().unwrap();
+    mm.save_pretrained(d.path()).unwrap();
+    let path = d.path().join(CONFIG_NAME);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    for (k, val) in [("ffn_residual", "output"), ("ffn_up", "intermediate.dense"), ("ffn_down", "output.dense")] {
+        o.insert(k.into(), val.into());
+    }
+    o.insert("hidden_act".into(), "gelu".into());
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let (back, report) = PeftModel::from_pretrained(block(6, 10), d.path(), &crate::registry()).unwrap();
+    for k in ["ffn_residual", "ffn_up", "ffn_down", "hidden_act"] {
+        assert!(report.ignored_config.iter().any(|l| l.contains(k)), "{k}: {report}");
+    }
+    assert!(report.unexpected.is_empty(), "{report}");
+    let x = input(4, 6, 2);
+    assert_eq!(back.forward(&x, &Ctx::eval()).to_vec(), mm.forward(&x, &Ctx::eval()).to_vec());
 }

@@ -17,23 +17,36 @@
 //! scaling" `init_lora_A_vec_value`/`init_lora_A_vec_std` is a fixed (non-trained) scale per A rank vector drawn
 //! from N(value, std) (defaults 1, 0: off). Indices and scales are regenerated from [`MosConfig::index_seed`].
 //!
+//! Injected as a [`MosTuner`]: a [`LinearTuner`] of [`MosLinear`] plus the pools, which it owns once (each site
+//! holds handles to them).
+//!
 //! Files: the LoRA layout with `peft_type = "MOS"`: pools at `base_model.model.mos_pool_A.len<L>` /
 //! `mos_pool_B.len<L>` `[shards, L]`, private shards at `<site>.mos_private_A.weight` / `mos_private_B.weight`
 //! `[private_r·l, in/l | out/l]`.
 
+use std::any::Any;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::sync::Arc;
 
 use ndarray::{Array2, ArrayD, IxDyn};
-use peft_core::adapter::ModulePattern;
+use peft_core::adapter::{
+    select_linear, site_rng, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern,
+    PeftConfig, SavedTensors, Tuner, TunerConfig,
+};
 use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
-use peft_core::{Error, Param, Result, Tensor};
+use peft_core::{Param, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::structured::{fnv, kaiming, load_param, read_adapter, select_sites, write_adapter, Injected, PREFIX};
+use peft_core::adapter::attach::fnv;
+
+use crate::structured::{config_json, describe_targets, expect_tensor, kaiming, parse_config, target_spec};
+
+/// MoS's `peft_type`.
+pub const MOS_TYPE: &str = "MOS";
 
 fn d_peft_type() -> String {
     "MOS".into()
@@ -78,10 +91,31 @@ pub struct MosConfig {
     /// Informational.
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`; written only when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// True in saved files.
     #[serde(default)]
     pub inference_mode: bool,
 }
+
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "valid_param_lora_r",
+    "valid_param_private_r",
+    "num_chunk_per_vec",
+    "init_lora_A_vec_value",
+    "init_lora_A_vec_std",
+    "sample_with_replacement",
+    "index_seed",
+    "task_type",
+    "modules_to_save",
+    "inference_mode",
+];
 
 impl MosConfig {
     /// Rank `r`, alpha, budget `valid_r`, `private_r`, `l` shards per vector, on `targets`.
@@ -107,6 +141,7 @@ impl MosConfig {
             sample_with_replacement: false,
             index_seed: 0,
             task_type: None,
+            modules_to_save: None,
             inference_mode: false,
         }
     }
@@ -114,27 +149,64 @@ impl MosConfig {
     /// Checks the counts.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for `r = 0`, `l = 0`, `private_r > r`, `private_r > valid_r`, or a bad scale.
-    pub fn validate(&self) -> Result<()> {
+    /// [`AdapterError::InvalidConfig`] for `r = 0`, `l = 0`, `private_r > r`, `private_r > valid_r`, an empty
+    /// pool, or a bad scale.
+    pub fn validate(&self) -> AdapterResult<()> {
+        let bad = |field: &str, reason: String| Err(AdapterError::config(MOS_TYPE, field, reason));
         let (r, p, v) = (self.r, self.valid_param_private_r, self.valid_param_lora_r);
         if r == 0 || self.num_chunk_per_vec == 0 {
-            crate::bail!("MosConfig", "r and num_chunk_per_vec must be positive");
+            return bad(if r == 0 { "r" } else { "num_chunk_per_vec" }, "must be positive".into());
         }
         if p > r || p > v {
-            crate::bail!("MosConfig", "valid_param_private_r = {p} exceeds r = {r} or valid_param_lora_r = {v}");
+            return bad(
+                "valid_param_private_r",
+                format!("valid_param_private_r = {p} exceeds r = {r} or valid_param_lora_r = {v}"),
+            );
         }
         if p == v && p < r {
-            crate::bail!("MosConfig", "the shared pool is empty (valid_param_lora_r = private_r = {p} < r = {r})");
+            return bad(
+                "valid_param_lora_r",
+                format!("the shared pool is empty (valid_param_lora_r = private_r = {p} < r = {r})"),
+            );
         }
         if !self.lora_alpha.is_finite()
             || !self.init_lora_a_vec_value.is_finite()
             || self.init_lora_a_vec_std.is_nan()
             || self.init_lora_a_vec_std < 0.0
         {
-            crate::bail!("MosConfig", "lora_alpha and the A-vector scale must be finite, the std non-negative");
+            return bad("lora_alpha", "lora_alpha and the A-vector scale must be finite, the std non-negative".into());
         }
         Ok(())
     }
+
+    /// The sites this config adapts in `model`.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors.
+    pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
+        select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)
+    }
+
+    /// The pool shapes for `sites`: per shard length of each side, the number of shards (and, on the A side, the
+    /// fan-in of the first module of that length for the init).
+    fn plan(&self, sites: &[Linear]) -> AdapterResult<PoolPlan> {
+        let l = self.num_chunk_per_vec;
+        let shared_per_module = (self.valid_param_lora_r - self.valid_param_private_r) * l;
+        let mut plan = PoolPlan::default();
+        for s in sites {
+            let (la, lb) = (div(s.in_features(), l, s.path())?, div(s.out_features(), l, s.path())?);
+            plan.a.entry(la).or_insert((0, s.in_features())).0 += shared_per_module;
+            *plan.b.entry(lb).or_default() += shared_per_module;
+        }
+        Ok(plan)
+    }
+}
+
+/// Pool shard counts by shard length: A side `(count, fan-in)`, B side count.
+#[derive(Default)]
+struct PoolPlan {
+    a: BTreeMap<usize, (usize, usize)>,
+    b: BTreeMap<usize, usize>,
 }
 
 /// The shared pools of one adapter, by shard length.
@@ -211,9 +283,9 @@ impl LinearAdapter for MosLinear {
         "mos"
     }
 
-    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Tensor> {
+    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, _ctx: &Ctx) -> Result<Option<Tensor>> {
         let (a, b) = self.assemble()?;
-        x.linear(&a, None)?.matmul(&b)?.mul_scalar(self.scaling).reshape(&out_shape(x.shape(), self.out_f))
+        Ok(Some(x.linear(&a, None)?.matmul(&b)?.mul_scalar(self.scaling).reshape(&out_shape(x.shape(), self.out_f))?))
     }
 
     /// Private shards, then the shared pools (the same parameters on every site).
@@ -239,80 +311,178 @@ fn out_shape(x: &[usize], out: usize) -> Vec<usize> {
     s
 }
 
-/// A model with one MoS adapter.
-pub struct MosModel {
-    /// The config.
-    pub config: MosConfig,
-    /// The adapted sites.
-    pub adapter: Injected<MosLinear>,
-    pools: Pools,
+/// The private shards, by key suffix (the pools are saved once by [`MosTuner`]).
+impl SavedTensors for MosLinear {
+    fn saved_tensors(&self) -> Vec<(String, Param)> {
+        match self.private() {
+            Some((a, b)) => {
+                vec![("mos_private_A.weight".into(), a.clone()), ("mos_private_B.weight".into(), b.clone())]
+            }
+            None => Vec::new(),
+        }
+    }
 }
 
-fn div(d: usize, l: usize, path: &str) -> Result<usize> {
+fn div(d: usize, l: usize, path: &str) -> AdapterResult<usize> {
     if !d.is_multiple_of(l) {
-        crate::bail!("mos", "num_chunk_per_vec = {l} does not divide {d} at `{path}` (shard count mismatch)");
+        return Err(AdapterError::config(
+            MOS_TYPE,
+            "num_chunk_per_vec",
+            format!("{l} does not divide {d} at `{path}` (shard count mismatch)"),
+        ));
     }
     Ok(d / l)
 }
 
-impl MosModel {
-    /// Builds the pools and injects adapter `name` into `model`'s sites selected by `config`; values from `seed`
-    /// (the index matrices and scales from `config.index_seed`).
-    ///
-    /// # Errors
-    /// Invalid config; [`Error::NoTargetMatched`]; a shard count that does not divide a site; a pool too small to
-    /// supply distinct shards.
-    pub fn new(model: &dyn Module, config: MosConfig, name: &str, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let sites = select_sites(model, &config.target_modules, config.exclude_modules.as_ref())?;
-        let (l, r, p) = (config.num_chunk_per_vec, config.r, config.valid_param_private_r);
-        let shared_per_module = (config.valid_param_lora_r - p) * l;
-        // Shard counts and fan-ins per shard length.
-        let mut counts_a: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
-        let mut counts_b: BTreeMap<usize, usize> = BTreeMap::new();
-        for s in &sites {
-            let (la, lb) = (div(s.in_features(), l, s.path())?, div(s.out_features(), l, s.path())?);
-            counts_a.entry(la).or_insert((0, s.in_features())).0 += shared_per_module;
-            *counts_b.entry(lb).or_default() += shared_per_module;
-            for bp in s.base().params() {
-                bp.set_trainable(false);
+/// An injected MoS adapter: the sites' layers and the shared pools (each parameter once).
+pub struct MosTuner {
+    inner: LinearTuner<MosLinear>,
+    pools: Pools,
+}
+
+impl MosTuner {
+    /// The adapted sites and their layers.
+    pub fn layers(&self) -> &[(Linear, Arc<MosLinear>)] {
+        self.inner.layers()
+    }
+
+    /// The shared pools `(A side, B side)`, by shard length.
+    pub fn pools(&self) -> (Vec<&Param>, Vec<&Param>) {
+        (self.pools.a.values().collect(), self.pools.b.values().collect())
+    }
+}
+
+impl Tuner for MosTuner {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    /// The pools, then every site's private shards.
+    fn params(&self) -> Vec<Param> {
+        let mut v: Vec<Param> = self.pools.a.values().chain(self.pools.b.values()).cloned().collect();
+        for (_, m) in self.layers() {
+            if let Some((a, b)) = m.private() {
+                v.push(a.clone());
+                v.push(b.clone());
             }
         }
-        let mut rng = StdRng::seed_from_u64(seed ^ fnv(&format!("{name}/mos_pool")));
+        v
+    }
+    fn state_dict(&self) -> Vec<(String, Param)> {
+        let mut v = Vec::new();
+        for (len, p) in &self.pools.a {
+            v.push((format!("mos_pool_A.len{len}"), p.clone()));
+        }
+        for (len, p) in &self.pools.b {
+            v.push((format!("mos_pool_B.len{len}"), p.clone()));
+        }
+        v.extend(self.inner.state_dict());
+        v
+    }
+    fn wrapped_modules(&self) -> Vec<String> {
+        self.inner.wrapped_modules()
+    }
+    fn set_active(&self, on: bool) {
+        self.inner.set_active(on);
+    }
+    fn merge(&self) -> AdapterResult<()> {
+        self.inner.merge()
+    }
+    fn unmerge(&self) -> AdapterResult<()> {
+        self.inner.unmerge()
+    }
+    fn is_merged(&self) -> bool {
+        self.inner.is_merged()
+    }
+    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
+        self.inner.detach(keep_merged)
+    }
+    fn kind(&self) -> &str {
+        MOS_TYPE
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl TunerConfig for MosConfig {
+    fn peft_type(&self) -> &str {
+        MOS_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "MoS r={} alpha={} budget={} private={} shards/vec={} on {}",
+            self.r,
+            self.lora_alpha,
+            self.valid_param_lora_r,
+            self.valid_param_private_r,
+            self.num_chunk_per_vec,
+            describe_targets(&self.target_modules)
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, MOS_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    /// Builds the pools and attaches a [`MosLinear`] to every selected site; pool values from the adapter seed,
+    /// the index matrices and scales from `index_seed`.
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let name = cx.name;
+        let sites = self.sites(model)?;
+        let plan = self.plan(&sites)?;
+        let (l, r, p) = (self.num_chunk_per_vec, self.r, self.valid_param_private_r);
+        let mut rng = StdRng::seed_from_u64(cx.seed ^ fnv(&format!("{name}/mos_pool")));
         let mut pools = Pools::default();
-        for (&len, &(n, fan_in)) in &counts_a {
+        for (&len, &(n, fan_in)) in &plan.a {
             let v = kaiming(fan_in, n, len, &mut rng).into_dyn();
             pools.a.insert(len, Param::new(format!("mos_pool_A.{name}.len{len}"), v, true));
         }
-        for (&len, &n) in &counts_b {
+        for (&len, &n) in &plan.b {
             pools
                 .b
                 .insert(len, Param::new(format!("mos_pool_B.{name}.len{len}"), ArrayD::zeros(IxDyn(&[n, len])), true));
         }
-        let scale_dist = Normal::new(config.init_lora_a_vec_value as f32, config.init_lora_a_vec_std as f32)
-            .map_err(|e| Error::Invalid { op: "mos", msg: e.to_string() })?;
-        let adapter = Injected::attach(name, &sites, |s: &Linear| {
+        let scale_dist = Normal::new(self.init_lora_a_vec_value as f32, self.init_lora_a_vec_std as f32)
+            .map_err(|e| AdapterError::config(MOS_TYPE, "init_lora_A_vec_std", e.to_string()))?;
+        let inner = LinearTuner::attach(name, MOS_TYPE, &sites, |s: &Linear| {
             let path = s.path();
             let (in_f, out_f) = (s.in_features(), s.out_features());
             let (la, lb) = (in_f / l, out_f / l);
-            let pool_a = pools.a[&la].clone();
-            let pool_b = pools.b[&lb].clone();
-            let mut irng = StdRng::seed_from_u64(config.index_seed ^ fnv(&format!("{name}/{path}/index")));
+            let missing = || AdapterError::config(MOS_TYPE, "num_chunk_per_vec", format!("no pool for `{path}`"));
+            let pool_a = pools.a.get(&la).ok_or_else(missing)?.clone();
+            let pool_b = pools.b.get(&lb).ok_or_else(missing)?.clone();
+            let mut irng = StdRng::seed_from_u64(self.index_seed ^ fnv(&format!("{name}/{path}/index")));
             let need = (r - p) * l;
-            let draw = |n: usize, rng: &mut StdRng| -> Result<Vec<usize>> {
-                if config.sample_with_replacement {
+            let draw = |n: usize, rng: &mut StdRng| -> AdapterResult<Vec<usize>> {
+                if self.sample_with_replacement {
                     return Ok((0..need).map(|_| rng.gen_range(0..n)).collect());
                 }
                 if need > n {
-                    crate::bail!("mos", "pool of {n} shards cannot supply {need} distinct shards at `{path}`");
+                    return Err(AdapterError::config(
+                        MOS_TYPE,
+                        "valid_param_lora_r",
+                        format!("pool of {n} shards cannot supply {need} distinct shards at `{path}`"),
+                    ));
                 }
                 Ok(rand::seq::index::sample(rng, n, need).into_vec())
             };
             let idx_a = draw(pool_a.shape()[0], &mut irng)?;
             let idx_b = draw(pool_b.shape()[0], &mut irng)?;
-            let scale = (config.init_lora_a_vec_std > 0.0 || config.init_lora_a_vec_value != 1.0)
+            let scale = (self.init_lora_a_vec_std > 0.0 || self.init_lora_a_vec_value != 1.0)
                 .then(|| Tensor::new(ArrayD::from_shape_fn(IxDyn(&[r, 1]), |_| scale_dist.sample(&mut irng))));
-            let mut prng = crate::structured::site_rng(seed, name, path);
+            let mut prng = site_rng(cx.seed, name, path);
             let (private_a, private_b) = if p > 0 {
                 let a = Param::new(
                     format!("{path}.mos_private_A.{name}.weight"),
@@ -334,7 +504,7 @@ impl MosModel {
                 l,
                 in_f,
                 out_f,
-                scaling: (config.lora_alpha / r as f64) as f32,
+                scaling: (self.lora_alpha / r as f64) as f32,
                 pool_a,
                 pool_b,
                 private_a,
@@ -344,70 +514,42 @@ impl MosModel {
                 scale,
             })
         })?;
-        Ok(MosModel { config, adapter, pools })
+        Ok(Box::new(MosTuner { inner, pools }))
     }
-
-    /// The trainable parameters, each once: the pools, then every site's private shards.
-    pub fn trainable_params(&self) -> Vec<Param> {
-        let mut v: Vec<Param> = self.pools.a.values().chain(self.pools.b.values()).cloned().collect();
-        for (_, m) in &self.adapter.layers {
-            if let Some((a, b)) = m.private() {
-                v.push(a.clone());
-                v.push(b.clone());
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        let sites = self.sites(model)?;
+        let plan = self.plan(&sites)?;
+        for (len, (n, _)) in &plan.a {
+            expect_tensor(file, &format!("mos_pool_A.len{len}"), &[*n, *len])?;
+        }
+        for (len, n) in &plan.b {
+            expect_tensor(file, &format!("mos_pool_B.len{len}"), &[*n, *len])?;
+        }
+        let (l, p) = (self.num_chunk_per_vec, self.valid_param_private_r);
+        if p > 0 {
+            for s in &sites {
+                let path = s.path();
+                expect_tensor(file, &format!("{path}.mos_private_A.weight"), &[p * l, s.in_features() / l])?;
+                expect_tensor(file, &format!("{path}.mos_private_B.weight"), &[p * l, s.out_features() / l])?;
             }
         }
-        v.retain(Param::trainable);
-        v
+        Ok(())
     }
-
-    /// The shared pools `(A side, B side)`, by shard length.
-    pub fn pools(&self) -> (Vec<&Param>, Vec<&Param>) {
-        (self.pools.a.values().collect(), self.pools.b.values().collect())
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
     }
-
-    fn saved(&self) -> Vec<(String, Param)> {
-        let mut v = Vec::new();
-        for (len, p) in &self.pools.a {
-            v.push((format!("{PREFIX}mos_pool_A.len{len}"), p.clone()));
-        }
-        for (len, p) in &self.pools.b {
-            v.push((format!("{PREFIX}mos_pool_B.len{len}"), p.clone()));
-        }
-        for (site, m) in &self.adapter.layers {
-            if let Some((a, b)) = m.private() {
-                v.push((format!("{PREFIX}{}.mos_private_A.weight", site.path()), a.clone()));
-                v.push((format!("{PREFIX}{}.mos_private_B.weight", site.path()), b.clone()));
-            }
-        }
-        v
+    fn as_any(&self) -> &dyn Any {
+        self
     }
+}
 
-    /// The tensors as saved, by file key.
-    pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        self.saved().into_iter().map(|(k, p)| (k, p.value().to_owned())).collect()
-    }
-
-    /// Writes the adapter files into `dir`.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = MosConfig { inference_mode: true, ..self.config.clone() };
-        write_adapter(dir, &cfg, &self.state_dict())
-    }
-
-    /// Injects the MoS adapter saved in `dir` into `model` under `name` (indices regenerated from the config).
-    ///
-    /// # Errors
-    /// IO errors; another `peft_type`; missing tensors; a pool or private tensor of another shard count.
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (config, file) = read_adapter::<MosConfig>(dir, "MOS")?;
-        let mut me = Self::new(model, config, name, 0)?;
-        if let Err(e) = me.saved().iter().try_for_each(|(k, p)| load_param(&file, k, p)) {
-            me.adapter.detach();
-            return Err(e);
-        }
-        Ok(me)
+impl PeftConfig for MosConfig {
+    const PEFT_TYPE: &'static str = MOS_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (MosConfig, _) = parse_config(v, MOS_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
     }
 }
 

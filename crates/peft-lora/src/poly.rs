@@ -11,29 +11,36 @@
 //! LoRA scaling instead).
 //!
 //! Variants: Poly = `n_splits = 1`; MHR = `n_splits > 1`; MHR-z = train only the router
-//! ([`PolyModel::set_router_only`]); MHR-μ = the uniform selector `w = 1/n_skills`
+//! ([`PolyModelExt::set_router_only`]); MHR-μ = the uniform selector `w = 1/n_skills`
 //! ([`PolySelector::Uniform`]), equal to one LoRA whose factors are the per-split skill means
-//! ([`PolyModel::into_mhr_mu`] turns the adapter into that [`LoraModel`]).
+//! ([`PolyModelExt::replace_with_mhr_mu`] replaces the adapter by that LoRA adapter).
 //!
-//! Task ids come per batch row through [`Ctx::with_task_ids`]; with `n_tasks = 1` and no ids every row is task 0
+//! Task ids come per batch row as the [`peft_core::nn::TaskIds`] extension of the [`Ctx`]
+//! ([`Ctx::with_task_ids`]); with `n_tasks = 1` and no ids every row is task 0
 //! (PEFT asks for the ids even then). Files use PEFT's layout
 //! (`<site>.poly_lora_A`, `<site>.poly_lora_B`, `<site>.poly_router.module_logits`, `peft_type = "POLY"`).
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array4, ArrayD, Axis, IxDyn};
-use peft_core::adapter::ModulePattern;
-use peft_core::nn::{Ctx, LinearAdapter, LinearBase, Module};
+use peft_core::adapter::{
+    not_supported, select_linear, site_rng, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner,
+    ModulePattern, PeftConfig, PeftModel, SavedTensors, Tuner, TunerConfig,
+};
+use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Error, Param, Result, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::structured::{kaiming, read_adapter, write_adapter, Injected, SavedTensors};
-use crate::{LoraConfig, LoraModel};
+use crate::structured::{config_json, describe_targets, expect_tensor, kaiming, parse_config, target_spec};
+use crate::tuner::LoraModelExt;
+use crate::LoraConfig;
+
+/// Poly's `peft_type` (PEFT's).
+pub const POLY_TYPE: &str = "POLY";
 
 /// The `EPS` of PEFT's `PolyRouter` normalisation.
 pub const ROUTER_EPS: f32 = 1e-12;
@@ -75,7 +82,7 @@ pub struct PolyConfig {
     /// Sites never adapted.
     #[serde(default)]
     pub exclude_modules: Option<ModulePattern>,
-    /// Modules trained in full (kept for round trips; peft-rs trainers handle heads themselves).
+    /// Modules trained and saved in full next to the adapter (PEFT's `modules_to_save`).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// `B = 0` at init (base-equivalent); false: Kaiming-uniform `B`.
@@ -156,20 +163,46 @@ impl PolyConfig {
     /// Checks the counts and the type.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a zero count or an unknown `poly_type`.
-    pub fn validate(&self) -> Result<()> {
-        if self.r == 0 || self.n_tasks == 0 || self.n_skills == 0 || self.n_splits == 0 {
-            crate::bail!(
-                "PolyConfig",
-                "r, n_tasks, n_skills, n_splits must be positive (got {}, {}, {}, {})",
-                self.r,
-                self.n_tasks,
-                self.n_skills,
-                self.n_splits
-            );
+    /// [`AdapterError::InvalidConfig`] for a zero count; [`AdapterError::Unsupported`] for a `poly_type` other
+    /// than `"poly"`.
+    pub fn validate(&self) -> AdapterResult<()> {
+        for (field, v) in
+            [("r", self.r), ("n_tasks", self.n_tasks), ("n_skills", self.n_skills), ("n_splits", self.n_splits)]
+        {
+            if v == 0 {
+                return Err(AdapterError::config(POLY_TYPE, field, "must be positive"));
+            }
         }
         if self.poly_type != "poly" {
-            crate::bail!("PolyConfig", "unsupported poly_type {:?} (only \"poly\")", self.poly_type);
+            return Err(AdapterError::Unsupported {
+                method: POLY_TYPE.into(),
+                what: format!("poly_type = {:?}", self.poly_type),
+                reason: "only \"poly\" is implemented".into(),
+            });
+        }
+        if let Some(s) = self.lora_scaling.filter(|s| !s.is_finite()) {
+            return Err(AdapterError::config(POLY_TYPE, "lora_scaling", format!("{s} is not finite")));
+        }
+        Ok(())
+    }
+
+    /// The sites this config adapts in `model`.
+    ///
+    /// # Errors
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors.
+    pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
+        select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)
+    }
+
+    /// `n_splits` must divide both widths of `site`.
+    fn check_site(&self, site: &Linear) -> AdapterResult<()> {
+        let (i, o, q) = (site.in_features(), site.out_features(), self.n_splits);
+        if i % q != 0 || o % q != 0 {
+            return Err(AdapterError::config(
+                POLY_TYPE,
+                "n_splits",
+                format!("{q} does not divide in = {i} and out = {o} at `{}`", site.path()),
+            ));
         }
         Ok(())
     }
@@ -205,13 +238,23 @@ impl PolyLinear {
     /// Creates adapter `name` for the site at `path` over `base`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an invalid config or `n_splits` not dividing `in` and `out`.
-    pub fn new(path: &str, name: &str, base: &dyn LinearBase, cfg: &PolyConfig, rng: &mut impl Rng) -> Result<Self> {
+    /// [`AdapterError::InvalidConfig`] for an invalid config or `n_splits` not dividing `in` and `out`.
+    pub fn new(
+        path: &str,
+        name: &str,
+        base: &dyn LinearBase,
+        cfg: &PolyConfig,
+        rng: &mut impl Rng,
+    ) -> AdapterResult<Self> {
         cfg.validate()?;
         let (in_f, out_f) = (base.in_features(), base.out_features());
         let (q, k, r) = (cfg.n_splits, cfg.n_skills, cfg.r);
         if in_f % q != 0 || out_f % q != 0 {
-            crate::bail!("poly", "n_splits = {q} does not divide in = {in_f} and out = {out_f} at `{path}`");
+            return Err(AdapterError::config(
+                POLY_TYPE,
+                "n_splits",
+                format!("{q} does not divide in = {in_f} and out = {out_f} at `{path}`"),
+            ));
         }
         let (di, d_o) = (in_f / q, out_f / q);
         let mut a = Array4::zeros((q, k, di, r));
@@ -329,7 +372,7 @@ impl LinearAdapter for PolyLinear {
         "poly"
     }
 
-    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, ctx: &Ctx) -> Result<Tensor> {
+    fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, ctx: &Ctx) -> Result<Option<Tensor>> {
         let shape = x.shape().to_vec();
         let Some((&bs, _)) = shape.split_first() else { crate::bail!("poly", "input has rank 0") };
         if shape.len() < 2 {
@@ -339,7 +382,7 @@ impl LinearAdapter for PolyLinear {
             PolySelector::Uniform => self.uniform(bs),
             PolySelector::Learned => {
                 let single;
-                let ids: &[usize] = match &ctx.task_ids {
+                let ids: &[usize] = match ctx.task_ids() {
                     Some(ids) => ids,
                     // One task: every row is task 0 (PEFT requires the ids even then).
                     None if self.n_tasks == 1 => {
@@ -358,8 +401,10 @@ impl LinearAdapter for PolyLinear {
         let x3 = x.reshape(&[bs, x.len() / bs.max(1) / self.in_f, self.in_f])?;
         let y = x3.matmul(&a)?.matmul(&b)?.mul_scalar(self.scaling as f32);
         let mut out_shape = shape;
-        *out_shape.last_mut().expect("peft-rs bug: rank checked") = self.out_f;
-        y.reshape(&out_shape)
+        if let Some(last) = out_shape.last_mut() {
+            *last = self.out_f;
+        }
+        Ok(Some(y.reshape(&out_shape)?))
     }
 
     fn params(&self) -> Vec<Param> {
@@ -377,108 +422,189 @@ impl LinearAdapter for PolyLinear {
     }
 }
 
+/// The saved tensors by key suffix (PEFT's names).
+impl SavedTensors for PolyLinear {
+    fn saved_tensors(&self) -> Vec<(String, Param)> {
+        vec![
+            ("poly_lora_A".into(), self.a.clone()),
+            ("poly_lora_B".into(), self.b.clone()),
+            ("poly_router.module_logits".into(), self.logits.clone()),
+        ]
+    }
+}
+
+/// The keys of PEFT's `PolyConfig` (and peft-rs's two) this crate reads; others are reported.
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "init_weights",
+    "poly_type",
+    "n_tasks",
+    "n_skills",
+    "n_splits",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "relaxed_bernoulli",
+    "lora_scaling",
+    "auto_mapping",
+    "peft_version",
+];
+
+impl TunerConfig for PolyConfig {
+    fn peft_type(&self) -> &str {
+        POLY_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "Poly r={} skills={} splits={} tasks={} on {}",
+            self.r,
+            self.n_skills,
+            self.n_splits,
+            self.n_tasks,
+            describe_targets(&self.target_modules)
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        config_json(self, POLY_TYPE)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.modules_to_save.clone().unwrap_or_default()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.modules_to_save = (!modules.is_empty()).then_some(modules);
+        Ok(())
+    }
+    fn inference_mode(&self) -> bool {
+        self.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.inference_mode = on;
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let sites = self.sites(model)?;
+        for s in &sites {
+            self.check_site(s)?;
+        }
+        let t = LinearTuner::attach(cx.name, POLY_TYPE, &sites, |s| {
+            PolyLinear::new(s.path(), cx.name, s.base().as_ref(), self, &mut site_rng(cx.seed, cx.name, s.path()))
+        })?;
+        Ok(Box::new(t))
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.validate()?;
+        let (q, k, r) = (self.n_splits, self.n_skills, self.r);
+        for s in self.sites(model)? {
+            self.check_site(&s)?;
+            let (i, o, p) = (s.in_features(), s.out_features(), s.path());
+            expect_tensor(file, &format!("{p}.poly_lora_A"), &[q, k, i / q, r])?;
+            expect_tensor(file, &format!("{p}.poly_lora_B"), &[q, k, r, o / q])?;
+            expect_tensor(file, &format!("{p}.poly_router.module_logits"), &[self.n_tasks, q * k])?;
+        }
+        Ok(())
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl PeftConfig for PolyConfig {
+    const PEFT_TYPE: &'static str = POLY_TYPE;
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let (c, ignored): (PolyConfig, _) = parse_config(v, POLY_TYPE, KNOWN)?;
+        c.validate()?;
+        Ok((c, ignored))
+    }
+}
+
 /// `(lora_A, lora_B)`.
 type LoraFactors = (ArrayD<f32>, ArrayD<f32>);
 
-/// The saved tensors by key suffix (PEFT's names).
-impl SavedTensors for PolyLinear {
-    fn saved_tensors(&self) -> Vec<(&'static str, &Param)> {
-        vec![("poly_lora_A", &self.a), ("poly_lora_B", &self.b), ("poly_router.module_logits", &self.logits)]
-    }
-}
-
-/// A model with one Poly/MHR adapter.
-pub struct PolyModel {
-    /// The config.
-    pub config: PolyConfig,
-    /// The adapted sites.
-    pub adapter: Injected<PolyLinear>,
-}
-
-impl PolyModel {
-    /// Injects adapter `name` into `model`'s sites selected by `config`, initialised from `seed`.
+/// Poly's operations on a [`PeftModel`]: its layers, the selector, MHR-z and MHR-μ.
+pub trait PolyModelExt {
+    /// The Poly layers of adapter `name` (site and adapter), in site order.
     ///
     /// # Errors
-    /// Invalid config; [`Error::NoTargetMatched`]; a split count that does not divide a site.
-    pub fn new(model: &dyn Module, config: PolyConfig, name: &str, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let (targets, exclude) = (&config.target_modules, config.exclude_modules.as_ref());
-        let adapter = Injected::inject(model, targets, exclude, name, seed, |s, rng| {
-            PolyLinear::new(s.path(), name, s.base().as_ref(), &config, rng)
-        })?;
-        Ok(PolyModel { config, adapter })
+    /// [`AdapterError::UnknownAdapter`]; [`AdapterError::NotSupportedBy`] when `name` is not a Poly adapter.
+    fn poly_layers(&self, name: &str) -> AdapterResult<Vec<(Linear, Arc<PolyLinear>)>>;
+
+    /// Sets how every site of adapter `name` weighs its skills.
+    ///
+    /// # Errors
+    /// As [`PolyModelExt::poly_layers`].
+    fn set_poly_selector(&self, name: &str, s: PolySelector) -> AdapterResult<()> {
+        for (_, l) in self.poly_layers(name)? {
+            l.set_selector(s);
+        }
+        Ok(())
     }
 
-    /// The trainable parameters (all three tensors per site, or only the router logits under MHR-z).
-    pub fn trainable_params(&self) -> Vec<Param> {
-        self.adapter.trainable_params()
-    }
-
-    /// MHR-z: `true` freezes the skill inventories and trains only the router logits; `false` trains all.
-    pub fn set_router_only(&self, on: bool) {
-        for (_, l) in &self.adapter.layers {
+    /// MHR-z: `true` freezes the skill inventories of adapter `name` and trains only the router logits; `false`
+    /// trains all. (Activating adapters again recomputes the trainable flags: call this after `set_adapter`.)
+    ///
+    /// # Errors
+    /// As [`PolyModelExt::poly_layers`].
+    fn set_router_only(&self, name: &str, on: bool) -> AdapterResult<()> {
+        for (_, l) in self.poly_layers(name)? {
             l.a.set_trainable(!on);
             l.b.set_trainable(!on);
             l.logits.set_trainable(true);
         }
+        Ok(())
     }
 
-    /// Sets every site's selector.
-    pub fn set_selector(&self, s: PolySelector) {
-        for (_, l) in &self.adapter.layers {
-            l.set_selector(s);
+    /// MHR-μ: replaces Poly adapter `name` by a plain LoRA adapter `lora_name` (rank `r`, same scaling) on the same
+    /// sites whose factors are the per-split skill means, active, to fine-tune and save in PEFT's LoRA format.
+    ///
+    /// # Errors
+    /// As [`PolyModelExt::poly_layers`]; LoRA injection errors (the Poly adapter is then kept).
+    fn replace_with_mhr_mu(&mut self, name: &str, lora_name: &str) -> AdapterResult<()>;
+}
+
+impl<M: Module> PolyModelExt for PeftModel<M> {
+    fn poly_layers(&self, name: &str) -> AdapterResult<Vec<(Linear, Arc<PolyLinear>)>> {
+        let t = self.tuner(name)?;
+        match t.as_any().downcast_ref::<LinearTuner<PolyLinear>>() {
+            Some(lt) => Ok(lt.layers().to_vec()),
+            None => Err(not_supported(name, t.kind(), "poly_layers", "not a Poly adapter")),
         }
     }
 
-    /// MHR-μ: replaces the Poly adapter by a plain LoRA adapter `name` (rank `r`, same scaling) whose factors are
-    /// the per-split skill means, and returns it as a [`LoraModel`] to fine-tune (and save in PEFT's LoRA format).
-    ///
-    /// # Errors
-    /// LoRA injection errors.
-    pub fn into_mhr_mu(mut self, model: &dyn Module, name: &str) -> Result<LoraModel> {
-        let means: Vec<(String, LoraFactors)> = self
-            .adapter
-            .layers
-            .iter()
-            .map(|(s, l)| Ok((s.path().to_string(), l.mean_lora()?)))
-            .collect::<Result<_>>()?;
-        self.adapter.detach();
+    fn replace_with_mhr_mu(&mut self, name: &str, lora_name: &str) -> AdapterResult<()> {
+        let layers = self.poly_layers(name)?;
+        let Some(cfg) = self.config(name)?.as_any().downcast_ref::<PolyConfig>().cloned() else {
+            return Err(not_supported(name, POLY_TYPE, "replace_with_mhr_mu", "not a Poly adapter"));
+        };
+        let means: Vec<(String, LoraFactors)> =
+            layers.iter().map(|(s, l)| Ok((s.path().to_string(), l.mean_lora()?))).collect::<AdapterResult<_>>()?;
         let paths: Vec<String> = means.iter().map(|(p, _)| p.clone()).collect();
-        let r = self.config.r;
-        let cfg = LoraConfig::new(r, self.config.scaling() * r as f64, paths);
-        let lm = LoraModel::new(model, cfg, name, 0)?;
-        for (site, l) in &lm.adapter(name)?.layers {
-            if let Some((_, (a, b))) = means.iter().find(|(p, _)| p == site.path()) {
-                l.lora_a().set(a.clone())?;
-                l.lora_b().set(b.clone())?;
+        // Full module paths: a list entry matches its own path only.
+        let mut lc = LoraConfig::new(cfg.r, cfg.scaling() * cfg.r as f64, paths);
+        lc.modules_to_save = cfg.modules_to_save.clone();
+        self.add_adapter(lora_name, lc)?;
+        let set = (|| -> AdapterResult<()> {
+            for (site, l) in self.lora_layers(lora_name)? {
+                if let Some((_, (a, b))) = means.iter().find(|(p, _)| p == site.path()) {
+                    l.lora_a().set(a.clone())?;
+                    l.lora_b().set(b.clone())?;
+                }
             }
+            Ok(())
+        })();
+        if let Err(e) = set {
+            self.delete_adapter(lora_name)?;
+            return Err(e);
         }
-        Ok(lm)
-    }
-
-    /// The tensors as saved (PEFT keys), by file key.
-    pub fn state_dict(&self) -> BTreeMap<String, ArrayD<f32>> {
-        self.adapter.state_dict()
-    }
-
-    /// Writes PEFT's files into `dir`.
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn save_pretrained(&self, dir: &Path) -> Result<u64> {
-        let cfg = PolyConfig { inference_mode: true, ..self.config.clone() };
-        write_adapter(dir, &cfg, &self.state_dict())
-    }
-
-    /// Injects the Poly adapter saved in `dir` (by PEFT or peft-rs) into `model` under `name`.
-    ///
-    /// # Errors
-    /// IO errors; another `peft_type`; missing or mis-shaped tensors.
-    pub fn load(model: &dyn Module, dir: &Path, name: &str) -> Result<Self> {
-        let (config, file) = read_adapter::<PolyConfig>(dir, "POLY")?;
-        let mut me = Self::new(model, config, name, 0)?;
-        me.adapter.load_tensors(&file)?;
-        Ok(me)
+        self.delete_adapter(name)?;
+        self.set_adapter(lora_name)
     }
 }
 

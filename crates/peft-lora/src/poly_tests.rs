@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use ndarray::{Array2, Ix2, Ix4};
+use peft_core::adapter::{CONFIG_NAME, WEIGHTS_NAME};
 use peft_core::nn::{Ctx, Linear, MapWeights, RandomInit, Visitor, WeightSource};
 use peft_core::testing::max_abs_diff;
 
@@ -8,8 +9,16 @@ use super::*;
 use crate::structured::fdcheck;
 use crate::testutil::{input, Tiny};
 
-fn perturb(m: &PolyModel, seed: u64) {
-    for (i, (_, l)) in m.adapter.layers.iter().enumerate() {
+fn poly<M: Module>(model: M, cfg: PolyConfig) -> PeftModel<M> {
+    PeftModel::new(model, cfg, "default", 0).unwrap()
+}
+
+fn layers<M: Module>(m: &PeftModel<M>) -> Vec<(Linear, Arc<PolyLinear>)> {
+    m.poly_layers("default").unwrap()
+}
+
+fn perturb<M: Module>(m: &PeftModel<M>, seed: u64) {
+    for (i, (_, l)) in layers(m).iter().enumerate() {
         for (j, p) in l.params3().into_iter().enumerate() {
             p.set(RandomInit::new(seed + (10 * i + j) as u64, 0.4).get("p", &p.shape()).unwrap()).unwrap();
         }
@@ -37,8 +46,8 @@ fn poly_is_identity_at_init() {
     let model = Tiny::new(6, 2, 0);
     let x = input(4, 6, 1);
     let y0 = model.forward(&x, &Ctx::eval()).unwrap().to_vec();
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 3, 4, 2, ["query", "value"]), "default", 0).unwrap();
-    let y = model.forward(&x, &tasks(&[0, 1, 2, 1])).unwrap().to_vec();
+    let pm = poly(model, PolyConfig::new(2, 3, 4, 2, ["query", "value"]));
+    let y = pm.forward(&x, &tasks(&[0, 1, 2, 1])).unwrap().to_vec();
     assert_eq!(y, y0);
     // Per site: A q·k·(in/q)·r + B q·k·r·(out/q) + logits n_tasks·q·k.
     assert_eq!(pm.trainable_params().iter().map(Param::numel).sum::<usize>(), 4 * (4 * 12 + 4 * 12 + 3 * 8));
@@ -72,10 +81,9 @@ fn reference(l: &PolyLinear, x: &Array2<f32>, w: &ArrayD<f32>, row: usize) -> Ar
 
 #[test]
 fn mhr_forward_matches_the_peft_einsum_per_row() {
-    let model = one(6, 4);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 3, 3, 2, ["query"]), "default", 0).unwrap();
+    let pm = poly(one(6, 4), PolyConfig::new(2, 3, 3, 2, ["query"]));
     perturb(&pm, 2);
-    let (site, l) = &pm.adapter.layers[0];
+    let (site, l) = &layers(&pm)[0];
     let x = Tensor::new(RandomInit::new(3, 1.0).get("x", &[2, 5, 6]).unwrap());
     let ids = [2, 0];
     let y = site.forward(&x, &tasks(&ids)).unwrap();
@@ -91,10 +99,9 @@ fn mhr_forward_matches_the_peft_einsum_per_row() {
 
 #[test]
 fn router_weights_sum_to_one_per_split_in_eval_and_training() {
-    let model = one(4, 4);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 3, 5, 2, ["query"]), "default", 0).unwrap();
+    let pm = poly(one(4, 4), PolyConfig::new(2, 3, 5, 2, ["query"]));
     perturb(&pm, 7);
-    let l = &pm.adapter.layers[0].1;
+    let l = &layers(&pm)[0].1;
     for ctx in [Ctx::eval(), Ctx::train(3)] {
         let w = l.routing_weights(&[0, 1, 2, 2], &ctx).unwrap();
         assert_eq!(w.shape(), &[4, 2, 5]);
@@ -115,10 +122,9 @@ fn router_weights_sum_to_one_per_split_in_eval_and_training() {
 
 #[test]
 fn poly_with_one_skill_is_plain_lora() {
-    let model = one(5, 3);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 2, 1, 1, ["query"]), "default", 0).unwrap();
+    let pm = poly(one(5, 3), PolyConfig::new(2, 2, 1, 1, ["query"]));
     perturb(&pm, 4);
-    let (site, l) = &pm.adapter.layers[0];
+    let (site, l) = &layers(&pm)[0];
     let x = input(3, 5, 1);
     let y = site.forward(&x, &tasks(&[1, 0, 1])).unwrap();
     let a = l.a.value().to_owned().into_shape_with_order((5, 2)).unwrap();
@@ -131,15 +137,14 @@ fn poly_with_one_skill_is_plain_lora() {
 
 #[test]
 fn mhr_mu_equals_single_lora_with_mean_factors() {
-    let model = Tiny::new(6, 2, 0);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 3, 4, 3, ["query", "dense"]), "default", 0).unwrap();
+    let mut pm = poly(Tiny::new(6, 2, 0), PolyConfig::new(2, 3, 4, 3, ["query", "dense"]));
     perturb(&pm, 5);
-    pm.set_selector(PolySelector::Uniform);
+    pm.set_poly_selector("default", PolySelector::Uniform).unwrap();
     let x = input(4, 6, 2);
     // No task ids needed under the uniform selector.
-    let y_mu = model.forward(&x, &Ctx::eval()).unwrap().to_vec();
+    let y_mu = pm.forward(&x, &Ctx::eval()).unwrap().to_vec();
     // Hand-built means: A_μ[q] = mean_s A[q, s], B_μ[q] = mean_s B[q, s], laid out as one LoRA.
-    for (_, l) in &pm.adapter.layers {
+    for (_, l) in &layers(&pm) {
         let a = l.a.value().to_owned().into_dimensionality::<Ix4>().unwrap();
         let b = l.b.value().to_owned().into_dimensionality::<Ix4>().unwrap();
         let (am, bm) = l.mean_lora().unwrap();
@@ -161,70 +166,71 @@ fn mhr_mu_equals_single_lora_with_mean_factors() {
         }
     }
     // Merging is exact under the uniform selector.
-    pm.adapter.merge().unwrap();
-    assert!(max_abs_diff(&model.forward(&x, &Ctx::eval()).unwrap().to_vec(), &y_mu) < 1e-5);
-    pm.adapter.unmerge().unwrap();
-    let lm = pm.into_mhr_mu(&model, "mu").unwrap();
-    assert_eq!(lm.adapter("mu").unwrap().layers.len(), 4);
-    assert!(max_abs_diff(&model.forward(&x, &Ctx::eval()).unwrap().to_vec(), &y_mu) < 1e-5);
+    pm.merge_adapter().unwrap();
+    assert!(max_abs_diff(&pm.forward(&x, &Ctx::eval()).unwrap().to_vec(), &y_mu) < 1e-5);
+    pm.unmerge_adapter().unwrap();
+    pm.replace_with_mhr_mu("default", "mu").unwrap();
+    assert_eq!(pm.adapter_names(), ["mu"]);
+    assert_eq!(pm.lora_layers("mu").unwrap().len(), 4);
+    assert!(max_abs_diff(&pm.forward(&x, &Ctx::eval()).unwrap().to_vec(), &y_mu) < 1e-5);
 }
 
 #[test]
 fn task_routed_poly_is_not_mergeable() {
-    let model = one(4, 4);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 2, 2, 1, ["query"]), "default", 0).unwrap();
-    assert!(matches!(pm.adapter.merge(), Err(Error::Invalid { .. })));
+    let mut pm = poly(one(4, 4), PolyConfig::new(2, 2, 2, 1, ["query"]));
+    assert!(matches!(pm.merge_adapter(), Err(AdapterError::Core(Error::Invalid { .. }))));
+    assert!(!pm.tuner("default").unwrap().is_merged());
 }
 
 #[test]
 fn mhr_z_trains_only_the_router_logits() {
-    let model = Tiny::new(4, 1, 0);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 2, 2, 2, ["query"]), "default", 0).unwrap();
+    let pm = poly(Tiny::new(4, 1, 0), PolyConfig::new(2, 2, 2, 2, ["query"]));
     perturb(&pm, 3);
-    pm.set_router_only(true);
+    pm.set_router_only("default", true).unwrap();
     let tr = pm.trainable_params();
     assert_eq!(tr.len(), 1);
     assert!(tr[0].name().ends_with("poly_router.default.module_logits"));
     let x = input(2, 4, 1);
-    let g = model.forward(&x, &tasks(&[0, 1])).unwrap().sum_all().backward().unwrap();
+    let g = pm.forward(&x, &tasks(&[0, 1])).unwrap().sum_all().backward().unwrap();
     assert!(g.get_id(tr[0].id()).is_some());
-    pm.set_router_only(false);
+    pm.set_router_only("default", false).unwrap();
     assert_eq!(pm.trainable_params().len(), 3);
 }
 
 #[test]
 fn poly_gradients_match_finite_differences_in_eval_and_relaxed_training() {
-    let model = Tiny::new(4, 1, 0);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 3, 3, 2, ["query", "dense"]), "default", 0).unwrap();
+    let pm = poly(Tiny::new(4, 1, 0), PolyConfig::new(2, 3, 3, 2, ["query", "dense"]));
     perturb(&pm, 8);
     let x = input(3, 4, 4);
     let r = input(3, 3, 5);
     let ids = vec![2, 0, 1];
-    let f = || model.forward(&x, &Ctx::eval().with_task_ids(ids.clone())).unwrap().mul(&r).unwrap().sum_all();
+    let f = || pm.forward(&x, &Ctx::eval().with_task_ids(ids.clone())).unwrap().mul(&r).unwrap().sum_all();
     fdcheck::check(&f, &pm.trainable_params(), 1e-2, 3e-3);
     // Training: the Relaxed-Bernoulli noise is fixed by the Ctx seed, so the sample is a smooth function of z.
-    let f = || model.forward(&x, &Ctx::train(9).with_task_ids(ids.clone())).unwrap().mul(&r).unwrap().sum_all();
+    let f = || pm.forward(&x, &Ctx::train(9).with_task_ids(ids.clone())).unwrap().mul(&r).unwrap().sum_all();
     fdcheck::check(&f, &pm.trainable_params(), 1e-2, 3e-3);
 }
 
 #[test]
 fn poly_save_load_save_is_byte_identical() {
-    let model = Tiny::new(6, 2, 0);
     let mut cfg = PolyConfig::new(2, 3, 2, 2, ["value"]);
     cfg.relaxed_bernoulli = false;
-    let pm = PolyModel::new(&model, cfg, "default", 0).unwrap();
+    cfg.modules_to_save = Some(vec!["classifier".into()]);
+    let pm = poly(Tiny::new(6, 2, 0), cfg);
     perturb(&pm, 4);
+    pm.classifier.base().params()[1].update(|b| b.mapv_inplace(|v| v + 0.5));
     let d1 = tempfile::tempdir().unwrap();
     pm.save_pretrained(d1.path()).unwrap();
-    let model2 = Tiny::new(6, 2, 0);
-    let pm2 = PolyModel::load(&model2, d1.path(), "default").unwrap();
-    assert!(!pm2.config.relaxed_bernoulli);
+    let (pm2, report) = PeftModel::from_pretrained(Tiny::new(6, 2, 0), d1.path(), &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    let cfg2 = pm2.config("default").unwrap().as_any().downcast_ref::<PolyConfig>().unwrap();
+    assert!(!cfg2.relaxed_bernoulli);
     let x = input(3, 6, 1);
     let ctx = || tasks(&[0, 2, 1]);
-    assert_eq!(model.forward(&x, &ctx()).unwrap().to_vec(), model2.forward(&x, &ctx()).unwrap().to_vec());
+    assert_eq!(pm.forward(&x, &ctx()).unwrap().to_vec(), pm2.forward(&x, &ctx()).unwrap().to_vec());
     let d2 = tempfile::tempdir().unwrap();
     pm2.save_pretrained(d2.path()).unwrap();
-    for f in [crate::io::CONFIG_NAME, crate::io::WEIGHTS_NAME] {
+    for f in [CONFIG_NAME, WEIGHTS_NAME] {
         assert_eq!(std::fs::read(d1.path().join(f)).unwrap(), std::fs::read(d2.path().join(f)).unwrap(), "{f}");
     }
 }
@@ -236,55 +242,65 @@ fn peft_poly_fixture_loads_matches_output_and_saves_back_identically() {
     let base = peft_core::io::safetensors::SafeTensorsFile::open(dir.join("base.safetensors")).unwrap();
     let w: HashMap<String, ArrayD<f32>> = base.names().map(|n| (n.to_string(), base.get(n).unwrap())).collect();
     let model = One(Linear::load("query", 4, 6, true, &MapWeights(w)).unwrap());
-    let pm = PolyModel::load(&model, &dir, "default").unwrap();
-    assert_eq!((pm.config.n_tasks, pm.config.n_skills, pm.config.n_splits), (3, 3, 2));
+    let (pm, report) = PeftModel::from_pretrained(model, &dir, &crate::registry()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    let cfg = pm.config("default").unwrap().as_any().downcast_ref::<PolyConfig>().unwrap();
+    assert_eq!((cfg.n_tasks, cfg.n_skills, cfg.n_splits), (3, 3, 2));
     let io: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("io.json")).unwrap()).unwrap();
     let v = |k: &str| -> Vec<f32> { io[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
     let shape: Vec<usize> = io["x_shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     let ids: Vec<usize> = io["task_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     let x = Tensor::from_vec(v("x"), &shape).unwrap();
-    let y = model.0.forward(&x, &Ctx::eval().with_task_ids(ids)).unwrap();
+    let y = pm.0.forward(&x, &Ctx::eval().with_task_ids(ids)).unwrap();
     assert!(max_abs_diff(y.as_slice(), &v("y")) < 1e-5);
     let out = tempfile::tempdir().unwrap();
     pm.save_pretrained(out.path()).unwrap();
+    assert_eq!(std::fs::read(dir.join(WEIGHTS_NAME)).unwrap(), std::fs::read(out.path().join(WEIGHTS_NAME)).unwrap());
     assert_eq!(
-        std::fs::read(dir.join(crate::io::WEIGHTS_NAME)).unwrap(),
-        std::fs::read(out.path().join(crate::io::WEIGHTS_NAME)).unwrap()
-    );
-    assert_eq!(
-        std::fs::read_to_string(dir.join(crate::io::CONFIG_NAME)).unwrap(),
-        std::fs::read_to_string(out.path().join(crate::io::CONFIG_NAME)).unwrap()
+        std::fs::read_to_string(dir.join(CONFIG_NAME)).unwrap(),
+        std::fs::read_to_string(out.path().join(CONFIG_NAME)).unwrap()
     );
 }
 
 #[test]
 fn poly_bad_configs_and_task_ids_are_typed_errors() {
-    let model = one(6, 4);
-    let bad = |c: PolyConfig| PolyModel::new(&model, c, "a", 0).err().unwrap();
-    assert!(matches!(bad(PolyConfig::new(2, 2, 0, 1, ["query"])), Error::Invalid { .. }));
-    assert!(matches!(bad(PolyConfig::new(2, 2, 2, 4, ["query"])), Error::Invalid { .. }), "4 splits of 6");
+    let bad = |c: PolyConfig| PeftModel::new(one(6, 4), c, "a", 0).err().unwrap();
+    assert!(matches!(bad(PolyConfig::new(2, 2, 0, 1, ["query"])), AdapterError::InvalidConfig { .. }));
+    assert!(matches!(bad(PolyConfig::new(2, 2, 2, 4, ["query"])), AdapterError::InvalidConfig { .. }), "4 of 6");
     let mut c = PolyConfig::new(2, 2, 2, 1, ["query"]);
     c.poly_type = "moe".into();
-    assert!(matches!(bad(c), Error::Invalid { .. }));
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 2, 2, 2, ["query"]), "a", 0).unwrap();
+    assert!(matches!(bad(c), AdapterError::Unsupported { .. }));
+    let pm = PeftModel::new(one(6, 4), PolyConfig::new(2, 2, 2, 2, ["query"]), "a", 0).unwrap();
     let x = input(2, 6, 1);
-    assert!(matches!(model.0.forward(&x, &tasks(&[0, 2])), Err(Error::UnknownName { .. })));
-    assert!(matches!(model.0.forward(&x, &Ctx::eval()), Err(Error::Invalid { .. })));
-    assert!(matches!(model.0.forward(&x, &tasks(&[0])), Err(Error::Invalid { .. })));
-    drop(pm);
+    assert!(matches!(pm.0.forward(&x, &tasks(&[0, 2])), Err(Error::UnknownName { .. })));
+    assert!(matches!(pm.0.forward(&x, &Ctx::eval()), Err(Error::Invalid { .. })));
+    assert!(matches!(pm.0.forward(&x, &tasks(&[0])), Err(Error::Invalid { .. })));
 }
 
 /// With one task, a batch without task ids is routed as task 0 (the registry's single-task use); with more
 /// tasks the ids stay required (tested above).
 #[test]
 fn single_task_poly_needs_no_task_ids() {
-    let model = one(6, 4);
-    let pm = PolyModel::new(&model, PolyConfig::new(2, 1, 3, 1, ["query"]), "a", 0).unwrap();
+    let pm = PeftModel::new(one(6, 4), PolyConfig::new(2, 1, 3, 1, ["query"]), "default", 0).unwrap();
     perturb(&pm, 4);
     let x = input(3, 6, 2);
-    let without = model.0.forward(&x, &Ctx::eval()).unwrap().to_vec();
-    let with = model.0.forward(&x, &tasks(&[0, 0, 0])).unwrap().to_vec();
+    let without = pm.0.forward(&x, &Ctx::eval()).unwrap().to_vec();
+    let with = pm.0.forward(&x, &tasks(&[0, 0, 0])).unwrap().to_vec();
     assert_eq!(without, with);
     let base = one(6, 4).0.forward(&x, &Ctx::eval()).unwrap().to_vec();
     assert!(max_abs_diff(&without, &base) > 1e-3, "the perturbed adapter contributes");
+}
+
+#[test]
+fn poly_load_checks_shapes_before_allocating() {
+    let pm = poly(Tiny::new(6, 2, 0), PolyConfig::new(2, 3, 2, 2, ["value"]));
+    let d = tempfile::tempdir().unwrap();
+    pm.save_pretrained(d.path()).unwrap();
+    let path = d.path().join(CONFIG_NAME);
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"n_skills\": 2", "\"n_skills\": 3");
+    std::fs::write(&path, text).unwrap();
+    let mut m = PeftModel::wrap(Tiny::new(6, 2, 0), 0);
+    let err = m.load_adapter(d.path(), "x", &crate::registry()).unwrap_err();
+    assert!(matches!(err, AdapterError::TensorShape { .. }), "{err}");
+    assert!(m.adapter_names().is_empty() && m.layers[0][1].adapters().is_empty());
 }

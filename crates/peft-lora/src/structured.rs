@@ -2,8 +2,9 @@
 //! crate uses (unknown keys reported, values parsed with their field named), and finite-difference checks for
 //! tests.
 
-use ndarray::Array2;
-use peft_core::adapter::{AdapterError, AdapterResult};
+use ndarray::{Array2, Ix2};
+use peft_core::adapter::{AdapterError, AdapterResult, AdapterTensors, ModulePattern, TargetSpec};
+use peft_core::{Error, Param};
 use rand_distr::{Distribution, Uniform};
 use serde_json::Value;
 
@@ -46,8 +47,54 @@ pub fn config_json(c: &impl serde::Serialize, method: &str) -> AdapterResult<Val
     serde_json::to_value(c).map_err(|e| AdapterError::config(method, "<config>", e.to_string()))
 }
 
+/// The site selection of a method with PEFT's `target_modules` / `exclude_modules` keys.
+///
+/// # Errors
+/// Invalid regular expressions.
+pub fn target_spec(target: &ModulePattern, exclude: Option<&ModulePattern>) -> AdapterResult<TargetSpec> {
+    Ok(TargetSpec::new(target, exclude, None, None, &[])?)
+}
+
+/// `target_modules` for reports (`"query,value"` or the regex).
+pub fn describe_targets(t: &ModulePattern) -> String {
+    match t {
+        ModulePattern::List(v) => v.join(","),
+        ModulePattern::Regex(s) => s.clone(),
+    }
+}
+
+/// Checks, before anything is allocated, that tensor `key` (relative to the model root) is in `file` with shape
+/// `want`.
+///
+/// # Errors
+/// [`AdapterError::MissingTensor`] / [`AdapterError::TensorShape`] naming the full key.
+pub fn expect_tensor(file: &AdapterTensors, key: &str, want: &[usize]) -> AdapterResult<()> {
+    match file.shape(key) {
+        None => {
+            Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key: format!("base_model.model.{key}") })
+        }
+        Some(s) if s != want => Err(AdapterError::TensorShape {
+            file: file.path().to_path_buf(),
+            key: format!("base_model.model.{key}"),
+            expected: want.to_vec(),
+            found: s,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A parameter's value as a matrix.
+///
+/// # Errors
+/// [`Error::Invalid`] when it is not 2-D.
+pub fn m2(p: &Param) -> peft_core::Result<Array2<f32>> {
+    p.value()
+        .to_owned()
+        .into_dimensionality::<Ix2>()
+        .map_err(|_| Error::Invalid { op: "structured", msg: format!("{} is not a matrix", p.name()) })
+}
+
 #[cfg(test)]
-#[allow(dead_code)] // MIGRATING (issue 12): used by the structured methods' tests once they are ported
 pub(crate) mod fdcheck {
     //! Finite-difference checks of adapter parameters through a model forward (f32 forwards, f64 sums).
 

@@ -234,7 +234,7 @@ pub trait WeightedExt {
     /// # Errors
     /// [`peft_core::Error::Invalid`] (as an adapter error) for mismatched lengths, unequal ranks under
     /// `Linear`/`Factors`, DoRA adapters, adapters on different sites, a zero SVD rank, or a bad density;
-    /// [`AdapterError::UnknownAdapter`]; adapters that are not LoRA.
+    /// [`peft_core::adapter::AdapterError::UnknownAdapter`]; adapters that are not LoRA.
     fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],

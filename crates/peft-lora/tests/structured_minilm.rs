@@ -1,13 +1,11 @@
-//! The structured LoRA registry methods (`hydra`, `mos`, `mixlora`, `poly`) on the real MiniLM-L6 classifier: each leaves
-//! the model output unchanged at prepare, lowers the SST-2 training loss in a few AdamW steps, and saves.
-//!
-//! MIGRATING (issue 12): compiled out until hydra/mos/mixlora/poly are ported onto `PeftModel`; the port
-//! rewrites this test on the registry.
-#![cfg(any())]
+//! The structured LoRA registry methods (`hydra`, `mos`, `mixlora`, `poly`) on the real MiniLM-L6 classifier
+//! through `PeftModel` and the core trainer: each leaves the model output unchanged at init, lowers the SST-2
+//! training loss in a few steps (MixLoRA's router loss added through the hooks), and saves.
 
+use peft_core::adapter::PeftModel;
 use peft_core::nn::Ctx;
-use peft_core::testing::require_asset;
-use peft_core::{AdamW, Optimizer};
+use peft_core::testing::{max_abs_diff, require_asset};
+use peft_core::train::{Loss, ScheduleKind, Trainer, TrainerConfig};
 use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
 use peft_models::tokenizer::TextTokenizer;
 
@@ -30,24 +28,47 @@ fn structured_methods_train_minilm_on_sst2() {
     let texts: Vec<&str> = rows.iter().map(|r| r.0).collect();
     let labels: Vec<f32> = rows.iter().map(|r| r.1).collect();
     let batch = tok.batch(&texts).unwrap();
-    for m in peft_lora::struct_methods::methods_for(&["query", "value"]) {
+    let specs: Vec<_> =
+        peft_lora::methods().into_iter().filter(|m| ["hydra", "mos", "mixlora", "poly"].contains(&m.name.0)).collect();
+    assert_eq!(specs.len(), 4);
+    for m in specs {
         let model = BertForSequenceClassification::new(BertModel::load(&dir).unwrap(), 2, Pooling::Mean, 0).unwrap();
-        let eval_loss = || model.loss(&batch, &labels, &Ctx::eval()).unwrap().item().unwrap();
+        let y0 = model.forward(&batch, &Ctx::eval()).unwrap().to_vec();
+        let mut cfg = m.config();
+        cfg.set_modules_to_save(vec!["classifier".into()]).unwrap();
+        let mut pm = PeftModel::wrap(model, 0);
+        pm.add_adapter_boxed("default", cfg).unwrap();
+        pm.set_adapter("default").unwrap();
+        let eval_loss = || pm.loss(&batch, &labels, &Ctx::eval()).unwrap().item().unwrap();
+        let y1 = pm.forward(&batch, &Ctx::eval()).unwrap().to_vec();
+        assert!(max_abs_diff(&y0, &y1) < 1e-5, "{}: output changed at init", m.name);
         let before = eval_loss();
-        let prep = m.prepare(&model, &model.classifier.base().params()).unwrap();
-        let at_init = eval_loss();
-        assert!((at_init - before).abs() < 1e-5, "{}: {before} vs {at_init} at init", m.name());
-        let mut opt = AdamW::with_lr(prep.trainable(), m.default_lr() * 4.0, 0.0).unwrap();
-        for step in 0..4 {
-            let loss = model.loss(&batch, &labels, &Ctx::train(step)).unwrap();
-            let grads = loss.backward().unwrap();
-            opt.step(&grads).unwrap();
+        // As before the port: AdamW at 4x the registry rate, constant, no clipping.
+        let tc = TrainerConfig {
+            lr: m.lr * 4.0,
+            total_steps: 4,
+            max_grad_norm: None,
+            schedule: ScheduleKind::Constant,
+            ..TrainerConfig::default()
+        };
+        let mut t = Trainer::new(pm.trainable_params(), &pm, tc).unwrap();
+        for _ in 0..4 {
+            t.step(|ctx: &mut Ctx| Ok(Loss::Single(pm.loss(&batch, &labels, ctx)?))).unwrap();
         }
         let after = eval_loss();
-        let n: usize = prep.trainable().iter().map(peft_core::Param::numel).sum();
+        let n: usize = pm.trainable_params().iter().map(peft_core::Param::numel).sum();
         println!("{}: {} trainable, loss {before:.4} -> {after:.4}", m.describe(), n);
-        assert!(after < before - 0.01, "{}: {before} -> {after}", m.name());
+        assert!(after < before - 0.01, "{}: {before} -> {after}", m.name);
         let out = tempfile::tempdir().unwrap();
-        assert!(prep.save(out.path()).unwrap() > 0);
+        assert!(pm.save_pretrained(out.path()).unwrap() > 0);
+        let (back, report) = PeftModel::from_pretrained(
+            BertForSequenceClassification::new(BertModel::load(&dir).unwrap(), 2, Pooling::Mean, 0).unwrap(),
+            out.path(),
+            &peft_lora::registry(),
+        )
+        .unwrap();
+        assert!(report.is_clean(), "{}: {report}", m.name);
+        let y2 = back.forward(&batch, &Ctx::eval()).unwrap().to_vec();
+        assert!(max_abs_diff(&y2, &pm.forward(&batch, &Ctx::eval()).unwrap().to_vec()) < 1e-5, "{}", m.name);
     }
 }
