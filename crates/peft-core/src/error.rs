@@ -61,12 +61,32 @@ pub enum Error {
         /// The name asked for.
         name: String,
     },
+    /// A file that could not be read or decoded (a tokenizer, an image, a preprocessor config, a weight file read
+    /// through a backbone's weight source): its path and the underlying error.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A target pattern that matched no site.
     #[error("no adapter site matched the patterns {patterns:?}")]
     NoTargetMatched {
         /// The patterns that matched nothing.
         patterns: Vec<String>,
     },
+}
+
+impl Error {
+    /// An [`Error::File`] for `path` from any error (or message).
+    pub fn file(
+        path: impl Into<std::path::PathBuf>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::File { path: path.into(), source: source.into() }
+    }
 }
 
 /// Result alias for peft-core.

@@ -124,12 +124,11 @@ impl Preprocess {
     /// `BitImageProcessor`'s defaults).
     ///
     /// # Errors
-    /// Unreadable file, invalid JSON or unsupported values.
+    /// [`Error::File`] (with the path) for an unreadable file, invalid JSON or unsupported values.
     pub fn from_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Invalid { op: "Preprocess::from_json", msg: format!("{}: {e}", path.display()) })?;
-        Self::from_json_str(&text)
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        Self::from_json_str(&text).map_err(|e| Error::file(path, e))
     }
 
     /// As [`Preprocess::from_json`] from a string.
@@ -303,7 +302,7 @@ fn check_pixels(op: &'static str, what: &str, h: usize, w: usize) -> Result<()> 
 #[cfg(feature = "image")]
 pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
-    let fail = |e: &dyn std::fmt::Display| Error::Invalid { op: "read_rgb", msg: format!("{}: {e}", path.display()) };
+    let fail = |e: &dyn std::fmt::Display| Error::file(path, e.to_string());
     let len = std::fs::metadata(path).map_err(|e| fail(&e))?.len();
     if len > MAX_FILE_BYTES {
         return Err(fail(&format!("{len} bytes, more than the {MAX_FILE_BYTES}-byte cap for an image file")));
@@ -327,8 +326,7 @@ pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
         reader.limits(limits);
         reader.decode().map_err(|e| fail(&e))?.to_rgb8().into_raw()
     };
-    Array3::from_shape_vec((h, w, 3), raw)
-        .map_err(|e| Error::Invalid { op: "read_rgb", msg: format!("{}: decoded size: {e}", path.display()) })
+    Array3::from_shape_vec((h, w, 3), raw).map_err(|e| Error::file(path, format!("decoded size: {e}")))
 }
 
 /// Decodes a JPEG to RGB u8 with `zune-jpeg` in strict mode (the decoder `image` uses, which `image` runs in

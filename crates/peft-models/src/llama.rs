@@ -268,7 +268,7 @@ impl WeightSource for GgufLlamaWeights<'_> {
         let w = match self.file.get(&g) {
             Ok(w) => w,
             Err(IoError::MissingTensor { .. }) => return Err(unknown()),
-            Err(e) => return Err(Error::Invalid { op: "load weight", msg: e.to_string() }),
+            Err(e) => return Err(Error::file(self.file.path(), e)),
         };
         if w.shape() != shape {
             return Err(Error::WeightShape {

@@ -96,11 +96,10 @@ impl TextTokenizer {
     /// padding settings, else from a `[PAD]` or `<pad>` token, else 0.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the file cannot be read or parsed.
+    /// [`Error::File`] (with the path) when the file cannot be read or parsed.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut inner = Tokenizer::from_file(path)
-            .map_err(|e| Error::Invalid { op: "TextTokenizer::from_file", msg: format!("{}: {e}", path.display()) })?;
+        let mut inner = Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
         let pad_id = inner
             .get_padding()
             .map(|p| p.pad_id)
@@ -195,6 +194,9 @@ mod tests {
     #[test]
     #[cfg(feature = "text")]
     fn missing_file_is_a_typed_error() {
-        assert!(matches!(TextTokenizer::from_file("/nonexistent/tokenizer.json"), Err(Error::Invalid { .. })));
+        match TextTokenizer::from_file("/nonexistent/tokenizer.json") {
+            Err(Error::File { path, .. }) => assert_eq!(path, std::path::Path::new("/nonexistent/tokenizer.json")),
+            other => panic!("expected a file error naming the path, got {:?}", other.err()),
+        }
     }
 }

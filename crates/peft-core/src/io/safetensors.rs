@@ -597,7 +597,7 @@ impl crate::nn::WeightSource for SafeTensorsFile {
                 expected,
                 found,
             }),
-            Err(e) => Err(crate::Error::Invalid { op: "load weight", msg: e.to_string() }),
+            Err(e) => Err(crate::Error::file(self.path(), e)),
         }
     }
     fn contains(&self, name: &str) -> bool {
