@@ -32,6 +32,12 @@
 //! the forward that was saved. The packed keys are read outside [`AdapterTensors::get`] (it decodes floats only), so
 //! a load report lists the `*.codes` keys under `unexpected` although they were applied.
 //!
+//! ## Measured (all-MiniLM-L6-v2, LoRA r=8 on query/value + the f32 classifier head)
+//! Adapter file (`adapter_model.safetensors`): fp32 301,392 B; packed 1-bit 18,720 B, 2-bit 27,960 B, 3-bit
+//! 37,200 B, 4-bit 46,424 B (`tests/lowbit_minilm.rs`; the safetensors header with its 48 key names is about 6 KB of
+//! the packed files). SST-2 dev accuracy (`docs/bench/glue-lowbit*`, 3 seeds): 1,000 examples LoRA 77.4±1.4 vs
+//! 1-bit 77.7±1.5; 4,000 examples LoRA 82.7±0.8 vs 1-bit 81.5±1.1.
+//!
 //! ```
 //! use peft_quant::lowbit_lora::LowBitLoraConfig;
 //! use peft_core::adapter::TunerConfig;
