@@ -9,7 +9,7 @@
 //! * **Init**: PEFT's LoRA init (`A` Kaiming-uniform, `B = 0`). The all-zero `B` has `σ = 0`, and quantizes to
 //!   exactly 0 (`level·0 + 0`), so the adapted model equals the base at init; its gradient is the identity STE
 //!   until `σ > 0` (the statistics have no derivative at `σ = 0`). The reference instead starts `B` from a
-//!   truncated `N(0, 0.001²)`, which is only nearly the identity.
+//!   truncated `N(0, 0.001²)`, which is only nearly the identity: `init_b_std = 0.001` selects that.
 //! * **Merge**: `W += s · B̂ · Â` (the quantized matrices: merged and unmerged forwards agree to rounding).
 //!
 //! ## Files
@@ -81,12 +81,20 @@ pub struct LowBitLoraConfig {
     pub bits: u8,
     /// How the gradient passes the quantizer.
     pub ste: SteGradient,
+    /// `Some(std)`: the reference's init of `B`, a normal `N(0, std²)` truncated to `±2·std` (the reference uses
+    /// 0.001), which is near- but not exactly the identity; `None` (default): LoRA's `B = 0`, exactly the identity.
+    pub init_b_std: Option<f64>,
 }
 
 impl LowBitLoraConfig {
     /// LoRA rank `r`, `alpha` on `targets`, quantized to `bits`, reference gradient.
     pub fn new<S: Into<String>>(r: usize, alpha: f64, targets: impl IntoIterator<Item = S>, bits: u8) -> Self {
-        LowBitLoraConfig { lora: LoraConfig::new(r, alpha, targets), bits, ste: SteGradient::ThroughStats }
+        LowBitLoraConfig {
+            lora: LoraConfig::new(r, alpha, targets),
+            bits,
+            ste: SteGradient::ThroughStats,
+            init_b_std: None,
+        }
     }
 
     fn validate(&self) -> AdapterResult<()> {
@@ -100,6 +108,11 @@ impl LowBitLoraConfig {
         }
         if self.lora.lora_bias {
             return bad("lora_bias", "low-bit LoRA has no lora_B bias");
+        }
+        if let Some(std) = self.init_b_std {
+            if !(std > 0.0 && std.is_finite()) {
+                return bad("init_b_std", "must be positive and finite");
+            }
         }
         let init = self.lora.init()?;
         if init.mutates_base() || self.lora.needs_calibration() {
@@ -128,6 +141,7 @@ impl TunerConfig for LowBitLoraConfig {
         let ste = serde_json::to_value(self.ste)
             .map_err(|e| AdapterError::config(PEFT_TYPE, "ste_gradient", e.to_string()))?;
         o.insert("ste_gradient".into(), ste);
+        o.insert("init_b_std".into(), self.init_b_std.into());
         Ok(v)
     }
     fn modules_to_save(&self) -> Vec<String> {
@@ -152,6 +166,18 @@ impl TunerConfig for LowBitLoraConfig {
             let spec = spec_at(&self.lora, site)?;
             let mut rng = peft_core::adapter::site_rng(cx.seed, cx.name, site.path());
             let lora = LoraLinear::new(site.path(), cx.name, site.base().as_ref(), spec, &mut rng)?;
+            if let Some(std) = self.init_b_std {
+                let b = lora.lora_b();
+                let normal = rand_distr::Normal::new(0.0, std)
+                    .map_err(|e| AdapterError::config(PEFT_TYPE, "init_b_std", e.to_string()))?;
+                let v = ArrayD::from_shape_simple_fn(ndarray::IxDyn(&b.shape()), || loop {
+                    let x: f64 = rand_distr::Distribution::sample(&normal, &mut rng);
+                    if x.abs() <= 2.0 * std {
+                        break x as f32;
+                    }
+                });
+                b.set(v)?;
+            }
             Ok(LowBitLoraLinear { lora, spec, bits: self.bits, ste: self.ste, stored: Mutex::new(None) })
         })?;
         Ok(Box::new(LowBitTuner { inner, bits: self.bits }))
@@ -211,9 +237,15 @@ impl PeftConfig for LowBitLoraConfig {
                 )
             })?,
         };
+        let init_b_std = match o.remove("init_b_std") {
+            None | Some(Value::Null) => None,
+            Some(x) => Some(x.as_f64().ok_or_else(|| {
+                AdapterError::config(PEFT_TYPE, "init_b_std", format!("{x}: expected a number or null"))
+            })?),
+        };
         o.insert("peft_type".into(), "LORA".into());
         let (lora, warnings) = LoraConfig::from_value(v)?;
-        let c = LowBitLoraConfig { lora, bits, ste };
+        let c = LowBitLoraConfig { lora, bits, ste, init_b_std };
         c.validate()?;
         Ok((c, warnings))
     }

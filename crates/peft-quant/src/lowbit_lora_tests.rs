@@ -306,3 +306,25 @@ fn packed_file_with_wrong_sizes_is_refused() {
     let lora = PeftModel::new(Toy::new(D, 1, 0), LoraConfig::new(4, 8.0, ["query"]), "default", 0).unwrap();
     assert!(matches!(lora.save_lowbit(dir.path(), "default"), Err(AdapterError::NotSupportedBy { .. })));
 }
+
+#[test]
+fn reference_init_of_b_is_a_truncated_normal_and_nearly_the_identity() {
+    let c = LowBitLoraConfig { init_b_std: Some(0.001), ..cfg(1) };
+    let m = PeftModel::new(Toy::new(D, 2, 1), c.clone(), "default", 0).unwrap();
+    for l in layers(&m) {
+        let b = l.lora().lora_b().value().to_owned();
+        assert!(b.iter().all(|v| v.abs() <= 0.002) && b.iter().any(|&v| v != 0.0));
+        let [_, q] = l.packed().unwrap();
+        assert!(q.stats().1 > 0.0);
+    }
+    let x = input(6, D);
+    let y0 = Toy::new(D, 2, 1).forward(&x, &Ctx::eval()).unwrap();
+    let y1 = m.forward(&x, &Ctx::eval()).unwrap();
+    let d = max_diff(&y0, &y1);
+    let scale = y0.as_slice().iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(d > 0.0 && d < 0.02 * scale, "{d} vs output scale {scale}");
+    let v = TunerConfig::to_json(&c).unwrap();
+    assert_eq!(LowBitLoraConfig::from_json(&v).unwrap().0.init_b_std, Some(0.001));
+    let bad = LowBitLoraConfig { init_b_std: Some(-1.0), ..cfg(1) };
+    assert!(PeftModel::new(Toy::new(D, 1, 0), bad, "default", 0).is_err());
+}
