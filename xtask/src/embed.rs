@@ -181,7 +181,7 @@ pub fn run(args: &EmbedArgs) -> Result<std::process::ExitCode> {
             if !dir.is_dir() {
                 return Err(EmbedError::Missing { what: "adapter folder", path: dir.clone() }.into());
             }
-            let (lm, report) = PeftModel::from_pretrained(model.module(), dir, &peft_lora::registry())
+            let (lm, report) = PeftModel::from_pretrained(model.module(), dir, &peft_quant::registry())
                 .with_context(|| format!("loading adapter {}", dir.display()))?;
             crate::merge::check_report(dir, &report, args.strict)?;
             Some(lm)

@@ -84,7 +84,7 @@ pub fn run(args: &MergeArgs) -> Result<std::process::ExitCode> {
         check_replaceable(&args.out)?;
     }
     let model = registry::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let (lm, report) = PeftModel::from_pretrained(model.module(), &args.adapter, &peft_lora::registry())
+    let (lm, report) = PeftModel::from_pretrained(model.module(), &args.adapter, &peft_quant::registry())
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
     check_report(&args.adapter, &report, args.strict)?;
     let merged_sites: Vec<String> =

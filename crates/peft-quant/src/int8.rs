@@ -1,7 +1,22 @@
 //! Row-wise int8 absmax quantisation (LLM.int8() without outlier decomposition, bnb `int8_vectorwise_quant` with
 //! `threshold=0`).
 //!
-//! Per row: `SCB = max|x|` (f32), `q = round(x · (127 / SCB))` with round-half-to-even (torch.round). Dequantise:
+//! What of LLM.int8() (Dettmers et al. 2022) is implemented: the **weight storage** — row-wise (vector-wise)
+//! absmax int8 codes plus one f32 scale (`SCB`) per row, byte-identical to bitsandbytes 0.50.2's CPU backend
+//! (`int8_vectorwise_quant(threshold=0.0)` codes and SCB, `int8_vectorwise_dequant` values, checked bit for bit
+//! by `tests/bnb_int8.rs` on fixtures bnb generated, `tests/fixtures/int8/gen_bnb_int8.py`, f32 and f16 inputs).
+//! What is **not** implemented:
+//! * the **mixed-precision outlier decomposition** (`threshold > 0`, 6.0 in the paper): input feature columns with
+//!   any `|x| ≥ threshold` are not split off into an fp16 matmul; every column goes through int8;
+//! * **int8 activations and the int8 GEMM** (`int8_linear_matmul` with vector-wise quantized inputs and
+//!   `int8_mm_dequant`): [`crate::QuantLinear`] dequantizes the int8 weight to f32 tiles and multiplies in f32;
+//! * bnb's `Int8Params`/`Linear8bitLt` training state (`CB`/`SCB` kept with `has_fp16_weights`).
+//!
+//! A row of zeros is stored as `SCB = 0` and zero codes; bnb computes `0 · (127/0) = NaN` there and casts it to
+//! int8 (platform-defined), so such rows are not in the fixture.
+//!
+//! Per row: `SCB = max|x|` (f32), `q = round(x · ((1/SCB)·127))` with round-half-to-even (torch.round); the
+//! factor is computed as torch computes bnb's `127.0 / row_stats` (reciprocal, then times 127). Dequantise:
 //! `q · SCB · (1/127)`, evaluated left to right in f32 as bnb's `int8_vectorwise_dequant`
 //! (`A * stats * 7.874015718698502e-3`). An all-zero row stores `SCB = 0` and zero codes.
 
@@ -42,7 +57,9 @@ impl Int8Rows {
                 let m = xr.iter().fold(0f32, |m, v| m.max(v.abs()));
                 *s = m;
                 if m > 0.0 {
-                    let f = 127.0 / m;
+                    // bnb writes `127.0 / row_stats`, which torch evaluates as `reciprocal(row_stats) * 127`
+                    // (one ulp off `127 / m` for some m; `tests/bnb_int8.rs` has such a row).
+                    let f = (1.0 / m) * 127.0;
                     for (qi, &v) in qr.iter_mut().zip(xr) {
                         // |v·f| <= 127 up to one rounding, so the cast saturates nothing in practice.
                         *qi = (v * f).round_ties_even().clamp(-127.0, 127.0) as i8;

@@ -14,7 +14,9 @@
 //!   packed codes, absmax, offset, nested codes and nested absmax identical byte for byte, dequantized values bit for
 //!   bit (against bnb's reference dequantisation; its native CPU kernel differs where [`block4`]'s docs explain).
 //!   bnb's CUDA kernels round differently (decision trees, a binary-searched 8-bit code) and are not the reference.
-//! * **Row-wise int8** ([`Int8Rows`], LLM.int8() style): `q = round(127 · x / absmax_row)`.
+//! * **Row-wise int8** ([`Int8Rows`], LLM.int8()'s weight storage): `q = round(127 · x / absmax_row)`, byte-identical
+//!   to bnb's `int8_vectorwise_quant(threshold=0)` (`tests/bnb_int8.rs`); the outlier decomposition and the int8
+//!   activation GEMM are not implemented ([`int8`]).
 //! * **Storage** ([`Checkpoint`]): bnb's safetensors layout (`<p>.weight`, `.weight.absmax`, `.weight.quant_map`,
 //!   `.weight.nested_absmax`, `.weight.nested_quant_map`, `.weight.quant_state.bitsandbytes__nf4` JSON bytes),
 //!   read and written byte-identically, atomic writes.
@@ -27,7 +29,11 @@
 //!   registry entry ([`methods`]).
 //! * **LQ-LoRA** ([`lq_lora`]): `W ≈ Q + L1·L2` by alternating NF-b quantisation and truncated SVD, Fisher
 //!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack).
-//! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation, packing.
+//! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation (gradient
+//!   through the normalisation statistics as the reference, or the identity), packing.
+//! * **Low-bit LoRA** ([`lowbit_lora`]): LoRA trained with 1-4 bit fake-quantized `A`, `B` (`peft_type =
+//!   "LORA_LOWBIT"`, registry entry `"lora-1bit"`), saved packed (codes + `μ, σ` per matrix) by [`LowBitModelExt`]
+//!   and loaded through [`registry`].
 //!
 //! References: QLoRA (Dettmers et al. 2023, <https://arxiv.org/abs/2305.14314>); bitsandbytes 0.50.2
 //! `bitsandbytes/functional.py` (`quantize_4bit`, `dequantize_4bit`, `create_dynamic_map`, `QuantState`),
@@ -63,6 +69,7 @@ pub mod compeft;
 pub mod error;
 pub mod int8;
 pub mod linear;
+pub mod lowbit_lora;
 pub mod lq_lora;
 pub mod onebit;
 pub mod qlora;
@@ -74,5 +81,12 @@ pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
+pub use lowbit_lora::{LowBitLoraConfig, LowBitModelExt};
 pub use qlora::{methods, methods_for, QloraConfig, QloraExt, QuantMemory, RoundingError};
 pub use storage::{Checkpoint, RawTensor};
+
+/// The `peft_type`s peft-quant's adapters are saved as: peft-lora's (QLoRA adapters are plain `LORA` files) plus
+/// `LORA_LOWBIT` ([`LowBitLoraConfig`]).
+pub fn registry() -> peft_core::adapter::ConfigRegistry {
+    peft_lora::registry().with::<LowBitLoraConfig>()
+}

@@ -201,6 +201,87 @@ pub fn fake_quant_ste(w: &Tensor, bits: u8) -> Result<Tensor> {
     Ok(record("fake_quant_ste", arr, &[w], |g, needs| vec![needs[0].then(|| g.clone())]))
 }
 
+/// How the straight-through estimator passes the gradient back to the latent weight `W`.
+///
+/// The spec's summary reads "backward identity to W"; the reference code (`binary_adapter/utils.py`, `QLinear`)
+/// computes `μ`, `σ` from `W` without detaching them and makes only the rounding straight-through
+/// (`wb = q(w).data + w − w.data`), so its gradient flows through the normalisation. [`SteGradient::ThroughStats`]
+/// is the reference and the default; [`SteGradient::Identity`] is the summary's reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SteGradient {
+    /// Only `Q_b` is straight-through (its derivative taken as 1); `(W − μ)/(σ + 1e-5)` and `·σ + μ` are
+    /// differentiated, `μ` and `σ` included. Where `σ = 0` (an all-equal matrix, e.g. LoRA's `B` at its zero
+    /// init) `σ` has no derivative and the identity is used for that matrix (see [`ste_backward`]).
+    #[default]
+    ThroughStats,
+    /// `∂L/∂W := ∂L/∂Ŵ`.
+    Identity,
+}
+
+/// The gradient at `w` of the straight-through fake quantisation, given the upstream gradient `g` of `Ŵ`.
+///
+/// For [`SteGradient::ThroughStats`], with `N` elements, `d = W − μ`, `s = σ + 1e-5`, `q = Q_b(d/s)` (the level,
+/// a constant) and `ḡ = mean(g)`, the derivative of `Ŵ = (q + n − sg(n))·σ + μ`, `n = d/s` (`sg`: stop-gradient) is
+///
+/// `∂L/∂W_j = (σ/s)(g_j − ḡ) + ḡ + d_j/((N−1)σ) · (Σ g_i q_i − (σ/s²) Σ g_i d_i)`
+///
+/// (using `∂μ/∂W_j = 1/N`, `∂σ/∂W_j = d_j/((N−1)σ)`). For `σ = 0` or `N < 2` it returns `g` (identity).
+/// Computed in f64.
+///
+/// # Errors
+/// [`Error::Invalid`] for unsupported `bits`, [`Error::Shape`] when `g` and `w` differ in length.
+pub fn ste_backward(w: &[f32], g: &[f32], bits: u8, mode: SteGradient) -> Result<Vec<f32>> {
+    if g.len() != w.len() {
+        return Err(Error::Shape { op: "ste_backward", lhs: vec![w.len()], rhs: vec![g.len()] });
+    }
+    let thr = thresholds(bits)?;
+    let lv = levels(bits)?;
+    let (mu32, sigma32) = mean_std(w);
+    if mode == SteGradient::Identity || sigma32 == 0.0 || w.len() < 2 {
+        return Ok(g.to_vec());
+    }
+    let n = w.len() as f64;
+    let (mu, sigma) = (f64::from(mu32), f64::from(sigma32));
+    let s = sigma + f64::from(SIGMA_EPS);
+    let gbar = g.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let (mut gq, mut gd) = (0f64, 0f64);
+    for (&wi, &gi) in w.iter().zip(g) {
+        // The same code the forward picked (f32 arithmetic, as in `quantize_codes`).
+        let q = lv[usize::from(code_of(thr, (wi - mu32) / (sigma32 + SIGMA_EPS)))];
+        gq += f64::from(gi) * f64::from(q);
+        gd += f64::from(gi) * (f64::from(wi) - mu);
+    }
+    let k = (gq - sigma / (s * s) * gd) / ((n - 1.0) * sigma);
+    Ok(w.iter()
+        .zip(g)
+        .map(|(&wi, &gi)| ((sigma / s) * (f64::from(gi) - gbar) + gbar + (f64::from(wi) - mu) * k) as f32)
+        .collect())
+}
+
+/// The straight-through fake-quantization op with the gradient rule `mode`: forward
+/// `Ŵ = Q_b((W − μ)/(σ + 1e-5))·σ + μ` (exactly [`fake_quant`]), backward [`ste_backward`].
+///
+/// # Errors
+/// [`Error::Invalid`] for unsupported `bits`; [`Error::NonFinite`].
+pub fn fake_quant_ste_with(w: &Tensor, bits: u8, mode: SteGradient) -> Result<Tensor> {
+    if mode == SteGradient::Identity {
+        return fake_quant_ste(w, bits);
+    }
+    let wv = w.as_slice().to_vec();
+    let out = fake_quant(&wv, bits)?;
+    let arr = ArrayD::from_shape_vec(IxDyn(w.shape()), out).expect("peft-rs bug: fake_quant keeps the size");
+    Ok(record("fake_quant_ste_stats", arr, &[w], move |g, needs| {
+        let grad = needs[0].then(|| {
+            let gs: Vec<f32> = g.iter().copied().collect();
+            let gw = ste_backward(&wv, &gs, bits, SteGradient::ThroughStats)
+                .expect("peft-rs bug: bits and sizes checked in the forward");
+            ArrayD::from_shape_vec(g.raw_dim(), gw).expect("peft-rs bug: same size")
+        });
+        vec![grad]
+    }))
+}
+
 /// A weight matrix stored at `bits` bits per element plus `μ, σ`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LowBitWeight {
@@ -231,6 +312,26 @@ impl LowBitWeight {
                     packed[bit / 8] |= 1 << (bit % 8);
                 }
             }
+        }
+        Ok(LowBitWeight { bits, shape: shape.to_vec(), packed, mu, sigma })
+    }
+
+    /// Rebuilds a weight from its stored parts (as read from a file).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for unsupported `bits`, a packed length other than `⌈n·bits/8⌉`, or non-finite `μ, σ`.
+    pub fn from_parts(bits: u8, shape: &[usize], packed: Vec<u8>, mu: f32, sigma: f32) -> Result<Self> {
+        check_bits("LowBitWeight::from_parts", bits)?;
+        let n: usize = shape.iter().product();
+        let want = (n * usize::from(bits)).div_ceil(8);
+        if packed.len() != want {
+            return Err(Error::Invalid {
+                op: "LowBitWeight::from_parts",
+                msg: format!("{} packed bytes for {n} codes at {bits} bits (expected {want})", packed.len()),
+            });
+        }
+        if !(mu.is_finite() && sigma.is_finite()) {
+            return Err(Error::NonFinite { what: format!("low-bit weight statistics (mu {mu}, sigma {sigma})") });
         }
         Ok(LowBitWeight { bits, shape: shape.to_vec(), packed, mu, sigma })
     }
@@ -384,6 +485,85 @@ mod tests {
         }
         // A constant input builds no graph.
         assert!(!fake_quant_ste(&Tensor::new(w), 1).unwrap().tracks());
+    }
+
+    /// The surrogate whose derivative the through-stats STE is: `f(W) = (c + n(W))·σ(W) + μ(W)` with
+    /// `n = (W − μ)/(σ + 1e-5)` and `c = Q(n(W₀)) − n(W₀)` frozen at the point of evaluation (so `f(W₀) = Ŵ` and
+    /// Q's derivative is 1), in f64.
+    fn surrogate(w: &[f64], c: &[f64]) -> Vec<f64> {
+        let n = w.len() as f64;
+        let mu = w.iter().sum::<f64>() / n;
+        let sigma = (w.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        let s = sigma + f64::from(SIGMA_EPS);
+        w.iter().zip(c).map(|(v, ci)| (ci + (v - mu) / s) * sigma + mu).collect()
+    }
+
+    #[test]
+    fn through_stats_ste_gradient_matches_finite_differences_of_the_non_rounding_part() {
+        for (bits, scale, seed) in [(1u8, 1.0f32, 10u64), (2, 50.0, 11), (3, 1.0, 12), (4, 50.0, 13), (1, 0.05, 14)] {
+            let w = randn(seed, &[5, 12]).mapv(|v| v * scale);
+            let coef = randn(seed + 100, &[5, 12]).mapv(|v| v * 50.0);
+            let wv = Tensor::var(w.clone());
+            let wq = fake_quant_ste_with(&wv, bits, SteGradient::ThroughStats).unwrap();
+            // The forward is exactly the fake-quantized weight.
+            assert_eq!(wq.as_slice(), fake_quant(w.as_slice().unwrap(), bits).unwrap().as_slice());
+            let g = wq.mul(&Tensor::new(coef.clone())).unwrap().sum_all().backward().unwrap();
+            let gw = g.get(&wv).unwrap();
+            let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+            let (mu, sigma) = mean_std(w.as_slice().unwrap());
+            let thr = thresholds(bits).unwrap();
+            let lv = levels(bits).unwrap();
+            let s = f64::from(sigma) + f64::from(SIGMA_EPS);
+            let c: Vec<f64> = w
+                .iter()
+                .map(|&v| {
+                    let q = f64::from(lv[usize::from(code_of(thr, (v - mu) / (sigma + SIGMA_EPS)))]);
+                    q - (f64::from(v) - f64::from(mu)) / s
+                })
+                .collect();
+            let coef64: Vec<f64> = coef.iter().map(|&v| f64::from(v)).collect();
+            let loss = |x: &[f64]| surrogate(x, &c).iter().zip(&coef64).map(|(a, b)| a * b).sum::<f64>();
+            let h = 1e-6 * f64::from(scale);
+            let mut differs_from_identity = false;
+            for i in 0..w64.len() {
+                let (mut p, mut m) = (w64.clone(), w64.clone());
+                p[i] += h;
+                m[i] -= h;
+                let fd = (loss(&p) - loss(&m)) / (2.0 * h);
+                let an = f64::from(gw.as_slice().unwrap()[i]);
+                assert!((fd - an).abs() <= 1e-3 * (1.0 + an.abs()), "{bits} bits x{scale}, {i}: fd {fd} vs {an}");
+                differs_from_identity |= (an - coef64[i]).abs() > 1e-2 * (1.0 + coef64[i].abs());
+            }
+            assert!(differs_from_identity, "the statistics' terms are not negligible");
+            // Identity mode passes the upstream gradient unchanged.
+            let wv = Tensor::var(w.clone());
+            let wq = fake_quant_ste_with(&wv, bits, SteGradient::Identity).unwrap();
+            let g = wq.mul(&Tensor::new(coef.clone())).unwrap().sum_all().backward().unwrap();
+            assert_eq!(g.get(&wv).unwrap().to_owned(), coef);
+        }
+    }
+
+    #[test]
+    fn zero_matrix_quantizes_to_zero_and_gets_the_identity_gradient() {
+        // LoRA's B at init: σ = 0, μ = 0, so Ŵ = level·0 + 0 = 0 exactly (the adapter stays the identity), and
+        // the statistics have no derivative: the gradient passes unchanged so B can leave zero.
+        for bits in 1..=4u8 {
+            let z = ArrayD::<f32>::zeros(IxDyn(&[4, 3]));
+            assert!(fake_quant(z.as_slice().unwrap(), bits).unwrap().iter().all(|&v| v == 0.0));
+            let lb = LowBitWeight::quantize(z.as_slice().unwrap(), &[4, 3], bits).unwrap();
+            assert!(lb.unpack().iter().all(|&v| v == 0.0));
+            let zv = Tensor::var(z.clone());
+            let coef = randn(7, &[4, 3]);
+            let g = fake_quant_ste_with(&zv, bits, SteGradient::ThroughStats)
+                .unwrap()
+                .mul(&Tensor::new(coef.clone()))
+                .unwrap()
+                .sum_all()
+                .backward()
+                .unwrap();
+            assert_eq!(g.get(&zv).unwrap().to_owned(), coef);
+        }
+        assert!(matches!(ste_backward(&[1.0, 2.0], &[1.0], 1, SteGradient::ThroughStats), Err(Error::Shape { .. })));
     }
 
     #[test]

@@ -453,9 +453,13 @@ pub fn methods() -> Vec<MethodSpec> {
     methods_for(&["query", "value"])
 }
 
-/// The QLoRA registry entries with LoRA on the given target names.
+/// peft-quant's registry entries with LoRA on the given target names: `"qlora"` and `"lora-1bit"`
+/// ([`crate::lowbit_lora::method`]).
 pub fn methods_for(targets: &[&str]) -> Vec<MethodSpec> {
-    vec![MethodSpec::new(QLORA, QloraConfig::new(targets.iter().map(|s| s.to_string())), 2.5e-3)]
+    vec![
+        MethodSpec::new(QLORA, QloraConfig::new(targets.iter().map(|s| s.to_string())), 2.5e-3),
+        crate::lowbit_lora::method(targets),
+    ]
 }
 
 /// An error for a QLoRA operation on a model without quantized sites.

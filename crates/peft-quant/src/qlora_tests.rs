@@ -210,7 +210,8 @@ fn save_and_load_round_trip_in_peft_layout() {
 #[test]
 fn registry_entry_quantizes_the_encoder_and_trains_lora_and_head() {
     let all = methods();
-    assert_eq!(all.len(), 1);
+    assert_eq!(all.len(), 2);
+    assert!(peft_core::adapter::duplicate_name(&all).is_none());
     let m = &all[0];
     assert_eq!(m.name, QLORA);
     assert!((m.lr - 2.5e-3).abs() < 1e-12);
