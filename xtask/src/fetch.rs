@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::io::{Read, Write as _};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -231,7 +231,7 @@ pub enum FetchError {
     /// The bytes do not have the pinned checksum.
     #[error("{what} of {url} has SHA-256 {actual}, expected {expected}; nothing was written")]
     Checksum {
-        /// `download` or `converted file`.
+        /// Which bytes: the download, or the file made from it.
         what: &'static str,
         /// The URL.
         url: String,
@@ -299,7 +299,15 @@ fn download(agent: &ureq::Agent, url: &str) -> Result<Vec<u8>, FetchError> {
         Ok(r) => r,
         Err(ureq::Error::Status(status, _)) => return Err(FetchError::Status { url: url.into(), status }),
         Err(ureq::Error::Transport(t)) => {
-            return Err(FetchError::Unreachable { url: url.into(), reason: t.to_string() });
+            // The client's own text repeats the URL; keep its kind, message and cause.
+            let mut reason = t.kind().to_string();
+            if let Some(m) = t.message() {
+                let _ = write!(reason, ": {m}");
+            }
+            if let Some(src) = std::error::Error::source(&t) {
+                let _ = write!(reason, ": {src}");
+            }
+            return Err(FetchError::Unreachable { url: url.into(), reason });
         }
     };
     let mut body = Vec::new();
@@ -380,7 +388,11 @@ fn fetch_one(agent: &ureq::Agent, url: &str, r: &Remote, sums: Option<&ChecksumO
             minilm_to_f16(&body).map_err(|reason| FetchError::Convert { url: url.into(), reason })?
         }
     };
-    let what = if r.transform == Transform::None { "download" } else { "converted file" };
+    let what = match r.transform {
+        Transform::None => "download",
+        Transform::StripBom => "download (byte-order mark removed)",
+        Transform::MiniLmF16 => "F16 conversion",
+    };
     checksum(what, &out, expected)?;
     Ok(out)
 }

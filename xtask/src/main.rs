@@ -104,7 +104,8 @@ fn fetch_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
         eprint!("{}", fetch::explain_missing(&dest, &endpoints, &results));
         return Ok(ExitCode::from(2));
     }
-    println!("all {} files present and verified in {}", results.len(), dest.display());
+    let fetched: u64 = results.iter().map(|(_, _, o)| if let fetch::Outcome::Fetched(n) = o { *n } else { 0 }).sum();
+    println!("all {} files present and verified in {} ({fetched} bytes written now)", results.len(), dest.display());
     println!("run the bench with: PEFT_ASSETS={} cargo xtask bench", dest.display());
     Ok(ExitCode::SUCCESS)
 }

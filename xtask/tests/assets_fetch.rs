@@ -138,14 +138,17 @@ fn text(o: &Output) -> String {
 
 /// Every file name under `dir`, recursively (to spot temporaries).
 fn all_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        if e.path().is_dir() {
-            out.extend(all_files(&e.path()));
-        } else {
-            out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                walk(root, &e.path(), out);
+            } else {
+                out.push(e.path().strip_prefix(root).unwrap().display().to_string());
+            }
         }
     }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
     out
 }
 

@@ -22,6 +22,7 @@ use peft_core::adapter::PeftModel;
 use peft_core::io::SafeTensorsFile;
 use peft_core::nn::{
     Activation, Ctx, EncoderConfig, EncoderLayer, EncoderNames, Linear, Module, NormPlacement, RandomInit, Visitor,
+    WeightSource,
 };
 use peft_core::train::{Loss, ScheduleKind, Trainer, TrainerConfig};
 use peft_core::Tensor;
