@@ -6,15 +6,18 @@
 //! `cargo xtask bench --threads N` builds the global pool with N threads, a library user calls `pool.install`
 //! (as here) or sets `RAYON_NUM_THREADS`.
 //!
-//! Why multi-threaded runs are not bit-identical to single-threaded ones: with more than one thread, large GEMMs
-//! are split across threads and, for skinny shapes (`k <= 32` or `n <= 16`), computed by the `gemm` crate instead
-//! of faer (backend.rs), so the float sums are associated in a different order; each product then differs by a
-//! few ULPs, and training steps carry that on. Two runs with the same thread count are still identical (the
-//! splits depend only on shapes and thread count), which the multi-threaded test also checks.
+//! Why multi-threaded runs are not promised to be bit-identical to single-threaded ones: with more than one
+//! thread, large GEMMs are split across threads and, for skinny shapes (`k <= 32` or `n <= 16`), computed by the
+//! `gemm` crate instead of faer (backend.rs), and which microkernel and k-blocking a library picks depends on the
+//! CPU (faer uses AVX-512 where present); a different association of a float sum differs by a few ULPs, and
+//! training steps carry that on. Elementwise kernels split by rows and are exact. Two runs with the same thread
+//! count are identical (the splits depend only on shapes and thread count), which the test also checks.
 //!
 //! Tolerance for 1 vs 4 threads after [`STEPS`] AdamW steps: every adapter tensor within
-//! `MT_TOL * (1 + max |value|)` (absolute, scaled by the tensor's magnitude). Measured differences are below
-//! 1e-5 of that scale; see the test's printout.
+//! `MT_TOL * (1 + max |value|)` (1e-4, relative to the tensor's magnitude: a few thousand ULPs of f32, room for
+//! rounding differences amplified by a handful of optimizer steps, far below any training effect). Measured on
+//! the 2-core x86-64 development machine (AVX2): 0, the files were bit-identical, also with 16x the batch
+//! (8,192 tokens, so the skinny LoRA products take the parallel `gemm`-crate path); the test prints the figure.
 
 use std::path::Path;
 
