@@ -167,9 +167,8 @@ pub struct Endpoints {
 impl Endpoints {
     /// From `HF_ENDPOINT` and `PEFT_GITHUB_RAW_ENDPOINT`, else the public hosts.
     pub fn from_env() -> Self {
-        let get = |k: &str, d: &str| {
-            std::env::var(k).ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| d.to_string())
-        };
+        let get =
+            |k: &str, d: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| d.to_string());
         Endpoints::new(&get(HF_ENDPOINT_ENV, DEFAULT_HF_ENDPOINT), &get(GITHUB_RAW_ENV, DEFAULT_GITHUB_RAW_ENDPOINT))
     }
 
@@ -264,6 +263,26 @@ pub enum Outcome {
     Failed(FetchError),
     /// Not tried because its host was unreachable for an earlier file.
     Skipped,
+}
+
+/// One file's result from [`fetch_all`].
+#[derive(Debug)]
+pub struct FileResult {
+    /// The file.
+    pub remote: Remote,
+    /// The URL it is fetched from.
+    pub url: String,
+    /// The checksum it must have when written (pinned, or from `--checksums`).
+    pub sha256: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+impl FileResult {
+    /// Whether the file is still missing (failed or not tried).
+    pub fn is_missing(&self) -> bool {
+        matches!(self.outcome, Outcome::Failed(_) | Outcome::Skipped)
+    }
 }
 
 /// The SHA-256 of `bytes` in lower-case hex.
@@ -363,7 +382,12 @@ pub fn minilm_to_f16(bytes: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Downloads, verifies, converts and verifies one file; returns the bytes to write.
-fn fetch_one(agent: &ureq::Agent, url: &str, r: &Remote, sums: Option<&ChecksumOverride>) -> Result<Vec<u8>, FetchError> {
+fn fetch_one(
+    agent: &ureq::Agent,
+    url: &str,
+    r: &Remote,
+    sums: Option<&ChecksumOverride>,
+) -> Result<Vec<u8>, FetchError> {
     let expected = sums.and_then(|s| s.sha256.as_deref()).unwrap_or(r.sha256);
     let expected_src = sums.and_then(|s| s.source_sha256.as_deref()).or(r.source_sha256);
     let body = download(agent, url)?;
@@ -410,7 +434,7 @@ pub fn fetch_all(
     remotes: &[Remote],
     endpoints: &Endpoints,
     overrides: &BTreeMap<String, ChecksumOverride>,
-) -> Vec<(Remote, String, Outcome)> {
+) -> Vec<FileResult> {
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(20))
         .timeout_read(Duration::from_secs(120))
@@ -452,19 +476,18 @@ pub fn fetch_all(
                 }
             }
         };
-        results.push((r.clone(), url, outcome));
+        results.push(FileResult { remote: r.clone(), url, sha256: expected.to_string(), outcome });
     }
     results
 }
 
 /// The message for files still missing after [`fetch_all`]: each path, its URL and checksum, so they can be
 /// fetched by hand.
-pub fn explain_missing(dest: &Path, endpoints: &Endpoints, results: &[(Remote, String, Outcome)]) -> String {
+pub fn explain_missing(dest: &Path, endpoints: &Endpoints, results: &[FileResult]) -> String {
     let mut s = String::new();
-    let missing: Vec<_> =
-        results.iter().filter(|(_, _, o)| matches!(o, Outcome::Failed(_) | Outcome::Skipped)).collect();
+    let missing: Vec<_> = results.iter().filter(|f| f.is_missing()).collect();
     let _ = writeln!(s, "{} file(s) could not be fetched into {}:", missing.len(), dest.display());
-    for (r, url, o) in &missing {
+    for FileResult { remote: r, url, sha256, outcome: o } in missing {
         let _ = writeln!(s, "  - {}", r.rel);
         let _ = writeln!(s, "      from:   {url}");
         match r.transform {
@@ -480,7 +503,7 @@ pub fn explain_missing(dest: &Path, endpoints: &Endpoints, results: &[(Remote, S
                 );
             }
         }
-        let _ = writeln!(s, "      sha256: {}", r.sha256);
+        let _ = writeln!(s, "      sha256: {sha256}");
         if let Outcome::Failed(e) = o {
             let _ = writeln!(s, "      error:  {e}");
         }

@@ -83,7 +83,10 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
 /// missing (with the list of paths and URLs), 0 when all are present and verified.
 fn fetch_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
     if args.suite != Suite::Glue {
-        anyhow::bail!("--fetch knows the GLUE suite's files only (the default bench); suite {:?} is not built yet", args.suite);
+        anyhow::bail!(
+            "--fetch knows the GLUE suite's files only (the default bench); suite {:?} is not built yet",
+            args.suite
+        );
     }
     let dest = args.dest.clone().unwrap_or_else(fetch::default_dest);
     let overrides = match &args.checksums {
@@ -99,12 +102,12 @@ fn fetch_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  from {} and {}", endpoints.hub, endpoints.github_raw);
     let results = fetch::fetch_all(&dest, fetch::DEFAULT_SUITE, &endpoints, &overrides);
-    let failed = results.iter().any(|(_, _, o)| matches!(o, fetch::Outcome::Failed(_) | fetch::Outcome::Skipped));
+    let failed = results.iter().any(fetch::FileResult::is_missing);
     if failed {
         eprint!("{}", fetch::explain_missing(&dest, &endpoints, &results));
         return Ok(ExitCode::from(2));
     }
-    let fetched: u64 = results.iter().map(|(_, _, o)| if let fetch::Outcome::Fetched(n) = o { *n } else { 0 }).sum();
+    let fetched: u64 = results.iter().map(|f| if let fetch::Outcome::Fetched(n) = f.outcome { n } else { 0 }).sum();
     println!("all {} files present and verified in {} ({fetched} bytes written now)", results.len(), dest.display());
     println!("run the bench with: PEFT_ASSETS={} cargo xtask bench", dest.display());
     Ok(ExitCode::SUCCESS)
