@@ -427,6 +427,19 @@ fn origin(url: &str) -> &str {
     url[after..].find('/').map_or(url, |i| &url[..after + i])
 }
 
+/// Whether `url`'s host is the loopback interface (`localhost`, `127.x.x.x`, `[::1]`).
+fn is_loopback(url: &str) -> bool {
+    let o = origin(url);
+    let host = o.find("://").map_or(o, |i| &o[i + 3..]);
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    // Without the port: `[v6]:port`, `v4:port`, `name:port`.
+    let bare = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.split(':').next().unwrap_or(host),
+    };
+    bare.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Fetches every file of `remotes` missing under `dest` (or present with another checksum), printing one line per
 /// file. Returns each file's outcome, in order.
 pub fn fetch_all(
@@ -435,11 +448,18 @@ pub fn fetch_all(
     endpoints: &Endpoints,
     overrides: &BTreeMap<String, ChecksumOverride>,
 ) -> Vec<FileResult> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(20))
-        .timeout_read(Duration::from_secs(120))
-        .user_agent(concat!("peft-rs-xtask/", env!("CARGO_PKG_VERSION")))
-        .build();
+    let agent = |proxy: bool| {
+        ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(20))
+            .timeout_read(Duration::from_secs(120))
+            .user_agent(concat!("peft-rs-xtask/", env!("CARGO_PKG_VERSION")))
+            // `ALL_PROXY`/`HTTPS_PROXY`/`HTTP_PROXY` as curl reads them (ureq 2 has no `NO_PROXY`, so loopback
+            // endpoints get an agent without a proxy); the Hub redirects large files to its CDN.
+            .try_proxy_from_env(proxy)
+            .redirects(5)
+            .build()
+    };
+    let (proxied, direct) = (agent(true), agent(false));
     let mut unreachable: HashSet<String> = HashSet::new();
     let mut results = Vec::new();
     for r in remotes {
@@ -457,7 +477,8 @@ pub fn fetch_all(
             if path.exists() {
                 println!("  replace  {} (present with another checksum)", r.rel);
             }
-            match fetch_one(&agent, &url, r, sums).and_then(|bytes| {
+            let agent = if is_loopback(&url) { &direct } else { &proxied };
+            match fetch_one(agent, &url, r, sums).and_then(|bytes| {
                 let parent = path.parent().unwrap_or(dest);
                 std::fs::create_dir_all(parent).map_err(|e| peft_core::io::IoError::io(parent, e))?;
                 peft_core::io::atomic_write(&path, |w| w.write_all(&bytes))?;
@@ -558,6 +579,10 @@ mod tests {
         );
         assert_eq!(origin("http://127.0.0.1:9/a/b"), "http://127.0.0.1:9");
         assert_eq!(origin("https://huggingface.co"), "https://huggingface.co");
+        assert!(
+            is_loopback("http://127.0.0.1:9/a") && is_loopback("http://localhost/x") && is_loopback("http://[::1]:5/")
+        );
+        assert!(!is_loopback("https://huggingface.co/a") && !is_loopback("https://127.example.com/"));
     }
 
     /// The pinned checksums are the shared pack's (`MANIFEST.sha256`), and the default suite is what the bench

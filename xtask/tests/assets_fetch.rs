@@ -128,6 +128,12 @@ fn run(base: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
         .env("HF_ENDPOINT", base)
         .env("PEFT_GITHUB_RAW_ENDPOINT", base)
         .env_remove("PEFT_ASSETS")
+        .env_remove("ALL_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("HTTP_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("https_proxy")
+        .env_remove("http_proxy")
         .output()
         .unwrap()
 }
