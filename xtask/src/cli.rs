@@ -18,12 +18,9 @@ pub struct Cli {
 pub enum Cmd {
     /// Fine-tune and evaluate methods on a benchmark suite; writes results.json, report.md and plots.
     Bench(BenchArgs),
-    /// Check that every asset the suites need is present, and say how to get what is missing.
-    Assets {
-        /// Suite whose assets to check.
-        #[arg(long, value_enum, default_value_t = Suite::Glue)]
-        suite: Suite,
-    },
+    /// Check that every asset the suites need is present, and say how to get what is missing; with `--fetch`,
+    /// download what the default bench suite needs (MiniLM-L6, GLUE SST-2 and MRPC) and verify its checksums.
+    Assets(AssetsArgs),
     /// Run a backbone over a list of inputs; write hidden states, pooled embeddings (and LLaMA logits).
     Embed(crate::embed::EmbedArgs),
     /// Merge a PEFT LoRA adapter into a Hugging Face model folder and write the merged folder.
@@ -32,6 +29,27 @@ pub enum Cmd {
     Quantize(crate::quantize::QuantizeArgs),
     /// Dequantize a bitsandbytes-layout safetensors file back to F32 weights.
     Dequantize(crate::quantize::DequantizeArgs),
+}
+
+/// `cargo xtask assets` options.
+#[derive(Args, Debug, Clone)]
+pub struct AssetsArgs {
+    /// Suite whose assets to check.
+    #[arg(long, value_enum, default_value_t = Suite::Glue)]
+    pub suite: Suite,
+    /// Download the default bench suite's files (Hugging Face Hub at a pinned revision, honouring
+    /// `HF_ENDPOINT`; GitHub raw files at pinned commits, honouring `PEFT_GITHUB_RAW_ENDPOINT`), verify their
+    /// SHA-256 and write them in the asset pack's layout. Then run the bench with `PEFT_ASSETS=<dest>`.
+    #[arg(long)]
+    pub fetch: bool,
+    /// Where `--fetch` writes (default: `PEFT_ASSETS`, else the asset directory found, else
+    /// `<workspace>/target/peft-assets`).
+    #[arg(long, requires = "fetch")]
+    pub dest: Option<PathBuf>,
+    /// JSON file replacing pinned checksums, `{"<asset path>": {"sha256": "..", "source_sha256": ".."}}`: for a
+    /// mirror serving other bytes, and for tests serving fake files. Without it the pinned checksums are used.
+    #[arg(long, requires = "fetch", hide = true)]
+    pub checksums: Option<PathBuf>,
 }
 
 /// Benchmark suites.

@@ -6,6 +6,7 @@ mod baseline;
 mod bench;
 mod cli;
 mod embed;
+mod fetch;
 mod glue;
 mod merge;
 mod model;
@@ -19,13 +20,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Cmd, Suite};
+use crate::cli::{AssetsArgs, Cli, Cmd, Suite};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Bench(args) => bench::run(&args),
-        Cmd::Assets { suite } => assets_cmd(suite),
+        Cmd::Assets(args) => assets_cmd(&args),
         Cmd::Embed(args) => embed::run(&args),
         Cmd::Merge(args) => merge::run(&args),
         Cmd::Quantize(args) => quantize::run_quantize(&args),
@@ -57,7 +58,11 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
+fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
+    let suite = args.suite;
+    if args.fetch {
+        return fetch_cmd(args);
+    }
     if suite != Suite::Glue {
         anyhow::bail!("suite {suite:?} is not built yet, so it has no asset list; only `--suite glue` exists");
     }
@@ -72,6 +77,40 @@ fn assets_cmd(suite: Suite) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `cargo xtask assets --fetch`: the default bench suite's files into `--dest`; exit 2 when some are still
+/// missing (with the list of paths and URLs), 0 when all are present and verified.
+fn fetch_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
+    if args.suite != Suite::Glue {
+        anyhow::bail!(
+            "--fetch knows the GLUE suite's files only (the default bench); suite {:?} is not built yet",
+            args.suite
+        );
+    }
+    let dest = args.dest.clone().unwrap_or_else(fetch::default_dest);
+    let overrides = match &args.checksums {
+        Some(p) => fetch::read_overrides(p)?,
+        None => Default::default(),
+    };
+    let endpoints = fetch::Endpoints::from_env();
+    println!(
+        "fetching the default bench suite's assets (MiniLM-L6 {} @ {}, GLUE SST-2 + MRPC) into {}",
+        fetch::MINILM_REPO,
+        &fetch::MINILM_REVISION[..12],
+        dest.display()
+    );
+    println!("  from {} and {}", endpoints.hub, endpoints.github_raw);
+    let results = fetch::fetch_all(&dest, fetch::DEFAULT_SUITE, &endpoints, &overrides);
+    let failed = results.iter().any(fetch::FileResult::is_missing);
+    if failed {
+        eprint!("{}", fetch::explain_missing(&dest, &endpoints, &results));
+        return Ok(ExitCode::from(2));
+    }
+    let fetched: u64 = results.iter().map(|f| if let fetch::Outcome::Fetched(n) = f.outcome { n } else { 0 }).sum();
+    println!("all {} files present and verified in {} ({fetched} bytes written now)", results.len(), dest.display());
+    println!("run the bench with: PEFT_ASSETS={} cargo xtask bench", dest.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
