@@ -215,39 +215,13 @@ struct AlloraTuner {
 }
 
 impl Tuner for AlloraTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    peft_core::forward_tuner!(inner => name, params, state_dict, wrapped_modules, set_active, merge, unmerge, is_merged, detach);
     fn kind(&self) -> &str {
         "ALLORA"
     }
     fn as_any(&self) -> &dyn std::any::Any {
         // The LoRA layers, for `LoraModelExt`.
         self.inner.as_any()
-    }
-    fn params(&self) -> Vec<Param> {
-        self.inner.params()
-    }
-    fn state_dict(&self) -> Vec<(String, Param)> {
-        self.inner.state_dict()
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
-    fn merge(&self) -> AdapterResult<()> {
-        self.inner.merge()
-    }
-    fn unmerge(&self) -> AdapterResult<()> {
-        self.inner.unmerge()
-    }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
-    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
-        self.inner.detach(keep_merged)
     }
     fn transform_grads(&self, grads: GradStore) -> Result<GradStore> {
         Ok(rescale(&grads, &self.scaled, &self.config))

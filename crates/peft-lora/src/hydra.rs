@@ -280,21 +280,7 @@ impl HydraTuner {
 }
 
 impl Tuner for HydraTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn params(&self) -> Vec<Param> {
-        self.inner.params()
-    }
-    fn state_dict(&self) -> Vec<(String, Param)> {
-        self.inner.state_dict()
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
+    peft_core::forward_tuner!(inner => name, params, state_dict, wrapped_modules, set_active, is_merged, kind);
     fn merge(&self) -> AdapterResult<()> {
         for (i, (s, a)) in self.layers().iter().enumerate() {
             if let Err(e) = self.merge_site(s, a) {
@@ -315,17 +301,11 @@ impl Tuner for HydraTuner {
         }
         Ok(())
     }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
     fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
         if !keep_merged {
             self.unmerge()?;
         }
         self.inner.detach(keep_merged)
-    }
-    fn kind(&self) -> &str {
-        self.inner.kind()
     }
     fn as_any(&self) -> &dyn Any {
         self

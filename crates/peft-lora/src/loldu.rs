@@ -321,30 +321,7 @@ fn restore(removed: &[(Linear, Array2<f32>)]) -> AdapterResult<()> {
 }
 
 impl Tuner for LolduTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn params(&self) -> Vec<Param> {
-        self.inner.params()
-    }
-    fn state_dict(&self) -> Vec<(String, Param)> {
-        self.inner.state_dict()
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
-    fn merge(&self) -> AdapterResult<()> {
-        self.inner.merge()
-    }
-    fn unmerge(&self) -> AdapterResult<()> {
-        self.inner.unmerge()
-    }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
+    peft_core::forward_tuner!(inner => name, params, state_dict, wrapped_modules, set_active, merge, unmerge, is_merged);
     /// Unmerges and removes the adapter, then restores the original weights; with `keep_merged` the (merged)
     /// effective weights stay.
     fn detach(&self, keep_merged: bool) -> AdapterResult<()> {

@@ -286,33 +286,10 @@ impl LoraSbTuner {
 }
 
 impl Tuner for LoraSbTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    peft_core::forward_tuner!(inner => name, state_dict, wrapped_modules, set_active, merge, unmerge, is_merged, detach);
     /// `R` of every site.
     fn params(&self) -> Vec<Param> {
         self.layers().iter().map(|(_, a)| a.lora_r().clone()).collect()
-    }
-    fn state_dict(&self) -> Vec<(String, Param)> {
-        self.inner.state_dict()
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
-    fn merge(&self) -> AdapterResult<()> {
-        self.inner.merge()
-    }
-    fn unmerge(&self) -> AdapterResult<()> {
-        self.inner.unmerge()
-    }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
-    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
-        self.inner.detach(keep_merged)
     }
     fn kind(&self) -> &str {
         LORA_SB_TYPE

@@ -353,9 +353,7 @@ impl MosTuner {
 }
 
 impl Tuner for MosTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    peft_core::forward_tuner!(inner => name, wrapped_modules, set_active, merge, unmerge, is_merged, detach);
     /// The pools, then every site's private shards.
     fn params(&self) -> Vec<Param> {
         let mut v: Vec<Param> = self.pools.a.values().chain(self.pools.b.values()).cloned().collect();
@@ -377,24 +375,6 @@ impl Tuner for MosTuner {
         }
         v.extend(self.inner.state_dict());
         v
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
-    fn merge(&self) -> AdapterResult<()> {
-        self.inner.merge()
-    }
-    fn unmerge(&self) -> AdapterResult<()> {
-        self.inner.unmerge()
-    }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
-    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
-        self.inner.detach(keep_merged)
     }
     fn kind(&self) -> &str {
         MOS_TYPE

@@ -383,23 +383,12 @@ fn quant_err(e: crate::QuantError) -> AdapterError {
 }
 
 impl Tuner for LowBitTuner {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
+    peft_core::forward_tuner!(inner => name, params, state_dict, wrapped_modules, set_active, merge, unmerge, is_merged, detach);
     fn kind(&self) -> &str {
         PEFT_TYPE
     }
     fn as_any(&self) -> &dyn Any {
         self
-    }
-    fn params(&self) -> Vec<Param> {
-        self.inner.params()
-    }
-    fn state_dict(&self) -> Vec<(String, Param)> {
-        self.inner.state_dict()
-    }
-    fn wrapped_modules(&self) -> Vec<String> {
-        self.inner.wrapped_modules()
     }
     fn load_state_dict(&self, src: &AdapterTensors) -> AdapterResult<()> {
         let mut ckpt: Option<Checkpoint> = None;
@@ -436,21 +425,6 @@ impl Tuner for LowBitTuner {
             l.load_stored(a, b)?;
         }
         Ok(())
-    }
-    fn set_active(&self, on: bool) {
-        self.inner.set_active(on);
-    }
-    fn merge(&self) -> AdapterResult<()> {
-        self.inner.merge()
-    }
-    fn unmerge(&self) -> AdapterResult<()> {
-        self.inner.unmerge()
-    }
-    fn is_merged(&self) -> bool {
-        self.inner.is_merged()
-    }
-    fn detach(&self, keep_merged: bool) -> AdapterResult<()> {
-        self.inner.detach(keep_merged)
     }
 }
 

@@ -322,3 +322,30 @@ impl AdapterTensors {
         }
     }
 }
+
+/// Implements [`Tuner`] methods of a wrapper by forwarding them to the tuner in field `$field`, for tuners that
+/// wrap another (a [`crate::adapter::LinearTuner`]) and change only some of its behaviour:
+/// `forward_tuner!(inner => name, state_dict, merge);` inside `impl Tuner for X { .. }`. Forwardable: `name`,
+/// `params`, `state_dict`, `wrapped_modules`, `saved_config`, `set_active`, `merge`, `unmerge`, `is_merged`,
+/// `detach`, `kind`.
+#[macro_export]
+macro_rules! forward_tuner {
+    ($field:ident => $($m:ident),+ $(,)?) => { $( $crate::forward_tuner!(@one $field $m); )+ };
+    (@one $f:ident name) => { fn name(&self) -> &str { self.$f.name() } };
+    (@one $f:ident params) => { fn params(&self) -> Vec<$crate::Param> { self.$f.params() } };
+    (@one $f:ident state_dict) => {
+        fn state_dict(&self) -> Vec<(String, $crate::Param)> { self.$f.state_dict() }
+    };
+    (@one $f:ident wrapped_modules) => { fn wrapped_modules(&self) -> Vec<String> { self.$f.wrapped_modules() } };
+    (@one $f:ident saved_config) => {
+        fn saved_config(&self) -> Option<Box<dyn $crate::adapter::TunerConfig>> { self.$f.saved_config() }
+    };
+    (@one $f:ident set_active) => { fn set_active(&self, on: bool) { self.$f.set_active(on) } };
+    (@one $f:ident merge) => { fn merge(&self) -> $crate::adapter::AdapterResult<()> { self.$f.merge() } };
+    (@one $f:ident unmerge) => { fn unmerge(&self) -> $crate::adapter::AdapterResult<()> { self.$f.unmerge() } };
+    (@one $f:ident is_merged) => { fn is_merged(&self) -> bool { self.$f.is_merged() } };
+    (@one $f:ident detach) => {
+        fn detach(&self, keep_merged: bool) -> $crate::adapter::AdapterResult<()> { self.$f.detach(keep_merged) }
+    };
+    (@one $f:ident kind) => { fn kind(&self) -> &str { self.$f.kind() } };
+}
