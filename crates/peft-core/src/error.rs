@@ -38,13 +38,141 @@ pub enum Error {
         /// The tensor's rank.
         rank: usize,
     },
-    /// An argument that is out of range or inconsistent, with a human-readable reason.
-    #[error("{op}: {msg}")]
-    Invalid {
+    /// An argument outside its allowed range (a hyper-parameter, a probability, a stride, a tensor value).
+    #[error("{op}: `{arg}` = {value}: {rule}")]
+    Arg {
         /// The op that failed.
         op: &'static str,
-        /// What was wrong.
-        msg: String,
+        /// The argument (or the tensor and value) concerned.
+        arg: String,
+        /// The value given.
+        value: String,
+        /// What the value must satisfy.
+        rule: &'static str,
+    },
+    /// An index outside the axis it indexes (a gather index, a token id, a class target).
+    #[error("{op}: index {index} at position {position:?} is out of range for axis {axis} of size {size}")]
+    Index {
+        /// The op that failed.
+        op: &'static str,
+        /// The index given.
+        index: i64,
+        /// Where it sits in the index tensor.
+        position: Vec<usize>,
+        /// The indexed axis.
+        axis: usize,
+        /// The axis' size.
+        size: usize,
+    },
+    /// An input that must not be empty (no tensors to concatenate, no micro-batches, an empty axis).
+    #[error("{op}: {what} is empty")]
+    Empty {
+        /// The op that failed.
+        op: &'static str,
+        /// What was empty.
+        what: &'static str,
+    },
+    /// Two counts that must agree (names per batch row, weights per tensor, mask entries per token).
+    #[error("{op}: {what}: expected {expected}, got {got}")]
+    Count {
+        /// The op that failed.
+        op: &'static str,
+        /// What was counted.
+        what: &'static str,
+        /// The count implied by the other operands.
+        expected: usize,
+        /// The count given.
+        got: usize,
+    },
+    /// A list that must be a permutation of `0..len` and is not.
+    #[error("{op}: {perm:?} is not a permutation of 0..{len}")]
+    NotPermutation {
+        /// The op that failed.
+        op: &'static str,
+        /// The list given.
+        perm: Vec<usize>,
+        /// The length it must permute.
+        len: usize,
+    },
+    /// An operand of the wrong rank.
+    #[error("{op}: expected {expected}, got shape {shape:?}")]
+    Rank {
+        /// The op that failed.
+        op: &'static str,
+        /// The rank required (e.g. "a matrix", "rank >= 1").
+        expected: &'static str,
+        /// The shape given.
+        shape: Vec<usize>,
+    },
+    /// An operation the state of an adapter on a site forbids.
+    #[error("{op}: `{site}`: adapter `{adapter}` {problem}")]
+    AdapterState {
+        /// The operation.
+        op: &'static str,
+        /// The site's path.
+        site: String,
+        /// The adapter's name.
+        adapter: String,
+        /// What stands in the way.
+        problem: AdapterProblem,
+    },
+    /// The same parameter (or two parameters of one name) listed twice.
+    #[error("{op}: parameter `{name}` is listed twice")]
+    DuplicateParam {
+        /// The op that failed.
+        op: &'static str,
+        /// The parameter's name.
+        name: String,
+    },
+    /// An optimizer state dict that does not fit the optimizer.
+    #[error("{op}: {problem}")]
+    OptimizerState {
+        /// The op that failed.
+        op: &'static str,
+        /// What does not fit.
+        problem: StateProblem,
+    },
+    /// A target/rank/layers pattern that is not a supported regular expression.
+    #[error("{op}: pattern `{pattern}` is not a supported regular expression: {source}")]
+    Pattern {
+        /// Which pattern field.
+        op: &'static str,
+        /// The pattern.
+        pattern: String,
+        /// The regex crate's error.
+        #[source]
+        source: Box<regex::Error>,
+    },
+    /// A named choice this library does not implement (an activation, a dtype, a merge method).
+    #[error("{op}: {what} `{value}` is not supported{}", if expected.is_empty() { String::new() } else { format!(" (expected {expected})") })]
+    Unsupported {
+        /// The op that failed.
+        op: &'static str,
+        /// The kind of choice.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// The accepted values, when there is a fixed set.
+        expected: &'static str,
+    },
+    /// A numerical procedure that cannot proceed on this input (a singular matrix, a zero covariance, a failed
+    /// decomposition).
+    #[error("{op}: {reason}")]
+    Numerical {
+        /// The op that failed.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A typed error of a method crate (peft-lora, peft-models, ...) raised where peft-core's traits
+    /// (`Tuner`, `Module`, site adapters) return this type; [`Error::method_error`] recovers it.
+    #[error("{method}: {source}")]
+    Method {
+        /// The crate or method that raised it.
+        method: &'static str,
+        /// The crate's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// `backward` was called on a tensor that no trainable tensor reaches.
     #[error("backward: the tensor does not depend on any tensor that requires grad")]
@@ -89,13 +217,119 @@ impl Error {
     }
 }
 
+impl Error {
+    /// An [`Error::Arg`].
+    pub fn arg(op: &'static str, arg: impl Into<String>, value: impl std::fmt::Display, rule: &'static str) -> Self {
+        Error::Arg { op, arg: arg.into(), value: value.to_string(), rule }
+    }
+
+    /// An [`Error::Method`] wrapping a method crate's error.
+    pub fn method(method: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Method { method, source: Box::new(source) }
+    }
+
+    /// The method crate's error inside an [`Error::Method`], if it is a `T`.
+    pub fn method_error<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        match self {
+            Error::Method { source, .. } => source.downcast_ref::<T>(),
+            _ => None,
+        }
+    }
+
+    /// Prefixes the site (or tensor) path to errors that do not name one, keeping the variant.
+    #[must_use]
+    pub fn at(self, path: &str) -> Self {
+        match self {
+            Error::Numerical { op, reason } => Error::Numerical { op, reason: format!("`{path}`: {reason}") },
+            Error::NonFinite { what } => Error::NonFinite { what: format!("{what} of `{path}`") },
+            Error::Arg { op, arg, value, rule } => Error::Arg { op, arg: format!("{arg} at `{path}`"), value, rule },
+            e => e,
+        }
+    }
+}
+
+/// What stands in the way of an operation on an adapter attached to a site ([`Error::AdapterState`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdapterProblem {
+    /// An adapter of that name is attached already.
+    Exists,
+    /// It is merged already (merge asked twice).
+    Merged,
+    /// It is not merged (unmerge without merge).
+    NotMerged,
+    /// Its method has no exact merge (the adapter kind).
+    NotMergeable(String),
+    /// It has a bias term but the base layer has no bias.
+    BiasWithoutBaseBias,
+    /// It is merged while a mixed-adapter batch runs.
+    MergedInMixedBatch,
+    /// It scales its input (IA3-style) and cannot serve a mixed batch (the adapter kind).
+    ScalesInput(String),
+    /// It (or another adapter) is merged and the operation rewrites the base weight.
+    MergedBase,
+    /// Cached merge state is missing (e.g. DoRA norms for unmerge).
+    NoMergeCache,
+}
+
+impl std::fmt::Display for AdapterProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdapterProblem::Exists => f.write_str("exists already"),
+            AdapterProblem::Merged => f.write_str("is merged already"),
+            AdapterProblem::NotMerged => f.write_str("is not merged"),
+            AdapterProblem::NotMergeable(k) => write!(f, "({k}) cannot be merged exactly"),
+            AdapterProblem::BiasWithoutBaseBias => f.write_str("has a bias term but the base layer has no bias"),
+            AdapterProblem::MergedInMixedBatch => {
+                f.write_str("is merged during a mixed-adapter batch: unmerge it first")
+            }
+            AdapterProblem::ScalesInput(k) => write!(f, "({k}) scales its input and cannot serve a mixed batch"),
+            AdapterProblem::MergedBase => f.write_str("is merged: unmerge the adapters of this site first"),
+            AdapterProblem::NoMergeCache => f.write_str("has no cached merge state"),
+        }
+    }
+}
+
+/// What does not fit in an optimizer state dict ([`Error::OptimizerState`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateProblem {
+    /// The dict was written by another optimizer kind.
+    Kind {
+        /// The kind in the dict.
+        found: String,
+        /// This optimizer's kind.
+        expected: String,
+    },
+    /// A parameter's state lacks a buffer.
+    MissingBuffer {
+        /// The parameter.
+        param: String,
+        /// The buffer.
+        buffer: String,
+    },
+    /// A parameter's state has a buffer this optimizer does not keep.
+    UnexpectedBuffer {
+        /// The parameter.
+        param: String,
+        /// The buffer.
+        buffer: String,
+    },
+}
+
+impl std::fmt::Display for StateProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateProblem::Kind { found, expected } => {
+                write!(f, "state dict of a `{found}` optimizer cannot be loaded into `{expected}`")
+            }
+            StateProblem::MissingBuffer { param, buffer } => write!(f, "state of `{param}` lacks buffer `{buffer}`"),
+            StateProblem::UnexpectedBuffer { param, buffer } => {
+                write!(f, "state of `{param}` has unexpected buffer `{buffer}`")
+            }
+        }
+    }
+}
+
 /// Result alias for peft-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Returns an [`Error::Invalid`] from the current function.
-macro_rules! bail {
-    ($op:expr, $($arg:tt)*) => {
-        return Err($crate::error::Error::Invalid { op: $op, msg: format!($($arg)*) })
-    };
-}
-pub(crate) use bail;

@@ -38,7 +38,7 @@ pub mod train;
 
 pub use autograd::{no_grad, GradStore, NoGradGuard};
 pub use elem::Elem;
-pub use error::{Error, Result};
+pub use error::{AdapterProblem, Error, Result, StateProblem};
 pub use optim::{AdamW, GradAccumulator, LrSchedule, Optimizer, ParamGroup, Schedule, Sgd};
 pub use param::{Param, ParamDelta};
 pub use tensor::{Tensor, TensorId};

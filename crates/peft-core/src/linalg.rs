@@ -21,7 +21,7 @@
 //! ```
 
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result};
 use ndarray::{Array1, Array2, ArrayBase, ArrayView2, Data, Dimension, Ix2};
 
 /// Element types faer can factor: `f32` and `f64`.
@@ -36,7 +36,7 @@ fn matrix<'a, E: LinalgElem, S: Data<Elem = E>, D: Dimension>(
     a: &'a ArrayBase<S, D>,
 ) -> Result<ArrayView2<'a, E>> {
     if a.ndim() != 2 {
-        bail!(op, "expected a 2-D matrix, got shape {:?}", a.shape());
+        return Err(Error::Rank { op, expected: "a 2-D matrix", shape: a.shape().to_vec() });
     }
     if a.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: format!("{op} input") });
@@ -58,7 +58,7 @@ fn from_faer<E: LinalgElem>(m: faer::MatRef<'_, E>) -> Array2<E> {
 /// non-negative, non-increasing) and `Vt` (`p x n`, orthonormal rows).
 ///
 /// # Errors
-/// [`Error::Invalid`] when `a` is not 2-D or the iteration does not converge; [`Error::NonFinite`] when `a`
+/// [`Error::Rank`] when `a` is not 2-D, [`Error::Numerical`] when the iteration does not converge; [`Error::NonFinite`] when `a`
 /// holds NaN or infinity.
 pub fn svd<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(
     a: &ArrayBase<S, D>,
@@ -69,7 +69,8 @@ pub fn svd<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(
     if p == 0 {
         return Ok((Array2::zeros((m, 0)), Array1::zeros(0), Array2::zeros((0, n))));
     }
-    let f = to_faer(a).thin_svd().map_err(|e| Error::Invalid { op: "svd", msg: format!("faer SVD failed: {e:?}") })?;
+    let f =
+        to_faer(a).thin_svd().map_err(|e| Error::Numerical { op: "svd", reason: format!("faer SVD failed: {e:?}") })?;
     let s = f.S().column_vector();
     let v = f.V();
     Ok((from_faer(f.U()), Array1::from_shape_fn(p, |i| s[i]), Array2::from_shape_fn((p, n), |(i, j)| v[(j, i)])))
@@ -81,7 +82,7 @@ pub fn svd<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(
 /// upper trapezoidal). Signs follow faer's Householder convention (the diagonal of `R` may be negative).
 ///
 /// # Errors
-/// [`Error::Invalid`] when `a` is not 2-D; [`Error::NonFinite`] when `a` holds NaN or infinity.
+/// [`Error::Rank`] when `a` is not 2-D; [`Error::NonFinite`] when `a` holds NaN or infinity.
 pub fn qr<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(a: &ArrayBase<S, D>) -> Result<(Array2<E>, Array2<E>)> {
     let a = matrix("qr", a)?;
     let (m, n) = a.dim();
@@ -99,7 +100,7 @@ pub fn qr<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(a: &ArrayBase<S, D>) -
 /// `A = P · L · U` with `P = permutation_matrix(&perm)`. Singular matrices factor fine (zero pivots in `U`).
 ///
 /// # Errors
-/// [`Error::Invalid`] when `a` is not 2-D; [`Error::NonFinite`] when `a` holds NaN or infinity.
+/// [`Error::Rank`] when `a` is not 2-D; [`Error::NonFinite`] when `a` holds NaN or infinity.
 pub fn lu<E: LinalgElem, S: Data<Elem = E>, D: Dimension>(
     a: &ArrayBase<S, D>,
 ) -> Result<(Vec<usize>, Array2<E>, Array2<E>)> {
@@ -158,13 +159,13 @@ fn lu_unblocked<E: LinalgElem>(a: ArrayView2<'_, E>) -> (Vec<usize>, Array2<E>, 
 /// The `m x m` permutation matrix `P` with `P[perm[i], i] = 1`, so that `(P · X)[perm[i]] = X[i]`.
 ///
 /// # Errors
-/// [`Error::Invalid`] when `perm` is not a permutation of `0..perm.len()`.
+/// [`Error::NotPermutation`] when `perm` is not a permutation of `0..perm.len()`.
 pub fn permutation_matrix<E: Elem>(perm: &[usize]) -> Result<Array2<E>> {
     let m = perm.len();
     let mut seen = vec![false; m];
     for &p in perm {
         if p >= m || std::mem::replace(&mut seen[p], true) {
-            bail!("permutation_matrix", "{perm:?} is not a permutation of 0..{m}");
+            return Err(Error::NotPermutation { op: "permutation_matrix", perm: perm.to_vec(), len: m });
         }
     }
     let mut out = Array2::zeros((m, m));
@@ -332,9 +333,9 @@ mod tests {
         let v = ArrayD::<f32>::zeros(IxDyn(&[4]));
         let t = ArrayD::<f32>::zeros(IxDyn(&[2, 2, 2]));
         for a in [&v, &t] {
-            assert!(matches!(svd(a), Err(Error::Invalid { op: "svd", .. })));
-            assert!(matches!(qr(a), Err(Error::Invalid { op: "qr", .. })));
-            assert!(matches!(lu(a), Err(Error::Invalid { op: "lu", .. })));
+            assert!(matches!(svd(a), Err(Error::Rank { op: "svd", .. })));
+            assert!(matches!(qr(a), Err(Error::Rank { op: "qr", .. })));
+            assert!(matches!(lu(a), Err(Error::Rank { op: "lu", .. })));
         }
     }
 
@@ -348,8 +349,8 @@ mod tests {
 
     #[test]
     fn permutation_matrix_rejects_non_permutations() {
-        assert!(matches!(permutation_matrix::<f32>(&[0, 0]), Err(Error::Invalid { .. })));
-        assert!(matches!(permutation_matrix::<f32>(&[2, 0]), Err(Error::Invalid { .. })));
+        assert!(matches!(permutation_matrix::<f32>(&[0, 0]), Err(Error::NotPermutation { .. })));
+        assert!(matches!(permutation_matrix::<f32>(&[2, 0]), Err(Error::NotPermutation { .. })));
         assert_eq!(permutation_matrix::<f32>(&[1, 0]).unwrap(), array![[0.0, 1.0], [1.0, 0.0]]);
     }
 

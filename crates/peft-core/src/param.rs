@@ -116,11 +116,16 @@ impl<E: Elem> Param<E> {
     /// parameter's shape.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when a delta of that name is attached already; [`Error::Shape`] when `apply` changes
+    /// [`Error::AdapterState`] when a delta of that name is attached already; [`Error::Shape`] when `apply` changes
     /// the shape; errors of `apply`.
     pub fn attach_delta(&self, delta: Arc<dyn ParamDelta<E>>) -> Result<()> {
         if self.deltas().iter().any(|d| d.name() == delta.name()) {
-            crate::error::bail!("attach_delta", "`{}` already has a delta named `{}`", self.name(), delta.name());
+            return Err(Error::AdapterState {
+                op: "attach_delta",
+                site: self.name().to_string(),
+                adapter: delta.name().to_string(),
+                problem: crate::AdapterProblem::Exists,
+            });
         }
         let probe = crate::autograd::no_grad(|| delta.apply(&Tensor::new(self.value().to_owned())))?;
         if probe.shape() != self.shape().as_slice() {
@@ -187,7 +192,7 @@ impl<E: Elem> Param<E> {
     /// Adds delta `name` into the stored value (checked finite before anything is written); forward then skips it.
     ///
     /// # Errors
-    /// [`Error::UnknownName`]; [`Error::Invalid`] when merged already; [`Error::NonFinite`]; shape errors.
+    /// [`Error::UnknownName`]; [`Error::AdapterState`] when merged already; [`Error::NonFinite`]; shape errors.
     pub fn merge_delta(&self, name: &str) -> Result<()> {
         self.merge_delta_sign(name, true)
     }
@@ -204,8 +209,12 @@ impl<E: Elem> Param<E> {
         let mut ds = self.0.deltas.write().unwrap_or_else(|p| p.into_inner());
         let slot = ds.iter_mut().find(|d| d.delta.name() == name).ok_or_else(|| self.unknown_delta(name))?;
         if slot.merged == merge {
-            let not = if merge { "" } else { "not " };
-            crate::error::bail!("merge_delta", "delta `{name}` of `{}` is {not}merged already", self.name());
+            return Err(Error::AdapterState {
+                op: "merge_delta",
+                site: self.name().to_string(),
+                adapter: name.to_string(),
+                problem: if merge { crate::AdapterProblem::Merged } else { crate::AdapterProblem::NotMerged },
+            });
         }
         let d = slot.delta.delta_value()?;
         let v = self.value();

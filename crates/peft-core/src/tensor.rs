@@ -196,10 +196,10 @@ impl<E: Elem> Tensor<E> {
     /// The single value of a one-element tensor.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the tensor has more or fewer than one element.
+    /// [`Error::Count`] when the tensor has more or fewer than one element.
     pub fn item(&self) -> Result<E> {
         if self.len() != 1 {
-            crate::error::bail!("item", "tensor of shape {:?} has {} elements, not 1", self.shape(), self.len());
+            return Err(crate::Error::Count { op: "item", what: "elements", expected: 1, got: self.len() });
         }
         Ok(self.as_slice()[0])
     }

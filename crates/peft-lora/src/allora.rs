@@ -63,10 +63,15 @@ impl<O: Optimizer> Allora<O> {
     /// Wraps `inner`, rescaling the gradients of `scaled` (the LoRA A/B matrices).
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] for a non-positive or non-finite η.
+    /// [`crate::LoraError::Field`] for a non-positive or non-finite η.
     pub fn new(inner: O, scaled: Vec<Param>, config: AlloraConfig) -> Result<Self> {
         if !(config.eta > 0.0 && config.eta.is_finite()) {
-            crate::bail!("allora", "eta must be positive and finite, got {}", config.eta);
+            crate::error::fail!(crate::LoraError::Field {
+                method: "allora",
+                field: "eta",
+                value: config.eta.to_string(),
+                rule: "must be positive and finite",
+            });
         }
         Ok(Allora { inner, scaled, config })
     }

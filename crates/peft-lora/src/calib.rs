@@ -150,7 +150,7 @@ impl Calibration {
     /// Attaches a recorder in `mode` to every site in `sites` (keeping their active adapters active).
     ///
     /// # Errors
-    /// [`Error::Invalid`] when a site already carries a recorder.
+    /// [`Error::AdapterState`] when a site already carries a recorder.
     pub fn attach(sites: &[Linear], mode: RecordMode) -> Result<Self> {
         Self::attach_masked(sites, mode, None)
     }
@@ -206,7 +206,7 @@ impl Drop for Calibration {
 
 /// The error for a calibration source that yields no batch.
 pub fn empty_calibration(method: &str) -> Error {
-    Error::Invalid { op: "calibration", msg: format!("{method}: the calibration data is empty") }
+    crate::LoraError::EmptyCalibration { method: method.to_string() }.into()
 }
 
 /// Runs calibration batches `0, 1, ..` forward without recording a graph, calling `after(i)` after each; stops
@@ -239,13 +239,14 @@ pub fn run_forward(
 /// The dense `[out, in]` weight parameter of a site's base.
 ///
 /// # Errors
-/// [`Error::Invalid`] when the base exposes no such parameter (a quantised base).
+/// [`crate::LoraError::NoDenseWeight`] when the base exposes no such parameter (a quantised base).
 pub fn weight_param(site: &Linear) -> Result<Param> {
     let (o, i) = (site.out_features(), site.in_features());
-    site.base().params().into_iter().find(|p| p.shape() == [o, i]).ok_or_else(|| Error::Invalid {
-        op: "calibration",
-        msg: format!("`{}` has no dense [out, in] weight parameter to take gradients of", site.path()),
-    })
+    site.base()
+        .params()
+        .into_iter()
+        .find(|p| p.shape() == [o, i])
+        .ok_or_else(|| crate::LoraError::NoDenseWeight { site: site.path().to_string() }.into())
 }
 
 /// Sums `∂L/∂W` of every site's dense weight over calibration batches `0..max` (or until exhausted): the weights
@@ -363,10 +364,10 @@ mod tests {
     #[test]
     fn empty_calibration_is_a_typed_error() {
         let e = run_forward("x", &mut |_| Ok(None), None, |_| Ok(false)).unwrap_err();
-        assert!(matches!(e, Error::Invalid { op: "calibration", .. }));
+        assert!(matches!(crate::LoraError::of(&e), Some(crate::LoraError::EmptyCalibration { .. })), "{e}");
         let model = Tiny::new(4, 1, 0);
         let e = accumulate_weight_grads("x", &[model.layers[0][0].clone()], &mut |_| Ok(None), 3).unwrap_err();
-        assert!(matches!(e, Error::Invalid { op: "calibration", .. }));
+        assert!(matches!(crate::LoraError::of(&e), Some(crate::LoraError::EmptyCalibration { .. })), "{e}");
         assert!(!model.layers[0][0].base().params()[0].trainable());
     }
 

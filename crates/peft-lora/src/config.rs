@@ -107,12 +107,6 @@ pub enum ConfigError {
     Unsupported(String),
 }
 
-impl From<ConfigError> for peft_core::Error {
-    fn from(e: ConfigError) -> Self {
-        peft_core::Error::Invalid { op: "LoraConfig", msg: e.to_string() }
-    }
-}
-
 fn d_r() -> usize {
     8
 }
@@ -259,20 +253,19 @@ impl LoraConfig {
     /// Parses `adapter_config.json` text; returns the config and one warning per key peft-rs ignores.
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] for malformed JSON or wrongly typed known fields.
+    /// [`crate::LoraError::Json`] (inside [`peft_core::Error::Method`]) for malformed JSON or wrongly typed known
+    /// fields.
     pub fn from_json(text: &str) -> peft_core::Result<(Self, Vec<String>)> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
+        let v: Value = serde_json::from_str(text).map_err(crate::LoraError::Json)?;
         Self::from_value(v)
     }
 
     /// [`LoraConfig::from_json`] on a parsed JSON value.
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] for wrongly typed known fields.
+    /// [`crate::LoraError::Json`] (inside [`peft_core::Error::Method`]) for wrongly typed known fields.
     pub fn from_value(v: Value) -> peft_core::Result<(Self, Vec<String>)> {
-        let mut cfg: LoraConfig = serde_json::from_value(v)
-            .map_err(|e| peft_core::Error::Invalid { op: "LoraConfig", msg: format!("adapter_config.json: {e}") })?;
+        let mut cfg: LoraConfig = serde_json::from_value(v).map_err(crate::LoraError::Json)?;
         let mut warnings: Vec<String> = cfg
             .extra
             .iter()

@@ -98,7 +98,8 @@ fn inverse(c: &Array2<f64>) -> Result<(Array2<f64>, f64)> {
 /// CorDA's decomposition of `w [out, in]` with input covariance `cov [in, in]` at rank `r` and LoRA scaling `s`.
 ///
 /// # Errors
-/// [`Error::Invalid`] for `r = 0` or `r > min(out, in)`, a zero covariance, or a damping loop that does not
+/// [`crate::LoraError::Rank`] for `r = 0` or `r > min(out, in)`, [`crate::LoraError::Degenerate`] for a zero
+/// covariance or a damping loop that does not
 /// reach an invertible matrix; [`Error::NonFinite`] for a covariance with NaN/infinity; shape errors.
 pub fn corda_factors(
     w: &Array2<f64>,
@@ -110,7 +111,7 @@ pub fn corda_factors(
     let (out_f, in_f) = w.dim();
     let k = out_f.min(in_f);
     if r == 0 || r > k {
-        crate::bail!("corda", "rank {r} must be in 1..=min(out, in) = {k}");
+        crate::error::fail!(crate::LoraError::Rank { method: "corda", site: String::new(), r, max: k });
     }
     if cov.dim() != (in_f, in_f) {
         return Err(Error::Shape { op: "corda", lhs: w.shape().to_vec(), rhs: cov.shape().to_vec() });
@@ -120,7 +121,11 @@ pub fn corda_factors(
     }
     let mean_diag = cov.diag().sum() / in_f as f64;
     if mean_diag <= 0.0 {
-        crate::bail!("corda", "the input covariance is zero (no signal reached the layer)");
+        crate::error::fail!(crate::LoraError::Degenerate {
+            method: "corda",
+            site: String::new(),
+            reason: "the input covariance is zero (no signal reached the layer)",
+        });
     }
     let mut delta = 0.01;
     let (damped, inv) = loop {
@@ -132,7 +137,11 @@ pub fn corda_factors(
         }
         delta *= 2.0;
         if delta > 1e6 {
-            crate::bail!("corda", "damping did not make the covariance invertible (δ > 1e6)");
+            crate::error::fail!(crate::LoraError::Degenerate {
+                method: "corda",
+                site: String::new(),
+                reason: "damping did not make the covariance invertible (δ > 1e6)",
+            });
         }
     };
     let (u, sv, vt) = peft_core::linalg::svd(&w.dot(&damped))?;
@@ -265,17 +274,14 @@ pub fn corda_init(
         let cov = &st.xtx / st.samples as f64;
         let (r, alpha) = build.rank_alpha(site.path())?;
         let w = site.base().dense_weight()?;
-        let w = w.view().into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Invalid {
-            op: "corda",
-            msg: format!("`{}`: base weight is not a matrix", site.path()),
+        let w = w.view().into_dimensionality::<ndarray::Ix2>().map_err(|_| crate::LoraError::NotMatrix {
+            method: "corda",
+            what: format!("base weight of `{}`", site.path()),
+            expected: "a matrix",
+            shape: w.shape().to_vec(),
         })?;
-        let f = corda_factors(&w.mapv(f64::from), &cov, r, build.scaling(r, alpha), corda.corda_method).map_err(
-            |e| match e {
-                Error::Invalid { op, msg } => Error::Invalid { op, msg: format!("`{}`: {msg}", site.path()) },
-                Error::NonFinite { what } => Error::NonFinite { what: format!("{what} of `{}`", site.path()) },
-                e => e,
-            },
-        )?;
+        let f = corda_factors(&w.mapv(f64::from), &cov, r, build.scaling(r, alpha), corda.corda_method)
+            .map_err(|e| crate::error::at_site(e, site.path()))?;
         factors.push(f);
     }
     let mut k = 0;

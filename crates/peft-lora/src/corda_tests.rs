@@ -130,7 +130,10 @@ fn corda_reports_typed_errors() {
     };
     let w0 = model.layers[0][0].base().dense_weight().unwrap();
     let e = run(&LoraConfig::new(9, 8.0, ["query"]), 2);
-    assert!(matches!(e, AdapterError::Core(Error::Invalid { op: "corda", .. })), "{e}");
+    assert!(
+        matches!(crate::LoraError::of_adapter(&e), Some(crate::LoraError::Rank { method: "corda", r: 9, max: 8, site }) if site == "encoder.layer.0.attention.self.query"),
+        "{e}"
+    );
     assert!(run(&LoraConfig::new(2, 8.0, ["query"]), 0).to_string().contains("empty"));
     let mut dora = LoraConfig::new(2, 8.0, ["query"]);
     dora.use_dora = true;

@@ -81,13 +81,13 @@ pub struct Pca {
 /// The PCA of the rows seen so far, keeping `max_c` components.
 ///
 /// # Errors
-/// [`Error::NonFinite`] for non-finite statistics; [`Error::Invalid`] with fewer than 2 rows.
+/// [`Error::NonFinite`] for non-finite statistics; [`Error::Count`] with fewer than 2 rows.
 pub fn pca(st: &InputStats, max_c: usize) -> Result<Pca> {
     if st.nonfinite || st.xtx.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: "EVA input statistics".into() });
     }
     if st.rows < 2 {
-        crate::bail!("eva", "PCA needs at least 2 input rows, got {}", st.rows);
+        return Err(Error::Count { op: "eva PCA", what: "input rows (at least)", expected: 2, got: st.rows });
     }
     let cov = st.centered_covariance();
     let (_, sv, vt) = peft_core::linalg::svd(&cov)?;
@@ -141,33 +141,43 @@ pub struct EvaResult {
 /// Runs EVA's calibration on `model` for the targets of `config` (at most `max_batches` batches).
 ///
 /// # Errors
-/// [`Error::Invalid`] for `rho < 1`, `tau ∉ (0, 1]`, a rank above a site's `in_features`, or empty calibration
-/// data; [`Error::NonFinite`] for NaN/infinite activations; errors of `calib`.
+/// [`crate::LoraError::Field`] for `rho < 1` or `tau ∉ (0, 1]`, [`crate::LoraError::Rank`] for a rank above a
+/// site's `min(in, out)`, [`crate::LoraError::EmptyCalibration`] for empty calibration data; [`Error::NonFinite`] for NaN/infinite activations; errors of `calib`.
 pub fn eva_calibrate(
     model: &dyn Module,
     config: &LoraConfig,
     eva: &EvaConfig,
     calib: &mut dyn FnMut(usize) -> Result<Option<Tensor>>,
     max_batches: Option<usize>,
-) -> Result<EvaResult> {
+) -> AdapterResult<EvaResult> {
     if !(eva.rho >= 1.0 && eva.rho.is_finite()) {
-        crate::bail!("eva", "rho must be ≥ 1, got {}", eva.rho);
+        crate::error::fail!(crate::LoraError::Field {
+            method: "eva",
+            field: "rho",
+            value: eva.rho.to_string(),
+            rule: "must be >= 1"
+        });
     }
     if !(eva.tau > 0.0 && eva.tau <= 1.0) {
-        crate::bail!("eva", "tau must be in (0, 1], got {}", eva.tau);
+        crate::error::fail!(crate::LoraError::Field {
+            method: "eva",
+            field: "tau",
+            value: eva.tau.to_string(),
+            rule: "must be in (0, 1]",
+        });
     }
-    let sites = lora_sites(model, config).map_err(|e| Error::Invalid { op: "eva", msg: e.to_string() })?;
+    let sites = lora_sites(model, config)?;
     let mut budget = Vec::new();
     let mut max_c = Vec::new();
     for s in &sites {
         let (r, _) = config.rank_alpha(s.path())?;
         if r == 0 || r > s.in_features().min(s.out_features()) {
-            crate::bail!(
-                "eva",
-                "`{}`: rank {r} must be in 1..=min(in, out) = {}",
-                s.path(),
-                s.in_features().min(s.out_features())
-            );
+            crate::error::fail!(crate::LoraError::Rank {
+                method: "eva",
+                site: s.path().into(),
+                r,
+                max: s.in_features().min(s.out_features()),
+            });
         }
         budget.push(r);
         max_c.push(((r as f64 * eva.rho).round() as usize).clamp(r, s.in_features()));
@@ -279,7 +289,7 @@ impl TunerConfig for EvaLoraConfig {
 /// ranks/alphas in `rank_pattern`/`alpha_pattern`.
 ///
 /// # Errors
-/// As [`eva_calibrate`]; config errors; [`Error::Invalid`] when every site got rank 0.
+/// As [`eva_calibrate`]; config errors; [`AdapterError::InvalidConfig`] when every site got rank 0.
 pub fn eva_init(
     model: &dyn Module,
     config: &LoraConfig,

@@ -205,12 +205,12 @@ fn eva_reports_typed_errors() {
     };
     assert!(run(&cfg, &EvaConfig::default(), 0).to_string().contains("empty"));
     assert!(matches!(
-        run(&cfg, &EvaConfig { rho: 0.5, ..Default::default() }, 2),
-        AdapterError::Core(Error::Invalid { op: "eva", .. })
+        crate::LoraError::of_adapter(&run(&cfg, &EvaConfig { rho: 0.5, ..Default::default() }, 2)),
+        Some(crate::LoraError::Field { method: "eva", field: "rho", .. })
     ));
     assert!(matches!(
-        run(&LoraConfig::new(9, 8.0, ["query"]), &EvaConfig::default(), 2),
-        AdapterError::Core(Error::Invalid { op: "eva", .. })
+        crate::LoraError::of_adapter(&run(&LoraConfig::new(9, 8.0, ["query"]), &EvaConfig::default(), 2)),
+        Some(crate::LoraError::Rank { method: "eva", r: 9, .. })
     ));
     let mut nan = |i: usize| -> Result<Option<Tensor>> {
         if i > 1 {

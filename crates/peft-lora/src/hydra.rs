@@ -199,10 +199,12 @@ impl LinearAdapter for HydraLinear {
     /// `s·B_pA_p + s·B_sA_sW₀`, computed from the base without changing it.
     fn delta_weight(&self, base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
         let w = base.dense_weight()?;
-        let w = w
-            .view()
-            .into_dimensionality::<Ix2>()
-            .map_err(|_| Error::Invalid { op: "hydra", msg: "the base weight is not a matrix".into() })?;
+        let w = w.view().into_dimensionality::<Ix2>().map_err(|_| crate::LoraError::NotMatrix {
+            method: "hydra",
+            what: "the base weight".into(),
+            expected: "a matrix",
+            shape: w.shape().to_vec(),
+        })?;
         let dw = (m2(&self.bp)?.dot(&m2(&self.ap)?).mapv(|v| v * self.scale) + self.seq_map()?.dot(&w)).into_dyn();
         if dw.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: format!("hydra merge delta of `{}`", self.name) });
@@ -214,7 +216,12 @@ impl LinearAdapter for HydraLinear {
     fn unmerge_delta_weight(&self, _base: &dyn LinearBase) -> Result<Option<ArrayD<f32>>> {
         match &*self.record() {
             Some((dw, _)) => Ok(Some(dw.clone())),
-            None => crate::bail!("unmerge", "hydra adapter `{}` has no recorded merge", self.name),
+            None => Err(Error::AdapterState {
+                op: "unmerge",
+                site: String::new(),
+                adapter: self.name.clone(),
+                problem: peft_core::AdapterProblem::NoMergeCache,
+            }),
         }
     }
 
@@ -226,9 +233,12 @@ impl LinearAdapter for HydraLinear {
         if let Some((_, Some(b0))) = &*self.record() {
             return Ok(Some(&cur - b0));
         }
-        let b1 = cur
-            .into_dimensionality::<Ix1>()
-            .map_err(|_| Error::Invalid { op: "hydra", msg: "the base bias is not a vector".into() })?;
+        let b1 = cur.into_dimensionality::<Ix1>().map_err(|_| crate::LoraError::NotMatrix {
+            method: "hydra",
+            what: "the base bias".into(),
+            expected: "a vector",
+            shape: b.shape(),
+        })?;
         let db: Array1<f32> = self.seq_map()?.dot(&b1);
         if db.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: format!("hydra merge bias delta of `{}`", self.name) });

@@ -70,9 +70,15 @@ pub struct LoraLinear {
 }
 
 fn mat(a: &ArrayD<f32>) -> Result<ndarray::ArrayView2<'_, f32>> {
-    a.view()
-        .into_dimensionality::<Ix2>()
-        .map_err(|_| Error::Invalid { op: "lora", msg: format!("expected a matrix, got {:?}", a.shape()) })
+    a.view().into_dimensionality::<Ix2>().map_err(|_| {
+        crate::LoraError::NotMatrix {
+            method: "lora",
+            what: "weight".into(),
+            expected: "a matrix",
+            shape: a.shape().to_vec(),
+        }
+        .into()
+    })
 }
 
 /// Row norms of a `[out, in]` matrix, accumulated in f64.
@@ -86,15 +92,21 @@ impl LoraLinear {
     /// other adapter is merged into this base.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for `r = 0`, a PiSSA/OLoRA rank above `min(out, in)`, or a base that cannot absorb the
+    /// [`crate::LoraError::Rank`] for `r = 0` or a PiSSA/OLoRA rank above `min(out, in)`, [`crate::LoraError::Incompatible`]
+    /// for `lora_bias` with DoRA or a data-driven init; errors of a base that cannot absorb the
     /// residual; linear-algebra errors.
     pub fn new(path: &str, name: &str, base: &dyn LinearBase, spec: LoraSpec, rng: &mut impl Rng) -> Result<Self> {
         let (in_f, out_f, r) = (base.in_features(), base.out_features(), spec.r);
         if r == 0 {
-            crate::bail!("lora", "rank 0 at `{path}`");
+            crate::error::fail!(crate::LoraError::Rank { method: "lora", site: path.into(), r, max: in_f.min(out_f) });
         }
         if spec.lora_bias && (spec.use_dora || !matches!(spec.init, Init::Default | Init::Random | Init::Gaussian)) {
-            crate::bail!("lora", "lora_bias needs plain LoRA with init true, false or gaussian at `{path}`");
+            crate::error::fail!(crate::LoraError::Incompatible {
+                method: "lora",
+                site: path.into(),
+                what: "lora_bias",
+                with: "DoRA or an init other than true, false or gaussian",
+            });
         }
         let scaling = spec.scaling();
         let kaiming = |fan_in: usize, shape: (usize, usize), rng: &mut dyn rand::RngCore| {
@@ -108,18 +120,19 @@ impl LoraLinear {
             Init::Default => (kaiming(in_f, (r, in_f), rng), Array2::zeros((out_f, r))),
             Init::Random => (kaiming(in_f, (r, in_f), rng), kaiming(r, (out_f, r), rng)),
             Init::Gaussian => {
-                let n = Normal::new(0.0f32, 1.0 / r as f32)
-                    .map_err(|e| Error::Invalid { op: "lora", msg: e.to_string() })?;
+                let n = Normal::new(0.0f32, 1.0 / r as f32).map_err(|_| {
+                    Error::arg("lora", "gaussian init std (1/r)", 1.0 / r as f32, "must be finite and > 0")
+                })?;
                 (Array2::from_shape_fn((r, in_f), |_| n.sample(rng)), Array2::zeros((out_f, r)))
             }
             Init::Pissa { .. } | Init::Olora => {
                 if r > in_f.min(out_f) {
-                    crate::bail!(
-                        "lora",
-                        "{:?} rank {r} exceeds min(out, in) = {} at `{path}`",
-                        spec.init,
-                        in_f.min(out_f)
-                    );
+                    crate::error::fail!(crate::LoraError::Rank {
+                        method: if matches!(spec.init, Init::Olora) { "olora" } else { "pissa" },
+                        site: path.into(),
+                        r,
+                        max: in_f.min(out_f),
+                    });
                 }
                 let w = base.dense_weight()?.mapv(f64::from);
                 let (a, b) = if matches!(spec.init, Init::Olora) {
@@ -177,7 +190,7 @@ impl LoraLinear {
     /// becomes `W − s·B·A` and `(A, B)` are recorded as the initial values (see [`convert_mutated_to_lora`]).
     ///
     /// # Errors
-    /// [`Error::Shape`] for matrices that do not fit the base; [`Error::Invalid`] for DoRA; base errors.
+    /// [`Error::Shape`] for matrices that do not fit the base; [`crate::LoraError::Incompatible`] for DoRA; base errors.
     pub fn from_mutating_init(
         path: &str,
         name: &str,
@@ -191,7 +204,12 @@ impl LoraLinear {
             return Err(Error::Shape { op: "lora", lhs: a.shape().to_vec(), rhs: b.shape().to_vec() });
         }
         if spec.use_dora || spec.lora_bias {
-            crate::bail!("lora", "a mutating data-driven init cannot be combined with DoRA or lora_bias at `{path}`");
+            crate::error::fail!(crate::LoraError::Incompatible {
+                method: "lora",
+                site: path.into(),
+                what: "a mutating data-driven init",
+                with: "DoRA or lora_bias",
+            });
         }
         let scaling = spec.scaling();
         base.add_to_weight(&b.dot(&a).mapv(|v| -(scaling as f32) * v).into_dyn())?;
@@ -269,7 +287,13 @@ impl LoraLinear {
 }
 
 fn shape_err(s: &[usize]) -> Error {
-    Error::Invalid { op: "lora", msg: format!("adapter weight is not a matrix: {s:?}") }
+    crate::LoraError::NotMatrix {
+        method: "lora",
+        what: "adapter weight".into(),
+        expected: "a matrix",
+        shape: s.to_vec(),
+    }
+    .into()
 }
 
 impl LinearAdapter for LoraLinear {
@@ -332,7 +356,12 @@ impl LinearAdapter for LoraLinear {
         let Some(m) = &self.magnitude else { return self.delta_weight(base) };
         // PEFT unmerge: W = W' / (m / ‖V‖) − s·B·A with the norms cached at merge time.
         let Some(norm) = self.merge_norm.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            crate::bail!("unmerge", "DoRA adapter `{}` has no cached merge norms", self.name);
+            return Err(Error::AdapterState {
+                op: "unmerge",
+                site: String::new(),
+                adapter: self.name.clone(),
+                problem: peft_core::AdapterProblem::NoMergeCache,
+            });
         };
         let wm = base.dense_weight()?;
         let wm = mat(&wm)?;

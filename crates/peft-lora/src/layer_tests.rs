@@ -297,7 +297,11 @@ fn to2f(a: &ArrayD<f32>) -> Array2<f32> {
 fn oversized_pissa_rank_is_an_error() {
     let lin = site(3, 2);
     let r = LoraLinear::new("l", "p", lin.base().as_ref(), spec(3, Init::Olora, false), &mut StdRng::seed_from_u64(0));
-    assert!(matches!(r, Err(Error::Invalid { .. })));
+    let e = r.err().unwrap();
+    assert!(
+        matches!(crate::LoraError::of(&e), Some(crate::LoraError::Rank { method: "olora", r: 3, max: 2, .. })),
+        "{e}"
+    );
 }
 
 #[test]

@@ -39,18 +39,11 @@
 //! # Ok::<(), peft_core::adapter::AdapterError>(())
 //! ```
 
-/// `return Err(Error::Invalid { op, msg: format!(..) })`.
-macro_rules! bail {
-    ($op:expr, $($fmt:tt)+) => {
-        return Err(peft_core::Error::Invalid { op: $op, msg: format!($($fmt)+) }.into())
-    };
-}
-pub(crate) use bail;
-
 pub mod allora;
 pub mod calib;
 pub mod config;
 pub mod corda;
+pub mod error;
 pub mod eva;
 pub mod hydra;
 pub mod layer;
@@ -69,6 +62,7 @@ pub mod tuner;
 pub mod weighted;
 
 pub use config::{Bias, ConfigError, Init, InitLoraWeights, LoraConfig};
+pub use error::{CombineProblem, LoraError};
 pub use layer::{convert_mutated_to_lora, LoraLinear, LoraSpec};
 pub use merge_utils::{MajoritySign, Merge};
 pub use methods::methods;

@@ -151,18 +151,19 @@ pub struct LolduFactors {
 /// The LU factors of `w [out, in]` kept at rank `r`.
 ///
 /// # Errors
-/// [`Error::Invalid`] for `r = 0`, `r > min(out, in)` or a zero pivot among the first `r` (LoLDU divides by
+/// [`crate::LoraError::Rank`] for `r = 0` or `r > min(out, in)`, [`crate::LoraError::ZeroPivot`] for a zero pivot
+/// among the first `r` (LoLDU divides by
 /// `D`); [`Error::NonFinite`] for a non-finite weight.
 pub fn loldu_factors(w: &Array2<f64>, r: usize) -> Result<LolduFactors> {
     let (out_f, in_f) = w.dim();
     let k = out_f.min(in_f);
     if r == 0 || r > k {
-        crate::bail!("loldu", "rank {r} must be in 1..=min(out, in) = {k}");
+        crate::error::fail!(crate::LoraError::Rank { method: "loldu", site: String::new(), r, max: k });
     }
     let (perm, l, u) = peft_core::linalg::lu(w)?;
     let d = Array1::from_shape_fn(r, |i| u[[i, i]]);
     if let Some(i) = d.iter().position(|&v| v == 0.0 || !v.is_finite()) {
-        crate::bail!("loldu", "pivot {i} of the LU decomposition is zero (singular weight)");
+        crate::error::fail!(crate::LoraError::ZeroPivot { site: String::new(), pivot: i });
     }
     let mut pl = Array2::zeros((out_f, r));
     for (i, &pi) in perm.iter().enumerate() {
@@ -206,14 +207,13 @@ impl LolduLinear {
     /// [`loldu_factors`] errors; base errors.
     pub fn new(path: &str, name: &str, base: &dyn LinearBase, r: usize, alpha: f64, init: ZInit) -> Result<Self> {
         let w = base.dense_weight()?;
-        let w = w
-            .view()
-            .into_dimensionality::<Ix2>()
-            .map_err(|_| Error::Invalid { op: "loldu", msg: format!("`{path}`: base weight is not a matrix") })?;
-        let f = loldu_factors(&w.mapv(f64::from), r).map_err(|e| match e {
-            Error::Invalid { op, msg } => Error::Invalid { op, msg: format!("`{path}`: {msg}") },
-            e => e,
+        let w = w.view().into_dimensionality::<Ix2>().map_err(|_| crate::LoraError::NotMatrix {
+            method: "loldu",
+            what: format!("base weight of `{path}`"),
+            expected: "a matrix",
+            shape: w.shape().to_vec(),
         })?;
+        let f = loldu_factors(&w.mapv(f64::from), r).map_err(|e| crate::error::at_site(e, path))?;
         let sigma = alpha / r as f64;
         let d = f.d.mapv(|v| v as f32);
         let u_hat = f.u_hat.mapv(|v| v as f32);
@@ -263,7 +263,8 @@ impl LolduLinear {
 }
 
 fn shape(s: &[usize]) -> Error {
-    Error::Invalid { op: "loldu", msg: format!("factor is not a matrix: {s:?}") }
+    crate::LoraError::NotMatrix { method: "loldu", what: "factor".into(), expected: "a matrix", shape: s.to_vec() }
+        .into()
 }
 
 impl LinearAdapter for LolduLinear {
@@ -295,8 +296,7 @@ fn site_factors(site: &Linear, r: usize) -> Result<LolduFactors> {
     let w = site.base().dense_weight()?;
     let w = w.view().into_dimensionality::<Ix2>().map_err(|_| shape(w.shape()))?;
     loldu_factors(&w.mapv(f64::from), r).map_err(|e| match e {
-        Error::Invalid { op, msg } => Error::Invalid { op, msg: format!("`{}`: {msg}", site.path()) },
-        e => e,
+        e => crate::error::at_site(e, site.path()),
     })
 }
 
@@ -373,11 +373,23 @@ impl TunerConfig for LolduConfig {
         for s in &sites {
             site_factors(s, self.r)?;
             if s.adapter(cx.name).is_some() {
-                crate::bail!("attach", "adapter `{}` already exists on `{}`", cx.name, s.path());
+                return Err(Error::AdapterState {
+                    op: "attach",
+                    site: s.path().to_string(),
+                    adapter: cx.name.to_string(),
+                    problem: peft_core::AdapterProblem::Exists,
+                }
+                .into());
             }
             for a in s.adapters() {
                 if s.is_merged(a.name())? {
-                    crate::bail!("loldu", "`{}` has a merged adapter; LoLDU rewrites its weight", s.path());
+                    return Err(Error::AdapterState {
+                        op: "loldu",
+                        site: s.path().to_string(),
+                        adapter: a.name().to_string(),
+                        problem: peft_core::AdapterProblem::MergedBase,
+                    }
+                    .into());
                 }
             }
         }
@@ -400,7 +412,8 @@ impl TunerConfig for LolduConfig {
         }
         let mut it = built.into_iter();
         let attached = LinearTuner::attach(cx.name, LOLDU_TYPE, &sites, |_| {
-            it.next().ok_or_else(|| Error::Invalid { op: "loldu", msg: "one layer per site".into() }.into())
+            it.next()
+                .ok_or_else(|| Error::Count { op: "loldu", what: "factor sets per site", expected: 1, got: 0 }.into())
         });
         match attached {
             Ok(inner) => Ok(Box::new(LolduTuner { inner })),

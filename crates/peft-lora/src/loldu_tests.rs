@@ -149,12 +149,17 @@ fn loldu_reports_typed_errors() {
         assert!(m.layers[0][0].adapters().is_empty());
         e
     };
-    assert!(matches!(fail(LolduConfig::new(9, ["query"])), AdapterError::Core(Error::Invalid { op: "loldu", .. })));
+    let e = fail(LolduConfig::new(9, ["query"]));
+    assert!(
+        matches!(crate::LoraError::of_adapter(&e), Some(crate::LoraError::Rank { method: "loldu", r: 9, .. })),
+        "{e}"
+    );
     assert!(matches!(fail(LolduConfig::new(0, ["query"])), AdapterError::InvalidConfig { .. }));
     assert!(matches!(fail(LolduConfig::new(1, ["nothing"])), AdapterError::Core(Error::NoTargetMatched { .. })));
     // A singular weight (zero first column) has a zero pivot.
     let z = Array2::from_shape_fn((3, 3), |(i, j)| if j == 0 { 0.0 } else { (i + j) as f64 });
-    assert!(matches!(loldu_factors(&z, 1), Err(Error::Invalid { .. })));
+    let e = loldu_factors(&z, 1).err().unwrap();
+    assert!(matches!(crate::LoraError::of(&e), Some(crate::LoraError::ZeroPivot { pivot: 0, .. })), "{e}");
     let nan = Array2::from_elem((2, 2), f64::NAN);
     assert!(matches!(loldu_factors(&nan, 1), Err(Error::NonFinite { .. })));
 }

@@ -136,14 +136,19 @@ impl LoraSbConfig {
     /// The sites this config adapts in `model`, each checked for the rank.
     ///
     /// # Errors
-    /// [`peft_core::Error::NoTargetMatched`]; regex errors; [`Error::Invalid`] for a rank above a site's
+    /// [`peft_core::Error::NoTargetMatched`]; regex errors; [`crate::LoraError::Rank`] for a rank above a site's
     /// `min(out, in)`.
     pub fn sites(&self, model: &dyn Module) -> AdapterResult<Vec<Linear>> {
         let sites = select_linear(model, &target_spec(&self.target_modules, self.exclude_modules.as_ref())?)?;
         for s in &sites {
             let k = s.in_features().min(s.out_features());
             if self.r > k {
-                crate::bail!("lora_sb", "`{}`: rank {} must be in 1..=min(out, in) = {k}", s.path(), self.r);
+                crate::error::fail!(crate::LoraError::Rank {
+                    method: "lora_sb",
+                    site: s.path().into(),
+                    r: self.r,
+                    max: k
+                });
             }
         }
         Ok(sites)
@@ -153,12 +158,12 @@ impl LoraSbConfig {
 /// `(A [r, in], R [r, r], B [out, r])` with `B R A` the best rank-r approximation of `ΔW = −η·sign(g)`.
 ///
 /// # Errors
-/// [`Error::Invalid`] for `r = 0` or `r > min(out, in)`; [`Error::NonFinite`] for a non-finite gradient.
+/// [`crate::LoraError::Rank`] for `r = 0` or `r > min(out, in)`; [`Error::NonFinite`] for a non-finite gradient.
 pub fn lora_sb_factors(g: &Array2<f64>, r: usize, eta: f64) -> Result<(Array2<f64>, Array2<f64>, Array2<f64>)> {
     let (out_f, in_f) = g.dim();
     let k = out_f.min(in_f);
     if r == 0 || r > k {
-        crate::bail!("lora_sb", "rank {r} must be in 1..=min(out, in) = {k}");
+        crate::error::fail!(crate::LoraError::Rank { method: "lora_sb", site: String::new(), r, max: k });
     }
     if g.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: "LoRA-SB accumulated gradient".into() });
@@ -237,11 +242,10 @@ impl LoraSbLinear {
 }
 
 fn m2(p: &Param) -> Result<Array2<f32>> {
-    p.value()
-        .view()
-        .into_dimensionality::<Ix2>()
-        .map(|v| v.to_owned())
-        .map_err(|_| Error::Invalid { op: "lora_sb", msg: format!("{} is not a matrix", p.name()) })
+    p.value().view().into_dimensionality::<Ix2>().map(|v| v.to_owned()).map_err(|_| {
+        crate::LoraError::NotMatrix { method: "lora_sb", what: p.name().into(), expected: "a matrix", shape: p.shape() }
+            .into()
+    })
 }
 
 impl LinearAdapter for LoraSbLinear {
@@ -365,8 +369,12 @@ impl TunerConfig for LoraSbConfig {
         };
         factors.reverse();
         let inner = LinearTuner::attach(name, LORA_SB_TYPE, &sites, |s: &Linear| {
-            let (a, rr, b) =
-                factors.pop().ok_or_else(|| Error::Invalid { op: "lora_sb", msg: "one factor set per site".into() })?;
+            let (a, rr, b) = factors.pop().ok_or(Error::Count {
+                op: "lora_sb",
+                what: "factor sets per site",
+                expected: 1,
+                got: 0,
+            })?;
             Ok(LoraSbLinear::new(s.path(), name, (s.in_features(), s.out_features()), a, rr, b)?)
         })?;
         Ok(Box::new(LoraSbTuner { inner }))

@@ -129,8 +129,8 @@ fn lora_sb_r_gradients_through_the_model_match_finite_differences() {
 fn lora_sb_reports_typed_errors() {
     let run = |cfg: LoraSbConfig, n: usize| init(Tiny::new(8, 1, 0), cfg, n).err().unwrap();
     assert!(matches!(
-        run(LoraSbConfig::new(9, ["query"]), 2),
-        AdapterError::Core(Error::Invalid { op: "lora_sb", .. })
+        crate::LoraError::of_adapter(&run(LoraSbConfig::new(9, ["query"]), 2)),
+        Some(crate::LoraError::Rank { method: "lora_sb", r: 9, .. })
     ));
     assert!(run(LoraSbConfig::new(2, ["query"]), 0).to_string().contains("empty"));
     let mut bad = LoraSbConfig::new(2, ["query"]);

@@ -30,12 +30,16 @@ impl MajoritySign {
     /// Parses PEFT's name (`"total"`, `"frequency"`).
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] for another name.
+    /// [`crate::LoraError::Unknown`] for another name.
     pub fn from_peft(name: &str) -> peft_core::Result<Self> {
         match name {
             "total" => Ok(Self::Total),
             "frequency" => Ok(Self::Frequency),
-            _ => crate::bail!("majority_sign_method", "unknown method `{name}` (expected total or frequency)"),
+            _ => crate::error::fail!(crate::LoraError::Unknown {
+                what: "majority_sign_method",
+                value: name.into(),
+                expected: "total or frequency",
+            }),
         }
     }
 }
@@ -103,7 +107,8 @@ impl Merge {
     /// `seed` is for callers that make the `rng`).
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] for no tensors, mismatched lengths or shapes, or a density outside `[0, ∞)`
+    /// [`peft_core::Error::Empty`] for no tensors, [`peft_core::Error::Count`] for mismatched lengths,
+    /// [`peft_core::Error::Shape`] for mismatched shapes, [`crate::LoraError::Field`] for a density outside `[0, ∞)`
     /// or not finite.
     pub fn apply(
         &self,
@@ -112,15 +117,28 @@ impl Merge {
         rng: &mut dyn RngCore,
     ) -> peft_core::Result<ArrayD<f64>> {
         const OP: &str = "merge";
-        if tensors.is_empty() || tensors.len() != weights.len() {
-            crate::bail!(OP, "{} task tensors but {} weights", tensors.len(), weights.len());
+        if tensors.is_empty() {
+            return Err(peft_core::Error::Empty { op: OP, what: "the task tensor list" });
         }
-        if tensors.iter().any(|t| t.shape() != tensors[0].shape()) {
-            crate::bail!(OP, "task tensors of different shapes");
+        if tensors.len() != weights.len() {
+            return Err(peft_core::Error::Count {
+                op: OP,
+                what: "weights per task tensor",
+                expected: tensors.len(),
+                got: weights.len(),
+            });
+        }
+        if let Some(t) = tensors.iter().find(|t| t.shape() != tensors[0].shape()) {
+            return Err(peft_core::Error::Shape { op: OP, lhs: tensors[0].shape().to_vec(), rhs: t.shape().to_vec() });
         }
         if let Some(d) = self.density() {
             if !(d.is_finite() && d >= 0.0) {
-                crate::bail!(OP, "density {d} must be finite and >= 0");
+                crate::error::fail!(crate::LoraError::Field {
+                    method: "merge",
+                    field: "density",
+                    value: d.to_string(),
+                    rule: "must be finite and >= 0",
+                });
             }
         }
         let pruned: Vec<ArrayD<f64>> = match *self {

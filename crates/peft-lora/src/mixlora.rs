@@ -178,30 +178,29 @@ impl MixLoraConfig {
     /// [`AdapterError::InvalidConfig`] for `r = 0`, no experts, `top_k` of 0 or above `num_experts`, bad numbers,
     /// or keys of another routing strategy.
     pub fn validate(&self) -> AdapterResult<()> {
-        self.check().map_err(|e| match e {
-            Error::Invalid { msg, .. } => AdapterError::config(MIXLORA_TYPE, "<config>", msg),
-            e => e.into(),
-        })
-    }
-
-    fn check(&self) -> Result<()> {
-        if self.r == 0 || self.num_experts == 0 {
-            crate::bail!("MixLoraConfig", "r and num_experts must be positive");
+        let bad = |field: &str, reason: String| Err(AdapterError::config(MIXLORA_TYPE, field, reason));
+        if self.r == 0 {
+            return bad("r", "must be positive".into());
+        }
+        if self.num_experts == 0 {
+            return bad("num_experts", "must be positive".into());
         }
         if self.top_k == 0 || self.top_k > self.num_experts {
-            crate::bail!("MixLoraConfig", "top_k = {} must be in 1..={}", self.top_k, self.num_experts);
+            return bad("top_k", format!("{} must be in 1..={}", self.top_k, self.num_experts));
         }
-        if self.router_init_range.is_nan()
-            || self.router_init_range < 0.0
-            || !(0.0..1.0).contains(&self.jitter_noise)
-            || !self.lora_alpha.is_finite()
-        {
-            crate::bail!("MixLoraConfig", "router_init_range ≥ 0, 0 ≤ jitter_noise < 1 and a finite alpha required");
+        if self.router_init_range.is_nan() || self.router_init_range < 0.0 {
+            return bad("router_init_range", format!("{} must be >= 0", self.router_init_range));
+        }
+        if !(0.0..1.0).contains(&self.jitter_noise) {
+            return bad("jitter_noise", format!("{} must be in [0, 1)", self.jitter_noise));
+        }
+        if !self.lora_alpha.is_finite() {
+            return bad("lora_alpha", format!("{} must be finite", self.lora_alpha));
         }
         let strategy = self.routing_strategy;
-        let misplaced = |set: bool, key: &str, owner: RoutingStrategy| -> Result<()> {
+        let misplaced = |set: bool, key: &str, owner: RoutingStrategy| -> AdapterResult<()> {
             if set && strategy != owner {
-                crate::bail!("MixLoraConfig", "`{key}` belongs to routing_strategy {owner:?}, not {strategy:?}");
+                return bad(key, format!("belongs to routing_strategy {owner:?}, not {strategy:?}"));
             }
             Ok(())
         };
@@ -211,42 +210,42 @@ impl MixLoraConfig {
         misplaced(self.router_z_loss_coef.is_some(), "router_z_loss_coef", RoutingStrategy::Switch)?;
         misplaced(self.ffn_dropout.is_some(), "ffn_dropout", RoutingStrategy::Switch)?;
         if !(self.router_aux_loss_coef >= 0.0 && self.router_aux_loss_coef.is_finite()) {
-            crate::bail!(
-                "MixLoraConfig",
-                "router_aux_loss_coef = {} must be finite and ≥ 0",
-                self.router_aux_loss_coef
-            );
+            return bad("router_aux_loss_coef", format!("{} must be finite and >= 0", self.router_aux_loss_coef));
         }
         self.router().map(|_| ())
     }
 
     /// The router rule with the strategy's defaults filled in.
-    fn router(&self) -> Result<Router> {
+    fn router(&self) -> AdapterResult<Router> {
+        let bad = |field: &str, reason: String| Err(AdapterError::config(MIXLORA_TYPE, field, reason));
         Ok(match self.routing_strategy {
             RoutingStrategy::TopK => Router::TopK(self.top_k),
             RoutingStrategy::Dynamic => {
                 let (top_p, temperature) = (self.top_p.unwrap_or(0.8), self.temperature.unwrap_or(0.0));
                 if !(top_p > 0.0 && top_p <= 1.0 && temperature >= 0.0 && temperature.is_finite()) {
-                    crate::bail!(
-                        "MixLoraConfig",
-                        "top_p = {top_p} must be in (0, 1] and temperature = {temperature} ≥ 0"
-                    );
+                    return if top_p > 0.0 && top_p <= 1.0 {
+                        bad("temperature", format!("{temperature} must be finite and >= 0"))
+                    } else {
+                        bad("top_p", format!("{top_p} must be in (0, 1]"))
+                    };
                 }
                 Router::Dynamic { top_p, temperature }
             }
             RoutingStrategy::Switch => {
                 if self.top_k != 1 {
-                    crate::bail!("MixLoraConfig", "routing_strategy Switch routes top-1; top_k = {} given", self.top_k);
+                    return bad("top_k", format!("routing_strategy Switch routes top-1; {} given", self.top_k));
                 }
                 let capacity = self.expert_capacity.unwrap_or(32);
                 let z_coef = self.router_z_loss_coef.unwrap_or(0.001);
                 let dropout = self.ffn_dropout.unwrap_or(0.0);
-                if capacity == 0 || !(z_coef >= 0.0 && z_coef.is_finite()) || !(0.0..1.0).contains(&dropout) {
-                    crate::bail!(
-                        "MixLoraConfig",
-                        "expert_capacity = {capacity} must be positive, router_z_loss_coef = {z_coef} finite and ≥ 0, \
-                         ffn_dropout = {dropout} in [0, 1)"
-                    );
+                if capacity == 0 {
+                    return bad("expert_capacity", "must be positive".into());
+                }
+                if !(z_coef >= 0.0 && z_coef.is_finite()) {
+                    return bad("router_z_loss_coef", format!("{z_coef} must be finite and >= 0"));
+                }
+                if !(0.0..1.0).contains(&dropout) {
+                    return bad("ffn_dropout", format!("{dropout} must be in [0, 1)"));
                 }
                 Router::Switch { capacity, z_coef, dropout }
             }

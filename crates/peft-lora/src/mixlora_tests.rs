@@ -262,7 +262,7 @@ fn aux_loss_is_top_k_for_a_uniform_router_and_matches_a_hand_computed_case() {
     let want = 3.0 * (0.5 * (p0[0] + p1[0]) / 2.0 + 0.5 * (p0[1] + p1[1]) / 2.0);
     let got = f.aux_loss(&r, Some(&[true, true, false])).unwrap().item().unwrap();
     assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
-    assert!(matches!(f.aux_loss(&r, Some(&[true])), Err(Error::Invalid { .. })));
+    assert!(matches!(f.aux_loss(&r, Some(&[true])), Err(Error::Count { expected: 3, got: 1, .. })));
 }
 
 #[test]

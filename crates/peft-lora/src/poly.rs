@@ -374,10 +374,9 @@ impl LinearAdapter for PolyLinear {
 
     fn delta(&self, x: &Tensor, _base_out: &Tensor, _base: &dyn LinearBase, ctx: &Ctx) -> Result<Option<Tensor>> {
         let shape = x.shape().to_vec();
-        let Some((&bs, _)) = shape.split_first() else { crate::bail!("poly", "input has rank 0") };
-        if shape.len() < 2 {
-            crate::bail!("poly", "input {shape:?} has no batch axis");
-        }
+        let (Some(&bs), true) = (shape.first(), shape.len() >= 2) else {
+            return Err(Error::Rank { op: "poly", expected: "an input of rank >= 2 (a batch axis first)", shape });
+        };
         let w = match self.selector() {
             PolySelector::Uniform => self.uniform(bs),
             PolySelector::Learned => {
@@ -389,10 +388,17 @@ impl LinearAdapter for PolyLinear {
                         single = vec![0; bs];
                         &single
                     }
-                    None => crate::bail!("poly", "adapter `{}` needs task ids (Ctx::with_task_ids)", self.name),
+                    None => {
+                        crate::error::fail!(crate::LoraError::NoTaskIds { method: "poly", adapter: self.name.clone() })
+                    }
                 };
                 if ids.len() != bs {
-                    crate::bail!("poly", "{} task ids for a batch of {bs}", ids.len());
+                    return Err(Error::Count {
+                        op: "poly",
+                        what: "task ids per batch row",
+                        expected: bs,
+                        got: ids.len(),
+                    });
                 }
                 self.routing_weights(ids, ctx)?
             }

@@ -178,7 +178,10 @@ fn mhr_mu_equals_single_lora_with_mean_factors() {
 #[test]
 fn task_routed_poly_is_not_mergeable() {
     let mut pm = poly(one(4, 4), PolyConfig::new(2, 2, 2, 1, ["query"]));
-    assert!(matches!(pm.merge_adapter(), Err(AdapterError::Core(Error::Invalid { .. }))));
+    assert!(matches!(
+        pm.merge_adapter(),
+        Err(AdapterError::Core(Error::AdapterState { problem: peft_core::AdapterProblem::NotMergeable(_), .. }))
+    ));
     assert!(!pm.tuner("default").unwrap().is_merged());
 }
 
@@ -273,8 +276,9 @@ fn poly_bad_configs_and_task_ids_are_typed_errors() {
     let pm = PeftModel::new(one(6, 4), PolyConfig::new(2, 2, 2, 2, ["query"]), "a", 0).unwrap();
     let x = input(2, 6, 1);
     assert!(matches!(pm.0.forward(&x, &tasks(&[0, 2])), Err(Error::UnknownName { .. })));
-    assert!(matches!(pm.0.forward(&x, &Ctx::eval()), Err(Error::Invalid { .. })));
-    assert!(matches!(pm.0.forward(&x, &tasks(&[0])), Err(Error::Invalid { .. })));
+    let e = pm.0.forward(&x, &Ctx::eval()).err().unwrap();
+    assert!(matches!(crate::LoraError::of(&e), Some(crate::LoraError::NoTaskIds { .. })), "{e}");
+    assert!(matches!(pm.0.forward(&x, &tasks(&[0])), Err(Error::Count { expected: 2, got: 1, .. })));
 }
 
 /// With one task, a batch without task ids is routed as task 0 (the registry's single-task use); with more

@@ -4,7 +4,7 @@
 
 use ndarray::{Array2, Ix2};
 use peft_core::adapter::{AdapterError, AdapterResult, AdapterTensors, ModulePattern, TargetSpec};
-use peft_core::{Error, Param};
+use peft_core::Param;
 use rand_distr::{Distribution, Uniform};
 use serde_json::Value;
 
@@ -86,12 +86,17 @@ pub fn expect_tensor(file: &AdapterTensors, key: &str, want: &[usize]) -> Adapte
 /// A parameter's value as a matrix.
 ///
 /// # Errors
-/// [`Error::Invalid`] when it is not 2-D.
+/// [`crate::LoraError::NotMatrix`] when it is not 2-D.
 pub fn m2(p: &Param) -> peft_core::Result<Array2<f32>> {
-    p.value()
-        .to_owned()
-        .into_dimensionality::<Ix2>()
-        .map_err(|_| Error::Invalid { op: "structured", msg: format!("{} is not a matrix", p.name()) })
+    p.value().to_owned().into_dimensionality::<Ix2>().map_err(|_| {
+        crate::LoraError::NotMatrix {
+            method: "structured",
+            what: p.name().into(),
+            expected: "a matrix",
+            shape: p.shape(),
+        }
+        .into()
+    })
 }
 
 #[cfg(test)]

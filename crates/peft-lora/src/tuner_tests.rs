@@ -72,7 +72,7 @@ fn target_matching_errors_are_typed() {
     let mut cfg = LoraConfig::new(2, 4.0, ["query"]);
     cfg.target_modules = Some(ModulePattern::Regex("(?<=x)query".into()));
     let r = PeftModel::new(Tiny::new(4, 1, 0), cfg, "default", 0);
-    assert!(matches!(r, Err(AdapterError::Core(peft_core::Error::Invalid { .. }))));
+    assert!(matches!(r, Err(AdapterError::Core(peft_core::Error::Pattern { .. }))));
     let mut cfg = LoraConfig::new(2, 4.0, ["query"]);
     cfg.layers_to_transform = Some(crate::config::IntOrList::One(3));
     let r = PeftModel::new(Tiny::new(4, 1, 0), cfg, "default", 0);

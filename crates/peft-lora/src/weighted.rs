@@ -35,6 +35,7 @@ use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::config::{num, InitLoraWeights, LoraConfig};
+use crate::error::{CombineProblem, LoraError};
 use crate::merge_utils::{MajoritySign, Merge};
 use peft_core::adapter::{AdapterResult, PeftModel};
 use peft_core::nn::{Linear, Module};
@@ -97,7 +98,8 @@ impl Combination {
     /// entries by `1/density` as in the paper; chain [`Combination::peft_dare`] for PEFT 0.21's output.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an unknown type, a missing density, or a clamp outside `[0, 1]`.
+    /// [`crate::LoraError::Unknown`] for an unknown type, [`crate::LoraError::Combine`] for a missing density,
+    /// [`crate::LoraError::Field`] for a clamp outside `[0, 1]`.
     pub fn from_peft(
         combination_type: &str,
         svd_rank: Option<usize>,
@@ -113,8 +115,12 @@ impl Combination {
             None if combination_type == "svd" => ("svd", true),
             None => (combination_type, false),
         };
-        let dens =
-            || density.ok_or_else(|| Error::Invalid { op: OP, msg: format!("`{combination_type}` needs a density") });
+        let dens = || -> Result<f64> {
+            density.ok_or_else(|| {
+                LoraError::Combine { problem: CombineProblem::NeedsDensity { combination: combination_type.into() } }
+                    .into()
+            })
+        };
         let merge = match base {
             "linear" if !svd => return Ok(Combination::Linear),
             "cat" if !svd => return Ok(Combination::Cat),
@@ -123,13 +129,22 @@ impl Combination {
             "dare_linear" => Merge::DareLinear { density: dens()?, seed, rescale: true },
             "dare_ties" => Merge::DareTies { density: dens()?, sign, seed, rescale: true },
             "magnitude_prune" => Merge::MagnitudePrune { density: dens()? },
-            _ => crate::bail!(OP, "unknown combination type `{combination_type}`"),
+            _ => crate::error::fail!(LoraError::Unknown {
+                what: "combination_type",
+                value: combination_type.into(),
+                expected: "linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune or their _svd forms",
+            }),
         };
         if !svd {
             return Ok(Combination::Factors { merge });
         }
         if let Some(q) = svd_clamp.filter(|q| !(0.0..=1.0).contains(q)) {
-            crate::bail!(OP, "svd_clamp {q} is not a quantile in [0, 1]");
+            crate::error::fail!(LoraError::Field {
+                method: OP,
+                field: "svd_clamp",
+                value: q.to_string(),
+                rule: "must be a quantile in [0, 1]"
+            });
         }
         let (rank, clamp) = (svd_rank, svd_clamp);
         Ok(if merge == Merge::TaskArithmetic {
@@ -166,7 +181,7 @@ fn combine_factors(
 ) -> Result<(Array2<f64>, Array2<f64>)> {
     let r = parts[0].0.nrows();
     if parts.iter().any(|p| p.0.nrows() != r) {
-        crate::bail!("add_weighted_adapter", "this combination needs equal ranks at `{path}`");
+        crate::error::fail!(LoraError::Combine { problem: CombineProblem::UnequalRanks { site: path.into() } });
     }
     let c: Vec<f64> = parts.iter().zip(weights).map(|(p, &w)| w * p.2).collect();
     let wa: Vec<f64> = c.iter().map(|&c| if c >= 0.0 { c.abs().sqrt() } else { -c.abs().sqrt() }).collect();
@@ -213,7 +228,12 @@ fn combine_deltas(
 ) -> Result<(Array2<f64>, Array2<f64>)> {
     let (out_f, in_f) = (parts[0].1.nrows(), parts[0].0.ncols());
     if rank == 0 || rank > out_f.min(in_f) {
-        crate::bail!("add_weighted_adapter", "svd rank {rank} outside 1..={} at `{path}`", out_f.min(in_f));
+        crate::error::fail!(LoraError::Rank {
+            method: "add_weighted_adapter",
+            site: path.into(),
+            r: rank,
+            max: out_f.min(in_f)
+        });
     }
     let deltas: Vec<ArrayD<f64>> = parts.iter().map(|(pa, pb, s)| (pb.dot(pa) * *s).into_dyn()).collect();
     let dw = d2(merge.apply(&deltas, weights, rng)?);
@@ -232,7 +252,7 @@ pub trait WeightedExt {
     /// inactive.
     ///
     /// # Errors
-    /// [`peft_core::Error::Invalid`] (as an adapter error) for mismatched lengths, unequal ranks under
+    /// [`peft_core::Error::Count`] (as an adapter error) for mismatched lengths, [`crate::LoraError::Combine`] for unequal ranks under
     /// `Linear`/`Factors`, DoRA adapters, adapters on different sites, a zero SVD rank, or a bad density;
     /// [`peft_core::adapter::AdapterError::UnknownAdapter`]; adapters that are not LoRA.
     fn add_weighted_adapter(
@@ -259,8 +279,17 @@ impl<M: Module> WeightedExt for PeftModel<M> {
         how: Combination,
     ) -> AdapterResult<()> {
         const OP: &str = "add_weighted_adapter";
-        if adapters.is_empty() || adapters.len() != weights.len() {
-            crate::bail!(OP, "{} adapters but {} weights", adapters.len(), weights.len());
+        if adapters.is_empty() {
+            return Err(Error::Empty { op: OP, what: "the adapter list" }.into());
+        }
+        if adapters.len() != weights.len() {
+            return Err(Error::Count {
+                op: OP,
+                what: "weights per adapter",
+                expected: adapters.len(),
+                got: weights.len(),
+            }
+            .into());
         }
         // PEFT: "if there is only one adapter, we can only use linear merging".
         let how = if adapters.len() == 1 { Combination::Linear } else { how };
@@ -286,10 +315,14 @@ impl<M: Module> WeightedExt for PeftModel<M> {
         let paths: Vec<String> = sets[0].layers.iter().map(|(s, _)| s.path().to_string()).collect();
         for s in &sets {
             if s.config.use_dora || s.config.lora_bias {
-                crate::bail!(OP, "adapter `{}` (DoRA or lora_bias) cannot be combined", s.name);
+                crate::error::fail!(LoraError::Combine {
+                    problem: CombineProblem::NotCombinable { adapter: s.name.clone() }
+                });
             }
             if s.layers.iter().map(|(l, _)| l.path()).ne(paths.iter().map(String::as_str)) {
-                crate::bail!(OP, "adapters `{}` and `{}` target different sites", sets[0].name, s.name);
+                crate::error::fail!(LoraError::Combine {
+                    problem: CombineProblem::DifferentSites { first: sets[0].name.clone(), other: s.name.clone() },
+                });
             }
         }
         let mut new = Vec::new();
@@ -309,7 +342,8 @@ impl<M: Module> WeightedExt for PeftModel<M> {
                     let as_: Vec<Array2<f64>> = parts.iter().zip(weights).map(|(p, &w)| &p.0 * (w * p.2)).collect();
                     let av: Vec<_> = as_.iter().map(|a| a.view()).collect();
                     let bv: Vec<_> = parts.iter().map(|p| p.1.view()).collect();
-                    let shape_err = |_| Error::Invalid { op: OP, msg: format!("shape mismatch at `{path}`") };
+                    let shape_err =
+                        |_| LoraError::Combine { problem: CombineProblem::ShapeMismatch { site: path.clone() } };
                     (concatenate(Axis(0), &av).map_err(shape_err)?, concatenate(Axis(1), &bv).map_err(shape_err)?)
                 }
                 Combination::Svd { rank, clamp } => combine_deltas(

@@ -45,13 +45,22 @@ pub enum AudioError {
         /// The rate found.
         rate: u32,
     },
-    /// A bad argument (zero sample rate, wrong filter shape, empty input).
-    #[error("{op}: {msg}")]
-    Invalid {
-        /// The function that failed.
-        op: &'static str,
-        /// What was wrong.
-        msg: String,
+    /// A resampling ratio the polyphase resampler refuses: a zero factor, a filter longer than
+    /// `2 * MAX_HALF_LEN + 1` taps, or an output length that overflows.
+    #[error("resample_poly: up {up} / down {down}: {reason}")]
+    Resample {
+        /// The (reduced) up factor.
+        up: usize,
+        /// The (reduced) down factor.
+        down: usize,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// Mel filters of a shape other than `[201, n_mels]`.
+    #[error("LogMel: mel filters must be [201, n_mels], got {shape:?}")]
+    MelFilters {
+        /// The shape given.
+        shape: Vec<usize>,
     },
 }
 
@@ -246,11 +255,11 @@ pub const MAX_HALF_LEN: usize = 10 * 384_000;
 /// `ceil(len * up / down)`.
 ///
 /// # Errors
-/// [`AudioError::Invalid`] when `up` or `down` is zero, when the filter would be longer than
+/// [`AudioError::Resample`] when `up` or `down` is zero, when the filter would be longer than
 /// `2 * MAX_HALF_LEN + 1` taps, or when the output length overflows.
 pub fn resample_poly(x: &[f64], up: usize, down: usize) -> AudioResult<Vec<f64>> {
     if up == 0 || down == 0 {
-        return Err(AudioError::Invalid { op: "resample_poly", msg: format!("up {up} and down {down} must be > 0") });
+        return Err(AudioError::Resample { up, down, reason: "both factors must be > 0" });
     }
     let g = gcd(up, down);
     let (up, down) = (up / g, down / g);
@@ -258,15 +267,13 @@ pub fn resample_poly(x: &[f64], up: usize, down: usize) -> AudioResult<Vec<f64>>
         return Ok(x.to_vec());
     }
     let n_in = x.len();
-    let too_big = || AudioError::Invalid {
-        op: "resample_poly",
-        msg: format!("{n_in} samples x up {up} / down {down} does not fit in memory"),
-    };
+    let too_big = || AudioError::Resample { up, down, reason: "the output length overflows" };
     let n_out = n_in.checked_mul(up).ok_or_else(too_big)?.div_ceil(down);
     let max_rate = up.max(down);
-    let half_len = max_rate.checked_mul(10).filter(|h| *h <= MAX_HALF_LEN).ok_or_else(|| AudioError::Invalid {
-        op: "resample_poly",
-        msg: format!("up {up} / down {down} would need a filter of more than {} taps", 2 * MAX_HALF_LEN + 1),
+    let half_len = max_rate.checked_mul(10).filter(|h| *h <= MAX_HALF_LEN).ok_or(AudioError::Resample {
+        up,
+        down,
+        reason: "the filter would exceed 2 * MAX_HALF_LEN + 1 taps",
     })?;
     let mut h = firwin_kaiser(2 * half_len + 1, 1.0 / max_rate as f64, 5.0);
     h.iter_mut().for_each(|v| *v *= up as f64);
@@ -329,14 +336,11 @@ impl LogMel {
     /// Whisper's settings (n_fft 400, hop 160, 30 s chunks) with the given filterbank `[201, n_mels]`.
     ///
     /// # Errors
-    /// [`AudioError::Invalid`] when `filters` is not `[201, n_mels]`.
+    /// [`AudioError::MelFilters`] when `filters` is not `[201, n_mels]`.
     pub fn whisper(filters: &ArrayD<f32>) -> AudioResult<Self> {
         let s = filters.shape();
         if s.len() != 2 || s[0] != 201 || s[1] == 0 {
-            return Err(AudioError::Invalid {
-                op: "LogMel",
-                msg: format!("mel filters must be [201, n_mels], got {s:?}"),
-            });
+            return Err(AudioError::MelFilters { shape: s.to_vec() });
         }
         let filters = Array2::from_shape_fn((s[0], s[1]), |(i, j)| f64::from(filters[[i, j]]));
         Ok(LogMel { filters, n_fft: 400, hop: 160, n_samples: 480_000 })

@@ -92,15 +92,20 @@ pub struct BertModel {
 
 fn check_config(cfg: &BertConfig) -> Result<()> {
     if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-        crate::bail!(
-            "BertModel",
-            "hidden_size {} is not a multiple of num_attention_heads {}",
-            cfg.hidden_size,
-            cfg.num_attention_heads
-        );
+        crate::error::fail!(crate::ModelError::Config {
+            model: "BertModel",
+            field: "hidden_size",
+            value: cfg.hidden_size.to_string(),
+            reason: "must be a multiple of a positive num_attention_heads",
+        });
     }
     if cfg.position_embedding_type != "absolute" {
-        crate::bail!("BertModel", "position_embedding_type `{}` is not supported", cfg.position_embedding_type);
+        crate::error::fail!(crate::ModelError::Config {
+            model: "BertModel",
+            field: "position_embedding_type",
+            value: cfg.position_embedding_type.clone(),
+            reason: "only `absolute` is supported",
+        });
     }
     Ok(())
 }
@@ -238,10 +243,10 @@ impl BertModel {
     /// BERT's pooled output `tanh(pooler.dense(h[:, 0]))`, `[B, H]`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the model has no pooler; shape errors.
+    /// [`Error::UnknownName`] (`pooler.dense`) when the checkpoint has no pooler; shape errors.
     pub fn pool_cls(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let Some(p) = &self.pooler else {
-            crate::bail!("BertModel::pool_cls", "the checkpoint has no pooler.dense");
+            return Err(Error::UnknownName { name: "pooler.dense".into() });
         };
         Ok(p.forward(&cls_token(hidden)?, ctx)?.tanh())
     }
@@ -349,7 +354,12 @@ impl BertForSequenceClassification {
     /// `num_labels == 0`.
     pub fn new(mut bert: BertModel, num_labels: usize, pooling: Pooling, seed: u64) -> Result<Self> {
         if num_labels == 0 {
-            crate::bail!("BertForSequenceClassification", "num_labels must be at least 1");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "BertForSequenceClassification",
+                field: "num_labels",
+                value: "0".into(),
+                reason: "must be positive",
+            });
         }
         let (h, std) = (bert.cfg.hidden_size, bert.cfg.initializer_range as f32);
         if pooling == Pooling::Cls && bert.pooler.is_none() {
@@ -446,8 +456,8 @@ impl BertForSequenceClassification {
             logits.mse_loss(&Tensor::from_vec(labels.to_vec(), &[b, 1])?)
         } else {
             let t: Vec<i64> = labels.iter().map(|&y| y as i64).collect();
-            if labels.iter().any(|&y| y.fract() != 0.0) {
-                crate::bail!("BertForSequenceClassification::loss", "class labels must be integers");
+            if let Some(y) = labels.iter().find(|&&y| y.fract() != 0.0) {
+                return Err(Error::arg("BertForSequenceClassification::loss", "class label", y, "must be an integer"));
             }
             logits.cross_entropy(&t, None, 0.0)
         }

@@ -12,7 +12,6 @@ use std::path::Path;
 use ndarray::{Array3, ArrayD, IxDyn};
 use serde_json::Value;
 
-use crate::bail;
 use peft_core::error::{Error, Result};
 use peft_core::tensor::Tensor;
 
@@ -34,7 +33,10 @@ impl Resample {
         match code {
             2 => Ok(Resample::Bilinear),
             3 => Ok(Resample::Bicubic),
-            c => bail!("Resample", "unsupported resample code {c} (only 2 bilinear and 3 bicubic)"),
+            c => crate::error::fail!(crate::ModelError::Preprocess {
+                field: "resample".into(),
+                reason: format!("code {c} is not supported (only 2 bilinear and 3 bicubic)")
+            }),
         }
     }
 
@@ -137,7 +139,7 @@ impl Preprocess {
     /// Invalid JSON or unsupported values.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Invalid { op: "Preprocess::from_json", msg: e.to_string() })?;
+            .map_err(|e| crate::ModelError::Preprocess { field: "<json>".into(), reason: e.to_string() })?;
         let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
         let size_of = |s: &Value| -> Result<Resize> {
             let get = |k: &str| s.get(k).and_then(Value::as_u64).map(|x| x as usize);
@@ -147,7 +149,10 @@ impl Preprocess {
             match (get("shortest_edge"), get("height"), get("width")) {
                 (Some(e), _, _) => Ok(Resize::ShortestEdge(e)),
                 (None, Some(height), Some(width)) => Ok(Resize::Exact { height, width }),
-                _ => bail!("Preprocess::from_json", "unsupported size {s}"),
+                _ => crate::error::fail!(crate::ModelError::Preprocess {
+                    field: "size".into(),
+                    reason: format!("unsupported size {s}")
+                }),
             }
         };
         let resize = if flag("do_resize", true) {
@@ -184,14 +189,17 @@ impl Preprocess {
                 Some(a) if a.len() == 3 => {
                     let mut o = [0.0; 3];
                     for (o, x) in o.iter_mut().zip(a) {
-                        *o = x.as_f64().ok_or_else(|| Error::Invalid {
-                            op: "Preprocess::from_json",
-                            msg: format!("`{k}` holds a non-number"),
+                        *o = x.as_f64().ok_or_else(|| crate::ModelError::Preprocess {
+                            field: k.into(),
+                            reason: "holds a non-number".into(),
                         })? as f32;
                     }
                     Ok(o)
                 }
-                Some(a) => bail!("Preprocess::from_json", "`{k}` has {} values, expected 3", a.len()),
+                Some(a) => crate::error::fail!(crate::ModelError::Preprocess {
+                    field: k.into(),
+                    reason: format!("has {} values, expected 3", a.len())
+                }),
             }
         };
         let normalize = if flag("do_normalize", true) {
@@ -209,7 +217,10 @@ impl Preprocess {
     pub fn apply_rgb(&self, img: &Array3<u8>) -> Result<ArrayD<f32>> {
         let (h, w, _) = img.dim();
         if h == 0 || w == 0 {
-            bail!("Preprocess", "empty {h}x{w} image");
+            crate::error::fail!(crate::ModelError::Image {
+                op: "Preprocess",
+                problem: crate::ImageProblem::Empty { h, w }
+            });
         }
         let img = match self.resize {
             None => img.clone(),
@@ -234,7 +245,10 @@ impl Preprocess {
             None => (0, 0, h, w),
             Some((ch, cw)) => {
                 if ch > h || cw > w {
-                    bail!("Preprocess", "center crop {ch}x{cw} larger than the {h}x{w} image");
+                    crate::error::fail!(crate::ModelError::Image {
+                        op: "Preprocess",
+                        problem: crate::ImageProblem::CropTooLarge { ch, cw, h, w },
+                    });
                 }
                 ((h - ch) / 2, (w - cw) / 2, ch, cw)
             }
@@ -270,7 +284,7 @@ impl Preprocess {
     pub fn load_batch<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Tensor> {
         let ts = paths.iter().map(|p| self.load(p).map(Tensor::new)).collect::<Result<Vec<_>>>()?;
         if ts.is_empty() {
-            bail!("Preprocess::load_batch", "no images");
+            return Err(Error::Empty { op: "Preprocess::load_batch", what: "the image list" });
         }
         Tensor::stack(&ts.iter().collect::<Vec<_>>(), 0)
     }
@@ -288,7 +302,10 @@ pub const MAX_FILE_BYTES: u64 = 256 << 20;
 fn check_pixels(op: &'static str, what: &str, h: usize, w: usize) -> Result<()> {
     match h.checked_mul(w) {
         Some(n) if n <= MAX_PIXELS => Ok(()),
-        _ => bail!(op, "{what} would be {h}x{w} pixels, more than the {MAX_PIXELS}-pixel cap"),
+        _ => crate::error::fail!(crate::ModelError::Image {
+            op,
+            problem: crate::ImageProblem::TooLarge { what: what.to_string(), h, w, cap: MAX_PIXELS },
+        }),
     }
 }
 
@@ -405,7 +422,10 @@ pub fn resize_u8(img: &Array3<u8>, oh: usize, ow: usize, f: Resample) -> Result<
     check_pixels("resize", &format!("resizing {ih}x{iw}: the output"), oh, ow)?;
     let (h, w, c) = img.dim();
     if oh == 0 || ow == 0 {
-        bail!("resize", "zero output size {oh}x{ow}");
+        crate::error::fail!(crate::ModelError::Image {
+            op: "resize",
+            problem: crate::ImageProblem::Empty { h: oh, w: ow }
+        });
     }
     let half = 1i32 << (PRECISION_BITS - 1);
     let mut cur = img.clone();
@@ -540,7 +560,11 @@ mod tests {
 
     #[test]
     fn from_json_rejects_unknown_resample() {
-        assert!(matches!(Preprocess::from_json_str(r#"{"resample":1}"#), Err(Error::Invalid { .. })));
+        let e = Preprocess::from_json_str(r#"{"resample":1}"#).unwrap_err();
+        assert!(
+            matches!(crate::ModelError::of(&e), Some(crate::ModelError::Preprocess { field, .. }) if field == "resample"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod audio;
 pub mod bert;
+pub mod error;
 pub mod image_proc;
 pub mod llama;
 pub mod registry;
@@ -24,10 +25,4 @@ pub mod tokenizer;
 pub mod vit;
 pub mod whisper;
 
-/// `return Err(Error::Invalid { op, msg: format!(..) })`.
-macro_rules! bail {
-    ($op:expr, $($arg:tt)*) => {
-        return Err(peft_core::Error::Invalid { op: $op, msg: format!($($arg)*) })
-    };
-}
-pub(crate) use bail;
+pub use error::{ImageProblem, ModelError};

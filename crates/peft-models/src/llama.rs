@@ -20,7 +20,6 @@ use ndarray::{ArrayD, Ix2};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::bail;
 use peft_core::error::{Error, Result};
 use peft_core::io::unused::check_unused;
 #[cfg(feature = "gguf")]
@@ -74,21 +73,22 @@ impl LlamaSpec {
     /// From a transformers `LlamaConfig`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for `rope_scaling`, biases or a `hidden_act` other than SiLU (not implemented).
+    /// [`crate::ModelError::Config`] for `rope_scaling`, biases or a `hidden_act` other than SiLU (not implemented).
     pub fn from_hf(c: &LlamaConfig) -> Result<Self> {
-        if c.rope_scaling.is_some()
-            || c.attention_bias
-            || c.mlp_bias
-            || !matches!(c.hidden_act.as_str(), "silu" | "swish")
-        {
-            bail!(
-                "LlamaSpec::from_hf",
-                "unsupported config: rope_scaling {:?}, attention_bias {}, mlp_bias {}, hidden_act `{}`",
-                c.rope_scaling,
-                c.attention_bias,
-                c.mlp_bias,
-                c.hidden_act
-            );
+        let unsupported = |field: &'static str, value: String| {
+            Err(crate::ModelError::Config { model: "Llama", field, value, reason: "not implemented" }.into())
+        };
+        if let Some(r) = &c.rope_scaling {
+            return unsupported("rope_scaling", format!("{r:?}"));
+        }
+        if c.attention_bias {
+            return unsupported("attention_bias", "true".into());
+        }
+        if c.mlp_bias {
+            return unsupported("mlp_bias", "true".into());
+        }
+        if !matches!(c.hidden_act.as_str(), "silu" | "swish") {
+            return unsupported("hidden_act", c.hidden_act.clone());
         }
         let ids = |t: &Option<peft_core::io::hf_config::TokenIds>| -> Vec<usize> {
             t.as_ref()
@@ -434,7 +434,12 @@ impl Llama {
     ) -> Result<Tensor> {
         if let Some(c) = &cache {
             if c.len() != self.layers.len() {
-                bail!("Llama::forward", "cache has {} layers, the model {}", c.len(), self.layers.len());
+                return Err(Error::Count {
+                    op: "Llama::forward",
+                    what: "KV-cache layers",
+                    expected: self.layers.len(),
+                    got: c.len(),
+                });
             }
         }
         // Prompt tokens from the attention-prefix sites enter with the first call of a sequence only (later calls
@@ -469,11 +474,11 @@ impl Llama {
     /// Mean next-token cross-entropy of `ids [B, L]` (predicting position `t + 1` from positions `<= t`).
     ///
     /// # Errors
-    /// As [`Llama::forward`]; [`Error::Invalid`] when `L < 2`.
+    /// As [`Llama::forward`]; [`Error::Arg`] when `L < 2`.
     pub fn lm_loss(&self, ids: &[usize], shape: [usize; 2], ctx: &Ctx) -> Result<Tensor> {
         let [b, l] = shape;
         if l < 2 {
-            bail!("Llama::lm_loss", "sequences of length {l} have no next token to predict");
+            return Err(Error::arg("Llama::lm_loss", "sequence length", l, "must be >= 2 (a next token to predict)"));
         }
         let logits = self.forward(ids, shape, None, ctx)?.narrow(1, 0, l - 1)?;
         let targets: Vec<i64> = (0..b).flat_map(|i| ids[i * l + 1..(i + 1) * l].iter().map(|&t| t as i64)).collect();
@@ -488,11 +493,14 @@ impl Llama {
     pub fn generate(&self, prompt: &[usize], opts: &GenerateOptions) -> Result<Vec<usize>> {
         const OP: &str = "Llama::generate";
         if prompt.is_empty() {
-            bail!(OP, "empty prompt");
+            return Err(Error::Empty { op: OP, what: "the prompt" });
         }
         if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
-            if !(temperature.is_finite() && temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
-                bail!(OP, "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]");
+            if !(temperature.is_finite() && temperature > 0.0) {
+                return Err(Error::arg(OP, "temperature", temperature, "must be finite and > 0"));
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(Error::arg(OP, "top_p", top_p, "must lie in (0, 1]"));
             }
         }
         let seed = match opts.sampling {

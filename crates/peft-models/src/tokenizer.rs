@@ -42,11 +42,11 @@ impl Batch {
     /// A batch from equal-length rows of ids (all tokens real, token types 0), for tests and benches.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the rows have different lengths.
+    /// [`Error::Shape`] when the rows have different lengths.
     pub fn from_rows(rows: &[Vec<usize>]) -> Result<Self> {
         let l = rows.first().map_or(0, Vec::len);
-        if rows.iter().any(|r| r.len() != l) {
-            crate::bail!("Batch::from_rows", "rows have different lengths");
+        if let Some(r) = rows.iter().find(|r| r.len() != l) {
+            return Err(Error::Shape { op: "Batch::from_rows", lhs: vec![l], rhs: vec![r.len()] });
         }
         let input_ids: Vec<usize> = rows.concat();
         let n = input_ids.len();
@@ -87,7 +87,7 @@ pub struct TextTokenizer {
 }
 
 fn tok_err(op: &'static str) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error {
-    move |e| Error::Invalid { op, msg: e.to_string() }
+    move |source| crate::ModelError::Tokenizer { op, source }.into()
 }
 
 #[cfg(feature = "text")]
@@ -115,7 +115,7 @@ impl TextTokenizer {
     /// longest-first); `None` disables truncation.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when `max_length` is too small to hold the special tokens.
+    /// [`crate::ModelError::Tokenizer`] when `max_length` is too small to hold the special tokens.
     pub fn set_max_length(&mut self, max_length: Option<usize>) -> Result<()> {
         let params = max_length.map(|max_length| TruncationParams {
             direction: TruncationDirection::Right,
@@ -146,7 +146,7 @@ impl TextTokenizer {
     /// Encodes one text with special tokens (`[CLS] text [SEP]`).
     ///
     /// # Errors
-    /// [`Error::Invalid`] from the tokenizer.
+    /// [`crate::ModelError::Tokenizer`] from the tokenizer.
     pub fn encode(&self, text: &str) -> Result<Encoding> {
         self.inner.encode(text, true).map_err(tok_err("TextTokenizer::encode"))
     }
@@ -154,7 +154,7 @@ impl TextTokenizer {
     /// Encodes a text pair (`[CLS] a [SEP] b [SEP]`, token types 0 then 1).
     ///
     /// # Errors
-    /// [`Error::Invalid`] from the tokenizer.
+    /// [`crate::ModelError::Tokenizer`] from the tokenizer.
     pub fn encode_pair(&self, a: &str, b: &str) -> Result<Encoding> {
         self.inner.encode((a, b), true).map_err(tok_err("TextTokenizer::encode_pair"))
     }
@@ -162,7 +162,7 @@ impl TextTokenizer {
     /// Encodes texts into a batch right-padded to its longest member.
     ///
     /// # Errors
-    /// [`Error::Invalid`] from the tokenizer.
+    /// [`crate::ModelError::Tokenizer`] from the tokenizer.
     pub fn batch(&self, texts: &[&str]) -> Result<Batch> {
         let enc = texts.iter().map(|t| self.encode(t)).collect::<Result<Vec<_>>>()?;
         Ok(Batch::pad(&enc, self.pad_id))
@@ -171,7 +171,7 @@ impl TextTokenizer {
     /// Encodes text pairs into a batch right-padded to its longest member.
     ///
     /// # Errors
-    /// [`Error::Invalid`] from the tokenizer.
+    /// [`crate::ModelError::Tokenizer`] from the tokenizer.
     pub fn batch_pairs(&self, pairs: &[(&str, &str)]) -> Result<Batch> {
         let enc = pairs.iter().map(|(a, b)| self.encode_pair(a, b)).collect::<Result<Vec<_>>>()?;
         Ok(Batch::pad(&enc, self.pad_id))

@@ -11,7 +11,6 @@
 
 use ndarray::Array2;
 
-use crate::bail;
 use peft_core::error::Result;
 use peft_core::io::hf_config::Dinov2Config;
 use peft_core::nn::{
@@ -60,16 +59,35 @@ impl Dinov2 {
     /// Unsupported config options (SwiGLU FFN, a non-square position table) and missing or mis-shaped tensors.
     pub fn load(cfg: &Dinov2Config, src: &dyn WeightSource) -> Result<Self> {
         if cfg.use_swiglu_ffn {
-            bail!("Dinov2::load", "use_swiglu_ffn is not supported");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "Dinov2",
+                field: "use_swiglu_ffn",
+                value: true.to_string(),
+                reason: "not supported"
+            });
         }
         if cfg.hidden_size == 0
             || cfg.num_attention_heads == 0
             || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
-            bail!("Dinov2::load", "hidden_size {} not divisible by {} heads", cfg.hidden_size, cfg.num_attention_heads);
+            crate::error::fail!(crate::ModelError::Config {
+                model: "Dinov2",
+                field: "hidden_size",
+                value: cfg.hidden_size.to_string(),
+                reason: if cfg.num_attention_heads == 0 {
+                    "num_attention_heads is 0"
+                } else {
+                    "must be a positive multiple of num_attention_heads"
+                },
+            });
         }
         if cfg.patch_size == 0 {
-            bail!("Dinov2::load", "patch_size is 0");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "Dinov2",
+                field: "patch_size",
+                value: 0.to_string(),
+                reason: "must be positive"
+            });
         }
         let (h, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
         let g = cfg.image_size / p;
@@ -118,10 +136,13 @@ impl Dinov2 {
         let (n, h) = (pos.shape()[1] - 1, pos.shape()[2]);
         let g = (n as f64).sqrt().round() as usize;
         if g * g != n {
-            bail!("position_embeddings", "{n} stored patch positions are not a square grid");
+            crate::error::fail!(crate::ModelError::PositionGrid { positions: n });
         }
         if gh == 0 || gw == 0 {
-            bail!("position_embeddings", "empty {gh}x{gw} patch grid");
+            crate::error::fail!(crate::ModelError::Image {
+                op: "position_embeddings",
+                problem: crate::ImageProblem::Empty { h: gh, w: gw },
+            });
         }
         if gh == g && gw == g {
             return Ok(pos);
@@ -236,7 +257,12 @@ impl Dinov2Classifier {
     /// `num_labels == 0`, missing or mis-shaped tensors.
     pub fn load(backbone: Dinov2, num_labels: usize, input: HeadInput, src: &dyn WeightSource) -> Result<Self> {
         if num_labels == 0 {
-            bail!("Dinov2Classifier", "num_labels is 0");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "Dinov2Classifier",
+                field: "num_labels",
+                value: 0.to_string(),
+                reason: "must be positive"
+            });
         }
         let h = backbone.cfg.hidden_size;
         let in_f = match input {
@@ -377,7 +403,8 @@ mod tests {
         let m = tiny();
         let p = m.position_embeddings_for(3, 3).unwrap();
         assert_eq!(p.as_slice(), m.position_embeddings.tensor().as_slice());
-        assert!(matches!(m.position_embeddings_for(0, 3), Err(Error::Invalid { .. })));
+        let e = m.position_embeddings_for(0, 3).unwrap_err();
+        assert!(matches!(crate::ModelError::of(&e), Some(crate::ModelError::Image { .. })), "{e}");
     }
 
     #[test]
@@ -400,6 +427,10 @@ mod tests {
         let loss = c.forward(&pixels(2, 12, 12), &Ctx::eval()).unwrap().cross_entropy(&[0, 2], None, 0.0).unwrap();
         let g = loss.backward().unwrap();
         assert!(g.get_id(trainable[0].id()).is_some() && g.get_id(trainable[1].id()).is_some());
-        assert!(matches!(Dinov2Classifier::new(tiny(), 0, HeadInput::Cls, 0), Err(Error::Invalid { .. })));
+        let e = Dinov2Classifier::new(tiny(), 0, HeadInput::Cls, 0).err().unwrap();
+        assert!(
+            matches!(crate::ModelError::of(&e), Some(crate::ModelError::Config { field: "num_labels", .. })),
+            "{e}"
+        );
     }
 }

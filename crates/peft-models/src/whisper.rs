@@ -102,7 +102,12 @@ impl WhisperEncoder {
         let p = |n: &str| join(prefix, n);
         let (d, heads) = (cfg.d_model, cfg.encoder_attention_heads);
         if heads == 0 || d % heads != 0 {
-            crate::bail!("WhisperEncoder", "d_model {d} is not divisible by {heads} attention heads");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "WhisperEncoder",
+                field: "d_model",
+                value: d.to_string(),
+                reason: "must be a positive multiple of encoder_attention_heads",
+            });
         }
         let layer_cfg = EncoderConfig {
             hidden: d,
@@ -190,10 +195,15 @@ impl WhisperClassifier {
     /// A fresh, trainable head (normal(0, `init_std`) weight, zero bias, seeded) on `encoder`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for zero labels.
+    /// [`crate::ModelError::Config`] for zero labels.
     pub fn new(encoder: WhisperEncoder, num_labels: usize, seed: u64) -> Result<Self> {
         if num_labels == 0 {
-            crate::bail!("WhisperClassifier", "num_labels must be > 0");
+            crate::error::fail!(crate::ModelError::Config {
+                model: "WhisperClassifier",
+                field: "num_labels",
+                value: 0.to_string(),
+                reason: "must be positive"
+            });
         }
         let init = RandomInit::new(seed, encoder.config.init_std as f32);
         let classifier = Linear::load("classifier", encoder.config.d_model, num_labels, true, &init)?.as_output();

@@ -61,7 +61,7 @@ impl<A: LinearAdapter + SavedTensors + 'static> LinearTuner<A> {
     /// Attaches `make(site)` to every site in `sites` under `name`; on error, detaches what was attached.
     ///
     /// # Errors
-    /// Errors of `make`; [`crate::Error::Invalid`] when a site already has an adapter called `name`.
+    /// Errors of `make`; [`crate::Error::AdapterState`] when a site already has an adapter called `name`.
     pub fn attach(
         name: &str,
         kind: &str,

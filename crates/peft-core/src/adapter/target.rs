@@ -55,8 +55,7 @@ enum Compiled {
 }
 
 fn full_regex(op: &'static str, p: &str) -> Result<Regex> {
-    Regex::new(&format!(r"\A(?:{p})\z"))
-        .map_err(|e| Error::Invalid { op, msg: format!("pattern `{p}` is not a supported regular expression: {e}") })
+    Regex::new(&format!(r"\A(?:{p})\z")).map_err(|e| Error::Pattern { op, pattern: p.to_string(), source: Box::new(e) })
 }
 
 impl Compiled {
@@ -101,7 +100,7 @@ impl TargetSpec {
     /// Compiles the selection rules. `layers_to_transform: Some(&[])` means no restriction, as in PEFT.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a pattern (target, exclude or layers) the regex engine rejects.
+    /// [`Error::Pattern`] for a pattern (target, exclude or layers) the regex engine rejects.
     pub fn new(
         target: &ModulePattern,
         exclude: Option<&ModulePattern>,
@@ -176,9 +175,10 @@ fn in_module(path: &str, m: &str) -> bool {
 fn layer_regexes(layers_pattern: Option<&[String]>) -> Result<Vec<Regex>> {
     let pats: Vec<&String> = layers_pattern.unwrap_or_default().iter().filter(|p| !p.is_empty()).collect();
     let compile = |p: &str| {
-        Regex::new(&format!(r"\A.*\.{p}\.(\d+)\.")).map_err(|e| Error::Invalid {
+        Regex::new(&format!(r"\A.*\.{p}\.(\d+)\.")).map_err(|e| Error::Pattern {
             op: "layers_pattern",
-            msg: format!("pattern `{p}` is not a supported regular expression: {e}"),
+            pattern: p.to_string(),
+            source: Box::new(e),
         })
     };
     if pats.is_empty() {
@@ -196,7 +196,7 @@ fn layer_index_re(path: &str, res: &[Regex]) -> Option<usize> {
 /// any non-first segment without a pattern), last occurrence, followed by at least one more segment.
 ///
 /// # Errors
-/// [`Error::Invalid`] for a pattern the regex engine rejects.
+/// [`Error::Pattern`] for a pattern the regex engine rejects.
 pub fn layer_index(path: &str, layers_pattern: Option<&[String]>) -> Result<Option<usize>> {
     Ok(layer_index_re(path, &layer_regexes(layers_pattern)?))
 }
@@ -211,14 +211,15 @@ impl<V: Clone> PatternMap<V> {
     /// Compiles the (key, value) pairs in their given order.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a key the regex engine rejects.
+    /// [`Error::Pattern`] for a key the regex engine rejects.
     pub fn new(pairs: impl IntoIterator<Item = (String, V)>) -> Result<Self> {
         let entries = pairs
             .into_iter()
             .map(|(k, v)| {
-                let re = Regex::new(&format!(r"\A(?:.*\.)?(?:{k})\z")).map_err(|e| Error::Invalid {
+                let re = Regex::new(&format!(r"\A(?:.*\.)?(?:{k})\z")).map_err(|e| Error::Pattern {
                     op: "rank_pattern",
-                    msg: format!("pattern `{k}` is not a supported regular expression: {e}"),
+                    pattern: k.clone(),
+                    source: Box::new(e),
                 })?;
                 Ok((k, re, v))
             })
@@ -341,7 +342,7 @@ mod tests {
     #[test]
     fn unsupported_regex_is_a_typed_error() {
         let r = TargetSpec::new(&ModulePattern::Regex(r"(?<=x)query".into()), None, None, None, &[]);
-        assert!(matches!(r, Err(Error::Invalid { .. })));
+        assert!(matches!(r, Err(Error::Pattern { .. })));
     }
 
     #[test]

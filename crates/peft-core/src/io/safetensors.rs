@@ -512,28 +512,26 @@ where
     const OP: &str = "write_safetensors";
     let path = path.as_ref();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(
-            crate::Error::Invalid { op: OP, msg: format!("cannot write dtype {dtype}; use F32, F16 or BF16") }.into()
-        );
+        return Err(crate::Error::Unsupported {
+            op: OP,
+            what: "dtype",
+            value: dtype.to_string(),
+            expected: "F32, F16 or BF16",
+        }
+        .into());
     }
     let mut sorted = BTreeMap::new();
     for (name, array) in tensors {
         let name = name.as_ref().to_string();
         if name == "__metadata__" {
-            return Err(crate::Error::Invalid {
-                op: OP,
-                msg: "`__metadata__` is reserved and cannot name a tensor".into(),
-            }
-            .into());
+            return Err(crate::Error::arg(OP, "tensor name", name, "`__metadata__` is reserved").into());
         }
         let view = array.into();
         if dtype == DType::F16 {
             if let Some(x) = view.iter().find(|x| x.is_finite() && f16::from_f32(**x).is_infinite()) {
-                return Err(crate::Error::Invalid {
-                    op: OP,
-                    msg: format!("tensor `{name}`: value {x} overflows F16 (max 65504)"),
-                }
-                .into());
+                return Err(
+                    crate::Error::arg(OP, format!("value of tensor `{name}`"), x, "overflows F16 (max 65504)").into()
+                );
             }
         }
         if sorted.insert(name.clone(), view).is_some() {

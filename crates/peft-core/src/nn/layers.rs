@@ -132,7 +132,7 @@ impl Activation {
     /// Parses a `hidden_act` string.
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming an unsupported activation.
+    /// [`Error::Unsupported`] naming an unsupported activation.
     pub fn from_hf(name: &str) -> Result<Self> {
         Ok(match name {
             "gelu" => Activation::Gelu,
@@ -140,7 +140,14 @@ impl Activation {
             "relu" => Activation::Relu,
             "silu" | "swish" => Activation::Silu,
             "tanh" => Activation::Tanh,
-            other => return Err(Error::Invalid { op: "hidden_act", msg: format!("unsupported activation `{other}`") }),
+            other => {
+                return Err(Error::Unsupported {
+                    op: "hidden_act",
+                    what: "activation",
+                    value: other.to_string(),
+                    expected: "gelu, gelu_new, relu, silu, tanh, ...",
+                })
+            }
         })
     }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use ndarray::ArrayD;
 
-use crate::error::{Error, Result};
+use crate::error::{AdapterProblem, Error, Result};
 use crate::nn::{Ctx, Module, Site, Visitor, WeightSource};
 use crate::param::Param;
 use crate::tensor::Tensor;
@@ -31,7 +31,7 @@ pub trait LinearBase: Send + Sync {
     /// Adds `delta [out, in]` into the stored weight (merging an adapter).
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the base cannot absorb a delta exactly; [`Error::NonFinite`] when the result
+    /// [`Error::AdapterState`] when the base cannot absorb a delta exactly; [`Error::NonFinite`] when the result
     /// would be non-finite (the base is left untouched).
     fn add_to_weight(&self, delta: &ArrayD<f32>) -> Result<()>;
     /// Its parameters, reported by the site's visitor.
@@ -228,7 +228,7 @@ impl Linear {
     /// Replaces the base (e.g. with a quantized one). Refused while an adapter is merged into the old base.
     ///
     /// # Errors
-    /// [`Error::Shape`] when the new base has other dimensions; [`Error::Invalid`] while adapters are merged.
+    /// [`Error::Shape`] when the new base has other dimensions; [`Error::AdapterState`] while adapters are merged.
     pub fn replace_base(&self, base: Arc<dyn LinearBase>) -> Result<()> {
         let old = self.base();
         if (old.in_features(), old.out_features()) != (base.in_features(), base.out_features()) {
@@ -239,7 +239,20 @@ impl Linear {
             });
         }
         if self.0.adapters.read().unwrap_or_else(|p| p.into_inner()).iter().any(|a| a.merged) {
-            crate::error::bail!("replace_base", "unmerge the adapters of `{}` first", self.path());
+            let merged = self
+                .0
+                .adapters
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|a| a.merged)
+                .map(|a| a.adapter.name().to_string());
+            return Err(Error::AdapterState {
+                op: "replace_base",
+                site: self.path().to_string(),
+                adapter: merged.unwrap_or_default(),
+                problem: AdapterProblem::MergedBase,
+            });
         }
         *self.0.base.write().unwrap_or_else(|p| p.into_inner()) = base;
         Ok(())
@@ -258,11 +271,16 @@ impl Linear {
     /// Attaches an adapter (active). Names must be unique per site.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when an adapter of that name is already attached.
+    /// [`Error::AdapterState`] when an adapter of that name is already attached.
     pub fn attach(&self, adapter: Arc<dyn LinearAdapter>) -> Result<()> {
         let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
         if ads.iter().any(|a| a.adapter.name() == adapter.name()) {
-            crate::error::bail!("attach", "adapter `{}` already exists on `{}`", adapter.name(), self.path());
+            return Err(Error::AdapterState {
+                op: "attach",
+                site: self.path().to_string(),
+                adapter: adapter.name().to_string(),
+                problem: AdapterProblem::Exists,
+            });
         }
         ads.push(Attached { adapter, active: true, merged: false });
         Ok(())
@@ -337,7 +355,7 @@ impl Linear {
     /// the adapter.
     ///
     /// # Errors
-    /// [`Error::UnknownName`]; [`Error::Invalid`] when already merged or not mergeable; [`Error::NonFinite`].
+    /// [`Error::UnknownName`]; [`Error::AdapterState`] when already merged or not mergeable; [`Error::NonFinite`].
     pub fn merge(&self, name: &str) -> Result<()> {
         self.merge_sign(name, true)
     }
@@ -355,12 +373,12 @@ impl Linear {
         let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
         let a = ads.iter_mut().find(|a| a.adapter.name() == name).ok_or_else(|| unknown(&self.0.path, name))?;
         if a.merged == merge {
-            crate::error::bail!(
+            return Err(Error::AdapterState {
                 op,
-                "adapter `{name}` on `{}` is {}merged already",
-                self.0.path,
-                if merge { "" } else { "not " }
-            );
+                site: self.0.path.clone(),
+                adapter: name.to_string(),
+                problem: if merge { AdapterProblem::Merged } else { AdapterProblem::NotMerged },
+            });
         }
         let base = self.base();
         let delta = if merge {
@@ -369,7 +387,12 @@ impl Linear {
             a.adapter.unmerge_delta_weight(base.as_ref())?
         };
         let Some(delta) = delta else {
-            crate::error::bail!(op, "adapter `{name}` ({}) cannot be merged exactly", a.adapter.kind());
+            return Err(Error::AdapterState {
+                op,
+                site: self.0.path.clone(),
+                adapter: name.to_string(),
+                problem: AdapterProblem::NotMergeable(a.adapter.kind().to_string()),
+            });
         };
         let delta = if merge { delta } else { delta.mapv(|v| -v) };
         // The bias change is checked (base has a bias, shapes, finite) before anything is written.
@@ -377,7 +400,12 @@ impl Linear {
             None => None,
             Some(db) => {
                 let Some(bias) = base.bias() else {
-                    crate::error::bail!(op, "adapter `{name}` has a bias term but `{}` has no bias", self.0.path);
+                    return Err(Error::AdapterState {
+                        op,
+                        site: self.0.path.clone(),
+                        adapter: name.to_string(),
+                        problem: AdapterProblem::BiasWithoutBaseBias,
+                    });
                 };
                 let b = bias.value();
                 if b.shape() != db.shape() {
@@ -402,7 +430,7 @@ impl Linear {
     /// adapter's delta is applied only to the samples (rows of axis 0) routed to it.
     ///
     /// # Errors
-    /// Shape errors; [`Error::Invalid`] for a mixed batch whose name count differs from the batch size, or that
+    /// Shape errors; [`Error::Count`] for a mixed batch whose name count differs from the batch size, [`Error::AdapterState`] for one that
     /// routes to a merged adapter.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let base = self.base();
@@ -430,19 +458,24 @@ impl Linear {
             Some(names) => {
                 let batch = x.shape().first().copied().unwrap_or(0);
                 if names.len() != batch {
-                    crate::error::bail!("forward", "{} adapter names for a batch of {batch}", names.len());
+                    return Err(Error::Count {
+                        op: "forward",
+                        what: "adapter names per batch row",
+                        expected: batch,
+                        got: names.len(),
+                    });
                 }
                 // As PEFT: a merged adapter would act on every row, including rows routed elsewhere.
                 if let Some(a) = ads.iter().find(|a| a.merged) {
-                    crate::error::bail!(
-                        "forward",
-                        "mixed batch on `{}` while adapter `{}` is merged: unmerge it first",
-                        self.0.path,
-                        a.adapter.name()
-                    );
+                    return Err(Error::AdapterState {
+                        op: "forward",
+                        site: self.0.path.clone(),
+                        adapter: a.adapter.name().to_string(),
+                        problem: AdapterProblem::MergedInMixedBatch,
+                    });
                 }
                 let base_out = base.forward(x)?;
-                match mixed_delta(&ads, names, x, &base_out, base.as_ref(), ctx)? {
+                match mixed_delta(&ads, names, x, &base_out, base.as_ref(), ctx, &self.0.path)? {
                     Some(d) => base_out.add(&d),
                     None => Ok(base_out),
                 }
@@ -461,6 +494,7 @@ fn mixed_delta(
     base_out: &Tensor,
     base: &dyn LinearBase,
     ctx: &Ctx,
+    path: &str,
 ) -> Result<Option<Tensor>> {
     let batch = names.len();
     let mut parts: Vec<Tensor> = Vec::new();
@@ -477,12 +511,12 @@ fn mixed_delta(
             (x.index_select(0, &rows)?, base_out.index_select(0, &rows)?)
         };
         if a.adapter.transform_input(&xs, ctx)?.is_some() {
-            crate::error::bail!(
-                "forward",
-                "adapter `{}` ({}) scales its input and cannot serve a mixed batch",
-                a.adapter.name(),
-                a.adapter.kind()
-            );
+            return Err(Error::AdapterState {
+                op: "forward",
+                site: path.to_string(),
+                adapter: a.adapter.name().to_string(),
+                problem: AdapterProblem::ScalesInput(a.adapter.kind().to_string()),
+            });
         }
         let Some(d) = a.adapter.delta(&xs, &bs, base, ctx)? else { continue };
         for (k, &r) in rows.iter().enumerate() {

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::error::{bail, Error, Result};
+use crate::error::{AdapterProblem, Error, Result};
 use crate::nn::{Ctx, Module, Site, Visitor};
 use crate::param::Param;
 use crate::tensor::Tensor;
@@ -88,11 +88,16 @@ impl PrefixSite {
     /// Attaches an adapter (active).
     ///
     /// # Errors
-    /// [`Error::Invalid`] when the name is taken.
+    /// [`Error::AdapterState`] when the name is taken.
     pub fn attach(&self, a: Arc<dyn PrefixAdapter>) -> Result<()> {
         let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
         if ads.iter().any(|(b, _)| b.name() == a.name()) {
-            bail!("attach", "adapter `{}` already exists on `{}`", a.name(), self.path());
+            return Err(Error::AdapterState {
+                op: "attach",
+                site: self.path().to_string(),
+                adapter: a.name().to_string(),
+                problem: AdapterProblem::Exists,
+            });
         }
         ads.push((a, true));
         Ok(())

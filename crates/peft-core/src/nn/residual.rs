@@ -46,11 +46,16 @@ impl ResidualSite {
     /// Attaches an adapter (active).
     ///
     /// # Errors
-    /// [`crate::Error::Invalid`] when the name is taken.
+    /// [`crate::Error::AdapterState`] when the name is taken.
     pub fn attach(&self, a: Arc<dyn ResidualAdapter>) -> Result<()> {
         let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
         if ads.iter().any(|(b, _)| b.name() == a.name()) {
-            crate::error::bail!("attach", "adapter `{}` already exists on `{}`", a.name(), self.path());
+            return Err(crate::Error::AdapterState {
+                op: "attach",
+                site: self.path().to_string(),
+                adapter: a.name().to_string(),
+                problem: crate::AdapterProblem::Exists,
+            });
         }
         ads.push((a, true));
         Ok(())

@@ -69,7 +69,8 @@ impl RandomInit {
 
 impl WeightSource for RandomInit {
     fn get(&self, _name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
-        let n = Normal::new(0.0, self.std).map_err(|e| Error::Invalid { op: "RandomInit", msg: e.to_string() })?;
+        let n = Normal::new(0.0, self.std)
+            .map_err(|_| Error::arg("RandomInit", "std", self.std, "must be finite and >= 0"))?;
         let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
         Ok(ArrayD::from_shape_fn(IxDyn(shape), |_| n.sample(&mut *rng)))
     }

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use crate::autograd::{record, record_data};
 use crate::backend::{gemm, wide, MatRef, PAR_ELEMWISE};
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Sizes of one attention call.
@@ -270,7 +270,7 @@ impl<E: Elem> Tensor<E> {
     ///
     /// # Errors
     /// [`Error::Shape`] for ranks other than 4, mismatched batch/head/length/depth sizes, `H` not a positive
-    /// multiple of `Hkv`, or a `key_valid` of a length other than `B·Lk`; [`Error::Invalid`] for a non-finite scale.
+    /// multiple of `Hkv`, or a `key_valid` of a length other than `B·Lk`; [`Error::Arg`] for a non-finite scale.
     pub fn scaled_dot_product_attention(
         &self,
         k: &Tensor<E>,
@@ -298,7 +298,7 @@ impl<E: Elem> Tensor<E> {
         }
         let scale = scale.unwrap_or(1.0 / (dims.d.max(1) as f64).sqrt());
         if !scale.is_finite() {
-            bail!(OP, "scale {scale} is not finite");
+            return Err(Error::arg(OP, "scale", scale, "must be finite"));
         }
         let scale = E::of(scale);
         let mask = Mask { valid: key_valid.map(<[bool]>::to_vec), causal };
@@ -358,7 +358,7 @@ impl<E: Elem> Tensor<E> {
     ///
     /// # Errors
     /// [`Error::Shape`] when `self` is not rank 4, `D` is odd, or explicit positions number neither `L` nor `B·L`;
-    /// [`Error::Invalid`] for a `theta` that is not finite and positive.
+    /// [`Error::Arg`] for a `theta` that is not finite and positive.
     pub fn rotary_embedding(&self, positions: RopePositions<'_>, theta: f64, layout: RopeLayout) -> Result<Tensor<E>> {
         const OP: &str = "rotary_embedding";
         let s = self.shape();
@@ -366,7 +366,7 @@ impl<E: Elem> Tensor<E> {
             return Err(Error::Shape { op: OP, lhs: s.to_vec(), rhs: vec![] });
         }
         if !(theta.is_finite() && theta > 0.0) {
-            bail!(OP, "theta {theta} must be finite and positive");
+            return Err(Error::arg(OP, "theta", theta, "must be finite and positive"));
         }
         let shape = [s[0], s[1], s[2], s[3]];
         let (l, d) = (s[2], s[3]);
@@ -634,7 +634,7 @@ mod tests {
         assert!(bad(&q, &z(&[1, 0, 3, 8]), &z(&[1, 0, 3, 5]), None)); // no kv heads
         assert!(bad(&q, &k, &v, Some(&[true; 2]))); // mask length
         let nan = q.scaled_dot_product_attention(&k, &v, None, false, Some(f64::NAN));
-        assert!(matches!(nan, Err(Error::Invalid { .. })));
+        assert!(matches!(nan, Err(Error::Arg { .. })));
     }
 
     #[test]
@@ -699,7 +699,7 @@ mod tests {
             x.rotary_embedding(RopePositions::Explicit(&[0, 1]), 1e4, RopeLayout::RotateHalf),
             Err(Error::Shape { .. })
         ));
-        assert!(matches!(x.rotary_embedding(p, 0.0, RopeLayout::RotateHalf), Err(Error::Invalid { .. })));
-        assert!(matches!(x.rotary_embedding(p, f64::INFINITY, RopeLayout::Interleaved), Err(Error::Invalid { .. })));
+        assert!(matches!(x.rotary_embedding(p, 0.0, RopeLayout::RotateHalf), Err(Error::Arg { .. })));
+        assert!(matches!(x.rotary_embedding(p, f64::INFINITY, RopeLayout::Interleaved), Err(Error::Arg { .. })));
     }
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::autograd::record;
 use crate::backend::{gemm, MatRef};
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The geometry of one 2-d convolution.
@@ -174,13 +174,13 @@ fn conv_backward<E: Elem>(
 /// Output length of one spatial axis, or an error when the (padded) input is shorter than the kernel.
 fn out_len(op: &'static str, len: usize, k: usize, s: usize, p: usize) -> Result<usize> {
     if s == 0 {
-        bail!(op, "stride must be positive");
+        return Err(Error::arg(op, "stride", s, "must be positive"));
     }
     if k == 0 {
-        bail!(op, "kernel size must be positive");
+        return Err(Error::arg(op, "kernel size", k, "must be positive"));
     }
     if len + 2 * p < k {
-        bail!(op, "padded input length {} is shorter than the kernel {k}", len + 2 * p);
+        return Err(Error::arg(op, "padded input length", len + 2 * p, "must be at least the kernel size"));
     }
     Ok((len + 2 * p - k) / s + 1)
 }
@@ -224,7 +224,7 @@ impl<E: Elem> Tensor<E> {
     /// [Cout, Cin, K]`, `bias [Cout]`, zero `padding` on both ends; output `[N, Cout, (L + 2p - K) / stride + 1]`.
     ///
     /// # Errors
-    /// [`Error::Shape`] for wrong ranks, mismatched `Cin` or a bias that is not `[Cout]`; [`Error::Invalid`] for
+    /// [`Error::Shape`] for wrong ranks, mismatched `Cin` or a bias that is not `[Cout]`; [`Error::Arg`] for
     /// a zero stride or kernel, or a padded input shorter than the kernel.
     pub fn conv1d(
         &self,
@@ -417,10 +417,10 @@ mod tests {
         let w = Tensor::<f32>::zeros(&[4, 2, 3]);
         assert!(matches!(x.conv1d(&Tensor::zeros(&[4, 3, 3]), None, 1, 0), Err(Error::Shape { .. })));
         assert!(matches!(x.conv1d(&w, Some(&Tensor::zeros(&[3])), 1, 0), Err(Error::Shape { .. })));
-        assert!(matches!(x.conv1d(&w, None, 0, 0), Err(Error::Invalid { .. })));
-        assert!(matches!(x.conv1d(&Tensor::zeros(&[4, 2, 8]), None, 1, 1), Err(Error::Invalid { .. })));
+        assert!(matches!(x.conv1d(&w, None, 0, 0), Err(Error::Arg { .. })));
+        assert!(matches!(x.conv1d(&Tensor::zeros(&[4, 2, 8]), None, 1, 1), Err(Error::Arg { .. })));
         assert!(matches!(x.conv2d(&w, None, (1, 1), (0, 0)), Err(Error::Shape { .. })));
         let x4 = Tensor::<f32>::zeros(&[1, 2, 5, 5]);
-        assert!(matches!(x4.conv2d(&Tensor::zeros(&[4, 2, 3, 0]), None, (1, 1), (0, 0)), Err(Error::Invalid { .. })));
+        assert!(matches!(x4.conv2d(&Tensor::zeros(&[4, 2, 3, 0]), None, (1, 1), (0, 0)), Err(Error::Arg { .. })));
     }
 }

@@ -5,7 +5,7 @@ use rand::Rng;
 
 use crate::autograd::record;
 use crate::elem::Elem;
-use crate::error::{bail, Result};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Draws the keep-mask: each entry is dropped with probability `p` (to within 2⁻³²), two entries per `u64` draw.
@@ -31,10 +31,10 @@ impl<E: Elem> Tensor<E> {
     /// Masks depend only on `rng`'s state and the element count, so a seeded rng reproduces them.
     ///
     /// # Errors
-    /// [`crate::Error::Invalid`] when `p` is not in `[0, 1)` (NaN included).
+    /// [`crate::Error::Arg`] when `p` is not in `[0, 1)` (NaN included).
     pub fn dropout(&self, p: f64, train: bool, rng: &mut impl Rng) -> Result<Tensor<E>> {
         if !(0.0..1.0).contains(&p) {
-            bail!("dropout", "probability {p} is outside [0, 1)");
+            return Err(Error::arg("dropout", "p", p, "must lie in [0, 1)"));
         }
         if !train || p == 0.0 {
             return Ok(self.clone());
@@ -112,8 +112,8 @@ mod tests {
         let x = Tensor::<f32>::ones(&[4]);
         let mut rng = StdRng::seed_from_u64(0);
         for p in [1.0, 1.5, -0.1, f64::NAN] {
-            assert!(matches!(x.dropout(p, true, &mut rng), Err(Error::Invalid { op: "dropout", .. })), "p = {p}");
-            assert!(matches!(x.dropout(p, false, &mut rng), Err(Error::Invalid { .. })), "p = {p}");
+            assert!(matches!(x.dropout(p, true, &mut rng), Err(Error::Arg { op: "dropout", .. })), "p = {p}");
+            assert!(matches!(x.dropout(p, false, &mut rng), Err(Error::Arg { .. })), "p = {p}");
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Index arguments are plain `usize` data (never tensors): they carry no gradient. `gather` and `scatter_add`
 //! follow `torch.gather` / `torch.Tensor.scatter_add` exactly, including index tensors smaller than the data
-//! along non-indexed axes. Every index is checked; an out-of-range one is an [`Error::Invalid`] that names it.
+//! along non-indexed axes. Every index is checked; an out-of-range one is an [`Error::Index`] that names it.
 
 use ndarray::{ArrayD, Dimension, IxDyn, Zip};
 use rayon::prelude::*;
@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::autograd::record;
 use crate::backend::PAR_ELEMWISE;
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Row-major strides (in elements) of a shape.
@@ -75,7 +75,7 @@ fn check_index(
     }
     let n = data[axis];
     if let Some((pos, &v)) = index.indexed_iter().find(|(_, &v)| v >= n) {
-        bail!(op, "index {v} at position {:?} is out of range for axis {axis} of size {n}", pos.slice());
+        return Err(Error::Index { op, index: v as i64, position: pos.slice().to_vec(), axis, size: n });
     }
     Ok(())
 }
@@ -149,7 +149,7 @@ impl<E: Elem> Tensor<E> {
     /// The backward scatter-adds the gradient back, so repeated indices accumulate.
     ///
     /// # Errors
-    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Invalid`] naming the first out-of-range index.
+    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Index`] naming the first out-of-range index.
     pub fn index_select(&self, axis: usize, indices: &[usize]) -> Result<Tensor<E>> {
         let rank = self.rank();
         if axis >= rank {
@@ -157,7 +157,7 @@ impl<E: Elem> Tensor<E> {
         }
         let dims = split_at_axis(self.shape(), axis);
         if let Some((pos, &ix)) = indices.iter().enumerate().find(|(_, &ix)| ix >= dims.1) {
-            bail!("index_select", "index {ix} at position {pos} is out of range for axis {axis} of size {}", dims.1);
+            return Err(Error::Index { op: "index_select", index: ix as i64, position: vec![pos], axis, size: dims.1 });
         }
         let mut out_shape = self.shape().to_vec();
         out_shape[axis] = indices.len();
@@ -179,7 +179,7 @@ impl<E: Elem> Tensor<E> {
     /// shape. The backward scatter-adds into a zero gradient of `self`'s shape.
     ///
     /// # Errors
-    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Shape`] when `index` does not fit; [`Error::Invalid`]
+    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Shape`] when `index` does not fit; [`Error::Index`]
     /// naming the first out-of-range index.
     pub fn gather(&self, axis: usize, index: &ArrayD<usize>) -> Result<Tensor<E>> {
         check_index("gather", self.shape(), axis, index, None)?;
@@ -203,7 +203,7 @@ impl<E: Elem> Tensor<E> {
     /// `src` (a gather of the output gradient; zero where `src` is ignored).
     ///
     /// # Errors
-    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Shape`] when `index` does not fit; [`Error::Invalid`]
+    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Shape`] when `index` does not fit; [`Error::Index`]
     /// naming the first out-of-range index.
     pub fn scatter_add(&self, axis: usize, index: &ArrayD<usize>, src: &Tensor<E>) -> Result<Tensor<E>> {
         check_index("scatter_add", self.shape(), axis, index, Some(src.shape()))?;
@@ -270,7 +270,7 @@ impl<E: Elem> Tensor<E> {
     ///
     /// # Errors
     /// [`Error::Shape`] when `self` is not rank 2 or `ids.len()` is not the product of `ids_shape`;
-    /// [`Error::Invalid`] naming the first id that is not below `vocab`, and its position.
+    /// [`Error::Index`] naming the first id that is not below `vocab`, and its position.
     pub fn embedding(&self, ids: &[usize], ids_shape: &[usize]) -> Result<Tensor<E>> {
         if self.rank() != 2 {
             return Err(Error::Shape { op: "embedding", lhs: self.shape().to_vec(), rhs: ids_shape.to_vec() });
@@ -280,7 +280,7 @@ impl<E: Elem> Tensor<E> {
         }
         let (vocab, dim) = (self.shape()[0], self.shape()[1]);
         if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id >= vocab) {
-            bail!("embedding", "token id {id} at position {pos} is out of range for a vocabulary of {vocab}");
+            return Err(Error::Index { op: "embedding", index: id as i64, position: vec![pos], axis: 0, size: vocab });
         }
         let mut out_shape = ids_shape.to_vec();
         out_shape.push(dim);
@@ -450,18 +450,18 @@ mod tests {
     fn out_of_range_indices_are_typed_errors_naming_them() {
         let w = Tensor::<f32>::zeros(&[4, 3]);
         match w.embedding(&[1, 7, 2], &[3]) {
-            Err(Error::Invalid { op: "embedding", msg }) => assert!(msg.contains("7") && msg.contains("position 1")),
-            other => panic!("expected Invalid, got {other:?}"),
+            Err(Error::Index { op: "embedding", index: 7, position, axis: 0, size: 4 }) => assert_eq!(position, [1]),
+            other => panic!("expected Index, got {other:?}"),
         }
-        assert!(matches!(w.index_select(0, &[0, 4]), Err(Error::Invalid { op: "index_select", .. })));
+        assert!(matches!(w.index_select(0, &[0, 4]), Err(Error::Index { op: "index_select", index: 4, .. })));
         assert!(matches!(w.index_select(2, &[0]), Err(Error::Axis { .. })));
         let idx = arr2(&[[0usize, 3]]).into_dyn();
         match w.gather(1, &idx) {
-            Err(Error::Invalid { op: "gather", msg }) => assert!(msg.contains("index 3") && msg.contains("[0, 1]")),
-            other => panic!("expected Invalid, got {other:?}"),
+            Err(Error::Index { op: "gather", index: 3, position, axis: 1, .. }) => assert_eq!(position, [0, 1]),
+            other => panic!("expected Index, got {other:?}"),
         }
         let src = Tensor::<f32>::ones(&[1, 2]);
-        assert!(matches!(w.scatter_add(1, &idx, &src), Err(Error::Invalid { op: "scatter_add", .. })));
+        assert!(matches!(w.scatter_add(1, &idx, &src), Err(Error::Index { op: "scatter_add", .. })));
     }
 
     #[test]

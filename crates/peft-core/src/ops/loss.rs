@@ -31,22 +31,22 @@ impl<E: Elem> Tensor<E> {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a rank-0 input, zero classes, a target outside `0..C` that is not `ignore_index`,
-    /// or `label_smoothing` outside `[0, 1]`; [`Error::Shape`] when `targets.len()` is not the number of rows.
+    /// [`Error::Rank`] for a rank-0 input, [`Error::Empty`] for zero classes, [`Error::Index`] for a target outside
+    /// `0..C` that is not `ignore_index`, [`Error::Arg`] for `label_smoothing` outside `[0, 1]`; [`Error::Shape`] when `targets.len()` is not the number of rows.
     pub fn cross_entropy(&self, targets: &[i64], ignore_index: Option<i64>, label_smoothing: f64) -> Result<Tensor<E>> {
         let op = "cross_entropy";
         let Some(&c) = self.shape().last() else {
-            crate::error::bail!(op, "logits must have rank >= 1 (classes on the last axis), got a scalar");
+            return Err(Error::Rank { op, expected: "logits of rank >= 1 (classes on the last axis)", shape: vec![] });
         };
         if c == 0 {
-            crate::error::bail!(op, "logits of shape {:?} have no classes", self.shape());
+            return Err(Error::Empty { op, what: "the class axis of the logits" });
         }
         let rows = self.len() / c;
         if targets.len() != rows {
             return Err(Error::Shape { op, lhs: self.shape().to_vec(), rhs: vec![targets.len()] });
         }
         if !(0.0..=1.0).contains(&label_smoothing) {
-            crate::error::bail!(op, "label_smoothing must be in [0, 1], got {label_smoothing}");
+            return Err(Error::arg(op, "label_smoothing", label_smoothing, "must lie in [0, 1]"));
         }
         let mut tgt: Vec<Option<usize>> = Vec::with_capacity(rows);
         for (i, &t) in targets.iter().enumerate() {
@@ -55,7 +55,7 @@ impl<E: Elem> Tensor<E> {
             } else if (0..c as i64).contains(&t) {
                 tgt.push(Some(t as usize));
             } else {
-                crate::error::bail!(op, "target {t} at position {i} is outside 0..{c} (ignore_index {ignore_index:?})");
+                return Err(Error::Index { op, index: t, position: vec![i], axis: self.rank() - 1, size: c });
             }
         }
         let n_valid = tgt.iter().filter(|t| t.is_some()).count();
@@ -255,14 +255,14 @@ mod tests {
     #[test]
     fn cross_entropy_rejects_bad_targets_and_arguments() {
         let x = Tensor::<f32>::zeros(&[2, 3]);
-        assert!(matches!(x.cross_entropy(&[0, 3], None, 0.0), Err(Error::Invalid { op: "cross_entropy", .. })));
-        assert!(matches!(x.cross_entropy(&[0, -1], None, 0.0), Err(Error::Invalid { .. })));
-        assert!(matches!(x.cross_entropy(&[0, -100], Some(-1), 0.0), Err(Error::Invalid { .. })));
+        assert!(matches!(x.cross_entropy(&[0, 3], None, 0.0), Err(Error::Index { op: "cross_entropy", index: 3, .. })));
+        assert!(matches!(x.cross_entropy(&[0, -1], None, 0.0), Err(Error::Index { index: -1, .. })));
+        assert!(matches!(x.cross_entropy(&[0, -100], Some(-1), 0.0), Err(Error::Index { index: -100, .. })));
         assert!(matches!(x.cross_entropy(&[0], None, 0.0), Err(Error::Shape { .. })));
-        assert!(matches!(x.cross_entropy(&[0, 1], None, 1.5), Err(Error::Invalid { .. })));
-        assert!(matches!(x.cross_entropy(&[0, 1], None, f64::NAN), Err(Error::Invalid { .. })));
-        assert!(matches!(Tensor::<f32>::zeros(&[2, 0]).cross_entropy(&[], None, 0.0), Err(Error::Invalid { .. })));
-        assert!(matches!(Tensor::<f32>::scalar(0.0).cross_entropy(&[0], None, 0.0), Err(Error::Invalid { .. })));
+        assert!(matches!(x.cross_entropy(&[0, 1], None, 1.5), Err(Error::Arg { .. })));
+        assert!(matches!(x.cross_entropy(&[0, 1], None, f64::NAN), Err(Error::Arg { .. })));
+        assert!(matches!(Tensor::<f32>::zeros(&[2, 0]).cross_entropy(&[], None, 0.0), Err(Error::Empty { .. })));
+        assert!(matches!(Tensor::<f32>::scalar(0.0).cross_entropy(&[0], None, 0.0), Err(Error::Rank { .. })));
         // ignore_index may name a valid class: those rows are skipped
         let y = Tensor::<f64>::from_vec(vec![1.0, 2.0, 3.0, 0.0, 0.0, 9.0], &[2, 3]).unwrap();
         let l = y.cross_entropy(&[2, 0], Some(0), 0.0).unwrap().item().unwrap();

@@ -21,7 +21,7 @@ fn check_args<E: Elem>(
     eps: f64,
 ) -> Result<(usize, usize)> {
     let Some(&d) = x.shape().last() else {
-        crate::error::bail!(op, "needs a tensor of rank >= 1, got a scalar");
+        return Err(crate::Error::Rank { op, expected: "rank >= 1", shape: vec![] });
     };
     for p in params.iter().flatten() {
         if p.shape() != [d] {
@@ -29,7 +29,7 @@ fn check_args<E: Elem>(
         }
     }
     if !(eps.is_finite() && eps >= 0.0) {
-        crate::error::bail!(op, "eps must be finite and >= 0, got {eps}");
+        return Err(crate::Error::arg(op, "eps", eps, "must be finite and >= 0"));
     }
     Ok((x.len().checked_div(d).unwrap_or(0), d))
 }
@@ -84,7 +84,7 @@ impl<E: Elem> Tensor<E> {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a rank-0 input or a negative/non-finite `eps`; [`Error::Shape`] when `weight` or
+    /// [`Error::Rank`] for a rank-0 input, [`Error::Arg`] for a negative/non-finite `eps`; [`Error::Shape`] when `weight` or
     /// `bias` is not of shape `[d]`.
     pub fn layer_norm(&self, weight: Option<&Tensor<E>>, bias: Option<&Tensor<E>>, eps: f64) -> Result<Tensor<E>> {
         let (rows, d) = check_args("layer_norm", self, &[weight, bias], eps)?;
@@ -173,7 +173,7 @@ impl<E: Elem> Tensor<E> {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Invalid`] for a rank-0 input or a negative/non-finite `eps`; [`Error::Shape`] when `weight` is not
+    /// [`Error::Rank`] for a rank-0 input, [`Error::Arg`] for a negative/non-finite `eps`; [`Error::Shape`] when `weight` is not
     /// of shape `[d]`.
     pub fn rms_norm(&self, weight: Option<&Tensor<E>>, eps: f64) -> Result<Tensor<E>> {
         let (rows, d) = check_args("rms_norm", self, &[weight], eps)?;
@@ -427,9 +427,9 @@ mod tests {
         assert!(matches!(x.layer_norm(Some(&w3), None, 1e-5), Err(Error::Shape { op: "layer_norm", .. })));
         assert!(matches!(x.layer_norm(Some(&w4), Some(&w3), 1e-5), Err(Error::Shape { .. })));
         assert!(matches!(x.rms_norm(Some(&w3), 1e-5), Err(Error::Shape { op: "rms_norm", .. })));
-        assert!(matches!(x.layer_norm(None, None, -1.0), Err(Error::Invalid { .. })));
-        assert!(matches!(x.rms_norm(None, f64::NAN), Err(Error::Invalid { .. })));
-        assert!(matches!(Tensor::<f32>::scalar(1.0).layer_norm(None, None, 1e-5), Err(Error::Invalid { .. })));
+        assert!(matches!(x.layer_norm(None, None, -1.0), Err(Error::Arg { .. })));
+        assert!(matches!(x.rms_norm(None, f64::NAN), Err(Error::Arg { .. })));
+        assert!(matches!(Tensor::<f32>::scalar(1.0).layer_norm(None, None, 1e-5), Err(Error::Rank { .. })));
         // an all-equal row normalizes to 0 (no NaN) and an empty batch is fine
         let y = x.layer_norm(Some(&w4), None, 1e-5).unwrap();
         assert!(y.as_slice().iter().all(|&v| v == 0.0));

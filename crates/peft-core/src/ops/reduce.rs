@@ -78,14 +78,14 @@ impl<E: Elem> Tensor<E> {
     /// Maximum over one axis. The gradient goes to the first maximal element of each slice.
     ///
     /// # Errors
-    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Invalid`] for an empty axis.
+    /// [`Error::Axis`] for an axis beyond the rank; [`Error::Empty`] for an empty axis.
     pub fn max(&self, axis: usize, keepdim: bool) -> Result<Tensor<E>> {
         let rank = self.rank();
         if axis >= rank {
             return Err(Error::Axis { op: "max", axis, rank });
         }
         if self.shape()[axis] == 0 {
-            crate::error::bail!("max", "axis {axis} is empty");
+            return Err(Error::Empty { op: "max", what: "the reduced axis" });
         }
         let x = self.data();
         let kept = kept_shape(self.shape(), &[axis]);
@@ -240,6 +240,6 @@ mod tests {
         assert!(matches!(x.mean(&[0, 5], true), Err(Error::Axis { op: "mean", .. })));
         assert!(matches!(x.max(2, false), Err(Error::Axis { op: "max", .. })));
         assert!(matches!(x.variance(&[3], 1, false), Err(Error::Axis { op: "var", .. })));
-        assert!(matches!(Tensor::<f32>::zeros(&[2, 0]).max(1, false), Err(Error::Invalid { op: "max", .. })));
+        assert!(matches!(Tensor::<f32>::zeros(&[2, 0]).max(1, false), Err(Error::Empty { op: "max", .. })));
     }
 }

@@ -29,12 +29,12 @@ impl<E: Elem> Tensor<E> {
     /// Reorders axes: output axis `i` is input axis `perm[i]`.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when `perm` is not a permutation of `0..rank`.
+    /// [`Error::NotPermutation`] when `perm` is not a permutation of `0..rank`.
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor<E>> {
         let r = self.rank();
         let mut seen = vec![false; r];
         if perm.len() != r || perm.iter().any(|&p| p >= r || std::mem::replace(&mut seen[p], true)) {
-            crate::error::bail!("permute", "{perm:?} is not a permutation of 0..{r}");
+            return Err(Error::NotPermutation { op: "permute", perm: perm.to_vec(), len: r });
         }
         let out = standard_copy(self.data().view().permuted_axes(IxDyn(perm)));
         let mut inv = vec![0; r];
@@ -63,7 +63,7 @@ impl<E: Elem> Tensor<E> {
     /// The sub-tensor `start..start + len` along `axis`.
     ///
     /// # Errors
-    /// [`Error::Axis`] or [`Error::Invalid`] when the range does not fit.
+    /// [`Error::Axis`] or [`Error::Arg`] when the range does not fit.
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Tensor<E>> {
         let r = self.rank();
         if axis >= r {
@@ -71,7 +71,12 @@ impl<E: Elem> Tensor<E> {
         }
         let dim = self.shape()[axis];
         if start.checked_add(len).is_none_or(|end| end > dim) {
-            crate::error::bail!("narrow", "range of {len} from {start} exceeds axis {axis} of size {dim}");
+            return Err(Error::arg(
+                "narrow",
+                format!("range on axis {axis} of size {dim}"),
+                format!("{len} from {start}"),
+                "must lie within the axis",
+            ));
         }
         let out = self.data().slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned();
         let in_dim = self.data().raw_dim();
@@ -85,9 +90,9 @@ impl<E: Elem> Tensor<E> {
     /// Joins tensors along an existing axis.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an empty list; [`Error::Shape`] when other axes differ.
+    /// [`Error::Empty`] for an empty list; [`Error::Shape`] when other axes differ.
     pub fn concat(tensors: &[&Tensor<E>], axis: usize) -> Result<Tensor<E>> {
-        let Some(first) = tensors.first() else { crate::error::bail!("concat", "no tensors") };
+        let Some(first) = tensors.first() else { return Err(Error::Empty { op: "concat", what: "the tensor list" }) };
         let r = first.rank();
         if axis >= r {
             return Err(Error::Axis { op: "concat", axis, rank: r });
@@ -122,9 +127,9 @@ impl<E: Elem> Tensor<E> {
     /// Stacks same-shape tensors along a new axis.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an empty list; [`Error::Shape`] when shapes differ.
+    /// [`Error::Empty`] for an empty list; [`Error::Shape`] when shapes differ.
     pub fn stack(tensors: &[&Tensor<E>], axis: usize) -> Result<Tensor<E>> {
-        let Some(first) = tensors.first() else { crate::error::bail!("stack", "no tensors") };
+        let Some(first) = tensors.first() else { return Err(Error::Empty { op: "stack", what: "the tensor list" }) };
         if axis > first.rank() {
             return Err(Error::Axis { op: "stack", axis, rank: first.rank() + 1 });
         }
@@ -149,13 +154,13 @@ impl<E: Elem> Tensor<E> {
     /// Removes a size-1 axis.
     ///
     /// # Errors
-    /// [`Error::Axis`] or [`Error::Invalid`] when the axis is out of range or not of size 1.
+    /// [`Error::Axis`] or [`Error::Arg`] when the axis is out of range or not of size 1.
     pub fn squeeze(&self, axis: usize) -> Result<Tensor<E>> {
         if axis >= self.rank() {
             return Err(Error::Axis { op: "squeeze", axis, rank: self.rank() });
         }
         if self.shape()[axis] != 1 {
-            crate::error::bail!("squeeze", "axis {axis} has size {}, not 1", self.shape()[axis]);
+            return Err(Error::arg("squeeze", format!("size of axis {axis}"), self.shape()[axis], "must be 1"));
         }
         let mut s = self.shape().to_vec();
         s.remove(axis);
@@ -356,21 +361,21 @@ mod tests {
     fn shape_ops_reject_bad_arguments() {
         let x = Tensor::<f32>::zeros(&[2, 3]);
         assert!(matches!(x.reshape(&[4, 2]), Err(Error::Shape { op: "reshape", .. })));
-        assert!(matches!(x.permute(&[0, 0]), Err(Error::Invalid { op: "permute", .. })));
-        assert!(matches!(x.permute(&[0]), Err(Error::Invalid { .. })));
-        assert!(matches!(x.permute(&[0, 2]), Err(Error::Invalid { .. })));
+        assert!(matches!(x.permute(&[0, 0]), Err(Error::NotPermutation { op: "permute", .. })));
+        assert!(matches!(x.permute(&[0]), Err(Error::NotPermutation { .. })));
+        assert!(matches!(x.permute(&[0, 2]), Err(Error::NotPermutation { .. })));
         assert!(matches!(x.transpose(0, 2), Err(Error::Axis { op: "transpose", .. })));
         assert!(matches!(x.narrow(2, 0, 1), Err(Error::Axis { op: "narrow", .. })));
-        assert!(matches!(x.narrow(1, 2, 2), Err(Error::Invalid { op: "narrow", .. })));
+        assert!(matches!(x.narrow(1, 2, 2), Err(Error::Arg { op: "narrow", .. })));
         let y = Tensor::<f32>::zeros(&[3, 3]);
         assert!(matches!(Tensor::concat(&[&x, &y], 1), Err(Error::Shape { op: "concat", .. })));
         assert!(matches!(Tensor::concat(&[&x, &y], 2), Err(Error::Axis { op: "concat", .. })));
-        assert!(matches!(Tensor::<f32>::concat(&[], 0), Err(Error::Invalid { op: "concat", .. })));
+        assert!(matches!(Tensor::<f32>::concat(&[], 0), Err(Error::Empty { op: "concat", .. })));
         assert!(matches!(Tensor::stack(&[&x, &y], 0), Err(Error::Shape { .. })));
         assert!(matches!(Tensor::stack(&[&x], 3), Err(Error::Axis { op: "stack", .. })));
-        assert!(matches!(Tensor::<f32>::stack(&[], 0), Err(Error::Invalid { op: "stack", .. })));
+        assert!(matches!(Tensor::<f32>::stack(&[], 0), Err(Error::Empty { op: "stack", .. })));
         assert!(matches!(x.unsqueeze(3), Err(Error::Axis { op: "unsqueeze", .. })));
-        assert!(matches!(x.squeeze(0), Err(Error::Invalid { op: "squeeze", .. })));
+        assert!(matches!(x.squeeze(0), Err(Error::Arg { op: "squeeze", .. })));
         assert!(matches!(x.squeeze(2), Err(Error::Axis { op: "squeeze", .. })));
         assert!(matches!(x.broadcast_to(&[3, 3]), Err(Error::Shape { op: "broadcast_to", .. })));
         assert!(matches!(x.broadcast_to(&[3]), Err(Error::Shape { op: "broadcast_to", .. })));
@@ -391,8 +396,8 @@ mod tests {
     #[test]
     fn narrow_and_reshape_reject_overflowing_arguments() {
         let x = Tensor::<f32>::zeros(&[2, 3]);
-        assert!(matches!(x.narrow(1, usize::MAX, 2), Err(Error::Invalid { op: "narrow", .. })));
-        assert!(matches!(x.narrow(1, 1, usize::MAX), Err(Error::Invalid { op: "narrow", .. })));
+        assert!(matches!(x.narrow(1, usize::MAX, 2), Err(Error::Arg { op: "narrow", .. })));
+        assert!(matches!(x.narrow(1, 1, usize::MAX), Err(Error::Arg { op: "narrow", .. })));
         assert!(matches!(x.reshape(&[usize::MAX, 2, 3]), Err(Error::Shape { op: "reshape", .. })));
         assert!(matches!(x.reshape(&[usize::MAX / 2 + 1, 2, 0]), Err(Error::Shape { op: "reshape", .. })));
     }

@@ -7,7 +7,7 @@ use super::CHUNK;
 use crate::autograd::GradStore;
 use crate::backend::PAR_ELEMWISE;
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result};
 
 /// Sums [`GradStore`]s across micro-batches and averages them, so `n` micro-batches of a mean loss give the
 /// gradient of the mean loss over their union (for equal micro-batch sizes).
@@ -101,10 +101,10 @@ impl<E: Elem> GradAccumulator<E> {
     /// The summed gradients divided by the number of micro-batches.
     ///
     /// # Errors
-    /// [`Error::Invalid`] when nothing was added.
+    /// [`Error::Empty`] when nothing was added.
     pub fn mean(self) -> Result<GradStore<E>> {
         if self.count == 0 {
-            bail!("GradAccumulator::mean", "no micro-batch gradients were added");
+            return Err(Error::Empty { op: "GradAccumulator::mean", what: "the micro-batch gradient sum" });
         }
         let scale = E::of(1.0 / self.count as f64);
         let mut sum = self.sum;

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::autograd::GradStore;
 use crate::elem::Elem;
-use crate::error::{bail, Result};
+use crate::error::{Error, Result};
 use crate::param::Param;
 use crate::tensor::TensorId;
 
@@ -72,15 +72,15 @@ impl<E: Elem> AdamW<E> {
     /// AdamW over parameter groups.
     ///
     /// # Errors
-    /// [`crate::Error::Invalid`] for betas outside `[0, 1)`, a negative or non-finite `eps`, a negative or
-    /// non-finite group rate or weight decay, or a parameter listed twice.
+    /// [`crate::Error::Arg`] for betas outside `[0, 1)`, a negative or non-finite `eps`, a negative or
+    /// non-finite group rate or weight decay, or [`crate::Error::DuplicateParam`] for a parameter listed twice.
     pub fn new(groups: Vec<ParamGroup<E>>, cfg: AdamWConfig) -> Result<Self> {
         let (b1, b2) = cfg.betas;
         if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
-            bail!("AdamW", "betas {:?} must lie in [0, 1)", cfg.betas);
+            return Err(Error::arg("AdamW", "betas", format!("{:?}", cfg.betas), "each must lie in [0, 1)"));
         }
         if !(cfg.eps.is_finite() && cfg.eps >= 0.0) {
-            bail!("AdamW", "eps {} must be finite and >= 0", cfg.eps);
+            return Err(Error::arg("AdamW", "eps", cfg.eps, "must be finite and >= 0"));
         }
         Ok(AdamW { cfg, groups: Groups::new("AdamW", groups)?, state: HashMap::new(), steps: 0 })
     }
@@ -354,11 +354,17 @@ mod tests {
 
         let mut missing = good.clone();
         missing.params.get_mut("w").unwrap().buffers.remove("exp_avg_sq");
-        assert!(matches!(opt.load_state_dict(&missing), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            opt.load_state_dict(&missing),
+            Err(Error::OptimizerState { problem: crate::StateProblem::MissingBuffer { .. }, .. })
+        ));
 
         let mut kind = good.clone();
         kind.kind = "sgd".into();
-        assert!(matches!(opt.load_state_dict(&kind), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            opt.load_state_dict(&kind),
+            Err(Error::OptimizerState { problem: crate::StateProblem::Kind { .. }, .. })
+        ));
         assert_eq!(opt.state_dict(), good);
     }
 
@@ -391,13 +397,13 @@ mod tests {
     fn bad_hyperparameters_are_rejected() {
         let p = Param::new("w", arr1(&[0.5f32]).into_dyn(), true);
         let g = |betas, eps| AdamW::new(vec![ParamGroup::new(vec![p.clone()], 0.1, 0.0)], AdamWConfig { betas, eps });
-        assert!(matches!(g((1.0, 0.999), 1e-8), Err(Error::Invalid { .. })));
-        assert!(matches!(g((0.9, -0.1), 1e-8), Err(Error::Invalid { .. })));
-        assert!(matches!(g((0.9, 0.999), f64::NAN), Err(Error::Invalid { .. })));
+        assert!(matches!(g((1.0, 0.999), 1e-8), Err(Error::Arg { .. })));
+        assert!(matches!(g((0.9, -0.1), 1e-8), Err(Error::Arg { .. })));
+        assert!(matches!(g((0.9, 0.999), f64::NAN), Err(Error::Arg { .. })));
         let mut opt = g((0.9, 0.999), 1e-8).unwrap();
         opt.set_lr_factor(f64::NAN);
         let gs = grads_for(&[(&p, &[1.0])]);
-        assert!(matches!(opt.step(&gs), Err(Error::Invalid { .. })));
+        assert!(matches!(opt.step(&gs), Err(Error::Arg { .. })));
         assert_eq!(p.value()[[0]], 0.5);
     }
 

@@ -9,7 +9,7 @@ use super::CHUNK;
 use crate::autograd::GradStore;
 use crate::backend::PAR_ELEMWISE;
 use crate::elem::Elem;
-use crate::error::{bail, Result};
+use crate::error::{Error, Result};
 
 /// The global L2 norm of all gradients in the store, `sqrt(Σ g²)`, accumulated in f64.
 pub fn grad_norm<E: Elem>(grads: &GradStore<E>) -> f64 {
@@ -35,10 +35,10 @@ pub fn grad_norm<E: Elem>(grads: &GradStore<E>) -> f64 {
 /// ```
 ///
 /// # Errors
-/// [`crate::Error::Invalid`] when `max_norm` is negative or NaN.
+/// [`crate::Error::Arg`] when `max_norm` is negative or NaN.
 pub fn clip_grad_norm<E: Elem>(grads: &mut GradStore<E>, max_norm: f64) -> Result<f64> {
     if max_norm.is_nan() || max_norm < 0.0 {
-        bail!("clip_grad_norm", "max_norm {max_norm} must be >= 0");
+        return Err(Error::arg("clip_grad_norm", "max_norm", max_norm, "must be >= 0"));
     }
     let norm = grad_norm(grads);
     let coef = max_norm / (norm + 1e-6);

@@ -63,7 +63,7 @@ use regex::Regex;
 use crate::autograd::GradStore;
 use crate::backend::{wide, PAR_ELEMWISE};
 use crate::elem::Elem;
-use crate::error::{bail, Error, Result};
+use crate::error::{Error, Result, StateProblem};
 use crate::param::Param;
 use crate::tensor::TensorId;
 
@@ -149,7 +149,7 @@ pub trait Optimizer<E: Elem = f32> {
     ///
     /// # Errors
     /// [`Error::NonFinite`] naming the parameter when a gradient holds a NaN or infinity, [`Error::Shape`] when a
-    /// gradient's shape differs from its parameter's, [`Error::Invalid`] when the scheduled learning rate is
+    /// gradient's shape differs from its parameter's, [`Error::Arg`] when the scheduled learning rate is
     /// negative or not finite. On error nothing (no parameter, no state) has changed.
     fn step(&mut self, grads: &GradStore<E>) -> Result<()>;
 
@@ -184,7 +184,7 @@ pub trait Optimizer<E: Elem = f32> {
     /// the same names and shapes. Parameters absent from `state` start fresh.
     ///
     /// # Errors
-    /// [`Error::Invalid`] for another optimizer kind or a missing buffer, [`Error::UnknownName`] for a parameter
+    /// [`Error::OptimizerState`] for another optimizer kind or a missing buffer, [`Error::UnknownName`] for a parameter
     /// this optimizer does not hold, [`Error::Shape`] for a buffer of the wrong shape. On error the current state
     /// is kept.
     fn load_state_dict(&mut self, state: &StateDict<E>) -> Result<()>;
@@ -212,17 +212,22 @@ impl<E: Elem> Groups<E> {
         let mut names = HashSet::new();
         for (i, g) in groups.iter().enumerate() {
             if !(g.lr.is_finite() && g.lr >= 0.0) {
-                bail!(op, "group {i}: learning rate {} must be finite and >= 0", g.lr);
+                return Err(Error::arg(op, format!("group {i} lr"), g.lr, "must be finite and >= 0"));
             }
             if !(g.weight_decay.is_finite() && g.weight_decay >= 0.0) {
-                bail!(op, "group {i}: weight decay {} must be finite and >= 0", g.weight_decay);
+                return Err(Error::arg(
+                    op,
+                    format!("group {i} weight_decay"),
+                    g.weight_decay,
+                    "must be finite and >= 0",
+                ));
             }
             for p in &g.params {
                 if !ids.insert(p.id()) {
-                    bail!(op, "parameter `{}` appears more than once in the parameter groups", p.name());
+                    return Err(Error::DuplicateParam { op, name: p.name().to_string() });
                 }
                 if !names.insert(p.name().to_string()) {
-                    bail!(op, "two parameters share the name `{}`", p.name());
+                    return Err(Error::DuplicateParam { op, name: p.name().to_string() });
                 }
             }
         }
@@ -236,7 +241,7 @@ impl<E: Elem> Groups<E> {
         for (i, g) in self.groups.iter().enumerate() {
             let lr = g.lr * self.lr_factor;
             if !(lr.is_finite() && lr >= 0.0) {
-                bail!(op, "group {i}: scheduled learning rate {lr} must be finite and >= 0");
+                return Err(Error::arg(op, format!("group {i} scheduled lr"), lr, "must be finite and >= 0"));
             }
             for p in &g.params {
                 if !p.trainable() {
@@ -276,7 +281,10 @@ pub(crate) fn check_state_dict<'a, E: Elem>(
     state: &'a StateDict<E>,
 ) -> Result<Vec<(&'a Param<E>, &'a ParamState<E>)>> {
     if state.kind != kind {
-        bail!(op, "state dict of a `{}` optimizer cannot be loaded into `{kind}`", state.kind);
+        return Err(Error::OptimizerState {
+            op,
+            problem: StateProblem::Kind { found: state.kind.clone(), expected: kind.to_string() },
+        });
     }
     let by_name = groups.by_name();
     let mut out = Vec::with_capacity(state.params.len());
@@ -287,14 +295,20 @@ pub(crate) fn check_state_dict<'a, E: Elem>(
         let shape = p.shape();
         for b in buffers {
             let Some(buf) = ps.buffers.get(*b) else {
-                bail!(op, "state of `{name}` lacks buffer `{b}`");
+                return Err(Error::OptimizerState {
+                    op,
+                    problem: StateProblem::MissingBuffer { param: name.clone(), buffer: (*b).to_string() },
+                });
             };
             if buf.shape() != shape.as_slice() {
                 return Err(Error::Shape { op, lhs: shape, rhs: buf.shape().to_vec() });
             }
         }
         if let Some(extra) = ps.buffers.keys().find(|k| !buffers.contains(&k.as_str())) {
-            bail!(op, "state of `{name}` has unexpected buffer `{extra}`");
+            return Err(Error::OptimizerState {
+                op,
+                problem: StateProblem::UnexpectedBuffer { param: name.clone(), buffer: extra.clone() },
+            });
         }
         out.push((*p, ps));
     }
@@ -434,12 +448,12 @@ mod tests {
         let a = p("a");
         let dup =
             Groups::new("t", vec![ParamGroup::new(vec![a.clone()], 0.1, 0.0), ParamGroup::new(vec![a], 0.1, 0.0)]);
-        assert!(matches!(dup, Err(Error::Invalid { .. })));
+        assert!(matches!(dup, Err(Error::DuplicateParam { .. })));
         let same_name = Groups::new("t", vec![ParamGroup::new(vec![p("x"), p("x")], 0.1, 0.0)]);
-        assert!(matches!(same_name, Err(Error::Invalid { .. })));
+        assert!(matches!(same_name, Err(Error::DuplicateParam { .. })));
         let neg_lr = Groups::new("t", vec![ParamGroup::new(vec![p("y")], -0.1, 0.0)]);
-        assert!(matches!(neg_lr, Err(Error::Invalid { .. })));
+        assert!(matches!(neg_lr, Err(Error::Arg { .. })));
         let nan_wd = Groups::new("t", vec![ParamGroup::new(vec![p("z")], 0.1, f64::NAN)]);
-        assert!(matches!(nan_wd, Err(Error::Invalid { .. })));
+        assert!(matches!(nan_wd, Err(Error::Arg { .. })));
     }
 }

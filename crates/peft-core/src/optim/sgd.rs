@@ -10,7 +10,7 @@ use super::{
 };
 use crate::autograd::GradStore;
 use crate::elem::Elem;
-use crate::error::{bail, Result};
+use crate::error::{Error, Result};
 use crate::param::Param;
 use crate::tensor::TensorId;
 
@@ -60,17 +60,22 @@ impl<E: Elem> Sgd<E> {
     /// SGD over parameter groups.
     ///
     /// # Errors
-    /// [`crate::Error::Invalid`] for a negative or non-finite momentum or dampening, Nesterov without momentum or
+    /// [`crate::Error::Arg`] for a negative or non-finite momentum or dampening, Nesterov without momentum or
     /// with dampening, a negative or non-finite group rate or weight decay, or a parameter listed twice.
     pub fn new(groups: Vec<ParamGroup<E>>, cfg: SgdConfig) -> Result<Self> {
         if !(cfg.momentum.is_finite() && cfg.momentum >= 0.0) {
-            bail!("Sgd", "momentum {} must be finite and >= 0", cfg.momentum);
+            return Err(Error::arg("Sgd", "momentum", cfg.momentum, "must be finite and >= 0"));
         }
         if !cfg.dampening.is_finite() {
-            bail!("Sgd", "dampening {} must be finite", cfg.dampening);
+            return Err(Error::arg("Sgd", "dampening", cfg.dampening, "must be finite"));
         }
         if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
-            bail!("Sgd", "Nesterov momentum requires a momentum > 0 and zero dampening");
+            return Err(Error::arg(
+                "Sgd",
+                "nesterov",
+                format!("true (momentum {}, dampening {})", cfg.momentum, cfg.dampening),
+                "Nesterov momentum requires a momentum > 0 and zero dampening",
+            ));
         }
         Ok(Sgd { cfg, groups: Groups::new("Sgd", groups)?, momentum_buffers: HashMap::new(), steps: 0 })
     }
@@ -244,7 +249,7 @@ mod tests {
             SgdConfig { momentum: -0.9, dampening: 0.0, nesterov: false },
         ];
         for cfg in bad {
-            assert!(matches!(Sgd::new(groups(), cfg), Err(Error::Invalid { .. })), "{cfg:?}");
+            assert!(matches!(Sgd::new(groups(), cfg), Err(Error::Arg { .. })), "{cfg:?}");
         }
     }
 

@@ -19,7 +19,7 @@ impl LossWeighting for SumLosses {
     fn combine(&mut self, _step: usize, losses: &[(usize, Tensor)]) -> crate::Result<Tensor> {
         let mut it = losses.iter();
         let Some((_, first)) = it.next() else {
-            crate::error::bail!("SumLosses", "no task loss to combine");
+            return Err(crate::Error::Empty { op: "SumLosses", what: "the task loss list" });
         };
         it.try_fold(first.clone(), |acc, (_, l)| acc.add(l))
     }
@@ -33,7 +33,13 @@ impl LossWeighting for StaticWeights {
         let mut total: Option<Tensor> = None;
         for (k, l) in losses {
             let Some(&w) = self.0.get(*k) else {
-                crate::error::bail!("StaticWeights", "no weight for task {k} ({} weights)", self.0.len());
+                return Err(crate::Error::Index {
+                    op: "StaticWeights",
+                    index: *k as i64,
+                    position: vec![],
+                    axis: 0,
+                    size: self.0.len(),
+                });
             };
             let t = l.mul_scalar(w);
             total = Some(match total {
@@ -41,6 +47,6 @@ impl LossWeighting for StaticWeights {
                 None => t,
             });
         }
-        total.ok_or_else(|| crate::Error::Invalid { op: "StaticWeights", msg: "no task loss to combine".into() })
+        total.ok_or(crate::Error::Empty { op: "StaticWeights", what: "the task loss list" })
     }
 }

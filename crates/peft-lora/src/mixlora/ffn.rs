@@ -87,13 +87,13 @@ impl MixLoraFfn {
         let paths: Vec<&str> = sites.iter().map(Linear::path).collect();
         let prefix = common_prefix(&paths);
         let (Some(first), Some(down)) = (sites.first(), sites.last()) else {
-            crate::bail!("mixlora", "a feed-forward block without projections");
+            crate::error::fail!(crate::LoraError::FfnShape { prefix: String::new(), width: 0 });
         };
         let d = first.in_features();
         if down.out_features() != d
             || sites[..sites.len() - 1].iter().any(|s| s.in_features() != d || s.out_features() != down.in_features())
         {
-            crate::bail!("mixlora", "the projections of `{prefix}` do not form an FFN of width {d}");
+            crate::error::fail!(crate::LoraError::FfnShape { prefix: prefix.to_string(), width: d });
         }
         let n = Normal::new(0.0f32, cfg.router_init_range as f32)
             .map_err(|e| AdapterError::config(MIXLORA_TYPE, "router_init_range", e.to_string()))?;
@@ -183,10 +183,14 @@ impl MixLoraFfn {
     /// Switch capacity is counted per sequence, in row order, as in Switch Transformers).
     ///
     /// # Errors
-    /// Shape errors; [`peft_core::Error::Invalid`] when `x` is not 2-D.
+    /// Shape errors; [`peft_core::Error::Rank`] when `x` is not 2-D.
     pub fn route_seq(&self, x: &Tensor, seq_len: usize, ctx: &Ctx) -> Result<Routing> {
         if x.rank() != 2 {
-            crate::bail!("mixlora", "route expects tokens [N, d], got shape {:?}", x.shape());
+            return Err(peft_core::Error::Rank {
+                op: "mixlora route",
+                expected: "tokens [N, d]",
+                shape: x.shape().to_vec(),
+            });
         }
         let xr = if ctx.train && self.jitter > 0.0 {
             let j = self.jitter as f32;
@@ -263,7 +267,7 @@ impl MixLoraFfn {
     /// not multiplied by the coefficient.
     ///
     /// # Errors
-    /// Shape errors; [`peft_core::Error::Invalid`] when no token is valid or the mask length differs.
+    /// Shape errors; [`peft_core::Error::Empty`] when no token is valid, [`peft_core::Error::Count`] when the mask length differs.
     pub fn aux_loss(&self, routing: &Routing, valid: Option<&[bool]>) -> Result<Tensor> {
         let rows = valid_rows(routing.choices.len(), valid)?;
         let e = self.experts.len();
@@ -312,7 +316,7 @@ impl MixLoraFfn {
         let s = self.scaling;
         let n = x.shape()[0];
         let Some(down) = self.sites.last().map(Linear::base) else {
-            crate::bail!("mixlora", "a feed-forward block without projections");
+            crate::error::fail!(crate::LoraError::FfnShape { prefix: String::new(), width: 0 });
         };
         let d_out = down.out_features();
         let mut acc = Tensor::zeros(&[n, d_out]);
@@ -342,7 +346,9 @@ impl MixLoraFfn {
                     (g.silu().mul(&u)?, g0.silu().mul(&u0)?)
                 }
             };
-            let Some(last) = ex.last() else { crate::bail!("mixlora", "an expert without projections") };
+            let Some(last) = ex.last() else {
+                crate::error::fail!(crate::LoraError::FfnShape { prefix: String::new(), width: 0 })
+            };
             let de = h.sub(&h0)?.linear(&w_down, None)?.add(&last.apply(&h, s)?)?;
             let we = routing.weights.narrow(1, e, 1)?.index_select(0, &rows)?;
             let index = ArrayD::from_shape_fn(IxDyn(&[rows.len(), d_out]), |ix| rows[ix[0]]);
@@ -416,12 +422,19 @@ fn tokens(x: &Tensor) -> Result<(Tensor, usize)> {
 /// The token rows counted by a loss: those with `valid[t]`, or all.
 fn valid_rows(n: usize, valid: Option<&[bool]>) -> Result<Vec<usize>> {
     let rows: Vec<usize> = match valid {
-        Some(v) if v.len() != n => crate::bail!("mixlora", "{} mask entries for {n} tokens", v.len()),
+        Some(v) if v.len() != n => {
+            return Err(peft_core::Error::Count {
+                op: "mixlora",
+                what: "mask entries per token",
+                expected: n,
+                got: v.len(),
+            })
+        }
         Some(v) => (0..n).filter(|&t| v[t]).collect(),
         None => (0..n).collect(),
     };
     if rows.is_empty() {
-        crate::bail!("mixlora", "no valid token for the router loss");
+        return Err(peft_core::Error::Empty { op: "mixlora router loss", what: "the set of valid tokens" });
     }
     Ok(rows)
 }
