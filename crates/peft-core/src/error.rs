@@ -333,3 +333,33 @@ impl std::fmt::Display for StateProblem {
 
 /// Result alias for peft-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error, PartialEq)]
+    #[error("rank {0} is too large")]
+    struct MyError(usize);
+
+    #[test]
+    fn a_method_crate_error_is_recovered_by_type() {
+        let e = Error::method("my-crate", MyError(9));
+        assert_eq!(e.method_error::<MyError>(), Some(&MyError(9)));
+        assert!(e.method_error::<std::io::Error>().is_none());
+        assert_eq!(e.to_string(), "my-crate: rank 9 is too large");
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(Error::Empty { op: "x", what: "y" }.method_error::<MyError>().is_none());
+    }
+
+    #[test]
+    fn at_names_the_path_and_keeps_the_variant() {
+        let e = Error::Numerical { op: "svd", reason: "did not converge".into() }.at("layer.0.query");
+        assert!(matches!(&e, Error::Numerical { reason, .. } if reason == "`layer.0.query`: did not converge"));
+        let e = Error::arg("dropout", "p", 1.5, "must lie in [0, 1)");
+        assert_eq!(e.to_string(), "dropout: `p` = 1.5: must lie in [0, 1)");
+        let s =
+            Error::AdapterState { op: "merge", site: "q".into(), adapter: "a".into(), problem: AdapterProblem::Merged };
+        assert_eq!(s.to_string(), "merge: `q`: adapter `a` is merged already");
+    }
+}
