@@ -18,6 +18,19 @@
 //!
 //! Each mode prints the quantized bytes, the bytes held by the remaining dense parameters and a checksum of the
 //! logits of a fixed prompt (the three modes give the same logits).
+//!
+//! Measured 2026-12-06 (release build, 2-core AMD EPYC shared with other builds, SmolLM2-135M-Instruct Q4_1 GGUF;
+//! 210 linears, 106.2 M params → 54.77 MB NF4-DQ = 4.127 bits/param; the f32 embedding, 113.4 MB, stays dense):
+//!
+//! | mode | max RSS | wall |
+//! |---|---|---|
+//! | `dense` (dense f32 model, then quantize) | 648,500 KiB | 2.06 s |
+//! | `layerwise` (quantize each linear as it is read) | 316,628 KiB | 1.47 s |
+//! | `bnb` (from the 168.6 MB bnb NF4-DQ safetensors) | 376,524 KiB | 0.62 s |
+//!
+//! The `bnb` figure counts the checkpoint's memory-mapped pages (168.6 MB, touched while reading) on top of the
+//! heap copies the model makes (NF4 codes 54.8 MB, f32 embedding 113.4 MB); `layerwise` counts the touched pages
+//! of the 98 MB GGUF the same way.
 
 use std::time::Instant;
 

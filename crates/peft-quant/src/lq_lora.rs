@@ -19,6 +19,19 @@
 //!   multiple-choice knapsack DP over bit counts in units of their GCD; when that would need more than
 //!   `max_states` units, the unit is coarsened and every item's bits are rounded *up* (the answer stays feasible,
 //!   and is optimal for the rounded problem; [`Allocation::exact`] says which case ran).
+//! * **End to end** ([`LqLoraConfig`], a tuner): LoRA on the targets (the paper: every linear but the output
+//!   layer, r=64, alpha=16, dropout 0); Fisher matrices from the inject context's calibration batches when
+//!   `fisher_batches` is set ([`fisher_from_calibration`]: `mean_k g_k²` of each weight's batch gradient);
+//!   every adapted matrix decomposed with every candidate quantizer ([`default_candidates`]: NF2/3/4/8); one
+//!   candidate per matrix allocated under the bits-per-parameter budget; the chosen `Q` installed as the frozen
+//!   base in its bit-packed storage ([`crate::NfPacked`] inside a [`QuantLinear`], dequantised tile by tile in
+//!   forward; never a dense f32 copy), `A = L2/√s`, `B = L1/√s`. [`init_with_config`] returns the
+//!   [`LqLoraReport`] (choice per matrix, allocated bits, stored bytes, measured bits per parameter). Registry
+//!   entries ([`methods`]): `lq-lora-2.5`, `lq-lora-2.75`, `lq-lora-3.25` and `lq-lora-fisher-2.75`.
+//!
+//!   Costs: every matrix is decomposed once per candidate (up to `iters` SVDs each), all kept until the
+//!   allocation is known. The adapter saves as plain LoRA; `Q` is not saved with it, so
+//!   [`TunerConfig::for_loading`] refuses.
 
 use std::sync::Arc;
 
