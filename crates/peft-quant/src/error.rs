@@ -55,6 +55,17 @@ pub enum QuantError {
         /// The dtype found.
         got: String,
     },
+    /// A quantizer configuration outside the supported range (LQ-LoRA's NF-b quantizer).
+    #[error("unsupported quantizer config: {0}")]
+    BadConfig(String),
+    /// An operation the stored format does not support (saving LQ-LoRA's NF-b storage in bitsandbytes' layout).
+    #[error("{what}: not supported for {format}")]
+    Unsupported {
+        /// The operation.
+        what: &'static str,
+        /// The format.
+        format: String,
+    },
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -23,6 +23,9 @@
 //! * **Quantized linear** ([`QuantLinear`]): a [`peft_core::nn::LinearBase`] that dequantises tiles of output rows
 //!   on the fly (never the whole f32 weight) with gradients to the input only, and [`quantize_linear_sites`] to
 //!   swap the bases of a model's selected [`peft_core::nn::Linear`] sites (QLoRA's frozen NF4 base).
+//! * **Loading without a dense detour** ([`load`]): [`QuantizeOnLoad`] quantizes each linear as the backbone's
+//!   constructor reads it (one dense linear alive at a time), [`BnbWeights`] loads linears straight from a bnb
+//!   4-bit / int8 checkpoint into [`QuantLinear`] bases, [`bnb_checkpoint`] writes one.
 //! * **ComPEFT** ([`compeft`]): top-k sparsified, ternarised PEFT updates with one scale and bit-packed storage.
 //! * **QLoRA** ([`qlora`]): NF4-DQ base + LoRA as a tuner ([`QloraConfig`]), merge by dense export or
 //!   re-quantization with its rounding error ([`QloraExt`]), byte accounting ([`QuantMemory`]), the `"qlora"`
@@ -69,8 +72,10 @@ pub mod compeft;
 pub mod error;
 pub mod int8;
 pub mod linear;
+pub mod load;
 pub mod lowbit_lora;
 pub mod lq_lora;
+pub mod nf_storage;
 pub mod onebit;
 pub mod qlora;
 pub mod storage;
@@ -81,7 +86,10 @@ pub use compeft::{ComPeft, ComPeftConfig, ComPeftMode, Selection, TaskVector};
 pub use error::{QuantError, Result};
 pub use int8::Int8Rows;
 pub use linear::{quantize_linear_sites, QuantFormat, QuantLinear, QuantWeight};
+pub use load::{bnb_checkpoint, BnbWeights, QuantizeOnLoad};
 pub use lowbit_lora::{LowBitLoraConfig, LowBitModelExt};
+pub use lq_lora::{LqLoraConfig, NfQuant};
+pub use nf_storage::NfPacked;
 pub use qlora::{methods, methods_for, QloraConfig, QloraExt, QuantMemory, RoundingError};
 pub use storage::{Checkpoint, RawTensor};
 

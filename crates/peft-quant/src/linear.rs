@@ -29,7 +29,10 @@ use peft_core::{Error, Param, Tensor};
 use rayon::prelude::*;
 
 use crate::block4::{Absmax, FloatDtype, Quant4, Quant4Config};
+use crate::error::QuantError;
 use crate::int8::Int8Rows;
+use crate::lq_lora::NfQuant;
+use crate::nf_storage::NfPacked;
 use crate::storage::{Checkpoint, RawTensor};
 
 /// How to quantize a dense weight.
@@ -39,6 +42,8 @@ pub enum QuantFormat {
     Block4(Quant4Config),
     /// Row-wise int8 absmax (LLM.int8() without outliers).
     Int8,
+    /// LQ-LoRA's blockwise-NF(b, b0, b1, B0, B1) ([`NfQuant`], bit-packed [`NfPacked`]).
+    Nf(NfQuant),
 }
 
 impl Default for QuantFormat {
@@ -55,6 +60,8 @@ pub enum QuantWeight {
     Block4(Quant4),
     /// Row-wise int8.
     Int8(Int8Rows),
+    /// LQ-LoRA's NF-b storage (shape `[out, in]`).
+    Nf(NfPacked),
 }
 
 impl QuantWeight {
@@ -66,6 +73,7 @@ impl QuantWeight {
         Ok(match format {
             QuantFormat::Block4(cfg) => QuantWeight::Block4(Quant4::quantize(w, &[rows, cols], cfg)?),
             QuantFormat::Int8 => QuantWeight::Int8(Int8Rows::quantize(w, rows, cols)?),
+            QuantFormat::Nf(cfg) => QuantWeight::Nf(NfPacked::quantize(w, &[rows, cols], cfg)?),
         })
     }
 
@@ -77,6 +85,19 @@ impl QuantWeight {
                 _ => None,
             },
             QuantWeight::Int8(q) => Some((q.rows(), q.cols())),
+            QuantWeight::Nf(q) => match q.shape() {
+                [r, c] => Some((*r, *c)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The stored shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            QuantWeight::Block4(q) => q.shape().to_vec(),
+            QuantWeight::Int8(q) => vec![q.rows(), q.cols()],
+            QuantWeight::Nf(q) => q.shape().to_vec(),
         }
     }
 
@@ -89,6 +110,7 @@ impl QuantWeight {
                 double_quant: matches!(q.absmax(), Absmax::Double { .. }),
             }),
             QuantWeight::Int8(_) => QuantFormat::Int8,
+            QuantWeight::Nf(q) => QuantFormat::Nf(q.config()),
         }
     }
 
@@ -97,6 +119,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Block4(q) => q.dequantize_range_into(r0 * cols, out),
             QuantWeight::Int8(q) => q.dequantize_rows_into(r0, out),
+            QuantWeight::Nf(q) => q.dequantize_range_into(r0 * cols, out),
         }
     }
 
@@ -105,6 +128,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Block4(q) => q.dequantize(),
             QuantWeight::Int8(q) => q.dequantize(),
+            QuantWeight::Nf(q) => q.dequantize(),
         }
     }
 
@@ -113,6 +137,7 @@ impl QuantWeight {
         match self {
             QuantWeight::Block4(q) => q.storage_bytes(),
             QuantWeight::Int8(q) => q.storage_bytes(),
+            QuantWeight::Nf(q) => q.storage_bytes(),
         }
     }
 }
@@ -153,11 +178,7 @@ impl QuantLinear {
     /// [`Error::Shape`] when the weight is not 2-D or the bias is not `[out]`.
     pub fn new(weight: QuantWeight, bias: Option<Param>) -> peft_core::Result<Self> {
         let Some((out_f, in_f)) = weight.dims() else {
-            let shape = match &weight {
-                QuantWeight::Block4(q) => q.shape().to_vec(),
-                QuantWeight::Int8(q) => vec![q.rows(), q.cols()],
-            };
-            return Err(Error::Shape { op: "QuantLinear::new", lhs: shape, rhs: vec![0, 0] });
+            return Err(Error::Shape { op: "QuantLinear::new", lhs: weight.shape(), rhs: vec![0, 0] });
         };
         if let Some(b) = &bias {
             if b.shape() != [out_f] {
@@ -226,7 +247,8 @@ impl QuantLinear {
     /// state's recorded dtype (bnb saves it in the layer dtype), f32 for int8.
     ///
     /// # Errors
-    /// The checkpoint's errors (e.g. a `quant_storage` the packed bytes do not fit).
+    /// The checkpoint's errors (e.g. a `quant_storage` the packed bytes do not fit); LQ-LoRA's NF-b storage has no
+    /// bitsandbytes layout ([`QuantError::Unsupported`]).
     pub fn save(&self, ckpt: &mut Checkpoint, prefix: &str) -> peft_core::Result<()> {
         let w = self.weight();
         let dtype = match w.as_ref() {
@@ -237,6 +259,10 @@ impl QuantLinear {
             QuantWeight::Int8(q) => {
                 ckpt.insert_int8(prefix, q)?;
                 FloatDtype::F32
+            }
+            QuantWeight::Nf(_) => {
+                let format = format!("{:?}", w.format());
+                return Err(QuantError::Unsupported { what: "saving in bitsandbytes' layout", format }.into());
             }
         };
         if let Some(b) = &self.bias {

@@ -19,11 +19,35 @@
 //!   multiple-choice knapsack DP over bit counts in units of their GCD; when that would need more than
 //!   `max_states` units, the unit is coarsened and every item's bits are rounded *up* (the answer stays feasible,
 //!   and is optimal for the rounded problem; [`Allocation::exact`] says which case ran).
+//! * **End to end** ([`LqLoraConfig`], a tuner): LoRA on the targets (the paper: every linear but the output
+//!   layer, r=64, alpha=16, dropout 0); Fisher matrices from the inject context's calibration batches when
+//!   `fisher_batches` is set ([`fisher_from_calibration`]: `mean_k g_k²` of each weight's batch gradient);
+//!   every adapted matrix decomposed with every candidate quantizer ([`default_candidates`]: NF2/3/4/8); one
+//!   candidate per matrix allocated under the bits-per-parameter budget; the chosen `Q` installed as the frozen
+//!   base in its bit-packed storage ([`crate::NfPacked`] inside a [`QuantLinear`], dequantised tile by tile in
+//!   forward; never a dense f32 copy), `A = L2/√s`, `B = L1/√s`. [`init_with_config`] returns the
+//!   [`LqLoraReport`] (choice per matrix, allocated bits, stored bytes, measured bits per parameter). Registry
+//!   entries ([`methods`]): `lq-lora-2.5`, `lq-lora-2.75`, `lq-lora-3.25` and `lq-lora-fisher-2.75`.
+//!
+//!   Costs: every matrix is decomposed once per candidate (up to `iters` SVDs each), all kept until the
+//!   allocation is known. The adapter saves as plain LoRA; `Q` is not saved with it, so
+//!   [`TunerConfig::for_loading`] refuses.
+
+use std::sync::Arc;
 
 use ndarray::{s, Array2, Axis};
+use peft_core::adapter::{
+    not_supported, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, MethodName, MethodSpec, Tuner,
+    TunerConfig,
+};
+use peft_core::nn::{Linear, Module};
 use peft_core::{Error, Result};
+use peft_lora::{LoraConfig, LoraLinear};
 
 use crate::block4::FloatDtype;
+use crate::error::QuantError;
+use crate::linear::{QuantLinear, QuantWeight};
+use crate::nf_storage::NfPacked;
 use crate::onebit::phi_inv;
 
 /// The NF offset (bitsandbytes/QLoRA: `0.9677083`).
@@ -43,7 +67,7 @@ pub fn nf_table(bits: u8) -> Vec<f32> {
 }
 
 /// A blockwise-NF quantizer configuration.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NfQuant {
     /// Bits of the values (b ∈ 2..=8).
     pub bits: u8,
@@ -64,11 +88,19 @@ impl NfQuant {
     }
 
     fn check(&self) -> Result<()> {
+        Ok(self.validate()?)
+    }
+
+    /// Checks `b, b0 ∈ 2..=8` and non-zero block and group sizes.
+    ///
+    /// # Errors
+    /// [`QuantError::BadConfig`].
+    pub fn validate(&self) -> crate::Result<()> {
         let ok = (2..=8).contains(&self.bits) && (2..=8).contains(&self.scale_bits) && self.block > 0 && self.group > 0;
         if ok {
             Ok(())
         } else {
-            Err(Error::Invalid { op: "NfQuant", msg: format!("unsupported config {self:?}") })
+            Err(QuantError::BadConfig(format!("{self:?}: b and b0 in 2..=8, B0 and B1 at least 1")))
         }
     }
 
@@ -159,6 +191,8 @@ pub fn fisher_diagonal(grads: &[Array2<f32>]) -> Result<Array2<f32>> {
 pub struct Decomposition {
     /// `dequant(Q)` `[out, in]`.
     pub q: Array2<f32>,
+    /// `Q` as stored (bit-packed NF-b codes and scales); `q` is its dequantisation.
+    pub packed: NfPacked,
     /// `L1 = U_r √Σ_r` `[out, r]`.
     pub l1: Array2<f32>,
     /// `L2 = √Σ_r V_rᵀ` `[r, in]`.
@@ -256,13 +290,13 @@ pub fn decompose(
         let (l1, l2) = low_rank(&(w - &q), rank, weights.as_ref())?;
         let lr = l1.dot(&l2);
         let resid = (w - &lr).as_standard_layout().to_owned();
-        let qv = quant.quant_dequant(resid.as_slice().expect("peft-rs bug: standard layout"))?;
-        q = Array2::from_shape_vec((rows, cols), qv).expect("peft-rs bug: quantizer keeps the size");
+        let packed = NfPacked::quantize(resid.as_slice().expect("peft-rs bug: standard layout"), &[rows, cols], quant)?;
+        q = Array2::from_shape_vec((rows, cols), packed.dequantize()).expect("peft-rs bug: quantizer keeps the size");
         let err = weighted_norm(&(&resid - &q), fisher);
         errors.push(err);
         if err < best_err || best.is_none() {
             best_err = err;
-            best = Some(Decomposition { q: q.clone(), l1, l2, errors: vec![], best: t });
+            best = Some(Decomposition { q: q.clone(), packed, l1, l2, errors: vec![], best: t });
         }
         if t > 0 && err > errors[t - 1] {
             break;
@@ -377,9 +411,8 @@ pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize
 /// LQ-LoRA initialisation of the LoRA adapter `name` of `model`: for every adapted site, decomposes the base
 /// weight `W ≈ Q + L1·L2` at the adapter's rank ([`decompose`] with `quant`, `iters` and the Fisher matrix
 /// `fisher(path)` if any), sets `A = L2/√s`, `B = L1/√s` (so `s·B·A = L1·L2` at init) and replaces the base by
-/// a frozen dense one holding `dequant(Q)` (`<path>.weight`, bias kept). The base is held dequantised in f32:
-/// the packed NF-b storage of `Q` is accounted by [`NfQuant::storage_bits`], not realised in memory. Returns
-/// the decompositions by site path.
+/// a frozen [`QuantLinear`] holding `Q` as stored ([`QuantWeight::Nf`], bit-packed; bias kept), dequantised tile
+/// by tile in forward like QLoRA's NF4 base. Returns the decompositions by site path.
 ///
 /// # Errors
 /// [`Error::UnknownName`]; [`Error::Invalid`] for a DoRA adapter or a merged site; decomposition errors.
@@ -393,30 +426,377 @@ pub fn init_adapter<M: peft_core::nn::Module>(
     use peft_lora::LoraModelExt;
     let layers =
         model.lora_layers(name).map_err(|e| Error::Invalid { op: "lq_lora::init_adapter", msg: e.to_string() })?;
+    check_layers(&layers)?;
     let mut out = Vec::with_capacity(layers.len());
     for (site, l) in &layers {
+        let w = dense_2d(site)?;
+        let f = fisher(site.path());
+        let d = decompose(&w, l.spec().r, quant, iters, f.as_ref())?;
+        install(site, l, &d)?;
+        out.push((site.path().to_string(), d));
+    }
+    Ok(out)
+}
+
+type LoraLayers = [(Linear, Arc<LoraLinear>)];
+
+fn check_layers(layers: &LoraLayers) -> Result<()> {
+    for (site, l) in layers {
         if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {
             return Err(Error::Invalid {
                 op: "lq_lora::init_adapter",
                 msg: format!("`{}`: DoRA adapters and merged sites are not supported", site.path()),
             });
         }
-        let base = site.base();
-        let w = base.dense_weight()?.into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Shape {
-            op: "lq_lora::init_adapter",
-            lhs: vec![base.out_features(), base.in_features()],
-            rhs: vec![],
-        })?;
-        let f = fisher(site.path());
-        let d = decompose(&w, l.spec().r, quant, iters, f.as_ref())?;
-        let (a, b) = d.lora_factors(l.scaling());
-        l.lora_a().set(a.into_dyn())?;
-        l.lora_b().set(b.into_dyn())?;
-        let weight = peft_core::Param::new(format!("{}.weight", site.path()), d.q.clone().into_dyn(), false);
-        site.replace_base(std::sync::Arc::new(peft_core::nn::Dense { weight, bias: base.bias() }))?;
-        out.push((site.path().to_string(), d));
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The site's base weight as an `[out, in]` matrix.
+fn dense_2d(site: &Linear) -> Result<Array2<f32>> {
+    let base = site.base();
+    base.dense_weight()?.into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Shape {
+        op: "lq_lora::init_adapter",
+        lhs: vec![base.out_features(), base.in_features()],
+        rhs: vec![],
+    })
+}
+
+/// Sets the LoRA factors from `d` and replaces the base by `Q`'s quantized storage (bias kept).
+fn install(site: &Linear, l: &LoraLinear, d: &Decomposition) -> Result<()> {
+    let (a, b) = d.lora_factors(l.scaling());
+    l.lora_a().set(a.into_dyn())?;
+    l.lora_b().set(b.into_dyn())?;
+    let base = QuantLinear::new(QuantWeight::Nf(d.packed.clone()), site.base().bias())?;
+    site.replace_base(Arc::new(base))
+}
+
+/// The candidate quantizers of [`LqLoraConfig`] by default: NF-b with b ∈ {2, 3, 4, 8}, 8-bit scales, B0 = 64,
+/// B1 = 256, f32 group max (2.127, 3.127, 4.127 and 8.127 bits per parameter).
+pub fn default_candidates() -> Vec<NfQuant> {
+    [2, 3, 4, 8].into_iter().map(NfQuant::new).collect()
+}
+
+/// The diagonal Fisher `F = mean_k g_k²` of every site's dense weight over calibration batches `0..max` (or until
+/// exhausted): the weights are made trainable for the duration and their flags restored (also on error).
+///
+/// # Errors
+/// No batch ([`peft_lora::calib::empty_calibration`]); a site without a dense `[out, in]` weight; errors of
+/// `calib` and `backward`; [`Error::NonFinite`] for a non-finite gradient.
+pub fn fisher_from_calibration(
+    sites: &[Linear],
+    calib: &mut dyn FnMut(usize) -> Result<Option<peft_core::Tensor>>,
+    max: usize,
+) -> Result<Vec<Array2<f32>>> {
+    let ws: Vec<peft_core::Param> = sites.iter().map(peft_lora::calib::weight_param).collect::<Result<_>>()?;
+    let flags: Vec<bool> = ws.iter().map(peft_core::Param::trainable).collect();
+    for w in &ws {
+        w.set_trainable(true);
+    }
+    let result = (|| {
+        let mut acc: Vec<Array2<f64>> = ws.iter().map(|w| Array2::zeros((w.shape()[0], w.shape()[1]))).collect();
+        let mut n = 0;
+        while n < max {
+            let Some(loss) = calib(n)? else { break };
+            let grads = loss.backward()?;
+            drop(loss);
+            for ((a, w), site) in acc.iter_mut().zip(&ws).zip(sites) {
+                if let Some(g) = grads.get_id(w.id()) {
+                    if g.iter().any(|v| !v.is_finite()) {
+                        return Err(Error::NonFinite { what: format!("LQ-LoRA Fisher gradient of `{}`", site.path()) });
+                    }
+                    let g = g.view().into_dimensionality::<ndarray::Ix2>().map_err(|_| Error::Shape {
+                        op: "lq_lora::fisher_from_calibration",
+                        lhs: g.shape().to_vec(),
+                        rhs: w.shape(),
+                    })?;
+                    a.zip_mut_with(&g, |x, &y| *x += f64::from(y) * f64::from(y));
+                }
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Err(peft_lora::calib::empty_calibration("lq_lora"));
+        }
+        Ok(acc.into_iter().map(|a| a.mapv(|v| (v / n as f64) as f32)).collect())
+    })();
+    for (w, f) in ws.iter().zip(flags) {
+        w.set_trainable(f);
+    }
+    result
+}
+
+/// `"LQ-LoRA"` in messages.
+const LQ_LORA: &str = "LQ-LoRA";
+
+/// LQ-LoRA as a tuner: LoRA on the config's targets, whose bases are decomposed `W ≈ Q + L1·L2` with one quantizer
+/// per matrix chosen by the budgeted allocation ([`allocate`] over [`allocation_options`]), Fisher-weighted when
+/// `fisher_batches` is set (gradients from the inject context's calibration batches, [`fisher_from_calibration`]).
+/// Every adapted base becomes a frozen [`QuantLinear`] over the chosen `Q`'s bit-packed storage.
+///
+/// Saved as a plain LoRA adapter (`peft_type = "LORA"`); the quantized base it was trained on is not saved with
+/// it (LQ-LoRA's `Q` is not a bitsandbytes layout), so loading replays nothing and refuses
+/// ([`TunerConfig::for_loading`]).
+#[derive(Clone, Debug)]
+pub struct LqLoraConfig {
+    /// The LoRA part (rank, alpha, targets; dropout 0 in the paper). Its own init is replaced.
+    pub lora: LoraConfig,
+    /// The storage budget in bits per parameter over the adapted matrices (the paper: 2.5 .. 4.0).
+    pub budget: f64,
+    /// The quantizers the allocation picks from ([`default_candidates`]).
+    pub candidates: Vec<NfQuant>,
+    /// Most alternating iterations per decomposition (stopping at the first increase).
+    pub iters: usize,
+    /// Fisher-weighted decomposition and costs from this many calibration batches (`None`: unweighted).
+    pub fisher_batches: Option<usize>,
+    /// Bound on the knapsack DP's budget axis ([`allocate`]).
+    pub max_states: usize,
+}
+
+impl LqLoraConfig {
+    /// The paper's placement and sizes (r=64, alpha=16, dropout 0 on every linear layer but the output layer) at
+    /// `budget` bits per parameter, unweighted, the [`default_candidates`], at most 20 iterations.
+    pub fn new(budget: f64) -> Self {
+        let mut lora = LoraConfig::new(64, 16.0, Vec::<String>::new());
+        lora.target_modules = Some(peft_core::adapter::ModulePattern::Regex("all-linear".into()));
+        lora.lora_dropout = 0.0;
+        LqLoraConfig {
+            lora,
+            budget,
+            candidates: default_candidates(),
+            iters: 20,
+            fisher_batches: None,
+            max_states: 1 << 16,
+        }
+    }
+
+    /// The same config, Fisher-weighted over `batches` calibration batches.
+    pub fn with_fisher(mut self, batches: usize) -> Self {
+        self.fisher_batches = Some(batches);
+        self
+    }
+
+    fn invalid(field: &str, reason: String) -> AdapterError {
+        AdapterError::InvalidConfig { method: LQ_LORA.into(), field: field.into(), reason }
+    }
+
+    /// Checks the budget, candidates, iterations and the LoRA part.
+    ///
+    /// # Errors
+    /// [`AdapterError::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> AdapterResult<()> {
+        self.lora.validate()?;
+        if self.candidates.is_empty() {
+            return Err(Self::invalid("candidates", "no quantizer to choose from".into()));
+        }
+        for c in &self.candidates {
+            c.validate().map_err(|e| Self::invalid("candidates", e.to_string()))?;
+        }
+        let cheapest = self.candidates.iter().map(NfQuant::bits_per_param).fold(f64::INFINITY, f64::min);
+        if !(self.budget.is_finite() && self.budget >= cheapest) {
+            return Err(Self::invalid(
+                "budget",
+                format!("{} bits per parameter is below the cheapest candidate ({cheapest:.3})", self.budget),
+            ));
+        }
+        if self.iters == 0 {
+            return Err(Self::invalid("iters", "at least 1".into()));
+        }
+        if self.fisher_batches == Some(0) {
+            return Err(Self::invalid("fisher_batches", "at least 1 calibration batch".into()));
+        }
+        if self.candidates.len() > usize::from(u16::MAX) {
+            return Err(Self::invalid("candidates", "too many".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs the decompositions, the allocation and the install on the LoRA `layers` (see [`LqLoraConfig`]).
+    fn init(
+        &self,
+        layers: &LoraLayers,
+        calib: Option<&mut peft_core::adapter::Calibrate<'_>>,
+    ) -> AdapterResult<LqLoraReport> {
+        check_layers(layers)?;
+        let sites: Vec<Linear> = layers.iter().map(|(s, _)| s.clone()).collect();
+        let fishers = match (self.fisher_batches, calib) {
+            (None, _) => None,
+            (Some(n), Some(c)) => Some(fisher_from_calibration(&sites, c, n)?),
+            (Some(_), None) => {
+                return Err(AdapterError::Unsupported {
+                    method: LQ_LORA.into(),
+                    what: "the Fisher-weighted init without calibration data".into(),
+                    reason: "use PeftModel::add_adapter_calibrated, or fisher_batches = None".into(),
+                })
+            }
+        };
+        let mut decomps: Vec<Vec<Decomposition>> = Vec::with_capacity(layers.len());
+        let mut options: Vec<Vec<(f64, usize)>> = Vec::with_capacity(layers.len());
+        let mut params = 0usize;
+        for (i, (site, l)) in layers.iter().enumerate() {
+            let w = dense_2d(site)?;
+            params += w.len();
+            let f = fishers.as_ref().map(|f| &f[i]);
+            let ds = self
+                .candidates
+                .iter()
+                .map(|c| decompose(&w, l.spec().r, c, self.iters, f))
+                .collect::<Result<Vec<_>>>()?;
+            options.push(
+                ds.iter().zip(&self.candidates).map(|(d, c)| (d.error().powi(2), c.storage_bits(w.len()))).collect(),
+            );
+            decomps.push(ds);
+        }
+        let budget_bits = (self.budget * params as f64).floor() as usize;
+        let Some(alloc) = allocate(&options, budget_bits, self.max_states) else {
+            return Err(Self::invalid(
+                "budget",
+                format!("{} bits per parameter fits no choice of candidates for these matrices", self.budget),
+            ));
+        };
+        let mut chosen = Vec::with_capacity(layers.len());
+        for (((site, l), ds), &k) in layers.iter().zip(&decomps).zip(&alloc.choice) {
+            install(site, l, &ds[k])?;
+            chosen.push((site.path().to_string(), self.candidates[k], ds[k].packed.storage_bytes()));
+        }
+        Ok(LqLoraReport { chosen, params, budget_bits, allocated_bits: alloc.bits, exact: alloc.exact })
+    }
+}
+
+/// What [`LqLoraConfig`]'s init chose.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LqLoraReport {
+    /// Per adapted site: its path, the chosen quantizer and the bytes its `Q` holds.
+    pub chosen: Vec<(String, NfQuant, usize)>,
+    /// Parameters of the adapted matrices.
+    pub params: usize,
+    /// The budget in bits (`⌊budget · params⌋`).
+    pub budget_bits: usize,
+    /// [`NfQuant::storage_bits`] summed over the choice (≤ `budget_bits`).
+    pub allocated_bits: usize,
+    /// Whether the allocation ran on exact bit counts ([`Allocation::exact`]).
+    pub exact: bool,
+}
+
+impl LqLoraReport {
+    /// Bytes held by the quantized bases as stored.
+    pub fn storage_bytes(&self) -> usize {
+        self.chosen.iter().map(|c| c.2).sum()
+    }
+
+    /// Measured bits per parameter of the stored bases ([`LqLoraReport::storage_bytes`] · 8 / params).
+    pub fn bits_per_param(&self) -> f64 {
+        8.0 * self.storage_bytes() as f64 / self.params as f64
+    }
+}
+
+/// Runs LQ-LoRA's init on adapter `name` of `model`, which must be a LoRA adapter added with
+/// [`LqLoraConfig::lora`]'s config (for callers that drive the steps themselves; the tuner does this in
+/// [`TunerConfig::inject`]).
+///
+/// # Errors
+/// As [`LqLoraConfig`]'s inject.
+pub fn init_with_config<M: peft_core::nn::Module>(
+    model: &peft_core::adapter::PeftModel<M>,
+    name: &str,
+    config: &LqLoraConfig,
+    calib: Option<&mut peft_core::adapter::Calibrate<'_>>,
+) -> AdapterResult<LqLoraReport> {
+    use peft_lora::LoraModelExt;
+    config.validate()?;
+    config.init(&model.lora_layers(name)?, calib)
+}
+
+impl TunerConfig for LqLoraConfig {
+    fn peft_type(&self) -> &str {
+        "LORA"
+    }
+    fn describe(&self) -> String {
+        let t = match &self.lora.target_modules {
+            Some(peft_core::adapter::ModulePattern::List(v)) => v.join(","),
+            Some(peft_core::adapter::ModulePattern::Regex(s)) => s.clone(),
+            None => "-".into(),
+        };
+        format!(
+            "LQ-LoRA: LoRA r={} alpha={} on {t}, Q + L1 L2 at {} bits/param over NF{{{}}}{}",
+            self.lora.r,
+            self.lora.alpha(),
+            self.budget,
+            self.candidates.iter().map(|c| c.bits.to_string()).collect::<Vec<_>>().join(","),
+            match self.fisher_batches {
+                Some(n) => format!(", Fisher-weighted ({n} batches)"),
+                None => String::new(),
+            }
+        )
+    }
+    fn to_json(&self) -> AdapterResult<serde_json::Value> {
+        TunerConfig::to_json(&self.lora)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.lora.inference_mode = on;
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn needs_calibration(&self) -> bool {
+        self.fisher_batches.is_some()
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.lora.preflight(model, file)
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.validate()?;
+        let InjectCx { name, seed, calib, base_params } = cx;
+        let tuner = self.lora.inject(model, InjectCx { name, seed, calib: None, base_params })?;
+        let Some(lt) = tuner.as_any().downcast_ref::<LinearTuner<LoraLinear>>() else {
+            return Err(not_supported(name, LQ_LORA, "inject", "the LoRA part did not build LoRA layers"));
+        };
+        let layers = lt.layers().to_vec();
+        if let Err(e) = self.init(&layers, calib) {
+            // Nothing stays attached on error (bases already replaced keep their decomposed Q).
+            let _ = tuner.detach(false);
+            return Err(e);
+        }
+        Ok(tuner)
+    }
+    fn for_loading(&self) -> AdapterResult<Box<dyn TunerConfig>> {
+        Err(AdapterError::Unsupported {
+            method: LQ_LORA.into(),
+            what: "loading an LQ-LoRA adapter".into(),
+            reason: "its quantized base Q is not saved with the adapter".into(),
+        })
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The LQ-LoRA registry budgets (bits per parameter).
+pub const BUDGETS: [f64; 3] = [2.5, 2.75, 3.25];
+
+/// The LQ-LoRA registry entries: `"lq-lora-2.5"`, `"lq-lora-2.75"`, `"lq-lora-3.25"` ([`LqLoraConfig::new`] at
+/// each of [`BUDGETS`]) and `"lq-lora-fisher-2.75"` (Fisher-weighted, 8 calibration batches), at LoRA's bench
+/// learning rate 2.5e-3 (the paper trains LLaMA-2 at 2e-4..3e-4... over long runs).
+pub fn methods() -> Vec<MethodSpec> {
+    let names = [MethodName("lq-lora-2.5"), MethodName("lq-lora-2.75"), MethodName("lq-lora-3.25")];
+    let mut v: Vec<MethodSpec> =
+        names.into_iter().zip(BUDGETS).map(|(n, b)| MethodSpec::new(n, LqLoraConfig::new(b), 2.5e-3)).collect();
+    let mut fisher = MethodSpec::new(MethodName("lq-lora-fisher-2.75"), LqLoraConfig::new(2.75).with_fisher(8), 2.5e-3);
+    fisher.calibration_batches = Some(8);
+    v.push(fisher);
+    v
 }
 
 #[cfg(test)]

@@ -228,3 +228,205 @@ fn init_adapter_makes_q_plus_lora_the_decomposition_and_keeps_the_output_close()
     assert!((diff / norm).sqrt() < 0.1, "{}", (diff / norm).sqrt());
     assert_eq!(lora.trainable_params().len(), 2);
 }
+
+mod tuner {
+    use super::super::*;
+    use super::frob;
+    use crate::linear::QuantWeight;
+    use crate::QuantLinear;
+    use peft_core::adapter::PeftModel;
+    use peft_core::nn::{linear_sites, Ctx};
+    use peft_lora::LoraModelExt;
+    use peft_models::llama::{Llama, LlamaSpec};
+
+    fn spec() -> LlamaSpec {
+        LlamaSpec {
+            vocab: 40,
+            hidden: 64,
+            intermediate: 128,
+            layers: 1,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_positions: 32,
+            tie_embeddings: true,
+            bos: None,
+            eos: vec![],
+        }
+    }
+
+    /// A small-rank LQ-LoRA config at `budget` (the registry's r=64 is the paper's; r=4 keeps the test fast).
+    fn config(budget: f64) -> LqLoraConfig {
+        let mut c = LqLoraConfig::new(budget);
+        c.lora.r = 4;
+        c.iters = 5;
+        c
+    }
+
+    fn calib(m: &Llama, i: usize) -> Result<Option<peft_core::Tensor>> {
+        if i >= 3 {
+            return Ok(None);
+        }
+        let ids: Vec<usize> = (0..12).map(|k| (k * 7 + i * 5) % 40).collect();
+        m.lm_loss(&ids, [2, 6], &peft_core::train::calibration_ctx(None)).map(Some)
+    }
+
+    /// The dense weights of every linear site before adaptation, by path.
+    fn dense(m: &Llama) -> Vec<(String, Array2<f32>)> {
+        linear_sites(m)
+            .iter()
+            .filter(|s| !s.is_output())
+            .map(|s| (s.path().to_string(), s.base().dense_weight().unwrap().into_dimensionality().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_base_becomes_bit_packed_storage_within_the_budget_and_init_keeps_w() {
+        for budget in BUDGETS {
+            let m = Llama::random(&spec(), 3, 0.05).unwrap();
+            let before = dense(&m);
+            let params: usize = before.iter().map(|(_, w)| w.len()).sum();
+            let pm = PeftModel::new(m, config(budget), "default", 1).unwrap();
+            let layers = pm.lora_layers("default").unwrap();
+            assert_eq!(layers.len(), 7, "every linear but the tied output layer");
+            let (mut bytes, mut bits) = (0usize, Vec::new());
+            for ((site, l), (path, w)) in layers.iter().zip(&before) {
+                assert_eq!(site.path(), path);
+                let base = site.base();
+                let q = base.as_any().downcast_ref::<QuantLinear>().expect("the base is a QuantLinear");
+                let QuantWeight::Nf(packed) = q.weight().as_ref().clone() else { panic!("NF-b storage") };
+                // The base holds the packed codes, not a dense f32 copy of dequant(Q).
+                assert_eq!(base.weight_bytes(), packed.storage_bytes());
+                assert!(base.weight_bytes() < w.len() * 4 / 3, "{} bytes for {} params", base.weight_bytes(), w.len());
+                bytes += packed.storage_bytes();
+                bits.push(packed.config().bits);
+                // Q + s·B·A reproduces W up to the decomposition's error (init keeps the function close).
+                let a = l.lora_a().value().to_owned().into_dimensionality::<ndarray::Ix2>().unwrap();
+                let b = l.lora_b().value().to_owned().into_dimensionality::<ndarray::Ix2>().unwrap();
+                let qd: Array2<f32> = base.dense_weight().unwrap().into_dimensionality().unwrap();
+                let approx = &qd + &(b.dot(&a) * l.scaling() as f32);
+                let rel = frob(&(&approx - w)) / frob(w);
+                // No worse than quantizing W alone with the same quantizer (the low-rank part takes the largest
+                // directions out of what is quantized).
+                let plain = packed.config().quant_dequant(w.as_slice().unwrap()).unwrap();
+                let plain = Array2::from_shape_vec(w.dim(), plain).unwrap();
+                let rel_plain = frob(&(&plain - w)) / frob(w);
+                assert!(rel <= rel_plain, "{path}: relative error {rel} > plain {rel_plain} at {budget} bits");
+            }
+            // Measured bits per parameter: at most the budget (whole bytes per stream add < 16 bits per matrix).
+            let measured = 8.0 * bytes as f64 / params as f64;
+            assert!(measured <= budget + 7.0 * 16.0 / params as f64, "{measured} > {budget}");
+            assert!(measured > 2.12, "{measured}");
+            let nominal: f64 = layers
+                .iter()
+                .zip(&before)
+                .zip(&bits)
+                .map(|((_, (_, w)), &b)| NfQuant::new(b).storage_bits(w.len()) as f64)
+                .sum::<f64>();
+            assert!(nominal <= (budget * params as f64).floor(), "allocated {nominal} bits over budget");
+            // 2.5 bits cannot afford NF3 everywhere; 3.25 affords some NF3 or better.
+            if budget == 2.5 {
+                assert!(bits.iter().filter(|&&b| b >= 3).count() < 7, "{bits:?}");
+            }
+            if budget == 3.25 {
+                assert!(bits.iter().any(|&b| b >= 3), "{bits:?}");
+            }
+            // The model runs and trains LoRA only.
+            let y = pm.model().forward(&[1, 2, 3, 4], [1, 4], None, &Ctx::eval()).unwrap();
+            assert!(y.as_slice().iter().all(|v| v.is_finite()));
+            assert_eq!(pm.trainable_params().len(), 14);
+        }
+    }
+
+    #[test]
+    fn report_counts_bits_and_higher_budgets_lower_the_error() {
+        let mut errs = Vec::new();
+        for budget in [2.2, 3.25, 4.2] {
+            let m = Llama::random(&spec(), 3, 0.05).unwrap();
+            let mut pm = PeftModel::wrap(m, 1);
+            let cfg = config(budget);
+            pm.add_adapter("default", cfg.lora.clone()).unwrap();
+            let before = dense(pm.model());
+            let r = init_with_config(&pm, "default", &cfg, None).unwrap();
+            assert!(r.allocated_bits <= r.budget_bits);
+            assert_eq!(r.params, before.iter().map(|(_, w)| w.len()).sum::<usize>());
+            assert!(8 * r.storage_bytes() >= r.allocated_bits);
+            assert!(8 * r.storage_bytes() < r.allocated_bits + 7 * 16);
+            assert!(r.bits_per_param() <= budget + 0.01, "{}", r.bits_per_param());
+            let err: f64 = pm
+                .lora_layers("default")
+                .unwrap()
+                .iter()
+                .zip(&before)
+                .map(|((s, l), (_, w))| {
+                    let a = l.lora_a().value().to_owned().into_dimensionality::<ndarray::Ix2>().unwrap();
+                    let b = l.lora_b().value().to_owned().into_dimensionality::<ndarray::Ix2>().unwrap();
+                    let qd: Array2<f32> = s.base().dense_weight().unwrap().into_dimensionality().unwrap();
+                    frob(&(&qd + &(b.dot(&a) * l.scaling() as f32) - w)).powi(2)
+                })
+                .sum();
+            errs.push(err);
+        }
+        assert!(errs[0] > errs[1] && errs[1] > errs[2], "{errs:?}");
+    }
+
+    #[test]
+    fn fisher_variant_reads_calibration_and_refuses_without_it() {
+        let cfg = config(2.75).with_fisher(2);
+        assert!(TunerConfig::needs_calibration(&cfg));
+        let m = Llama::random(&spec(), 3, 0.05).unwrap();
+        let r = PeftModel::new(m, cfg.clone(), "default", 1);
+        assert!(matches!(r, Err(AdapterError::Unsupported { .. })), "{:?}", r.err().map(|e| e.to_string()));
+        let m = Llama::random(&spec(), 3, 0.05).unwrap();
+        let mut pm = PeftModel::wrap(m, 1);
+        let mut calls = 0;
+        pm.add_adapter_calibrated("default", Box::new(cfg), &mut |m: &Llama, i| {
+            calls += 1;
+            calib(m, i)
+        })
+        .unwrap();
+        pm.set_adapter("default").unwrap();
+        assert_eq!(calls, 2, "fisher_batches bounds the batches read");
+        let layers = pm.lora_layers("default").unwrap();
+        assert!(layers.iter().all(|(s, _)| matches!(
+            s.base().as_any().downcast_ref::<QuantLinear>().map(|q| q.weight().format()),
+            Some(crate::QuantFormat::Nf(_))
+        )));
+        // Base weights are frozen again after the Fisher pass.
+        assert_eq!(pm.trainable_params().len(), 14);
+        // Fisher from calibration: mean of squared gradients, positive somewhere, one matrix per site.
+        let m = Llama::random(&spec(), 3, 0.05).unwrap();
+        let sites: Vec<Linear> = linear_sites(&m).into_iter().filter(|s| !s.is_output()).collect();
+        let f = fisher_from_calibration(&sites, &mut |i| calib(&m, i), 10).unwrap();
+        assert_eq!(f.len(), 7);
+        assert!(f.iter().all(|f| f.iter().all(|&v| v >= 0.0) && f.iter().any(|&v| v > 0.0)));
+        assert!(sites.iter().all(|s| s.base().params().iter().all(|p| !p.trainable())));
+    }
+
+    #[test]
+    fn bad_configs_are_typed_errors_and_registry_entries_are_the_budgets() {
+        let m = Llama::random(&spec(), 3, 0.05).unwrap();
+        let r = PeftModel::new(m, config(2.0), "default", 1);
+        assert!(matches!(r, Err(AdapterError::InvalidConfig { ref field, .. }) if field == "budget"));
+        let mut c = config(3.0);
+        c.candidates = vec![NfQuant { bits: 9, ..NfQuant::new(4) }];
+        assert!(matches!(c.validate(), Err(AdapterError::InvalidConfig { ref field, .. }) if field == "candidates"));
+        let mut c = config(3.0);
+        c.iters = 0;
+        assert!(matches!(c.validate(), Err(AdapterError::InvalidConfig { ref field, .. }) if field == "iters"));
+        assert!(matches!(config(3.0).for_loading(), Err(AdapterError::Unsupported { .. })));
+        let all = methods();
+        let names: Vec<&str> = all.iter().map(|m| m.name.0).collect();
+        assert_eq!(names, ["lq-lora-2.5", "lq-lora-2.75", "lq-lora-3.25", "lq-lora-fisher-2.75"]);
+        for (m, budget) in all.iter().zip([2.5, 2.75, 3.25, 2.75]) {
+            let c = m.config.as_any().downcast_ref::<LqLoraConfig>().unwrap();
+            assert_eq!(c.budget, budget);
+            assert_eq!((c.lora.r, c.lora.alpha(), c.lora.lora_dropout), (64, 16.0, 0.0));
+            assert_eq!(c.candidates, default_candidates());
+        }
+        assert_eq!(all[3].config.as_any().downcast_ref::<LqLoraConfig>().unwrap().fisher_batches, Some(8));
+        assert!(all[3].config.needs_calibration());
+    }
+}

@@ -19,7 +19,12 @@
 //! Memory: [`QuantMemory`] counts the bytes of the quantized base as stored (packed codes, absmax, nested absmax +
 //! offset, and the code tables serialized with each tensor).
 //!
-//! The registry entry (`"qlora"`, [`methods`]) is LoRA r=8 alpha=16 on `query,value` over an NF4-DQ base.
+//! Registry entries ([`methods`]): `"qlora"`, LoRA r=8 alpha=16 on `query,value` over an NF4-DQ base (small, for
+//! the bench), and `"qlora-paper"`, the paper's recipe ([`QloraConfig::paper`]: r=64, alpha=16, dropout 0.1 on
+//! all linear layers).
+//!
+//! Loading the base without a dense detour (from a bnb 4-bit checkpoint, or quantizing layer by layer):
+//! [`crate::load`]; [`QloraConfig`] keeps bases that are already quantized in its format.
 
 use std::sync::Arc;
 
@@ -63,6 +68,13 @@ impl QuantMemory {
                 };
                 QuantMemory { params: q.numel(), codes: q.packed().len(), absmax, nested_absmax: nested, maps }
             }
+            QuantWeight::Nf(q) => QuantMemory {
+                params: q.numel(),
+                codes: q.code_bytes(),
+                absmax: q.scale_code_bytes(),
+                nested_absmax: q.storage_bytes() - q.code_bytes() - q.scale_code_bytes(),
+                maps: 0,
+            },
             QuantWeight::Int8(q) => QuantMemory {
                 params: q.rows() * q.cols(),
                 codes: q.rows() * q.cols(),
@@ -170,25 +182,27 @@ fn round_to(w: &mut ArrayD<f32>, dtype: FloatDtype) {
     }
 }
 
-/// Quantizes the sites of `model` selected by `spec` (each once) and returns them with their new bases.
+/// Quantizes the sites of `model` selected by `spec` (each once) and returns them. A site whose base is already a
+/// [`QuantLinear`] in `format` (loaded from a 4-bit checkpoint or quantized while loading, [`crate::load`]) keeps
+/// it as it is: re-quantizing a dequantized weight is lossy (with double quantisation it need not reproduce the
+/// codes), and there is no dense weight to start from.
 ///
 /// # Errors
 /// [`Error::NoTargetMatched`]; quantizer errors; a site with a merged adapter.
-pub fn quantize_sites(
-    model: &dyn Module,
-    spec: &TargetSpec,
-    format: &QuantFormat,
-) -> Result<Vec<(Linear, Arc<QuantLinear>)>> {
+pub fn quantize_sites(model: &dyn Module, spec: &TargetSpec, format: &QuantFormat) -> Result<Vec<Linear>> {
     let sites = linear_sites(model);
     let selected = spec.select(sites.iter().map(|s| (s.path(), s.is_output())))?;
-    let mut out = Vec::with_capacity(selected.len());
+    let mut out: Vec<Linear> = Vec::with_capacity(selected.len());
     for site in sites.into_iter().filter(|s| selected.iter().any(|p| p == s.path())) {
-        if out.iter().any(|(l, _): &(Linear, _)| l.path() == site.path()) {
+        if out.iter().any(|l| l.path() == site.path()) {
             continue;
         }
-        let q = Arc::new(QuantLinear::from_base(site.base().as_ref(), format)?);
-        site.replace_base(q.clone())?;
-        out.push((site, q));
+        let base = site.base();
+        let same = base.as_any().downcast_ref::<QuantLinear>().is_some_and(|q| q.weight().format() == *format);
+        if !same {
+            site.replace_base(Arc::new(QuantLinear::from_base(base.as_ref(), format)?))?;
+        }
+        out.push(site);
     }
     Ok(out)
 }
@@ -244,6 +258,7 @@ impl TunerConfig for QloraConfig {
                 format!("{}{} b{}", c.quant_type.name(), if c.double_quant { "-DQ" } else { "" }, c.blocksize)
             }
             QuantFormat::Int8 => "int8".into(),
+            QuantFormat::Nf(c) => format!("NF{} b0={} B0={} B1={}", c.bits, c.scale_bits, c.block, c.group),
         };
         format!("QLoRA: LoRA r={} alpha={} on {t} over {q} linears", self.lora.r, self.lora.alpha())
     }
@@ -442,24 +457,48 @@ impl<M: Module> QloraExt<M> for PeftModel<M> {
     }
 }
 
-/// `"qlora"`.
+/// `"qlora"`: the small entry, LoRA r=8 alpha=16 on the given targets (`query,value`) over an NF4-DQ base.
 pub const QLORA: MethodName = MethodName("qlora");
 
-/// The QLoRA registry entries with LoRA on `query,value` (BERT site names).
+/// `"qlora-paper"`: the QLoRA paper's recipe ([`QloraConfig::paper`]).
+pub const QLORA_PAPER: MethodName = MethodName("qlora-paper");
+
+/// The paper's learning rate for 7B/13B models (1e-4 for 33B/65B).
+pub const QLORA_PAPER_LR: f64 = 2e-4;
+
+impl QloraConfig {
+    /// The QLoRA paper's recipe (Dettmers et al. 2023 §4 and its 7B scripts): LoRA r=64, alpha=16 (s = 0.25),
+    /// dropout 0.1 on **all** linear layers but the output layer (`target_modules = "all-linear"`), over an NF4 +
+    /// double quantisation (blocksize 64) base of the same layers. The paper's optimizer side (paged AdamW, lr
+    /// 2e-4, constant schedule after 3% warm-up, max grad norm 0.3) is the trainer's, not the config's.
+    pub fn paper() -> Self {
+        let mut lora = LoraConfig::new(64, 16.0, Vec::<String>::new());
+        lora.target_modules = Some(ModulePattern::Regex("all-linear".into()));
+        lora.lora_dropout = 0.1;
+        QloraConfig { lora, quant: None, format: QuantFormat::default() }
+    }
+}
+
+/// The QLoRA registry entries with LoRA on `query,value` (BERT site names) for the small entry.
 ///
-/// Learning rate: LoRA's registry default for the bench's short runs (2.5e-3; the paper uses 1e-4..2e-4 for long
-/// LLM runs).
+/// Learning rates: `"qlora"` uses LoRA's registry default for the bench's short runs (2.5e-3); `"qlora-paper"`
+/// the paper's [`QLORA_PAPER_LR`].
 pub fn methods() -> Vec<MethodSpec> {
     methods_for(&["query", "value"])
 }
 
-/// peft-quant's registry entries with LoRA on the given target names: `"qlora"` and `"lora-1bit"`
-/// ([`crate::lowbit_lora::method`]).
+/// peft-quant's registry entries: `"qlora"` with LoRA on the given target names, `"qlora-paper"` (all linear
+/// layers, whatever `targets` says), `"lora-1bit"` ([`crate::lowbit_lora::method`]) on `targets`, and the
+/// LQ-LoRA budgets ([`crate::lq_lora::methods`], all linear layers).
 pub fn methods_for(targets: &[&str]) -> Vec<MethodSpec> {
     vec![
         MethodSpec::new(QLORA, QloraConfig::new(targets.iter().map(|s| s.to_string())), 2.5e-3),
+        MethodSpec::new(QLORA_PAPER, QloraConfig::paper(), QLORA_PAPER_LR),
         crate::lowbit_lora::method(targets),
     ]
+    .into_iter()
+    .chain(crate::lq_lora::methods())
+    .collect()
 }
 
 /// An error for a QLoRA operation on a model without quantized sites.

@@ -210,7 +210,7 @@ fn save_and_load_round_trip_in_peft_layout() {
 #[test]
 fn registry_entry_quantizes_the_encoder_and_trains_lora_and_head() {
     let all = methods();
-    assert_eq!(all.len(), 2);
+    assert_eq!(all.len(), 7, "qlora, qlora-paper, lora-1bit and four LQ-LoRA entries");
     assert!(peft_core::adapter::duplicate_name(&all).is_none());
     let m = &all[0];
     assert_eq!(m.name, QLORA);
@@ -326,4 +326,33 @@ fn the_run_seed_reaches_the_qlora_init() {
     };
     assert_eq!(a(3), a(3));
     assert_ne!(a(3), a(4));
+}
+
+#[test]
+fn qlora_paper_entry_is_the_papers_recipe() {
+    let all = methods_for(&["query", "value"]);
+    let m = all.iter().find(|m| m.name == QLORA_PAPER).expect("qlora-paper is registered");
+    assert_eq!(m.name.0, "qlora-paper");
+    assert!((m.lr - 2e-4).abs() < 1e-15);
+    let cfg = m.config.as_any().downcast_ref::<QloraConfig>().expect("a QloraConfig");
+    assert_eq!(cfg.lora.r, 64);
+    assert!((cfg.lora.alpha() - 16.0).abs() < 1e-12);
+    assert!((cfg.lora.lora_dropout - 0.1).abs() < 1e-12);
+    assert_eq!(cfg.lora.target_modules, Some(ModulePattern::Regex("all-linear".into())));
+    assert_eq!(cfg.format, QuantFormat::Block4(crate::Quant4Config::default()));
+    assert!(
+        matches!(cfg.format, QuantFormat::Block4(c) if c.quant_type == crate::QuantType::Nf4 && c.double_quant && c.blocksize == 64)
+    );
+    assert!(cfg.quant.is_none(), "the base: every linear but the output layer");
+    // On the toy: LoRA on all six encoder linears (not the classifier output layer), every one of them NF4-DQ.
+    let mut toy = PeftModel::wrap(Toy::new(D, 2), 0);
+    toy.add_adapter_boxed("default", m.config()).unwrap();
+    toy.set_adapter("default").unwrap();
+    let n: usize = toy.trainable_params().iter().map(Param::numel).sum();
+    assert_eq!(n, 6 * 64 * 2 * D);
+    assert_eq!(toy.quantized_sites().len(), 6);
+    assert_eq!(toy.classifier.base().weight_bytes(), 3 * D * 4);
+    // The small entry is still r=8 on query,value.
+    let small = all.iter().find(|m| m.name == QLORA).unwrap();
+    assert!(small.describe().contains("r=8") && small.describe().contains("query,value"), "{}", small.describe());
 }

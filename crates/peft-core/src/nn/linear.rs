@@ -186,10 +186,23 @@ impl Linear {
     }
 
     /// Loads `<path>.weight [out, in]` and (if `bias`) `<path>.bias [out]` from `src`; parameters start frozen.
+    /// A base that `src` builds itself ([`WeightSource::linear_base`], e.g. a quantized one) is used as is.
     ///
     /// # Errors
-    /// Missing or mis-shaped tensors in `src`.
+    /// Missing or mis-shaped tensors in `src`; [`Error::WeightShape`] when a base built by `src` has other
+    /// dimensions.
     pub fn load(path: &str, in_f: usize, out_f: usize, bias: bool, src: &dyn WeightSource) -> Result<Self> {
+        if let Some(base) = src.linear_base(path, in_f, out_f, bias)? {
+            if (base.out_features(), base.in_features()) != (out_f, in_f) {
+                return Err(Error::WeightShape {
+                    origin: "WeightSource::linear_base".into(),
+                    name: format!("{path}.weight"),
+                    expected: vec![out_f, in_f],
+                    found: vec![base.out_features(), base.in_features()],
+                });
+            }
+            return Ok(Self::with_base(path, base));
+        }
         let w = Param::new(format!("{path}.weight"), src.get(&format!("{path}.weight"), &[out_f, in_f])?, false);
         let b = if bias {
             Some(Param::new(format!("{path}.bias"), src.get_or(&format!("{path}.bias"), &[out_f], 0.0)?, false))
@@ -802,5 +815,47 @@ mod tests {
                 assert!((g0[[o, k]] - w).abs() < 1e-5);
             }
         }
+    }
+
+    /// A source that builds its own base for `"own"` (a dense base of the given dims, or a wrong-sized one) and
+    /// leaves every other path to the dense default.
+    struct OwnBase {
+        wrong: bool,
+        inner: RandomInit,
+    }
+
+    impl WeightSource for OwnBase {
+        fn get(&self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+            self.inner.get(name, shape)
+        }
+        fn contains(&self, _name: &str) -> bool {
+            true
+        }
+        fn linear_base(
+            &self,
+            path: &str,
+            in_f: usize,
+            out_f: usize,
+            _bias: bool,
+        ) -> Result<Option<Arc<dyn LinearBase>>> {
+            if path != "own" {
+                return Ok(None);
+            }
+            let out_f = if self.wrong { out_f + 1 } else { out_f };
+            let weight = Param::new("own.weight", ArrayD::from_elem(IxDyn(&[out_f, in_f]), 0.5), false);
+            Ok(Some(Arc::new(Dense { weight, bias: None })))
+        }
+    }
+
+    #[test]
+    fn load_uses_a_base_the_source_builds_and_checks_its_dims() {
+        let src = OwnBase { wrong: false, inner: RandomInit::new(1, 0.5) };
+        let own = Linear::load("own", 3, 2, true, &src).unwrap();
+        assert_eq!(own.base().dense_weight().unwrap(), ArrayD::from_elem(IxDyn(&[2, 3]), 0.5));
+        assert!(own.base().bias().is_none(), "the source's base is used as built");
+        let other = Linear::load("other", 3, 2, true, &src).unwrap();
+        assert!(other.base().bias().is_some());
+        let bad = OwnBase { wrong: true, inner: RandomInit::new(1, 0.5) };
+        assert!(matches!(Linear::load("own", 3, 2, false, &bad), Err(Error::WeightShape { .. })));
     }
 }

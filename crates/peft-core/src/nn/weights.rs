@@ -1,7 +1,7 @@
 //! Where layer constructors get their initial values: a checkpoint, a map, or seeded random init.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ndarray::{ArrayD, IxDyn};
 use rand::rngs::StdRng;
@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
+use crate::nn::LinearBase;
 
 /// A source of named initial values for parameters. Constructors ask for `(name, shape)`; a checkpoint-backed
 /// source returns the stored tensor (an error when it is missing or has another shape), a random source makes one.
@@ -30,6 +31,18 @@ pub trait WeightSource {
 
     /// True when the source holds `name` (optional tensors such as biases).
     fn contains(&self, name: &str) -> bool;
+
+    /// A ready-made base for the linear site at module path `path` (`[out_f, in_f]` weight, plus an `[out_f]`
+    /// bias when `bias`), or `Ok(None)` (the default) to let [`crate::nn::Linear::load`] build a dense one from
+    /// `<path>.weight` / `<path>.bias`. Sources that hold linears in another form (a quantized checkpoint) or
+    /// convert them while loading (quantizing layer by layer, never holding the dense model) answer here.
+    ///
+    /// # Errors
+    /// Implementation-specific (missing or mis-shaped tensors, a corrupt quantized state).
+    fn linear_base(&self, path: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Option<Arc<dyn LinearBase>>> {
+        let _ = (path, in_f, out_f, bias);
+        Ok(None)
+    }
 }
 
 /// Tensors held in a map (tests, converted checkpoints).
