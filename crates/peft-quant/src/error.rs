@@ -66,6 +66,48 @@ pub enum QuantError {
         /// The format.
         format: String,
     },
+    /// A bit width the low-bit quantizer does not support.
+    #[error("{op}: {bits} bits: supported are 1, 2, 3 and 4")]
+    Bits {
+        /// The function that refused it.
+        op: &'static str,
+        /// The width given.
+        bits: u8,
+    },
+    /// A serialized low-bit weight whose bytes end early or disagree with its header.
+    #[error("{what}: {problem}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// What is wrong ("empty", "truncated header", ...).
+        problem: &'static str,
+    },
+    /// A model with no quantized linear site where one is needed.
+    #[error("{op}: the model has no quantized linear site")]
+    NoQuantizedSite {
+        /// The operation.
+        op: &'static str,
+    },
+    /// A site LQ-LoRA cannot initialise (a DoRA adapter, or merged adapters on it).
+    #[error("{op}: `{site}`: DoRA adapters and merged sites are not supported")]
+    SiteNotSupported {
+        /// The operation.
+        op: &'static str,
+        /// The site's path.
+        site: String,
+    },
+    /// An array that does not have the shape an adapter needs.
+    #[error("{what}: {source}")]
+    Layout {
+        /// The tensor concerned.
+        what: &'static str,
+        /// ndarray's error.
+        #[source]
+        source: ndarray::ShapeError,
+    },
+    /// An adapter-layer error.
+    #[error(transparent)]
+    Adapter(#[from] peft_core::adapter::AdapterError),
     /// A file-system error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -83,12 +125,29 @@ pub enum QuantError {
 /// Result alias for peft-quant.
 pub type Result<T, E = QuantError> = std::result::Result<T, E>;
 
+impl QuantError {
+    /// The `QuantError` inside a peft-core error (raised through a peft-core trait), if there is one.
+    pub fn of(e: &peft_core::Error) -> Option<&QuantError> {
+        e.method_error::<QuantError>()
+    }
+}
+
+impl From<QuantError> for peft_core::adapter::AdapterError {
+    fn from(e: QuantError) -> Self {
+        match e {
+            QuantError::Adapter(a) => a,
+            e => peft_core::adapter::AdapterError::Core(e.into()),
+        }
+    }
+}
+
 impl From<QuantError> for peft_core::Error {
     fn from(e: QuantError) -> Self {
         match e {
             QuantError::Core(e) => e,
             QuantError::NonFinite(what) => peft_core::Error::NonFinite { what },
-            other => peft_core::Error::Invalid { op: "quant", msg: other.to_string() },
+            QuantError::Adapter(peft_core::adapter::AdapterError::Core(e)) => e,
+            other => peft_core::Error::method("peft-quant", other),
         }
     }
 }

@@ -191,7 +191,7 @@ impl QuantLinear {
     /// Quantizes a row-major `[out, in]` weight.
     ///
     /// # Errors
-    /// Quantizer errors (as [`Error::Invalid`] / [`Error::NonFinite`]); shape errors as [`QuantLinear::new`].
+    /// Quantizer errors (a [`crate::QuantError`] inside [`Error::Method`], or [`Error::NonFinite`]); shape errors as [`QuantLinear::new`].
     pub fn quantize(
         w: &[f32],
         out_f: usize,
@@ -218,7 +218,7 @@ impl QuantLinear {
     /// parameter named `<prefix>.bias`, converted to f32).
     ///
     /// # Errors
-    /// The checkpoint's errors (missing or corrupt quant state, sizes, dtypes) as [`Error::Invalid`]; shape errors
+    /// The checkpoint's errors (missing or corrupt quant state, sizes, dtypes) as a [`crate::QuantError`] inside [`Error::Method`]; shape errors
     /// as [`QuantLinear::new`].
     pub fn load(ckpt: &Checkpoint, prefix: &str) -> peft_core::Result<Self> {
         let key = |leaf: &str| if prefix.is_empty() { leaf.to_string() } else { format!("{prefix}.{leaf}") };
@@ -423,7 +423,7 @@ impl LinearBase for QuantLinear {
 /// dequantised weight (lossy).
 ///
 /// # Errors
-/// [`Error::NoTargetMatched`] when nothing is selected; quantizer errors; [`Error::Invalid`] for a site with
+/// [`Error::NoTargetMatched`] when nothing is selected; quantizer errors; [`Error::AdapterState`] for a site with
 /// merged adapters.
 pub fn quantize_linear_sites(
     model: &dyn Module,
@@ -606,7 +606,8 @@ mod tests {
             None,
             &QuantFormat::Block4(Quant4Config { blocksize: 48, ..Default::default() }),
         );
-        assert!(matches!(r, Err(Error::Invalid { .. })));
+        let e = r.err().unwrap();
+        assert!(matches!(crate::QuantError::of(&e), Some(crate::QuantError::Blocksize(48))), "{e}");
     }
 
     struct Toy {

@@ -304,7 +304,7 @@ impl LowBitLoraLinear {
     fn load_stored(&self, a: LowBitWeight, b: LowBitWeight) -> peft_core::Result<()> {
         for (p, w) in [(self.lora.lora_a(), &a), (self.lora.lora_b(), &b)] {
             let arr = ArrayD::from_shape_vec(ndarray::IxDyn(w.shape()), w.unpack())
-                .map_err(|e| peft_core::Error::Invalid { op: "lowbit load", msg: e.to_string() })?;
+                .map_err(|source| crate::QuantError::Layout { what: "low-bit LoRA weight", source })?;
             p.set(arr)?;
         }
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some([a, b]);
@@ -328,7 +328,7 @@ impl LowBitLoraLinear {
         }
         let flat: Vec<f32> = v.iter().copied().collect();
         ArrayD::from_shape_vec(v.raw_dim(), fake_quant(&flat, self.bits)?)
-            .map_err(|e| peft_core::Error::Invalid { op: "lowbit", msg: e.to_string() })
+            .map_err(|source| crate::QuantError::Layout { what: "low-bit LoRA weight", source }.into())
     }
 }
 
@@ -351,7 +351,7 @@ impl LinearAdapter for LowBitLoraLinear {
         vec![self.lora.lora_a().clone(), self.lora.lora_b().clone()]
     }
     fn delta_weight(&self, _: &dyn LinearBase) -> peft_core::Result<Option<ArrayD<f32>>> {
-        let bad = |e: ndarray::ShapeError| peft_core::Error::Invalid { op: "lowbit merge", msg: e.to_string() };
+        let bad = |source| crate::QuantError::Layout { what: "low-bit LoRA factor (merge)", source };
         let a = self.weight_value(self.lora.lora_a())?.into_dimensionality::<Ix2>().map_err(bad)?;
         let b = self.weight_value(self.lora.lora_b())?.into_dimensionality::<Ix2>().map_err(bad)?;
         let s = self.lora.scaling() as f32;
@@ -420,8 +420,10 @@ impl Tuner for LowBitTuner {
                 let w = LowBitWeight::from_parts(self.bits, &param.shape(), codes.data().to_vec(), stats[0], stats[1])?;
                 parts.push(w);
             }
-            let b = parts.pop().ok_or_else(|| peft_core::Error::Invalid { op: "lowbit", msg: "B".into() })?;
-            let a = parts.pop().ok_or_else(|| peft_core::Error::Invalid { op: "lowbit", msg: "A".into() })?;
+            let missing =
+                |got| peft_core::Error::Count { op: "lowbit load", what: "packed factors (A, B)", expected: 2, got };
+            let b = parts.pop().ok_or_else(|| missing(0))?;
+            let a = parts.pop().ok_or_else(|| missing(1))?;
             l.load_stored(a, b)?;
         }
         Ok(())

@@ -131,7 +131,7 @@ impl NfQuant {
     /// Quantizes then dequantizes `x` (row-major, blocks over the flattened values).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an unsupported config; [`Error::NonFinite`].
+    /// [`QuantError::BadConfig`] for an unsupported config; [`Error::NonFinite`].
     pub fn quant_dequant(&self, x: &[f32]) -> Result<Vec<f32>> {
         self.check()?;
         if x.iter().any(|v| !v.is_finite()) {
@@ -171,10 +171,10 @@ impl NfQuant {
 /// The diagonal Fisher estimate `F = mean_k g_k²` from gradient samples of one weight.
 ///
 /// # Errors
-/// [`Error::Invalid`] for no samples; [`Error::Shape`] for mismatched shapes.
+/// [`Error::Empty`] for no samples; [`Error::Shape`] for mismatched shapes.
 pub fn fisher_diagonal(grads: &[Array2<f32>]) -> Result<Array2<f32>> {
     let Some(first) = grads.first() else {
-        return Err(Error::Invalid { op: "fisher_diagonal", msg: "no gradient samples".into() });
+        return Err(Error::Empty { op: "fisher_diagonal", what: "the gradient sample list" });
     };
     let mut f = Array2::<f32>::zeros(first.dim());
     for g in grads {
@@ -258,7 +258,7 @@ fn low_rank(m: &Array2<f32>, r: usize, w: Option<&(Vec<f32>, Vec<f32>)>) -> Resu
 /// Alternating low-rank + quantized decomposition of `w` (see the module docs), at most `iters` iterations.
 ///
 /// # Errors
-/// [`Error::Shape`] for a Fisher matrix of another shape; [`Error::Invalid`] for `iters == 0` or a bad
+/// [`Error::Shape`] for a Fisher matrix of another shape; [`Error::Arg`] for `iters == 0`; [`QuantError::BadConfig`] for a bad
 /// quantizer; SVD errors.
 pub fn decompose(
     w: &Array2<f32>,
@@ -268,7 +268,7 @@ pub fn decompose(
     fisher: Option<&Array2<f32>>,
 ) -> Result<Decomposition> {
     if iters == 0 {
-        return Err(Error::Invalid { op: "lq_lora::decompose", msg: "iters must be at least 1".into() });
+        return Err(Error::arg("lq_lora::decompose", "iters", iters, "must be at least 1"));
     }
     if let Some(f) = fisher {
         if f.dim() != w.dim() {
@@ -415,7 +415,7 @@ pub fn budget_bits(weights: &[Array2<f32>], budget_bits_per_param: f64) -> usize
 /// by tile in forward like QLoRA's NF4 base. Returns the decompositions by site path.
 ///
 /// # Errors
-/// [`Error::UnknownName`]; [`Error::Invalid`] for a DoRA adapter or a merged site; decomposition errors.
+/// [`Error::UnknownName`]; [`QuantError::SiteNotSupported`] for a DoRA adapter or a merged site; decomposition errors.
 pub fn init_adapter<M: peft_core::nn::Module>(
     model: &peft_core::adapter::PeftModel<M>,
     name: &str,
@@ -424,8 +424,7 @@ pub fn init_adapter<M: peft_core::nn::Module>(
     fisher: &dyn Fn(&str) -> Option<Array2<f32>>,
 ) -> Result<Vec<(String, Decomposition)>> {
     use peft_lora::LoraModelExt;
-    let layers =
-        model.lora_layers(name).map_err(|e| Error::Invalid { op: "lq_lora::init_adapter", msg: e.to_string() })?;
+    let layers = model.lora_layers(name).map_err(QuantError::from)?;
     check_layers(&layers)?;
     let mut out = Vec::with_capacity(layers.len());
     for (site, l) in &layers {
@@ -443,10 +442,9 @@ type LoraLayers = [(Linear, Arc<LoraLinear>)];
 fn check_layers(layers: &LoraLayers) -> Result<()> {
     for (site, l) in layers {
         if l.magnitude().is_some() || site.adapters().iter().any(|a| site.is_merged(a.name()).unwrap_or(true)) {
-            return Err(Error::Invalid {
-                op: "lq_lora::init_adapter",
-                msg: format!("`{}`: DoRA adapters and merged sites are not supported", site.path()),
-            });
+            return Err(
+                QuantError::SiteNotSupported { op: "lq_lora::init_adapter", site: site.path().to_string() }.into()
+            );
         }
     }
     Ok(())

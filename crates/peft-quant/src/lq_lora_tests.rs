@@ -112,7 +112,7 @@ fn fisher_weighting_changes_the_objective_as_stated() {
     let g1 = Array2::from_elem((2, 2), 1.0f32);
     let g2 = Array2::from_elem((2, 2), 3.0f32);
     assert_eq!(fisher_diagonal(&[g1, g2]).unwrap(), Array2::from_elem((2, 2), 5.0f32));
-    assert!(matches!(fisher_diagonal(&[]), Err(Error::Invalid { .. })));
+    assert!(matches!(fisher_diagonal(&[]), Err(Error::Empty { .. })));
     assert!(matches!(decompose(&w, 3, &q, 10, Some(&ones.slice(s![..2, ..]).to_owned())), Err(Error::Shape { .. })));
 }
 

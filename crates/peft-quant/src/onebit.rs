@@ -43,14 +43,14 @@ fn check_bits(op: &'static str, bits: u8) -> Result<()> {
     if (1..=4).contains(&bits) {
         Ok(())
     } else {
-        Err(Error::Invalid { op, msg: format!("{bits} bits: supported are 1, 2, 3 and 4") })
+        Err(crate::QuantError::Bits { op, bits }.into())
     }
 }
 
 /// The sorted `2^bits` levels (`bits` ∈ 1..=4).
 ///
 /// # Errors
-/// [`Error::Invalid`] for other bit widths.
+/// [`crate::QuantError::Bits`] for other bit widths.
 pub fn levels(bits: u8) -> Result<&'static [f32]> {
     check_bits("levels", bits)?;
     Ok(match bits {
@@ -64,7 +64,7 @@ pub fn levels(bits: u8) -> Result<&'static [f32]> {
 /// The `2^bits − 1` sorted decision thresholds (midpoints of consecutive levels).
 ///
 /// # Errors
-/// [`Error::Invalid`] for bit widths outside 1..=4.
+/// [`crate::QuantError::Bits`] for bit widths outside 1..=4.
 pub fn thresholds(bits: u8) -> Result<&'static [f32]> {
     check_bits("thresholds", bits)?;
     Ok(match bits {
@@ -183,7 +183,7 @@ fn quantize_codes(w: &[f32], bits: u8) -> Result<(Vec<u8>, f32, f32)> {
 /// The fake-quantized values `level[q]·σ + μ` of `w`.
 ///
 /// # Errors
-/// [`Error::Invalid`] for unsupported `bits`; [`Error::NonFinite`].
+/// [`crate::QuantError::Bits`] for unsupported `bits`; [`Error::NonFinite`].
 pub fn fake_quant(w: &[f32], bits: u8) -> Result<Vec<f32>> {
     let (codes, mu, sigma) = quantize_codes(w, bits)?;
     let lv = levels(bits)?;
@@ -194,7 +194,7 @@ pub fn fake_quant(w: &[f32], bits: u8) -> Result<Vec<f32>> {
 /// identity (`∂L/∂W := ∂L/∂Ŵ`). Any shape; the statistics are over all elements.
 ///
 /// # Errors
-/// [`Error::Invalid`] for unsupported `bits`; [`Error::NonFinite`].
+/// [`crate::QuantError::Bits`] for unsupported `bits`; [`Error::NonFinite`].
 pub fn fake_quant_ste(w: &Tensor, bits: u8) -> Result<Tensor> {
     let out = fake_quant(w.as_slice(), bits)?;
     let arr = ArrayD::from_shape_vec(IxDyn(w.shape()), out).expect("peft-rs bug: fake_quant keeps the size");
@@ -230,7 +230,7 @@ pub enum SteGradient {
 /// Computed in f64.
 ///
 /// # Errors
-/// [`Error::Invalid`] for unsupported `bits`, [`Error::Shape`] when `g` and `w` differ in length.
+/// [`crate::QuantError::Bits`] for unsupported `bits`, [`Error::Shape`] when `g` and `w` differ in length.
 pub fn ste_backward(w: &[f32], g: &[f32], bits: u8, mode: SteGradient) -> Result<Vec<f32>> {
     if g.len() != w.len() {
         return Err(Error::Shape { op: "ste_backward", lhs: vec![w.len()], rhs: vec![g.len()] });
@@ -263,7 +263,7 @@ pub fn ste_backward(w: &[f32], g: &[f32], bits: u8, mode: SteGradient) -> Result
 /// `Ŵ = Q_b((W − μ)/(σ + 1e-5))·σ + μ` (exactly [`fake_quant`]), backward [`ste_backward`].
 ///
 /// # Errors
-/// [`Error::Invalid`] for unsupported `bits`; [`Error::NonFinite`].
+/// [`crate::QuantError::Bits`] for unsupported `bits`; [`Error::NonFinite`].
 pub fn fake_quant_ste_with(w: &Tensor, bits: u8, mode: SteGradient) -> Result<Tensor> {
     if mode == SteGradient::Identity {
         return fake_quant_ste(w, bits);
@@ -296,7 +296,7 @@ impl LowBitWeight {
     /// Quantizes and packs `w` (row-major, `shape`).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for unsupported `bits`; [`Error::Shape`] when `w.len()` is not the product of `shape`;
+    /// [`crate::QuantError::Bits`] for unsupported `bits`; [`Error::Shape`] when `w.len()` is not the product of `shape`;
     /// [`Error::NonFinite`].
     pub fn quantize(w: &[f32], shape: &[usize], bits: u8) -> Result<Self> {
         if shape.iter().product::<usize>() != w.len() {
@@ -319,16 +319,18 @@ impl LowBitWeight {
     /// Rebuilds a weight from its stored parts (as read from a file).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for unsupported `bits`, a packed length other than `⌈n·bits/8⌉`, or non-finite `μ, σ`.
+    /// [`crate::QuantError::Bits`] for unsupported `bits`, [`crate::QuantError::Size`] for a packed length other than `⌈n·bits/8⌉`, or non-finite `μ, σ`.
     pub fn from_parts(bits: u8, shape: &[usize], packed: Vec<u8>, mu: f32, sigma: f32) -> Result<Self> {
         check_bits("LowBitWeight::from_parts", bits)?;
         let n: usize = shape.iter().product();
         let want = (n * usize::from(bits)).div_ceil(8);
         if packed.len() != want {
-            return Err(Error::Invalid {
-                op: "LowBitWeight::from_parts",
-                msg: format!("{} packed bytes for {n} codes at {bits} bits (expected {want})", packed.len()),
-            });
+            return Err(crate::QuantError::Size {
+                what: format!("LowBitWeight::from_parts: packed bytes for {n} codes at {bits} bits"),
+                expected: want,
+                got: packed.len(),
+            }
+            .into());
         }
         if !(mu.is_finite() && sigma.is_finite()) {
             return Err(Error::NonFinite { what: format!("low-bit weight statistics (mu {mu}, sigma {sigma})") });
@@ -392,9 +394,11 @@ impl LowBitWeight {
     /// Parses [`LowBitWeight::to_bytes`].
     ///
     /// # Errors
-    /// [`Error::Invalid`] for truncated or inconsistent bytes.
+    /// [`crate::QuantError::Corrupt`] for truncated or inconsistent bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let bad = |m: &str| Error::Invalid { op: "LowBitWeight::from_bytes", msg: m.to_string() };
+        let bad = |problem: &'static str| -> Error {
+            crate::QuantError::Corrupt { what: "LowBitWeight::from_bytes", problem }.into()
+        };
         let (&bits, rest) = bytes.split_first().ok_or_else(|| bad("empty"))?;
         check_bits("LowBitWeight::from_bytes", bits)?;
         let (&rank, mut rest) = rest.split_first().ok_or_else(|| bad("truncated header"))?;
@@ -591,11 +595,18 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        assert!(matches!(levels(0), Err(Error::Invalid { .. })));
-        assert!(matches!(fake_quant(&[1.0, 2.0], 5), Err(Error::Invalid { .. })));
+        let bits = |r: Result<_>| {
+            matches!(r.err().as_ref().and_then(crate::QuantError::of), Some(crate::QuantError::Bits { .. }))
+        };
+        assert!(bits(levels(0).map(|_| ())));
+        assert!(bits(fake_quant(&[1.0, 2.0], 5).map(|_| ())));
         assert!(matches!(fake_quant(&[1.0, f32::NAN], 1), Err(Error::NonFinite { .. })));
         assert!(matches!(LowBitWeight::quantize(&[1.0; 5], &[2, 2], 1), Err(Error::Shape { .. })));
-        assert!(matches!(LowBitWeight::from_bytes(&[1, 1, 4, 0, 0, 0]), Err(Error::Invalid { .. })));
-        assert!(matches!(LowBitWeight::from_bytes(&[]), Err(Error::Invalid { .. })));
+        let corrupt = |b: &[u8]| {
+            let e = LowBitWeight::from_bytes(b).err().unwrap();
+            matches!(crate::QuantError::of(&e), Some(crate::QuantError::Corrupt { .. }))
+        };
+        assert!(corrupt(&[1, 1, 4, 0, 0, 0]));
+        assert!(corrupt(&[]));
     }
 }

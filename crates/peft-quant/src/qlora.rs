@@ -503,7 +503,7 @@ pub fn methods_for(targets: &[&str]) -> Vec<MethodSpec> {
 
 /// An error for a QLoRA operation on a model without quantized sites.
 pub fn no_quantized_sites() -> AdapterError {
-    AdapterError::Core(Error::Invalid { op: "qlora", msg: "the model has no quantized linear site".into() })
+    crate::QuantError::NoQuantizedSite { op: "qlora" }.into()
 }
 
 #[cfg(test)]
