@@ -148,3 +148,7 @@ impl SparseAdamW {
         *st = next;
     }
 }
+
+#[cfg(test)]
+#[path = "adamw_tests.rs"]
+mod tests;

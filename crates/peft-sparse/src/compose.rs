@@ -133,3 +133,7 @@ pub fn compose(diffs: &[&SparseDiff]) -> SparseResult<Composition> {
     }
     Ok(Composition { diff: SparseDiff::new(&first.name, &first.shape, idx, vals)?, overlap })
 }
+
+#[cfg(test)]
+#[path = "compose_tests.rs"]
+mod tests;

@@ -277,3 +277,7 @@ impl PeftConfig for LtSftConfig {
         Ok((c, ignored))
     }
 }
+
+#[cfg(test)]
+#[path = "lt_sft_tests.rs"]
+mod tests;

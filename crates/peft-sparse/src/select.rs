@@ -143,3 +143,7 @@ pub fn top_heads(scores: &[f32], rows: usize, cols: usize, head_rows: usize, n_h
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "select_tests.rs"]
+mod tests;

@@ -351,3 +351,7 @@ impl PeftConfig for SpielConfig {
         Ok((c, ignored))
     }
 }
+
+#[cfg(test)]
+#[path = "spiel_tests.rs"]
+mod tests;

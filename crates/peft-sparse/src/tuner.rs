@@ -486,3 +486,7 @@ impl PeftConfig for SparseFtConfig {
         Ok((c, ignored))
     }
 }
+
+#[cfg(test)]
+#[path = "tuner_tests.rs"]
+mod tests;
