@@ -126,7 +126,7 @@ impl SparseDelta {
             return Err(SparseError::LengthMismatch {
                 tensor: self.param_name.clone(),
                 indices: indices.len(),
-                values: values.len().min(self.k()),
+                values: values.len(),
             });
         }
         let numel: usize = self.shape.iter().product();
