@@ -1,0 +1,357 @@
+//! SpIEL (Ansell et al. 2024, "Scaling Sparse Fine-Tuning to Large Language Models"): a sparse delta of `k`
+//! entries per target whose support changes during training by *drop and grow*, in O(k) memory throughout.
+//!
+//! - Start: a random k-subset per tensor, values 0 (identity).
+//! - Selection phases (spec §3.2): one starts at injection and after every step `s` with
+//!   `(s + 1) % reselection_steps == 0`; during a phase each delta's dense-gradient tap
+//!   ([`crate::indices::GradTap`]) records, at its first backward, the `k` positions of largest `|∂L/∂W|` as
+//!   candidates, then accumulates their gradient sum, squared sum and sample count (O(k)).
+//! - After `accumulation_steps` steps of a phase: drop the `⌊k·p⌋` active entries of smallest `|value|` and grow
+//!   the same number of candidates (not remaining active) of largest `|accumulated grad|`; an entry dropped and
+//!   regrown keeps its value and state. `p = 1` at the first selection (full reselection), then
+//!   `drop_fraction · (1 − step/total_steps)` (constant `drop_fraction` without `total_steps`). New entries start
+//!   at 0 with SftAdamW state seeded from their accumulated gradients (`age = samples`,
+//!   `exp_avg = mean_g·(1−β₁^age)`, `exp_avg_sq = mean_g²·(1−β₂^age)` with `mean_g²` the mean squared
+//!   gradient), so Adam's bias correction un-biases them.
+//! - The values are stepped by the adapter's own [`crate::adamw::SparseAdamW`] ([`crate::stepper`]).
+//!
+//! The SM3 variant and quantized bases are not implemented.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use peft_core::adapter::{AdapterResult, InjectCx, ModulePattern, PeftConfig, Tuner, TunerConfig};
+use peft_core::autograd::GradStore;
+use peft_core::nn::Module;
+
+use crate::adamw::{Seed, SparseAdamWConfig};
+use crate::delta::SparseDelta;
+use crate::indices::SparseIndices;
+use crate::select::top_k_indices;
+use crate::stepper::ValueStepper;
+use crate::tuner::{
+    common_config_impl, fixed_deltas, parse, select_params, to_json, unknown_keys, MaskInit, SparseTuner, StepHooks,
+};
+
+/// SpIEL's configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpielConfig {
+    /// Always `"SPIEL"`.
+    pub peft_type: String,
+    /// Parameter names (full match of a regex, or names / dotted suffixes).
+    pub target_parameters: ModulePattern,
+    /// Fraction of each target's entries tuned, in `(0, 1]`.
+    pub density: f64,
+    /// Learning rate of the values (SftAdamW).
+    pub lr: f64,
+    /// Decoupled weight decay of the values (toward 0, i.e. toward the pretrained weights).
+    pub weight_decay: f64,
+    /// SftAdamW's epsilon.
+    pub eps: f64,
+    /// Gradient-norm clip over the values (`None`: none).
+    pub max_grad_norm: Option<f64>,
+    /// Linear warmup steps of the values' rate.
+    pub warmup_steps: usize,
+    /// Planned steps: the values' rate and the drop fraction decay linearly to 0 there (`None`: constant).
+    pub total_steps: Option<usize>,
+    /// Steps between selection phases.
+    pub reselection_steps: usize,
+    /// Steps a selection phase accumulates candidate gradients.
+    pub accumulation_steps: usize,
+    /// Fraction of entries swapped at a selection (after the first).
+    pub drop_fraction: f64,
+    /// Modules trained and saved in full (the task head).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Loaded frozen.
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+impl SpielConfig {
+    /// SpIEL at `density` on the parameters whose names fully match the regex `target`, with the reference
+    /// schedule (reselect every 20 steps, accumulate 5, drop 20%) and lr 2e-3.
+    pub fn new(target: &str, density: f64) -> Self {
+        SpielConfig {
+            peft_type: Self::PEFT_TYPE.into(),
+            target_parameters: ModulePattern::Regex(target.into()),
+            density,
+            lr: 2e-3,
+            weight_decay: 0.0,
+            eps: 1e-6,
+            max_grad_norm: Some(1.0),
+            warmup_steps: 0,
+            total_steps: None,
+            reselection_steps: 20,
+            accumulation_steps: 5,
+            drop_fraction: 0.2,
+            modules_to_save: None,
+            inference_mode: false,
+        }
+    }
+
+    fn check(&self) -> AdapterResult<()> {
+        let bad =
+            |field: &str, reason: String| Err(peft_core::adapter::AdapterError::config(Self::PEFT_TYPE, field, reason));
+        if self.reselection_steps == 0
+            || self.accumulation_steps == 0
+            || self.accumulation_steps >= self.reselection_steps
+        {
+            return bad(
+                "accumulation_steps",
+                format!(
+                    "need 0 < accumulation_steps ({}) < reselection_steps ({})",
+                    self.accumulation_steps, self.reselection_steps
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.drop_fraction) {
+            return bad("drop_fraction", format!("{} must lie in [0, 1]", self.drop_fraction));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad("lr", format!("{} must be finite and >= 0", self.lr));
+        }
+        Ok(())
+    }
+}
+
+/// Regrowth candidates of one delta during a selection phase.
+#[derive(Debug, Default)]
+struct Candidates {
+    idx: Vec<u64>,
+    sum: Vec<f32>,
+    sq: Vec<f32>,
+    samples: u32,
+}
+
+#[derive(Debug, Default)]
+struct SiteSel {
+    active: bool,
+    k: usize,
+    cand: Option<Candidates>,
+}
+
+impl SiteSel {
+    fn observe(&mut self, g: &[f32]) {
+        if !self.active {
+            return;
+        }
+        match &mut self.cand {
+            None => {
+                let scores: Vec<f32> = g.iter().map(|x| x.abs()).collect();
+                let idx = top_k_indices(&scores, self.k);
+                let sum: Vec<f32> = idx.iter().map(|&i| g[i as usize]).collect();
+                let sq = sum.iter().map(|x| x * x).collect();
+                self.cand = Some(Candidates { idx, sum, sq, samples: 1 });
+            }
+            Some(c) => {
+                for (j, &i) in c.idx.iter().enumerate() {
+                    let x = g[i as usize];
+                    c.sum[j] += x;
+                    c.sq[j] += x * x;
+                }
+                c.samples += 1;
+            }
+        }
+    }
+}
+
+struct Phase {
+    steps_in: usize,
+    first_done: bool,
+}
+
+struct SpielHooks {
+    cfg: SpielConfig,
+    stepper: ValueStepper,
+    sites: Vec<Arc<Mutex<SiteSel>>>,
+    phase: Mutex<Phase>,
+}
+
+/// One drop/grow on a delta: the new sorted indices and values, and the seeds of the new entries.
+///
+/// `p` is the swap fraction. Returns `None` when nothing changes.
+pub(crate) fn drop_grow(
+    old: &SparseIndices,
+    values: &[f32],
+    cand_idx: &[u64],
+    cand_score: &[f32],
+    p: f64,
+) -> Option<(Vec<u64>, Vec<f32>)> {
+    let k = old.len();
+    let n = ((k as f64 * p).floor() as usize).min(k);
+    if n == 0 {
+        return None;
+    }
+    // Drop: the n smallest |value| (ties: lower position first).
+    let neg_abs: Vec<f32> = values.iter().map(|v| -v.abs()).collect();
+    let dropped = top_k_indices(&neg_abs, n); // positions into old
+    let mut is_dropped = vec![false; k];
+    for &d in &dropped {
+        is_dropped[d as usize] = true;
+    }
+    let remaining: Vec<u64> = (0..k).filter(|&j| !is_dropped[j]).map(|j| old.get(j) as u64).collect();
+    // Grow: candidates not remaining active, by |score|.
+    let pool: Vec<usize> = (0..cand_idx.len()).filter(|&j| remaining.binary_search(&cand_idx[j]).is_err()).collect();
+    let pool_scores: Vec<f32> = pool.iter().map(|&j| cand_score[j].abs()).collect();
+    let grown_pos = top_k_indices(&pool_scores, n);
+    let grown: Vec<u64> = grown_pos.iter().map(|&j| cand_idx[pool[j as usize]]).collect();
+    // Fewer candidates than drops: keep the largest dropped ones.
+    let short = n - grown.len();
+    let mut keep_back: Vec<u64> = Vec::new();
+    if short > 0 {
+        let d_abs: Vec<f32> = dropped.iter().map(|&d| values[d as usize].abs()).collect();
+        keep_back =
+            top_k_indices(&d_abs, short).iter().map(|&j| old.get(dropped[j as usize] as usize) as u64).collect();
+    }
+    let mut new: Vec<u64> = remaining.into_iter().chain(grown).chain(keep_back).collect();
+    new.sort_unstable();
+    new.dedup();
+    let vals: Vec<f32> = new.iter().map(|&i| old.position(i as usize).map_or(0.0, |j| values[j])).collect();
+    Some((new, vals))
+}
+
+impl SpielHooks {
+    fn reselect(&self, tuner: &SparseTuner, step: usize, first: bool) -> peft_core::Result<()> {
+        let p = if first {
+            1.0
+        } else {
+            let decay = self.cfg.total_steps.map_or(1.0, |t| (1.0 - step as f64 / t.max(1) as f64).max(0.0));
+            self.cfg.drop_fraction * decay
+        };
+        let mut opt = self.stepper.opt.lock().unwrap_or_else(|e| e.into_inner());
+        for (slot, ((_, d), site)) in tuner.entries().iter().zip(&self.sites).enumerate() {
+            let mut s = site.lock().unwrap_or_else(|e| e.into_inner());
+            s.active = false;
+            let Some(c) = s.cand.take() else { continue };
+            let old = d.indices();
+            let vals: Vec<f32> = d.values().value().iter().copied().collect();
+            let Some((new, new_vals)) = drop_grow(&old, &vals, &c.idx, &c.sum, p) else { continue };
+            let numel: usize = d.shape().iter().product();
+            let Ok(new_idx) = SparseIndices::new(d.param_name(), new, numel) else { continue };
+            let samples = c.samples.max(1);
+            opt.remap(slot, &old, &new_idx, |flat| {
+                let j = c.idx.binary_search(&(flat as u64)).ok()?;
+                Some(Seed { mean_grad: c.sum[j] / samples as f32, mean_sq: c.sq[j] / samples as f32, age: samples })
+            });
+            if d.set(new_idx, new_vals).is_err() {
+                continue;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StepHooks for SpielHooks {
+    fn state_bytes(&self) -> usize {
+        let cand: usize = self
+            .sites
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).cand.as_ref().map_or(0, |c| 16 * c.idx.len()))
+            .sum();
+        self.stepper.state_bytes() + cand
+    }
+    fn transform_grads(&self, tuner: &SparseTuner, grads: GradStore) -> peft_core::Result<GradStore> {
+        let ds: Vec<Arc<SparseDelta>> = tuner.entries().iter().map(|(_, d)| d.clone()).collect();
+        Ok(self.stepper.take(&ds, grads, true))
+    }
+
+    fn after_step(&self, tuner: &SparseTuner, step: usize) -> peft_core::Result<()> {
+        let ds: Vec<Arc<SparseDelta>> = tuner.entries().iter().map(|(_, d)| d.clone()).collect();
+        self.stepper.apply(&ds, step);
+        let mut ph = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        let collecting = self.sites.first().is_some_and(|s| s.lock().unwrap_or_else(|e| e.into_inner()).active);
+        if collecting {
+            ph.steps_in += 1;
+            if ph.steps_in >= self.cfg.accumulation_steps {
+                let first = !ph.first_done;
+                ph.first_done = true;
+                ph.steps_in = 0;
+                self.reselect(tuner, step, first)?;
+            }
+        } else if (step + 1).is_multiple_of(self.cfg.reselection_steps) {
+            for s in &self.sites {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+                s.active = true;
+                s.cand = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TunerConfig for SpielConfig {
+    fn peft_type(&self) -> &str {
+        Self::PEFT_TYPE
+    }
+    fn describe(&self) -> String {
+        format!(
+            "SpIEL density {} (reselect every {} steps, accumulate {}, drop {})",
+            self.density, self.reselection_steps, self.accumulation_steps, self.drop_fraction
+        )
+    }
+    fn to_json(&self) -> AdapterResult<Value> {
+        to_json(self, Self::PEFT_TYPE)
+    }
+    fn inject(&self, _model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        self.check()?;
+        let targets = select_params(Self::PEFT_TYPE, &self.target_parameters, &self.modules_to_save(), cx.base_params)?;
+        let deltas = fixed_deltas(Self::PEFT_TYPE, "spiel", targets, self.density, MaskInit::Random, &cx)?;
+        let ks: Vec<usize> = deltas.iter().map(|(_, d)| d.k()).collect();
+        let mut sites = Vec::new();
+        for (_, d) in &deltas {
+            let site = Arc::new(Mutex::new(SiteSel { active: !self.inference_mode, k: d.k(), cand: None }));
+            let s2 = site.clone();
+            d.set_tap(Some(Arc::new(move |g: &ndarray::ArrayD<f32>| {
+                if let Some(gs) = g.as_slice() {
+                    s2.lock().unwrap_or_else(|e| e.into_inner()).observe(gs);
+                }
+            })));
+            sites.push(site);
+        }
+        let opt =
+            SparseAdamWConfig { lr: self.lr, eps: self.eps, weight_decay: self.weight_decay, ..Default::default() };
+        let stepper = ValueStepper::new(opt, &ks, self.warmup_steps, self.total_steps, self.max_grad_norm);
+        let hooks = SpielHooks {
+            cfg: self.clone(),
+            stepper,
+            sites,
+            phase: Mutex::new(Phase { steps_in: 0, first_done: false }),
+        };
+        Ok(Box::new(SparseTuner::attach(cx.name, Self::PEFT_TYPE, deltas)?.with_hooks(Box::new(hooks))))
+    }
+    common_config_impl!();
+}
+
+impl PeftConfig for SpielConfig {
+    const PEFT_TYPE: &'static str = "SPIEL";
+    fn from_json(v: &Value) -> AdapterResult<(Self, Vec<String>)> {
+        let known = [
+            "peft_type",
+            "target_parameters",
+            "density",
+            "lr",
+            "weight_decay",
+            "eps",
+            "max_grad_norm",
+            "warmup_steps",
+            "total_steps",
+            "reselection_steps",
+            "accumulation_steps",
+            "drop_fraction",
+            "modules_to_save",
+            "inference_mode",
+        ];
+        let ignored = unknown_keys(v, &known, Self::PEFT_TYPE);
+        let c: Self = parse(v, Self::PEFT_TYPE)?;
+        c.check()?;
+        crate::tuner::budget(Self::PEFT_TYPE, c.density, 1)?;
+        Ok((c, ignored))
+    }
+}
+
+#[cfg(test)]
+#[path = "spiel_tests.rs"]
+mod tests;

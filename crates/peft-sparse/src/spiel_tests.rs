@@ -1,0 +1,112 @@
+use peft_core::adapter::PeftModel;
+use peft_core::nn::Ctx;
+use peft_core::testing::max_abs_diff;
+use peft_core::train::{Loss, Trainer, TrainerConfig};
+
+use super::*;
+use crate::memory::optimizer_state_bytes;
+use crate::testutil::{input, Tiny};
+
+const TARGET: &str = r".*encoder\.layer\.\d+\..*\.weight";
+
+#[test]
+fn drop_grow_swaps_smallest_for_best_candidates() {
+    let old = SparseIndices::new("w", vec![0, 2, 4, 6], 10).unwrap();
+    let vals = [0.5, 0.01, 0.3, -0.02];
+    let (new, nv) = drop_grow(&old, &vals, &[1, 2, 3, 9], &[0.1, 5.0, 0.2, -3.0], 0.5).unwrap();
+    // 2 (dropped, regrown) keeps its value; 6 is dropped; 9 joins at 0.
+    assert_eq!(new, vec![0, 2, 4, 9]);
+    assert_eq!(nv, vec![0.5, 0.01, 0.3, 0.0]);
+    assert!(drop_grow(&old, &vals, &[1], &[1.0], 0.0).is_none());
+}
+
+#[test]
+fn drop_grow_keeps_k_unique_indices_and_never_regrows_active_ones() {
+    for seed in 0..50u64 {
+        let n = 40usize;
+        let k = 1 + (seed as usize % 12);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let old: Vec<u64> = rand::seq::index::sample(&mut rng, n, k).into_iter().map(|i| i as u64).collect();
+        let old = SparseIndices::from_unsorted("w", old, n).unwrap();
+        let vals: Vec<f32> = (0..k).map(|j| ((j as u64 * 7 + seed) as f32).sin()).collect();
+        let cand: Vec<u64> = {
+            let mut c: Vec<u64> = rand::seq::index::sample(&mut rng, n, k).into_iter().map(|i| i as u64).collect();
+            c.sort_unstable();
+            c
+        };
+        let score: Vec<f32> = (0..k).map(|j| ((j as u64 * 3 + seed) as f32).cos()).collect();
+        let p = (seed % 5) as f64 / 4.0;
+        let Some((new, _)) = drop_grow(&old, &vals, &cand, &score, p) else { continue };
+        assert_eq!(new.len(), k, "seed {seed}");
+        assert!(new.windows(2).all(|w| w[0] < w[1]), "seed {seed}");
+        assert!(new.iter().all(|i| old.position(*i as usize).is_some() || cand.contains(i)));
+    }
+}
+
+fn model(cfg: SpielConfig) -> PeftModel<Tiny> {
+    PeftModel::new(Tiny::new(8, 2, 1), cfg, "default", 7).unwrap()
+}
+
+fn tuner(m: &PeftModel<Tiny>) -> &SparseTuner {
+    m.tuner("default").unwrap().as_any().downcast_ref::<SparseTuner>().unwrap()
+}
+
+#[test]
+fn identity_at_init() {
+    let x = input(5, 8, 9);
+    let y0 = Tiny::new(8, 2, 1).forward(&x, &Ctx::eval()).unwrap();
+    let m = model(SpielConfig::new(TARGET, 0.25));
+    assert!(max_abs_diff(m.forward(&x, &Ctx::eval()).unwrap().as_slice(), y0.as_slice()) <= 1e-6);
+}
+
+#[test]
+fn training_reselects_support_in_o_k_and_merges_exactly() {
+    let mut cfg = SpielConfig::new(TARGET, 0.25);
+    (cfg.reselection_steps, cfg.accumulation_steps, cfg.lr, cfg.total_steps) = (4, 2, 1e-2, Some(12));
+    let mut m = model(cfg);
+    let k: Vec<usize> = tuner(&m).entries().iter().map(|(_, d)| d.k()).collect();
+    let start: Vec<Vec<u64>> = tuner(&m).entries().iter().map(|(_, d)| d.indices().to_u64()).collect();
+    let base: Vec<Vec<u32>> = m.base_params().iter().map(|p| p.value().iter().map(|x| x.to_bits()).collect()).collect();
+    let x = input(6, 8, 4);
+    let tc = TrainerConfig { lr: 1e-2, total_steps: 12, ..TrainerConfig::default() };
+    let mut t = Trainer::new(m.trainable_params(), &m, tc).unwrap();
+    let mut supports = Vec::new();
+    let mut losses = Vec::new();
+    for _ in 0..12 {
+        let r = t.step(|ctx| Ok(Loss::Single(m.forward(&x, ctx)?.square().mean_all()))).unwrap();
+        losses.push(r.loss);
+        supports.push(tuner(&m).entries().iter().map(|(_, d)| d.indices().to_u64()).collect::<Vec<_>>());
+        // O(k) state: 12 bytes per entry, plus candidates (16 per entry) while a phase collects.
+        let total_k: usize = k.iter().sum();
+        let own = tuner(&m).own_state_bytes();
+        assert!(own == 12 * total_k || own == 28 * total_k, "{own}");
+    }
+    assert!(losses[11] < losses[0], "{losses:?}");
+    // The first selection (after 2 steps) replaced the random start; later ones swap some entries.
+    assert_ne!(supports[1], start);
+    assert_ne!(supports[11], supports[1]);
+    for (sup, k) in supports[11].iter().zip(&k) {
+        assert_eq!(sup.len(), *k);
+        assert!(sup.windows(2).all(|w| w[0] < w[1]));
+    }
+    // The trainer's optimizer holds no state for the values (the adapter steps them itself).
+    assert_eq!(optimizer_state_bytes(t.optimizer()), 0);
+    drop(t);
+    // Base weights untouched; merge == unmerged forward; unmerge restores bits.
+    let now: Vec<Vec<u32>> = m.base_params().iter().map(|p| p.value().iter().map(|x| x.to_bits()).collect()).collect();
+    assert_eq!(now, base);
+    let y = m.forward(&x, &Ctx::eval()).unwrap();
+    m.merge_adapter().unwrap();
+    assert!(max_abs_diff(m.forward(&x, &Ctx::eval()).unwrap().as_slice(), y.as_slice()) <= 1e-5);
+    m.unmerge_adapter().unwrap();
+    let now: Vec<Vec<u32>> = m.base_params().iter().map(|p| p.value().iter().map(|x| x.to_bits()).collect()).collect();
+    assert_eq!(now, base);
+}
+
+#[test]
+fn invalid_schedules_are_config_errors() {
+    let mut c = SpielConfig::new(TARGET, 0.25);
+    c.accumulation_steps = 20;
+    let Err(e) = PeftModel::new(Tiny::new(8, 2, 1), c, "default", 0) else { panic!("accepted") };
+    assert!(e.to_string().contains("accumulation_steps"), "{e}");
+}
