@@ -786,7 +786,7 @@ pub const BUDGETS: [f64; 3] = [2.5, 2.75, 3.25];
 
 /// The LQ-LoRA registry entries: `"lq-lora-2.5"`, `"lq-lora-2.75"`, `"lq-lora-3.25"` ([`LqLoraConfig::new`] at
 /// each of [`BUDGETS`]) and `"lq-lora-fisher-2.75"` (Fisher-weighted, 8 calibration batches), at LoRA's bench
-/// learning rate 2.5e-3 (the paper trains LLaMA-2 at 2e-4..3e-4... over long runs).
+/// learning rate 2.5e-3 for the bench's short runs.
 pub fn methods() -> Vec<MethodSpec> {
     let names = [MethodName("lq-lora-2.5"), MethodName("lq-lora-2.75"), MethodName("lq-lora-3.25")];
     let mut v: Vec<MethodSpec> =
