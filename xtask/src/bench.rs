@@ -89,6 +89,7 @@ pub fn registry() -> Vec<MethodSpec> {
     let mut v = peft_core::adapter::methods();
     v.extend(peft_lora::methods());
     v.extend(peft_quant::methods());
+    v.extend(peft_adapters::methods());
     v
 }
 
