@@ -3,6 +3,8 @@
 //!
 //! - bottleneck adapters on the residual sites ([`bottleneck`]): Houlsby, Pfeiffer/SeqBn, parallel, AdaptFormer;
 //! - IA3 on the linear sites ([`ia3`]), PEFT's `IA3`, mergeable;
+//! - prompt tuning ([`prompt`]), prefix tuning and P-tuning v2 ([`prefix`]) on the attention-prefix sites, PEFT's
+//!   `PROMPT_TUNING` / `PREFIX_TUNING` ([`prompt_common`]: what they share);
 //! - the registry entries for trainers and `cargo xtask bench` ([`mod@methods`]) and the `peft_type`s this crate
 //!   reads ([`mod@registry`]).
 //!
@@ -35,6 +37,9 @@ pub mod common;
 pub mod error;
 pub mod ia3;
 pub mod methods;
+pub mod prefix;
+pub mod prompt;
+pub mod prompt_common;
 pub mod registry;
 #[cfg(test)]
 mod testutil;

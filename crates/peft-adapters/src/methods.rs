@@ -15,6 +15,8 @@ use peft_core::adapter::{MethodName, MethodSpec};
 
 use crate::bottleneck::BottleneckConfig;
 use crate::ia3::Ia3Config;
+use crate::prefix::PrefixTuningConfig;
+use crate::prompt::PromptTuningConfig;
 
 /// `"houlsby"`.
 pub const HOULSBY: MethodName = MethodName("houlsby");
@@ -26,6 +28,12 @@ pub const PARALLEL: MethodName = MethodName("parallel");
 pub const ADAPTFORMER: MethodName = MethodName("adaptformer");
 /// `"ia3"`.
 pub const IA3: MethodName = MethodName("ia3");
+/// `"prompt"`.
+pub const PROMPT: MethodName = MethodName("prompt");
+/// `"prefix"`.
+pub const PREFIX: MethodName = MethodName("prefix");
+/// `"ptuning-v2"`.
+pub const PTUNING_V2: MethodName = MethodName("ptuning-v2");
 
 /// The methods of this crate, ready to train.
 pub fn methods() -> Vec<MethodSpec> {
@@ -35,6 +43,9 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(PARALLEL, BottleneckConfig::parallel(), 2.5e-3),
         MethodSpec::new(ADAPTFORMER, BottleneckConfig::adaptformer(), 2.5e-3),
         MethodSpec::new(IA3, Ia3Config::bert(), 1e-2),
+        MethodSpec::new(PROMPT, PromptTuningConfig::new(20), 3e-2),
+        MethodSpec::new(PREFIX, PrefixTuningConfig::prefix(20), 1e-2),
+        MethodSpec::new(PTUNING_V2, PrefixTuningConfig::p_tuning_v2(20), 1e-2),
     ]
 }
 

@@ -4,5 +4,9 @@ use peft_core::adapter::ConfigRegistry;
 
 /// peft-core's types plus this crate's.
 pub fn registry() -> ConfigRegistry {
-    ConfigRegistry::new().with::<crate::bottleneck::BottleneckConfig>().with::<crate::ia3::Ia3Config>()
+    ConfigRegistry::new()
+        .with::<crate::bottleneck::BottleneckConfig>()
+        .with::<crate::ia3::Ia3Config>()
+        .with::<crate::prompt::PromptTuningConfig>()
+        .with::<crate::prefix::PrefixTuningConfig>()
 }
