@@ -218,3 +218,31 @@ fn dropout_acts_in_training_only_and_disabling_restores_the_base() {
     m.disable_adapters().unwrap();
     assert_eq!(out(&m), out(&tiny(0)));
 }
+
+/// AdapterHub's `Stack(lang, task)`: with both adapters active, each residual site applies them in attach order,
+/// feeding the first one's output to the second.
+#[test]
+fn two_active_adapters_stack_in_attach_order() {
+    let mut m = PeftModel::new(tiny(0), BottleneckConfig::seq_bn(), "lang", 0).unwrap();
+    m.add_adapter("task", BottleneckConfig::houlsby()).unwrap();
+    for (i, name) in ["lang", "task"].into_iter().enumerate() {
+        for (j, p) in m.adapter_params(name).unwrap().iter().enumerate() {
+            perturb(p, 100 * i as u64 + j as u64, 0.5);
+        }
+    }
+    m.set_adapters(&["lang", "task"]).unwrap();
+    let stacked = out(&m);
+    let lang = m.tuner("lang").unwrap().as_any().downcast_ref::<BottleneckTuner>().unwrap();
+    let task = m.tuner("task").unwrap().as_any().downcast_ref::<BottleneckTuner>().unwrap();
+    let (h, x) = (
+        Tensor::new(RandomInit::new(1, 1.0).get("h", &[2, 3, D]).unwrap()),
+        Tensor::new(RandomInit::new(2, 1.0).get("x", &[2, 3, D]).unwrap()),
+    );
+    let (site, l) = &lang.layers()[0];
+    let t = &task.layers().iter().find(|(s, _)| s.path() == site.path()).unwrap().1;
+    let ctx = Ctx::eval();
+    let want = t.forward(&l.forward(&h, &x, &ctx).unwrap(), &x, &ctx).unwrap();
+    assert_eq!(site.forward(h, &x, &ctx).unwrap().to_vec(), want.to_vec());
+    m.set_adapter("task").unwrap();
+    assert!(max_abs_diff(&out(&m), &stacked) > 1e-4, "dropping the language adapter changes the output");
+}

@@ -163,3 +163,46 @@ fn save_load_save_is_byte_identical_with_peft_keys() {
         assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
     }
 }
+
+mod random_shapes {
+    use super::*;
+    use peft_core::nn::{RandomInit, WeightSource};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// On random layer sizes, either side, with or without bias: the adapted site is `W(x⊙l)+b` or
+        /// `(Wx+b)⊙l`, merging gives the same outputs, unmerging gives back the base.
+        #[test]
+        fn site_forward_merge_and_unmerge_agree(
+            (i, o, rows, seed) in (1usize..6, 1usize..6, 1usize..4, 0u64..1000),
+            ff in any::<bool>(),
+            bias in any::<bool>(),
+        ) {
+            let site = Linear::load("blk.proj", i, o, bias, &RandomInit::new(seed, 0.5)).unwrap();
+            let w0 = site.base().dense_weight().unwrap();
+            let b0 = site.base().bias().map(|b| b.value().to_owned());
+            let a = Arc::new(Ia3Linear::new("blk.proj", "t", site.base().as_ref(), ff, true, &mut rand::thread_rng()));
+            let l = RandomInit::new(seed + 1, 0.3).get("l", &a.vector().shape()).unwrap().mapv(|v| 1.0 + v.clamp(-0.6, 0.6));
+            a.vector().set(l).unwrap();
+            site.attach(a.clone()).unwrap();
+            let x = Tensor::new(RandomInit::new(seed + 2, 1.0).get("x", &[rows, i]).unwrap());
+            let lv = a.vector().tensor().reshape(&[a.vector().numel()]).unwrap();
+            let base = site.base();
+            let want = if ff { base.forward(&x.mul(&lv).unwrap()).unwrap() } else { base.forward(&x).unwrap().mul(&lv).unwrap() };
+            let y = site.forward(&x, &Ctx::eval()).unwrap();
+            prop_assert!(max_abs_diff(y.as_slice(), want.as_slice()) < 1e-5);
+            site.merge("t").unwrap();
+            a.merged.store(true, Ordering::SeqCst);
+            let ym = site.forward(&x, &Ctx::eval()).unwrap();
+            prop_assert!(max_abs_diff(ym.as_slice(), y.as_slice()) < 1e-5);
+            site.unmerge("t").unwrap();
+            a.merged.store(false, Ordering::SeqCst);
+            let w1 = site.base().dense_weight().unwrap();
+            prop_assert!(max_abs_diff(w1.as_slice().unwrap(), w0.as_slice().unwrap()) < 1e-6);
+            if let (Some(b0), Some(b1)) = (b0, site.base().bias()) {
+                prop_assert!(max_abs_diff(b1.value().as_slice().unwrap(), b0.as_slice().unwrap()) < 1e-6);
+            }
+        }
+    }
+}
