@@ -11,6 +11,14 @@
 //! Every method is a [`peft_core::adapter::TunerConfig`]: [`peft_core::adapter::PeftModel`] owns the model and its
 //! adapters and saves and loads them.
 //!
+//! PEFT compatibility: the IA3, prompt-tuning and prefix-tuning config keys, tensor keys and shapes follow PEFT's
+//! source (read, not executed: no PEFT-written fixture is loaded by the tests), so files are **unverified**
+//! against PEFT itself; each module lists its known differences (prompt tokens enter after the embedding block;
+//! several IA3 adapters active on one layer add rather than multiply). The bottleneck adapters have no PEFT
+//! counterpart: their own `peft_type` (`BOTTLENECK`) with AdapterHub's field names, unverified against
+//! AdapterHub files. Composition: two active bottleneck adapters stack in attach order (AdapterHub's `Stack`);
+//! `Average`, `Fuse` and invertible adapters are not implemented.
+//!
 //! ```
 //! use peft_core::adapter::PeftModel;
 //! use peft_core::io::BertConfig;
