@@ -90,6 +90,7 @@ pub fn registry() -> Vec<MethodSpec> {
     v.extend(peft_lora::methods());
     v.extend(peft_quant::methods());
     v.extend(peft_sparse::methods());
+    v.extend(peft_adapters::methods());
     v
 }
 

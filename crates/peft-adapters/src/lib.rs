@@ -1,0 +1,57 @@
+//! peft-adapters: adapter methods that act on the residual stream and on attention rather than on single linear
+//! layers, as peft-core tuners:
+//!
+//! - bottleneck adapters on the residual sites ([`bottleneck`]): Houlsby, Pfeiffer/SeqBn, parallel, AdaptFormer;
+//! - IA3 on the linear sites ([`ia3`]), PEFT's `IA3`, mergeable;
+//! - prompt tuning ([`prompt`]), prefix tuning and P-tuning v2 ([`prefix`]) on the attention-prefix sites, PEFT's
+//!   `PROMPT_TUNING` / `PREFIX_TUNING` ([`prompt_common`]: what they share);
+//! - the registry entries for trainers and `cargo xtask bench` ([`mod@methods`]) and the `peft_type`s this crate
+//!   reads ([`mod@registry`]).
+//!
+//! Every method is a [`peft_core::adapter::TunerConfig`]: [`peft_core::adapter::PeftModel`] owns the model and its
+//! adapters and saves and loads them.
+//!
+//! PEFT compatibility: the IA3, prompt-tuning and prefix-tuning config keys, tensor keys and shapes follow PEFT's
+//! source (read, not executed: no PEFT-written fixture is loaded by the tests), so files are **unverified**
+//! against PEFT itself; each module lists its known differences (prompt tokens enter after the embedding block;
+//! several IA3 adapters active on one layer add rather than multiply). The bottleneck adapters have no PEFT
+//! counterpart: their own `peft_type` (`BOTTLENECK`) with AdapterHub's field names, unverified against
+//! AdapterHub files. Composition: two active bottleneck adapters stack in attach order (AdapterHub's `Stack`);
+//! `Average`, `Fuse` and invertible adapters are not implemented.
+//!
+//! ```
+//! use peft_core::adapter::PeftModel;
+//! use peft_core::io::BertConfig;
+//! use peft_core::nn::{Ctx, RandomInit};
+//! use peft_adapters::bottleneck::BottleneckConfig;
+//! use peft_models::bert::BertModel;
+//! use peft_models::tokenizer::Batch;
+//!
+//! let cfg = BertConfig { vocab_size: 10, hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2,
+//!     intermediate_size: 16, max_position_embeddings: 8, ..BertConfig::default() };
+//! let bert = BertModel::from_source(&cfg, &RandomInit::new(0, 0.1))?;
+//! let batch = Batch::from_rows(&[vec![1, 4, 2]])?;
+//! let y0 = bert.forward(&batch, &Ctx::eval())?.to_vec();
+//! // Houlsby: series adapters after attention and after the feed-forward block, up projection zero at init.
+//! let model = PeftModel::new(bert, BottleneckConfig::houlsby(), "default", 0)?;
+//! assert_eq!(model.forward(&batch, &Ctx::eval())?.to_vec(), y0);
+//! // 2 sites x (down 8->1 + bias, up 1->8 + bias).
+//! assert_eq!(model.param_counts().0, 2 * (8 + 1 + 8 + 8));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod bottleneck;
+pub mod common;
+pub mod error;
+pub mod ia3;
+pub mod methods;
+pub mod prefix;
+pub mod prompt;
+pub mod prompt_common;
+pub mod registry;
+#[cfg(test)]
+mod testutil;
+
+pub use error::{AdaptersError, Result};
+pub use methods::methods;
+pub use registry::registry;
