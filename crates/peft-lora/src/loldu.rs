@@ -295,9 +295,7 @@ impl SavedTensors for LolduLinear {
 fn site_factors(site: &Linear, r: usize) -> Result<LolduFactors> {
     let w = site.base().dense_weight()?;
     let w = w.view().into_dimensionality::<Ix2>().map_err(|_| shape(w.shape()))?;
-    loldu_factors(&w.mapv(f64::from), r).map_err(|e| match e {
-        e => crate::error::at_site(e, site.path()),
-    })
+    loldu_factors(&w.mapv(f64::from), r).map_err(|e| crate::error::at_site(e, site.path()))
 }
 
 /// An injected LoLDU adapter: its sites' layers; removing it gives each base its original weight back.
