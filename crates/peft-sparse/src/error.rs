@@ -91,6 +91,19 @@ pub enum SparseError {
 pub type SparseResult<T> = std::result::Result<T, SparseError>;
 
 impl SparseError {
+    /// The `SparseError` inside a peft-core error, if there is one.
+    pub fn of(e: &peft_core::Error) -> Option<&SparseError> {
+        e.method_error::<SparseError>()
+    }
+
+    /// The `SparseError` inside an adapter-layer error, if there is one.
+    pub fn of_adapter(e: &AdapterError) -> Option<&SparseError> {
+        match e {
+            AdapterError::Core(c) => Self::of(c),
+            _ => None,
+        }
+    }
+
     /// A [`SparseError::Config`].
     pub fn config(method: &'static str, field: &'static str, reason: impl Into<String>) -> Self {
         SparseError::Config { method, field, reason: reason.into() }
@@ -103,7 +116,19 @@ impl From<SparseError> for AdapterError {
             SparseError::Core(c) => AdapterError::Core(c),
             SparseError::Adapter(a) => a,
             SparseError::Config { method, field, reason } => AdapterError::config(method, field, reason),
-            other => AdapterError::config("SPARSE_FT", "<tensors>", other.to_string()),
+            other => AdapterError::Core(other.into()),
+        }
+    }
+}
+
+impl From<SparseError> for peft_core::Error {
+    /// peft-core's own errors come back out; the crate's typed errors travel inside [`peft_core::Error::Method`]
+    /// (recover them with [`SparseError::of`]).
+    fn from(e: SparseError) -> Self {
+        match e {
+            SparseError::Core(c) => c,
+            SparseError::Adapter(AdapterError::Core(c)) => c,
+            other => peft_core::Error::method("peft-sparse", other),
         }
     }
 }

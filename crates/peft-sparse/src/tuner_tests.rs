@@ -7,7 +7,7 @@ use peft_core::train::{Loss, Trainer, TrainerConfig};
 use crate::memory::{adamw_bytes_for, optimizer_state_bytes, sparse_memory};
 use crate::testutil::{input, Tiny};
 use crate::tuner::MaskInit;
-use crate::{registry, LtSftConfig, SparseFtConfig, SparseTuner, SpielConfig, ENCODER_WEIGHTS};
+use crate::{registry, LtSftConfig, SparseError, SparseFtConfig, SparseTuner, SpielConfig, ENCODER_WEIGHTS};
 
 const TARGET: &str = r".*encoder\.layer\.\d+\..*\.weight";
 
@@ -81,17 +81,21 @@ fn file_holds_indices_and_values_per_tensor_with_peft_type() {
 }
 
 #[test]
-fn loading_corrupt_indices_is_a_typed_error_and_leaves_nothing_attached() {
+fn loading_corrupt_indices_is_a_typed_error() {
     let m = PeftModel::new(Tiny::new(8, 2, 1), SparseFtConfig::new(TARGET, 0.25), "default", 5).unwrap();
     let dir = tempfile::tempdir().unwrap();
     m.save_pretrained(dir.path()).unwrap();
     let path = dir.path().join("adapter_model.safetensors");
     let key = "base_model.model.encoder.layer.1.output.dense.weight.indices";
-    for (bad, want) in [
-        (vec![3.0f32, 1.0], "strictly increasing"),
-        (vec![1.0, 1.0], "strictly increasing"),
-        (vec![1.0, 64.0], "out of range"),
-        (vec![0.5, 2.0], "not a non-negative integer"),
+    type Check = fn(&SparseError) -> bool;
+    let unsorted: Check = |e| matches!(e, SparseError::Unsorted { .. });
+    let out_of_range: Check = |e| matches!(e, SparseError::IndexOutOfRange { index: 64, numel: 64, .. });
+    let fractional: Check = |e| matches!(e, SparseError::BadIndexValue { .. });
+    for (bad, want, typed) in [
+        (vec![3.0f32, 1.0], "strictly increasing", unsorted),
+        (vec![1.0, 1.0], "strictly increasing", unsorted),
+        (vec![1.0, 64.0], "out of range", out_of_range),
+        (vec![0.5, 2.0], "not a non-negative integer", fractional),
     ] {
         let mut tensors = peft_core::io::read_safetensors(&path).unwrap();
         let t = tensors.get_mut(key).unwrap();
@@ -110,6 +114,7 @@ fn loading_corrupt_indices_is_a_typed_error_and_leaves_nothing_attached() {
             panic!("loaded corrupt indices {bad:?}")
         };
         assert!(e.to_string().contains(want), "{e}");
+        assert!(SparseError::of_adapter(&e).is_some_and(typed), "{e:?}");
     }
 }
 
@@ -127,6 +132,10 @@ fn length_mismatch_in_file_is_refused() {
         panic!("loaded a length mismatch")
     };
     assert!(e.to_string().contains("16 indices but 15 values"), "{e}");
+    assert!(
+        matches!(SparseError::of_adapter(&e), Some(SparseError::LengthMismatch { indices: 16, values: 15, .. })),
+        "{e:?}"
+    );
 }
 
 #[test]
