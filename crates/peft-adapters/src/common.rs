@@ -15,6 +15,11 @@ use serde_json::Value;
 
 use crate::error::{AdaptersError, Result};
 
+/// Keys every PEFT config writes that describe the file rather than the method (kept for round trips, never
+/// reported as ignored).
+pub const PEFT_BOOKKEEPING: &[&str] =
+    &["auto_mapping", "base_model_name_or_path", "peft_version", "revision", "init_weights", "tokenizer_kwargs"];
+
 /// Parses a method's config from its JSON object and lists the keys it does not know (as load-report lines).
 ///
 /// # Errors
@@ -29,7 +34,7 @@ pub fn parse_config<C: serde::de::DeserializeOwned>(
         .as_object()
         .map(|o| {
             o.keys()
-                .filter(|k| !known.contains(&k.as_str()))
+                .filter(|k| !known.contains(&k.as_str()) && !PEFT_BOOKKEEPING.contains(&k.as_str()))
                 .map(|k| format!("`{k}` is not a {method} option and was ignored"))
                 .collect()
         })

@@ -19,10 +19,11 @@
 //! Files: `adapter_config.json` with PEFT's `IA3Config` keys (`peft_type = "IA3"`, `target_modules`,
 //! `exclude_modules`, `feedforward_modules`, `fan_in_fan_out`, `init_ia3_weights`, `modules_to_save`,
 //! `inference_mode`, `task_type`); tensors `base_model.model.<module>.ia3_l` shaped `[1, in]` / `[out, 1]`, as
-//! PEFT's `get_peft_model_state_dict` writes them (adapter name removed). Key names and shapes were checked
-//! against PEFT's source (`tuners/ia3/layer.py`); no PEFT-written file was loaded in a test (**unverified**
-//! against a fixture). Differences: `fan_in_fan_out = true` (GPT-2's Conv1D) is refused (every backbone here
-//! stores `[out, in]`); with several IA3 adapters active on one output-side layer PEFT multiplies their vectors
+//! PEFT's `get_peft_model_state_dict` writes them (adapter name removed); PEFT's bookkeeping keys kept in `extra`.
+//! Checked against PEFT 0.21.2 on all-MiniLM-L6-v2 (`tests/peft_interop.rs`): a PEFT-written file gives PEFT's
+//! `last_hidden_state` within 4e-6 unmerged and merged, load -> save is byte-identical, and a file written here
+//! gives the same outputs in PEFT (within 7e-6). Differences: `fan_in_fan_out = true` (GPT-2's Conv1D) is refused
+//! (every backbone here stores `[out, in]`); with several IA3 adapters active on one output-side layer PEFT multiplies their vectors
 //! while the linear site adds their deltas (`y ⊙ (1 + Σ(lᵢ − 1))`); one active adapter (the usual case) is
 //! identical.
 
@@ -38,7 +39,7 @@ use peft_core::adapter::{
 use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Param, Tensor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::common::{config_json, expect_tensor, normal, parse_config};
 use crate::error::{AdaptersError, Result};
@@ -76,12 +77,16 @@ pub struct Ia3Config {
     /// Start the vectors at 1 (identity) instead of N(0, 1).
     #[serde(default = "d_true")]
     pub init_ia3_weights: bool,
-    /// Modules trained and saved in full next to the adapter (written only when set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Modules trained and saved in full next to the adapter (`null` when none, as PEFT writes).
+    #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// True in saved files (as PEFT writes).
     #[serde(default)]
     pub inference_mode: bool,
+    /// PEFT's bookkeeping keys (`base_model_name_or_path`, `peft_version`, `revision`, `auto_mapping`, ...) and
+    /// any other key the file held, kept as read so that load -> save writes them back.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 const KNOWN: &[&str] = &[
@@ -112,6 +117,7 @@ impl Ia3Config {
             init_ia3_weights: true,
             modules_to_save: None,
             inference_mode: false,
+            extra: Map::new(),
         }
     }
 

@@ -18,8 +18,17 @@
 //! the table, or with the MLP the table it **computes** (PEFT's `get_prompt_embedding_to_save`; the MLP itself is
 //! not saved). As in PEFT, a saved adapter loads (with `inference_mode = true`, as saved) as a table and the MLP
 //! is gone; loading that table into an MLP-mode adapter is refused. `token_dim` is the key/value width
-//! (`kv_heads · head_dim`), the hidden size on the multi-head backbones here. Checked against PEFT's source
-//! (`tuners/prefix_tuning/model.py`, `PeftModel.get_prompt`); **unverified** against a PEFT-written file.
+//! (`kv_heads · head_dim`), the hidden size on the multi-head backbones here. PEFT's bookkeeping keys
+//! (`base_model_name_or_path`, `peft_version`, ...) are kept in `extra` and written back.
+//!
+//! Positions: transformers treats the prefix like cached past tokens, so on BERT the real tokens' absolute
+//! positions start at `P` and on LLaMA their rotary positions do; the backbones here do the same
+//! ([`peft_core::nn::PrefixSite::key_value_len`]).
+//!
+//! Checked against PEFT 0.21.2 + transformers 4.57.6 on all-MiniLM-L6-v2 (`tests/peft_interop.rs`, fixtures from
+//! `tests/fixtures/gen_peft_minilm.py`): PEFT-written files with and without the MLP load and give PEFT's
+//! `last_hidden_state` within 4e-6, load -> save is byte-identical, and a file written here gives the same
+//! outputs in PEFT.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -31,7 +40,7 @@ use peft_core::adapter::{
 use peft_core::nn::{prefix_sites, Ctx, Module, Prefix, PrefixAdapter, PrefixSite};
 use peft_core::{Param, Tensor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::common::{config_json, kaiming, normal, parse_config, uniform};
 use crate::error::{AdaptersError, Result};
@@ -73,12 +82,16 @@ pub struct PrefixTuningConfig {
     /// Reparameterise through the MLP (prefix tuning) or learn the table directly (P-tuning v2).
     #[serde(default)]
     pub prefix_projection: bool,
-    /// Modules trained and saved in full next to the adapter (written only when set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Modules trained and saved in full next to the adapter (`null` when none, as PEFT writes).
+    #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// True in saved files (as PEFT writes).
     #[serde(default)]
     pub inference_mode: bool,
+    /// PEFT's bookkeeping keys (`base_model_name_or_path`, `peft_version`, `revision`, `auto_mapping`, ...) and
+    /// any other key the file held, kept as read so that load -> save writes them back.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 const KNOWN: &[&str] = &[
@@ -113,6 +126,7 @@ impl PrefixTuningConfig {
             prefix_projection: true,
             modules_to_save: None,
             inference_mode: false,
+            extra: Map::new(),
         }
     }
 
@@ -206,6 +220,15 @@ impl PrefixEncoder {
                 .linear(&w2.tensor(), Some(&b2.tensor())),
         }
     }
+
+    /// The number of virtual tokens `P` (rows of the table).
+    pub fn virtual_tokens(&self) -> usize {
+        let p = match self {
+            PrefixEncoder::Table(t) => t,
+            PrefixEncoder::Mlp { embedding, .. } => embedding,
+        };
+        p.shape().first().copied().unwrap_or(0)
+    }
 }
 
 impl PromptEncoder for PrefixEncoder {
@@ -279,6 +302,9 @@ impl PrefixAdapter for PrefixLayer {
     }
     fn params(&self) -> Vec<Param> {
         self.encoder.params()
+    }
+    fn key_value_len(&self) -> Option<usize> {
+        Some(self.encoder.virtual_tokens())
     }
 }
 

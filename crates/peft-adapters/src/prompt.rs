@@ -1,6 +1,6 @@
 //! Prompt tuning (Lester et al., 2021; PEFT's `PROMPT_TUNING`): `num_virtual_tokens` learned vectors inserted in
-//! front of the hidden sequence entering the first attention layer (the attention-prefix site's
-//! [`Prefix::Tokens`]); they attend and are attended to like real tokens, and are stripped from the outputs, so
+//! front of the sequence at the first attention layer's prefix site (the attention-prefix site's
+//! [`Prefix::Tokens`]; see "Placement" below); they attend and are attended to like real tokens, and are stripped from the outputs, so
 //! pooling and heads see the usual positions.
 //!
 //! Init (`prompt_tuning_init`): `"RANDOM"` N(0, 1) (PyTorch's `nn.Embedding` default, as PEFT leaves it);
@@ -13,14 +13,19 @@
 //!
 //! Files: PEFT's `PromptTuningConfig` keys (`peft_type = "PROMPT_TUNING"`, `num_virtual_tokens`, `token_dim`,
 //! `num_transformer_submodules`, `num_attention_heads`, `num_layers`, `prompt_tuning_init`,
-//! `prompt_tuning_init_text`, `tokenizer_name_or_path`, ...; the model-derived ones filled at injection) and one
-//! tensor `prompt_embeddings [num_virtual_tokens, token_dim]` with no key prefix, as PEFT's
-//! `get_peft_model_state_dict` writes it. Checked against PEFT's source (`PromptEmbedding`,
-//! `get_prompt_embedding_to_save`); **unverified** against a PEFT-written file. Differences from PEFT: PEFT
-//! prepends the tokens to the input embeddings *before* the embedding block (for BERT they then get position and
-//! token-type embeddings and the embedding LayerNorm); here they enter after it, carrying no positional
-//! embedding (the VPT convention the prefix site implements). The saved tensor has the same meaning (vectors in
-//! the hidden space) but a PEFT-trained prompt is not numerically interchangeable on BERT-style models.
+//! `prompt_tuning_init_text`, `tokenizer_name_or_path`, ...; the model-derived ones filled at injection; PEFT's
+//! bookkeeping keys kept in `extra`) and one tensor `prompt_embeddings [num_virtual_tokens, token_dim]` with no key
+//! prefix, as PEFT's `get_peft_model_state_dict` writes it.
+//!
+//! Placement: where the backbone has an embedding block that adds positions (BERT/MiniLM), the prompt goes in front
+//! of the word embeddings *before* it, as PEFT's `inputs_embeds = cat(prompt, embed(ids))` does: the prompt takes
+//! positions `0..P` and token type 0, the real tokens `P..P+L`, and the embedding LayerNorm sees all. On LLaMA
+//! (no positional embedding in the embedding block) the tokens enter the first layer, which is the same thing. On
+//! DINOv2 / Whisper they enter the first layer without positional embedding (the VPT convention).
+//!
+//! Checked against PEFT 0.21.2 + transformers 4.57.6 on all-MiniLM-L6-v2 (`tests/peft_interop.rs`): a PEFT-written
+//! file loads and gives PEFT's `last_hidden_state` (virtual-token rows aside) within 3e-6, load -> save is
+//! byte-identical, and a file written here gives the same outputs in PEFT.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -31,7 +36,7 @@ use peft_core::nn::{prefix_sites, Ctx, Module, Prefix, PrefixAdapter, PrefixSite
 use peft_core::Param;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::common::{config_json, normal, parse_config};
 use crate::error::{AdaptersError, Result};
@@ -93,12 +98,16 @@ pub struct PromptTuningConfig {
     /// The tokenizer of a `"TEXT"` init.
     #[serde(default)]
     pub tokenizer_name_or_path: Option<String>,
-    /// Modules trained and saved in full next to the adapter (written only when set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Modules trained and saved in full next to the adapter (`null` when none, as PEFT writes).
+    #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// True in saved files (as PEFT writes).
     #[serde(default)]
     pub inference_mode: bool,
+    /// PEFT's bookkeeping keys (`base_model_name_or_path`, `peft_version`, `revision`, `auto_mapping`, ...) and
+    /// any other key the file held, kept as read so that load -> save writes them back.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 const KNOWN: &[&str] = &[
@@ -132,6 +141,7 @@ impl PromptTuningConfig {
             tokenizer_name_or_path: None,
             modules_to_save: None,
             inference_mode: false,
+            extra: Map::new(),
         }
     }
 

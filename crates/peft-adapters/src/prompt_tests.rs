@@ -19,15 +19,22 @@ fn model(n: usize) -> Model {
     PeftModel::new(tiny(0), PromptTuningConfig::new(n), "default", 0).unwrap()
 }
 
-/// The prompted forward written out: embeddings, the prompt in front (valid in the mask), the layers, the prompt
-/// positions dropped.
+/// The prompted forward written out as PEFT runs it on BERT: the prompt in front of the word embeddings, positions
+/// `0..P+L` and token type 0 for the prompt added, the embedding LayerNorm over all, the prompt valid in the mask,
+/// the layers, the prompt positions dropped.
 fn by_hand(m: &BertModel, prompt: &ArrayD<f32>, b: &Batch) -> Vec<f32> {
     let ctx = Ctx::eval();
-    let x = m.embed(b, &ctx).unwrap();
     let [bs, l] = b.shape;
     let p = prompt.shape()[0];
+    let e = &m.embeddings;
+    let words = e.word.forward(&b.input_ids, &[bs, l]).unwrap();
     let pt = Tensor::new(prompt.clone()).unsqueeze(0).unwrap().broadcast_to(&[bs, p, D]).unwrap();
-    let mut h = Tensor::concat(&[&pt, &x], 1).unwrap();
+    let x = Tensor::concat(&[&pt, &words], 1).unwrap();
+    let pos = e.position.forward(&(0..p + l).collect::<Vec<_>>(), &[1, p + l]).unwrap();
+    let types: Vec<usize> =
+        b.token_type_ids.chunks(l).flat_map(|r| std::iter::repeat_n(0, p).chain(r.iter().copied())).collect();
+    let x = x.add(&pos).unwrap().add(&e.token_type.forward(&types, &[bs, p + l]).unwrap()).unwrap();
+    let mut h = e.norm.forward(&x).unwrap();
     let mask =
         ArrayD::from_shape_fn(IxDyn(&[bs, p + l]), |ix| ix[1] < p || b.attention_mask[ix[0] * l + ix[1] - p] != 0);
     for layer in &m.layers {

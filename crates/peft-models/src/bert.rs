@@ -199,6 +199,14 @@ impl BertModel {
     /// # Errors
     /// Inconsistent batch vectors or ids out of range.
     pub fn embed(&self, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
+        self.embed_with_prompt(batch, None, ctx)
+    }
+
+    /// [`BertModel::embed`] with prompt tokens `[B, P, H]` (prompt tuning) placed in front of the word embeddings
+    /// *before* the embedding block, as PEFT does (`inputs_embeds = cat(prompt, word_embeddings(ids))`): the prompt
+    /// takes positions `0..P` and token type 0, the real tokens `P..P+L`, and all go through the LayerNorm.
+    /// Output `[B, P + L, H]`.
+    fn embed_with_prompt(&self, batch: &Batch, prompt: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
         let [b, l] = batch.shape;
         let n = b * l;
         if batch.input_ids.len() != n || batch.token_type_ids.len() != n || batch.attention_mask.len() != n {
@@ -208,14 +216,35 @@ impl BertModel {
                 rhs: vec![batch.input_ids.len(), batch.token_type_ids.len(), batch.attention_mask.len()],
             });
         }
+        // As transformers' BERT with `past_key_values` (which PEFT's prefix tuning passes), the real tokens'
+        // positions continue after the first layer's key/value prefix.
+        let shift = match self.layers.first() {
+            Some(layer) => layer.attn.prefix.key_value_len(b, ctx)?,
+            None => 0,
+        };
         let e = &self.embeddings;
         let x = e.word.forward(&batch.input_ids, &[b, l])?;
-        let pos = if self.roberta_positions {
-            e.position.forward(&self.position_ids(batch), &[b, l])?
-        } else {
-            e.position.forward(&(0..l).collect::<Vec<_>>(), &[1, l])?
+        let (x, p) = match prompt {
+            Some(t) => (Tensor::concat(&[t, &x], 1)?, t.shape().get(1).copied().unwrap_or(0)),
+            None => (x, 0),
         };
-        let x = x.add(&pos)?.add(&e.token_type.forward(&batch.token_type_ids, &[b, l])?)?;
+        let pad = self.cfg.pad_token_id.unwrap_or(1).max(0) as usize;
+        let pos = if self.roberta_positions && p > 0 {
+            // transformers' RoBERTa numbers `inputs_embeds` positions sequentially from padding_idx + 1.
+            e.position.forward(&(0..p + l).map(|i| pad + 1 + shift + i).collect::<Vec<_>>(), &[1, p + l])?
+        } else if self.roberta_positions {
+            let ids: Vec<usize> =
+                self.position_ids(batch).into_iter().map(|q| if q == pad { q } else { q + shift }).collect();
+            e.position.forward(&ids, &[b, l])?
+        } else {
+            e.position.forward(&(shift..shift + p + l).collect::<Vec<_>>(), &[1, p + l])?
+        };
+        let types: Vec<usize> = batch
+            .token_type_ids
+            .chunks(l.max(1))
+            .flat_map(|row| std::iter::repeat_n(0, p).chain(row.iter().copied()))
+            .collect();
+        let x = x.add(&pos)?.add(&e.token_type.forward(&types, &[b, p + l])?)?;
         self.dropout(e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, ctx)
     }
 
@@ -224,16 +253,26 @@ impl BertModel {
     /// # Errors
     /// Inconsistent batch vectors, ids out of range, or a sequence longer than `max_position_embeddings`.
     pub fn forward(&self, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
-        let x = self.embed(batch, ctx)?;
+        // Prompt tokens of the first layer's prefix site (prompt tuning) go through the embedding block as PEFT
+        // feeds them; prompts of later layers (deep prompts) enter the hidden sequence there.
+        let prompt = match self.layers.first() {
+            Some(layer) => layer.attn.prefix.tokens(batch.shape[0], ctx)?,
+            None => None,
+        };
+        let x = self.embed_with_prompt(batch, prompt.as_ref(), ctx)?;
+        let p = prompt.as_ref().and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
+        let [b, l] = batch.shape;
         let mask = if batch.attention_mask.iter().all(|&m| m != 0) {
             None
         } else {
-            let m: Vec<bool> = batch.attention_mask.iter().map(|&m| m != 0).collect();
-            Some(ArrayD::from_shape_vec(IxDyn(&batch.shape), m).expect("peft-rs bug: mask shape checked in embed"))
+            let m = &batch.attention_mask;
+            Some(ArrayD::from_shape_fn(IxDyn(&[b, p + l]), |ix| ix[1] < p || m[ix[0] * l + ix[1] - p] != 0))
         };
-        let mut seq = PromptedSeq::new(x, mask);
-        for layer in &self.layers {
-            seq.enter(&layer.attn.prefix, ctx)?;
+        let mut seq = PromptedSeq::with_prompt(x, mask, p)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i > 0 {
+                seq.enter(&layer.attn.prefix, ctx)?;
+            }
             let h = layer.forward(seq.hidden(), seq.mask(), ctx)?;
             seq.set_hidden(h)?;
         }

@@ -8,7 +8,9 @@
 //! prompt positions the previous layer produced and inserts that layer's prompt (if any) at the front of the
 //! sequence, marked as valid keys; after the last layer it strips them, so the model's outputs keep their usual
 //! positions and pooling is unchanged. Positional embeddings are added before the first layer, so prompt tokens
-//! carry none (as in VPT and PEFT's prompt tuning).
+//! inserted here carry none (VPT's convention); a backbone whose embedding block should see the first layer's
+//! prompt, as PEFT feeds prompt tuning to BERT, takes it from [`PrefixSite::tokens`] itself and starts with
+//! [`PromptedSeq::with_prompt`].
 
 use std::sync::{Arc, RwLock};
 
@@ -44,6 +46,11 @@ pub trait PrefixAdapter: Send + Sync {
     fn prefix(&self, batch: usize, ctx: &Ctx) -> Result<Prefix>;
     /// Its parameters.
     fn params(&self) -> Vec<Param>;
+    /// How many key/value positions its [`Prefix::KeyValue`] adds (0 for token adapters), when known without
+    /// building the prefix; `None` (the default) makes [`PrefixSite::key_value_len`] build it to find out.
+    fn key_value_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 struct Inner {
@@ -172,6 +179,26 @@ impl PrefixSite {
         Ok(Some((cat(&ks)?, cat(&vs)?)))
     }
 
+    /// How many key/value positions the active adapters prepend (the `P` of [`PrefixSite::key_values`]), without
+    /// building the prefix when every adapter knows its length. Encoders whose absolute positions continue after
+    /// a key/value prefix, as transformers' BERT does with `past_key_values`, read it before embedding.
+    ///
+    /// # Errors
+    /// Shape errors from an adapter that has to build its prefix.
+    pub fn key_value_len(&self, batch: usize, ctx: &Ctx) -> Result<usize> {
+        let mut n = 0;
+        for a in self.active() {
+            n += match a.key_value_len() {
+                Some(p) => p,
+                None => match a.prefix(batch, ctx)? {
+                    Prefix::KeyValue { keys, .. } => keys.shape().get(2).copied().unwrap_or(0),
+                    Prefix::Tokens(_) => 0,
+                },
+            };
+        }
+        Ok(n)
+    }
+
     /// The prompt tokens of the active token adapters, concatenated: `[B, P, hidden]`, or `None`.
     ///
     /// # Errors
@@ -222,6 +249,24 @@ impl PromptedSeq {
     /// A sequence without prompt tokens; `mask [B, L]` marks real tokens.
     pub fn new(hidden: Tensor, mask: Option<ArrayD<bool>>) -> Self {
         PromptedSeq { hidden, mask, n_prompt: 0 }
+    }
+
+    /// A sequence whose first `n_prompt` positions are prompt tokens already embedded by the model (prompt tuning
+    /// on BERT, where PEFT puts the tokens through the embedding block); `mask [B, L]` covers the prompt too.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the sequence is shorter than `n_prompt` or the mask does not match it.
+    pub fn with_prompt(hidden: Tensor, mask: Option<ArrayD<bool>>, n_prompt: usize) -> Result<Self> {
+        let s = hidden.shape().to_vec();
+        let mask_ok = mask.as_ref().is_none_or(|m| s.len() == 3 && m.shape() == [s[0], s[1]]);
+        if s.len() != 3 || s[1] < n_prompt || !mask_ok {
+            return Err(Error::Shape {
+                op: "PromptedSeq::with_prompt",
+                lhs: s,
+                rhs: mask.map_or(vec![n_prompt], |m| m.shape().to_vec()),
+            });
+        }
+        Ok(PromptedSeq { hidden, mask, n_prompt })
     }
 
     /// Before a layer: when `site` has prompt tokens, the current prompt positions are dropped and the new ones
