@@ -8,7 +8,8 @@
 #                                         crashes in DIR/artifacts/TARGET, log DIR/TARGET.log; prints CPU seconds
 #   fuzz/run.sh targets                   the target names
 #
-# Environment: PEFT_FUZZ_TARGET_DIR (default target/fuzz), extra libFuzzer flags in PEFT_FUZZ_FLAGS.
+# Environment: PEFT_FUZZ_TARGET_DIR (default target/fuzz), extra libFuzzer flags in PEFT_FUZZ_FLAGS,
+# PEFT_FUZZ_NO_BUILD=1 to smoke the binaries already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGETS=(safetensors bnb gguf adapter hf_model wav image tsv)
@@ -40,7 +41,7 @@ build) build ;;
 targets) printf '%s\n' "${TARGETS[@]}" ;;
 smoke)
     secs="${2:-20}"
-    build
+    [ -n "${PEFT_FUZZ_NO_BUILD:-}" ] || build
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     for t in "${TARGETS[@]}"; do
