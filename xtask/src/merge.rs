@@ -27,9 +27,10 @@ LoRA/DoRA adapter, merges it into the base weights and writes OUT: config.json a
 input file, float tensors stored as F32 (integer buffers copied unchanged). Weights in other formats
 (pytorch_model.bin, tf_model.h5, flax_model.msgpack, rust_model.ot, onnx/, openvino/, shards) are not copied,
 since they would still hold the unmerged model; the command lists them. OUT must not be, contain or lie inside
-MODEL or ADAPTER. OUT is built in a temporary folder next to it (.OUT.tmp-PID) and renamed into place; an
+MODEL or ADAPTER. OUT is built in a temporary folder next to it (.OUT.tmp-PID) and renamed into place (an
+existing OUT is swapped with it in one atomic step on Linux, so a killed merge leaves the old or the new OUT); an
 existing OUT is replaced only with --force, and only when an earlier merge wrote it. Temporary folders of killed
-runs are removed.")]
+runs are removed, and an old OUT that a killed run had moved aside is restored.")]
 pub struct MergeArgs {
     /// Hugging Face model folder (config.json + model.safetensors).
     #[arg(long)]
@@ -77,6 +78,11 @@ pub fn run(args: &MergeArgs) -> Result<std::process::ExitCode> {
         bail!("--adapter {} is not a folder", args.adapter.display());
     }
     outpath::check_disjoint("--out", &args.out, &[("--model", &args.model), ("--adapter", &args.adapter)])?;
+    // A merge killed while replacing OUT (between moving the old OUT aside and renaming the new one in, on
+    // filesystems without an atomic exchange) left no OUT: put the old one back before looking at OUT.
+    if let Some(from) = peft_core::io::restore_moved_aside(&args.out) {
+        eprintln!("restored {} from {} (a merge was killed while replacing it)", args.out.display(), from.display());
+    }
     if args.out.symlink_metadata().is_ok() {
         if !args.force {
             bail!("--out {} exists; pass --force to replace it", args.out.display());
@@ -248,8 +254,10 @@ fn copy_tree(from: &Path, to: &Path, skip_top: Option<&dyn Fn(&str) -> bool>) ->
 }
 
 /// Writes `ckpt` plus the non-weight files of `model_dir` into `out` via a temporary sibling folder
-/// `.OUT.tmp-PID`, renamed into place (an existing OUT, already checked by [`check_replaceable`], is moved to
-/// `.OUT.old-PID` first and removed after; it is moved back if the rename fails). Temporaries of killed
+/// `.OUT.tmp-PID`, renamed into place. An existing OUT (already checked by [`check_replaceable`]) is swapped
+/// with it atomically where the OS can ([`exchange`]) and then removed; elsewhere it is moved to `.OUT.old-PID`
+/// first and removed after (moved back if the rename fails; restored by the next run if this one is killed
+/// between the two renames). Temporaries of killed
 /// earlier runs are removed first. Returns the weight files in other formats that were not copied.
 fn write_folder(model_dir: &Path, out: &Path, ckpt: &Checkpoint) -> Result<Vec<String>> {
     let parent = match out.parent() {
@@ -271,6 +279,15 @@ fn write_folder(model_dir: &Path, out: &Path, ckpt: &Checkpoint) -> Result<Vec<S
         dropped.retain(|n| n != WEIGHTS);
         ckpt.write(tmp.join(WEIGHTS)).with_context(|| format!("writing {}", tmp.join(WEIGHTS).display()))?;
         if out.symlink_metadata().is_ok() {
+            if exchange(&tmp, out).with_context(|| format!("swapping the new {} into place", out.display()))? {
+                // `tmp` now holds the old OUT; a kill from here on leaves the new OUT and a stale `tmp`.
+                if let Err(e) = std::fs::remove_dir_all(&tmp) {
+                    eprintln!("warning: could not remove the old output (moved to {}): {e}", tmp.display());
+                }
+                return Ok(dropped);
+            }
+            // No atomic exchange here: two renames. A kill between them leaves `.OUT.old-PID` and no OUT, which
+            // the next run restores (`restore_moved_aside`).
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
             std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
             if let Err(e) = std::fs::rename(&tmp, out) {
@@ -287,6 +304,35 @@ fn write_folder(model_dir: &Path, out: &Path, ckpt: &Checkpoint) -> Result<Vec<S
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res
+}
+
+/// Swaps the folders `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`), so `b` is at every
+/// instant either its old or its new content. Ok(false) where the platform or filesystem has no such call.
+///
+/// # Errors
+/// Any other failure of the call.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD resolves relative paths as `rename` does.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 #[cfg(test)]

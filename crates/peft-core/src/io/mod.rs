@@ -21,4 +21,4 @@ pub use error::{IoError, IoResult};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use hf_config::{ArchConfig, BertConfig, Dinov2Config, LlamaConfig, WhisperConfig};
 pub use safetensors::{read_safetensors, write_safetensors, write_safetensors_as, DType, SafeTensorsFile, TensorInfo};
-pub use stale::remove_stale_temps;
+pub use stale::{remove_stale_temps, restore_moved_aside};

@@ -71,6 +71,46 @@ pub fn remove_stale_temps(dest: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// Undoes a folder replacement that was killed half-way: when `dest` does not exist but a `.NAME.old-PID` of a
+/// process no longer running does (the writer moved the old `dest` aside and was killed before it renamed the
+/// new one into place), that folder is renamed back to `dest` and its path returned. Anything else (a `dest`
+/// that exists, a live writer, no such folder) changes nothing. With several candidates the newest (by
+/// modification time) is restored; the others are left for [`remove_stale_temps`].
+///
+/// Run it before deciding whether `dest` exists, then [`remove_stale_temps`].
+pub fn restore_moved_aside(dest: &Path) -> Option<PathBuf> {
+    if dest.symlink_metadata().is_ok() {
+        return None;
+    }
+    let name = dest.file_name()?.to_str()?;
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let me = std::process::id();
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let file_name = e.file_name();
+        let Some(entry) = file_name.to_str() else { continue };
+        let Some(pid) =
+            entry.strip_prefix('.').and_then(|r| r.strip_prefix(name)).and_then(|r| r.strip_prefix(".old-"))
+        else {
+            continue;
+        };
+        let Some(pid) = digits(pid) else { continue };
+        if pid == me || pid_alive(pid) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let t = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+        if best.as_ref().is_none_or(|(b, _)| t > *b) {
+            best = Some((t, e.path()));
+        }
+    }
+    let (_, from) = best?;
+    std::fs::rename(&from, dest).ok()?;
+    Some(from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +148,31 @@ mod tests {
             std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         assert_eq!(left, [".other.tmp-4294967294".to_string(), format!(".out.tmp-{me}"), ".out.tmp-x".into()]);
+    }
+
+    /// A replacement killed between moving the old folder aside and renaming the new one in: the old folder is
+    /// put back (and only then: an existing destination, a live owner or a file are left alone).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_folder_moved_aside_by_a_killed_writer_is_restored() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out");
+        let dead = u32::MAX - 1;
+        let aside = d.path().join(format!(".out.old-{dead}"));
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::write(aside.join("model.safetensors"), b"old").unwrap();
+        std::fs::create_dir_all(d.path().join(format!(".out.tmp-{dead}"))).unwrap();
+        assert_eq!(restore_moved_aside(&dest), Some(aside.clone()));
+        assert_eq!(std::fs::read(dest.join("model.safetensors")).unwrap(), b"old");
+        assert!(!aside.exists());
+        // dest exists now: nothing more to do; the new folder's temporary is stale and goes
+        assert_eq!(restore_moved_aside(&dest), None);
+        assert_eq!(remove_stale_temps(&dest).len(), 1);
+        // a live owner's folder (ours) or a file is not taken
+        let other = d.path().join("o2");
+        std::fs::create_dir_all(d.path().join(format!(".o2.old-{}", std::process::id()))).unwrap();
+        std::fs::write(d.path().join(format!(".o2.old-{dead}")), b"file").unwrap();
+        assert_eq!(restore_moved_aside(&other), None);
+        assert!(!other.exists());
     }
 }
