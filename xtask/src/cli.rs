@@ -57,7 +57,7 @@ pub struct AssetsArgs {
 pub enum Suite {
     /// GLUE text classification with MiniLM (built).
     Glue,
-    /// VTAB-1k image classification with DINOv2 (not built yet).
+    /// VTAB-1k image classification with DINOv2.
     Vtab,
     /// COCO captioning/detection (not built yet).
     Coco,
@@ -117,6 +117,20 @@ pub struct BenchArgs {
     /// Re-run runs already recorded in results.json.
     #[arg(long)]
     pub force: bool,
+    /// VTAB: input resolution in pixels (the profile's otherwise; run folder gets an `-r<N>` suffix).
+    #[arg(long, value_parser = positive_usize)]
+    pub resolution: Option<usize>,
+    /// VTAB: a folder of VTAB-1k task folders (NOAH's `vtab-1k/` with the file lists, or folders in this
+    /// project's `index.csv` layout); `--tasks` picks among them. Default: the shipped tasks.
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// VTAB: score on a fixed random subset of N test images per task (run folder gets a `-t<N>` suffix).
+    #[arg(long, value_parser = positive_usize)]
+    pub test_examples: Option<usize>,
+    /// VTAB: also run the few-shot table (1/2/4/8/16 shots; GDA, Tip-Adapter, Tip-Adapter-F, TIP-X and a linear
+    /// probe on frozen features).
+    #[arg(long)]
+    pub fewshot: bool,
     /// Also run an external baseline on the same recipe.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,

@@ -15,6 +15,7 @@ mod plot;
 mod quantize;
 mod report;
 mod train;
+mod vtab;
 
 use std::process::ExitCode;
 
@@ -63,8 +64,23 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
     if args.fetch {
         return fetch_cmd(args);
     }
+    if suite == Suite::Vtab {
+        let shipped: Vec<String> = vtab::tasks::SHIPPED.iter().map(|s| s.0.to_string()).collect();
+        return match assets::check(&vtab::asset_needs(&shipped)) {
+            Ok(dir) => {
+                println!("all VTAB-suite assets present in {}", dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(msg) => {
+                eprintln!("{msg}");
+                Ok(ExitCode::from(2))
+            }
+        };
+    }
     if suite != Suite::Glue {
-        anyhow::bail!("suite {suite:?} is not built yet, so it has no asset list; only `--suite glue` exists");
+        anyhow::bail!(
+            "suite {suite:?} is not built yet, so it has no asset list; `--suite glue` and `--suite vtab` exist"
+        );
     }
     let tasks: Vec<_> = glue::tasks::Task::ALL.to_vec();
     match assets::check(&assets::glue_needs(&tasks)) {

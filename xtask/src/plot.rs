@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use crate::glue::tasks::Task;
 use crate::report::Results;
 
-const COLORS: [RGBColor; 8] = [
+pub(crate) const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -33,7 +33,7 @@ fn tasks(res: &Results) -> Vec<Task> {
     Task::ALL.iter().copied().filter(|t| res.runs.iter().any(|r| r.task == t.name())).collect()
 }
 
-fn e<T: std::fmt::Display>(x: T) -> anyhow::Error {
+pub(crate) fn e<T: std::fmt::Display>(x: T) -> anyhow::Error {
     anyhow!("plotting: {x}")
 }
 
@@ -42,7 +42,7 @@ fn e<T: std::fmt::Display>(x: T) -> anyhow::Error {
 static FONT: &[u8] = include_bytes!("../fonts/DejaVuSans-subset.ttf");
 
 /// Registers the embedded font as `sans-serif` (once per process).
-fn register_font() -> Result<()> {
+pub(crate) fn register_font() -> Result<()> {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = *DONE.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
     if ok {
