@@ -149,8 +149,9 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let wall = Instant::now();
     match args.suite {
         Suite::Glue => {}
-        Suite::Vtab | Suite::Coco | Suite::Audio | Suite::All => bail!(
-            "suite {:?} is not built yet: only `--suite glue` exists (VTAB-1k/DINOv2, COCO and audio/Whisper suites \
+        Suite::Audio => return crate::audio::run(args),
+        Suite::Vtab | Suite::Coco | Suite::All => bail!(
+            "suite {:?} is not built yet: `--suite glue` and `--suite audio` exist (VTAB-1k/DINOv2 and COCO suites \
              are planned); nothing was run",
             args.suite
         ),

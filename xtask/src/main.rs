@@ -2,6 +2,7 @@
 //! `quantize`, `dequantize`).
 
 mod assets;
+mod audio;
 mod baseline;
 mod bench;
 mod cli;
@@ -63,8 +64,13 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
     if args.fetch {
         return fetch_cmd(args);
     }
+    if suite == Suite::Audio {
+        return Ok(audio::assets_check());
+    }
     if suite != Suite::Glue {
-        anyhow::bail!("suite {suite:?} is not built yet, so it has no asset list; only `--suite glue` exists");
+        anyhow::bail!(
+            "suite {suite:?} is not built yet, so it has no asset list; `--suite glue` and `--suite audio` exist"
+        );
     }
     let tasks: Vec<_> = glue::tasks::Task::ALL.to_vec();
     match assets::check(&assets::glue_needs(&tasks)) {
