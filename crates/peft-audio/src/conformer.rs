@@ -57,7 +57,7 @@ pub fn depthwise_conv1d<E: Elem>(
     bias: Option<&Tensor<E>>,
 ) -> peft_core::Result<Tensor<E>> {
     let (xs, ws) = (x.shape().to_vec(), weight.shape().to_vec());
-    if xs.len() != 3 || ws.len() != 3 || ws[0] != xs[2] || ws[1] != 1 || ws[2] % 2 == 0 {
+    if xs.len() != 3 || ws.len() != 3 || ws[0] != xs[2] || ws[1] != 1 || ws[2].is_multiple_of(2) {
         return Err(Error::Shape { op: "depthwise_conv1d (x [B,L,C], w [C,1,k odd])", lhs: xs, rhs: ws });
     }
     if let Some(b) = bias {
@@ -155,6 +155,9 @@ pub enum BnStats<'a> {
 /// weight/bias, PW2 weight/bias.
 pub type BranchWeights<'a, E> = [&'a Tensor<E>; 10];
 
+/// BatchNorm batch statistics (mean, biased variance) per channel.
+pub type BatchStats = (Vec<f64>, Vec<f64>);
+
 /// The Conformer branch `A(u)` for `u [B, L, d]`; also returns the batch statistics (mean, biased variance) when
 /// BatchNorm used them. Generic over the element type so its gradients can be checked in f64.
 ///
@@ -165,7 +168,7 @@ pub fn conformer_branch<E: Elem>(
     w: BranchWeights<'_, E>,
     bn: BnStats<'_>,
     eps: (f64, f64),
-) -> peft_core::Result<(Tensor<E>, Option<(Vec<f64>, Vec<f64>)>)> {
+) -> peft_core::Result<(Tensor<E>, Option<BatchStats>)> {
     let [ln_w, ln_b, pw1_w, pw1_b, dw_w, dw_b, bn_w, bn_b, pw2_w, pw2_b] = w;
     let z = u.layer_norm(Some(ln_w), Some(ln_b), eps.0)?.linear(pw1_w, Some(pw1_b))?;
     let two_b = z.shape()[2];
@@ -296,7 +299,7 @@ impl ConformerConfig {
         if !(self.reduction_factor.is_finite() && self.reduction_factor > 0.0) {
             return bad("reduction_factor", format!("must be a positive number, got {}", self.reduction_factor));
         }
-        if self.kernel_size % 2 == 0 || self.kernel_size > 1023 {
+        if self.kernel_size.is_multiple_of(2) || self.kernel_size > 1023 {
             return bad("kernel_size", format!("must be odd and at most 1023, got {}", self.kernel_size));
         }
         if !self.mh_adapter && !self.output_adapter {

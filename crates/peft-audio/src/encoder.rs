@@ -24,7 +24,7 @@ use crate::error::{AudioDataError, Result};
 pub fn encode_window(enc: &WhisperEncoder, features: &Tensor, ctx: &Ctx) -> peft_core::Result<Tensor> {
     let s = features.shape();
     let max = enc.input_frames();
-    if s.len() != 3 || s[1] != enc.config.num_mel_bins || s[2] == 0 || s[2] % 2 != 0 || s[2] > max {
+    if s.len() != 3 || s[1] != enc.config.num_mel_bins || s[2] == 0 || !s[2].is_multiple_of(2) || s[2] > max {
         return Err(Error::Shape {
             op: "encode_window (even frames <= 2 * max_source_positions)",
             lhs: s.to_vec(),
@@ -60,7 +60,7 @@ impl AudioClassifier {
     /// # Errors
     /// [`AudioDataError::InvalidConfig`] for an odd or too large `frames`; zero labels.
     pub fn new(encoder: WhisperEncoder, num_labels: usize, frames: usize, seed: u64) -> Result<Self> {
-        if frames == 0 || frames % 2 != 0 || frames > encoder.input_frames() {
+        if frames == 0 || !frames.is_multiple_of(2) || frames > encoder.input_frames() {
             return Err(AudioDataError::config(
                 "AudioClassifier",
                 "frames",

@@ -46,7 +46,7 @@ impl FrontEnd {
         let mut mel = LogMel::whisper(filters)?;
         let n = (seconds * f64::from(SAMPLE_RATE)).round();
         let frames = n / mel.hop as f64;
-        if !(2.0..=3000.0).contains(&frames) || frames.fract() != 0.0 || frames as usize % 2 != 0 {
+        if !(2.0..=3000.0).contains(&frames) || frames.fract() != 0.0 || !(frames as usize).is_multiple_of(2) {
             return Err(AudioDataError::config(
                 "FrontEnd",
                 "seconds",
