@@ -61,7 +61,7 @@ pub enum Suite {
     Vtab,
     /// COCO captioning/detection (not built yet).
     Coco,
-    /// Spoken-digit audio classification with Whisper (not built yet).
+    /// Spoken-digit audio classification (FSDD) with the Whisper tiny.en encoder, PETL-AST methods (built).
     Audio,
     /// Every suite.
     All,

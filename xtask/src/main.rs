@@ -2,6 +2,7 @@
 //! `quantize`, `dequantize`).
 
 mod assets;
+mod audio;
 mod baseline;
 mod bench;
 mod cli;
@@ -77,9 +78,12 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
             }
         };
     }
+    if suite == Suite::Audio {
+        return Ok(audio::assets_check());
+    }
     if suite != Suite::Glue {
         anyhow::bail!(
-            "suite {suite:?} is not built yet, so it has no asset list; `--suite glue` and `--suite vtab` exist"
+            "suite {suite:?} is not built yet, so it has no asset list; `--suite glue`, `--suite vtab` and `--suite audio` exist"
         );
     }
     let tasks: Vec<_> = glue::tasks::Task::ALL.to_vec();
