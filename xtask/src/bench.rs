@@ -149,7 +149,8 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let wall = Instant::now();
     match args.suite {
         Suite::Glue => {}
-        Suite::Vtab | Suite::Coco | Suite::Audio | Suite::All => bail!(
+        Suite::Coco => return crate::coco::run(args),
+        Suite::Vtab | Suite::Audio | Suite::All => bail!(
             "suite {:?} is not built yet: only `--suite glue` exists (VTAB-1k/DINOv2, COCO and audio/Whisper suites \
              are planned); nothing was run",
             args.suite

@@ -5,6 +5,7 @@ mod assets;
 mod baseline;
 mod bench;
 mod cli;
+mod coco;
 mod embed;
 mod fetch;
 mod glue;
