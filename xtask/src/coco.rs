@@ -46,10 +46,12 @@ fn needs() -> Vec<Need> {
         .iter()
         .map(|f| Need { rel: format!("{DINO_DIR}/{f}"), source: "the asset pack (models/dinov2-small)" })
         .collect();
-    v.extend(["config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| Need {
-        rel: format!("{MINILM_DIR}/{f}"),
-        source: "the asset pack, or `cargo xtask assets --fetch`",
-    }));
+    v.extend(
+        ["config.json", "model.safetensors", "tokenizer.json"].iter().map(|f| Need {
+            rel: format!("{MINILM_DIR}/{f}"),
+            source: "the asset pack, or `cargo xtask assets --fetch`",
+        }),
+    );
     if std::env::var_os("PEFT_COCO_ROOT").is_none() {
         for s in ["train2017", "val2017"] {
             v.push(Need {
@@ -154,7 +156,12 @@ fn load_data() -> Result<(String, CocoSplit, CocoSplit)> {
     if let Some(k) = std::env::var_os("PEFT_COCO_KARPATHY") {
         let ks = KarpathySplit::load(&k)?;
         let s = coco.karpathy(&ks);
-        eprintln!("Karpathy split: {} train / {} test images ({} entries not in this root)", s.train.images.len(), s.test.images.len(), s.missing);
+        eprintln!(
+            "Karpathy split: {} train / {} test images ({} entries not in this root)",
+            s.train.images.len(),
+            s.test.images.len(),
+            s.missing
+        );
         return Ok((format!("{label} {} (Karpathy split)", root.display()), s.train, s.test));
     }
     Ok((format!("{label} {}", root.display()), coco.train, coco.val))
@@ -218,7 +225,9 @@ fn features(
     let mut txt_rows = Vec::new();
     for chunk in texts.chunks(64) {
         let b = tok.batch(chunk)?;
-        let e = no_grad(|| -> peft_core::Result<Tensor> { l2_normalize(&mean_pool(&m.forward(&b, &ctx)?, &b.attention_mask)?) })?;
+        let e = no_grad(|| -> peft_core::Result<Tensor> {
+            l2_normalize(&mean_pool(&m.forward(&b, &ctx)?, &b.attention_mask)?)
+        })?;
         txt_rows.push(to2(&e)?);
     }
     let img = concatenate(Axis(0), &img_rows.iter().map(|a| a.view()).collect::<Vec<_>>())?;
@@ -390,7 +399,10 @@ fn markdown(r: &Report, methods: &[String]) -> String {
         r.recipe.bottleneck,
         r.runs.iter().filter(|x| Some(&x.method) == methods.first()).count()
     );
-    let _ = writeln!(s, "| method | trainable | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | train s | pairs/s |");
+    let _ = writeln!(
+        s,
+        "| method | trainable | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | train s | pairs/s |"
+    );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in methods {
         let rs: Vec<&RunRecord> = r.runs.iter().filter(|x| &x.method == m).collect();
@@ -412,11 +424,8 @@ fn markdown(r: &Report, methods: &[String]) -> String {
     }
     let chance_i2t = 100.0 * 5.0 / r.val_captions.max(1) as f64;
     let chance_t2i = 100.0 / r.val_images.max(1) as f64;
-    let _ = writeln!(
-        s,
-        "\nChance R@1: i2t ≈ {chance_i2t:.1} (5 captions of {}), t2i = {chance_t2i:.1}.\n",
-        r.val_captions
-    );
+    let _ =
+        writeln!(s, "\nChance R@1: i2t ≈ {chance_i2t:.1} (5 captions of {}), t2i = {chance_t2i:.1}.\n", r.val_captions);
     let _ = writeln!(
         s,
         "Machine: {} ({} cores, {} threads), commit {}. Wall time of the whole run: {:.1} s; peak RSS {}.",
