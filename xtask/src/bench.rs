@@ -151,11 +151,17 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         Suite::Glue => {}
         Suite::Vtab => return crate::vtab::run(args),
         Suite::Audio => return crate::audio::run(args),
-        Suite::Coco | Suite::All => bail!(
-            "suite {:?} is not built yet: `--suite glue`, `--suite vtab` and `--suite audio` exist (the COCO suite \
-             are planned); nothing was run",
-            args.suite
-        ),
+        Suite::Coco => return crate::coco::run(args),
+        Suite::All => {
+            // Each suite in turn, with the same options; the first failing suite's status is returned.
+            for suite in [Suite::Glue, Suite::Vtab, Suite::Audio, Suite::Coco] {
+                let code = run(&BenchArgs { suite, ..args.clone() })?;
+                if code != std::process::ExitCode::SUCCESS {
+                    return Ok(code);
+                }
+            }
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
     }
     let prof = profile(args);
     let tasks: Vec<Task> = match &args.tasks {

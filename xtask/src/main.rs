@@ -6,6 +6,7 @@ mod audio;
 mod baseline;
 mod bench;
 mod cli;
+mod coco;
 mod embed;
 mod fetch;
 mod glue;
