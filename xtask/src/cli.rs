@@ -59,11 +59,11 @@ pub enum Suite {
     Glue,
     /// VTAB-1k image classification with DINOv2.
     Vtab,
-    /// COCO captioning/detection (not built yet).
+    /// COCO image-text retrieval on frozen DINOv2 + MiniLM features (captioning not built yet).
     Coco,
     /// Spoken-digit audio classification (FSDD) with the Whisper tiny.en encoder, PETL-AST methods (built).
     Audio,
-    /// Every suite.
+    /// Every suite in turn (glue, vtab, audio, coco).
     All,
 }
 
