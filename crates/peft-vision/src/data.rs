@@ -23,6 +23,9 @@ use rand::SeedableRng;
 
 use crate::error::{Result, VisionError};
 
+/// One line of a NOAH list file: image path, label, line number.
+type ListRow = (String, usize, usize);
+
 /// The four VTAB-1k splits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum VtabSplit {
@@ -236,7 +239,7 @@ impl VtabDataset {
     /// Missing or unreadable lists, malformed lines, labels outside `classes.txt`.
     pub fn from_lists(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref();
-        let mut lists: BTreeMap<VtabSplit, (PathBuf, Vec<(String, usize, usize)>)> = BTreeMap::new();
+        let mut lists: BTreeMap<VtabSplit, (PathBuf, Vec<ListRow>)> = BTreeMap::new();
         for s in VtabSplit::ALL {
             let f = root.join(s.list_file());
             if f.is_file() {
