@@ -187,8 +187,11 @@ pub fn tsv(data: &[u8]) {
     }
 }
 
+/// A target: its name and its function.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name (the replay test and `fuzz/run.sh` list them from here).
-pub const ALL: [(&str, fn(&[u8])); 8] = [
+pub const ALL: [Target; 8] = [
     ("safetensors", safetensors),
     ("bnb", bnb),
     ("gguf", gguf),

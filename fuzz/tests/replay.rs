@@ -47,7 +47,9 @@ fn seeds_are_valid_files() {
         peft_core::io::gguf::GgufFile::open(&p).unwrap();
     }
     let llama = root().join("corpus/gguf/seed-llama");
-    peft_models::registry::load(&llama).err().map(|e| panic!("{e}"));
+    if let Err(e) = peft_models::registry::load(&llama) {
+        panic!("{}: {e}", llama.display());
+    }
     for p in dir("wav") {
         peft_models::audio::read_wav(&p).unwrap();
     }

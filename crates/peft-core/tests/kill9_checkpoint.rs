@@ -134,7 +134,7 @@ fn checkpoint_save_killed_at_random_points_leaves_a_complete_checkpoint() {
         let loaded = t2.load_checkpoint(&dir).unwrap_or_else(|e| panic!("kill {i} after {delay:?}: {e} ({left:?})"));
         let at = if loaded { t2.steps_done() } else { 0 };
         if loaded {
-            assert!(at >= 1 && at <= STEPS);
+            assert!((1..=STEPS).contains(&at));
             assert_eq!(fingerprint(&l2), want[at], "kill {i} after {delay:?}: checkpoint of step {at} differs");
         }
         eprintln!("kill {i} after {delay:?}: latest checkpoint step {at}, entries {left:?}");
