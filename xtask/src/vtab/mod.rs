@@ -306,7 +306,7 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         );
         let mut feats: Option<(FeatureSet, FeatureSet)> = None;
         for n in &names {
-            let spec = specs.iter().find(|s| &s.name.0 == n);
+            let spec = specs.iter().find(|s| s.name.0 == n);
             for seed in args.seed..args.seed + args.seeds {
                 let recipe = RecipeConfig { lr: lr_of(args, spec), seed, ..prof.recipe.clone() };
                 if !args.force && res.find(&t.name, n, seed, &recipe, prof.resolution).is_some() {
