@@ -249,9 +249,12 @@ impl GgufTensorInfo {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
 
-    /// Number of elements.
+    /// Number of elements (saturating at `usize::MAX` for a shape no machine could hold).
     pub fn numel(&self) -> usize {
-        self.dims.iter().map(|&d| d as usize).product()
+        if self.dims.contains(&0) {
+            return 0;
+        }
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?)).unwrap_or(usize::MAX)
     }
 }
 
@@ -427,7 +430,12 @@ impl GgufFile {
     pub fn get(&self, name: &str) -> IoResult<ArrayD<f32>> {
         let t = self.tensor_info(name)?;
         let values = dequant::dequantize(t.ggml_type, self.tensor_bytes(name)?).ok_or_else(|| self.unsupported(t))?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&t.shape()), values).expect("peft-rs bug: validated tensor size"))
+        // A shape whose element count overflows usize (possible with a zero dimension next to huge ones, where
+        // the byte count is 0) is a corrupt header, not a bug (found by the gguf fuzz target).
+        ArrayD::from_shape_vec(IxDyn(&t.shape()), values).map_err(|e| IoError::CorruptHeader {
+            path: self.path.clone(),
+            reason: format!("tensor `{}`: shape {:?} does not describe its data ({e})", t.name, t.shape()),
+        })
     }
 
     fn unsupported(&self, t: &GgufTensorInfo) -> IoError {
