@@ -300,7 +300,7 @@ fn tsv_seeds() {
 
 /// Writes every seed (ignored: run it by hand after a format change, then commit the files).
 #[test]
-#[ignore]
+#[ignore = "regenerates the committed seed corpora"]
 fn write_seed_corpora() {
     safetensors_seeds();
     bnb_seeds();

@@ -138,7 +138,7 @@ fn rust_saved_adapters_give_the_same_outputs_in_peft() {
 /// Writes `tests/fixtures/minilm/rust_*` (then run gen_peft_minilm.py for PEFT's outputs with them). Ignored: it
 /// regenerates committed fixtures.
 #[test]
-#[ignore]
+#[ignore = "regenerates committed fixtures"]
 fn write_rust_adapter_fixtures() {
     let Some(dir) = require_asset("models/all-MiniLM-L6-v2") else { return };
     for (i, (name, cfg)) in rust_configs().into_iter().enumerate() {

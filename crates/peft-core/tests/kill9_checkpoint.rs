@@ -62,7 +62,7 @@ fn fingerprint(l: &Linear) -> u64 {
 
 /// The writer: trains and saves a checkpoint after every step (run by the parent test, not on its own).
 #[test]
-#[ignore]
+#[ignore = "child process of the kill -9 tests; runs only when they spawn it"]
 fn writer_child() {
     let Some(dir) = std::env::var_os(ENV) else { return };
     let l = model();
