@@ -22,6 +22,9 @@ use crate::{glue, quantize};
 /// Documented differences, each checked to be the reason when the crate accepts and we reject:
 /// - dtypes this reader does not implement (sub-byte `F4`, `F6_*`, `F8_E8M0`, complex, ...):
 ///   [`peft_core::io::IoError::UnsupportedDType`];
+/// - a header with a duplicate JSON key at any depth (a tensor named twice, two `__metadata__` values of one
+///   key): the crate keeps the last one, we reject the file as ambiguous ([`peft_core::io::IoError::Json`],
+///   "duplicate key"); the crate rejects only a duplicate field inside a tensor entry;
 /// - everything else must agree.
 pub fn safetensors(data: &[u8]) {
     let dir = scratch::dir("safetensors");
@@ -49,7 +52,9 @@ pub fn safetensors(data: &[u8]) {
         (Err(_), Err(_)) => {}
         (Err(e), Ok(_)) => {
             let unsupported = matches!(e, peft_core::io::IoError::UnsupportedDType { .. });
-            assert!(unsupported, "we reject a file the safetensors crate accepts: {e}");
+            let duplicate = matches!(e, peft_core::io::IoError::Json { source, .. }
+                if source.to_string().starts_with("duplicate key"));
+            assert!(unsupported || duplicate, "we reject a file the safetensors crate accepts: {e}");
         }
         (Ok(_), Err(e)) => panic!("we accept a file the safetensors crate rejects: {e:?}"),
     }
@@ -187,11 +192,45 @@ pub fn tsv(data: &[u8]) {
     }
 }
 
+/// COCO annotations (peft-vl): the input splits ([`crate::split2`] twice) into a captions file, an instances file
+/// (empty: none) and a Karpathy split file. A split that parses is internally consistent (every caption and
+/// instance belongs to a listed image, ids are unique, every instance's category is defined), and regrouping it
+/// by a Karpathy split that parses places every entry exactly once (or counts it missing).
+pub fn coco(data: &[u8]) {
+    use peft_vl::coco::{Coco, CocoSplit, KarpathySplit};
+    let (captions, rest) = crate::split2(data);
+    let (instances, karpathy) = crate::split2(rest);
+    let (Ok(captions), Ok(instances), Ok(karpathy)) =
+        (std::str::from_utf8(captions), std::str::from_utf8(instances), std::str::from_utf8(karpathy))
+    else {
+        return;
+    };
+    let instances = (!instances.is_empty()).then_some(instances);
+    let Ok(split) = CocoSplit::from_json_str("fuzz", "images", captions, instances) else { return };
+    let (texts, owners) = split.caption_pairs();
+    assert_eq!(texts.len(), owners.len(), "one owner per caption");
+    assert_eq!(texts.len(), split.num_captions(), "num_captions counts caption_pairs");
+    assert!(owners.iter().all(|&i| i < split.images.len()), "a caption's owner is a listed image");
+    assert_eq!(split.image_paths().len(), split.images.len(), "one path per image");
+    let mut ids = std::collections::HashSet::new();
+    for im in &split.images {
+        assert!(ids.insert(im.id), "image id {} kept twice", im.id);
+        for inst in &im.instances {
+            assert!(split.category_name(inst.category_id).is_some(), "instance of undefined category");
+        }
+    }
+    let Ok(k) = KarpathySplit::from_json_str("fuzz", karpathy) else { return };
+    let coco = Coco { train: split.clone(), val: split };
+    let out = coco.karpathy(&k);
+    let placed = out.train.images.len() + out.val.images.len() + out.test.images.len();
+    assert_eq!(placed + out.missing, k.images.len(), "every Karpathy entry placed once or counted missing");
+}
+
 /// A target: its name and its function.
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target by name (the replay test and `fuzz/run.sh` list them from here).
-pub const ALL: [Target; 8] = [
+pub const ALL: [Target; 9] = [
     ("safetensors", safetensors),
     ("bnb", bnb),
     ("gguf", gguf),
@@ -200,6 +239,7 @@ pub const ALL: [Target; 8] = [
     ("wav", wav),
     ("image", image),
     ("tsv", tsv),
+    ("coco", coco),
 ];
 
 /// Runs target `name` on every file in `dir` (sorted); returns how many it ran.

@@ -56,6 +56,17 @@ fn seeds_are_valid_files() {
     for p in dir("image") {
         peft_models::image_proc::read_rgb(&p).unwrap();
     }
+    for p in dir("coco") {
+        let data = std::fs::read(&p).unwrap();
+        let (captions, rest) = peft_fuzz::split2(&data);
+        let (instances, karpathy) = peft_fuzz::split2(rest);
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+        let instances = (!instances.is_empty()).then(|| text(instances));
+        let split = peft_vl::coco::CocoSplit::from_json_str("seed", "i", &text(captions), instances.as_deref())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(split.num_captions() > 0, "{}", p.display());
+        peft_vl::coco::KarpathySplit::from_json_str("seed", &text(karpathy)).unwrap();
+    }
 }
 
 #[test]

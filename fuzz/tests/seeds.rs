@@ -298,6 +298,23 @@ fn tsv_seeds() {
     );
 }
 
+const COCO_CAPTIONS: &str = r#"{"info": {"year": 2017}, "images": [{"id": 9, "file_name": "000000000009.jpg", "width": 640, "height": 480}, {"id": 4, "file_name": "000000000004.jpg", "width": 500, "height": 375}], "annotations": [{"id": 100, "image_id": 9, "caption": "Two dogs play."}, {"id": 101, "image_id": 4, "caption": "A red bus."}, {"id": 102, "image_id": 9, "caption": "Dogs running on grass"}]}"#;
+const COCO_INSTANCES: &str = r#"{"images": [{"id": 9, "file_name": "000000000009.jpg", "width": 640, "height": 480}], "categories": [{"id": 18, "name": "dog", "supercategory": "animal"}, {"id": 6, "name": "bus", "supercategory": "vehicle"}], "annotations": [{"id": 5, "image_id": 9, "category_id": 18, "bbox": [1.5, 2, 30, 40], "area": 900.5, "iscrowd": 0, "segmentation": [[1, 2, 3, 4]]}, {"id": 6, "image_id": 4, "category_id": 6, "bbox": [0, 0, 10, 10], "area": 50, "iscrowd": 1, "segmentation": {"counts": [1, 2], "size": [375, 500]}}]}"#;
+const COCO_KARPATHY: &str = r#"{"images": [{"cocoid": 9, "split": "train", "filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg"}, {"cocoid": 4, "split": "test"}, {"cocoid": 77, "split": "restval"}]}"#;
+
+/// A COCO seed: captions, instances (may be empty) and Karpathy texts joined as `peft_fuzz::targets::coco` splits.
+fn coco_seed(captions: &str, instances: &str, karpathy: &str) -> Vec<u8> {
+    peft_fuzz::join2(captions.as_bytes(), &peft_fuzz::join2(instances.as_bytes(), karpathy.as_bytes()))
+}
+
+/// The COCO seeds (also checked by `replay.rs::seeds_are_valid_files`).
+fn coco_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("full", coco_seed(COCO_CAPTIONS, COCO_INSTANCES, COCO_KARPATHY)),
+        ("captions-only", coco_seed(COCO_CAPTIONS, "", COCO_KARPATHY)),
+    ]
+}
+
 /// Writes every seed (ignored: run it by hand after a format change, then commit the files).
 #[test]
 #[ignore = "regenerates the committed seed corpora"]
@@ -310,4 +327,7 @@ fn write_seed_corpora() {
     wav_seeds();
     image_seeds();
     tsv_seeds();
+    for (name, bytes) in coco_seeds() {
+        put("coco", name, &bytes);
+    }
 }

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod hf_config;
 pub mod safetensors;
 pub mod stale;
+mod strict_json;
 pub mod unused;
 
 pub use assets::assets_dir;

@@ -3,7 +3,9 @@
 //! Layout of the format: an 8-byte little-endian header length `N`, `N` bytes of JSON (an object mapping each
 //! tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}`, plus an optional `"__metadata__"` object of
 //! string values), then the data buffer. Offsets are relative to the data buffer, and the tensors must tile it
-//! exactly (no holes, no overlaps, nothing after the last tensor).
+//! exactly (no holes, no overlaps, nothing after the last tensor). A duplicate JSON key anywhere in the header is
+//! an error ([`IoError::Json`], "duplicate key"): the reference crate keeps the last of two tensor entries of one
+//! name, which silently drops the first.
 //!
 //! The header is validated here rather than by the `safetensors` crate so that every way a file can be wrong
 //! becomes a typed [`IoError`] naming the file and the tensor. Tensor data is decoded lazily, one tensor per
@@ -364,8 +366,9 @@ fn parse_header(buf: &[u8], path: &Path) -> IoResult<Header> {
     }
     let n = n as usize;
     let text = std::str::from_utf8(&buf[8..8 + n]).map_err(|e| corrupt(format!("header is not UTF-8: {e}")))?;
-    let root: Map<String, Value> =
-        serde_json::from_str(text).map_err(|source| IoError::Json { path: path.to_path_buf(), source })?;
+    // Duplicate keys (a tensor named twice, an entry with two `data_offsets`) are a parse error, not last-wins.
+    let root: Map<String, Value> = super::strict_json::object_from_str(text)
+        .map_err(|source| IoError::Json { path: path.to_path_buf(), source })?;
     let data_len = buf.len() - 8 - n;
 
     let mut tensors = BTreeMap::new();

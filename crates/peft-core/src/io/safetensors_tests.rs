@@ -348,3 +348,28 @@ fn header_with_only_metadata_and_no_tensors_is_valid() {
     assert!(f.is_empty());
     assert_eq!(f.metadata()["a"], "b");
 }
+
+#[test]
+fn duplicate_keys_are_a_json_error_naming_the_key() {
+    let data = f32_bytes(&[1.0, 2.0]);
+    let cases = [
+        // The fuzz smoke's find: last-wins parsing took the second `data_offsets` and accepted the file.
+        (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4],"data_offsets":[0,8]}}"#, "data_offsets"),
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            "a",
+        ),
+        (r#"{"__metadata__":{"k":"1","k":"2"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, "k"),
+    ];
+    for (header, key) in cases {
+        match open_err(&raw(header, &data)) {
+            IoError::Json { source, .. } => {
+                assert!(source.to_string().contains(&format!("duplicate key `{key}`")), "{header}: {source}")
+            }
+            other => panic!("{header}: expected a JSON error, got {other:?}"),
+        }
+    }
+    // The same file without the duplicate opens.
+    let (_d, ok) = open_bytes(&raw(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &data));
+    assert_eq!(ok.unwrap().get("a").unwrap().as_slice().unwrap(), &[1.0, 2.0]);
+}
