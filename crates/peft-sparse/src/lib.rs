@@ -15,7 +15,7 @@
 //! - [`adamw`]: [`adamw::SparseAdamW`], AdamW over the k values with per-entry age (SpIEL's SftAdamW);
 //! - [`compose`]: sums of sparse deltas, with the overlap reported;
 //! - [`memory`]: trainable entries and optimizer-state bytes;
-//! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL);
+//! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter);
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
 //! ```
@@ -50,6 +50,7 @@ pub mod error;
 pub mod indices;
 pub mod lt_sft;
 pub mod memory;
+pub mod mosa;
 pub mod select;
 pub mod spiel;
 pub mod stepper;
@@ -62,6 +63,7 @@ pub use delta::SparseDelta;
 pub use error::{SparseError, SparseResult};
 pub use indices::{scatter_add_flat, SparseIndices};
 pub use lt_sft::LtSftConfig;
+pub use mosa::MosaConfig;
 pub use spiel::SpielConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
 
@@ -73,6 +75,8 @@ pub const SPARSE_FT: MethodName = MethodName("sparse-ft");
 pub const LT_SFT: MethodName = MethodName("lt-sft");
 /// `"spiel"`: SpIEL drop/grow sparse fine-tuning.
 pub const SPIEL: MethodName = MethodName("spiel");
+/// `"mosa"`: Mixture of Sparse Adapters (4 experts, bottleneck 64) on the feed-forward output projections.
+pub const MOSA: MethodName = MethodName("mosa");
 
 /// The sparse methods, for the bench, on every encoder weight matrix of a BERT-style model (embeddings, norms
 /// and the head excluded) at 0.5% density.
@@ -89,13 +93,17 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(SPARSE_FT, SparseFtConfig::new(target, 0.005), 2e-3),
         MethodSpec::new(LT_SFT, lt, 2e-3),
         MethodSpec::new(SPIEL, SpielConfig::new(target, 0.005), 2e-3),
+        MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 1e-3),
     ]
 }
 
 /// The weight matrices of a BERT-style encoder's layers (regex over parameter names).
 pub const ENCODER_WEIGHTS: &str = r".*encoder\.layer\.\d+\..*(?:query|key|value|dense)\.weight";
 
+/// The feed-forward output projections of a BERT-style encoder (regex over linear-site paths).
+pub const FFN_OUTPUTS: &str = r".*encoder\.layer\.\d+\.output\.dense";
+
 /// The `peft_type`s this crate reads, on top of peft-core's.
 pub fn registry() -> ConfigRegistry {
-    ConfigRegistry::new().with::<SparseFtConfig>().with::<LtSftConfig>().with::<SpielConfig>()
+    ConfigRegistry::new().with::<SparseFtConfig>().with::<LtSftConfig>().with::<SpielConfig>().with::<MosaConfig>()
 }
