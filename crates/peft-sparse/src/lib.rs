@@ -15,7 +15,8 @@
 //! - [`adamw`]: [`adamw::SparseAdamW`], AdamW over the k values with per-entry age (SpIEL's SftAdamW);
 //! - [`compose`]: sums of sparse deltas, with the overlap reported;
 //! - [`memory`]: trainable entries and optimizer-state bytes;
-//! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter);
+//! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter),
+//!   [`ramt`] (R-AMT, learned binary masks with gradient-dropout regularity);
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
 //! ```
@@ -51,6 +52,7 @@ pub mod indices;
 pub mod lt_sft;
 pub mod memory;
 pub mod mosa;
+pub mod ramt;
 pub mod select;
 pub mod spiel;
 pub mod stepper;
@@ -64,6 +66,7 @@ pub use error::{SparseError, SparseResult};
 pub use indices::{scatter_add_flat, SparseIndices};
 pub use lt_sft::LtSftConfig;
 pub use mosa::MosaConfig;
+pub use ramt::RamtConfig;
 pub use spiel::SpielConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
 
@@ -77,6 +80,8 @@ pub const LT_SFT: MethodName = MethodName("lt-sft");
 pub const SPIEL: MethodName = MethodName("spiel");
 /// `"mosa"`: Mixture of Sparse Adapters (4 experts, bottleneck 64) on the feed-forward output projections.
 pub const MOSA: MethodName = MethodName("mosa");
+/// `"r-amt"`: regularized mask tuning (learned binary masks on the attention projections).
+pub const R_AMT: MethodName = MethodName("r-amt");
 
 /// The sparse methods, for the bench, on every encoder weight matrix of a BERT-style model (embeddings, norms
 /// and the head excluded) at 0.5% density.
@@ -94,6 +99,7 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(LT_SFT, lt, 2e-3),
         MethodSpec::new(SPIEL, SpielConfig::new(target, 0.005), 2e-3),
         MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 1e-3),
+        MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
     ]
 }
 
@@ -103,7 +109,16 @@ pub const ENCODER_WEIGHTS: &str = r".*encoder\.layer\.\d+\..*(?:query|key|value|
 /// The feed-forward output projections of a BERT-style encoder (regex over linear-site paths).
 pub const FFN_OUTPUTS: &str = r".*encoder\.layer\.\d+\.output\.dense";
 
+/// The attention input/output projection weights of a BERT-style encoder (R-AMT's `vit_b16` targets).
+pub const ATTENTION_WEIGHTS: &str =
+    r".*encoder\.layer\.\d+\.attention\.(?:self\.(?:query|key|value)|output\.dense)\.weight";
+
 /// The `peft_type`s this crate reads, on top of peft-core's.
 pub fn registry() -> ConfigRegistry {
-    ConfigRegistry::new().with::<SparseFtConfig>().with::<LtSftConfig>().with::<SpielConfig>().with::<MosaConfig>()
+    ConfigRegistry::new()
+        .with::<SparseFtConfig>()
+        .with::<LtSftConfig>()
+        .with::<SpielConfig>()
+        .with::<MosaConfig>()
+        .with::<RamtConfig>()
 }
