@@ -16,7 +16,8 @@
 //! - [`compose`]: sums of sparse deltas, with the overlap reported;
 //! - [`memory`]: trainable entries and optimizer-state bytes;
 //! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter),
-//!   [`ramt`] (R-AMT, learned binary masks with gradient-dropout regularity);
+//!   [`ramt`] (R-AMT, learned binary masks with gradient-dropout regularity), [`sara`] (SaRA, the smallest
+//!   weights, progressively, with a nuclear-norm regulariser);
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
 //! ```
@@ -53,6 +54,7 @@ pub mod lt_sft;
 pub mod memory;
 pub mod mosa;
 pub mod ramt;
+pub mod sara;
 pub mod select;
 pub mod spiel;
 pub mod stepper;
@@ -67,6 +69,7 @@ pub use indices::{scatter_add_flat, SparseIndices};
 pub use lt_sft::LtSftConfig;
 pub use mosa::MosaConfig;
 pub use ramt::RamtConfig;
+pub use sara::SaraConfig;
 pub use spiel::SpielConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
 
@@ -82,6 +85,8 @@ pub const SPIEL: MethodName = MethodName("spiel");
 pub const MOSA: MethodName = MethodName("mosa");
 /// `"r-amt"`: regularized mask tuning (learned binary masks on the attention projections).
 pub const R_AMT: MethodName = MethodName("r-amt");
+/// `"sara"`: SaRA, the encoder weights with `|θ| < 2e-3` (nuclear-norm regulariser on).
+pub const SARA: MethodName = MethodName("sara");
 
 /// The sparse methods, for the bench, on every encoder weight matrix of a BERT-style model (embeddings, norms
 /// and the head excluded) at 0.5% density.
@@ -100,6 +105,7 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(SPIEL, SpielConfig::new(target, 0.005), 2e-3),
         MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 1e-3),
         MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
+        MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),
     ]
 }
 
@@ -121,4 +127,5 @@ pub fn registry() -> ConfigRegistry {
         .with::<SpielConfig>()
         .with::<MosaConfig>()
         .with::<RamtConfig>()
+        .with::<SaraConfig>()
 }
