@@ -17,7 +17,8 @@
 //! - [`memory`]: trainable entries and optimizer-state bytes;
 //! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter),
 //!   [`ramt`] (R-AMT, learned binary masks with gradient-dropout regularity), [`sara`] (SaRA, the smallest
-//!   weights, progressively, with a nuclear-norm regulariser);
+//!   weights, progressively, with a nuclear-norm regulariser), [`s2ft`] (S²FT, selected heads and channels as
+//!   dense blocks);
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
 //! ```
@@ -54,6 +55,7 @@ pub mod lt_sft;
 pub mod memory;
 pub mod mosa;
 pub mod ramt;
+pub mod s2ft;
 pub mod sara;
 pub mod select;
 pub mod spiel;
@@ -69,6 +71,7 @@ pub use indices::{scatter_add_flat, SparseIndices};
 pub use lt_sft::LtSftConfig;
 pub use mosa::MosaConfig;
 pub use ramt::RamtConfig;
+pub use s2ft::S2ftConfig;
 pub use sara::SaraConfig;
 pub use spiel::SpielConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
@@ -87,6 +90,8 @@ pub const MOSA: MethodName = MethodName("mosa");
 pub const R_AMT: MethodName = MethodName("r-amt");
 /// `"sara"`: SaRA, the encoder weights with `|θ| < 2e-3` (nuclear-norm regulariser on).
 pub const SARA: MethodName = MethodName("sara");
+/// `"s2ft"`: S²FT with the paper's recipe (5.2% of the attention-output heads, 2% of the FFN down channels).
+pub const S2FT: MethodName = MethodName("s2ft");
 
 /// The sparse methods, for the bench, on every encoder weight matrix of a BERT-style model (embeddings, norms
 /// and the head excluded) at 0.5% density.
@@ -106,6 +111,7 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 1e-3),
         MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
         MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),
+        MethodSpec::new(S2FT, S2ftConfig::bert(12), 2e-4),
     ]
 }
 
@@ -128,4 +134,5 @@ pub fn registry() -> ConfigRegistry {
         .with::<MosaConfig>()
         .with::<RamtConfig>()
         .with::<SaraConfig>()
+        .with::<S2ftConfig>()
 }
