@@ -136,3 +136,7 @@ pub fn registry() -> ConfigRegistry {
         .with::<SaraConfig>()
         .with::<S2ftConfig>()
 }
+
+#[cfg(test)]
+#[path = "lib_tests.rs"]
+mod tests;
