@@ -93,13 +93,21 @@ pub const SARA: MethodName = MethodName("sara");
 /// `"s2ft"`: S²FT with the paper's recipe (5.2% of the attention-output heads, 2% of the FFN down channels).
 pub const S2FT: MethodName = MethodName("s2ft");
 
-/// The sparse methods, for the bench, on every encoder weight matrix of a BERT-style model (embeddings, norms
-/// and the head excluded) at 0.5% density.
+/// The sparse methods, for the bench: SPARSE_FT, LT-SFT and SpIEL on every encoder weight matrix of a
+/// BERT-style model (embeddings, norms and the head excluded) at 0.5% density; MoSA on the feed-forward output
+/// projections; R-AMT on the attention projections; SaRA on every encoder weight matrix; S²FT with §3.3's
+/// recipe for 12 heads per layer.
 ///
 /// Learning rates (not tuned): the spec's rate is the trainer's, which LT-SFT and SpIEL use for the task head
 /// only; their values are stepped by the adapter itself at the config's `lr` (2e-3: the bench runs 16-63 steps,
 /// where SpIEL's reference 1e-5 over two epochs of a 7B model would barely move). LT-SFT's full phase is 10
 /// steps at 1e-4 (full fine-tuning's bench rate), so the sparse phase has most of a short run.
+///
+/// MoSA's and R-AMT's rate (1e-3) is the trainer's, for the adapter and the head alike (MoSA's spec rate; R-AMT's
+/// 8e-5 would need ~60 steps to flip a mask from its 1e-2 init past the 5e-3 threshold, about the whole bench
+/// run). SaRA steps its values itself at [`sara::default_lr`] (≈ 5e-4 at the 2e-3 threshold); its 2e-3 is the
+/// head's. S²FT trains at the recipe's 2e-4. The bench's trainer passes no distillation loss, so R-AMT runs there
+/// without its gradient-dropout regularity (see [`ramt`]).
 pub fn methods() -> Vec<MethodSpec> {
     let target = ENCODER_WEIGHTS;
     let mut lt = LtSftConfig::new(target, 0.005);
