@@ -27,10 +27,11 @@
 //! unmerged evaluation forward computes the same weights, so both give the same output. A MoSA adapter cannot be
 //! merged into the base weight (the bottleneck is nonlinear): [`Tuner::merge`] refuses.
 //!
-//! **Not implemented:** the optional second stochastic forward with the symmetric-KL consistency loss
-//! (`REG_WEIGHT`, §1.6; it needs two forwards of the whole model per step, which the trainer's loss closure can
-//! do with [`MosaConfig`]-independent code). Unconfirmed in the spec and therefore configurable here: the
-//! placement (any linear site), the merge mode.
+//! **Consistency loss.** MoSA's optional regulariser (`REG_WEIGHT = 1.0`) runs a second stochastic forward and
+//! adds the symmetric KL between the two outputs ([`symmetric_kl`], §1.6); it needs two forwards of the whole
+//! model, so it lives in the training loop's loss closure (`loss = task + w · symmetric_kl(y1, y2)`), not in the
+//! adapter. Unconfirmed in the spec and therefore configurable here: the placement (any linear site), the merge
+//! mode.
 //!
 //! **File layout** per site `<p>`: `<p>.mosa_down.weight` (C), `<p>.mosa_down.init` (W₀),
 //! `<p>.mosa_down.expert` (expert id of each entry, F32 integers), `<p>.mosa_down.bias`, the same for
@@ -230,6 +231,33 @@ pub fn bottleneck<E: Elem>(
         }
     }
     Ok(h.linear(up, Some(up_b))?.mul_scalar(E::of(scale)))
+}
+
+/// MoSA's consistency loss between two logit tensors `[.., classes]` (§1.6): `½[KL(p‖q) + KL(q‖p)]` with
+/// `p = softmax(a)`, `q = softmax(b)`, the *target* side of each term detached, summed over classes and averaged
+/// over rows ("batchmean"). Its gradient is `½(p − q)/rows` for `a` and `½(q − p)/rows` for `b`.
+///
+/// # Errors
+/// [`SparseError::ShapeMismatch`] for different shapes or scalars; shape errors.
+pub fn symmetric_kl(a: &Tensor, b: &Tensor) -> SparseResult<Tensor> {
+    if a.shape() != b.shape() || a.rank() == 0 {
+        return Err(SparseError::ShapeMismatch {
+            tensor: "symmetric_kl".into(),
+            expected: a.shape().to_vec(),
+            found: b.shape().to_vec(),
+        });
+    }
+    let axis = a.rank() - 1;
+    let rows = (a.len() / a.shape()[axis].max(1)).max(1);
+    let (la, lb) = (a.log_softmax(axis)?, b.log_softmax(axis)?);
+    // KL(target ‖ other) = Σ target · (log target − log other), the target a constant.
+    let kl = |target: &Tensor, other: &Tensor| -> SparseResult<Tensor> {
+        let lt = Tensor::new(target.data().to_owned());
+        let pt = Tensor::new(lt.data().mapv(f32::exp));
+        Ok(pt.mul(&lt.sub(other)?)?.sum_all())
+    };
+    let total = kl(&la, &lb)?.add(&kl(&lb, &la)?)?;
+    Ok(total.mul_scalar(0.5 / rows as f32))
 }
 
 /// One projection: the combined matrix and, when split, the shared init and the expert id of every entry.

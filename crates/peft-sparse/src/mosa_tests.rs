@@ -295,3 +295,44 @@ fn config_json_round_trips() {
     assert_eq!(back, c);
     assert!(ignored.is_empty());
 }
+
+#[test]
+fn symmetric_kl_value_and_gradients() {
+    let a0 = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.1f32, 0.5, -0.2, 1.0, 0.0, 0.3]).unwrap();
+    let b0 = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.4f32, -0.5, 0.2, 0.0, 1.0, 0.3]).unwrap();
+    assert!(symmetric_kl(&Tensor::new(a0.clone()), &Tensor::new(a0.clone())).unwrap().item().unwrap().abs() < 1e-7);
+    let (a, b) = (Tensor::var(a0.clone()), Tensor::var(b0.clone()));
+    let l = symmetric_kl(&a, &b).unwrap();
+    let softmax = |x: &ArrayD<f32>| {
+        let mut out = x.clone();
+        for mut row in out.rows_mut() {
+            let z: f32 = row.iter().map(|v| v.exp()).sum();
+            row.mapv_inplace(|v| v.exp() / z);
+        }
+        out
+    };
+    let (p, q) = (softmax(&a0), softmax(&b0));
+    // Value: ½ Σ (p − q)(log p − log q) / rows.
+    let want: f32 = p.iter().zip(q.iter()).map(|(p, q)| (p - q) * (p.ln() - q.ln())).sum::<f32>() * 0.25;
+    assert!((l.item().unwrap() - want).abs() < 1e-6);
+    let g = l.backward().unwrap();
+    let ga = (&p - &q) * 0.25;
+    assert!(max_abs_diff(g.get(&a).unwrap().as_slice().unwrap(), ga.as_slice().unwrap()) < 1e-6);
+    assert!(max_abs_diff(g.get(&b).unwrap().as_slice().unwrap(), (-ga).as_slice().unwrap()) < 1e-6);
+    let bad = symmetric_kl(&a, &Tensor::new(ArrayD::zeros(IxDyn(&[3, 2])))).unwrap_err();
+    assert!(matches!(bad, SparseError::ShapeMismatch { .. }));
+}
+
+#[test]
+fn the_consistency_loss_compares_two_stochastic_forwards() {
+    let m = model(config(3));
+    train(&m, 3);
+    let x = input(5, D, 7);
+    let ctx = Ctx::train(11);
+    let (y1, y2) = (m.forward(&x, &ctx).unwrap(), m.forward(&x, &ctx).unwrap());
+    let reg = symmetric_kl(&y1, &y2).unwrap();
+    assert!(reg.item().unwrap() > 0.0, "two forwards drew the same experts everywhere");
+    let g = reg.backward().unwrap();
+    let reached = mosa(&m).layers().iter().any(|(_, l)| g.get_id(l.up.comb.id()).is_some());
+    assert!(reached);
+}
