@@ -15,7 +15,8 @@
 //! The authors co-permute heads/channels so the selected rows/columns become contiguous ranges (a kernel
 //! optimisation; the permutation leaves the function unchanged). Here the blocks address the selected rows or
 //! columns through index lists instead, which computes the same function without touching the base weights,
-//! so no permutation is applied (and none is needed to load an adapter on an unpermuted model).
+//! so no permutation is applied (and none is needed to load an adapter on an unpermuted model);
+//! [`co_permutation`] gives the authors' unit order, for laying an adapter out as their code does.
 //!
 //! The selection is recorded in the saved `adapter_config.json` (`selected`: site path → sorted unit indices),
 //! so loading rebuilds exactly the trained blocks; a config with `selected` set uses it instead of sampling.
@@ -82,6 +83,25 @@ pub fn block_delta<E: Elem>(
             x.linear(&gather, None)?.linear(s2, None)
         }
     }
+}
+
+/// The authors' co-permutation order of one layer's units (heads or channels): `[only_a, a∩b, only_b, rest]`,
+/// each part in increasing order, where `a` is the unit set of the output-row block (value / up) and `b` that of
+/// the input-column block (attention output / down). Permuting the row-block weight's unit blocks of rows and the
+/// column-block weight's unit blocks of columns by this order leaves the layer's function unchanged, and puts
+/// `a`'s units at positions `[0, |only_a| + |a∩b|)` and `b`'s at `[|only_a|, |only_a| + |a∩b| + |only_b|)`
+/// (§3.3's contiguous ranges). Not needed here (blocks address their rows and columns by index); provided to lay an
+/// adapter out as the authors' code does.
+pub fn co_permutation(a: &[usize], b: &[usize], n: usize) -> Vec<usize> {
+    let ina = |u: &usize| a.contains(u);
+    let inb = |u: &usize| b.contains(u);
+    let all: Vec<usize> = (0..n).collect();
+    let part = |f: &dyn Fn(&usize) -> bool| all.iter().copied().filter(|u| f(u)).collect::<Vec<_>>();
+    let mut out = part(&|u| ina(u) && !inb(u));
+    out.extend(part(&|u| ina(u) && inb(u)));
+    out.extend(part(&|u| !ina(u) && inb(u)));
+    out.extend(part(&|u| !ina(u) && !inb(u)));
+    out
 }
 
 /// S²FT on one linear site.

@@ -196,3 +196,30 @@ fn selector_gathers_and_scatters() {
     let v = Tensor::new(ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![5.0f32, 6.0]).unwrap());
     assert_eq!(block_delta(&v, &eye, BlockKind::Rows, &[0, 2], 2, 3).unwrap().to_vec(), vec![5.0, 0.0, 6.0]);
 }
+
+#[test]
+fn co_permutation_preserves_the_function_and_makes_the_blocks_contiguous() {
+    // A toy attention-like pair: value rows in 4 heads of 2, output columns in the same heads.
+    let (h, hd, d) = (4usize, 2usize, 5usize);
+    use peft_core::nn::WeightSource;
+    let init = peft_core::nn::RandomInit::new(7, 0.5);
+    let wv = init.get("v", &[h * hd, d]).unwrap();
+    let wo = init.get("o", &[d, h * hd]).unwrap();
+    let x = input(3, d, 1);
+    let f = |wv: &ArrayD<f32>, wo: &ArrayD<f32>| {
+        x.linear(&Tensor::new(wv.clone()), None).unwrap().tanh().linear(&Tensor::new(wo.clone()), None).unwrap()
+    };
+    let y = f(&wv, &wo);
+    let (v_sel, o_sel) = (vec![1usize, 3], vec![0usize, 3]);
+    let order = co_permutation(&v_sel, &o_sel, h);
+    assert_eq!(order, vec![1, 3, 0, 2]);
+    let rows: Vec<usize> = order.iter().flat_map(|&u| u * hd..(u + 1) * hd).collect();
+    let pv = ArrayD::from_shape_fn(IxDyn(&[h * hd, d]), |i| wv[[rows[i[0]], i[1]]]);
+    let po = ArrayD::from_shape_fn(IxDyn(&[d, h * hd]), |i| wo[[i[0], rows[i[1]]]]);
+    assert!(max_abs_diff(f(&pv, &po).as_slice(), y.as_slice()) <= 1e-6);
+    // §3.3's ranges: v heads at [0, |only_v| + |v∩o|), o heads at [|only_v|, |only_v| + |v∩o| + |only_o|).
+    let pos = |u: usize| order.iter().position(|&o| o == u).unwrap();
+    let (only_v, both, only_o) = (1, 1, 1);
+    assert!(v_sel.iter().all(|&u| pos(u) < only_v + both));
+    assert!(o_sel.iter().all(|&u| (only_v..only_v + both + only_o).contains(&pos(u))));
+}

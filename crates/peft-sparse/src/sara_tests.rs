@@ -241,3 +241,15 @@ fn weight_decay_acts_on_theta_not_on_the_delta() {
         }
     }
 }
+
+#[test]
+fn loading_onto_another_base_is_refused() {
+    let m = model(config());
+    let dir = tempfile::tempdir().unwrap();
+    m.save_pretrained(dir.path()).unwrap();
+    // Another base has another set of small weights: the re-derived mask disagrees with the file.
+    let Err(e) = PeftModel::from_pretrained(Tiny::new(D, 2, 2), dir.path(), &registry()) else {
+        panic!("loaded onto another base")
+    };
+    assert!(matches!(e, AdapterError::TensorShape { .. }), "{e:?}");
+}
