@@ -12,7 +12,7 @@
 //!   distillation loss `KL_T(student ‖ zero-shot teacher)`, per element
 //!   `P = (sign(g_a)·(g_a + g_b)/(|g_a| + |g_b| + 1e-8) + 1)/2`, `U ~ U(0, 1)`, and the step uses
 //!   `g = ((1 − λ) + λ·1[P > U])·g_a` ([`gradient_dropout`]). The trainer's loss is the task loss; a loop that
-//!   wants GDR computes the teacher's logits with [`RamtTuner::teacher`] (the masks switched off), the
+//!   wants GDR computes the teacher's logits with [`RamtTuner::teacher`] (the masks bypassed), the
 //!   distillation loss with [`distill_kl`], and hands it to [`RamtTuner::set_distill_loss`] before the backward:
 //!   the tuner's `transform_grads` backpropagates it and replaces the mask gradients by the GDR ones. Without a
 //!   distillation loss a step is plain STE mask tuning. `g_a` is the gradient the trainer computed, so it includes
@@ -27,6 +27,7 @@
 //! **File layout**: `<param>.mask_real` (F32, the weight's shape) per target.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ndarray::{ArrayD, IxDyn, Zip};
@@ -211,6 +212,8 @@ pub struct MaskDelta {
     threshold: f32,
     /// The change a merge added (`−W ⊙ (1 − M)`), set by the tuner while merged.
     merged: Mutex<Option<ArrayD<f32>>>,
+    /// Set while [`RamtTuner::teacher`] runs: the forward sees the unmasked weight.
+    bypass: AtomicBool,
 }
 
 impl MaskDelta {
@@ -234,6 +237,9 @@ impl ParamDelta for MaskDelta {
         "r-amt"
     }
     fn apply(&self, base: &Tensor) -> peft_core::Result<Tensor> {
+        if self.bypass.load(Ordering::Relaxed) {
+            return Ok(base.clone());
+        }
         ste_mask(base, &self.m_real.tensor(), self.threshold)
     }
     fn delta_value(&self) -> peft_core::Result<ArrayD<f32>> {
@@ -265,14 +271,22 @@ impl RamtTuner {
         &self.entries
     }
 
-    /// Runs `f` (a forward of the model) with the masks switched off and no graph: the zero-shot teacher.
+    /// Runs `f` (a forward of the model) with the masks bypassed and no graph: the zero-shot teacher. The
+    /// adapter's activation state is left as it is.
     ///
     /// # Errors
-    /// Errors of `f`.
+    /// [`SparseError::State`] while merged (the merged weights are masked); errors of `f`.
     pub fn teacher<T>(&self, f: impl FnOnce() -> peft_core::Result<T>) -> peft_core::Result<T> {
-        self.set_active(false);
+        if let Some((p, _)) = self.entries.first().filter(|_| self.is_merged()) {
+            return Err(SparseError::State {
+                tensor: p.name().into(),
+                reason: "the zero-shot teacher needs the masks unmerged".into(),
+            }
+            .into());
+        }
+        self.entries.iter().for_each(|(_, d)| d.bypass.store(true, Ordering::Relaxed));
         let out = no_grad(f);
-        self.set_active(true);
+        self.entries.iter().for_each(|(_, d)| d.bypass.store(false, Ordering::Relaxed));
         out
     }
 
@@ -436,6 +450,7 @@ impl TunerConfig for RamtConfig {
                 ),
                 threshold: self.threshold as f32,
                 merged: Mutex::new(None),
+                bypass: AtomicBool::new(false),
             });
             if let Err(e) = p.attach_delta(d.clone()) {
                 for (q, _) in &entries {

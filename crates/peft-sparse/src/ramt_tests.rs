@@ -153,6 +153,8 @@ fn training_flips_masks_leaves_weights_frozen_and_merges_exactly() {
         assert!(p.value().iter().zip(b.iter()).all(|(w, m)| *m == 1.0 || *w == 0.0));
     }
     assert_eq!(m.forward(&x, &Ctx::eval()).unwrap().to_vec(), y.to_vec());
+    let e = ramt(&m).teacher(|| Ok(())).unwrap_err();
+    assert!(matches!(SparseError::of(&e), Some(SparseError::State { .. })), "{e:?}");
     m.unmerge_adapter().unwrap();
     assert_eq!(base_bits(&m), before);
     assert_eq!(m.forward(&x, &Ctx::eval()).unwrap().to_vec(), y.to_vec());
@@ -171,6 +173,7 @@ fn gdr_through_transform_grads_keeps_or_drops_each_mask_gradient() {
             .unwrap();
     }
     let teacher = t.teacher(|| m.forward(&x, &Ctx::eval())).unwrap();
+    assert_eq!(teacher.to_vec(), Tiny::new(D, 2, 1).forward(&x, &Ctx::eval()).unwrap().to_vec());
     let student = m.forward(&x, &Ctx::eval()).unwrap();
     assert!(max_abs_diff(teacher.as_slice(), student.as_slice()) > 0.0);
     let kl = distill_kl(&student, &teacher, 1.0, 1.0).unwrap();
