@@ -287,7 +287,8 @@ impl S2ftConfig {
         let t = Self::PEFT_TYPE;
         let mut out: Vec<PlanSite> = Vec::new();
         for (g, (field, pat, kind, heads, ratio)) in self.groups().into_iter().enumerate() {
-            let Some(pat) = pat else { continue };
+            // A group with ratio 0 selects nothing: its pattern need not match (a model without that layer).
+            let Some(pat) = pat.filter(|_| ratio > 0.0) else { continue };
             let spec = TargetSpec::new(pat, None, None, None, &self.modules_to_save())?;
             for s in select_linear(model, &spec)? {
                 if out.iter().any(|o| o.site.path() == s.path()) {

@@ -172,7 +172,7 @@ fn bad_configs_are_typed_errors() {
         (S2ftConfig { num_heads: 3, ..config() }, "num_heads"),
         (S2ftConfig { v_ratio: 1.5, ..config() }, "v_ratio"),
         (S2ftConfig { v_ratio: 0.0, d_ratio: 0.01, ..config() }, "ratios"),
-        (S2ftConfig { up_modules: Some(ModulePattern::Regex(DOWN.into())), ..config() }, "down_modules"),
+        (S2ftConfig { up_modules: Some(ModulePattern::Regex(DOWN.into())), u_ratio: 0.25, ..config() }, "down_modules"),
     ];
     for (c, field) in cases {
         let Err(e) = PeftModel::new(Tiny::new(D, 2, 1), c, "default", 0) else { panic!("accepted {field}") };
@@ -184,6 +184,12 @@ fn bad_configs_are_typed_errors() {
     assert!(ignored.is_empty());
     let bert = S2ftConfig::bert(12);
     assert_eq!((bert.o_ratio, bert.d_ratio, bert.v_ratio, bert.u_ratio), (0.052, 0.02, 0.0, 0.0));
+    // A group with ratio 0 need not match anything; a used one must.
+    let unused = S2ftConfig { up_modules: Some(ModulePattern::Regex("nothing".into())), ..config() };
+    assert!(PeftModel::new(Tiny::new(D, 2, 1), unused, "default", 0).is_ok());
+    let used = S2ftConfig { up_modules: Some(ModulePattern::Regex("nothing".into())), u_ratio: 0.5, ..config() };
+    let Err(e) = PeftModel::new(Tiny::new(D, 2, 1), used, "default", 0) else { panic!("accepted") };
+    assert!(e.to_string().contains("no adapter site matched"), "{e}");
 }
 
 #[test]
