@@ -77,6 +77,18 @@ pub enum SparseError {
         /// What is wrong.
         reason: String,
     },
+    /// A MoSA expert-id map entry that is not an expert number (a corrupt file).
+    #[error("`{tensor}`: expert id {value} at position {position} is not an integer in 0..{experts}")]
+    BadExpertId {
+        /// The tensor.
+        tensor: String,
+        /// The stored value.
+        value: f64,
+        /// Its position (row-major).
+        position: usize,
+        /// The number of experts.
+        experts: usize,
+    },
     /// A merge-state error: unmerging what is not merged, and the like.
     #[error("`{tensor}`: {reason}")]
     State {

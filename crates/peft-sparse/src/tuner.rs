@@ -32,7 +32,7 @@ use crate::select::top_k_indices;
 /// Largest element count whose flat indices are stored as one exact F32 each.
 pub const F32_EXACT: usize = 1 << 24;
 
-/// Method-specific behaviour around training steps (SpIEL's drop/grow, LT-SFT's phases).
+/// Method-specific behaviour around training steps (SpIEL's drop/grow, LT-SFT's phases, SaRA's regulariser).
 pub trait StepHooks: Send + Sync {
     /// Rewrites a micro-batch's gradients (before clipping and the optimizer).
     ///
@@ -49,6 +49,14 @@ pub trait StepHooks: Send + Sync {
     fn after_step(&self, tuner: &SparseTuner, step: usize) -> peft_core::Result<()> {
         let _ = (tuner, step);
         Ok(())
+    }
+    /// An auxiliary loss for the trainer to add (SaRA's low-rank regulariser). Default: none.
+    ///
+    /// # Errors
+    /// Implementation-specific.
+    fn aux_loss(&self, tuner: &SparseTuner) -> peft_core::Result<Option<peft_core::Tensor>> {
+        let _ = tuner;
+        Ok(None)
     }
     /// Bytes of optimizer (and other training) state the hooks hold.
     fn state_bytes(&self) -> usize {
@@ -272,6 +280,12 @@ impl Tuner for SparseTuner {
         match &self.hooks {
             Some(h) => h.after_step(self, step),
             None => Ok(()),
+        }
+    }
+    fn aux_loss(&self) -> peft_core::Result<Option<peft_core::Tensor>> {
+        match &self.hooks {
+            Some(h) => h.aux_loss(self),
+            None => Ok(None),
         }
     }
 }
