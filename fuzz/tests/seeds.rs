@@ -197,6 +197,29 @@ fn adapter_seeds() {
         c.use_dora = true;
         m.add_adapter("default", c).unwrap();
     });
+    // Every sparse method of the bench's registry (their loaders are reached only through a valid peft_type).
+    for spec in peft_sparse::methods() {
+        let base =
+            BertForSequenceClassification::from_source(&tiny_bert_cfg(), &RandomInit::new(0, 0.1), 2, Pooling::Mean, 0)
+                .unwrap();
+        let mut m = PeftModel::wrap(base, 3);
+        if let Err(e) = m.add_adapter_boxed("default", spec.config.clone_box()) {
+            eprintln!("no adapter seed for {}: {e}", spec.name.0);
+            continue;
+        }
+        m.set_adapter("default").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        m.save_pretrained(d.path()).unwrap();
+        let cfg = std::fs::read(d.path().join("adapter_config.json")).unwrap();
+        let w = std::fs::read(d.path().join("adapter_model.safetensors")).unwrap();
+        put("adapter", spec.name.0, &peft_fuzz::join2(&cfg, &w));
+    }
+    // The bench's S²FT recipe assumes 12 heads and selects nothing on the tiny model: 2 heads, larger ratios.
+    save("s2ft", &|m| {
+        let mut c = peft_sparse::S2ftConfig::bert(2);
+        (c.o_ratio, c.d_ratio, c.v_ratio) = (0.5, 0.25, 0.5);
+        m.add_adapter("default", c).unwrap();
+    });
     save("ia3", &|m| {
         m.add_adapter(
             "default",
