@@ -15,26 +15,9 @@ pub(crate) struct StrictValue(pub Value);
 
 /// Parses `text` into a JSON object, rejecting duplicate keys at any depth.
 pub(crate) fn object_from_str(text: &str) -> serde_json::Result<Map<String, Value>> {
-    struct StrictObject(Map<String, Value>);
-    impl<'de> Deserialize<'de> for StrictObject {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            match StrictValue::deserialize(d)?.0 {
-                Value::Object(m) => Ok(StrictObject(m)),
-                other => Err(de::Error::invalid_type(unexpected(&other), &"a JSON object")),
-            }
-        }
-    }
-    serde_json::from_str::<StrictObject>(text).map(|o| o.0)
-}
-
-fn unexpected(v: &Value) -> de::Unexpected<'_> {
-    match v {
-        Value::Null => de::Unexpected::Unit,
-        Value::Bool(b) => de::Unexpected::Bool(*b),
-        Value::Number(_) => de::Unexpected::Other("number"),
-        Value::String(s) => de::Unexpected::Str(s),
-        Value::Array(_) => de::Unexpected::Seq,
-        Value::Object(_) => de::Unexpected::Map,
+    match serde_json::from_str::<StrictValue>(text)?.0 {
+        Value::Object(m) => Ok(m),
+        _ => Err(de::Error::custom("the header is not a JSON object")),
     }
 }
 
