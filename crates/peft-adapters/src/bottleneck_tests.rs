@@ -145,7 +145,7 @@ fn gradients_through_the_model_match_finite_differences() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(peft_core::testing::proptest_config(12))]
     /// f64 gradients of the bottleneck map w.r.t. its input and all four tensors, random small shapes.
     #[test]
     fn bottleneck_map_gradients_are_exact_in_f64(

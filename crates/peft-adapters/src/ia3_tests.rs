@@ -174,7 +174,7 @@ mod random_shapes {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(peft_core::testing::proptest_config(24))]
         /// On random layer sizes, either side, with or without bias: the adapted site is `W(x⊙l)+b` or
         /// `(Wx+b)⊙l`, merging gives the same outputs, unmerging gives back the base.
         #[test]

@@ -355,7 +355,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn decompositions_reconstruct_random_shapes(
             a in (1usize..12, 1usize..12).prop_flat_map(|(m, n)| array_strategy(vec![m, n], -1.0, 1.0))

@@ -86,6 +86,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// Proptest config for a property with `cases` cases, scaled by the env var `PEFT_PROPTEST_MULT` (default 1).
+///
+/// Everything else comes from [`proptest::test_runner::Config::default`], so `PROPTEST_RNG_SEED` pins the
+/// seed (`.ci/run` pins it so that CI is repeatable) and a long exploratory sweep is
+/// `PEFT_PROPTEST_MULT=100 cargo test --workspace` (random seed per run; a failure prints its minimal input).
+///
+/// ```
+/// let cfg = peft_core::testing::proptest_config(16);
+/// assert!(cfg.cases >= 16);
+/// ```
+pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let mult = std::env::var("PEFT_PROPTEST_MULT").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(1).max(1);
+    proptest::test_runner::Config { cases: cases.saturating_mul(mult), ..proptest::test_runner::Config::default() }
+}
+
 /// proptest strategy helpers: random f64 arrays of a given shape with values in `lo..hi`.
 pub fn array_strategy(shape: Vec<usize>, lo: f64, hi: f64) -> impl proptest::strategy::Strategy<Value = ArrayD<f64>> {
     use proptest::prelude::*;

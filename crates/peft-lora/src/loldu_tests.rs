@@ -171,7 +171,7 @@ mod prop {
     use super::super::loldu_delta;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(16))]
         /// Gradients of x, Û, PL and z on random shapes (size-1 axes included).
         #[test]
         fn loldu_delta_gradients_match_finite_differences(

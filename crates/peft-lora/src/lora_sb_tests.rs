@@ -160,7 +160,7 @@ mod prop {
     use super::super::lora_sb_delta;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(16))]
         /// Gradients of x, A, R and B on random shapes (size-1 axes included).
         #[test]
         fn lora_sb_delta_gradients_match_finite_differences(

@@ -757,7 +757,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(64))]
 
         #[test]
         fn error_is_at_most_half_the_largest_code_gap_times_the_block_absmax((x, bs, qt, dq) in shapes_and_values()) {

@@ -583,7 +583,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(256))]
 
         #[test]
         fn four_bit_codes_are_nearest_table_entries(x in -1.0f32..1.0) {
@@ -632,7 +632,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(256))]
 
         /// The table's code is the nearest entry to a grid point at most one grid step `2/65535` from `x`.
         #[test]

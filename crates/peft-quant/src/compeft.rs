@@ -590,7 +590,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(32))]
 
         #[test]
         fn decode_of_encode_is_exact(

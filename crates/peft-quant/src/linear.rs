@@ -525,7 +525,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        #![proptest_config(peft_core::testing::proptest_config(16))]
 
         #[test]
         fn tiled_forward_matches_dense_for_random_shapes_and_tiles(

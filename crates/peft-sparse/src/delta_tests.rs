@@ -23,7 +23,7 @@ fn shape_and_subset() -> impl Strategy<Value = (Vec<usize>, Vec<u64>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+    #![proptest_config(peft_core::testing::proptest_config(32))]
     #[test]
     fn scatter_add_flat_grads_match_finite_differences(
         ((shape, idx), seed) in (shape_and_subset(), 0u64..1000)

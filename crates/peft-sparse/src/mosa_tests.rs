@@ -165,7 +165,7 @@ fn a_training_forward_sends_gradient_to_one_expert_per_projection() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #![proptest_config(peft_core::testing::proptest_config(24))]
     #[test]
     fn expert_bottleneck_grads_match_finite_differences(
         x in array_strategy(vec![3, 5], -1.0, 1.0),

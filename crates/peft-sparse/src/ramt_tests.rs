@@ -51,7 +51,7 @@ fn scalar_of(y: &Tensor<f64>) -> Tensor<f64> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+    #![proptest_config(peft_core::testing::proptest_config(32))]
     /// The straight-through op's gradients equal central finite differences of its surrogate
     /// `base ⊙ (hard(m₀) + (m − m₀))` at `m = m₀` (the threshold replaced by the identity).
     #[test]

@@ -110,7 +110,7 @@ fn blocks_touch_only_their_rows_or_columns_and_merge_equals_unmerged() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+    #![proptest_config(peft_core::testing::proptest_config(32))]
     #[test]
     fn block_grads_match_finite_differences(
         x in array_strategy(vec![3, 6], -1.0, 1.0),

@@ -137,7 +137,7 @@ fn save_load_save_is_byte_identical_and_stores_only_the_mask() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #![proptest_config(peft_core::testing::proptest_config(24))]
     #[test]
     fn nuclear_norm_grads_match_finite_differences(
         (rows, cols) in (2usize..5, 2usize..5),

@@ -476,7 +476,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn sdpa_grad_matches_finite_differences(c in case()) {
             assert_grads(|t| run(&c, t), &[c.q.clone(), c.k.clone(), c.v.clone()]);

@@ -353,7 +353,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn conv2d_grad_matches_finite_differences(
             (x, w, b, s, p) in geom2d().prop_flat_map(|(xs, ws, s, p)| {

@@ -63,7 +63,7 @@ mod tests {
     use rand::SeedableRng;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn dropout_grad_matches_finite_differences(
             (x, p, seed) in (prop::collection::vec(1usize..5, 1..4), 0.0f64..0.9, any::<u64>())

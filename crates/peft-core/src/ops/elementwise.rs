@@ -405,7 +405,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn binary_ops_grad_match_finite_differences_with_broadcasting(
             (a, b) in broadcast_pair()

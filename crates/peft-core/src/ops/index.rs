@@ -332,7 +332,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn index_select_grad_matches_finite_differences(
             (x, axis, idx) in shape_axis().prop_flat_map(|(s, axis)| {

@@ -146,7 +146,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn cross_entropy_grad_matches_finite_differences(
             (x, t) in logits_and_targets(),

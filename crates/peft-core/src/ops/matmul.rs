@@ -217,7 +217,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn matmul_grad_matches_finite_differences(
             (a, b) in shapes().prop_flat_map(|(sa, sb)| (array_strategy(sa, -1.0, 1.0), array_strategy(sb, -1.0, 1.0)))

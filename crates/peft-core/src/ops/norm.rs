@@ -298,7 +298,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(24))]
         #[test]
         fn layer_norm_grad_matches_finite_differences((x, w, b) in ln_input().prop_flat_map(with_params)) {
             assert_grads(|t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5), &[x.clone(), w.clone(), b.clone()]);

@@ -154,7 +154,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn sums_and_means_grad_match_finite_differences(
             (x, axes, keep) in shape_and_axes()

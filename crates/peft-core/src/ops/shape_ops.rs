@@ -232,7 +232,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn reshape_grad_matches_finite_differences(x in input()) {
             let rev: Vec<usize> = x.shape().iter().rev().copied().collect();

@@ -139,7 +139,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+        #![proptest_config(crate::testing::proptest_config(32))]
         #[test]
         fn softmax_grad_matches_finite_differences(
             (x, axis) in shape_and_axis().prop_flat_map(|(s, a)| (array_strategy(s, -3.0, 3.0), Just(a)))

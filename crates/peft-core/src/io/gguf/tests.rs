@@ -353,7 +353,7 @@ fn quantised_tensor_dequantises_through_file() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(crate::testing::proptest_config(64))]
 
     /// Flipping arbitrary bytes of a valid file yields a file that opens or fails with an error, never a panic,
     /// and whose tensors (if it opens) read or fail cleanly.
