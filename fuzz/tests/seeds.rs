@@ -211,6 +211,18 @@ fn adapter_seeds() {
         (c.o_ratio, c.d_ratio, c.v_ratio) = (0.5, 0.25, 0.5);
         m.add_adapter("default", c)
     });
+    // SPT scores sensitivity on calibration batches (two here); the saved config records the allocation.
+    save("spt", &|m| {
+        let c = peft_sparse::SptConfig::new(peft_sparse::ENCODER_LAYER_PARAMS, 60);
+        let batch = peft_models::tokenizer::Batch::from_rows(&[vec![1, 5, 7, 2], vec![1, 9, 3, 2]])?;
+        let mut calib = |b: &BertForSequenceClassification, i: usize| -> peft_core::Result<Option<peft_core::Tensor>> {
+            if i >= 2 {
+                return Ok(None);
+            }
+            Ok(Some(b.forward(&batch, &peft_core::train::calibration_ctx(None))?.square().mean_all()))
+        };
+        m.add_adapter_calibrated("default", Box::new(c), &mut calib)
+    });
     save("ia3", &|m| {
         m.add_adapter("default", peft_adapters::ia3::Ia3Config::new(["key", "value", "output.dense"], ["output.dense"]))
     });

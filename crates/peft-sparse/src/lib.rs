@@ -17,7 +17,8 @@
 //! - [`memory`]: trainable entries and optimizer-state bytes;
 //! - methods: [`lt_sft`] (LT-SFT), [`spiel`] (SpIEL), [`mosa`] (MoSA, sparse experts of a bottleneck adapter),
 //!   [`ramt`] (R-AMT, learned binary masks with gradient-dropout regularity), [`sara`] (SaRA, the smallest
-//!   weights, progressively, with a nuclear-norm regulariser), [`s2ft`] (S²FT, selected heads and channels as
+//!   weights, progressively, with a nuclear-norm regulariser), [`spt`] (SPT, sensitivity-aware split between
+//!   low-rank and sparse tuning), [`s2ft`] (S²FT, selected heads and channels as
 //!   dense blocks);
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
@@ -59,6 +60,7 @@ pub mod s2ft;
 pub mod sara;
 pub mod select;
 pub mod spiel;
+pub mod spt;
 pub mod stepper;
 pub mod tuner;
 
@@ -74,6 +76,7 @@ pub use ramt::RamtConfig;
 pub use s2ft::S2ftConfig;
 pub use sara::SaraConfig;
 pub use spiel::SpielConfig;
+pub use spt::SptConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
 
 use peft_core::adapter::{ConfigRegistry, MethodName, MethodSpec};
@@ -92,11 +95,17 @@ pub const R_AMT: MethodName = MethodName("r-amt");
 pub const SARA: MethodName = MethodName("sara");
 /// `"s2ft"`: S²FT with the paper's recipe (5.2% of the attention-output heads, 2% of the FFN down channels).
 pub const S2FT: MethodName = MethodName("s2ft");
+/// `"spt"`: SPT, τ = 53,000 sensitive entries (0.5% of MiniLM-L6's encoder weight matrices) over every
+/// encoder-layer parameter, r = 8, α = 10, β = 5.
+pub const SPT: MethodName = MethodName("spt");
 
 /// The sparse methods, for the bench: SPARSE_FT, LT-SFT and SpIEL on every encoder weight matrix of a
 /// BERT-style model (embeddings, norms and the head excluded) at 0.5% density; MoSA on the feed-forward output
 /// projections; R-AMT on the attention projections; SaRA on every encoder weight matrix; S²FT with §3.3's
-/// recipe for 12 heads per layer.
+/// recipe for 12 heads per layer; SPT over every encoder-layer parameter (matrices, biases, norms) with a
+/// budget of 53,000 sensitive entries, 0.5% of MiniLM-L6's encoder weight matrices, so its sparse part is
+/// comparable to SPARSE_FT's (its low-rank part adds `8·(in + out)` per structural matrix; the bench reports the
+/// total).
 ///
 /// Learning rates (not tuned): the spec's rate is the trainer's, which LT-SFT and SpIEL use for the task head
 /// only; their values are stepped by the adapter itself at the config's `lr` (2e-3: the bench runs 16-63 steps,
@@ -106,7 +115,8 @@ pub const S2FT: MethodName = MethodName("s2ft");
 /// MoSA's and R-AMT's rate (1e-3) is the trainer's, for the adapter and the head alike (MoSA's spec rate; R-AMT's
 /// 8e-5 would need ~60 steps to flip a mask from its 1e-2 init past the 5e-3 threshold, about the whole bench
 /// run). SaRA steps its values itself at [`sara::default_lr`] (≈ 5e-4 at the 2e-3 threshold); its 2e-3 is the
-/// head's. S²FT trains at the recipe's 2e-4. The bench's trainer passes no distillation loss, so R-AMT runs there
+/// head's. S²FT trains at the recipe's 2e-4. SPT trains at 2e-3 (the trainer's, for every part); its
+/// sensitivity uses the calibration batches the bench hands it (8 there, of the 16 SPT sums). The bench's trainer passes no distillation loss, so R-AMT runs there
 /// without its gradient-dropout regularity (see [`ramt`]).
 pub fn methods() -> Vec<MethodSpec> {
     let target = ENCODER_WEIGHTS;
@@ -120,11 +130,16 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
         MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),
         MethodSpec::new(S2FT, S2ftConfig::bert(12), 2e-4),
+        MethodSpec::new(SPT, SptConfig::new(ENCODER_LAYER_PARAMS, 53_000), 2e-3),
     ]
 }
 
 /// The weight matrices of a BERT-style encoder's layers (regex over parameter names).
 pub const ENCODER_WEIGHTS: &str = r".*encoder\.layer\.\d+\..*(?:query|key|value|dense)\.weight";
+
+/// Every parameter of a BERT-style encoder's layers (weights, biases, LayerNorms), SPT's scope without the
+/// embeddings and the head.
+pub const ENCODER_LAYER_PARAMS: &str = r".*encoder\.layer\.\d+\..*";
 
 /// The feed-forward output projections of a BERT-style encoder (regex over linear-site paths).
 pub const FFN_OUTPUTS: &str = r".*encoder\.layer\.\d+\.output\.dense";
@@ -143,6 +158,7 @@ pub fn registry() -> ConfigRegistry {
         .with::<RamtConfig>()
         .with::<SaraConfig>()
         .with::<S2ftConfig>()
+        .with::<SptConfig>()
 }
 
 #[cfg(test)]

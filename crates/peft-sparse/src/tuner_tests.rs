@@ -205,15 +205,20 @@ fn bench_target_regex_matches_bert_encoder_weights_only() {
     assert!(!re.is_match("encoder.layer.0.attention.output.LayerNorm.weight"));
     assert!(!re.is_match("encoder.layer.0.attention.self.query.bias"));
     assert!(!re.is_match("embeddings.word_embeddings.weight"));
+    let all = regex::Regex::new(&format!(r"\A(?:{})\z", crate::ENCODER_LAYER_PARAMS)).unwrap();
+    assert!(all.is_match("encoder.layer.0.attention.output.LayerNorm.weight"));
+    assert!(all.is_match("bert.encoder.layer.5.output.dense.bias"));
+    assert!(!all.is_match("embeddings.LayerNorm.weight"));
+    assert!(!all.is_match("classifier.weight"));
 }
 
 #[test]
 fn registry_names_are_unique() {
     assert_eq!(peft_core::adapter::duplicate_name(&crate::methods()), None);
     let names: Vec<&str> = crate::methods().iter().map(|m| m.name.0).collect();
-    assert_eq!(names, ["sparse-ft", "lt-sft", "spiel", "mosa", "r-amt", "sara", "s2ft"]);
+    assert_eq!(names, ["sparse-ft", "lt-sft", "spiel", "mosa", "r-amt", "sara", "s2ft", "spt"]);
     let types = registry().peft_types();
-    for t in ["SPARSE_FT", "LT_SFT", "SPIEL", "MOSA", "R_AMT", "SARA", "S2FT"] {
+    for t in ["SPARSE_FT", "LT_SFT", "SPIEL", "MOSA", "R_AMT", "SARA", "S2FT", "SPT"] {
         assert!(types.contains(&t));
     }
 }
