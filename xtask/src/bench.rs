@@ -268,6 +268,19 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
 
 /// One task x method x seed run: the method's adapter on a fresh model (the task head in `modules_to_save`,
 /// calibration batches for data-driven inits), the core trainer, the adapter folder written.
+/// Optimizer state a sparse adapter holds itself (LT-SFT, SpIEL and SaRA step their values with their own O(k)
+/// AdamW); zero for every other adapter, whose state the trainer holds.
+fn adapter_own_state_bytes(t: &dyn peft_core::adapter::Tuner) -> u64 {
+    let any = t.as_any();
+    if let Some(s) = any.downcast_ref::<peft_sparse::SparseTuner>() {
+        return s.own_state_bytes() as u64;
+    }
+    if let Some(s) = any.downcast_ref::<peft_sparse::spt::SptTuner>() {
+        return s.sparse().own_state_bytes() as u64;
+    }
+    0
+}
+
 fn one_run(
     task: Task,
     method: &MethodSpec,
@@ -312,6 +325,7 @@ fn one_run(
     let out = out?;
     let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
+    let own_state = pm.tuner("default").map_or(0, adapter_own_state_bytes);
     Ok(Record {
         task: task.name().to_string(),
         method: method.name.to_string(),
@@ -329,6 +343,7 @@ fn one_run(
         samples_per_sec: out.samples_per_sec,
         peak_rss_bytes: train::peak_rss_bytes(),
         adapter_bytes,
+        optimizer_state_bytes: Some(out.optimizer_state_bytes + own_state),
         steps: out.steps,
         skipped_steps: out.skipped_steps,
         train_examples: train_split.enc.len(),

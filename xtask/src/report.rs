@@ -46,6 +46,11 @@ pub struct Record {
     pub peak_rss_bytes: Option<u64>,
     /// Bytes written by `Prepared::save`.
     pub adapter_bytes: u64,
+    /// Optimizer state held at the end of training: the trainer's AdamW state plus the state a sparse adapter
+    /// keeps for the values it steps itself (LT-SFT, SpIEL, SaRA). `None` in results written before it was
+    /// recorded.
+    #[serde(default)]
+    pub optimizer_state_bytes: Option<u64>,
     /// Optimizer steps.
     pub steps: usize,
     /// Steps skipped by the non-finite guard.
@@ -261,24 +266,27 @@ pub fn markdown(res: &Results, plots: &[String]) -> String {
     let _ = writeln!(s, "\n## Cost per run\n");
     let _ = writeln!(
         s,
-        "| Task | Method | Seed | Metrics | Train examples | Steps | Train s | Samples/s | Peak RSS | Adapter file |"
+        "| Task | Method | Seed | Metrics | Trainable | Train examples | Steps | Train s | Samples/s | Peak RSS | Optimizer state | Adapter file |"
     );
-    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &res.runs {
         let mets: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k} {:.1}", 100.0 * v)).collect();
         let rss = r.peak_rss_bytes.map_or("–".into(), human_bytes);
+        let opt = r.optimizer_state_bytes.map_or("–".into(), human_bytes);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
             r.task,
             r.method,
             r.seed,
             mets.join(", "),
+            r.trainable_params,
             r.train_examples,
             r.steps,
             r.train_seconds,
             r.samples_per_sec,
             rss,
+            opt,
             human_bytes(r.adapter_bytes)
         );
     }
@@ -356,6 +364,7 @@ pub(crate) mod tests {
             samples_per_sec: 200.0,
             peak_rss_bytes: Some(300 << 20),
             adapter_bytes: 5000,
+            optimizer_state_bytes: Some(9876),
             steps: 63,
             skipped_steps: 0,
             train_examples: 2000,

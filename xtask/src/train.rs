@@ -148,6 +148,9 @@ pub struct RunOutcome {
     pub skipped_steps: usize,
     /// Optimizer steps taken.
     pub steps: usize,
+    /// Bytes of the trainer's AdamW state after training (two f32 moments per trainable entry it saw, plus a
+    /// step counter per parameter).
+    pub optimizer_state_bytes: u64,
 }
 
 /// Targets of a batch: class indices or scores.
@@ -320,6 +323,7 @@ pub fn run(
         bar.set_position(step as u64);
     }
     out.steps = trainer.steps_done();
+    out.optimizer_state_bytes = peft_sparse::memory::optimizer_state_bytes(trainer.optimizer()) as u64;
     out.train_seconds = t0.elapsed().as_secs_f64();
     out.samples_per_sec = samples as f64 / out.train_seconds.max(1e-9);
     bar.set_message("evaluating dev");

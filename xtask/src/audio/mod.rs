@@ -415,6 +415,7 @@ fn one_run(
         samples_per_sec: out.clips_per_sec,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_bytes,
+        optimizer_state_bytes: Some(out.optimizer_state_bytes),
         steps: out.steps,
         skipped_steps: out.skipped,
         train_examples: train.labels.len(),
@@ -431,6 +432,7 @@ struct Outcome {
     clips_per_sec: f64,
     steps: usize,
     skipped: usize,
+    optimizer_state_bytes: u64,
 }
 
 /// Trains the active adapter (AdamW, linear warmup/decay, clipping, the method's hooks) and scores the test set.
@@ -495,6 +497,7 @@ fn train_eval(
         bar.set_position(step as u64);
     }
     let steps = trainer.steps_done();
+    let optimizer_state_bytes = peft_sparse::memory::optimizer_state_bytes(trainer.optimizer()) as u64;
     drop(trainer);
     let train_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
@@ -512,6 +515,7 @@ fn train_eval(
         Ok(())
     })?;
     Ok(Outcome {
+        optimizer_state_bytes,
         acc: correct as f64 / test.labels.len().max(1) as f64,
         losses,
         train_seconds,
