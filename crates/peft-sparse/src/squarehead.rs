@@ -20,15 +20,16 @@
 //! - [`GmpPruner`]: records `m = (W ≠ 0)` for chosen parameters, prunes on the schedule and re-applies
 //!   `W ← W ⊙ m` after every optimizer step.
 //!
-//! # Trainer integration (not done here)
-//! peft-core's shared trainer computes one task loss from the model's logits and takes no teacher, so a
-//! registry entry (`squarehead-50/75/90`) cannot be wired without a peft-core change: the trainer would need
-//! (1) a frozen teacher model run on the same batch with `no_grad`, (2) the per-layer hidden states of both
-//! models (`hidden_states[1..=L]`) and the attention mask handed to a loss hook, (3) that hook's tensor added to
-//! the task loss before the backward (the role [`SquareheadLoss::total`] plays), and (4) the pruner's
-//! [`GmpPruner::after_step`] called after each optimizer step (the `Tuner::after_step` hook already exists; the
-//! pruner edits base weights, so it would live in a tuner whose `after_step` forwards to it). Until then a
-//! custom training loop uses the pieces directly:
+//! # Trainer integration (no registry entry)
+//! peft-core's [`peft_core::train::Trainer::step`] takes the caller's loss closure, so a caller's loop can
+//! already train SquareHead with it: the closure runs the frozen teacher under [`no_grad`], the student, and
+//! returns [`SquareheadLoss::total`]; after each `step` the caller calls [`GmpPruner::after_step`]. What is
+//! missing for registry entries `squarehead-50/75/90` (run by the shared bench harness from a `MethodSpec`) is
+//! outside this crate: (1) the BERT-style models of peft-models return only their last hidden state, not
+//! `hidden_states[0..=L]`; (2) the harness builds its loss from the task logits alone and holds no teacher model;
+//! (3) a `MethodSpec` carries an adapter config, and the pruner edits the base weights themselves, so it would need
+//! a tuner whose `Tuner::after_step` forwards to [`GmpPruner::after_step`] and whose saved state is the pruned
+//! weights (not an O(k) delta like this crate's other methods). The example below is such a loop by hand:
 //!
 //! ```
 //! use peft_core::nn::{named_params, Ctx, Linear, Module, RandomInit, Visitor, WeightSource};
