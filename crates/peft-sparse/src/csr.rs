@@ -88,6 +88,9 @@ impl CsrMatrix {
     }
 
     /// The nonzeros of a 2-D array (any layout).
+    ///
+    /// # Errors
+    /// As [`CsrMatrix::from_dense`].
     pub fn from_array(dense: ArrayView2<'_, f32>) -> SparseResult<Self> {
         let (rows, cols) = dense.dim();
         let owned = dense.as_standard_layout();

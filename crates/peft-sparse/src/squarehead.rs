@@ -95,7 +95,8 @@ pub const BF16_EPS: f64 = 0.0078125;
 ///
 /// `student` and `teacher` are hidden states of one layer, `[..., hidden]` (e.g. `[batch, seq, hidden]`); `mask`
 /// has their shape without the last axis (`[batch, seq]`, `true` for a real token). The teacher is a constant:
-/// no gradient reaches it. With no real token the loss is `0`.
+/// no gradient reaches it. With no real token the loss is `0`. Padding positions are weighted by zero, not
+/// removed, so a non-finite value there still makes the loss non-finite.
 ///
 /// # Errors
 /// [`SparseError::ShapeMismatch`] for differing shapes or a mask of the wrong shape; [`SparseError::Config`] for
