@@ -20,6 +20,10 @@
 //!   weights, progressively, with a nuclear-norm regulariser), [`spt`] (SPT, sensitivity-aware split between
 //!   low-rank and sparse tuning), [`s2ft`] (S²FT, selected heads and channels as
 //!   dense blocks);
+//! - [`squarehead`]: SquareHead's pieces (gradual magnitude pruning on the cubic schedule with masks re-applied
+//!   after every step, the per-layer normalised L2 distillation loss against a dense teacher); a library API, not
+//!   a registry entry, since the shared trainer passes no teacher hidden states (see the module);
+//! - [`csr`]: CSR weights and a CPU kernel for `x · Wᵀ`, for inference of pruned linear layers;
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
 //! ```
@@ -49,6 +53,7 @@
 
 pub mod adamw;
 pub mod compose;
+pub mod csr;
 pub mod delta;
 pub mod error;
 pub mod indices;
@@ -61,6 +66,7 @@ pub mod sara;
 pub mod select;
 pub mod spiel;
 pub mod spt;
+pub mod squarehead;
 pub mod stepper;
 pub mod tuner;
 
