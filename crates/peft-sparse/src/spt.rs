@@ -15,7 +15,10 @@
 //!   unscaled, as SPT's `StructuredTuningModule(structured_type = "lora")`. It is a parameter delta here (the
 //!   forward sees `W + B·A`), which equals SPT's parallel branch `x·Wᵀ + x·Aᵀ·Bᵀ` in value. Not implemented:
 //!   SPT's `adapter` structured type (a GELU bottleneck is not a weight delta) and the branch's DropPath(0.1)
-//!   (as SPT with `no_structured_drop_path`).
+//!   (as SPT with `no_structured_drop_path`). Cost of the delta form: each forward builds `W + B·A` densely per
+//!   structural matrix and the backward forms that matrix's dense gradient before it reaches `A` and `B` (compute
+//!   and transient memory as full fine-tuning of that matrix, which SPT's parallel branch avoids); the trained
+//!   parameters and their optimizer state stay `r·(in + out)`.
 //! - **Budget.** τ counts sensitive entries, as SPT's `--param_req`-producing sweep does before it searches τ for
 //!   a target total; the trainable total that results is `Σ c_struct + Σ n_vector + Σ c_sparse`
 //!   ([`SptTuner::trainable_entries`]), reported by the bench. The search over τ for a given total is left to the
@@ -307,6 +310,7 @@ impl SptConfig {
 pub struct SptTuner {
     sparse: SparseTuner,
     low_rank: Vec<(Param, Arc<LowRankDelta>)>,
+    alloc: BTreeMap<String, Alloc>,
     saved: SptConfig,
 }
 
@@ -323,7 +327,7 @@ impl SptTuner {
 
     /// The allocation.
     pub fn allocation(&self) -> &BTreeMap<String, Alloc> {
-        self.saved.allocation.as_ref().unwrap_or_else(|| unreachable!("an injected SPT adapter has an allocation"))
+        &self.alloc
     }
 
     /// Trainable entries: `r·(in + out)` per low-rank matrix plus every sparse entry.
@@ -540,8 +544,8 @@ impl TunerConfig for SptConfig {
             low_rank.push((p, d));
         }
         let mut saved = self.clone();
-        saved.allocation = Some(alloc);
-        Ok(Box::new(SptTuner { sparse, low_rank, saved }))
+        saved.allocation = Some(alloc.clone());
+        Ok(Box::new(SptTuner { sparse, low_rank, alloc, saved }))
     }
     fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
         self.check()?;
