@@ -118,12 +118,18 @@ pub const SPT: MethodName = MethodName("spt");
 /// where SpIEL's reference 1e-5 over two epochs of a 7B model would barely move). LT-SFT's full phase is 10
 /// steps at 1e-4 (full fine-tuning's bench rate), so the sparse phase has most of a short run.
 ///
-/// MoSA's and R-AMT's rate (1e-3) is the trainer's, for the adapter and the head alike (MoSA's spec rate; R-AMT's
-/// 8e-5 would need ~60 steps to flip a mask from its 1e-2 init past the 5e-3 threshold, about the whole bench
-/// run). SaRA steps its values itself at [`sara::default_lr`] (≈ 5e-4 at the 2e-3 threshold); its 2e-3 is the
-/// head's. S²FT trains at the recipe's 2e-4. SPT trains at 2e-3 (the trainer's, for every part); its
-/// sensitivity uses the calibration batches the bench hands it (8 there, of the 16 SPT sums). The bench's trainer passes no distillation loss, so R-AMT runs there
-/// without its gradient-dropout regularity (see [`ramt`]).
+/// R-AMT's rate (1e-3) is the trainer's, for the adapter and the head alike (R-AMT's 8e-5 would need ~60 steps to
+/// flip a mask from its 1e-2 init past the 5e-3 threshold, about the whole bench run). SaRA steps its values
+/// itself at [`sara::default_lr`] (≈ 5e-4 at the 2e-3 threshold); its 2e-3 is the head's. SPT trains at 2e-3
+/// (the trainer's, for every part); its sensitivity uses the calibration batches the bench hands it (8 there, of
+/// the 16 SPT sums). The bench's trainer passes no distillation loss, so R-AMT runs there without its
+/// gradient-dropout regularity (see [`ramt`]).
+///
+/// MoSA and S²FT train at 2e-3, the rate of the other sparse methods, not at their references' (MoSA 1e-3,
+/// S²FT 2e-4), which leave both at chance in the bench's 63 steps, head included. Measured on SST-2 (1,000
+/// examples, one epoch, seed 0, AMD EPYC 2 cores, `cargo xtask bench --tasks sst2 --methods s2ft,mosa --lr X`):
+/// S²FT 55.0 / 75.9 / 78.3 and MoSA 54.8 (at 1e-3) / 64.0 / 75.3 at the reference rate / 2e-3 / 1e-2. 2e-3 is
+/// not tuned on the dev set; the sweep only shows how far from converged the reference rates are here.
 pub fn methods() -> Vec<MethodSpec> {
     let target = ENCODER_WEIGHTS;
     let mut lt = LtSftConfig::new(target, 0.005);
@@ -132,10 +138,10 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(SPARSE_FT, SparseFtConfig::new(target, 0.005), 2e-3),
         MethodSpec::new(LT_SFT, lt, 2e-3),
         MethodSpec::new(SPIEL, SpielConfig::new(target, 0.005), 2e-3),
-        MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 1e-3),
+        MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 2e-3),
         MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
         MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),
-        MethodSpec::new(S2FT, S2ftConfig::bert(12), 2e-4),
+        MethodSpec::new(S2FT, S2ftConfig::bert(12), 2e-3),
         MethodSpec::new(SPT, SptConfig::new(ENCODER_LAYER_PARAMS, 53_000), 2e-3),
     ]
 }
