@@ -47,14 +47,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use peft_core::adapter::{
-    select_linear, site_rng, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern,
-    PeftConfig, SavedTensors, TargetSpec, Tuner, TunerConfig,
+    select_linear, site_rng, AdapterResult, AdapterTensors, InjectCx, LinearTuner, ModulePattern, PeftConfig,
+    SavedTensors, TargetSpec, Tuner, TunerConfig,
 };
 use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Elem, Param, Tensor};
 
 use crate::error::{SparseError, SparseResult};
-use crate::tuner::{common_config_impl, parse, to_json, unknown_keys};
+use crate::tuner::{common_config_impl, expect_shape, parse, to_json, unknown_keys};
 
 /// The bottleneck's nonlinearity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -582,19 +582,6 @@ impl Tuner for MosaTuner {
     }
     fn as_any(&self) -> &dyn Any {
         self
-    }
-}
-
-fn expect_shape(file: &AdapterTensors, key: &str, want: &[usize]) -> AdapterResult<()> {
-    match file.shape(key) {
-        None => Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key: key.into() }),
-        Some(s) if s != want => Err(AdapterError::TensorShape {
-            file: file.path().to_path_buf(),
-            key: key.into(),
-            expected: want.to_vec(),
-            found: s,
-        }),
-        Some(_) => Ok(()),
     }
 }
 

@@ -43,7 +43,7 @@ use peft_core::nn::{Ctx, Linear, LinearAdapter, LinearBase, Module};
 use peft_core::{Elem, Param, Tensor};
 
 use crate::error::{SparseError, SparseResult};
-use crate::tuner::{common_config_impl, parse, to_json, unknown_keys};
+use crate::tuner::{common_config_impl, expect_shape, parse, to_json, unknown_keys};
 
 /// Whether a block adds to selected output rows or reads selected input columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -468,19 +468,7 @@ impl TunerConfig for S2ftConfig {
             let Some(units) = sel.get(s.path()) else { continue };
             let n = units.len() * size;
             let want = if *kind == BlockKind::Rows { vec![n, s.in_features()] } else { vec![s.out_features(), n] };
-            let key = format!("{}.s2.weight", s.path());
-            match file.shape(&key) {
-                None => return Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key }),
-                Some(found) if found != want => {
-                    return Err(AdapterError::TensorShape {
-                        file: file.path().to_path_buf(),
-                        key,
-                        expected: want,
-                        found,
-                    })
-                }
-                Some(_) => {}
-            }
+            expect_shape(file, &format!("{}.s2.weight", s.path()), &want)?;
         }
         Ok(())
     }

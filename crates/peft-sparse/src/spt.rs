@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use peft_core::adapter::{
-    site_rng, AdapterError, AdapterResult, AdapterTensors, InjectCx, ModulePattern, PeftConfig, Tuner, TunerConfig,
+    site_rng, AdapterResult, AdapterTensors, InjectCx, ModulePattern, PeftConfig, Tuner, TunerConfig,
 };
 use peft_core::nn::named_params;
 use peft_core::nn::Module;
@@ -49,7 +49,7 @@ use crate::delta::SparseDelta;
 use crate::error::{SparseError, SparseResult};
 use crate::indices::SparseIndices;
 use crate::select::top_k_global;
-use crate::tuner::{common_config_impl, parse, select_params, to_json, unknown_keys, SparseTuner};
+use crate::tuner::{common_config_impl, expect_shape, parse, select_params, to_json, unknown_keys, SparseTuner};
 
 /// How one target parameter is tuned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,18 +369,8 @@ impl Tuner for SptTuner {
         for (ka, kb, d) in self.low_rank_keys() {
             for (key, p) in [(ka, d.lora_a()), (kb, d.lora_b())] {
                 let want = p.shape();
-                match src.shape(&key) {
-                    None => return Err(AdapterError::MissingTensor { file: src.path().to_path_buf(), key }),
-                    Some(found) if found != want => {
-                        return Err(AdapterError::TensorShape {
-                            file: src.path().to_path_buf(),
-                            key,
-                            expected: want,
-                            found,
-                        })
-                    }
-                    Some(_) => staged.push((p.clone(), src.get(&key, &want)?)),
-                }
+                expect_shape(src, &key, &want)?;
+                staged.push((p.clone(), src.get(&key, &want)?));
             }
         }
         self.sparse.load_state_dict(src)?;
@@ -571,13 +561,7 @@ impl TunerConfig for SptConfig {
                 (Alloc::Sparse { k }, _) => vec![(format!("{name}.values"), vec![*k])],
             };
             for (key, expected) in want {
-                match file.shape(&key) {
-                    None => return Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key }),
-                    Some(found) if found != expected => {
-                        return Err(AdapterError::TensorShape { file: file.path().to_path_buf(), key, expected, found })
-                    }
-                    Some(_) => {}
-                }
+                expect_shape(file, &key, &expected)?;
             }
         }
         Ok(())

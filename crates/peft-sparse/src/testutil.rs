@@ -55,3 +55,13 @@ impl Module for Tiny {
 pub fn input(rows: usize, d: usize, seed: u64) -> Tensor {
     Tensor::new(RandomInit::new(seed, 1.0).get("x", &[rows, d]).expect("input"))
 }
+
+/// Asserts that two saved adapter folders hold byte-identical `adapter_config.json` and
+/// `adapter_model.safetensors` (the save -> load -> save check of every method).
+pub fn assert_same_adapter_files(a: &std::path::Path, b: &std::path::Path) {
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let x = std::fs::read(a.join(f)).expect("first adapter file");
+        let y = std::fs::read(b.join(f)).expect("second adapter file");
+        assert!(x == y, "{f} differs after save -> load -> save");
+    }
+}

@@ -353,6 +353,23 @@ pub(crate) fn random_indices(seed: u64, name: &str, p: &Param, k: usize) -> Spar
     SparseIndices::from_unsorted(p.name(), v, p.numel())
 }
 
+/// Checks that `file` holds `key` with shape `want` (preflight before anything is allocated).
+///
+/// # Errors
+/// [`AdapterError::MissingTensor`] or [`AdapterError::TensorShape`].
+pub(crate) fn expect_shape(file: &AdapterTensors, key: &str, want: &[usize]) -> AdapterResult<()> {
+    match file.shape(key) {
+        None => Err(AdapterError::MissingTensor { file: file.path().to_path_buf(), key: key.into() }),
+        Some(s) if s != want => Err(AdapterError::TensorShape {
+            file: file.path().to_path_buf(),
+            key: key.into(),
+            expected: want.to_vec(),
+            found: s,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Unknown keys of a config object, as load-report lines.
 pub(crate) fn unknown_keys(v: &Value, known: &[&str], method: &str) -> Vec<String> {
     v.as_object()

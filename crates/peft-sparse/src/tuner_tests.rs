@@ -39,11 +39,7 @@ fn assert_round_trip(config: impl TunerConfig + Clone, d: usize) {
     assert!(max_abs_diff(y.as_slice(), y2.as_slice()) <= 1e-6);
     let dir2 = tempfile::tempdir().unwrap();
     m2.save_pretrained(dir2.path()).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        let a = std::fs::read(dir.path().join(f)).unwrap();
-        let b = std::fs::read(dir2.path().join(f)).unwrap();
-        assert!(a == b, "{f} differs after save -> load -> save");
-    }
+    crate::testutil::assert_same_adapter_files(dir.path(), dir2.path());
 }
 
 #[test]
