@@ -48,7 +48,7 @@ use peft_core::{Param, ParamDelta, Tensor};
 use crate::delta::SparseDelta;
 use crate::error::{SparseError, SparseResult};
 use crate::indices::SparseIndices;
-use crate::select::top_k_global;
+use crate::select::{top_k_global, Score, ScoreAccumulator};
 use crate::tuner::{common_config_impl, expect_shape, parse, select_params, to_json, unknown_keys, SparseTuner};
 
 /// How one target parameter is tuned.
@@ -264,7 +264,7 @@ impl SptConfig {
 
     /// `Σ (∂L/∂θ)²` per target over up to `sensitivity_batches` calibration batches; the targets are made
     /// trainable for the duration and their flags restored (also on error).
-    fn sensitivity(&self, targets: &[Param], cx: &mut InjectCx<'_>) -> SparseResult<Vec<Vec<f32>>> {
+    fn sensitivity(&self, targets: &[Param], cx: &mut InjectCx<'_>) -> SparseResult<Vec<ScoreAccumulator>> {
         let t = Self::PEFT_TYPE;
         let Some(calib) = cx.calib.as_deref_mut() else {
             return Err(SparseError::config(
@@ -279,7 +279,8 @@ impl SptConfig {
             p.set_trainable(true);
         }
         let result = (|| {
-            let mut acc: Vec<Vec<f32>> = targets.iter().map(|p| vec![0.0; p.numel()]).collect();
+            let mut acc: Vec<ScoreAccumulator> =
+                targets.iter().map(|p| ScoreAccumulator::new(Score::Fisher, p.numel())).collect();
             let mut n = 0;
             while n < self.sensitivity_batches {
                 let Some(loss) = calib(n)? else { break };
@@ -287,9 +288,7 @@ impl SptConfig {
                 drop(loss);
                 for (a, p) in acc.iter_mut().zip(targets) {
                     if let Some(g) = grads.get_id(p.id()) {
-                        for (s, &x) in a.iter_mut().zip(g.iter()) {
-                            *s += x * x;
-                        }
+                        a.add(g.as_standard_layout().as_slice().unwrap_or(&[]));
                     }
                 }
                 n += 1;
@@ -469,7 +468,7 @@ impl TunerConfig for SptConfig {
             }
             None => {
                 let scores = self.sensitivity(&targets, &mut cx)?;
-                let refs: Vec<&[f32]> = scores.iter().map(Vec::as_slice).collect();
+                let refs: Vec<&[f32]> = scores.iter().map(ScoreAccumulator::scores).collect();
                 let picked = top_k_global(&refs, self.budget);
                 let shapes: Vec<Vec<usize>> = targets.iter().map(Param::shape).collect();
                 let sens: Vec<Sensitive<'_>> = targets
