@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use peft_core::adapter::FULL;
 use peft_core::adapter::{duplicate_name, MethodSpec, PeftModel};
 use peft_core::nn::named_params;
+use peft_sparse::squarehead_tuner::SquareheadTuner;
+use peft_sparse::SquareheadConfig;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -16,7 +19,7 @@ use crate::glue::tasks::Task;
 use crate::model::{load_minilm, MINILM_DIR};
 use crate::report::{Machine, Record, Results};
 use crate::train::{self, Split, TrainConfig};
-use crate::{assets, baseline, plot, report};
+use crate::{assets, baseline, plot, report, squarehead};
 
 /// Seed of the training-set subsample (fixed, so every method and seed sees the same examples).
 const DATA_SEED: u64 = 1234;
@@ -209,6 +212,7 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         run_dir.display()
     );
     let mut failures = Vec::new();
+    let mut teachers = squarehead::Teachers::new();
     for &task in &tasks {
         let (train_ex, train_y) = labelled(data::load(&glue_dir, task, "train")?, "train")?;
         let (dev_ex, dev_y) = labelled(data::load(&glue_dir, task, "dev")?, "dev")?;
@@ -225,7 +229,8 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
                     eprintln!("{} / {} / seed {seed}: done already (in results.json; --force re-runs)", task, m.name);
                     continue;
                 }
-                match one_run(task, &m, &cfg, &model_dir, &run_dir, &train_split, &dev_split) {
+                let split = (&train_split, &dev_split);
+                match one_run(task, &m, &cfg, &model_dir, &run_dir, split, &mut teachers) {
                     Ok(rec) => {
                         eprintln!(
                             "{} / {} / seed {seed}: {:?}  {:.1} samples/s, {:.0} s",
@@ -281,29 +286,45 @@ fn adapter_own_state_bytes(t: &dyn peft_core::adapter::Tuner) -> u64 {
     0
 }
 
+///
+/// SquareHead (`squarehead-*`): the dense teacher is trained first (once per task and seed, `full`'s recipe), the
+/// student starts from its weights, prunes to the method's sparsity by two thirds of the steps and is distilled
+/// from it; the record carries the teacher's score and the pruned matrices' CSR size and GEMM times.
 fn one_run(
     task: Task,
     method: &MethodSpec,
     cfg: &TrainConfig,
     model_dir: &Path,
     run_dir: &Path,
-    train_split: &Split,
-    dev_split: &Split,
+    (train_split, dev_split): (&Split, &Split),
+    teachers: &mut squarehead::Teachers,
 ) -> Result<Record> {
     let seed = method.seed;
+    let sq = method.config.as_any().downcast_ref::<SquareheadConfig>().cloned();
+    // The teacher first (its peak RSS is not the student's).
+    let teacher = match &sq {
+        Some(_) => {
+            let full_lr = peft_core::adapter::methods().iter().find(|m| m.name == FULL).map_or(1e-4, |m| m.lr);
+            let full_cfg = TrainConfig { lr: full_lr, ..cfg.clone() };
+            let t = squarehead::teacher(teachers, task, seed, &full_cfg, full_lr, model_dir, train_split, dev_split)?;
+            Some((t, squarehead::teacher_model(t, model_dir, task, seed)?))
+        }
+        None => None,
+    };
     train::reset_peak_rss();
     let model = load_minilm(model_dir, task.num_outputs(), seed)?;
     // The pretrained model's size, counted before a method adds adapters or swaps weights for quantized storage
     // (QLoRA's NF4 weights are not parameters), so "trainable %" has the same denominator for every method.
     let total: u64 = named_params(model.as_ref()).iter().map(|p| p.numel() as u64).sum();
-    let mut head: Vec<String> = Vec::new();
-    for p in model.head() {
-        let m = p.name().rsplit_once('.').map_or(p.name(), |(m, _)| m).to_string();
-        if !head.contains(&m) {
-            head.push(m);
+    let head = squarehead::head_modules(model.as_ref());
+    let mut config = match (&sq, &teacher) {
+        (Some(sq), Some((t, _))) => {
+            squarehead::copy_values(model.as_ref(), t.values())?;
+            let steps = squarehead::total_steps(train_split.enc.len(), cfg);
+            Box::new(SquareheadConfig { prune_end_step: Some(2 * steps / 3), ..sq.clone() })
         }
-    }
-    let mut config = method.config();
+        _ => method.config(),
+    };
     config.set_modules_to_save(head)?;
     let mut pm = PeftModel::wrap(model, seed);
     if config.needs_calibration() {
@@ -320,9 +341,27 @@ fn one_run(
     pm.set_adapter("default")?;
     let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
     let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name));
-    let out = train::run(task, &pm, cfg, cfg.lr, seed, train_split, dev_split, &bar);
+    let distill = match (&sq, &teacher) {
+        (Some(sq), Some((_, tm))) => Some(train::Distill { teacher: tm.as_ref(), loss: sq.loss() }),
+        _ => None,
+    };
+    let out = train::run(task, &pm, cfg, cfg.lr, seed, train_split, dev_split, distill.as_ref(), &bar);
     bar.finish_and_clear();
     let out = out?;
+    let sparse = match (pm.tuner("default").ok().and_then(|t| t.as_any().downcast_ref::<SquareheadTuner>()), &teacher) {
+        (Some(st), Some((t, _))) => {
+            let (sparsity, dense_bytes, csr_bytes, timings) = squarehead::measure(st)?;
+            Some(squarehead::SparseInference {
+                sparsity,
+                teacher_metrics: t.metrics.clone(),
+                teacher_train_seconds: t.train_seconds,
+                dense_bytes,
+                csr_bytes,
+                timings,
+            })
+        }
+        _ => None,
+    };
     let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
     let own_state = pm.tuner("default").map_or(0, adapter_own_state_bytes);
@@ -349,6 +388,7 @@ fn one_run(
         train_examples: train_split.enc.len(),
         dev_examples: dev_split.enc.len(),
         losses: out.losses,
+        sparse,
     })
 }
 

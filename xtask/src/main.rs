@@ -16,6 +16,7 @@ mod outpath;
 mod plot;
 mod quantize;
 mod report;
+mod squarehead;
 mod train;
 mod vtab;
 

@@ -24,6 +24,15 @@ pub trait SeqClassifier: Module {
     fn logits(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<Tensor>;
     /// The task-head parameters (trainable under every method).
     fn head(&self) -> Vec<Param>;
+    /// Logits and the backbone's hidden states (the embedding output, then each layer's), for layer-wise
+    /// distillation (SquareHead).
+    ///
+    /// # Errors
+    /// Shape errors; the default: this model does not expose its hidden states.
+    fn logits_and_hidden(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<(Tensor, Vec<Tensor>)> {
+        let _ = (batch, ctx);
+        Err(peft_core::Error::UnknownName { name: "hidden_states (this model does not expose them)".into() })
+    }
 }
 
 impl SeqClassifier for BertForSequenceClassification {
@@ -32,6 +41,9 @@ impl SeqClassifier for BertForSequenceClassification {
     }
     fn head(&self) -> Vec<Param> {
         self.classifier.base().params()
+    }
+    fn logits_and_hidden(&self, batch: &TokBatch, ctx: &Ctx) -> peft_core::Result<(Tensor, Vec<Tensor>)> {
+        self.forward_with_hidden_states(batch, ctx)
     }
 }
 

@@ -61,6 +61,60 @@ pub struct Record {
     pub dev_examples: usize,
     /// (step, mean loss) points.
     pub losses: Vec<(usize, f64)>,
+    /// SquareHead runs: sparsity, the teacher's score, CSR size and GEMM times of the pruned matrices.
+    #[serde(default)]
+    pub sparse: Option<crate::squarehead::SparseInference>,
+}
+
+/// SquareHead runs: accuracy against sparsity beside the dense teacher, the pruned matrices' size in CSR, and
+/// the time of `x · Wᵀ` over them with our dense GEMM and with the CSR kernel (best of 5, same run).
+fn squarehead_section(s: &mut String, res: &Results) {
+    let runs: Vec<(&Record, &crate::squarehead::SparseInference)> =
+        res.runs.iter().filter_map(|r| r.sparse.as_ref().map(|x| (r, x))).collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## SquareHead: sparsity, accuracy and CPU GEMM time of the pruned encoder matrices\n");
+    let _ = writeln!(
+        s,
+        "Teacher: full fine-tuning with the same recipe (trained once per task and seed, its seconds not in the \
+         student's). GEMM: `x · Wᵀ` over every pruned matrix, dense = peft-core's `linear`, CSR = \
+         `peft_sparse::csr` (its AVX2 kernel from 4 rows on where the CPU has AVX2 + FMA; \
+         portable: the same with AVX2 off); ratio = CSR / dense time, < 1 means the sparse kernel is faster.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| Task | Method | Seed | Sparsity | Student | Dense teacher | Dense / CSR size | 1 row dense / CSR (ratio) | 128 rows dense / CSR (ratio) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (r, x) in runs {
+        let head = |m: &BTreeMap<String, f64>| m.get(&r.headline).map_or("–".into(), |v| format!("{:.1}", 100.0 * v));
+        let t = |rows: usize| {
+            x.timings.iter().find(|g| g.rows == rows).map_or("–".to_string(), |g| {
+                format!(
+                    "{:.3} / {:.3} ms ({:.2}x; portable {:.2}x)",
+                    1e3 * g.dense_s,
+                    1e3 * g.csr_s,
+                    g.csr_s / g.dense_s,
+                    g.csr_portable_s / g.dense_s
+                )
+            })
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.1}% | {} | {} | {} / {} | {} | {} |",
+            r.task,
+            r.method,
+            r.seed,
+            100.0 * x.sparsity,
+            head(&r.metrics),
+            head(&x.teacher_metrics),
+            human_bytes(x.dense_bytes),
+            human_bytes(x.csr_bytes),
+            t(1),
+            t(128)
+        );
+    }
 }
 
 /// Machine and build the results were measured on.
@@ -290,6 +344,7 @@ pub fn markdown(res: &Results, plots: &[String]) -> String {
             human_bytes(r.adapter_bytes)
         );
     }
+    squarehead_section(&mut s, res);
     if !res.baselines.is_empty() {
         let _ = writeln!(s, "\n## PyTorch baseline (transformers + peft, same LoRA recipe and threads)\n");
         let _ = writeln!(
@@ -370,6 +425,7 @@ pub(crate) mod tests {
             train_examples: 2000,
             dev_examples: 872,
             losses: vec![(1, 0.7), (63, 0.3)],
+            sparse: None,
         }
     }
 
@@ -404,6 +460,37 @@ pub(crate) mod tests {
         assert!(md.contains("| Method | # Trainable Parameters | SST-2 | MRPC | Avg. |"), "{md}");
         assert!(md.contains("| head | 1.2K (0.01%) | 81.0±1.4 | 70.0 | 75.5 |"), "{md}");
         assert!(md.contains("| lora | 1.2K (0.01%) | 90.0 | – | – |"), "{md}");
+    }
+
+    #[test]
+    fn squarehead_runs_get_their_sparsity_teacher_and_gemm_row() {
+        let mut r = Results::default();
+        let mut x = rec("sst2", "squarehead-75", 0, 0.77);
+        x.sparse = Some(crate::squarehead::SparseInference {
+            sparsity: 0.75,
+            teacher_metrics: [("acc".to_string(), 0.79)].into_iter().collect(),
+            teacher_train_seconds: 20.0,
+            dense_bytes: 4 << 20,
+            csr_bytes: 2 << 20,
+            timings: vec![
+                crate::squarehead::GemmTiming { rows: 1, dense_s: 0.002, csr_s: 0.001, csr_portable_s: 0.001 },
+                crate::squarehead::GemmTiming { rows: 128, dense_s: 0.01, csr_s: 0.02, csr_portable_s: 0.04 },
+            ],
+        });
+        r.upsert(x);
+        r.upsert(rec("sst2", "lora", 0, 0.78));
+        let md = markdown(&r, &[]);
+        assert!(md.contains("## SquareHead"), "{md}");
+        assert!(
+            md.contains(
+                "| sst2 | squarehead-75 | 0 | 75.0% | 77.0 | 79.0 | 4.0 MiB / 2.0 MiB | 2.000 / 1.000 ms (0.50x; portable 0.50x) | 10.000 / 20.000 ms (2.00x; portable 4.00x) |"
+            ),
+            "{md}"
+        );
+        // Runs without sparse figures get no section.
+        let mut plain = Results::default();
+        plain.upsert(rec("sst2", "lora", 0, 0.78));
+        assert!(!markdown(&plain, &[]).contains("## SquareHead"));
     }
 
     #[test]

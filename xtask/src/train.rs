@@ -249,6 +249,35 @@ pub fn calibration_loss(
     loss_of(task, &logits, &train.labels, idx).map(Some)
 }
 
+/// Layer-wise distillation from a frozen dense teacher (SquareHead): the student's loss becomes
+/// `h_ce·task loss + h_kl·KL(student ‖ teacher logits) + h_sq·Σ_l normalised MSE(student h_l, teacher h_l)` over
+/// the batch's real tokens, the teacher run without dropout and without a graph.
+pub struct Distill<'a> {
+    /// The teacher (its parameters are not in the optimizer).
+    pub teacher: &'a dyn SeqClassifier,
+    /// The loss weights.
+    pub loss: peft_sparse::squarehead::SquareheadLoss,
+}
+
+impl Distill<'_> {
+    /// The distillation loss of the student on `batch`, whose task loss is `task_loss(student logits)`.
+    fn total(
+        &self,
+        student: &dyn SeqClassifier,
+        batch: &TokBatch,
+        ctx: &Ctx,
+        task_loss: impl FnOnce(&Tensor) -> peft_core::Result<Tensor>,
+    ) -> peft_core::Result<Tensor> {
+        let (tl, th) = peft_core::no_grad(|| self.teacher.logits_and_hidden(batch, &Ctx::eval()))?;
+        let (sl, sh) = student.logits_and_hidden(batch, ctx)?;
+        let ce = task_loss(&sl)?;
+        let [b, l] = batch.shape;
+        let mask =
+            ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[b, l]), |ix| batch.attention_mask[ix[0] * l + ix[1]] != 0);
+        Ok(self.loss.total(&ce, &sl, &tl, &sh, &th, Some(&mask))?)
+    }
+}
+
 /// Trains the trainable parameters of `model` (its active adapter, head included) on `train` with the core
 /// trainer ([`Trainer`]: AdamW with decoupled weight decay off biases and norms, linear warmup and decay, gradient
 /// clipping, the method's hooks, non-finite steps skipped), then scores `dev`.
@@ -264,6 +293,7 @@ pub fn run(
     seed: u64,
     train: &Split,
     dev: &Split,
+    distill: Option<&Distill<'_>>,
     bar: &ProgressBar,
 ) -> Result<RunOutcome> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -294,8 +324,11 @@ pub fn run(
         let batch = collate(&train.enc, idx);
         let report = trainer.step(|ctx| {
             ctx.insert(token_mask(&batch));
-            let logits = model.logits(&batch, ctx)?;
-            Ok(Loss::Single(loss_of(task, &logits, &train.labels, idx)?))
+            let task_loss = |logits: &Tensor| loss_of(task, logits, &train.labels, idx);
+            match distill {
+                Some(d) => Ok(Loss::Single(d.total(model.model().as_ref(), &batch, ctx, task_loss)?)),
+                None => Ok(Loss::Single(task_loss(&model.logits(&batch, ctx)?)?)),
+            }
         });
         let report = match report {
             Ok(r) => r,
@@ -363,7 +396,7 @@ pub fn reset_peak_rss() -> bool {
 mod tests {
     use super::*;
     use peft_core::adapter::BaseTuneConfig;
-    use peft_core::nn::{Linear, Module, RandomInit, Visitor};
+    use peft_core::nn::{named_params, Linear, Module, RandomInit, Visitor};
     use peft_core::Param;
 
     /// Mean of a fixed random token embedding table, then a trainable linear head.
@@ -488,7 +521,7 @@ mod tests {
     #[test]
     fn run_learns_a_separable_toy_task() {
         let m = prepared(toy(2));
-        let out = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(20), &ProgressBar::hidden()).unwrap();
+        let out = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(20), None, &ProgressBar::hidden()).unwrap();
         assert_eq!(out.metrics["acc"], 1.0);
         assert_eq!(out.steps, 24);
         assert!(out.losses.first().unwrap().1 > out.losses.last().unwrap().1);
@@ -500,8 +533,55 @@ mod tests {
         let t = toy(2);
         t.head.base().params()[0].update(|w| w.fill(f32::NAN));
         let m = prepared(t);
-        let e = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(8), &ProgressBar::hidden()).unwrap_err();
+        let e = run(Task::Sst2, &m, &cfg(), 0.1, 0, &split(64), &split(8), None, &ProgressBar::hidden()).unwrap_err();
         assert!(e.to_string().contains("diverged"), "{e}");
+    }
+
+    /// A 2-layer BERT classifier with random weights (seeded).
+    fn tiny_bert(seed: u64) -> peft_models::bert::BertForSequenceClassification {
+        use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
+        let cfg = peft_core::io::BertConfig {
+            vocab_size: 20,
+            hidden_size: 8,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 16,
+            max_position_embeddings: 16,
+            ..Default::default()
+        };
+        let bert = BertModel::from_source(&cfg, &RandomInit::new(seed, 0.2)).unwrap();
+        BertForSequenceClassification::new(bert, 2, Pooling::Mean, seed).unwrap()
+    }
+
+    #[test]
+    fn distillation_is_zero_against_itself_and_weights_its_terms() {
+        use peft_sparse::squarehead::SquareheadLoss;
+        let (teacher, student) = (tiny_bert(1), tiny_bert(1));
+        let batch = TokBatch {
+            input_ids: vec![1, 5, 6, 2, 1, 7, 2, 0],
+            token_type_ids: vec![0; 8],
+            attention_mask: vec![1, 1, 1, 1, 1, 1, 1, 0],
+            shape: [2, 4],
+        };
+        let ctx = Ctx::eval();
+        let ce = |l: &Tensor| l.cross_entropy(&[0, 1], None, 0.0);
+        let only_sq = Distill { teacher: &teacher, loss: SquareheadLoss { h_ce: 0.0, ..SquareheadLoss::default() } };
+        assert_eq!(only_sq.total(&student, &batch, &ctx, ce).unwrap().item().unwrap(), 0.0);
+        let only_ce = Distill { teacher: &teacher, loss: SquareheadLoss { h_sq: 0.0, ..SquareheadLoss::default() } };
+        let want = ce(&student.forward(&batch, &ctx).unwrap()).unwrap().item().unwrap();
+        assert_eq!(only_ce.total(&student, &batch, &ctx, ce).unwrap().item().unwrap(), want);
+        // A student that differs: positive layer term, gradients reach the student and not the teacher.
+        let w = named_params(&student).into_iter().find(|p| p.name().ends_with("layer.1.output.dense.weight")).unwrap();
+        w.update(|v| v.mapv_inplace(|x| 0.5 * x));
+        w.set_trainable(true);
+        let tw =
+            named_params(&teacher).into_iter().find(|p| p.name().ends_with("layer.1.output.dense.weight")).unwrap();
+        tw.set_trainable(true);
+        let l = only_sq.total(&student, &batch, &ctx, ce).unwrap();
+        assert!(l.item().unwrap() > 0.0);
+        let g = l.backward().unwrap();
+        assert!(g.get_id(w.id()).is_some_and(|g| g.iter().any(|v| *v != 0.0)));
+        assert!(g.get_id(tw.id()).is_none(), "the teacher is a constant");
     }
 
     #[test]

@@ -253,6 +253,26 @@ impl BertModel {
     /// # Errors
     /// Inconsistent batch vectors, ids out of range, or a sequence longer than `max_position_embeddings`.
     pub fn forward(&self, batch: &Batch, ctx: &Ctx) -> Result<Tensor> {
+        self.run(batch, ctx, None)
+    }
+
+    /// transformers' `hidden_states` (`output_hidden_states=True`): the embedding output, then the output of each
+    /// layer, `num_hidden_layers + 1` tensors `[B, L, H]`; the last equals [`BertModel::forward`]. Prompt positions
+    /// (prompt tuning, deep prompts) are cut from every state, so each lines up with the batch's tokens and its
+    /// `attention_mask`.
+    ///
+    /// # Errors
+    /// As [`BertModel::forward`].
+    pub fn forward_hidden_states(&self, batch: &Batch, ctx: &Ctx) -> Result<Vec<Tensor>> {
+        let mut states = Vec::with_capacity(self.layers.len() + 1);
+        let last = self.run(batch, ctx, Some(&mut states))?;
+        states.push(last);
+        Ok(states)
+    }
+
+    /// The forward pass; with `states`, the embedding output and every layer's output but the last are pushed there
+    /// without their prompt positions.
+    fn run(&self, batch: &Batch, ctx: &Ctx, mut states: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         // Prompt tokens of the first layer's prefix site (prompt tuning) go through the embedding block as PEFT
         // feeds them; prompts of later layers (deep prompts) enter the hidden sequence there.
         let prompt = match self.layers.first() {
@@ -270,6 +290,9 @@ impl BertModel {
         };
         let mut seq = PromptedSeq::with_prompt(x, mask, p)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(st) = states.as_deref_mut() {
+                st.push(without_prompt(&seq)?);
+            }
             if i > 0 {
                 seq.enter(&layer.attn.prefix, ctx)?;
             }
@@ -309,6 +332,16 @@ impl Module for BertModel {
             p.visit(v);
         }
     }
+}
+
+/// The hidden states of `seq` without its prompt positions.
+fn without_prompt(seq: &PromptedSeq) -> Result<Tensor> {
+    let (h, p) = (seq.hidden(), seq.n_prompt());
+    if p == 0 {
+        return Ok(h.clone());
+    }
+    let l = h.shape()[1];
+    h.narrow(1, p, l - p)
 }
 
 /// The first token's hidden state `h[:, 0]`, `[B, H]`.
@@ -468,6 +501,21 @@ impl BertForSequenceClassification {
         self.classifier.forward(&p, ctx)
     }
 
+    /// Logits `[B, num_labels]` and the backbone's `hidden_states` ([`BertModel::forward_hidden_states`]) from one
+    /// forward pass, for distillation of intermediate layers (SquareHead).
+    ///
+    /// # Errors
+    /// As [`BertModel::forward`].
+    pub fn forward_with_hidden_states(&self, batch: &Batch, ctx: &Ctx) -> Result<(Tensor, Vec<Tensor>)> {
+        let states = self.bert.forward_hidden_states(batch, ctx)?;
+        let Some(h) = states.last() else {
+            return Err(Error::Shape { op: "BertForSequenceClassification::hidden_states", lhs: vec![], rhs: vec![] });
+        };
+        let p = self.pool(h, batch, ctx)?;
+        let p = self.bert.dropout(p, self.dropout, ctx)?;
+        Ok((self.classifier.forward(&p, ctx)?, states))
+    }
+
     /// Mean loss over the batch: cross-entropy against class ids (`labels[i]` an integer in `0..num_labels`),
     /// or MSE against `labels` when `num_labels == 1`.
     ///
@@ -538,6 +586,42 @@ mod tests {
             attention_mask: vec![1, 1, 1, 1, 1, 1, 1, 0],
             shape: [2, 4],
         }
+    }
+
+    #[test]
+    fn hidden_states_are_the_embedding_output_then_each_layer_output() {
+        let m = tiny();
+        let b = batch();
+        let ctx = Ctx::eval();
+        let states = m.forward_hidden_states(&b, &ctx).unwrap();
+        assert_eq!(states.len(), 3);
+        let e = m.embed(&b, &ctx).unwrap();
+        assert_eq!(states[0].as_slice(), e.as_slice());
+        let mask = ArrayD::from_shape_fn(IxDyn(&[2, 4]), |ix| b.attention_mask[ix[0] * 4 + ix[1]] != 0);
+        let h1 = m.layers[0].forward(&e, Some(&mask), &ctx).unwrap();
+        assert_eq!(states[1].as_slice(), h1.as_slice());
+        let h2 = m.layers[1].forward(&h1, Some(&mask), &ctx).unwrap();
+        assert_eq!(states[2].as_slice(), h2.as_slice());
+        assert_eq!(states[2].as_slice(), m.forward(&b, &ctx).unwrap().as_slice());
+        assert!(states.iter().all(|s| s.shape() == [2, 4, 8]));
+    }
+
+    #[test]
+    fn classifier_logits_with_hidden_states_equal_forward_and_carry_gradients() {
+        let c = BertForSequenceClassification::new(tiny(), 3, Pooling::Mean, 1).unwrap();
+        let (b, ctx) = (batch(), Ctx::eval());
+        let (logits, states) = c.forward_with_hidden_states(&b, &ctx).unwrap();
+        assert_eq!(logits.as_slice(), c.forward(&b, &ctx).unwrap().as_slice());
+        assert_eq!(states.len(), 3);
+        let w = named_params(&c.bert).into_iter().find(|p| p.name().ends_with("layer.0.attention.self.query.weight"));
+        let w = w.expect("query weight");
+        w.set_trainable(true);
+        let (_, states) = c.forward_with_hidden_states(&b, &ctx).unwrap();
+        let g = states[1].sum_all().backward().unwrap();
+        assert!(
+            g.get_id(w.id()).is_some_and(|g| g.iter().any(|v| *v != 0.0)),
+            "layer 1's state depends on layer 0's query"
+        );
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn parallel_paths_match_the_f64_product() {
     for sparsity in [0.0, 0.5, 0.9] {
         let w = weight(rows, cols, sparsity, &[3, 150], 11);
         let csr = CsrMatrix::from_dense(&w, rows, cols).unwrap();
-        for batch in [1, 3, 4, 8, 33] {
+        for batch in [1, 3, 4, 8, 33, 64, 65, 130] {
             let x = input(batch, cols, 12);
             if csr.nnz() * batch >= PARALLEL_MIN_WORK {
                 if batch < TRANSPOSED_MIN_BATCH {
@@ -155,4 +155,58 @@ fn into_overwrites_the_output() {
     let mut out = vec![7.0f32; 2];
     empty.matmul_t_into(&[], 1, &mut out).unwrap();
     assert_eq!(out, vec![0.0, 0.0]);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx2_kernel_matches_the_portable_loop_and_the_f64_sum() {
+    use rand::seq::SliceRandom;
+    if !super::simd::available() {
+        eprintln!("skipped: this CPU has no AVX2 + FMA (the portable loop is what runs here)");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let cols = 37;
+    // Every block width: the 64-lane blocks, the 8-lane blocks and the scalar tail, alone and together.
+    for batch in [1usize, 7, 8, 9, 63, 64, 65, 72, 128, 133, 200] {
+        let xt: Vec<f32> = (0..cols * batch).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        for nnz in [0usize, 1, 5, 37] {
+            let mut idx: Vec<u32> = (0..cols as u32).collect();
+            idx.shuffle(&mut rng);
+            idx.truncate(nnz);
+            idx.sort_unstable();
+            let val: Vec<f32> = idx.iter().map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+            let mut fast = vec![f32::NAN; batch];
+            assert!(super::simd::in_bounds(&idx, xt.len(), batch));
+            // SAFETY: AVX2 + FMA checked above; indices < cols, xt is cols·batch long, fast is batch long.
+            unsafe { super::simd::axpy_row(&idx, &val, &xt, batch, &mut fast) };
+            let mut slow = vec![0.0f32; batch];
+            CsrMatrix::axpy_row_portable(&idx, &val, &xt, batch, &mut slow);
+            for b in 0..batch {
+                let exact: f64 =
+                    idx.iter().zip(&val).map(|(&k, &v)| f64::from(v) * f64::from(xt[k as usize * batch + b])).sum();
+                let mag: f64 = idx
+                    .iter()
+                    .zip(&val)
+                    .map(|(&k, &v)| (f64::from(v) * f64::from(xt[k as usize * batch + b])).abs())
+                    .sum();
+                // Each is a recursive sum of nnz products: |error| <= γ_nnz · Σ|v·x| (+ the f32 rounding of the result).
+                let bound = 2.0 * (nnz as f64 * f64::from(f32::EPSILON)) * mag + f64::from(f32::EPSILON) * exact.abs();
+                for (name, got) in [("avx2", fast[b]), ("portable", slow[b])] {
+                    assert!(
+                        (f64::from(got) - exact).abs() <= bound,
+                        "{name} batch {batch} nnz {nnz} lane {b}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn out_of_bounds_rows_are_detected_before_the_kernel() {
+    assert!(super::simd::in_bounds(&[0, 3], 4 * 8, 8));
+    assert!(!super::simd::in_bounds(&[0, 4], 4 * 8, 8));
+    assert!(!super::simd::in_bounds(&[u32::MAX], usize::MAX, usize::MAX / 2), "an overflowing row end");
 }

@@ -21,8 +21,9 @@
 //!   low-rank and sparse tuning), [`s2ft`] (S²FT, selected heads and channels as
 //!   dense blocks);
 //! - [`squarehead`]: SquareHead's pieces (gradual magnitude pruning on the cubic schedule with masks re-applied
-//!   after every step, the per-layer normalised L2 distillation loss against a dense teacher); a library API, not
-//!   a registry entry, since the shared trainer passes no teacher hidden states (see the module);
+//!   after every step, the per-layer normalised L2 distillation loss against a dense teacher) and
+//!   [`squarehead_tuner`], the method (`SQUAREHEAD`: the student trains in full, the trainer hook prunes; the
+//!   caller supplies the teacher and the distillation loss, as `cargo xtask bench` does);
 //! - [`csr`]: CSR weights and a CPU kernel for `x · Wᵀ`, for inference of pruned linear layers;
 //! - registry entries for trainers and `cargo xtask bench` ([`methods()`], [`registry()`]).
 //!
@@ -67,6 +68,7 @@ pub mod select;
 pub mod spiel;
 pub mod spt;
 pub mod squarehead;
+pub mod squarehead_tuner;
 pub mod stepper;
 pub mod tuner;
 
@@ -83,6 +85,7 @@ pub use s2ft::S2ftConfig;
 pub use sara::SaraConfig;
 pub use spiel::SpielConfig;
 pub use spt::SptConfig;
+pub use squarehead_tuner::SquareheadConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};
 
 use peft_core::adapter::{ConfigRegistry, MethodName, MethodSpec};
@@ -104,6 +107,13 @@ pub const S2FT: MethodName = MethodName("s2ft");
 /// `"spt"`: SPT, τ = 53,000 sensitive entries (0.5% of MiniLM-L6's encoder weight matrices) over every
 /// encoder-layer parameter, r = 8, α = 10, β = 5.
 pub const SPT: MethodName = MethodName("spt");
+
+/// `"squarehead-50"`: SquareHead, gradual magnitude pruning of the encoder weight matrices to 50%.
+pub const SQUAREHEAD_50: MethodName = MethodName("squarehead-50");
+/// `"squarehead-75"`: SquareHead to 75%.
+pub const SQUAREHEAD_75: MethodName = MethodName("squarehead-75");
+/// `"squarehead-90"`: SquareHead to 90%.
+pub const SQUAREHEAD_90: MethodName = MethodName("squarehead-90");
 
 /// The sparse methods, for the bench: SPARSE_FT, LT-SFT and SpIEL on every encoder weight matrix of a
 /// BERT-style model (embeddings, norms and the head excluded) at 0.5% density; MoSA on the feed-forward output
@@ -130,6 +140,10 @@ pub const SPT: MethodName = MethodName("spt");
 /// examples, one epoch, seed 0, AMD EPYC 2 cores, `cargo xtask bench --tasks sst2 --methods s2ft,mosa --lr X`):
 /// S²FT 55.0 / 75.9 / 78.3 and MoSA 54.8 (at 1e-3) / 64.0 / 75.3 at the reference rate / 2e-3 / 1e-2. 2e-3 is
 /// not tuned on the dev set; the sweep only shows how far from converged the reference rates are here.
+///
+/// SquareHead (`squarehead-50/75/90`) trains the student in full at full fine-tuning's bench rate (1e-4) and
+/// prunes every encoder weight matrix per matrix; `prune_end_step` is unset here (injection refuses it so), the
+/// bench sets it to two thirds of its steps and supplies the dense teacher and the distillation loss.
 pub fn methods() -> Vec<MethodSpec> {
     let target = ENCODER_WEIGHTS;
     let mut lt = LtSftConfig::new(target, 0.005);
@@ -143,6 +157,9 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),
         MethodSpec::new(S2FT, S2ftConfig::bert(12), 2e-3),
         MethodSpec::new(SPT, SptConfig::new(ENCODER_LAYER_PARAMS, 53_000), 2e-3),
+        MethodSpec::new(SQUAREHEAD_50, SquareheadConfig::new(target, 0.5, None), 1e-4),
+        MethodSpec::new(SQUAREHEAD_75, SquareheadConfig::new(target, 0.75, None), 1e-4),
+        MethodSpec::new(SQUAREHEAD_90, SquareheadConfig::new(target, 0.9, None), 1e-4),
     ]
 }
 
@@ -171,6 +188,7 @@ pub fn registry() -> ConfigRegistry {
         .with::<SaraConfig>()
         .with::<S2ftConfig>()
         .with::<SptConfig>()
+        .with::<SquareheadConfig>()
 }
 
 #[cfg(test)]

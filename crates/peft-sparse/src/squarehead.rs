@@ -20,16 +20,13 @@
 //! - [`GmpPruner`]: records `m = (W ≠ 0)` for chosen parameters, prunes on the schedule and re-applies
 //!   `W ← W ⊙ m` after every optimizer step.
 //!
-//! # Trainer integration (no registry entry)
-//! peft-core's [`peft_core::train::Trainer::step`] takes the caller's loss closure, so a caller's loop can
-//! already train SquareHead with it: the closure runs the frozen teacher under [`no_grad`], the student, and
-//! returns [`SquareheadLoss::total`]; after each `step` the caller calls [`GmpPruner::after_step`]. What is
-//! missing for registry entries `squarehead-50/75/90` (run by the shared bench harness from a `MethodSpec`) is
-//! outside this crate: (1) the BERT-style models of peft-models return only their last hidden state, not
-//! `hidden_states[0..=L]`; (2) the harness builds its loss from the task logits alone and holds no teacher model;
-//! (3) a `MethodSpec` carries an adapter config, and the pruner edits the base weights themselves, so it would need
-//! a tuner whose `Tuner::after_step` forwards to [`GmpPruner::after_step`] and whose saved state is the pruned
-//! weights (not an O(k) delta like this crate's other methods). The example below is such a loop by hand:
+//! # Trainer integration
+//! [`crate::squarehead_tuner::SquareheadConfig`] is the method (registry `squarehead-50/75/90`): the student
+//! trains in full and the trainer's hooks run the [`GmpPruner`]. The distillation needs the teacher's hidden
+//! states for each batch, so the caller's loss closure computes it: it runs the frozen teacher under [`no_grad`],
+//! the student, and returns [`SquareheadLoss::total`]. `cargo xtask bench` does this with peft-models' BERT
+//! (`forward_with_hidden_states`) and a dense teacher it fine-tunes first. The example below is the same loop by
+//! hand, without the tuner:
 //!
 //! ```
 //! use peft_core::nn::{named_params, Ctx, Linear, Module, RandomInit, Visitor, WeightSource};

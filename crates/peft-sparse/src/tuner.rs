@@ -296,7 +296,7 @@ fn module_of(pname: &str) -> &str {
     pname.rsplit_once('.').map_or("", |(m, _)| m)
 }
 
-fn in_modules(pname: &str, modules: &[String]) -> bool {
+pub(crate) fn in_modules(pname: &str, modules: &[String]) -> bool {
     let m = module_of(pname);
     modules.iter().any(|t| m == t || m.ends_with(&format!(".{t}")) || m.starts_with(&format!("{t}.")))
 }

@@ -212,9 +212,24 @@ fn bench_target_regex_matches_bert_encoder_weights_only() {
 fn registry_names_are_unique() {
     assert_eq!(peft_core::adapter::duplicate_name(&crate::methods()), None);
     let names: Vec<&str> = crate::methods().iter().map(|m| m.name.0).collect();
-    assert_eq!(names, ["sparse-ft", "lt-sft", "spiel", "mosa", "r-amt", "sara", "s2ft", "spt"]);
+    assert_eq!(
+        names,
+        [
+            "sparse-ft",
+            "lt-sft",
+            "spiel",
+            "mosa",
+            "r-amt",
+            "sara",
+            "s2ft",
+            "spt",
+            "squarehead-50",
+            "squarehead-75",
+            "squarehead-90"
+        ]
+    );
     let types = registry().peft_types();
-    for t in ["SPARSE_FT", "LT_SFT", "SPIEL", "MOSA", "R_AMT", "SARA", "S2FT", "SPT"] {
+    for t in ["SPARSE_FT", "LT_SFT", "SPIEL", "MOSA", "R_AMT", "SARA", "S2FT", "SPT", "SQUAREHEAD"] {
         assert!(types.contains(&t));
     }
 }

@@ -421,6 +421,7 @@ fn one_run(
         train_examples: train.labels.len(),
         dev_examples: test.labels.len(),
         losses: out.losses,
+        sparse: None,
     })
 }
 
