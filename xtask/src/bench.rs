@@ -135,7 +135,7 @@ pub fn subsample(len: usize, n: Option<usize>) -> Vec<usize> {
     idx
 }
 
-fn labelled(ex: Vec<Example>, what: &str) -> Result<(Vec<Example>, Vec<Label>)> {
+pub(crate) fn labelled(ex: Vec<Example>, what: &str) -> Result<(Vec<Example>, Vec<Label>)> {
     let labels = ex
         .iter()
         .map(|e| e.label)

@@ -25,6 +25,9 @@ pub enum Cmd {
     Embed(crate::embed::EmbedArgs),
     /// Merge a PEFT LoRA adapter into a Hugging Face model folder and write the merged folder.
     Merge(crate::merge::MergeArgs),
+    /// Score a GLUE task's sparse adapter alone and with other sparse deltas added to the base (LT-SFT
+    /// composition).
+    Compose(crate::compose::ComposeArgs),
     /// Quantize the 2-D weights of a safetensors file to bitsandbytes' NF4/FP4/int8 layout.
     Quantize(crate::quantize::QuantizeArgs),
     /// Dequantize a bitsandbytes-layout safetensors file back to F32 weights.

@@ -7,6 +7,7 @@ mod baseline;
 mod bench;
 mod cli;
 mod coco;
+mod compose;
 mod embed;
 mod fetch;
 mod glue;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         Cmd::Assets(args) => assets_cmd(&args),
         Cmd::Embed(args) => embed::run(&args),
         Cmd::Merge(args) => merge::run(&args),
+        Cmd::Compose(args) => compose::run(&args),
         Cmd::Quantize(args) => quantize::run_quantize(&args),
         Cmd::Dequantize(args) => quantize::run_dequantize(&args),
     };

@@ -6,30 +6,38 @@
 //! and two inner loops:
 //! - batch below [`TRANSPOSED_MIN_BATCH`]: per output row, a gather dot product over the row's nonzeros (four
 //!   accumulators);
-//! - larger batches: `x` transposed once to `[in, batch]`, then per output row an axpy of `v · xᵀ[k, :]` per
-//!   nonzero `(k, v)` over a contiguous `batch`-long row, a loop the compiler vectorises; the `[out, batch]`
-//!   result is transposed back.
+//! - larger batches: `x` cut into tiles of 64 rows, each transposed once to `[in, 64]` (so it stays in L2), then
+//!   per output row an axpy of `v · xᵀ[k, :]` per nonzero `(k, v)`: with AVX2 + FMA (detected at run time, see
+//!   [`simd_active`]) 64 lanes are held in eight 256-bit accumulators while the row's nonzeros stream past, so
+//!   each output is stored once; elsewhere a portable loop the compiler vectorises. The result is transposed back.
+//!   The tile buffers are a per-thread scratch reused across calls (fresh ones cost page faults that measured as
+//!   most of the time at high sparsity).
 //!
-//! Sums run in another order than a dense GEMM's, so results agree with it up to f32 rounding, not bit for bit.
+//! Sums run in another order than a dense GEMM's (and with FMA on the AVX2 path), so results agree with it up to
+//! f32 rounding, not bit for bit.
 //!
 //! # Measured speed
-//! CSR time / dense time (peft-core's `Tensor::linear`, the `Linear` forward, under `no_grad`) from one run of
-//! `cargo bench -p peft-sparse --bench sparse_gemm -- --warm-up-time 1 --measurement-time 3` on an "AMD EPYC"
-//! (2 cores, shared: load average about 3.5 during the run, so single figures are noisy; the dense batch-128
-//! times of one shape ranged 3.6-9.8 ms across sparsities although dense work does not depend on them). Below 1
-//! the CSR kernel is faster; random (not magnitude) sparsity patterns:
+//! CSR time / dense time (peft-core's `Tensor::linear`, the `Linear` forward, under `no_grad`; criterion medians)
+//! from `cargo bench -p peft-sparse --bench sparse_gemm -- --warm-up-time 1 --measurement-time 2` on an "AMD EPYC"
+//! (2-core VM, AVX2, nothing else running, 2026-12-07, commit after 4cae8da). Random (not magnitude) positions;
+//! below 1 the CSR kernel is faster. The dense times of one shape vary by up to 1.7x across columns although the
+//! dense work is the same, which is the run-to-run noise of this machine: read single cells with that in mind.
 //!
 //! | `[out, in]`, batch | 0% | 50% | 75% | 90% | 95% |
 //! |---|---|---|---|---|---|
-//! | 1536×384, 1   | 5.45 | 3.80 | 1.63 | 1.07 | 0.57 |
-//! | 1536×384, 8   | 12.8 | 3.54 | 1.50 | 1.01 | 0.74 |
-//! | 1536×384, 128 | 2.92 | 1.93 | 0.62 | 0.37 | 0.53 |
-//! | 384×1536, 1   | 7.35 | 4.26 | 2.56 | 1.25 | 0.36 |
-//! | 384×1536, 8   | 8.47 | 4.63 | 2.33 | 0.82 | 0.67 |
-//! | 384×1536, 128 | 2.22 | 2.52 | 1.00 | 1.07 | 0.30 |
+//! | 1536×384, 1   | 4.08 | 2.12 | 1.01 | 0.66 | 0.40 |
+//! | 1536×384, 8   | 4.32 | 3.63 | 1.14 | 0.73 | 0.35 |
+//! | 1536×384, 128 | 4.07 | 1.74 | 1.88 | 0.94 | 0.70 |
+//! | 384×1536, 1   | 4.29 | 2.28 | 1.16 | 0.62 | 0.31 |
+//! | 384×1536, 8   | 3.49 | 3.20 | 1.24 | 0.49 | 0.45 |
+//! | 384×1536, 128 | 4.22 | 2.10 | 1.17 | 1.06 | 0.59 |
 //!
-//! Dense wins at 0-50% everywhere and at 75% for batch 1 and 8; at 90% the two are about even for batch 1 and 8
-//! (0.82-1.25); at 95% the kernel is faster everywhere measured. There is no explicit SIMD (AVX2) path.
+//! Dense wins at 0-50% everywhere and is about even at 75%; from 90% the kernel is faster at 1 and 8 rows
+//! (0.49-0.73) and about even at 128 (0.94-1.06); at 95% it is faster everywhere measured. On SquareHead's
+//! magnitude-pruned MiniLM (all 36 encoder matrices per pass, so the weights come from memory, not cache) the
+//! `cargo xtask bench` report measures the same kernel per run: at 90% CSR/dense 0.27-0.32 at 1 row and 0.69-0.88
+//! at 128 rows (AVX2; 1.17-1.39 with the portable loop), at 75% 0.45-0.58 and 1.05-1.55, at 50% 0.74-1.17 and
+//! 1.65-2.31 (`docs/bench/glue-sparse/`). Below batch 4 the kernel is a gather dot product, without AVX2.
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
