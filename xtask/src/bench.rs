@@ -273,19 +273,6 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
 
 /// One task x method x seed run: the method's adapter on a fresh model (the task head in `modules_to_save`,
 /// calibration batches for data-driven inits), the core trainer, the adapter folder written.
-/// Optimizer state a sparse adapter holds itself (LT-SFT, SpIEL and SaRA step their values with their own O(k)
-/// AdamW); zero for every other adapter, whose state the trainer holds.
-fn adapter_own_state_bytes(t: &dyn peft_core::adapter::Tuner) -> u64 {
-    let any = t.as_any();
-    if let Some(s) = any.downcast_ref::<peft_sparse::SparseTuner>() {
-        return s.own_state_bytes() as u64;
-    }
-    if let Some(s) = any.downcast_ref::<peft_sparse::spt::SptTuner>() {
-        return s.sparse().own_state_bytes() as u64;
-    }
-    0
-}
-
 ///
 /// SquareHead (`squarehead-*`): the dense teacher is trained first (once per task and seed, `full`'s recipe), the
 /// student starts from its weights, prunes to the method's sparsity by two thirds of the steps and is distilled
@@ -364,7 +351,8 @@ fn one_run(
     };
     let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
-    let own_state = pm.tuner("default").map_or(0, adapter_own_state_bytes);
+    // State the adapter keeps itself (LT-SFT, SpIEL, SaRA, SPT step their values with their own O(k) AdamW).
+    let own_state = pm.tuner("default").map_or(0, |t| t.state_bytes() as u64);
     Ok(Record {
         task: task.name().to_string(),
         method: method.name.to_string(),

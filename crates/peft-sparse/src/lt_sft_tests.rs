@@ -47,6 +47,8 @@ fn full_phase_then_reset_then_sparse_phase_keeps_outside_mask_at_theta0() {
     // Phase over: targets reset to θ⁰ exactly, the mask is k entries per tensor, dense state freed.
     assert_eq!(bits(&m), theta0);
     assert_eq!(tuner(&m).own_state_bytes(), 12 * 96);
+    // The same through the `Tuner` trait, which memory reports read without knowing the method.
+    assert_eq!(m.tuner("default").unwrap().state_bytes(), 12 * 96);
     for (_, d) in tuner(&m).entries() {
         assert_eq!(d.indices().len(), 16);
         assert!(d.values().value().iter().all(|v| *v == 0.0));

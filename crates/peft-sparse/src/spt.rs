@@ -426,6 +426,9 @@ impl Tuner for SptTuner {
         }
         Ok(())
     }
+    fn state_bytes(&self) -> usize {
+        self.sparse.own_state_bytes()
+    }
     fn kind(&self) -> &str {
         SptConfig::PEFT_TYPE
     }

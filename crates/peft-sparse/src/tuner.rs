@@ -282,6 +282,9 @@ impl Tuner for SparseTuner {
             None => Ok(()),
         }
     }
+    fn state_bytes(&self) -> usize {
+        self.own_state_bytes()
+    }
     fn aux_loss(&self) -> peft_core::Result<Option<peft_core::Tensor>> {
         match &self.hooks {
             Some(h) => h.aux_loss(self),

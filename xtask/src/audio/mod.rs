@@ -415,7 +415,10 @@ fn one_run(
         samples_per_sec: out.clips_per_sec,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_bytes,
-        optimizer_state_bytes: Some(out.optimizer_state_bytes),
+        // The trainer's AdamW state plus what the adapter steps itself (sparse methods).
+        optimizer_state_bytes: Some(
+            out.optimizer_state_bytes + pm.tuner("default").map_or(0, |t| t.state_bytes() as u64),
+        ),
         steps: out.steps,
         skipped_steps: out.skipped,
         train_examples: train.labels.len(),

@@ -328,6 +328,9 @@ impl Tuner for CompositeTuner {
     fn after_step(&self, step: usize) -> crate::Result<()> {
         self.parts.iter().try_for_each(|p| p.after_step(step))
     }
+    fn state_bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.state_bytes()).sum()
+    }
 }
 
 /// An [`AdapterError::NotSupportedBy`] for `op` on adapter `name`.

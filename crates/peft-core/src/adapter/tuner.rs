@@ -209,6 +209,12 @@ pub trait Tuner: Send + Sync {
         let _ = step;
         Ok(())
     }
+    /// Bytes of optimizer state the tuner holds itself, for values it steps in [`Tuner::after_step`] rather than
+    /// through the trainer's optimizer (sparse methods with their own O(k) AdamW); 0 for every tuner the
+    /// trainer's optimizer steps. Memory reports add it to the trainer's optimizer state.
+    fn state_bytes(&self) -> usize {
+        0
+    }
 }
 
 enum Backing {
