@@ -307,7 +307,7 @@ fn one_run(
     let mut config = match (&sq, &teacher) {
         (Some(sq), Some((t, _))) => {
             squarehead::copy_values(model.as_ref(), t.values())?;
-            let steps = squarehead::total_steps(train_split.enc.len(), cfg);
+            let steps = train::training_steps(train_split.enc.len(), cfg);
             Box::new(SquareheadConfig { prune_end_step: Some(2 * steps / 3), ..sq.clone() })
         }
         _ => method.config(),

@@ -218,8 +218,3 @@ pub fn measure(tuner: &SquareheadTuner) -> Result<(f64, u64, u64, Vec<GemmTiming
     }
     Ok((tuner.sparsity(), dense_bytes, csr_bytes, timings))
 }
-
-/// The number of optimizer steps [`train::run`] takes: batches per epoch times epochs.
-pub fn total_steps(examples: usize, cfg: &TrainConfig) -> usize {
-    examples.div_ceil(cfg.batch_size.max(1)) * cfg.epochs
-}

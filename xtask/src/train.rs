@@ -110,6 +110,12 @@ pub fn length_batches(lens: &[usize], batch_size: usize, rng: Option<&mut StdRng
     }
 }
 
+/// The number of optimizer steps [`run`] takes on `examples` training examples: [`length_batches`] cuts every
+/// epoch into `⌈examples / batch_size⌉` batches.
+pub fn training_steps(examples: usize, cfg: &TrainConfig) -> usize {
+    examples.div_ceil(cfg.batch_size.max(1)) * cfg.epochs
+}
+
 /// Hyper-parameters of one run.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
@@ -271,9 +277,9 @@ impl Distill<'_> {
         let (tl, th) = peft_core::no_grad(|| self.teacher.logits_and_hidden(batch, &Ctx::eval()))?;
         let (sl, sh) = student.logits_and_hidden(batch, ctx)?;
         let ce = task_loss(&sl)?;
-        let [b, l] = batch.shape;
-        let mask =
-            ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[b, l]), |ix| batch.attention_mask[ix[0] * l + ix[1]] != 0);
+        let tm = token_mask(batch);
+        let l = tm.shape[1];
+        let mask = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&tm.shape), |ix| tm.valid[ix[0] * l + ix[1]]);
         Ok(self.loss.total(&ce, &sl, &tl, &sh, &th, Some(&mask))?)
     }
 }
@@ -301,6 +307,7 @@ pub fn run(
     let epochs: Vec<Vec<Vec<usize>>> =
         (0..cfg.epochs).map(|_| length_batches(&lens, cfg.batch_size, Some(&mut rng))).collect();
     let total: usize = epochs.iter().map(Vec::len).sum();
+    debug_assert_eq!(total, training_steps(lens.len(), cfg), "training_steps disagrees with length_batches");
     let tcfg = TrainerConfig {
         lr,
         weight_decay: cfg.weight_decay,
@@ -485,6 +492,17 @@ mod tests {
         assert_eq!(b.input_ids, vec![101, 102, 0, 101, 7, 102]);
         assert_eq!(b.token_type_ids, vec![0, 1, 0, 0, 0, 0]);
         assert_eq!(b.attention_mask, vec![1, 1, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn training_steps_counts_the_batches_run_takes() {
+        for (n, bs, epochs) in [(1000, 16, 1), (1000, 32, 3), (801, 32, 2), (5, 8, 4), (50 * 16 + 1, 16, 1)] {
+            let cfg = TrainConfig { batch_size: bs, epochs, ..cfg() };
+            let lens: Vec<usize> = (0..n).map(|i| 3 + i % 17).collect();
+            let mut rng = StdRng::seed_from_u64(1);
+            let got: usize = (0..epochs).map(|_| length_batches(&lens, bs, Some(&mut rng)).len()).sum();
+            assert_eq!(training_steps(n, &cfg), got, "n {n} bs {bs} epochs {epochs}");
+        }
     }
 
     #[test]

@@ -17,21 +17,27 @@
 //! so that 8 steps pass through two selection phases, where its grow candidates' statistics exist; LT-SFT runs 2
 //! dense steps (θ₀ kept, O(n) by the method's design) and then its sparse phase.
 //!
-//! Measured 2026-12-07 (release build, 2-core AMD EPYC VM, nothing else running; 134,515,008 parameters, k =
-//! 530,670 = 0.5% of the 210 projection matrices; 8 steps; the "8k" column is two f32 moments per trained entry):
+//! Measured 2026-12-07 (release build, 2-core AMD EPYC VM, nothing else running; the `spiel` row re-measured at
+//! 06:55 UTC after its candidate indices became u32; 134,515,008 parameters, k = 530,670 = 0.5% of the 210
+//! projection matrices; 8 steps; the "8k" column is two f32 moments per trained entry):
 //!
 //! | mode | optimizer state, max | × 8k | after the last step | × 8k | peak RSS | s/step |
 //! |---|---:|---:|---:|---:|---:|---:|
 //! | `full` (AdamW on every parameter) | 1,076,122,240 B | 1.00 (of 8·134.5M) | 1,076,122,240 B | 1.00 | 2,691,304 KiB | 2.57 |
 //! | `sparse-ft` (trainer's AdamW on the k values) | 4,247,040 B | 1.00 | 4,247,040 B | 1.00 | 1,164,060 KiB | 1.06 |
 //! | `lt-sft` (2 dense steps, then sparse) | 1,705,061,160 B | 401.6 | 6,368,040 B | 1.50 | 2,827,900 KiB | 1.99 |
-//! | `spiel` (selection phases at steps 3-4 and 7-8) | 14,858,760 B | 3.50 | 6,368,040 B | 1.50 | 1,178,416 KiB | 1.71 |
+//! | `spiel` (selection phases at steps 3-4 and 7-8) | 12,736,080 B | 3.00 | 6,368,040 B | 1.50 | 1,176,980 KiB | 1.73 |
 //!
-//! - Full fine-tuning holds 253x sparse-ft's optimizer state and 72x SpIEL's peak; its peak RSS is 2.3x theirs
+//! - Full fine-tuning holds 253x sparse-ft's optimizer state and 84x SpIEL's peak; its peak RSS is 2.3x theirs
 //!   (the f32 model itself, 538 MB, and the 64-token activations are common to all).
 //! - LT-SFT's and SpIEL's values are stepped by `SparseAdamW`: 12 B per entry (two moments and an age), 1.5x the
-//!   8k formula. SpIEL's selection phase adds 16 B per grow candidate (a `u64` index, the gradient sum and
-//!   squared sum; k candidates per tensor): 28 B per entry, 3.5x 8k while a phase runs, O(k) throughout. LT-SFT's
+//!   8k formula. SpIEL's selection phase adds 12 B per grow candidate (a `u32` index, the gradient sum and
+//!   squared sum) and holds k candidates per tensor, as the reference does (`num_candidates = len(values)` in
+//!   AlanAnsell/peft's `SftSelector`): 24 B per entry, 3.0x 8k while a phase runs (exactly the method's own
+//!   formula, 12k + 12k), 1.5x outside phases, O(k) throughout. It was 3.5x with `u64` candidate indices (row
+//!   measured 2026-12-07 05:00 UTC: 14,858,760 B); fewer candidates than k would change the method (the first
+//!   selection swaps all k entries). Transient per-tensor buffers of a selection (scores, pools) are freed
+//!   before the next tensor and are not state. LT-SFT's
 //!   first phase is dense by design (full fine-tuning plus θ₀ for the top-k change), 401x 8k and the peak RSS of
 //!   full fine-tuning; once it selects, its state is the same 1.5x as SpIEL's.
 

@@ -163,19 +163,23 @@ pub fn methods() -> Vec<MethodSpec> {
     ]
 }
 
-/// The weight matrices of a BERT-style encoder's layers (regex over parameter names).
-pub const ENCODER_WEIGHTS: &str = r".*encoder\.layer\.\d+\..*(?:query|key|value|dense)\.weight";
+/// The weight matrices of a BERT-style encoder's layers (regex over parameter names): BERT's
+/// `query/key/value/…dense` and DINOv2's `attention.attention.{query,key,value}`, `attention.output.dense`,
+/// `mlp.fc1`, `mlp.fc2`.
+pub const ENCODER_WEIGHTS: &str = r".*encoder\.layer\.\d+\..*(?:query|key|value|dense|fc1|fc2)\.weight";
 
 /// Every parameter of a BERT-style encoder's layers (weights, biases, LayerNorms), SPT's scope without the
 /// embeddings and the head.
 pub const ENCODER_LAYER_PARAMS: &str = r".*encoder\.layer\.\d+\..*";
 
-/// The feed-forward output projections of a BERT-style encoder (regex over linear-site paths).
-pub const FFN_OUTPUTS: &str = r".*encoder\.layer\.\d+\.output\.dense";
+/// The feed-forward output projections of a BERT-style encoder (regex over linear-site paths): BERT's
+/// `output.dense`, DINOv2's `mlp.fc2`.
+pub const FFN_OUTPUTS: &str = r".*encoder\.layer\.\d+\.(?:output\.dense|mlp\.fc2)";
 
-/// The attention input/output projection weights of a BERT-style encoder (R-AMT's `vit_b16` targets).
+/// The attention input/output projection weights of a BERT-style encoder (R-AMT's `vit_b16` targets); DINOv2
+/// names its projections `attention.attention.{query,key,value}`.
 pub const ATTENTION_WEIGHTS: &str =
-    r".*encoder\.layer\.\d+\.attention\.(?:self\.(?:query|key|value)|output\.dense)\.weight";
+    r".*encoder\.layer\.\d+\.attention\.(?:(?:self|attention)\.(?:query|key|value)|output\.dense)\.weight";
 
 /// The `peft_type`s this crate reads, on top of peft-core's.
 pub fn registry() -> ConfigRegistry {

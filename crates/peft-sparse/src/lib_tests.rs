@@ -92,3 +92,60 @@ fn new_registry_methods_train_save_and_reload_on_bert_names() {
         assert_eq!(back.forward(&x, &Ctx::eval()).unwrap().to_vec(), y.to_vec(), "{}", spec.name.0);
     }
 }
+
+/// The bench's target regexes (full match, as `ModulePattern::Regex` applies them) pick the same roles under
+/// BERT's and DINOv2's parameter names, and nothing else (embeddings, LayerNorms, layer scales, the head).
+#[test]
+fn target_patterns_cover_bert_and_dinov2_names() {
+    let full = |p: &str| regex::Regex::new(&format!(r"\A(?:{p})\z")).unwrap();
+    let bert = [
+        "bert.encoder.layer.3.attention.self.query",
+        "bert.encoder.layer.3.attention.self.key",
+        "bert.encoder.layer.3.attention.self.value",
+        "bert.encoder.layer.3.attention.output.dense",
+        "bert.encoder.layer.3.intermediate.dense",
+        "bert.encoder.layer.3.output.dense",
+    ];
+    let dino = [
+        "dinov2.encoder.layer.3.attention.attention.query",
+        "dinov2.encoder.layer.3.attention.attention.key",
+        "dinov2.encoder.layer.3.attention.attention.value",
+        "dinov2.encoder.layer.3.attention.output.dense",
+        "dinov2.encoder.layer.3.mlp.fc1",
+        "dinov2.encoder.layer.3.mlp.fc2",
+    ];
+    let never = [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.3.attention.output.LayerNorm.weight",
+        "bert.encoder.layer.3.output.LayerNorm.weight",
+        "dinov2.encoder.layer.3.norm1.weight",
+        "dinov2.encoder.layer.3.layer_scale1.lambda1",
+        "dinov2.embeddings.patch_embeddings.projection.weight",
+        "classifier.weight",
+        "bert.pooler.dense.weight",
+    ];
+    // (pattern, roles it selects among q, k, v, o, up, down; on `.weight` names when `weights`)
+    let cases: [(&str, [bool; 6], bool); 7] = [
+        (crate::ENCODER_WEIGHTS, [true; 6], true),
+        (crate::FFN_OUTPUTS, [false, false, false, false, false, true], false),
+        (crate::ATTENTION_WEIGHTS, [true, true, true, true, false, false], true),
+        (crate::s2ft::BERT_GROUPS[0], [false, false, true, false, false, false], false),
+        (crate::s2ft::BERT_GROUPS[1], [false, false, false, true, false, false], false),
+        (crate::s2ft::BERT_GROUPS[2], [false, false, false, false, true, false], false),
+        (crate::s2ft::BERT_GROUPS[3], [false, false, false, false, false, true], false),
+    ];
+    for (pat, roles, weights) in cases {
+        let re = full(pat);
+        for names in [&bert, &dino] {
+            for (name, &want) in names.iter().zip(&roles) {
+                let name = if weights { format!("{name}.weight") } else { name.to_string() };
+                assert_eq!(re.is_match(&name), want, "{pat} on {name}");
+            }
+        }
+        for n in never {
+            assert!(!re.is_match(n) && !re.is_match(n.trim_end_matches(".weight")), "{pat} matched {n}");
+        }
+    }
+    let all = full(crate::ENCODER_LAYER_PARAMS);
+    assert!(all.is_match("dinov2.encoder.layer.0.layer_scale1.lambda1") && !all.is_match("classifier.weight"));
+}

@@ -30,9 +30,9 @@ pub fn sparse_memory(tuner: &SparseTuner) -> SparseMemory {
 }
 
 /// Bytes of the state an optimizer holds (every buffer of its state dict, 4 bytes per f32 entry, plus 8 per
-/// step counter).
+/// step counter): [`Optimizer::state_bytes`].
 pub fn optimizer_state_bytes(opt: &impl Optimizer) -> usize {
-    opt.state_dict().params.values().map(|s| 8 + s.buffers.values().map(|b| 4 * b.len()).sum::<usize>()).sum()
+    opt.state_bytes()
 }
 
 /// The O(k) bound for AdamW over `k` values in `tensors` tensors: two f32 moments per entry and a step counter

@@ -227,17 +227,18 @@ pub struct S2ftConfig {
 }
 
 /// The regexes of a BERT-style encoder's four S²FT groups: value, attention output, intermediate (up) and
-/// output (down) projections.
+/// output (down) projections, under BERT's names (`attention.self.value`, `intermediate.dense`, `output.dense`)
+/// and DINOv2's (`attention.attention.value`, `mlp.fc1`, `mlp.fc2`).
 pub const BERT_GROUPS: [&str; 4] = [
-    r".*encoder\.layer\.\d+\.attention\.self\.value",
+    r".*encoder\.layer\.\d+\.attention\.(?:self|attention)\.value",
     r".*encoder\.layer\.\d+\.attention\.output\.dense",
-    r".*encoder\.layer\.\d+\.intermediate\.dense",
-    r".*encoder\.layer\.\d+\.output\.dense",
+    r".*encoder\.layer\.\d+\.(?:intermediate\.dense|mlp\.fc1)",
+    r".*encoder\.layer\.\d+\.(?:output\.dense|mlp\.fc2)",
 ];
 
 impl S2ftConfig {
-    /// The recipe of §3.3 (`o_ratio = 0.052`, `d_ratio = 0.02`, `v = u = 0`) on a BERT-style encoder with
-    /// `num_heads` heads per layer.
+    /// The recipe of §3.3 (`o_ratio = 0.052`, `d_ratio = 0.02`, `v = u = 0`) on a BERT-style encoder (BERT or
+    /// DINOv2 names, [`BERT_GROUPS`]) with `num_heads` heads per layer.
     pub fn bert(num_heads: usize) -> Self {
         let p = |s: &str| Some(ModulePattern::Regex(s.into()));
         S2ftConfig {

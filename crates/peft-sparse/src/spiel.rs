@@ -5,7 +5,9 @@
 //! - Selection phases (spec §3.2): one starts at injection and after every step `s` with
 //!   `(s + 1) % reselection_steps == 0`; during a phase each delta's dense-gradient tap
 //!   ([`crate::indices::GradTap`]) records, at its first backward, the `k` positions of largest `|∂L/∂W|` as
-//!   candidates, then accumulates their gradient sum, squared sum and sample count (O(k)).
+//!   candidates, then accumulates their gradient sum, squared sum and sample count (O(k): 12 bytes per candidate
+//!   with u32 indices, as many candidates as active entries like the reference's `num_candidates =
+//!   len(values)`).
 //! - After `accumulation_steps` steps of a phase: drop the `⌊k·p⌋` active entries of smallest `|value|` and grow
 //!   the same number of candidates (not remaining active) of largest `|accumulated grad|`; an entry dropped and
 //!   regrown keeps its value and state. `p = 1` at the first selection (full reselection), then
@@ -117,13 +119,20 @@ impl SpielConfig {
     }
 }
 
-/// Regrowth candidates of one delta during a selection phase.
-#[derive(Debug, Default)]
+/// Regrowth candidates of one delta during a selection phase: 12 bytes each (a u32 flat index unless the tensor
+/// has more than 2³² entries, the gradient sum and the squared sum) and one sample count per delta.
+#[derive(Debug)]
 struct Candidates {
-    idx: Vec<u64>,
+    idx: SparseIndices,
     sum: Vec<f32>,
     sq: Vec<f32>,
     samples: u32,
+}
+
+impl Candidates {
+    fn bytes(&self) -> usize {
+        self.idx.bytes() + 4 * self.sum.len() + 4 * self.sq.len()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -141,14 +150,17 @@ impl SiteSel {
         match &mut self.cand {
             None => {
                 let scores: Vec<f32> = g.iter().map(|x| x.abs()).collect();
-                let idx = top_k_indices(&scores, self.k);
-                let sum: Vec<f32> = idx.iter().map(|&i| g[i as usize]).collect();
+                // Sorted, distinct and below `g.len()` by construction, so `new` cannot fail.
+                let Ok(idx) = SparseIndices::new("spiel candidates", top_k_indices(&scores, self.k), g.len()) else {
+                    return;
+                };
+                let sum: Vec<f32> = idx.iter().map(|i| g[i]).collect();
                 let sq = sum.iter().map(|x| x * x).collect();
                 self.cand = Some(Candidates { idx, sum, sq, samples: 1 });
             }
             Some(c) => {
-                for (j, &i) in c.idx.iter().enumerate() {
-                    let x = g[i as usize];
+                for (j, i) in c.idx.iter().enumerate() {
+                    let x = g[i];
                     c.sum[j] += x;
                     c.sq[j] += x * x;
                 }
@@ -176,7 +188,7 @@ struct SpielHooks {
 pub(crate) fn drop_grow(
     old: &SparseIndices,
     values: &[f32],
-    cand_idx: &[u64],
+    cand_idx: &SparseIndices,
     cand_score: &[f32],
     p: f64,
 ) -> Option<(Vec<u64>, Vec<f32>)> {
@@ -194,10 +206,11 @@ pub(crate) fn drop_grow(
     }
     let remaining: Vec<u64> = (0..k).filter(|&j| !is_dropped[j]).map(|j| old.get(j) as u64).collect();
     // Grow: candidates not remaining active, by |score|.
-    let pool: Vec<usize> = (0..cand_idx.len()).filter(|&j| remaining.binary_search(&cand_idx[j]).is_err()).collect();
+    let pool: Vec<usize> =
+        (0..cand_idx.len()).filter(|&j| remaining.binary_search(&(cand_idx.get(j) as u64)).is_err()).collect();
     let pool_scores: Vec<f32> = pool.iter().map(|&j| cand_score[j].abs()).collect();
     let grown_pos = top_k_indices(&pool_scores, n);
-    let grown: Vec<u64> = grown_pos.iter().map(|&j| cand_idx[pool[j as usize]]).collect();
+    let grown: Vec<u64> = grown_pos.iter().map(|&j| cand_idx.get(pool[j as usize]) as u64).collect();
     // Fewer candidates than drops: keep the largest dropped ones.
     let short = n - grown.len();
     let mut keep_back: Vec<u64> = Vec::new();
@@ -233,7 +246,7 @@ impl SpielHooks {
             let Ok(new_idx) = SparseIndices::new(d.param_name(), new, numel) else { continue };
             let samples = c.samples.max(1);
             opt.remap(slot, &old, &new_idx, |flat| {
-                let j = c.idx.binary_search(&(flat as u64)).ok()?;
+                let j = c.idx.position(flat)?;
                 Some(Seed { mean_grad: c.sum[j] / samples as f32, mean_sq: c.sq[j] / samples as f32, age: samples })
             });
             if d.set(new_idx, new_vals).is_err() {
@@ -249,7 +262,7 @@ impl StepHooks for SpielHooks {
         let cand: usize = self
             .sites
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).cand.as_ref().map_or(0, |c| 16 * c.idx.len()))
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).cand.as_ref().map_or(0, Candidates::bytes))
             .sum();
         self.stepper.state_bytes() + cand
     }

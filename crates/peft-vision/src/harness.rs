@@ -11,6 +11,7 @@ use std::time::Instant;
 use ndarray::{Array2, ArrayD, IxDyn};
 use peft_core::adapter::PeftModel;
 use peft_core::nn::{named_params, Ctx, Linear, Module, RandomInit};
+use peft_core::optim::Optimizer;
 use peft_core::train::{Loss, NoHooks, NonFinitePolicy, ScheduleKind, TrainHooks, Trainer, TrainerConfig};
 use peft_core::{no_grad, Param, Tensor};
 use peft_models::vit::Dinov2Classifier;
@@ -83,6 +84,9 @@ pub struct TrainOutcome {
     pub train_seconds: f64,
     /// Training images per second.
     pub samples_per_sec: f64,
+    /// Bytes of the trainer's optimizer state at the end ([`peft_core::optim::Optimizer::state_bytes`]); state an
+    /// adapter steps itself (sparse methods) is its tuner's `state_bytes`, not counted here.
+    pub optimizer_state_bytes: u64,
 }
 
 /// Shuffled batches of `0..n` for every epoch (seeded; the last batch of an epoch keeps the remainder).
@@ -154,6 +158,7 @@ pub fn train_loop(
         progress(step, total, r.loss);
     }
     out.steps = trainer.steps_done();
+    out.optimizer_state_bytes = trainer.optimizer().state_bytes() as u64;
     out.train_seconds = t0.elapsed().as_secs_f64();
     out.samples_per_sec = samples as f64 / out.train_seconds.max(1e-9);
     Ok(out)
@@ -393,6 +398,10 @@ mod tests {
         let out = finetune(&pm, &set, &cfg(6, 5e-2), &mut |_, _, _| calls += 1).unwrap();
         assert_eq!((out.steps, calls), (12, 12));
         assert!(out.samples_per_sec > 0.0);
+        // AdamW: two f32 moments per trainable entry and a step counter per trainable tensor.
+        let tp = pm.trainable_params();
+        let want: usize = tp.iter().map(|p| 8 + 8 * p.numel()).sum();
+        assert_eq!(out.optimizer_state_bytes, want as u64);
         for (name, v) in frozen {
             let p = pm.base_params().iter().find(|p| p.name() == name).unwrap().clone();
             assert_eq!(p.value().iter().copied().collect::<Vec<_>>(), v, "{name} moved");

@@ -19,6 +19,7 @@ use peft_core::adapter::{MethodSpec, PeftModel};
 use peft_core::io::hf_config::Dinov2Config;
 use peft_core::io::SafeTensorsFile;
 use peft_core::nn::named_params;
+use peft_core::train::calibration_ctx;
 use peft_vision::data::{few_shot_indices, VtabDataset, VtabSplit};
 use peft_vision::features::FeatureSet;
 use peft_vision::fewshot::{Gda, PrototypePrior, TipAdapter, TipX};
@@ -133,11 +134,39 @@ fn lr_of(args: &BenchArgs, spec: Option<&MethodSpec>) -> f64 {
     args.lr.unwrap_or_else(|| spec.map_or(1e-2, |s| s.lr))
 }
 
-/// Every method the VTAB suite can run: the bench registry plus peft-vision's.
-pub fn registry() -> Vec<MethodSpec> {
-    let mut v = crate::bench::registry();
+/// Every method the VTAB suite can run on a backbone with `num_heads` attention heads: the bench registry (S²FT
+/// with the backbone's head count; SquareHead left out, see [`refuse_unsupported`]) plus peft-vision's.
+pub fn registry(num_heads: usize) -> Vec<MethodSpec> {
+    let mut v: Vec<MethodSpec> = crate::bench::registry()
+        .into_iter()
+        .filter(|m| !m.name.0.starts_with(SQUAREHEAD_PREFIX))
+        .map(|m| {
+            if m.name == peft_sparse::S2FT {
+                MethodSpec::new(peft_sparse::S2FT, peft_sparse::s2ft::S2ftConfig::bert(num_heads), m.lr)
+            } else {
+                m
+            }
+        })
+        .collect();
     v.extend(peft_vision::methods());
     v
+}
+
+const SQUAREHEAD_PREFIX: &str = "squarehead-";
+
+/// Calibration batches handed to data-driven inits (SPT's sensitivity), as in the GLUE suite.
+const CALIBRATION_BATCHES: usize = 8;
+
+/// Methods the GLUE suite runs that this suite cannot: SquareHead needs a dense teacher and a distillation loss
+/// over hidden states, which only the GLUE harness supplies.
+fn refuse_unsupported(names: &[String]) -> Result<()> {
+    if let Some(n) = names.iter().find(|n| n.starts_with(SQUAREHEAD_PREFIX)) {
+        bail!(
+            "`{n}` runs in the GLUE suite only (it needs the dense teacher and the hidden-state distillation loss \
+             that harness supplies); `cargo xtask bench --methods {n}`"
+        );
+    }
+    Ok(())
 }
 
 struct Backbone {
@@ -261,8 +290,9 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let names: Vec<String> =
         args.methods.clone().unwrap_or_else(|| DEFAULT_METHODS.iter().map(|s| s.to_string()).collect());
     let reg_names: Vec<String> = names.iter().filter(|n| *n != LINEAR).cloned().collect();
-    let specs = resolve_methods(&reg_names, registry())?;
+    refuse_unsupported(&reg_names)?;
     let bb = Backbone::open(&adir.join(DINOV2_DIR))?;
+    let specs = resolve_methods(&reg_names, registry(bb.cfg.num_attention_heads))?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let out_root = args.out.clone().unwrap_or_else(|| workspace_root().join("target/bench"));
@@ -423,6 +453,7 @@ fn base_record(t: &TaskRef, method: &str, desc: String, recipe: &RecipeConfig, p
         samples_per_sec: 0.0,
         peak_rss_bytes: None,
         adapter_bytes: 0,
+        optimizer_state_bytes: None,
         steps: 0,
         skipped_steps: 0,
         train_examples: 0,
@@ -463,6 +494,7 @@ fn linear_run(
     r.eval_seconds = t1.elapsed().as_secs_f64();
     r.samples_per_sec = probe.outcome.samples_per_sec;
     r.peak_rss_bytes = train::peak_rss_bytes();
+    r.optimizer_state_bytes = Some(probe.outcome.optimizer_state_bytes);
     r.steps = probe.outcome.steps;
     r.skipped_steps = probe.outcome.skipped_steps;
     r.train_examples = ftr.len();
@@ -484,14 +516,7 @@ fn adapter_run(
     let seed = recipe.seed;
     let model = bb.classifier(data.classes, seed)?;
     let total: u64 = named_params(&model).iter().map(|p| p.numel() as u64).sum();
-    let mut config = spec.config();
-    config.set_modules_to_save(vec!["classifier".into()])?;
-    if config.needs_calibration() {
-        bail!("{} needs calibration batches, which the VTAB suite does not provide yet", spec.name);
-    }
-    let mut pm = PeftModel::wrap(model, seed);
-    pm.add_adapter_boxed("default", config)?;
-    pm.set_adapter("default")?;
+    let pm = with_adapter(model, spec, &data.train, recipe)?;
     let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
     let bar = train::progress_bar(format!("{} {} s{seed}", t.name, spec.name));
     let out = finetune(&pm, &data.train, recipe, &mut |s, n, l| {
@@ -515,6 +540,8 @@ fn adapter_run(
     r.eval_seconds = eval_seconds;
     r.samples_per_sec = out.samples_per_sec;
     r.peak_rss_bytes = train::peak_rss_bytes();
+    let own_state = pm.tuner("default").map_or(0, |t| t.state_bytes() as u64);
+    r.optimizer_state_bytes = Some(out.optimizer_state_bytes + own_state);
     r.adapter_bytes = adapter_bytes;
     r.steps = out.steps;
     r.skipped_steps = out.skipped_steps;
@@ -522,6 +549,34 @@ fn adapter_run(
     r.test_examples = data.test.len();
     r.losses = out.losses;
     Ok(r)
+}
+
+/// `model` with `spec`'s adapter as `"default"` (the head trained in full), calibrated on the first
+/// [`CALIBRATION_BATCHES`] training batches (file order, evaluation mode) when the method asks for data.
+fn with_adapter(
+    model: Dinov2Classifier,
+    spec: &MethodSpec,
+    train: &PixelSet,
+    recipe: &RecipeConfig,
+) -> Result<PeftModel<Dinov2Classifier>> {
+    let mut config = spec.config();
+    config.set_modules_to_save(vec!["classifier".into()])?;
+    let mut pm = PeftModel::wrap(model, recipe.seed);
+    if config.needs_calibration() {
+        let idx: Vec<usize> = (0..train.len()).collect();
+        let batches: Vec<&[usize]> = idx.chunks(recipe.batch_size.max(1)).take(CALIBRATION_BATCHES).collect();
+        let mut calib = |m: &Dinov2Classifier, i: usize| -> peft_core::Result<Option<peft_core::Tensor>> {
+            let Some(b) = batches.get(i) else { return Ok(None) };
+            let x = train.batch(b)?;
+            let logits = m.forward(&x, &calibration_ctx(None))?;
+            logits.cross_entropy(&train.batch_labels(b), None, 0.0).map(Some)
+        };
+        pm.add_adapter_calibrated("default", config, &mut calib)?;
+    } else {
+        pm.add_adapter_boxed("default", config)?;
+    }
+    pm.set_adapter("default")?;
+    Ok(pm)
 }
 
 /// The few-shot table for one seed: k-shot supports from train800, searches on val200, scores on test.
@@ -615,8 +670,57 @@ mod tests {
     #[test]
     fn every_default_method_resolves() {
         let names: Vec<String> = DEFAULT_METHODS.iter().filter(|n| **n != LINEAR).map(|s| s.to_string()).collect();
-        let got = resolve_methods(&names, registry()).unwrap();
+        let got = resolve_methods(&names, registry(6)).unwrap();
         assert_eq!(got.len(), 5);
-        assert_eq!(peft_core::adapter::duplicate_name(&registry()), None);
+        assert_eq!(peft_core::adapter::duplicate_name(&registry(6)), None);
+    }
+
+    #[test]
+    fn squarehead_is_refused_with_the_suite_that_runs_it() {
+        let e = refuse_unsupported(&["lora".into(), "squarehead-75".into()]).unwrap_err().to_string();
+        assert!(e.contains("squarehead-75") && e.contains("GLUE"), "{e}");
+        assert!(refuse_unsupported(&["lora".into(), "spiel".into()]).is_ok());
+        assert!(registry(6).iter().all(|m| !m.name.0.starts_with(SQUAREHEAD_PREFIX)));
+    }
+
+    /// Every sparse method of the bench registry, as this suite builds it, finds its targets in a DINOv2 (its
+    /// regexes cover DINOv2's names; S²FT gets the backbone's head count; SPT gets calibration batches), trains
+    /// through the harness and reports optimizer state.
+    #[test]
+    fn sparse_methods_build_and_train_on_a_tiny_dinov2() {
+        let dcfg = Dinov2Config {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 8,
+            patch_size: 4,
+            use_mask_token: false,
+            ..Dinov2Config::default()
+        };
+        let ims: Vec<ndarray::ArrayD<f32>> = (0..16)
+            .map(|i| {
+                let v = if i % 2 == 1 { 1.0 } else { -1.0 };
+                ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3, 8, 8]), v) + (i as f32) * 0.01
+            })
+            .collect();
+        let set = PixelSet::from_arrays(&ims, (0..16).map(|i| i % 2).collect()).unwrap();
+        let recipe = RecipeConfig { epochs: 2, batch_size: 4, lr: 1e-3, ..RecipeConfig::paper() };
+        let sparse = ["sparse-ft", "lt-sft", "spiel", "sara", "spt", "s2ft", "mosa", "r-amt"];
+        let names: Vec<String> = sparse.iter().map(|s| s.to_string()).collect();
+        for spec in resolve_methods(&names, registry(dcfg.num_attention_heads)).unwrap() {
+            let b = Dinov2::load(&dcfg, &peft_core::nn::RandomInit::new(3, 0.3)).unwrap();
+            let m = Dinov2Classifier::new(b, 2, HeadInput::ClsAndPatchMean, 0).unwrap();
+            let pm = with_adapter(m, &spec, &set, &recipe).unwrap_or_else(|e| panic!("{}: {e:#}", spec.name));
+            let tp = pm.trainable_params();
+            let head: u64 = tp.iter().filter(|p| p.name().contains("classifier")).map(|p| p.numel() as u64).sum();
+            let trainable: u64 = tp.iter().map(|p| p.numel() as u64).sum();
+            let own = pm.tuner("default").map_or(0, |t| t.state_bytes());
+            assert!(trainable > head || own > 0, "{}: nothing beyond the head trains", spec.name);
+            let out = finetune(&pm, &set, &recipe, &mut |_, _, _| {}).unwrap();
+            assert_eq!(out.steps, 8, "{}", spec.name);
+            assert!(out.optimizer_state_bytes > 0, "{}", spec.name);
+            let acc = evaluate(&pm, &set, 8).unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{}", spec.name);
+        }
     }
 }

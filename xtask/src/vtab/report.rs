@@ -48,6 +48,10 @@ pub struct VtabRecord {
     pub peak_rss_bytes: Option<u64>,
     /// Bytes of the saved adapter folder (0 for the linear probe, whose head is not saved).
     pub adapter_bytes: u64,
+    /// Optimizer state at the end of training: the trainer's AdamW plus what the adapter steps itself (sparse
+    /// methods' O(k) state); `None` in records written before it was measured.
+    #[serde(default)]
+    pub optimizer_state_bytes: Option<u64>,
     /// Optimizer steps.
     pub steps: usize,
     /// Skipped (non-finite) steps.
@@ -278,15 +282,15 @@ pub fn markdown(res: &VtabResults, plots: &[String]) -> String {
         let _ = writeln!(s, "\n## Cost per run\n");
         let _ = writeln!(
             s,
-            "| Task | Method | Seed | Acc. | Trainable | Train imgs | Test imgs | Steps | Train s | Imgs/s | Eval s | Peak RSS | Adapter file |"
+            "| Task | Method | Seed | Acc. | Trainable | Train imgs | Test imgs | Steps | Train s | Imgs/s | Eval s | Peak RSS | Optimizer state | Adapter file |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut sorted: Vec<&VtabRecord> = res.runs.iter().collect();
         sorted.sort_by_key(|r| (order_key(&r.task), methods.iter().position(|m| m == &r.method), r.seed));
         for r in sorted {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {} ({:.2}%) | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {} | {:.1} | {} ({:.2}%) | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                 r.task,
                 r.method,
                 r.seed,
@@ -300,6 +304,7 @@ pub fn markdown(res: &VtabResults, plots: &[String]) -> String {
                 r.samples_per_sec,
                 r.eval_seconds,
                 r.peak_rss_bytes.map_or("–".into(), human_bytes),
+                r.optimizer_state_bytes.map_or("–".into(), human_bytes),
                 if r.adapter_bytes == 0 { "–".into() } else { human_bytes(r.adapter_bytes) }
             );
         }
@@ -395,6 +400,7 @@ pub(crate) mod tests {
             samples_per_sec: 100.0,
             peak_rss_bytes: Some(500 << 20),
             adapter_bytes: 4096,
+            optimizer_state_bytes: Some(1_200_000),
             steps: 32,
             skipped_steps: 0,
             train_examples: 1000,
@@ -415,6 +421,7 @@ pub(crate) mod tests {
         assert!(md.contains("| lora | 0.150 | 91.0±1.4 | 80.0 | 91.0 | 85.5 |"), "{md}");
         assert!(md.contains("| linear | 0.150 | 85.0 | – | 85.0 | – |"), "{md}");
         assert!(md.contains("No best-epoch selection on the test split"), "{md}");
+        assert!(md.contains("| 500.0 MiB | 1.1 MiB | 4.0 KiB |"), "cost row: RSS, optimizer state, adapter: {md}");
         assert!(!md.contains("mean of group means) |"), "only with all three groups: {md}");
     }
 

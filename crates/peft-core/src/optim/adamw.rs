@@ -316,6 +316,18 @@ mod tests {
     }
 
     #[test]
+    fn state_bytes_counts_two_moments_and_a_counter_per_stepped_param() {
+        let a = Param::new("a", arr1(&[0.5f32, -1.0, 2.0]).into_dyn(), true);
+        let b = Param::new("b", ArrayD::<f32>::zeros(IxDyn(&[4, 5])), true);
+        let mut opt = AdamW::with_lr(vec![a.clone(), b.clone()], 0.1, 0.0).unwrap();
+        assert_eq!(opt.state_bytes(), 0, "no state before the first step");
+        opt.step(&grads_for(&[(&a, &[0.1f32, 0.2, 0.3])])).unwrap();
+        assert_eq!(opt.state_bytes(), 8 + 2 * 4 * 3, "only `a` has a gradient yet");
+        opt.step(&grads_for(&[(&a, &[0.1f32, 0.2, 0.3]), (&b, &[0.5f32; 20])])).unwrap();
+        assert_eq!(opt.state_bytes(), (8 + 2 * 4 * 3) + (8 + 2 * 4 * 20));
+    }
+
+    #[test]
     fn state_dict_round_trip_resumes_identically() {
         let mk = || Param::new("w", arr1(&[0.5f32, -1.0, 2.0]).into_dyn(), true);
         let gs = [[0.1f32, -0.2, 0.3], [-0.3, 0.1, 0.2], [0.05, 0.0, -0.4]];

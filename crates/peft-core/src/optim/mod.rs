@@ -188,6 +188,14 @@ pub trait Optimizer<E: Elem = f32> {
     /// this optimizer does not hold, [`Error::Shape`] for a buffer of the wrong shape. On error the current state
     /// is kept.
     fn load_state_dict(&mut self, state: &StateDict<E>) -> Result<()>;
+
+    /// Bytes of the state this optimizer holds: every buffer of [`Optimizer::state_dict`] at
+    /// `size_of::<E>()` per entry, plus 8 per parameter's step counter (the figure the benches report as
+    /// optimizer-state bytes).
+    fn state_bytes(&self) -> usize {
+        let elem = std::mem::size_of::<E>();
+        self.state_dict().params.values().map(|s| 8 + s.buffers.values().map(|b| elem * b.len()).sum::<usize>()).sum()
+    }
 }
 
 /// One parameter's update in a step: its gradient, effective learning rate and weight decay.
