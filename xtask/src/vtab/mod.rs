@@ -23,7 +23,7 @@ use peft_core::train::calibration_ctx;
 use peft_vision::data::{few_shot_indices, VtabDataset, VtabSplit};
 use peft_vision::features::FeatureSet;
 use peft_vision::fewshot::{Gda, PrototypePrior, TipAdapter, TipX};
-use peft_vision::harness::{evaluate, finetune, LinearProbe, RecipeConfig};
+use peft_vision::harness::{epoch_batches, evaluate, finetune, LinearProbe, RecipeConfig};
 use peft_vision::pipeline::{vtab_preprocess, PixelSet};
 use peft_vision::vit::{Dinov2, Dinov2Classifier, HeadInput};
 
@@ -551,8 +551,8 @@ fn adapter_run(
     Ok(r)
 }
 
-/// `model` with `spec`'s adapter as `"default"` (the head trained in full), calibrated on the first
-/// [`CALIBRATION_BATCHES`] training batches (file order, evaluation mode) when the method asks for data.
+/// `model` with `spec`'s adapter as `"default"` (the head trained in full), calibrated on
+/// [`calibration_batches`] when the method asks for data, in evaluation mode.
 fn with_adapter(
     model: Dinov2Classifier,
     spec: &MethodSpec,
@@ -563,8 +563,7 @@ fn with_adapter(
     config.set_modules_to_save(vec!["classifier".into()])?;
     let mut pm = PeftModel::wrap(model, recipe.seed);
     if config.needs_calibration() {
-        let idx: Vec<usize> = (0..train.len()).collect();
-        let batches: Vec<&[usize]> = idx.chunks(recipe.batch_size.max(1)).take(CALIBRATION_BATCHES).collect();
+        let batches = calibration_batches(train.len(), recipe);
         let mut calib = |m: &Dinov2Classifier, i: usize| -> peft_core::Result<Option<peft_core::Tensor>> {
             let Some(b) = batches.get(i) else { return Ok(None) };
             let x = train.batch(b)?;
@@ -577,6 +576,13 @@ fn with_adapter(
     }
     pm.set_adapter("default")?;
     Ok(pm)
+}
+
+/// The calibration batches of a run: the first [`CALIBRATION_BATCHES`] batches of one epoch shuffled with the
+/// run's seed. Not file order: the shipped `index.csv` files list the images class by class, so the first batches
+/// would show a sensitivity (SPT) only the first few classes.
+fn calibration_batches(n: usize, recipe: &RecipeConfig) -> Vec<Vec<usize>> {
+    epoch_batches(n, recipe.batch_size, 1, recipe.seed).into_iter().take(CALIBRATION_BATCHES).collect()
 }
 
 /// The few-shot table for one seed: k-shot supports from train800, searches on val200, scores on test.
@@ -673,6 +679,21 @@ mod tests {
         let got = resolve_methods(&names, registry(6)).unwrap();
         assert_eq!(got.len(), 5);
         assert_eq!(peft_core::adapter::duplicate_name(&registry(6)), None);
+    }
+
+    #[test]
+    fn calibration_batches_mix_the_classes_of_a_class_sorted_split() {
+        // 1,000 images listed class by class (100 per class), as the shipped index.csv files are.
+        let labels: Vec<usize> = (0..1000).map(|i| i / 100).collect();
+        let recipe = RecipeConfig { batch_size: 32, seed: 3, ..RecipeConfig::paper() };
+        let b = calibration_batches(labels.len(), &recipe);
+        assert_eq!(b.len(), CALIBRATION_BATCHES);
+        assert!(b.iter().all(|x| x.len() == 32));
+        let mut seen: Vec<usize> = b.iter().flatten().map(|&i| labels[i]).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 10, "every class is in the calibration batches");
+        assert_eq!(b, calibration_batches(labels.len(), &recipe), "seeded");
     }
 
     #[test]
