@@ -58,11 +58,11 @@ impl SparseAdamState {
 /// regrowth candidate.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Seed {
-    /// Mean gradient over the accumulation.
+    /// Mean gradient per optimizer step over the accumulation, in the scale the optimizer steps with.
     pub mean_grad: f32,
-    /// Mean squared gradient over the accumulation.
+    /// Mean squared gradient per optimizer step, in the same scale.
     pub mean_sq: f32,
-    /// Gradients seen (becomes the entry's age).
+    /// Optimizer steps the accumulation spans (becomes the entry's age).
     pub age: u32,
 }
 

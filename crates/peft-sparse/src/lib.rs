@@ -83,7 +83,7 @@ pub use mosa::MosaConfig;
 pub use ramt::RamtConfig;
 pub use s2ft::S2ftConfig;
 pub use sara::SaraConfig;
-pub use spiel::SpielConfig;
+pub use spiel::{SeedRule, SpielConfig};
 pub use spt::SptConfig;
 pub use squarehead_tuner::SquareheadConfig;
 pub use tuner::{SparseFtConfig, SparseTuner};

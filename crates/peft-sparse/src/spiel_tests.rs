@@ -112,3 +112,84 @@ fn invalid_schedules_are_config_errors() {
     let Err(e) = PeftModel::new(Tiny::new(8, 2, 1), c, "default", 0) else { panic!("accepted") };
     assert!(e.to_string().contains("accumulation_steps"), "{e}");
 }
+
+/// Trains SpIEL for `steps` optimizer steps on a fixed batch with loss `scale · mean(y²)` and `grad_accum`
+/// micro-batches per step (each the same batch); returns every delta's indices and values afterwards.
+fn trained(cfg: SpielConfig, scale: f32, grad_accum: usize, steps: usize) -> Vec<(Vec<u64>, Vec<f32>)> {
+    let m = model(cfg);
+    let x = input(6, 8, 4);
+    let tc = TrainerConfig { lr: 1e-2, total_steps: steps, grad_accum, ..TrainerConfig::default() };
+    let mut t = Trainer::new(m.trainable_params(), &m, tc).unwrap();
+    for _ in 0..steps {
+        t.step(|ctx| Ok(Loss::Single(m.forward(&x, ctx)?.square().mean_all().mul_scalar(scale)))).unwrap();
+    }
+    drop(t);
+    tuner(&m)
+        .entries()
+        .iter()
+        .map(|(_, d)| (d.indices().to_u64(), d.values().value().iter().copied().collect()))
+        .collect()
+}
+
+/// Largest value difference between two runs' deltas; infinite where the supports differ.
+fn largest_difference(a: &[(Vec<u64>, Vec<f32>)], b: &[(Vec<u64>, Vec<f32>)]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|((ia, va), (ib, vb))| if ia == ib { max_abs_diff(va, vb) } else { f32::INFINITY })
+        .fold(0.0, f32::max)
+}
+
+/// The clip acts at every step (max_grad_norm 1e-3 is below the values' gradient norm at both scales), so every
+/// gradient the optimizer steps with has norm 1e-3 whatever the loss scale: with the seeds in that scale,
+/// training is the same at loss scale 1/16 and 4 (exact powers of two, so the raw gradients differ by exactly
+/// 64x). Seeding from the raw accumulated gradients (the reference's rule) makes the run depend on the scale:
+/// the grown entries' seeds are 64 times larger against the same later gradients, and the next selection
+/// differs.
+#[test]
+fn seeds_follow_the_clipped_gradient_scale() {
+    let mut cfg = SpielConfig::new(TARGET, 0.25);
+    (cfg.reselection_steps, cfg.accumulation_steps, cfg.lr, cfg.max_grad_norm) = (4, 2, 1e-2, Some(1e-3));
+    let (lo, hi) = (1.0 / 16.0, 4.0);
+    let (a, b) = (trained(cfg.clone(), lo, 1, 11), trained(cfg.clone(), hi, 1, 11));
+    let scale = a.iter().flat_map(|(_, v)| v.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-2, "the values moved: {scale}");
+    let same = largest_difference(&a, &b);
+    // The only scale-dependent term is the clip's 1e-6 guard (`c / (norm + 1e-6)`: relative 1e-6 / norm per
+    // step); measured 2.8e-7 here, 3.5x under the bound.
+    assert!(same <= 1e-5 * scale, "clip-scaled seeds: {same} (values up to {scale})");
+    cfg.seeds = SeedRule::Raw;
+    let (a, b) = (trained(cfg.clone(), lo, 1, 11), trained(cfg, hi, 1, 11));
+    let raw = largest_difference(&a, &b);
+    assert!(raw > 0.1 * scale, "raw seeds should depend on the loss scale: {raw} (values up to {scale})");
+}
+
+/// Two micro-batches of the same batch per step give each step the same gradient as one batch (the trainer
+/// scales each micro-batch's loss by 1/2), so the seeds (per optimizer step, `age` in steps) and the whole run
+/// are the same.
+#[test]
+fn gradient_accumulation_seeds_per_optimizer_step() {
+    let mut cfg = SpielConfig::new(TARGET, 0.25);
+    (cfg.reselection_steps, cfg.accumulation_steps, cfg.lr, cfg.max_grad_norm) = (4, 2, 1e-2, None);
+    let one = trained(cfg.clone(), 1.0, 1, 11);
+    let two = trained(cfg, 1.0, 2, 11);
+    let scale = one.iter().flat_map(|(_, v)| v.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-2, "the values moved: {scale}");
+    let d = largest_difference(&one, &two);
+    assert!(d <= 1e-6 * scale.max(1.0), "grad_accum 2 vs 1: {d}");
+}
+
+#[test]
+fn seed_rule_reads_from_the_config_file_and_defaults_to_clipped() {
+    let mut v = SpielConfig::new(TARGET, 0.25).to_json().unwrap();
+    assert_eq!(v["seeds"], "clipped");
+    v.as_object_mut().unwrap().remove("seeds");
+    assert_eq!(SpielConfig::from_json(&v).unwrap().0.seeds, SeedRule::Clipped);
+    for (text, rule) in [("raw", SeedRule::Raw), ("none", SeedRule::None)] {
+        v["seeds"] = text.into();
+        let (c, ignored) = SpielConfig::from_json(&v).unwrap();
+        assert_eq!((c.seeds, ignored.len()), (rule, 0));
+    }
+    v["seeds"] = "unbiased".into();
+    let Err(e) = SpielConfig::from_json(&v) else { panic!("accepted an unknown seed rule") };
+    assert!(e.to_string().contains("unbiased"), "{e}");
+}

@@ -82,8 +82,9 @@ impl ValueStepper {
     }
 
     /// Steps every delta with its stashed gradient (clipped by the global norm over the deltas), at the scheduled
-    /// learning rate of step `step`; empties the stash.
-    pub fn apply(&self, deltas: &[Arc<SparseDelta>], step: usize) {
+    /// learning rate of step `step`; empties the stash. Returns the clip coefficient the gradients were multiplied
+    /// by (1 when the norm is within `max_grad_norm` or there is no clip).
+    pub fn apply(&self, deltas: &[Arc<SparseDelta>], step: usize) -> f64 {
         let mut stash = self.stash.lock().unwrap_or_else(|p| p.into_inner());
         let norm: f64 =
             stash.iter().flatten().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
@@ -107,5 +108,6 @@ impl ValueStepper {
                 }
             });
         }
+        f64::from(clip)
     }
 }
