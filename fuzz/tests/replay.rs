@@ -85,3 +85,24 @@ fn allocations_over_the_cap_fail() {
     v.try_reserve_exact(1 << 20).unwrap();
     assert!(peft_fuzz::alloc::peak() >= 1 << 20);
 }
+
+/// A GEMM workspace (page-aligned, sized from the CPU's L3, not from input) is not counted: a 300 MiB one, as
+/// faer's x86 kernels reserve per thread where the CPU reports a 150 MiB L3, leaves the live count unchanged,
+/// while a byte-aligned allocation of the same size fails.
+#[test]
+fn page_aligned_workspaces_are_not_counted() {
+    use std::alloc::{alloc, dealloc, Layout};
+    let size = 300 << 20;
+    let page = Layout::from_size_align(size, peft_fuzz::alloc::WORKSPACE_ALIGN).unwrap();
+    let before = peft_fuzz::alloc::live();
+    // SAFETY: a non-zero size; freed below with the same layout.
+    let p = unsafe { alloc(page) };
+    assert!(!p.is_null(), "the page-aligned workspace was refused");
+    let during = peft_fuzz::alloc::live();
+    // SAFETY: `p` came from `alloc(page)`.
+    unsafe { dealloc(p, page) };
+    // Other tests run in parallel and move the count too, by far less than the workspace's 300 MiB.
+    assert!(during < before + (128 << 20), "counted: {before} -> {during}");
+    let mut v: Vec<u8> = Vec::new();
+    assert!(v.try_reserve_exact(size).is_err(), "a byte-aligned 300 MiB allocation must still fail");
+}
