@@ -19,7 +19,8 @@ pub struct Need {
 
 const MINILM_SOURCE: &str = "Hugging Face Hub model sentence-transformers/all-MiniLM-L6-v2 \
      (`huggingface-cli download sentence-transformers/all-MiniLM-L6-v2 --local-dir <assets>/models/all-MiniLM-L6-v2`)";
-const GLUE_SOURCE: &str = "GLUE TSVs in the original layout (Hugging Face Hub dataset nyu-mll/glue exported to TSV, \
+pub(crate) const GLUE_SOURCE: &str =
+    "GLUE TSVs in the original layout (Hugging Face Hub dataset nyu-mll/glue exported to TSV, \
      or the GLUE site's download script); formats in <assets>/data/glue/README.md";
 
 /// The files the GLUE suite needs for `tasks`.

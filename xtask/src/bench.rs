@@ -39,12 +39,9 @@ pub struct Profile {
     pub cfg: TrainConfig,
 }
 
-/// The profile selected by `--quick` / `--full` (default otherwise).
-///
-/// The default profile is sized to finish in under 15 minutes on a 2-core machine: SST-2 and MRPC, 1,000
-/// training examples each (a fixed random subset), one epoch at batch 16 (63 steps), full dev sets.
-pub fn profile(args: &BenchArgs) -> Profile {
-    let base = TrainConfig {
+/// The default profile's recipe (the learning rate is the method's: 0 here).
+pub fn default_config() -> TrainConfig {
+    TrainConfig {
         epochs: 1,
         batch_size: 16,
         lr: 0.0,
@@ -53,7 +50,15 @@ pub fn profile(args: &BenchArgs) -> Profile {
         max_grad_norm: 1.0,
         train_examples: Some(1000),
         max_len: 128,
-    };
+    }
+}
+
+/// The profile selected by `--quick` / `--full` (default otherwise).
+///
+/// The default profile is sized to finish in under 15 minutes on a 2-core machine: SST-2 and MRPC, 1,000
+/// training examples each (a fixed random subset), one epoch at batch 16 (63 steps), full dev sets.
+pub fn profile(args: &BenchArgs) -> Profile {
+    let base = default_config();
     let mut p = if args.quick {
         Profile {
             name: "quick".into(),

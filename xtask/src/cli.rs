@@ -28,6 +28,9 @@ pub enum Cmd {
     /// Score a GLUE task's sparse adapter alone and with other sparse deltas added to the base (LT-SFT
     /// composition).
     Compose(crate::compose::ComposeArgs),
+    /// LT-SFT's recipe with a language (here: domain) SFT trained by masked language modelling on a GLUE task's
+    /// unlabelled split: task deltas trained with and without it, scored alone and composed.
+    LanguageSft(crate::language_sft::LanguageSftArgs),
     /// Quantize the 2-D weights of a safetensors file to bitsandbytes' NF4/FP4/int8 layout.
     Quantize(crate::quantize::QuantizeArgs),
     /// Dequantize a bitsandbytes-layout safetensors file back to F32 weights.
@@ -140,7 +143,7 @@ pub struct BenchArgs {
 }
 
 /// Parses a whole number >= 1 (counts such as `--train-examples`, `--threads`).
-fn positive_usize(s: &str) -> Result<usize, String> {
+pub(crate) fn positive_usize(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1 (0 would run nothing)".into()),
         Ok(n) => Ok(n),
@@ -149,7 +152,7 @@ fn positive_usize(s: &str) -> Result<usize, String> {
 }
 
 /// Parses a finite number > 0 (`--lr`).
-fn positive_finite(s: &str) -> Result<f64, String> {
+pub(crate) fn positive_finite(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         Ok(v) => Err(format!("must be a finite number > 0, got {v}")),

@@ -11,7 +11,9 @@ mod compose;
 mod embed;
 mod fetch;
 mod glue;
+mod language_sft;
 mod merge;
+mod mlm;
 mod model;
 mod outpath;
 mod plot;
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Cmd::Embed(args) => embed::run(&args),
         Cmd::Merge(args) => merge::run(&args),
         Cmd::Compose(args) => compose::run(&args),
+        Cmd::LanguageSft(args) => language_sft::run(&args),
         Cmd::Quantize(args) => quantize::run_quantize(&args),
         Cmd::Dequantize(args) => quantize::run_dequantize(&args),
     };

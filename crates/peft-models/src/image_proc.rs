@@ -222,37 +222,38 @@ impl Preprocess {
                 problem: crate::ImageProblem::Empty { h, w }
             });
         }
-        let img = match self.resize {
-            None => img.clone(),
-            Some(r) => {
-                let (oh, ow) = match r {
-                    Resize::Exact { height, width } => (height, width),
-                    Resize::ShortestEdge(e) => {
-                        let (short, long) = (h.min(w), h.max(w));
-                        let l = (e as f64 * long as f64 / short as f64) as usize;
-                        if h <= w {
-                            (e, l)
-                        } else {
-                            (l, e)
-                        }
-                    }
-                };
-                resize_u8(img, oh, ow, self.resample)?
+        let (oh, ow) = match self.resize {
+            None => (h, w),
+            Some(Resize::Exact { height, width }) => (height, width),
+            Some(Resize::ShortestEdge(e)) => {
+                let (short, long) = (h.min(w), h.max(w));
+                let l = (e as f64 * long as f64 / short as f64) as usize;
+                if h <= w {
+                    (e, l)
+                } else {
+                    (l, e)
+                }
             }
         };
-        let (h, w, _) = img.dim();
         let (top, left, ch, cw) = match self.center_crop {
-            None => (0, 0, h, w),
+            None => (0, 0, oh, ow),
             Some((ch, cw)) => {
-                if ch > h || cw > w {
+                if ch > oh || cw > ow {
                     crate::error::fail!(crate::ModelError::Image {
                         op: "Preprocess",
-                        problem: crate::ImageProblem::CropTooLarge { ch, cw, h, w },
+                        problem: crate::ImageProblem::CropTooLarge { ch, cw, h: oh, w: ow },
                     });
                 }
-                ((h - ch) / 2, (w - cw) / 2, ch, cw)
+                ((oh - ch) / 2, (ow - cw) / 2, ch, cw)
             }
         };
+        // Only the crop window of the resized image is computed (the same pixels: each output pixel of a pass
+        // depends on its own coefficients only), so a 3 x 1024 image resized to 87,381 x 256 costs a 224 x 224 crop.
+        let img = match self.resize {
+            None => img.slice(ndarray::s![top..top + ch, left..left + cw, ..]).to_owned(),
+            Some(_) => resize_u8_window(img, oh, ow, self.resample, (top, left, ch, cw))?,
+        };
+        let (top, left) = (0, 0);
         let (mean, std) = self.normalize.unwrap_or(([0.0; 3], [1.0; 3]));
         Ok(ArrayD::from_shape_fn(IxDyn(&[3, ch, cw]), |ix| {
             let (c, y, x) = (ix[0], ix[1], ix[2]);
@@ -375,29 +376,30 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input index and the
 /// fixed-point weights.
-fn coeffs(in_size: usize, out_size: usize, f: Resample) -> Vec<(usize, Vec<i32>)> {
+/// The first input index and fixed-point weights of the output pixels `outs` of a resize from `in_size` to
+/// `out_size` (each entry depends on its own index only).
+fn coeffs(in_size: usize, out_size: usize, f: Resample, outs: std::ops::Range<usize>) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = f.support() * filterscale;
-    (0..out_size)
-        .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
-            let ss = 1.0 / filterscale;
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate toward zero
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let ws: Vec<f64> = (xmin..xmax.max(xmin)).map(|x| f.filter((x as f64 - center + 0.5) * ss)).collect();
-            let total: f64 = ws.iter().sum();
-            let k = ws
-                .iter()
-                .map(|&w| {
-                    let w = if total != 0.0 { w / total } else { w };
-                    let s = w * (1u64 << PRECISION_BITS) as f64;
-                    (if s < 0.0 { -0.5 + s } else { 0.5 + s }) as i32
-                })
-                .collect();
-            (xmin, k)
-        })
-        .collect()
+    outs.map(|xx| {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize; // C casts truncate toward zero
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let ws: Vec<f64> = (xmin..xmax.max(xmin)).map(|x| f.filter((x as f64 - center + 0.5) * ss)).collect();
+        let total: f64 = ws.iter().sum();
+        let k = ws
+            .iter()
+            .map(|&w| {
+                let w = if total != 0.0 { w / total } else { w };
+                let s = w * (1u64 << PRECISION_BITS) as f64;
+                (if s < 0.0 { -0.5 + s } else { 0.5 + s }) as i32
+            })
+            .collect();
+        (xmin, k)
+    })
+    .collect()
 }
 
 fn clip8(v: i32) -> u8 {
@@ -414,10 +416,26 @@ fn clip8(v: i32) -> u8 {
 /// each in 22-bit fixed point with rounding and clipping; a pass whose size does not change is skipped.
 ///
 /// # Errors
-/// A zero output size.
+/// A zero output size; an output or intermediate image over [`MAX_PIXELS`].
 pub fn resize_u8(img: &Array3<u8>, oh: usize, ow: usize, f: Resample) -> Result<Array3<u8>> {
+    resize_u8_window(img, oh, ow, f, (0, 0, oh, ow))
+}
+
+/// Rows `top..top + wh` and columns `left..left + ww` of [`resize_u8`]`(img, oh, ow, f)`, bit for bit, computing
+/// only those (the horizontal pass makes `[H, ww]`, the vertical one `[wh, ww]`). The size checks are those of
+/// the whole resize, so the same images are refused.
+///
+/// # Errors
+/// As [`resize_u8`]; a window outside `oh x ow`.
+pub fn resize_u8_window(
+    img: &Array3<u8>,
+    oh: usize,
+    ow: usize,
+    f: Resample,
+    (top, left, wh, ww): (usize, usize, usize, usize),
+) -> Result<Array3<u8>> {
     let (ih, iw, _) = img.dim();
-    // the horizontal pass makes an [ih, ow] image, the vertical one [oh, ow]
+    // the horizontal pass of the whole resize makes an [ih, ow] image, the vertical one [oh, ow]
     check_pixels("resize", &format!("resizing {ih}x{iw} to {oh}x{ow}: the intermediate image"), ih, ow)?;
     check_pixels("resize", &format!("resizing {ih}x{iw}: the output"), oh, ow)?;
     let (h, w, c) = img.dim();
@@ -427,23 +445,37 @@ pub fn resize_u8(img: &Array3<u8>, oh: usize, ow: usize, f: Resample) -> Result<
             problem: crate::ImageProblem::Empty { h: oh, w: ow }
         });
     }
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut cur = img.clone();
-    if ow != w {
-        let k = coeffs(w, ow, f);
-        cur = Array3::from_shape_fn((h, ow, c), |(y, x, ch)| {
-            let (x0, ws) = &k[x];
-            let s = ws.iter().enumerate().fold(half, |s, (i, &wi)| s + cur[[y, x0 + i, ch]] as i32 * wi);
-            clip8(s)
+    if top.checked_add(wh).is_none_or(|b| b > oh) || left.checked_add(ww).is_none_or(|r| r > ow) {
+        crate::error::fail!(crate::ModelError::Image {
+            op: "resize",
+            problem: crate::ImageProblem::CropTooLarge {
+                ch: top.saturating_add(wh),
+                cw: left.saturating_add(ww),
+                h: oh,
+                w: ow
+            },
         });
     }
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut cur = if ow != w {
+        let k = coeffs(w, ow, f, left..left + ww);
+        Array3::from_shape_fn((h, ww, c), |(y, x, ch)| {
+            let (x0, ws) = &k[x];
+            let s = ws.iter().enumerate().fold(half, |s, (i, &wi)| s + img[[y, x0 + i, ch]] as i32 * wi);
+            clip8(s)
+        })
+    } else {
+        img.slice(ndarray::s![.., left..left + ww, ..]).to_owned()
+    };
     if oh != h {
-        let k = coeffs(h, oh, f);
-        cur = Array3::from_shape_fn((oh, ow, c), |(y, x, ch)| {
+        let k = coeffs(h, oh, f, top..top + wh);
+        cur = Array3::from_shape_fn((wh, ww, c), |(y, x, ch)| {
             let (y0, ws) = &k[y];
             let s = ws.iter().enumerate().fold(half, |s, (i, &wi)| s + cur[[y0 + i, x, ch]] as i32 * wi);
             clip8(s)
         });
+    } else {
+        cur = cur.slice(ndarray::s![top..top + wh, .., ..]).to_owned();
     }
     Ok(cur)
 }
@@ -470,7 +502,7 @@ mod tests {
     #[test]
     fn bicubic_coeffs_sum_to_one_in_fixed_point() {
         for (i, o) in [(32, 224), (224, 32), (7, 5)] {
-            for (_, k) in coeffs(i, o, Resample::Bicubic) {
+            for (_, k) in coeffs(i, o, Resample::Bicubic, 0..o) {
                 let s: i64 = k.iter().map(|&x| x as i64).sum();
                 assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o}: {s}");
             }
@@ -576,6 +608,59 @@ mod tests {
         assert_eq!(out.shape(), &[3, 12, 12]);
         let big = Preprocess { center_crop: Some((17, 17)), ..p };
         assert!(big.apply_rgb(&img).is_err());
+    }
+
+    /// A deterministic noisy image (every channel different).
+    fn noise_rgb(h: usize, w: usize, seed: u32) -> Array3<u8> {
+        Array3::from_shape_fn((h, w, 3), |(y, x, c)| {
+            let v = (y as u32 * 7919 + x as u32 * 104_729 + c as u32 * 31 + seed).wrapping_mul(2_654_435_761);
+            (v >> 24) as u8
+        })
+    }
+
+    #[test]
+    fn a_resize_window_is_the_same_pixels_as_the_whole_resize() {
+        let sizes = [(1, 1), (3, 17), (17, 3), (9, 9), (13, 40), (64, 5)];
+        let outs = [(1, 1), (4, 30), (30, 4), (9, 9), (25, 7), (2, 96)];
+        for (n, &(h, w)) in sizes.iter().enumerate() {
+            let img = noise_rgb(h, w, n as u32);
+            for &(oh, ow) in &outs {
+                for f in [Resample::Bilinear, Resample::Bicubic] {
+                    let full = resize_u8(&img, oh, ow, f).unwrap();
+                    for (top, left, wh, ww) in
+                        [(0, 0, oh, ow), (oh / 3, ow / 2, oh - oh / 3, ow - ow / 2), (oh - 1, 0, 1, ow)]
+                    {
+                        let win = resize_u8_window(&img, oh, ow, f, (top, left, wh, ww)).unwrap();
+                        let want = full.slice(ndarray::s![top..top + wh, left..left + ww, ..]);
+                        assert_eq!(win.view(), want, "{h}x{w} -> {oh}x{ow} {f:?} window {top},{left} {wh}x{ww}");
+                    }
+                }
+            }
+        }
+        let img = noise_rgb(4, 4, 0);
+        assert!(resize_u8_window(&img, 8, 8, Resample::Bicubic, (4, 0, 5, 8)).is_err(), "window past the bottom");
+        assert!(resize_u8_window(&img, 8, 8, Resample::Bicubic, (0, usize::MAX, 1, 2)).is_err(), "overflowing window");
+    }
+
+    /// The fuzz finding: a 3 x 1024 JPEG made DINOv2's preprocessing resize it to 87,381 x 256 (22 million pixels,
+    /// 10-16 s per input in the instrumented build) before cropping 224 x 224. Only the crop is computed now; the
+    /// output is the crop of the whole resize, pixel for pixel.
+    #[test]
+    fn an_extreme_aspect_ratio_resizes_only_the_crop() {
+        let img = noise_rgb(1024, 3, 5);
+        let p = Preprocess::dinov2_default();
+        let out = p.apply_rgb(&img).unwrap();
+        assert_eq!(out.shape(), &[3, 224, 224]);
+        let (oh, ow) = (256 * 1024 / 3, 256);
+        let crop = resize_u8_window(&img, oh, ow, p.resample, ((oh - 224) / 2, (ow - 224) / 2, 224, 224)).unwrap();
+        let again = Preprocess { resize: None, ..p.clone() }.apply_rgb(&crop).unwrap();
+        assert_eq!(out, again);
+        // The same image through the whole resize (small enough here: 1024 x 40 -> 6,553 x 256).
+        let img = noise_rgb(1024, 40, 6);
+        let out = p.apply_rgb(&img).unwrap();
+        let full = resize_u8(&img, 6553, 256, p.resample).unwrap();
+        let crop = full.slice(ndarray::s![(6553 - 224) / 2..(6553 - 224) / 2 + 224, 16..240, ..]).to_owned();
+        assert_eq!(out, Preprocess { resize: None, ..p }.apply_rgb(&crop).unwrap());
     }
 
     #[test]

@@ -23,11 +23,11 @@
 //!   `SftSelector`) seeds from the raw hook gradients, which the HF trainer clips only afterwards: with the values'
 //!   gradient norm at 2-23 against a clip of 1.0 (DINOv2-S on CIFAR-10), such seeds are 2-20 times the scale of
 //!   every gradient the entry sees next, so a grown entry's first steps follow its seed, not its current
-//!   gradient, and SpIEL's loss jumped after every drop/grow. VTAB-1k, DINOv2-S, seed 0: CIFAR-10* 17.6 → 41.6, F-MNIST*
-//!   57.3 → 77.5 with the seeds in the clipped scale; GLUE SST-2 (3 seeds) 75.9±3.2 → 74.5±3.4, within noise
-//!   (`docs/bench/vtab-sparse/notes.md`, which also has [`SeedRule::None`]'s figures). The mean coefficient is
-//!   exact when the clip is constant over the phase's steps or inactive; exact per-step scaling would need a
-//!   fourth 4-byte buffer per candidate.
+//!   gradient, and SpIEL's loss jumped after every drop/grow. VTAB-1k, DINOv2-S, seed 0: CIFAR-10* 17.6 → 41.6,
+//!   F-MNIST* 57.3 → 77.5 with the seeds in the clipped scale; GLUE SST-2 (3 seeds) 75.9±3.2 → 74.5±3.4, within
+//!   noise (`docs/bench/vtab-sparse/notes.md`, which also has [`SeedRule::None`]'s figures). The mean
+//!   coefficient is exact when the clip is constant over the phase's steps or inactive; exact per-step scaling
+//!   would need a fourth 4-byte buffer per candidate.
 //! - The values are stepped by the adapter's own [`crate::adamw::SparseAdamW`] ([`crate::stepper`]).
 //!
 //! The SM3 variant and quantized bases are not implemented.
