@@ -483,15 +483,11 @@ mod tests {
 
     fn tiny() -> MaskedLm {
         let cfg = peft_core::io::BertConfig {
-            vocab_size: 20,
             hidden_size: 16,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
             intermediate_size: 32,
-            max_position_embeddings: 16,
             hidden_dropout_prob: 0.0,
             attention_probs_dropout_prob: 0.0,
-            ..Default::default()
+            ..crate::model::tiny_bert_config()
         };
         MaskedLm::new(BertModel::from_source(&cfg, &RandomInit::new(0, 0.2)).unwrap(), 1).unwrap()
     }

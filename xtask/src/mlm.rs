@@ -146,20 +146,11 @@ pub fn mask_batch(batch: &TokBatch, rule: &MaskRule, rng: &mut StdRng) -> Masked
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peft_core::io::BertConfig;
     use rand::SeedableRng;
 
     fn tiny(seed: u64) -> MaskedLm {
-        let cfg = BertConfig {
-            vocab_size: 20,
-            hidden_size: 8,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            max_position_embeddings: 16,
-            ..Default::default()
-        };
-        MaskedLm::new(BertModel::from_source(&cfg, &RandomInit::new(seed, 0.2)).unwrap(), seed + 1).unwrap()
+        let bert = BertModel::from_source(&crate::model::tiny_bert_config(), &RandomInit::new(seed, 0.2)).unwrap();
+        MaskedLm::new(bert, seed + 1).unwrap()
     }
 
     fn rule() -> MaskRule {
@@ -256,7 +247,7 @@ mod tests {
                     f64::from(bt.as_slice()[o]) + (0..d).map(|i| f64::from(w.as_slice()[o * d + i] * x[i])).sum::<f64>()
                 })
                 .collect();
-            t.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v / std::f64::consts::SQRT_2)));
+            t.iter_mut().for_each(|v| *v = 0.5 * *v * (1.0 + peft_core::Elem::erf(*v / std::f64::consts::SQRT_2)));
             let mean = t.iter().sum::<f64>() / d as f64;
             let var = t.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
             t.iter_mut().for_each(|v| *v = (*v - mean) / (var + eps).sqrt());
@@ -265,27 +256,6 @@ mod tests {
                 let g = f64::from(got.as_slice()[r * 20 + tok]);
                 assert!((g - want).abs() < 1e-4, "row {r} token {tok}: {g} vs {want}");
             }
-        }
-    }
-
-    /// erf from the Chebyshev fit of `erfc` in Numerical Recipes (fractional error below 1.2e-7).
-    fn erf(x: f64) -> f64 {
-        let z = x.abs();
-        let t = 1.0 / (1.0 + 0.5 * z);
-        let r = t
-            * (-z * z - 1.265_512_23
-                + t * (1.000_023_68
-                    + t * (0.374_091_96
-                        + t * (0.096_784_18
-                            + t * (-0.186_288_06
-                                + t * (0.278_868_07
-                                    + t * (-1.135_203_98
-                                        + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-                .exp();
-        if x >= 0.0 {
-            1.0 - r
-        } else {
-            r - 1.0
         }
     }
 

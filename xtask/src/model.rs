@@ -62,3 +62,17 @@ pub fn load_minilm(dir: &Path, outputs: usize, seed: u64) -> Result<Box<dyn SeqC
         .with_context(|| format!("loading MiniLM from {}", dir.display()))?;
     Ok(Box::new(m))
 }
+
+/// A 2-layer BERT config (vocabulary 20, hidden 8, 2 heads) for the tests' tiny random models.
+#[cfg(test)]
+pub(crate) fn tiny_bert_config() -> peft_core::io::BertConfig {
+    peft_core::io::BertConfig {
+        vocab_size: 20,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 16,
+        max_position_embeddings: 16,
+        ..Default::default()
+    }
+}

@@ -558,15 +558,7 @@ mod tests {
     /// A 2-layer BERT classifier with random weights (seeded).
     fn tiny_bert(seed: u64) -> peft_models::bert::BertForSequenceClassification {
         use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
-        let cfg = peft_core::io::BertConfig {
-            vocab_size: 20,
-            hidden_size: 8,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            intermediate_size: 16,
-            max_position_embeddings: 16,
-            ..Default::default()
-        };
+        let cfg = crate::model::tiny_bert_config();
         let bert = BertModel::from_source(&cfg, &RandomInit::new(seed, 0.2)).unwrap();
         BertForSequenceClassification::new(bert, 2, Pooling::Mean, seed).unwrap()
     }
