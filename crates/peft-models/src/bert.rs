@@ -335,7 +335,7 @@ impl Module for BertModel {
 }
 
 /// The hidden states of `seq` without its prompt positions.
-fn without_prompt(seq: &PromptedSeq) -> Result<Tensor> {
+pub(crate) fn without_prompt(seq: &PromptedSeq) -> Result<Tensor> {
     let (h, p) = (seq.hidden(), seq.n_prompt());
     if p == 0 {
         return Ok(h.clone());

@@ -182,11 +182,32 @@ impl Dinov2 {
     /// # Errors
     /// As [`Dinov2::embeddings`].
     pub fn forward(&self, pixel_values: &Tensor, ctx: &Ctx) -> Result<VitOutput> {
+        self.run(pixel_values, ctx, None)
+    }
+
+    /// [`Dinov2::forward`] plus transformers' `hidden_states`: the embedding output, then each layer's output
+    /// (before the final LayerNorm), without prompt positions; for layer-wise distillation (SquareHead).
+    ///
+    /// # Errors
+    /// As [`Dinov2::embeddings`].
+    pub fn forward_hidden_states(&self, pixel_values: &Tensor, ctx: &Ctx) -> Result<(VitOutput, Vec<Tensor>)> {
+        let mut states = Vec::with_capacity(self.layers.len() + 1);
+        let out = self.run(pixel_values, ctx, Some(&mut states))?;
+        Ok((out, states))
+    }
+
+    fn run(&self, pixel_values: &Tensor, ctx: &Ctx, mut states: Option<&mut Vec<Tensor>>) -> Result<VitOutput> {
         let mut seq = PromptedSeq::new(self.embeddings(pixel_values)?, None);
+        if let Some(st) = states.as_deref_mut() {
+            st.push(seq.hidden().clone());
+        }
         for layer in &self.layers {
             seq.enter(&layer.attn.prefix, ctx)?;
             let h = layer.forward(seq.hidden(), None, ctx)?;
             seq.set_hidden(h)?;
+            if let Some(st) = states.as_deref_mut() {
+                st.push(crate::bert::without_prompt(&seq)?);
+            }
         }
         let mut x = seq.finish()?;
         if let Some(ln) = &self.layernorm {
@@ -292,6 +313,15 @@ impl Dinov2Classifier {
         let out = self.backbone.forward(pixel_values, ctx)?;
         self.classifier.forward(&self.features(&out)?, ctx)
     }
+
+    /// Logits and the backbone's hidden states ([`Dinov2::forward_hidden_states`]) from one pass.
+    ///
+    /// # Errors
+    /// As [`Dinov2::forward`].
+    pub fn forward_with_hidden_states(&self, pixel_values: &Tensor, ctx: &Ctx) -> Result<(Tensor, Vec<Tensor>)> {
+        let (out, states) = self.backbone.forward_hidden_states(pixel_values, ctx)?;
+        Ok((self.classifier.forward(&self.features(&out)?, ctx)?, states))
+    }
 }
 
 impl Module for Dinov2Classifier {
@@ -355,6 +385,25 @@ mod tests {
         Tensor::new(ArrayD::from_shape_fn(IxDyn(&[b, 3, h, w]), |ix| {
             ((ix[1] * 7 + ix[2] * 3 + ix[3]) % 11) as f32 * 0.1
         }))
+    }
+
+    #[test]
+    fn hidden_states_are_the_embeddings_then_each_layer_output() {
+        let m = tiny();
+        let x = pixels(2, 12, 12);
+        let ctx = Ctx::eval();
+        let (out, states) = m.forward_hidden_states(&x, &ctx).unwrap();
+        assert_eq!(states.len(), 3);
+        assert_eq!(states[0].as_slice(), m.embeddings(&x).unwrap().as_slice());
+        // Layer by layer by hand, then the final LayerNorm gives forward's last_hidden_state.
+        let mut h = states[0].clone();
+        for (i, layer) in m.layers.iter().enumerate() {
+            h = layer.forward(&h, None, &ctx).unwrap();
+            assert_eq!(h.as_slice(), states[i + 1].as_slice(), "layer {i}");
+        }
+        let ln = m.layernorm.as_ref().expect("DINOv2 has a final layernorm");
+        assert_eq!(ln.forward(&h).unwrap().as_slice(), out.last_hidden_state.as_slice());
+        assert_eq!(out.last_hidden_state.as_slice(), m.forward(&x, &ctx).unwrap().last_hidden_state.as_slice());
     }
 
     #[test]

@@ -116,6 +116,27 @@ pub fn train_loop(
     cfg: &RecipeConfig,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<TrainOutcome> {
+    let ce = |x: &Tensor, y: &[i64], ctx: &Ctx| forward(x, ctx)?.cross_entropy(y, None, 0.0);
+    train_loop_loss(params, hooks, labels, input, &ce, cfg, progress)
+}
+
+/// A batch loss for [`train_loop_loss`]: `(inputs, class labels, ctx) -> scalar`.
+pub type BatchLoss<'a> = dyn Fn(&Tensor, &[i64], &Ctx) -> peft_core::Result<Tensor> + 'a;
+
+/// [`train_loop`] with any loss: `loss(input(batch), labels of the batch, ctx)` (distillation, for one).
+///
+/// # Errors
+/// As [`train_loop`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_loop_loss(
+    params: Vec<Param>,
+    hooks: &dyn TrainHooks,
+    labels: &[usize],
+    input: &dyn Fn(&[usize]) -> Result<Tensor>,
+    loss: &BatchLoss<'_>,
+    cfg: &RecipeConfig,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<TrainOutcome> {
     cfg.check()?;
     if labels.is_empty() {
         return Err(VisionError::Empty { what: "the training set".into() });
@@ -142,7 +163,7 @@ pub fn train_loop(
     for idx in &batches {
         let x = input(idx)?;
         let y: Vec<i64> = idx.iter().map(|&i| labels[i] as i64).collect();
-        let r = trainer.step(|ctx| Ok(Loss::Single(forward(&x, ctx)?.cross_entropy(&y, None, 0.0)?)))?;
+        let r = trainer.step(|ctx| Ok(Loss::Single(loss(&x, &y, ctx)?)))?;
         if r.skipped {
             out.skipped_steps += 1;
         } else {

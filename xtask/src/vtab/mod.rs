@@ -8,6 +8,7 @@
 
 pub mod plot;
 pub mod report;
+pub mod squarehead;
 pub mod tasks;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ use crate::bench::{resolve_methods, workspace_root};
 use crate::cli::BenchArgs;
 use crate::report::Machine;
 use crate::{assets, train};
+use peft_sparse::SquareheadConfig;
 
 /// The backbone's folder under the asset directory.
 pub const DINOV2_DIR: &str = "models/dinov2-small";
@@ -135,11 +137,11 @@ fn lr_of(args: &BenchArgs, spec: Option<&MethodSpec>) -> f64 {
 }
 
 /// Every method the VTAB suite can run on a backbone with `num_heads` attention heads: the bench registry (S²FT
-/// with the backbone's head count; SquareHead left out, see [`refuse_unsupported`]) plus peft-vision's.
+/// with the backbone's head count; SquareHead with its teacher and distillation, [`squarehead`]) plus
+/// peft-vision's.
 pub fn registry(num_heads: usize) -> Vec<MethodSpec> {
     let mut v: Vec<MethodSpec> = crate::bench::registry()
         .into_iter()
-        .filter(|m| !m.name.0.starts_with(SQUAREHEAD_PREFIX))
         .map(|m| {
             if m.name == peft_sparse::S2FT {
                 MethodSpec::new(peft_sparse::S2FT, peft_sparse::s2ft::S2ftConfig::bert(num_heads), m.lr)
@@ -152,22 +154,8 @@ pub fn registry(num_heads: usize) -> Vec<MethodSpec> {
     v
 }
 
-const SQUAREHEAD_PREFIX: &str = "squarehead-";
-
 /// Calibration batches handed to data-driven inits (SPT's sensitivity), as in the GLUE suite.
 const CALIBRATION_BATCHES: usize = 8;
-
-/// Methods the GLUE suite runs that this suite cannot: SquareHead needs a dense teacher and a distillation loss
-/// over hidden states, which only the GLUE harness supplies.
-fn refuse_unsupported(names: &[String]) -> Result<()> {
-    if let Some(n) = names.iter().find(|n| n.starts_with(SQUAREHEAD_PREFIX)) {
-        bail!(
-            "`{n}` runs in the GLUE suite only (it needs the dense teacher and the hidden-state distillation loss \
-             that harness supplies); `cargo xtask bench --methods {n}`"
-        );
-    }
-    Ok(())
-}
 
 struct Backbone {
     cfg: Dinov2Config,
@@ -290,9 +278,12 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let names: Vec<String> =
         args.methods.clone().unwrap_or_else(|| DEFAULT_METHODS.iter().map(|s| s.to_string()).collect());
     let reg_names: Vec<String> = names.iter().filter(|n| *n != LINEAR).cloned().collect();
-    refuse_unsupported(&reg_names)?;
     let bb = Backbone::open(&adir.join(DINOV2_DIR))?;
     let specs = resolve_methods(&reg_names, registry(bb.cfg.num_attention_heads))?;
+    let full = resolve_methods(&[peft_core::adapter::FULL.0.to_string()], registry(bb.cfg.num_attention_heads))?
+        .pop()
+        .context("`full` (SquareHead's teacher) is not in the registry")?;
+    let mut teachers = squarehead::Teachers::new();
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let out_root = args.out.clone().unwrap_or_else(|| workspace_root().join("target/bench"));
@@ -351,7 +342,13 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
                     linear_run(t, &bb, &data, ftr, fte, &recipe, &prof)
                 } else {
                     let spec = spec.context("xtask bug: unresolved method")?;
-                    adapter_run(t, &bb, &data, spec, &recipe, &prof, &run_dir)
+                    match spec.config.as_any().downcast_ref::<SquareheadConfig>() {
+                        Some(sq) => {
+                            let teacher = Teacher { spec: &full, lr: lr_of(args, Some(&full)), all: &mut teachers };
+                            squarehead_run(t, &bb, &data, (spec, sq), teacher, &recipe, &prof, &run_dir)
+                        }
+                        None => adapter_run(t, &bb, &data, spec, &recipe, &prof, &run_dir),
+                    }
                 };
                 match rec {
                     Ok(rec) => {
@@ -459,6 +456,7 @@ fn base_record(t: &TaskRef, method: &str, desc: String, recipe: &RecipeConfig, p
         train_examples: 0,
         test_examples: 0,
         losses: Vec::new(),
+        squarehead: None,
     }
 }
 
@@ -548,6 +546,70 @@ fn adapter_run(
     r.train_examples = data.train.len();
     r.test_examples = data.test.len();
     r.losses = out.losses;
+    Ok(r)
+}
+
+/// SquareHead's teacher: the `full` method, its learning rate, and the teachers trained so far.
+struct Teacher<'a> {
+    spec: &'a MethodSpec,
+    lr: f64,
+    all: &'a mut squarehead::Teachers,
+}
+
+/// One SquareHead run: the task's teacher (trained once per seed), then the student distilled from it.
+#[allow(clippy::too_many_arguments)]
+fn squarehead_run(
+    t: &TaskRef,
+    bb: &Backbone,
+    data: &TaskData,
+    (spec, sq): (&MethodSpec, &SquareheadConfig),
+    teacher: Teacher<'_>,
+    recipe: &RecipeConfig,
+    prof: &VtabProfile,
+    run_dir: &Path,
+) -> Result<VtabRecord> {
+    let seed = recipe.seed;
+    let fresh = || bb.classifier(data.classes, seed);
+    let tch =
+        squarehead::teacher(teacher.all, &t.name, teacher.spec, teacher.lr, recipe, &data.train, &data.test, &fresh)?;
+    let tmodel = squarehead::teacher_model(tch, fresh)?;
+    train::reset_peak_rss();
+    let total: u64 = named_params(&tmodel).iter().map(|p| p.numel() as u64).sum();
+    let bar = train::progress_bar(format!("{} {} s{seed}", t.name, spec.name));
+    let out = squarehead::student(spec, sq, tch, &tmodel, &fresh, &data.train, recipe, &mut |s, n, l| {
+        bar.set_length(n as u64);
+        bar.set_position(s as u64);
+        bar.set_message(format!("loss {l:.4}"));
+    });
+    bar.finish_and_clear();
+    let (pm, out, sparsity) = out?;
+    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
+    let t1 = Instant::now();
+    let acc = evaluate(&pm, &data.test, 64)?;
+    let eval_seconds = t1.elapsed().as_secs_f64();
+    let adapter_dir: PathBuf = run_dir.join("adapters").join(format!("{}-{}-s{seed}", t.name, spec.name));
+    let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
+    let mut r = base_record(t, spec.name.0, spec.describe(), recipe, prof);
+    r.accuracy = acc;
+    r.trainable_params = trainable;
+    r.total_params = total;
+    r.trainable_pct = 100.0 * trainable as f64 / total.max(1) as f64;
+    r.train_seconds = out.train_seconds;
+    r.eval_seconds = eval_seconds;
+    r.samples_per_sec = out.samples_per_sec;
+    r.peak_rss_bytes = train::peak_rss_bytes();
+    r.optimizer_state_bytes = Some(out.optimizer_state_bytes);
+    r.adapter_bytes = adapter_bytes;
+    r.steps = out.steps;
+    r.skipped_steps = out.skipped_steps;
+    r.train_examples = data.train.len();
+    r.test_examples = data.test.len();
+    r.losses = out.losses;
+    r.squarehead = Some(report::SquareheadFigures {
+        sparsity,
+        teacher_accuracy: tch.accuracy,
+        teacher_train_seconds: tch.train_seconds,
+    });
     Ok(r)
 }
 
@@ -696,12 +758,52 @@ mod tests {
         assert_eq!(b, calibration_batches(labels.len(), &recipe), "seeded");
     }
 
+    /// SquareHead in this suite: the teacher is trained once per task and seed (the second student reuses it), the
+    /// student starts from the teacher, reaches the method's sparsity on the encoder matrices (pruning ends at two
+    /// thirds of the steps) and the record carries the teacher's accuracy.
     #[test]
-    fn squarehead_is_refused_with_the_suite_that_runs_it() {
-        let e = refuse_unsupported(&["lora".into(), "squarehead-75".into()]).unwrap_err().to_string();
-        assert!(e.contains("squarehead-75") && e.contains("GLUE"), "{e}");
-        assert!(refuse_unsupported(&["lora".into(), "spiel".into()]).is_ok());
-        assert!(registry(6).iter().all(|m| !m.name.0.starts_with(SQUAREHEAD_PREFIX)));
+    fn squarehead_distils_a_pruned_student_from_a_shared_teacher() {
+        let dcfg = Dinov2Config {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 8,
+            patch_size: 4,
+            use_mask_token: false,
+            ..Dinov2Config::default()
+        };
+        let ims: Vec<ndarray::ArrayD<f32>> = (0..16)
+            .map(|i| {
+                let v = if i % 2 == 1 { 1.0 } else { -1.0 };
+                ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3, 8, 8]), v) + (i as f32) * 0.01
+            })
+            .collect();
+        let set = PixelSet::from_arrays(&ims, (0..16).map(|i| i % 2).collect()).unwrap();
+        let recipe = RecipeConfig { epochs: 3, batch_size: 4, lr: 1e-3, ..RecipeConfig::paper() };
+        let reg = registry(dcfg.num_attention_heads);
+        let full = reg.iter().find(|m| m.name == peft_core::adapter::FULL).unwrap();
+        let fresh = || -> Result<Dinov2Classifier> {
+            let b = Dinov2::load(&dcfg, &peft_core::nn::RandomInit::new(3, 0.3))?;
+            Ok(Dinov2Classifier::new(b, 2, HeadInput::ClsAndPatchMean, 0)?)
+        };
+        let mut teachers = squarehead::Teachers::new();
+        for (name, want) in [("squarehead-50", 0.5), ("squarehead-90", 0.9)] {
+            let spec = reg.iter().find(|m| m.name.0 == name).unwrap();
+            let sq = spec.config.as_any().downcast_ref::<SquareheadConfig>().unwrap();
+            let tch = squarehead::teacher(&mut teachers, "toy", full, 1e-3, &recipe, &set, &set, &fresh).unwrap();
+            let tmodel = squarehead::teacher_model(tch, fresh).unwrap();
+            let (pm, out, sparsity) =
+                squarehead::student(spec, sq, tch, &tmodel, &fresh, &set, &recipe, &mut |_, _, _| {}).unwrap();
+            assert_eq!(out.steps, 12, "{name}");
+            assert!((sparsity - want).abs() < 0.01, "{name}: sparsity {sparsity}");
+            assert!(out.losses.iter().all(|l| l.1.is_finite()), "{name}");
+            assert!((0.0..=1.0).contains(&evaluate(&pm, &set, 8).unwrap()));
+            // The teacher is frozen and untouched by the student's training.
+            for p in named_params(&tmodel) {
+                assert!(!p.trainable(), "{}", p.name());
+            }
+        }
+        assert_eq!(teachers.len(), 1, "one teacher per task and seed");
     }
 
     /// Every sparse method of the bench registry, as this suite builds it, finds its targets in a DINOv2 (its

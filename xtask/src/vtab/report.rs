@@ -62,6 +62,20 @@ pub struct VtabRecord {
     pub test_examples: usize,
     /// (step, mean loss) points.
     pub losses: Vec<(usize, f64)>,
+    /// SquareHead runs: the sparsity reached and the dense teacher's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squarehead: Option<SquareheadFigures>,
+}
+
+/// What a SquareHead run reports beyond the common record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SquareheadFigures {
+    /// Fraction of zeros over the pruned matrices after training.
+    pub sparsity: f64,
+    /// Test accuracy of the dense teacher the student was distilled from.
+    pub teacher_accuracy: f64,
+    /// Seconds the teacher trained (once per task and seed; not in the student's `train_seconds`).
+    pub teacher_train_seconds: f64,
 }
 
 /// One few-shot result.
@@ -308,6 +322,33 @@ pub fn markdown(res: &VtabResults, plots: &[String]) -> String {
                 if r.adapter_bytes == 0 { "–".into() } else { human_bytes(r.adapter_bytes) }
             );
         }
+        let sq: Vec<&VtabRecord> = res.runs.iter().filter(|r| r.squarehead.is_some()).collect();
+        if !sq.is_empty() {
+            let _ = writeln!(s, "\n## SquareHead\n");
+            let _ = writeln!(
+                s,
+                "The student starts from its dense teacher (full fine-tuning with `full`'s rate, trained once per task \
+                 and seed), prunes the encoder matrices on the cubic schedule until two thirds of the steps and is \
+                 distilled from the teacher (CE + KL on logits + normalised MSE on every hidden state).\n"
+            );
+            let _ = writeln!(s, "| Task | Method | Seed | Sparsity | Student acc. | Teacher acc. | Teacher train s |");
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+            for r in sq {
+                if let Some(f) = &r.squarehead {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {:.1}% | {:.1} | {:.1} | {:.0} |",
+                        r.task,
+                        r.method,
+                        r.seed,
+                        100.0 * f.sparsity,
+                        100.0 * r.accuracy,
+                        100.0 * f.teacher_accuracy,
+                        f.teacher_train_seconds
+                    );
+                }
+            }
+        }
     }
     if !res.fewshot.is_empty() {
         let _ = writeln!(s, "\n## Few-shot, training-free on frozen features\n");
@@ -406,6 +447,7 @@ pub(crate) mod tests {
             train_examples: 1000,
             test_examples: 2000,
             losses: vec![(1, 2.3), (32, 0.5)],
+            squarehead: None,
         }
     }
 
