@@ -347,6 +347,9 @@ pub fn read_rgb(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     Array3::from_shape_vec((h, w, 3), raw).map_err(|e| Error::file(path, format!("decoded size: {e}")))
 }
 
+/// The widest and tallest JPEG [`read_rgb`] decodes: 65,528 (`u16::MAX - 7`, see `decode_jpeg_strict`).
+pub const JPEG_MAX_SIDE: usize = u16::MAX as usize - 7;
+
 /// Decodes a JPEG to RGB u8 with `zune-jpeg` in strict mode (the decoder `image` uses, which `image` runs in
 /// lenient mode).
 #[cfg(feature = "image")]
@@ -354,7 +357,10 @@ fn decode_jpeg_strict(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
     use zune_core::bytestream::ZCursor;
     use zune_core::colorspace::ColorSpace;
     use zune_core::options::DecoderOptions;
-    let side = MAX_PIXELS.min(u16::MAX as usize);
+    // zune-jpeg 0.5 computes `(width + 7) / 8` (and the same of the height) in u16 for grayscale files with a
+    // subsampled component (mcu.rs), which overflows above 65,528: a fuzzer-found panic (with overflow checks;
+    // a wrapped MCU count without). Such files are refused as too large.
+    let side = MAX_PIXELS.min(JPEG_MAX_SIDE);
     let options = DecoderOptions::default()
         .set_strict_mode(true)
         .set_max_width(side)
