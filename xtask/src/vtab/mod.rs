@@ -758,11 +758,8 @@ mod tests {
         assert_eq!(b, calibration_batches(labels.len(), &recipe), "seeded");
     }
 
-    /// SquareHead in this suite: the teacher is trained once per task and seed (the second student reuses it), the
-    /// student starts from the teacher, reaches the method's sparsity on the encoder matrices (pruning ends at two
-    /// thirds of the steps) and the record carries the teacher's accuracy.
-    #[test]
-    fn squarehead_distils_a_pruned_student_from_a_shared_teacher() {
+    /// A 2-layer DINOv2 config (hidden 16, 4 heads, 8 px images) and 16 images of two classes (bright, dark).
+    fn tiny_task() -> (Dinov2Config, PixelSet) {
         let dcfg = Dinov2Config {
             hidden_size: 16,
             num_hidden_layers: 2,
@@ -778,7 +775,15 @@ mod tests {
                 ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3, 8, 8]), v) + (i as f32) * 0.01
             })
             .collect();
-        let set = PixelSet::from_arrays(&ims, (0..16).map(|i| i % 2).collect()).unwrap();
+        (dcfg, PixelSet::from_arrays(&ims, (0..16).map(|i| i % 2).collect()).unwrap())
+    }
+
+    /// SquareHead in this suite: the teacher is trained once per task and seed (the second student reuses it), the
+    /// student starts from the teacher, reaches the method's sparsity on the encoder matrices (pruning ends at two
+    /// thirds of the steps) and the record carries the teacher's accuracy.
+    #[test]
+    fn squarehead_distils_a_pruned_student_from_a_shared_teacher() {
+        let (dcfg, set) = tiny_task();
         let recipe = RecipeConfig { epochs: 3, batch_size: 4, lr: 1e-3, ..RecipeConfig::paper() };
         let reg = registry(dcfg.num_attention_heads);
         let full = reg.iter().find(|m| m.name == peft_core::adapter::FULL).unwrap();
@@ -811,22 +816,7 @@ mod tests {
     /// through the harness and reports optimizer state.
     #[test]
     fn sparse_methods_build_and_train_on_a_tiny_dinov2() {
-        let dcfg = Dinov2Config {
-            hidden_size: 16,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            image_size: 8,
-            patch_size: 4,
-            use_mask_token: false,
-            ..Dinov2Config::default()
-        };
-        let ims: Vec<ndarray::ArrayD<f32>> = (0..16)
-            .map(|i| {
-                let v = if i % 2 == 1 { 1.0 } else { -1.0 };
-                ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3, 8, 8]), v) + (i as f32) * 0.01
-            })
-            .collect();
-        let set = PixelSet::from_arrays(&ims, (0..16).map(|i| i % 2).collect()).unwrap();
+        let (dcfg, set) = tiny_task();
         let recipe = RecipeConfig { epochs: 2, batch_size: 4, lr: 1e-3, ..RecipeConfig::paper() };
         let sparse = ["sparse-ft", "lt-sft", "spiel", "sara", "spt", "s2ft", "mosa", "r-amt"];
         let names: Vec<String> = sparse.iter().map(|s| s.to_string()).collect();
