@@ -515,7 +515,6 @@ fn adapter_run(
     let model = bb.classifier(data.classes, seed)?;
     let total: u64 = named_params(&model).iter().map(|p| p.numel() as u64).sum();
     let pm = with_adapter(model, spec, &data.train, recipe)?;
-    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
     let bar = train::progress_bar(format!("{} {} s{seed}", t.name, spec.name));
     let out = finetune(&pm, &data.train, recipe, &mut |s, n, l| {
         bar.set_length(n as u64);
@@ -524,8 +523,27 @@ fn adapter_run(
     });
     bar.finish_and_clear();
     let out = out?;
+    scored_record(t, data, spec, recipe, prof, run_dir, &pm, out, total)
+}
+
+/// Scores a trained adapter run on the test split, saves its adapter and fills the record (the trainer's state plus
+/// the state the adapter steps itself).
+#[allow(clippy::too_many_arguments)]
+fn scored_record(
+    t: &TaskRef,
+    data: &TaskData,
+    spec: &MethodSpec,
+    recipe: &RecipeConfig,
+    prof: &VtabProfile,
+    run_dir: &Path,
+    pm: &PeftModel<Dinov2Classifier>,
+    out: peft_vision::harness::TrainOutcome,
+    total: u64,
+) -> Result<VtabRecord> {
+    let seed = recipe.seed;
+    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
     let t1 = Instant::now();
-    let acc = evaluate(&pm, &data.test, 64)?;
+    let acc = evaluate(pm, &data.test, 64)?;
     let eval_seconds = t1.elapsed().as_secs_f64();
     let adapter_dir: PathBuf = run_dir.join("adapters").join(format!("{}-{}-s{seed}", t.name, spec.name));
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
@@ -583,28 +601,7 @@ fn squarehead_run(
     });
     bar.finish_and_clear();
     let (pm, out, sparsity) = out?;
-    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
-    let t1 = Instant::now();
-    let acc = evaluate(&pm, &data.test, 64)?;
-    let eval_seconds = t1.elapsed().as_secs_f64();
-    let adapter_dir: PathBuf = run_dir.join("adapters").join(format!("{}-{}-s{seed}", t.name, spec.name));
-    let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
-    let mut r = base_record(t, spec.name.0, spec.describe(), recipe, prof);
-    r.accuracy = acc;
-    r.trainable_params = trainable;
-    r.total_params = total;
-    r.trainable_pct = 100.0 * trainable as f64 / total.max(1) as f64;
-    r.train_seconds = out.train_seconds;
-    r.eval_seconds = eval_seconds;
-    r.samples_per_sec = out.samples_per_sec;
-    r.peak_rss_bytes = train::peak_rss_bytes();
-    r.optimizer_state_bytes = Some(out.optimizer_state_bytes);
-    r.adapter_bytes = adapter_bytes;
-    r.steps = out.steps;
-    r.skipped_steps = out.skipped_steps;
-    r.train_examples = data.train.len();
-    r.test_examples = data.test.len();
-    r.losses = out.losses;
+    let mut r = scored_record(t, data, spec, recipe, prof, run_dir, &pm, out, total)?;
     r.squarehead = Some(report::SquareheadFigures {
         sparsity,
         teacher_accuracy: tch.accuracy,
