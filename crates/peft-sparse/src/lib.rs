@@ -96,6 +96,10 @@ pub const SPARSE_FT: MethodName = MethodName("sparse-ft");
 pub const LT_SFT: MethodName = MethodName("lt-sft");
 /// `"spiel"`: SpIEL drop/grow sparse fine-tuning.
 pub const SPIEL: MethodName = MethodName("spiel");
+/// `"spiel-c3"`: SpIEL tracking a third of `k` as grow candidates
+/// ([`SpielConfig::candidate_fraction`] = 1/3), so a selection phase holds at most 2x the 8 bytes per entry of two
+/// f32 moments (16 B per entry against the reference's 24 B).
+pub const SPIEL_C3: MethodName = MethodName("spiel-c3");
 /// `"mosa"`: Mixture of Sparse Adapters (4 experts, bottleneck 64) on the feed-forward output projections.
 pub const MOSA: MethodName = MethodName("mosa");
 /// `"r-amt"`: regularized mask tuning (learned binary masks on the attention projections).
@@ -152,6 +156,11 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(SPARSE_FT, SparseFtConfig::new(target, 0.005), 2e-3),
         MethodSpec::new(LT_SFT, lt, 2e-3),
         MethodSpec::new(SPIEL, SpielConfig::new(target, 0.005), 2e-3),
+        MethodSpec::new(
+            SPIEL_C3,
+            SpielConfig { candidate_fraction: 1.0 / 3.0, ..SpielConfig::new(target, 0.005) },
+            2e-3,
+        ),
         MethodSpec::new(MOSA, MosaConfig::new(FFN_OUTPUTS, 64, 4), 2e-3),
         MethodSpec::new(R_AMT, RamtConfig::new(ATTENTION_WEIGHTS), 1e-3),
         MethodSpec::new(SARA, SaraConfig::new(target), 2e-3),

@@ -7,7 +7,7 @@
 //!   ([`crate::indices::GradTap`]) records, at its first backward, the `k` positions of largest `|∂L/∂W|` as
 //!   candidates, then accumulates their gradient sum, squared sum and sample count (O(k): 12 bytes per candidate
 //!   with u32 indices, as many candidates as active entries like the reference's `num_candidates =
-//!   len(values)`).
+//!   len(values)`; fewer with [`SpielConfig::candidate_fraction`] below 1).
 //! - After `accumulation_steps` steps of a phase: drop the `⌊k·p⌋` active entries of smallest `|value|` and grow
 //!   the same number of candidates (not remaining active) of largest `|accumulated grad|`; an entry dropped and
 //!   regrown keeps its value and state. `p = 1` at the first selection (full reselection), then
@@ -80,6 +80,14 @@ pub struct SpielConfig {
     /// How grown entries' optimizer state starts (see [`SeedRule`]).
     #[serde(default)]
     pub seeds: SeedRule,
+    /// Regrowth candidates a selection phase tracks, as a fraction of each delta's `k`, in `(0, 1]` (rounded up,
+    /// at least 1). `1.0` (the default) is the reference's `num_candidates = len(values)`; not in the paper. Each
+    /// candidate costs 12 bytes for the phase, on top of the 12 bytes per entry SftAdamW keeps, so the phase peak
+    /// is `12·k + 12·⌈f·k⌉` bytes: 3.0x the `8·k` of two f32 moments at `1.0`, 2.0x at `1/3`. Fewer candidates
+    /// than drops (the first, full reselection drops all `k`) grow every candidate and keep the largest dropped
+    /// entries for the rest (`docs/bench/glue-sparse/spiel-candidates/` measures the accuracy cost).
+    #[serde(default = "one")]
+    pub candidate_fraction: f64,
     /// Modules trained and saved in full (the task head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
@@ -120,6 +128,7 @@ impl SpielConfig {
             accumulation_steps: 5,
             drop_fraction: 0.2,
             seeds: SeedRule::Clipped,
+            candidate_fraction: 1.0,
             modules_to_save: None,
             inference_mode: false,
         }
@@ -146,8 +155,20 @@ impl SpielConfig {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad("lr", format!("{} must be finite and >= 0", self.lr));
         }
+        if !(self.candidate_fraction > 0.0 && self.candidate_fraction <= 1.0) {
+            return bad("candidate_fraction", format!("{} must lie in (0, 1]", self.candidate_fraction));
+        }
         Ok(())
     }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Candidates tracked for a delta of `k` entries at `fraction` (see [`SpielConfig::candidate_fraction`]).
+pub(crate) fn candidate_count(k: usize, fraction: f64) -> usize {
+    ((k as f64 * fraction).ceil() as usize).clamp(k.min(1), k)
 }
 
 /// Regrowth candidates of one delta during a selection phase: 12 bytes each (a u32 flat index unless the tensor
@@ -169,7 +190,8 @@ impl Candidates {
 #[derive(Debug, Default)]
 struct SiteSel {
     active: bool,
-    k: usize,
+    /// Candidates to record (`candidate_count` of the delta's k).
+    n_cand: usize,
     cand: Option<Candidates>,
 }
 
@@ -182,7 +204,8 @@ impl SiteSel {
             None => {
                 let scores: Vec<f32> = g.iter().map(|x| x.abs()).collect();
                 // Sorted, distinct and below `g.len()` by construction, so `new` cannot fail.
-                let Ok(idx) = SparseIndices::new("spiel candidates", top_k_indices(&scores, self.k), g.len()) else {
+                let Ok(idx) = SparseIndices::new("spiel candidates", top_k_indices(&scores, self.n_cand), g.len())
+                else {
                     return;
                 };
                 let sum: Vec<f32> = idx.iter().map(|i| g[i]).collect();
@@ -245,13 +268,20 @@ pub(crate) fn drop_grow(
     let pool_scores: Vec<f32> = pool.iter().map(|&j| cand_score[j].abs()).collect();
     let grown_pos = top_k_indices(&pool_scores, n);
     let grown: Vec<u64> = grown_pos.iter().map(|&j| cand_idx.get(pool[j as usize]) as u64).collect();
-    // Fewer candidates than drops: keep the largest dropped ones.
+    // Fewer candidates than drops: keep the largest dropped ones that were not regrown (a regrown entry is
+    // already back), so the support keeps k entries.
     let short = n - grown.len();
     let mut keep_back: Vec<u64> = Vec::new();
     if short > 0 {
-        let d_abs: Vec<f32> = dropped.iter().map(|&d| values[d as usize].abs()).collect();
-        keep_back =
-            top_k_indices(&d_abs, short).iter().map(|&j| old.get(dropped[j as usize] as usize) as u64).collect();
+        let mut grown_sorted = grown.clone();
+        grown_sorted.sort_unstable();
+        let back: Vec<u64> = dropped
+            .iter()
+            .map(|&d| old.get(d as usize) as u64)
+            .filter(|i| grown_sorted.binary_search(i).is_err())
+            .collect();
+        let b_abs: Vec<f32> = back.iter().map(|&i| old.position(i as usize).map_or(0.0, |j| values[j].abs())).collect();
+        keep_back = top_k_indices(&b_abs, short).iter().map(|&j| back[j as usize]).collect();
     }
     let mut new: Vec<u64> = remaining.into_iter().chain(grown).chain(keep_back).collect();
     new.sort_unstable();
@@ -355,8 +385,13 @@ impl TunerConfig for SpielConfig {
         Self::PEFT_TYPE
     }
     fn describe(&self) -> String {
+        let cand = if self.candidate_fraction < 1.0 {
+            format!(", candidates {:.3} of k", self.candidate_fraction)
+        } else {
+            String::new()
+        };
         format!(
-            "SpIEL density {} (reselect every {} steps, accumulate {}, drop {})",
+            "SpIEL density {} (reselect every {} steps, accumulate {}, drop {}{cand})",
             self.density, self.reselection_steps, self.accumulation_steps, self.drop_fraction
         )
     }
@@ -370,7 +405,11 @@ impl TunerConfig for SpielConfig {
         let ks: Vec<usize> = deltas.iter().map(|(_, d)| d.k()).collect();
         let mut sites = Vec::new();
         for (_, d) in &deltas {
-            let site = Arc::new(Mutex::new(SiteSel { active: !self.inference_mode, k: d.k(), cand: None }));
+            let site = Arc::new(Mutex::new(SiteSel {
+                active: !self.inference_mode,
+                n_cand: candidate_count(d.k(), self.candidate_fraction),
+                cand: None,
+            }));
             let s2 = site.clone();
             d.set_tap(Some(Arc::new(move |g: &ndarray::ArrayD<f32>| {
                 if let Some(gs) = g.as_slice() {
@@ -410,6 +449,7 @@ impl PeftConfig for SpielConfig {
             "accumulation_steps",
             "drop_fraction",
             "seeds",
+            "candidate_fraction",
             "modules_to_save",
             "inference_mode",
         ];

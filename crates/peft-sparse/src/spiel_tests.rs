@@ -193,3 +193,71 @@ fn seed_rule_reads_from_the_config_file_and_defaults_to_clipped() {
     let Err(e) = SpielConfig::from_json(&v) else { panic!("accepted an unknown seed rule") };
     assert!(e.to_string().contains("unbiased"), "{e}");
 }
+
+#[test]
+fn candidate_fraction_caps_the_phase_state_and_keeps_k_entries() {
+    assert_eq!(candidate_count(9, 1.0 / 3.0), 3);
+    assert_eq!(candidate_count(10, 1.0 / 3.0), 4);
+    assert_eq!(candidate_count(1, 0.01), 1);
+    assert_eq!(candidate_count(0, 0.5), 0);
+    for f in [0.0, -0.5, 1.5, f64::NAN] {
+        let mut c = SpielConfig::new(TARGET, 0.25);
+        c.candidate_fraction = f;
+        let Err(e) = PeftModel::new(Tiny::new(8, 2, 1), c, "default", 0) else { panic!("accepted {f}") };
+        assert!(e.to_string().contains("candidate_fraction"), "{e}");
+    }
+    let mut cfg = SpielConfig::new(TARGET, 0.25);
+    (cfg.reselection_steps, cfg.accumulation_steps, cfg.lr, cfg.total_steps) = (4, 2, 1e-2, Some(12));
+    cfg.candidate_fraction = 1.0 / 3.0;
+    let m = model(cfg);
+    let k: Vec<usize> = tuner(&m).entries().iter().map(|(_, d)| d.k()).collect();
+    let total_k: usize = k.iter().sum();
+    let cand: usize = k.iter().map(|&k| candidate_count(k, 1.0 / 3.0)).sum();
+    assert!(cand < total_k);
+    let start: Vec<Vec<u64>> = tuner(&m).entries().iter().map(|(_, d)| d.indices().to_u64()).collect();
+    let x = input(6, 8, 4);
+    let tc = TrainerConfig { lr: 1e-2, total_steps: 12, ..TrainerConfig::default() };
+    let mut t = Trainer::new(m.trainable_params(), &m, tc).unwrap();
+    let mut peak = 0;
+    let mut losses = Vec::new();
+    for step in 0..12 {
+        let r = t.step(|ctx| Ok(Loss::Single(m.forward(&x, ctx)?.square().mean_all()))).unwrap();
+        losses.push(r.loss);
+        let own = tuner(&m).own_state_bytes();
+        assert!(own == 12 * total_k || own == 12 * total_k + 12 * cand, "step {step}: {own}");
+        peak = peak.max(own);
+        for (d, k) in tuner(&m).entries().iter().map(|(_, d)| d).zip(&k) {
+            let sup = d.indices().to_u64();
+            assert_eq!(sup.len(), *k, "step {step}");
+            assert!(sup.windows(2).all(|w| w[0] < w[1]));
+        }
+        if step == 1 {
+            // The full first reselection grew every candidate and kept the largest dropped entries for the rest:
+            // the support moved, but not all of it.
+            let now: Vec<Vec<u64>> = tuner(&m).entries().iter().map(|(_, d)| d.indices().to_u64()).collect();
+            for (s, n) in start.iter().zip(&now) {
+                let kept = n.iter().filter(|i| s.binary_search(i).is_ok()).count();
+                assert!(kept >= n.len() - candidate_count(n.len(), 1.0 / 3.0), "{kept} of {}", n.len());
+            }
+            assert_ne!(now, start);
+        }
+    }
+    // The phase peak: a third of the candidates is at most 2x the two-moment (8 bytes per entry) figure.
+    assert_eq!(peak, 12 * total_k + 12 * cand);
+    assert!(peak as f64 <= 2.0 * 8.0 * total_k as f64 + 12.0 * k.len() as f64, "{peak} vs {total_k}");
+    assert!(losses[11] < losses[0], "{losses:?}");
+}
+
+#[test]
+fn fewer_candidates_than_drops_keep_k_entries_when_a_candidate_was_active() {
+    // k = 4 active at 0..4, all dropped (p = 1); two candidates, one of them (index 1, the largest |value|)
+    // active before.
+    let old = SparseIndices::new("w", vec![0, 1, 2, 3], 10).unwrap();
+    let vals = [0.1, 0.5, 0.4, 0.3];
+    let cand = SparseIndices::new("c", vec![1, 7], 10).unwrap();
+    let (new, nv) = drop_grow(&old, &vals, &cand, &[2.0, 1.0], 1.0).unwrap();
+    // Grown: 1 (keeping its value) and 7; kept back: the two largest of the other dropped entries, 2 (0.4) and
+    // 3 (0.3). Picking the kept-back entries among all dropped ones chose 1 and 2, and 1 twice left 3 entries.
+    assert_eq!(new, vec![1, 2, 3, 7]);
+    assert_eq!(nv, vec![0.5, 0.4, 0.3, 0.0]);
+}

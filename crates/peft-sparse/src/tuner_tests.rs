@@ -218,6 +218,7 @@ fn registry_names_are_unique() {
             "sparse-ft",
             "lt-sft",
             "spiel",
+            "spiel-c3",
             "mosa",
             "r-amt",
             "sara",
