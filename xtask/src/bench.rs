@@ -358,6 +358,11 @@ fn one_run(
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
     // State the adapter keeps itself (LT-SFT, SpIEL, SaRA, SPT step their values with their own O(k) AdamW).
     let own_state = pm.tuner("default").map_or(0, |t| t.state_bytes() as u64);
+    let quant_base = {
+        use peft_quant::QloraExt;
+        let q = pm.quant_memory();
+        (q.params > 0).then(|| report::QuantBase { params: q.params as u64, bytes: q.bytes_without_maps() as u64 })
+    };
     Ok(Record {
         task: task.name().to_string(),
         method: method.name.to_string(),
@@ -382,6 +387,7 @@ fn one_run(
         dev_examples: dev_split.enc.len(),
         losses: out.losses,
         sparse,
+        quant_base,
     })
 }
 

@@ -64,6 +64,58 @@ pub struct Record {
     /// SquareHead runs: sparsity, the teacher's score, CSR size and GEMM times of the pruned matrices.
     #[serde(default)]
     pub sparse: Option<crate::squarehead::SparseInference>,
+    /// Runs on a quantized base (QLoRA, LQ-LoRA): what its quantized linears encode and hold. `None` for a dense
+    /// base and in results written before it was recorded.
+    #[serde(default)]
+    pub quant_base: Option<QuantBase>,
+}
+
+/// The quantized linears of a run's base model.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuantBase {
+    /// Weight elements the quantized linears encode.
+    pub params: u64,
+    /// Bytes they hold: codes and (quantized) scales, the code tables bitsandbytes stores with every tensor
+    /// excluded (peft-quant shares them as constants).
+    pub bytes: u64,
+}
+
+impl QuantBase {
+    /// Storage bits per encoded parameter.
+    pub fn bits_per_param(&self) -> f64 {
+        8.0 * self.bytes as f64 / self.params.max(1) as f64
+    }
+}
+
+/// Runs on a quantized base: the bits per parameter its quantized linears hold, beside the score.
+fn quant_base_section(s: &mut String, res: &Results) {
+    let runs: Vec<(&Record, &QuantBase)> =
+        res.runs.iter().filter_map(|r| r.quant_base.as_ref().map(|q| (r, q))).collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Quantized base\n");
+    let _ = writeln!(
+        s,
+        "Bytes of the quantized linears (codes and scales; bitsandbytes' per-tensor code tables not counted) and \
+         their bits per parameter; the rest of the model (embeddings, norms, the head) stays f32.\n"
+    );
+    let _ = writeln!(s, "| Task | Method | Seed | Metrics | Quantized params | Base bytes | Bits/param |");
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|");
+    for (r, q) in runs {
+        let mets: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k} {:.1}", 100.0 * v)).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {:.3} |",
+            r.task,
+            r.method,
+            r.seed,
+            mets.join(", "),
+            q.params,
+            human_bytes(q.bytes),
+            q.bits_per_param()
+        );
+    }
 }
 
 /// SquareHead runs: accuracy against sparsity beside the dense teacher, the pruned matrices' size in CSR, and
@@ -345,6 +397,7 @@ pub fn markdown(res: &Results, plots: &[String]) -> String {
         );
     }
     squarehead_section(&mut s, res);
+    quant_base_section(&mut s, res);
     if !res.baselines.is_empty() {
         let _ = writeln!(s, "\n## PyTorch baseline (transformers + peft, same LoRA recipe and threads)\n");
         let _ = writeln!(
@@ -426,6 +479,7 @@ pub(crate) mod tests {
             dev_examples: 872,
             losses: vec![(1, 0.7), (63, 0.3)],
             sparse: None,
+            quant_base: None,
         }
     }
 
@@ -491,6 +545,24 @@ pub(crate) mod tests {
         let mut plain = Results::default();
         plain.upsert(rec("sst2", "lora", 0, 0.78));
         assert!(!markdown(&plain, &[]).contains("## SquareHead"));
+    }
+
+    #[test]
+    fn quantized_bases_get_their_bits_per_param_row() {
+        let mut r = Results::default();
+        let mut x = rec("sst2", "lq-lora-2.75", 0, 0.74);
+        // 1,000,000 parameters in 343,750 bytes: 2.75 bits each.
+        x.quant_base = Some(QuantBase { params: 1_000_000, bytes: 343_750 });
+        r.upsert(x);
+        r.upsert(rec("sst2", "lora", 0, 0.78));
+        let md = markdown(&r, &[]);
+        assert!(md.contains("## Quantized base"), "{md}");
+        assert!(md.contains("| sst2 | lq-lora-2.75 | 0 | acc 74.0 | 1000000 | 335.7 KiB | 2.750 |"), "{md}");
+        let section = md.split("## Quantized base").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert_eq!(section.lines().filter(|l| l.starts_with("| sst2 |")).count(), 1, "a dense base gets no row");
+        let mut plain = Results::default();
+        plain.upsert(rec("sst2", "lora", 0, 0.78));
+        assert!(!markdown(&plain, &[]).contains("## Quantized base"));
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //!   re-quantization with its rounding error ([`QloraExt`]), byte accounting ([`QuantMemory`]), the `"qlora"`
 //!   registry entry ([`methods`]).
 //! * **LQ-LoRA** ([`lq_lora`]): `W ≈ Q + L1·L2` by alternating NF-b quantisation and truncated SVD, Fisher
-//!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack).
+//!   weighting, budgeted mixed-precision allocation (multiple-choice knapsack); saved as an `"LQ_LORA"` adapter
+//!   plus its bit-packed base ([`lq_lora::save_pretrained`]), reloaded bit for bit through [`registry`].
 //! * **Low-bit adapters** ([`onebit`]): 1-4 bit normal codebooks, straight-through fake quantisation (gradient
 //!   through the normalisation statistics as the reference, or the identity), packing.
 //! * **Low-bit LoRA** ([`lowbit_lora`]): LoRA trained with 1-4 bit fake-quantized `A`, `B` (`peft_type =
@@ -94,7 +95,7 @@ pub use qlora::{methods, methods_for, QloraConfig, QloraExt, QuantMemory, Roundi
 pub use storage::{Checkpoint, RawTensor};
 
 /// The `peft_type`s peft-quant's adapters are saved as: peft-lora's (QLoRA adapters are plain `LORA` files) plus
-/// `LORA_LOWBIT` ([`LowBitLoraConfig`]).
+/// `LORA_LOWBIT` ([`LowBitLoraConfig`]) and `LQ_LORA` ([`LqLoraConfig`], which loads only onto its saved base).
 pub fn registry() -> peft_core::adapter::ConfigRegistry {
-    peft_lora::registry().with::<LowBitLoraConfig>()
+    peft_lora::registry().with::<LowBitLoraConfig>().with::<LqLoraConfig>()
 }

@@ -29,7 +29,6 @@ use peft_core::{Error, Param, Tensor};
 use rayon::prelude::*;
 
 use crate::block4::{Absmax, FloatDtype, Quant4, Quant4Config};
-use crate::error::QuantError;
 use crate::int8::Int8Rows;
 use crate::lq_lora::NfQuant;
 use crate::nf_storage::NfPacked;
@@ -214,8 +213,8 @@ impl QuantLinear {
     }
 
     /// Loads the layer at module path `prefix` from a bitsandbytes checkpoint: a 4-bit weight (`quant_state`
-    /// entry present) or an int8 one (`<prefix>.SCB` present), and `<prefix>.bias` if stored (as a frozen
-    /// parameter named `<prefix>.bias`, converted to f32).
+    /// entry present), an int8 one (`<prefix>.SCB` present) or an NF-b one ([`Checkpoint::insert_nf`]'s keys),
+    /// and `<prefix>.bias` if stored (as a frozen parameter named `<prefix>.bias`, converted to f32).
     ///
     /// # Errors
     /// The checkpoint's errors (missing or corrupt quant state, sizes, dtypes) as a [`crate::QuantError`] inside [`Error::Method`]; shape errors
@@ -224,6 +223,8 @@ impl QuantLinear {
         let key = |leaf: &str| if prefix.is_empty() { leaf.to_string() } else { format!("{prefix}.{leaf}") };
         let weight = if ckpt.get(&key("SCB")).is_some() {
             QuantWeight::Int8(ckpt.int8(prefix)?)
+        } else if ckpt.has_nf(prefix) {
+            QuantWeight::Nf(ckpt.nf(prefix)?)
         } else {
             QuantWeight::Block4(ckpt.quant4(prefix)?)
         };
@@ -243,12 +244,12 @@ impl QuantLinear {
         Self::new(weight, bias)
     }
 
-    /// Stores the layer under module path `prefix` with bitsandbytes' keys; the bias is written in the 4-bit
-    /// state's recorded dtype (bnb saves it in the layer dtype), f32 for int8.
+    /// Stores the layer under module path `prefix` with bitsandbytes' keys (LQ-LoRA's NF-b storage, which has no
+    /// bitsandbytes layout, under this crate's keys: [`Checkpoint::insert_nf`]); the bias is written in the 4-bit
+    /// state's recorded dtype (bnb saves it in the layer dtype), f32 for int8 and NF-b.
     ///
     /// # Errors
-    /// The checkpoint's errors (e.g. a `quant_storage` the packed bytes do not fit); LQ-LoRA's NF-b storage has no
-    /// bitsandbytes layout ([`QuantError::Unsupported`]).
+    /// The checkpoint's errors (e.g. a `quant_storage` the packed bytes do not fit).
     pub fn save(&self, ckpt: &mut Checkpoint, prefix: &str) -> peft_core::Result<()> {
         let w = self.weight();
         let dtype = match w.as_ref() {
@@ -260,9 +261,9 @@ impl QuantLinear {
                 ckpt.insert_int8(prefix, q)?;
                 FloatDtype::F32
             }
-            QuantWeight::Nf(_) => {
-                let format = format!("{:?}", w.format());
-                return Err(QuantError::Unsupported { what: "saving in bitsandbytes' layout", format }.into());
+            QuantWeight::Nf(q) => {
+                ckpt.insert_nf(prefix, q)?;
+                FloatDtype::F32
             }
         };
         if let Some(b) = &self.bias {

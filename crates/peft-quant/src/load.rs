@@ -12,7 +12,9 @@
 //!   stored 4-bit (`<p>.weight` packed + `quant_state.bitsandbytes__nf4|fp4`) or int8 (`<p>.SCB`) become
 //!   [`QuantLinear`] bases holding the stored codes as they are; every other tensor (embeddings, norms, a dense
 //!   head) is converted to f32 on request. [`bnb_checkpoint`] writes such a checkpoint from a model whose linears
-//!   are quantized.
+//!   are quantized. Linears in LQ-LoRA's NF-b storage, which bitsandbytes has no layout for, are stored and read
+//!   under this crate's keys ([`crate::Checkpoint::insert_nf`]), so an LQ-LoRA base round-trips through the same
+//!   checkpoint.
 //!
 //! Peak RSS loading SmolLM2-135M with an NF4-DQ base (`examples/load_rss.rs`, numbers and commands there):
 //! dense-then-quantize 648.5 MB, layer by layer 316.6 MB, from a bnb 4-bit checkpoint 376.5 MB.
@@ -152,11 +154,12 @@ impl<'a> BnbWeights<'a> {
         BnbWeights { ckpt, origin: origin.into() }
     }
 
-    /// True when `path` holds a quantized (4-bit or int8) weight.
+    /// True when `path` holds a quantized (4-bit, int8 or NF-b) weight.
     pub fn is_quantized(&self, path: &str) -> bool {
         let w = if path.is_empty() { "weight".to_string() } else { format!("{path}.weight") };
         let scb = if path.is_empty() { "SCB".to_string() } else { format!("{path}.SCB") };
         self.ckpt.get(&scb).is_some()
+            || self.ckpt.has_nf(path)
             || [QuantType::Nf4, QuantType::Fp4]
                 .iter()
                 .any(|t| self.ckpt.get(&format!("{w}.quant_state.bitsandbytes__{}", t.name())).is_some())
@@ -198,6 +201,8 @@ impl WeightSource for BnbWeights<'_> {
         }
         let weight = if self.ckpt.get(&format!("{path}.SCB")).is_some() {
             QuantWeight::Int8(self.ckpt.int8(path)?)
+        } else if self.ckpt.has_nf(path) {
+            QuantWeight::Nf(self.ckpt.nf(path)?)
         } else {
             QuantWeight::Block4(self.ckpt.quant4(path)?)
         };

@@ -36,6 +36,14 @@ fn formats() -> Vec<QuantFormat> {
         QuantFormat::default(),
         QuantFormat::Block4(Quant4Config { quant_type: QuantType::Fp4, blocksize: 32, double_quant: false }),
         QuantFormat::Int8,
+        // LQ-LoRA's NF-b storage (this crate's keys; 3 bits, bf16 group maxes, blocks that do not divide a row).
+        QuantFormat::Nf(crate::NfQuant {
+            bits: 3,
+            scale_bits: 6,
+            block: 24,
+            group: 5,
+            group_dtype: crate::FloatDtype::Bf16,
+        }),
     ]
 }
 

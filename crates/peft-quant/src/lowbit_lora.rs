@@ -29,8 +29,8 @@
 //! decodes to `levels(b)[q]·σ + μ` ([`crate::onebit::levels`]): `⌈n·b/8⌉ + 8` bytes per matrix plus the
 //! safetensors header. Loading (`PeftModel::load_adapter` with [`crate::registry`]) reads either form; a packed
 //! adapter's forward uses the decoded weights as stored (as the reference's `fake_quan = False`), bit-identical to
-//! the forward that was saved. The packed keys are read outside [`AdapterTensors::get`] (it decodes floats only), so
-//! a load report lists the `*.codes` keys under `unexpected` although they were applied.
+//! the forward that was saved. The packed keys are read outside [`AdapterTensors::get`] (it decodes floats only) and
+//! recorded with [`AdapterTensors::mark_used`], so a load report lists them under `applied`.
 //!
 //! ## Measured (all-MiniLM-L6-v2, LoRA r=8 on query/value + the f32 classifier head)
 //! Adapter file (`adapter_model.safetensors`): fp32 301,392 B; packed 1-bit 18,720 B, 2-bit 27,960 B, 3-bit
@@ -418,6 +418,7 @@ impl Tuner for LowBitTuner {
                     }));
                 }
                 let w = LowBitWeight::from_parts(self.bits, &param.shape(), codes.data().to_vec(), stats[0], stats[1])?;
+                src.mark_used(&format!("{p}.{m}.codes"));
                 parts.push(w);
             }
             let missing =

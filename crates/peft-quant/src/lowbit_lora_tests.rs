@@ -216,6 +216,11 @@ fn packed_save_load_round_trip_is_bit_identical_and_smaller() {
         for dir in [packed.path(), fp32.path()] {
             let (m2, report) = PeftModel::from_pretrained(Toy::new(D, 2, 1), dir, &crate::registry()).unwrap();
             assert!(report.applied.iter().any(|k| k.ends_with("lora_A.stats") || k.ends_with("lora_A.weight")));
+            // Every tensor of the file is applied, the packed codes included.
+            assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+            if dir == packed.path() {
+                assert!(report.applied.iter().any(|k| k.ends_with("lora_B.codes")), "{:?}", report.applied);
+            }
             let y1 = m2.forward(&x, &Ctx::eval()).unwrap();
             assert_eq!(y0.as_slice(), y1.as_slice(), "{bits} bits from {}", dir.display());
             assert_eq!(m2.config("default").unwrap().peft_type(), PEFT_TYPE);

@@ -30,15 +30,20 @@
 //!   entries ([`methods`]): `lq-lora-2.5`, `lq-lora-2.75`, `lq-lora-3.25` and `lq-lora-fisher-2.75`.
 //!
 //!   Costs: every matrix is decomposed once per candidate (up to `iters` SVDs each), all kept until the
-//!   allocation is known. The adapter saves as plain LoRA; `Q` is not saved with it, so
-//!   [`TunerConfig::for_loading`] refuses.
+//!   allocation is known.
+//! * **Saving and loading** ([`save_pretrained`]): the adapter folder (`peft_type` [`LQ_LORA_PEFT_TYPE`], LoRA
+//!   tensors under PEFT's names, the LQ-LoRA fields beside LoRA's) plus [`BASE_FILE`], the base checkpoint with
+//!   each `Q` in its bit-packed storage. A model built from that checkpoint ([`crate::load::BnbWeights`]) takes the
+//!   adapter back through [`PeftModel::load_adapter`] with [`crate::registry`] and gives the same outputs bit for
+//!   bit (`lq_lora_tests::tuner::saved_adapter_and_base_reload_bit_for_bit`); loading it onto any base whose
+//!   adapted linears are not NF-b storage is a typed error.
 
 use std::sync::Arc;
 
 use ndarray::{s, Array2, Axis};
 use peft_core::adapter::{
-    not_supported, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, MethodName, MethodSpec, Tuner,
-    TunerConfig,
+    not_supported, AdapterError, AdapterResult, AdapterTensors, InjectCx, LinearTuner, MethodName, MethodSpec,
+    PeftConfig, PeftModel, Tuner, TunerConfig,
 };
 use peft_core::nn::{Linear, Module};
 use peft_core::{Error, Result};
@@ -527,14 +532,18 @@ pub fn fisher_from_calibration(
 /// `"LQ-LoRA"` in messages.
 const LQ_LORA: &str = "LQ-LoRA";
 
+/// The `peft_type` of a saved LQ-LoRA adapter. Not `"LORA"`: its LoRA factors only fit the quantized base `Q` they
+/// were trained with (`W ≈ Q + L1·L2`), so a loader that knows only LoRA (PEFT included) must refuse the file
+/// rather than add the factors to the original `W`. The tensors keep PEFT's LoRA key names.
+pub const LQ_LORA_PEFT_TYPE: &str = "LQ_LORA";
+
 /// LQ-LoRA as a tuner: LoRA on the config's targets, whose bases are decomposed `W ≈ Q + L1·L2` with one quantizer
 /// per matrix chosen by the budgeted allocation ([`allocate`] over [`allocation_options`]), Fisher-weighted when
 /// `fisher_batches` is set (gradients from the inject context's calibration batches, [`fisher_from_calibration`]).
 /// Every adapted base becomes a frozen [`QuantLinear`] over the chosen `Q`'s bit-packed storage.
 ///
-/// Saved as a plain LoRA adapter (`peft_type = "LORA"`); the quantized base it was trained on is not saved with
-/// it (LQ-LoRA's `Q` is not a bitsandbytes layout), so loading replays nothing and refuses
-/// ([`TunerConfig::for_loading`]).
+/// Saved with [`save_pretrained`] (adapter with `peft_type` [`LQ_LORA_PEFT_TYPE`] plus the quantized base); loading
+/// replays nothing: [`TunerConfig::for_loading`] builds LoRA layers over the stored `Q` and refuses other bases.
 #[derive(Clone, Debug)]
 pub struct LqLoraConfig {
     /// The LoRA part (rank, alpha, targets; dropout 0 in the paper). Its own init is replaced.
@@ -707,7 +716,7 @@ pub fn init_with_config<M: peft_core::nn::Module>(
 
 impl TunerConfig for LqLoraConfig {
     fn peft_type(&self) -> &str {
-        "LORA"
+        LQ_LORA_PEFT_TYPE
     }
     fn describe(&self) -> String {
         let t = match &self.lora.target_modules {
@@ -728,7 +737,27 @@ impl TunerConfig for LqLoraConfig {
         )
     }
     fn to_json(&self) -> AdapterResult<serde_json::Value> {
-        TunerConfig::to_json(&self.lora)
+        let mut v = TunerConfig::to_json(&self.lora)?;
+        let Some(obj) = v.as_object_mut() else {
+            return Err(not_supported("-", LQ_LORA, "to_json", "the LoRA part did not serialise to an object"));
+        };
+        obj.insert("peft_type".into(), LQ_LORA_PEFT_TYPE.into());
+        obj.insert("lq_budget".into(), self.budget.into());
+        let cands: Vec<serde_json::Value> = self
+            .candidates
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "bits": c.bits, "scale_bits": c.scale_bits, "blocksize": c.block, "groupsize": c.group,
+                    "group_dtype": c.group_dtype.name(),
+                })
+            })
+            .collect();
+        obj.insert("lq_candidates".into(), cands.into());
+        obj.insert("lq_iters".into(), self.iters.into());
+        obj.insert("lq_fisher_batches".into(), self.fisher_batches.into());
+        obj.insert("lq_max_states".into(), self.max_states.into());
+        Ok(v)
     }
     fn modules_to_save(&self) -> Vec<String> {
         self.lora.modules_to_save()
@@ -767,14 +796,183 @@ impl TunerConfig for LqLoraConfig {
         Ok(tuner)
     }
     fn for_loading(&self) -> AdapterResult<Box<dyn TunerConfig>> {
-        Err(AdapterError::Unsupported {
-            method: LQ_LORA.into(),
-            what: "loading an LQ-LoRA adapter".into(),
-            reason: "its quantized base Q is not saved with the adapter".into(),
-        })
+        Ok(Box::new(LqLoraLoad { config: self.clone(), lora: self.lora.for_loading()? }))
     }
     fn clone_box(&self) -> Box<dyn TunerConfig> {
         Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl PeftConfig for LqLoraConfig {
+    const PEFT_TYPE: &'static str = LQ_LORA_PEFT_TYPE;
+    /// Reads what [`TunerConfig::to_json`] writes: LoRA's fields plus `lq_budget`, `lq_candidates`, `lq_iters`,
+    /// `lq_fisher_batches`, `lq_max_states` (all but the budget default to [`LqLoraConfig::new`]'s).
+    fn from_json(v: &serde_json::Value) -> AdapterResult<(Self, Vec<String>)> {
+        let bad = |field: &str, reason: &str| Self::invalid(field, reason.to_string());
+        let mut lora_v = v.clone();
+        let Some(obj) = lora_v.as_object_mut() else {
+            return Err(bad("peft_type", "adapter_config.json is not a JSON object"));
+        };
+        let mut take = |k: &str| obj.remove(k);
+        let budget = take("lq_budget").ok_or_else(|| bad("lq_budget", "missing"))?;
+        let budget = budget.as_f64().ok_or_else(|| bad("lq_budget", "not a number"))?;
+        let mut c = LqLoraConfig::new(budget);
+        let uint = |field: &str, x: &serde_json::Value| -> AdapterResult<usize> {
+            x.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| bad(field, "not an unsigned integer"))
+        };
+        if let Some(x) = take("lq_iters") {
+            c.iters = uint("lq_iters", &x)?;
+        }
+        if let Some(x) = take("lq_max_states") {
+            c.max_states = uint("lq_max_states", &x)?;
+        }
+        if let Some(x) = take("lq_fisher_batches") {
+            c.fisher_batches = if x.is_null() { None } else { Some(uint("lq_fisher_batches", &x)?) };
+        }
+        if let Some(x) = take("lq_candidates") {
+            let list = x.as_array().ok_or_else(|| bad("lq_candidates", "not a list"))?;
+            c.candidates = list
+                .iter()
+                .map(|e| {
+                    let f = |k: &str| e.get(k).ok_or_else(|| bad("lq_candidates", &format!("an entry without `{k}`")));
+                    let small = |k: &str| -> AdapterResult<u8> {
+                        u8::try_from(uint("lq_candidates", f(k)?)?).map_err(|_| bad("lq_candidates", "a bit width"))
+                    };
+                    let group_dtype = f("group_dtype")?
+                        .as_str()
+                        .and_then(FloatDtype::parse)
+                        .ok_or_else(|| bad("lq_candidates", "`group_dtype` is not float32, bfloat16 or float16"))?;
+                    Ok(NfQuant {
+                        bits: small("bits")?,
+                        scale_bits: small("scale_bits")?,
+                        block: uint("lq_candidates", f("blocksize")?)?,
+                        group: uint("lq_candidates", f("groupsize")?)?,
+                        group_dtype,
+                    })
+                })
+                .collect::<AdapterResult<Vec<_>>>()?;
+        }
+        obj.insert("peft_type".into(), "LORA".into());
+        let (lora, ignored) = <LoraConfig as PeftConfig>::from_json(&lora_v)?;
+        c.lora = lora;
+        c.validate()?;
+        Ok((c, ignored))
+    }
+}
+
+/// The file name of an LQ-LoRA adapter's quantized base next to its `adapter_config.json` ([`save_pretrained`]).
+pub const BASE_FILE: &str = "lq_base.safetensors";
+
+/// Saves LQ-LoRA adapter `name` of `model` into `dir` together with the base it was trained on: the adapter
+/// folder as [`PeftModel::save_pretrained`] writes it (`peft_type` [`LQ_LORA_PEFT_TYPE`]; the LoRA tensors under
+/// PEFT's key names) and [`BASE_FILE`], a checkpoint of the base model ([`crate::load::bnb_checkpoint`]: each
+/// adapted linear's `Q` in its NF-b storage, [`crate::Checkpoint::insert_nf`]; every other base parameter in
+/// f32; no adapter tensors). Returns the bytes of both.
+///
+/// Loading: read [`BASE_FILE`] with [`crate::Checkpoint::read`], build the backbone from it through
+/// [`crate::load::BnbWeights`], then [`PeftModel::load_adapter`] with [`crate::registry`]; the loaded adapter
+/// refuses a base whose adapted linears are not NF-b storage (the dense original included: `W + L1·L2` is not
+/// `Q + L1·L2`).
+///
+/// # Errors
+/// IO errors; [`AdapterError::UnknownAdapter`]; [`AdapterError::NotSupportedBy`] when `name` is not an LQ-LoRA
+/// adapter.
+pub fn save_pretrained<M: Module>(model: &PeftModel<M>, dir: &std::path::Path) -> AdapterResult<u64> {
+    for name in model.adapter_names() {
+        if model.config(&name)?.as_any().downcast_ref::<LqLoraConfig>().is_none() {
+            return Err(not_supported(&name, LQ_LORA, "save_pretrained", "not an LQ-LoRA adapter"));
+        }
+    }
+    let adapter_bytes = model.save_pretrained(dir)?;
+    let adapter_params: std::collections::HashSet<String> = model
+        .adapter_names()
+        .iter()
+        .flat_map(|n| model.tuner(n).map(|t| t.params()).unwrap_or_default())
+        .map(|p| p.name().to_string())
+        .collect();
+    let mut ckpt = crate::load::bnb_checkpoint(model.model()).map_err(Error::from)?;
+    for name in adapter_params {
+        ckpt.remove(&name);
+    }
+    let path = dir.join(BASE_FILE);
+    ckpt.write(&path).map_err(Error::from)?;
+    let base_bytes = std::fs::metadata(&path)
+        .map_err(|e| Error::from(QuantError::from(peft_core::io::IoError::io(&path, e))))?
+        .len();
+    Ok(adapter_bytes + base_bytes)
+}
+
+/// A loaded LQ-LoRA adapter's builder ([`LqLoraConfig`]'s [`TunerConfig::for_loading`]): LoRA layers over bases
+/// that must already be LQ-LoRA's NF-b storage (read from [`BASE_FILE`]); nothing is decomposed again.
+#[derive(Debug)]
+struct LqLoraLoad {
+    config: LqLoraConfig,
+    lora: Box<dyn TunerConfig>,
+}
+
+impl TunerConfig for LqLoraLoad {
+    fn peft_type(&self) -> &str {
+        LQ_LORA_PEFT_TYPE
+    }
+    fn describe(&self) -> String {
+        self.config.describe()
+    }
+    fn to_json(&self) -> AdapterResult<serde_json::Value> {
+        TunerConfig::to_json(&self.config)
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        self.lora.modules_to_save()
+    }
+    fn set_modules_to_save(&mut self, modules: Vec<String>) -> AdapterResult<()> {
+        self.config.set_modules_to_save(modules.clone())?;
+        self.lora.set_modules_to_save(modules)
+    }
+    fn inference_mode(&self) -> bool {
+        self.lora.inference_mode()
+    }
+    fn set_inference_mode(&mut self, on: bool) {
+        self.config.set_inference_mode(on);
+        self.lora.set_inference_mode(on);
+    }
+    fn trains_base_param(&self, name: &str, wrapped: &[String]) -> bool {
+        self.lora.trains_base_param(name, wrapped)
+    }
+    fn preflight(&self, model: &dyn Module, file: &AdapterTensors) -> AdapterResult<()> {
+        self.lora.preflight(model, file)
+    }
+    fn inject(&self, model: &dyn Module, cx: InjectCx<'_>) -> AdapterResult<Box<dyn Tuner>> {
+        let name = cx.name.to_string();
+        let tuner = self.lora.inject(model, cx)?;
+        let Some(lt) = tuner.as_any().downcast_ref::<LinearTuner<LoraLinear>>() else {
+            let _ = tuner.detach(false);
+            return Err(not_supported(&name, LQ_LORA, "load", "the LoRA part did not build LoRA layers"));
+        };
+        let dense = lt.layers().iter().find(|(site, _)| {
+            let base = site.base();
+            !matches!(
+                base.as_any().downcast_ref::<QuantLinear>().map(|q| q.weight().format()),
+                Some(crate::QuantFormat::Nf(_))
+            )
+        });
+        if let Some((site, _)) = dense {
+            let path = site.path().to_string();
+            let _ = tuner.detach(false);
+            return Err(AdapterError::Unsupported {
+                method: LQ_LORA.into(),
+                what: format!("loading adapter `{name}` onto `{path}`"),
+                reason: format!(
+                    "its base is not LQ-LoRA's NF-b storage; the adapter only fits the quantized base Q it was \
+                     trained on: build the model from `{BASE_FILE}` saved beside it (peft_quant::load::BnbWeights)"
+                ),
+            });
+        }
+        Ok(tuner)
+    }
+    fn clone_box(&self) -> Box<dyn TunerConfig> {
+        Box::new(LqLoraLoad { config: self.config.clone(), lora: self.lora.clone_box() })
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

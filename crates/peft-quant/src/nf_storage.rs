@@ -100,6 +100,70 @@ impl NfPacked {
         Ok(NfPacked { cfg: *cfg, shape: shape.to_vec(), numel, codes, scale_codes, group_max, min, table })
     }
 
+    /// Rebuilds a stored tensor from its parts (as [`crate::Checkpoint::insert_nf`] writes them): packed value
+    /// codes, packed block-scale codes, one group max per group of `B1` scales and the minimum scale.
+    ///
+    /// # Errors
+    /// [`QuantError::BadConfig`] for an unsupported config; [`QuantError::Overflow`] / [`QuantError::Empty`] for
+    /// the shape; [`QuantError::Size`] when a part's length does not follow from the shape and config;
+    /// [`QuantError::NonFinite`] for a non-finite group max or minimum, or a group max that is negative or not
+    /// representable in `b1`'s dtype.
+    pub fn from_parts(
+        cfg: NfQuant,
+        shape: &[usize],
+        codes: Vec<u8>,
+        scale_codes: Vec<u8>,
+        group_max: Vec<f32>,
+        min: f32,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let numel = crate::error::checked_numel("NF-b stored tensor", shape)?;
+        if numel == 0 {
+            return Err(QuantError::Empty("NF-b stored tensor"));
+        }
+        let blocks = numel.div_ceil(cfg.block);
+        crate::error::size(
+            "NF-b packed value codes (bytes)",
+            numel.saturating_mul(usize::from(cfg.bits)).div_ceil(8),
+            codes.len(),
+        )?;
+        crate::error::size(
+            "NF-b packed scale codes (bytes)",
+            blocks.saturating_mul(usize::from(cfg.scale_bits)).div_ceil(8),
+            scale_codes.len(),
+        )?;
+        crate::error::size("NF-b group maxes", blocks.div_ceil(cfg.group), group_max.len())?;
+        if !min.is_finite() || group_max.iter().any(|g| !g.is_finite() || *g < 0.0 || cfg.group_dtype.round(*g) != *g) {
+            return Err(QuantError::NonFinite(
+                "NF-b stored scales (a group max that is negative, non-finite or not in its dtype, or a non-finite \
+                 minimum)"
+                    .into(),
+            ));
+        }
+        let table = nf_table(cfg.bits);
+        Ok(NfPacked { cfg, shape: shape.to_vec(), numel, codes, scale_codes, group_max, min, table })
+    }
+
+    /// The packed value codes (`b` bits each, little-endian bit order).
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// The packed block-scale codes (`b0` bits each).
+    pub fn scale_codes(&self) -> &[u8] {
+        &self.scale_codes
+    }
+
+    /// One max per group of `B1` block scales (values of `b1`'s dtype, held as f32).
+    pub fn group_max(&self) -> &[f32] {
+        &self.group_max
+    }
+
+    /// The minimum block scale (f32).
+    pub fn min(&self) -> f32 {
+        self.min
+    }
+
     /// The block scales `q/(2^b0 − 1)·gmax + min`.
     fn scales_of(q: &[u8], group_max: &[f32], min: f32, cfg: &NfQuant) -> Vec<f32> {
         let levels = ((1u32 << cfg.scale_bits) - 1) as f32;

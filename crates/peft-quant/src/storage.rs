@@ -18,6 +18,17 @@
 //! separators and Python's float `repr` for the offset. An int8 layer (bnb `Linear8bitLt`) is `p.weight` (I8),
 //! `p.SCB` (F32 `[out]`) and `p.weight_format` (U8 scalar 0).
 //!
+//! LQ-LoRA's NF-b storage ([`NfPacked`]) has no bitsandbytes counterpart; this crate stores it under its own keys
+//! ([`Checkpoint::insert_nf`]):
+//!
+//! | key | dtype | shape |
+//! |---|---|---|
+//! | `p.weight` | U8 | `[⌈n·b/8⌉]`: the `b`-bit value codes, little-endian bit order |
+//! | `p.weight.nf_scale_codes` | U8 | `[⌈blocks·b0/8⌉]`: the `b0`-bit block-scale codes |
+//! | `p.weight.nf_group_max` | `b1`'s dtype (F32, BF16 or F16) | `[⌈blocks/B1⌉]` |
+//! | `p.weight.nf_min` | F32 | `[1]` |
+//! | `p.weight.quant_state.peft_rs__nf` | U8 | UTF-8 JSON `{"quant_type": "nf", "bits", "scale_bits", "blocksize", "groupsize", "group_dtype", "shape"}` |
+//!
 //! [`Checkpoint`] keeps every tensor as raw bytes and writes safetensors exactly like the `safetensors` library
 //! (tensors sorted by descending dtype then name, compact JSON header padded with spaces to 8 bytes, metadata
 //! first, in the order it was read), so reading a bnb checkpoint and writing it back — or re-emitting its layers
@@ -37,6 +48,11 @@ use crate::block4::{Absmax, FloatDtype, Quant4, QuantStorage, QuantType, NESTED_
 use crate::blockwise8::Blockwise8;
 use crate::error::{checked_numel, size, QuantError, Result};
 use crate::int8::Int8Rows;
+use crate::lq_lora::NfQuant;
+use crate::nf_storage::NfPacked;
+
+/// The state entry of an NF-b weight (after `<p>.weight.`): this crate's key, not a bitsandbytes one.
+const NF_STATE: &str = "quant_state.peft_rs__nf";
 
 /// Tensor bytes: owned, or a range of a shared read-only memory map.
 #[derive(Clone)]
@@ -439,6 +455,106 @@ impl Checkpoint {
         Ok(q.with_storage(storage))
     }
 
+    /// Stores LQ-LoRA's NF-b weight ([`NfPacked`]) for module `prefix` under this crate's own keys (no
+    /// bitsandbytes layout exists for it; see the module docs), replacing any previous entries.
+    ///
+    /// # Errors
+    /// Never in practice (sizes are consistent by construction).
+    pub fn insert_nf(&mut self, prefix: &str, q: &NfPacked) -> Result<()> {
+        let w = key(prefix, "weight");
+        let c = q.config();
+        self.insert(w.clone(), RawTensor::new(Dtype::U8, vec![q.codes().len()], q.codes().to_vec())?);
+        let sc = q.scale_codes().to_vec();
+        self.insert(format!("{w}.nf_scale_codes"), RawTensor::new(Dtype::U8, vec![sc.len()], sc)?);
+        let gm = q.group_max();
+        self.insert(format!("{w}.nf_group_max"), RawTensor::from_f32_as(c.group_dtype, vec![gm.len()], gm)?);
+        self.insert(format!("{w}.nf_min"), RawTensor::from_f32(vec![1], &[q.min()])?);
+        let shape: Vec<String> = q.shape().iter().map(usize::to_string).collect();
+        let json = format!(
+            "{{\"quant_type\": \"nf\", \"bits\": {}, \"scale_bits\": {}, \"blocksize\": {}, \"groupsize\": {}, \
+             \"group_dtype\": \"{}\", \"shape\": [{}]}}",
+            c.bits,
+            c.scale_bits,
+            c.block,
+            c.group,
+            c.group_dtype.name(),
+            shape.join(", ")
+        )
+        .into_bytes();
+        self.insert(format!("{w}.{NF_STATE}"), RawTensor::new(Dtype::U8, vec![json.len()], json)?);
+        Ok(())
+    }
+
+    /// True when module `prefix` holds an NF-b weight ([`Checkpoint::insert_nf`]'s state entry).
+    pub fn has_nf(&self, prefix: &str) -> bool {
+        self.tensors.contains_key(&format!("{}.{NF_STATE}", key(prefix, "weight")))
+    }
+
+    /// Reads the NF-b weight of module `prefix` ([`Checkpoint::insert_nf`]).
+    ///
+    /// # Errors
+    /// [`QuantError::MissingTensor`], [`QuantError::BadQuantState`] (a state entry that is not the JSON written
+    /// here), [`QuantError::Dtype`], and [`NfPacked::from_parts`]' errors (sizes that do not follow from the
+    /// shape, bad scales).
+    pub fn nf(&self, prefix: &str) -> Result<NfPacked> {
+        let w = key(prefix, "weight");
+        let sk = format!("{w}.{NF_STATE}");
+        let st = self.require(&sk)?;
+        st.expect_dtype(&sk, Dtype::U8)?;
+        let text = std::str::from_utf8(st.data()).map_err(|e| bad(&sk, &format!("not UTF-8: {e}")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(&sk, &format!("not JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| bad(&sk, "not a JSON object"))?;
+        let field = |name: &str| obj.get(name).ok_or_else(|| bad(&sk, &format!("no `{name}`")));
+        let uint = |name: &str| -> Result<usize> {
+            let n = field(name)?.as_u64().ok_or_else(|| bad(&sk, &format!("`{name}` is not an unsigned integer")))?;
+            usize::try_from(n).map_err(|_| bad(&sk, &format!("`{name}` too large")))
+        };
+        let small = |name: &str| -> Result<u8> {
+            u8::try_from(uint(name)?).map_err(|_| bad(&sk, &format!("`{name}` is not a bit width")))
+        };
+        if field("quant_type")?.as_str() != Some("nf") {
+            return Err(bad(&sk, "`quant_type` is not \"nf\""));
+        }
+        let group_dtype = field("group_dtype")?
+            .as_str()
+            .and_then(FloatDtype::parse)
+            .ok_or_else(|| bad(&sk, "`group_dtype` is not float32, bfloat16 or float16"))?;
+        let shape = field("shape")?
+            .as_array()
+            .ok_or_else(|| bad(&sk, "`shape` is not a list"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(&sk, "`shape` entry")))
+            .collect::<Result<Vec<usize>>>()?;
+        let cfg = NfQuant {
+            bits: small("bits")?,
+            scale_bits: small("scale_bits")?,
+            block: uint("blocksize")?,
+            group: uint("groupsize")?,
+            group_dtype,
+        };
+        let codes_t = self.require(&w)?;
+        codes_t.expect_dtype(&w, Dtype::U8)?;
+        let sck = format!("{w}.nf_scale_codes");
+        let sc_t = self.require(&sck)?;
+        sc_t.expect_dtype(&sck, Dtype::U8)?;
+        let gk = format!("{w}.nf_group_max");
+        let g_t = self.require(&gk)?;
+        let want = match group_dtype {
+            FloatDtype::F32 => Dtype::F32,
+            FloatDtype::Bf16 => Dtype::BF16,
+            FloatDtype::F16 => Dtype::F16,
+        };
+        g_t.expect_dtype(&gk, want)?;
+        let mk = format!("{w}.nf_min");
+        let m_t = self.require(&mk)?;
+        m_t.expect_dtype(&mk, Dtype::F32)?;
+        let min = m_t.to_f32(&mk)?;
+        let [min] = min.as_slice() else {
+            return Err(QuantError::Size { what: mk, expected: 1, got: min.len() });
+        };
+        NfPacked::from_parts(cfg, &shape, codes_t.data().to_vec(), sc_t.data().to_vec(), g_t.to_f32(&gk)?, *min)
+    }
+
     /// Stores an int8 row-wise weight for module `prefix` with bnb `Linear8bitLt`'s keys.
     ///
     /// # Errors
@@ -824,5 +940,81 @@ mod tests {
         assert!(matches!(e, QuantError::File(_)) && e.to_string().contains("/nonexistent/peft-quant.safetensors"));
         let t = RawTensor::new(Dtype::I32, vec![1], vec![0; 4]).unwrap();
         assert!(matches!(t.to_f32("t"), Err(QuantError::Dtype { .. })));
+    }
+
+    fn nf_sample(group_dtype: FloatDtype) -> NfPacked {
+        let x: Vec<f32> = (0..7 * 45).map(|i| ((i * 53 % 97) as f32 - 48.0) / 17.0).collect();
+        let cfg = NfQuant { bits: 3, scale_bits: 5, block: 32, group: 3, group_dtype };
+        NfPacked::quantize(&x, &[7, 45], &cfg).unwrap()
+    }
+
+    #[test]
+    fn nf_storage_round_trips_through_a_file_and_counts_its_bytes() {
+        for dt in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
+            let q = nf_sample(dt);
+            let mut c = Checkpoint::new();
+            c.insert_nf("m.lin", &q).unwrap();
+            assert!(c.has_nf("m.lin") && !c.has_nf("m.other"));
+            assert!(c.quant4_modules().is_empty(), "not listed as a bitsandbytes 4-bit weight");
+            let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
+            let r = back.nf("m.lin").unwrap();
+            assert_eq!(r, q, "{dt:?}");
+            assert_eq!(r.dequantize(), q.dequantize());
+            // The tensors hold exactly the storage bytes (the JSON state aside).
+            let tensor_bytes: usize = ["m.lin.weight", "m.lin.weight.nf_scale_codes", "m.lin.weight.nf_group_max"]
+                .iter()
+                .map(|k| back.get(k).unwrap().data().len())
+                .sum::<usize>()
+                + 4;
+            assert_eq!(tensor_bytes, q.storage_bytes(), "{dt:?}");
+        }
+    }
+
+    #[test]
+    fn corrupt_nf_entries_are_typed_errors() {
+        let q = nf_sample(FloatDtype::Bf16);
+        let good = {
+            let mut c = Checkpoint::new();
+            c.insert_nf("p", &q).unwrap();
+            c
+        };
+        let state = |c: &Checkpoint| {
+            String::from_utf8(c.get("p.weight.quant_state.peft_rs__nf").unwrap().data().to_vec()).unwrap()
+        };
+        let with_state = |text: &str| {
+            let mut c = good.clone();
+            let b = text.as_bytes().to_vec();
+            c.insert("p.weight.quant_state.peft_rs__nf", RawTensor::new(Dtype::U8, vec![b.len()], b).unwrap());
+            c
+        };
+        let s = state(&good);
+        // One more row than the codes hold; a bit width out of range; not JSON; a wrong quant type.
+        for (text, expect) in [
+            (s.replace("[7, 45]", "[8, 45]"), "packed value codes"),
+            (s.replace("\"bits\": 3", "\"bits\": 300"), "bit width"),
+            (s.replace("\"bits\": 3", "\"bits\": 9"), "unsupported quantizer config"),
+            ("{not json".to_string(), "not JSON"),
+            (s.replace("\"nf\"", "\"nf4\""), "quant_type"),
+            (s.replace("[7, 45]", "[4294967296, 4294967296, 4294967296]"), "more elements"),
+        ] {
+            let e = with_state(&text).nf("p").unwrap_err();
+            assert!(e.to_string().contains(expect), "{text}: {e}");
+        }
+        let mut c = good.clone();
+        c.remove("p.weight.nf_min");
+        assert!(matches!(c.nf("p"), Err(QuantError::MissingTensor(_))));
+        let mut c = good.clone();
+        c.insert("p.weight.nf_group_max", RawTensor::from_f32(vec![q.group_max().len()], q.group_max()).unwrap());
+        assert!(matches!(c.nf("p"), Err(QuantError::Dtype { .. })), "F32 group maxes for a bf16 config");
+        let mut c = good.clone();
+        let n = q.group_max().len();
+        c.insert(
+            "p.weight.nf_group_max",
+            RawTensor::from_f32_as(FloatDtype::Bf16, vec![n], &vec![f32::NAN; n]).unwrap(),
+        );
+        assert!(matches!(c.nf("p"), Err(QuantError::NonFinite(_))));
+        let mut c = good.clone();
+        c.insert("p.weight.nf_scale_codes", RawTensor::new(Dtype::U8, vec![1], vec![0]).unwrap());
+        assert!(matches!(c.nf("p"), Err(QuantError::Size { .. })));
     }
 }

@@ -425,6 +425,7 @@ fn one_run(
         dev_examples: test.labels.len(),
         losses: out.losses,
         sparse: None,
+        quant_base: None,
     })
 }
 

@@ -308,6 +308,15 @@ impl AdapterTensors {
         Ok(v)
     }
 
+    /// Records tensor `key` (relative) as applied, for a tuner that read it by other means than
+    /// [`AdapterTensors::get`] (raw packed bytes, which `get` does not decode), so the load report lists it under
+    /// `applied` rather than `unexpected`. A key the file does not hold is not recorded.
+    pub fn mark_used(&self, key: &str) {
+        if self.contains(key) {
+            self.used.lock().unwrap_or_else(|p| p.into_inner()).push(self.full(key));
+        }
+    }
+
     /// Every full key in the file.
     pub fn keys(&self) -> Vec<String> {
         match &self.backing {
@@ -354,4 +363,23 @@ macro_rules! forward_tuner {
         fn detach(&self, keep_merged: bool) -> $crate::adapter::AdapterResult<()> { self.$f.detach(keep_merged) }
     };
     (@one $f:ident kind) => { fn kind(&self) -> &str { self.$f.kind() } };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_read_by_get_or_marked_are_applied_and_the_rest_unexpected() {
+        let map: BTreeMap<String, ArrayD<f32>> =
+            ["p.a", "p.b", "p.c"].iter().map(|k| (k.to_string(), ArrayD::zeros(ndarray::IxDyn(&[2])))).collect();
+        let t = AdapterTensors::from_map(map, "p.", "mem");
+        t.get("a", &[2]).unwrap();
+        t.mark_used("b");
+        t.mark_used("not-there");
+        let mut r = LoadReport::default();
+        t.report_into(&mut r);
+        assert_eq!(r.applied, ["p.a", "p.b"]);
+        assert_eq!(r.unexpected, ["p.c"]);
+    }
 }
