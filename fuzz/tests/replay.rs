@@ -41,7 +41,10 @@ fn seeds_are_valid_files() {
     }
     for p in dir("bnb") {
         let c = peft_quant::Checkpoint::read(&p).unwrap();
-        assert!(!c.quant4_modules().is_empty(), "{}", p.display());
+        assert!(!c.quant4_modules().is_empty() || !c.nf_modules().is_empty(), "{}", p.display());
+        for m in c.nf_modules() {
+            c.nf(&m).unwrap();
+        }
     }
     for p in dir("gguf") {
         peft_core::io::gguf::GgufFile::open(&p).unwrap();

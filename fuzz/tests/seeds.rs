@@ -12,7 +12,7 @@ use peft_core::io::{write_safetensors_as, BertConfig, DType, GgmlType, GgufValue
 use peft_core::nn::{named_params, Module, RandomInit, WeightSource};
 use peft_models::bert::{BertForSequenceClassification, BertModel, Pooling};
 use peft_models::llama::{hf_name_to_gguf, Llama, LlamaSpec};
-use peft_quant::{Checkpoint, Int8Rows, Quant4, Quant4Config, QuantType, RawTensor};
+use peft_quant::{Checkpoint, FloatDtype, Int8Rows, NfPacked, NfQuant, Quant4, Quant4Config, QuantType, RawTensor};
 
 fn corpus(target: &str) -> std::path::PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
@@ -112,6 +112,12 @@ fn bnb_seeds() {
     let cfg = Quant4Config { quant_type: QuantType::Nf4, blocksize: 32, double_quant: false };
     one.insert_quant4("w", &Quant4::quantize(&x[..3 * 32], &[3, 32], &cfg).unwrap()).unwrap();
     put("bnb", "nf4-plain", &one.to_bytes());
+    // LQ-LoRA's NF-b storage (peft-quant's own keys): 3-bit codes, 5-bit scales, bf16 group maxes, a partial block.
+    let mut nf = Checkpoint::new();
+    let cfg = NfQuant { bits: 3, scale_bits: 5, block: 24, group: 3, group_dtype: FloatDtype::Bf16 };
+    nf.insert_nf("lq.q", &NfPacked::quantize(&x[..5 * 20], &[5, 20], &cfg).unwrap()).unwrap();
+    nf.insert("lq.bias", RawTensor::from_f32(vec![5], &x[..5]).unwrap());
+    put("bnb", "nf3-lq-lora", &nf.to_bytes());
 }
 
 fn llama_weights(s: &LlamaSpec) -> Vec<(String, ArrayD<f32>)> {

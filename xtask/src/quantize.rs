@@ -127,7 +127,8 @@ fn key(prefix: &str, leaf: &str) -> String {
     }
 }
 
-/// Dequantizes every bnb 4-bit and int8 weight of `src` to F32; returns the checkpoint and the weights restored.
+/// Dequantizes every bnb 4-bit and int8 weight of `src`, and every LQ-LoRA NF-b weight (peft-quant's own keys), to
+/// F32; returns the checkpoint and the weights restored.
 ///
 /// # Errors
 /// Malformed quant states.
@@ -150,6 +151,15 @@ pub fn dequantize(src: &Checkpoint) -> Result<(Checkpoint, Vec<String>)> {
         .filter(|p| src.get(&key(p, "weight")).is_some_and(|t| t.dtype() == Dtype::I8))
         .map(str::to_string)
         .collect();
+    for prefix in src.nf_modules() {
+        let q = src.nf(&prefix).with_context(|| format!("reading the NF-b weight of `{prefix}`"))?;
+        let w = key(&prefix, "weight");
+        for name in src.names().into_iter().filter(|n| n.starts_with(&format!("{w}."))) {
+            out.remove(name);
+        }
+        out.insert(w.clone(), RawTensor::from_f32(q.shape().to_vec(), &q.dequantize())?);
+        done.push(w);
+    }
     for prefix in int8 {
         let q = src.int8(&prefix).with_context(|| format!("reading the int8 weight of `{prefix}`"))?;
         out.remove(&key(&prefix, "SCB"));
@@ -296,6 +306,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn nf_weights_of_an_lq_lora_base_dequantize_to_their_values() {
+        let src = sample();
+        let mut q = src.clone();
+        let x = src.get("enc.q.weight").unwrap().to_f32("x").unwrap();
+        let shape = src.get("enc.q.weight").unwrap().shape().to_vec();
+        let nf = peft_quant::NfPacked::quantize(&x, &shape, &peft_quant::NfQuant::new(3)).unwrap();
+        q.insert_nf("enc.q", &nf).unwrap();
+        let q = Checkpoint::from_bytes(&q.to_bytes()).unwrap();
+        let (back, restored) = dequantize(&q).unwrap();
+        assert_eq!(restored, ["enc.q.weight"]);
+        let mut names = back.names();
+        names.sort();
+        assert_eq!(names, src.names(), "the NF-b parts are removed");
+        let y = back.get("enc.q.weight").unwrap();
+        assert_eq!((y.dtype(), y.shape()), (Dtype::F32, shape.as_slice()));
+        assert_eq!(y.to_f32("y").unwrap(), nf.dequantize());
     }
 
     #[test]

@@ -485,6 +485,23 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Module paths that hold an NF-b weight (a `<path>.weight.quant_state.peft_rs__nf` entry), sorted.
+    pub fn nf_modules(&self) -> Vec<String> {
+        let suffix = format!(".{NF_STATE}");
+        self.tensors
+            .keys()
+            .filter_map(|k| {
+                let head = k.strip_suffix(&suffix)?;
+                if head == "weight" {
+                    Some("")
+                } else {
+                    head.strip_suffix(".weight")
+                }
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
     /// True when module `prefix` holds an NF-b weight ([`Checkpoint::insert_nf`]'s state entry).
     pub fn has_nf(&self, prefix: &str) -> bool {
         self.tensors.contains_key(&format!("{}.{NF_STATE}", key(prefix, "weight")))
@@ -955,6 +972,7 @@ mod tests {
             let mut c = Checkpoint::new();
             c.insert_nf("m.lin", &q).unwrap();
             assert!(c.has_nf("m.lin") && !c.has_nf("m.other"));
+            assert_eq!(c.nf_modules(), ["m.lin"]);
             assert!(c.quant4_modules().is_empty(), "not listed as a bitsandbytes 4-bit weight");
             let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
             let r = back.nf("m.lin").unwrap();
