@@ -1,7 +1,8 @@
 //! The training loop as a library: [`Trainer`] runs micro-batches through a caller's loss function and steps
 //! AdamW with gradient accumulation, clipping and a learning-rate schedule, calling the method hooks
 //! ([`TrainHooks`]: auxiliary losses, gradient transforms, step-boundary hooks) that [`crate::adapter::PeftModel`]
-//! implements for its active adapters. Multi-task losses are combined by a [`LossWeighting`]. A non-finite loss or
+//! implements for its active adapters. Multi-task losses are combined by a [`LossWeighting`] (MFTCoder's token-,
+//! sample- and task-balanced losses and CoBa's convergence-balanced task weights: [`mft`]). A non-finite loss or
 //! gradient never reaches the parameters: by default training stops with [`TrainError::NonFinite`] and the
 //! parameters keep the last good values. Checkpoints (trainable parameters, optimizer state, counters) are written
 //! so that a crash leaves either the previous checkpoint or the new one ([`Trainer::save_checkpoint`]).
@@ -67,6 +68,7 @@
 //! ```
 
 mod checkpoint;
+pub mod mft;
 mod weighting;
 
 use std::path::PathBuf;
