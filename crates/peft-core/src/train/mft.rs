@@ -144,8 +144,7 @@ pub fn mft_loss(
                     return Err(Error::arg(op, "weights", v, "must be finite and >= 0"));
                 }
             }
-            let mut acc: Option<Tensor> = None;
-            let mut wsum = 0.0f64;
+            let mut terms = Vec::with_capacity(ids.len());
             for &i in &ids {
                 let rows: Vec<usize> = all.iter().copied().filter(|&b| tasks[b] == i).collect();
                 let li = if balance == MftBalance::TaskBalanced {
@@ -160,18 +159,9 @@ pub fn mft_loss(
                         None => continue,
                     }
                 };
-                let w = weights.map_or(1.0 / ids.len() as f64, |w| w[i]);
-                wsum += w;
-                let term = li.mul_scalar(w as f32);
-                acc = Some(match acc {
-                    Some(a) => a.add(&term)?,
-                    None => term,
-                });
+                terms.push((weights.map_or(1.0 / ids.len() as f64, |w| w[i]), li));
             }
-            match acc {
-                Some(a) if wsum > 0.0 => Ok(a.mul_scalar((1.0 / wsum) as f32)),
-                _ => Err(Error::Empty { op, what: "the set of present tasks with a positive weight" }),
-            }
+            weighted_mean(&terms)?.ok_or(Error::Empty { op, what: "the set of present tasks with a positive weight" })
         }
     }
 }
@@ -415,24 +405,29 @@ impl LossWeighting for TaskWeights {
             WeightSource::Fixed(w) => w.clone(),
             WeightSource::Coba(c) => c.lock().unwrap_or_else(|p| p.into_inner()).weights().to_vec(),
         };
-        let mut acc: Option<Tensor> = None;
-        let mut wsum = 0.0;
+        let mut terms = Vec::with_capacity(losses.len());
         for (k, l) in losses {
             let Some(&wk) = w.get(*k) else {
                 return Err(Error::Index { op, index: *k as i64, position: vec![], axis: 0, size: w.len() });
             };
-            wsum += wk;
-            let t = l.mul_scalar(wk as f32);
-            acc = Some(match acc {
-                Some(a) => a.add(&t)?,
-                None => t,
-            });
+            terms.push((wk, l.clone()));
         }
-        match acc {
-            Some(a) if wsum > 0.0 => Ok(a.mul_scalar((1.0 / wsum) as f32)),
-            _ => Err(Error::Empty { op, what: "the task loss list (or its total weight)" }),
-        }
+        weighted_mean(&terms)?.ok_or(Error::Empty { op, what: "the task loss list (or its total weight)" })
     }
+}
+
+/// `Σ w·x / Σ w` over `(w, x)` terms; `None` when there are none or the weights sum to 0.
+fn weighted_mean(terms: &[(f64, Tensor)]) -> crate::Result<Option<Tensor>> {
+    let wsum: f64 = terms.iter().map(|(w, _)| w).sum();
+    let mut acc: Option<Tensor> = None;
+    for (w, x) in terms {
+        let t = x.mul_scalar(*w as f32);
+        acc = Some(match acc {
+            Some(a) => a.add(&t)?,
+            None => t,
+        });
+    }
+    Ok(acc.filter(|_| wsum > 0.0).map(|a| a.mul_scalar((1.0 / wsum) as f32)))
 }
 
 #[cfg(test)]
