@@ -135,14 +135,23 @@ fn key(prefix: &str, leaf: &str) -> String {
 pub fn dequantize(src: &Checkpoint) -> Result<(Checkpoint, Vec<String>)> {
     let mut out = src.clone();
     let mut done = Vec::new();
-    for prefix in src.quant4_modules() {
-        let q = src.quant4(&prefix).with_context(|| format!("reading the 4-bit weight of `{prefix}`"))?;
-        let w = key(&prefix, "weight");
+    // A 4-bit or NF-b weight: `<prefix>.weight` and its auxiliary `<prefix>.weight.*` tensors become one F32 tensor.
+    let mut restore = |prefix: &str, shape: &[usize], values: Vec<f32>| -> Result<()> {
+        let w = key(prefix, "weight");
         for name in src.names().into_iter().filter(|n| n.starts_with(&format!("{w}."))) {
             out.remove(name);
         }
-        out.insert(w.clone(), RawTensor::from_f32(q.shape().to_vec(), &q.dequantize())?);
+        out.insert(w.clone(), RawTensor::from_f32(shape.to_vec(), &values)?);
         done.push(w);
+        Ok(())
+    };
+    for prefix in src.quant4_modules() {
+        let q = src.quant4(&prefix).with_context(|| format!("reading the 4-bit weight of `{prefix}`"))?;
+        restore(&prefix, q.shape(), q.dequantize())?;
+    }
+    for prefix in src.nf_modules() {
+        let q = src.nf(&prefix).with_context(|| format!("reading the NF-b weight of `{prefix}`"))?;
+        restore(&prefix, q.shape(), q.dequantize())?;
     }
     let int8: Vec<String> = src
         .names()
@@ -151,15 +160,6 @@ pub fn dequantize(src: &Checkpoint) -> Result<(Checkpoint, Vec<String>)> {
         .filter(|p| src.get(&key(p, "weight")).is_some_and(|t| t.dtype() == Dtype::I8))
         .map(str::to_string)
         .collect();
-    for prefix in src.nf_modules() {
-        let q = src.nf(&prefix).with_context(|| format!("reading the NF-b weight of `{prefix}`"))?;
-        let w = key(&prefix, "weight");
-        for name in src.names().into_iter().filter(|n| n.starts_with(&format!("{w}."))) {
-            out.remove(name);
-        }
-        out.insert(w.clone(), RawTensor::from_f32(q.shape().to_vec(), &q.dequantize())?);
-        done.push(w);
-    }
     for prefix in int8 {
         let q = src.int8(&prefix).with_context(|| format!("reading the int8 weight of `{prefix}`"))?;
         out.remove(&key(&prefix, "SCB"));

@@ -339,11 +339,7 @@ impl Checkpoint {
             .filter_map(|k| {
                 let (head, tail) = k.rsplit_once(".quant_state.bitsandbytes__")?;
                 QuantType::parse(tail)?;
-                if head == "weight" {
-                    Some("")
-                } else {
-                    head.strip_suffix(".weight")
-                }
+                module_of_weight(head)
             })
             .map(str::to_string)
             .collect();
@@ -456,7 +452,7 @@ impl Checkpoint {
     }
 
     /// Stores LQ-LoRA's NF-b weight ([`NfPacked`]) for module `prefix` under this crate's own keys (no
-    /// bitsandbytes layout exists for it; see the module docs), replacing any previous entries.
+    /// bitsandbytes layout exists for it; see the module docs), replacing a previous NF-b weight there.
     ///
     /// # Errors
     /// Never in practice (sizes are consistent by construction).
@@ -488,18 +484,7 @@ impl Checkpoint {
     /// Module paths that hold an NF-b weight (a `<path>.weight.quant_state.peft_rs__nf` entry), sorted.
     pub fn nf_modules(&self) -> Vec<String> {
         let suffix = format!(".{NF_STATE}");
-        self.tensors
-            .keys()
-            .filter_map(|k| {
-                let head = k.strip_suffix(&suffix)?;
-                if head == "weight" {
-                    Some("")
-                } else {
-                    head.strip_suffix(".weight")
-                }
-            })
-            .map(str::to_string)
-            .collect()
+        self.tensors.keys().filter_map(|k| module_of_weight(k.strip_suffix(&suffix)?)).map(str::to_string).collect()
     }
 
     /// True when module `prefix` holds an NF-b weight ([`Checkpoint::insert_nf`]'s state entry).
@@ -518,35 +503,20 @@ impl Checkpoint {
         let sk = format!("{w}.{NF_STATE}");
         let st = self.require(&sk)?;
         st.expect_dtype(&sk, Dtype::U8)?;
-        let text = std::str::from_utf8(st.data()).map_err(|e| bad(&sk, &format!("not UTF-8: {e}")))?;
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(&sk, &format!("not JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| bad(&sk, "not a JSON object"))?;
-        let field = |name: &str| obj.get(name).ok_or_else(|| bad(&sk, &format!("no `{name}`")));
-        let uint = |name: &str| -> Result<usize> {
-            let n = field(name)?.as_u64().ok_or_else(|| bad(&sk, &format!("`{name}` is not an unsigned integer")))?;
-            usize::try_from(n).map_err(|_| bad(&sk, &format!("`{name}` too large")))
+        let js = StateJson::parse(&sk, st.data())?;
+        let bits = |name: &str| -> Result<u8> {
+            u8::try_from(js.uint(name)?).map_err(|_| bad(&sk, &format!("`{name}` is not a bit width")))
         };
-        let small = |name: &str| -> Result<u8> {
-            u8::try_from(uint(name)?).map_err(|_| bad(&sk, &format!("`{name}` is not a bit width")))
-        };
-        if field("quant_type")?.as_str() != Some("nf") {
+        if js.field("quant_type")?.as_str() != Some("nf") {
             return Err(bad(&sk, "`quant_type` is not \"nf\""));
         }
-        let group_dtype = field("group_dtype")?
-            .as_str()
-            .and_then(FloatDtype::parse)
-            .ok_or_else(|| bad(&sk, "`group_dtype` is not float32, bfloat16 or float16"))?;
-        let shape = field("shape")?
-            .as_array()
-            .ok_or_else(|| bad(&sk, "`shape` is not a list"))?
-            .iter()
-            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(&sk, "`shape` entry")))
-            .collect::<Result<Vec<usize>>>()?;
+        let group_dtype = js.float_dtype("group_dtype")?;
+        let shape = js.shape()?;
         let cfg = NfQuant {
-            bits: small("bits")?,
-            scale_bits: small("scale_bits")?,
-            block: uint("blocksize")?,
-            group: uint("groupsize")?,
+            bits: bits("bits")?,
+            scale_bits: bits("scale_bits")?,
+            block: js.uint("blocksize")?,
+            group: js.uint("groupsize")?,
             group_dtype,
         };
         let codes_t = self.require(&w)?;
@@ -610,6 +580,60 @@ impl Checkpoint {
     }
 }
 
+/// The module path of weight key `head` (`a.b.weight` -> `a.b`, `weight` -> ``), if it is a weight.
+fn module_of_weight(head: &str) -> Option<&str> {
+    if head == "weight" {
+        Some("")
+    } else {
+        head.strip_suffix(".weight")
+    }
+}
+
+/// A quant-state JSON entry being read; every error names its key.
+struct StateJson<'a> {
+    key: &'a str,
+    obj: Map<String, Value>,
+}
+
+impl<'a> StateJson<'a> {
+    fn parse(key: &'a str, bytes: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(bytes).map_err(|e| bad(key, &format!("not UTF-8: {e}")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(key, &format!("not JSON: {e}")))?;
+        let Value::Object(obj) = v else { return Err(bad(key, "not a JSON object")) };
+        Ok(StateJson { key, obj })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.obj.contains_key(name)
+    }
+
+    fn field(&self, name: &str) -> Result<&Value> {
+        self.obj.get(name).ok_or_else(|| bad(self.key, &format!("no `{name}`")))
+    }
+
+    fn uint(&self, name: &str) -> Result<usize> {
+        let n =
+            self.field(name)?.as_u64().ok_or_else(|| bad(self.key, &format!("`{name}` is not an unsigned integer")))?;
+        usize::try_from(n).map_err(|_| bad(self.key, &format!("`{name}` too large")))
+    }
+
+    fn float_dtype(&self, name: &str) -> Result<FloatDtype> {
+        self.field(name)?
+            .as_str()
+            .and_then(FloatDtype::parse)
+            .ok_or_else(|| bad(self.key, &format!("`{name}` is not float32, bfloat16 or float16")))
+    }
+
+    fn shape(&self) -> Result<Vec<usize>> {
+        self.field("shape")?
+            .as_array()
+            .ok_or_else(|| bad(self.key, "`shape` is not a list"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(self.key, "`shape` entry")))
+            .collect()
+    }
+}
+
 fn key(prefix: &str, leaf: &str) -> String {
     if prefix.is_empty() {
         leaf.to_string()
@@ -634,43 +658,29 @@ struct QuantStateJson {
 }
 
 fn parse_quant_state(k: &str, bytes: &[u8]) -> Result<QuantStateJson> {
-    let text = std::str::from_utf8(bytes).map_err(|e| bad(k, &format!("not UTF-8: {e}")))?;
-    let v: Value = serde_json::from_str(text).map_err(|e| bad(k, &format!("not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad(k, "not a JSON object"))?;
-    let field = |name: &str| obj.get(name).ok_or_else(|| bad(k, &format!("no `{name}`")));
-    let uint = |name: &str| -> Result<usize> {
-        let n = field(name)?.as_u64().ok_or_else(|| bad(k, &format!("`{name}` is not an unsigned integer")))?;
-        usize::try_from(n).map_err(|_| bad(k, &format!("`{name}` too large")))
-    };
-    let quant_type = field("quant_type")?
+    let st = StateJson::parse(k, bytes)?;
+    let quant_type = st
+        .field("quant_type")?
         .as_str()
         .and_then(QuantType::parse)
         .ok_or_else(|| bad(k, "`quant_type` is not \"nf4\" or \"fp4\""))?;
-    let dtype = field("dtype")?
-        .as_str()
-        .and_then(FloatDtype::parse)
-        .ok_or_else(|| bad(k, "`dtype` is not float32, bfloat16 or float16"))?;
-    let shape = field("shape")?
-        .as_array()
-        .ok_or_else(|| bad(k, "`shape` is not a list"))?
-        .iter()
-        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(k, "`shape` entry")))
-        .collect::<Result<Vec<usize>>>()?;
+    let dtype = st.float_dtype("dtype")?;
+    let shape = st.shape()?;
     checked_numel(k, &shape)?;
-    let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
-        let nbs = uint("nested_blocksize")?;
+    let nested = if st.has("nested_offset") || st.has("nested_blocksize") {
+        let nbs = st.uint("nested_blocksize")?;
         if nbs == 0 {
             return Err(bad(k, "`nested_blocksize` is 0"));
         }
-        if field("nested_dtype")?.as_str() != Some("float32") {
+        if st.field("nested_dtype")?.as_str() != Some("float32") {
             return Err(bad(k, "`nested_dtype` is not float32"));
         }
-        let off = field("nested_offset")?.as_f64().ok_or_else(|| bad(k, "`nested_offset` is not a number"))?;
+        let off = st.field("nested_offset")?.as_f64().ok_or_else(|| bad(k, "`nested_offset` is not a number"))?;
         Some((nbs, off as f32))
     } else {
         None
     };
-    Ok(QuantStateJson { quant_type, blocksize: uint("blocksize")?, dtype, shape, nested })
+    Ok(QuantStateJson { quant_type, blocksize: st.uint("blocksize")?, dtype, shape, nested })
 }
 
 /// The quant_state JSON exactly as bnb writes it (Python `json.dumps` of the packed dict).
