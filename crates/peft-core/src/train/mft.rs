@@ -77,7 +77,8 @@ fn per_sample(op: &'static str, losses: &Tensor, mask: &[f32], tasks: &[usize]) 
     }
     let m = Tensor::from_vec(mask.to_vec(), &[b, t])?;
     let sums = losses.mul(&m)?.sum(&[1], false)?;
-    let counts = mask.chunks(t.max(1)).map(|r| r.iter().map(|&v| f64::from(v)).sum()).collect();
+    // One count per sample, also when there are no token positions (`t = 0`: every count is 0).
+    let counts = (0..b).map(|r| mask[r * t..(r + 1) * t].iter().map(|&v| f64::from(v)).sum()).collect();
     Ok((sums, counts))
 }
 

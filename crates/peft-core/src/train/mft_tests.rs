@@ -88,6 +88,10 @@ fn samples_without_tokens_are_skipped_and_bad_input_is_typed() {
     bad[0] = -1.0;
     assert!(matches!(mft_loss(MftBalance::Plain, &l, &bad, &t, None), Err(Error::Arg { .. })));
     assert!(matches!(task_token_means(&l, &m, &t, 1), Err(Error::Index { .. })));
+    // No token positions at all: typed errors or no means, not an out-of-range index.
+    let empty = Tensor::from_vec(vec![], &[3, 0]).unwrap();
+    assert!(matches!(mft_loss(MftBalance::TaskBalanced, &empty, &[], &t, None), Err(Error::Empty { .. })));
+    assert_eq!(task_token_means(&empty, &[], &t, 2).unwrap(), vec![None, None]);
 }
 
 proptest! {
