@@ -19,7 +19,7 @@ use crate::glue::tasks::Task;
 use crate::model::{load_minilm, MINILM_DIR};
 use crate::report::{Machine, Record, Results};
 use crate::train::{self, Split, TrainConfig};
-use crate::{assets, baseline, plot, report, squarehead};
+use crate::{assets, baseline, plot, report, sources, squarehead};
 
 /// Seed of the training-set subsample (fixed, so every method and seed sees the same examples).
 const DATA_SEED: u64 = 1234;
@@ -84,6 +84,9 @@ pub fn profile(args: &BenchArgs) -> Profile {
     if let Some(e) = args.epochs {
         p.cfg.epochs = e.max(1);
         p.name = format!("{}-e{}", p.name, e.max(1));
+    }
+    if let Some(ts) = &args.compose_from {
+        p.name = format!("{}-from-{}", p.name, ts.join("+"));
     }
     p
 }
@@ -218,14 +221,37 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     );
     let mut failures = Vec::new();
     let mut teachers = squarehead::Teachers::new();
+    // Composition methods: their source tasks, and the SeqBn source adapters they need (trained first).
+    let compose_from: Vec<Task> = match &args.compose_from {
+        Some(ts) => ts.iter().map(|t| Task::parse(t)).collect::<Result<_>>()?,
+        None => sources::DEFAULT_SOURCES.to_vec(),
+    };
+    if methods.iter().any(sources::is_composition) {
+        if let Some(t) = compose_from.iter().find(|t| !t.has_train()) {
+            bail!("--compose-from: {t} has no training split, so no source adapter can be trained on it");
+        }
+        let seqbn = resolve_methods(&[sources::SOURCE_METHOD.to_string()], registry())?.remove(0);
+        for &src in &compose_from {
+            let todo: Vec<u64> =
+                (args.seed..args.seed + args.seeds).filter(|&s| !sources::trained(&run_dir, src, s)).collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let (_, train_split, dev_split) = task_splits(&glue_dir, &tok, src, &prof.cfg)?;
+            for seed in todo {
+                let m = seqbn.clone().with_seed(seed);
+                let cfg = TrainConfig { lr: m.lr, ..prof.cfg.clone() };
+                eprintln!("{src} / {} / seed {seed}: training the source adapter of the composition methods", m.name);
+                let rec = one_run(src, &m, &cfg, &model_dir, &run_dir, (&train_split, &dev_split), &mut teachers)
+                    .with_context(|| format!("training the {src} source adapter (seed {seed})"))?;
+                eprintln!("{src} / {} / seed {seed}: {:?}", m.name, rec.metrics);
+                res.upsert(rec);
+                res.save(&results_path)?;
+            }
+        }
+    }
     for &task in &tasks {
-        let (train_ex, train_y) = labelled(data::load(&glue_dir, task, "train")?, "train")?;
-        let (dev_ex, dev_y) = labelled(data::load(&glue_dir, task, "dev")?, "dev")?;
-        let idx = subsample(train_ex.len(), prof.cfg.train_examples);
-        let sub: Vec<Example> = idx.iter().map(|&i| train_ex[i].clone()).collect();
-        let train_split =
-            Split { enc: train::encode_all(&tok, &sub)?, labels: idx.iter().map(|&i| train_y[i]).collect() };
-        let dev_split = Split { enc: train::encode_all(&tok, &dev_ex)?, labels: dev_y };
+        let (idx, train_split, dev_split) = task_splits(&glue_dir, &tok, task, &prof.cfg)?;
         for spec in &methods {
             for seed in args.seed..args.seed + args.seeds {
                 let m = spec.clone().with_seed(seed);
@@ -235,7 +261,12 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
                     continue;
                 }
                 let split = (&train_split, &dev_split);
-                match one_run(task, &m, &cfg, &model_dir, &run_dir, split, &mut teachers) {
+                let result = if sources::is_composition(&m) {
+                    composition_run(task, &m, &cfg, (&model_dir, &run_dir), split, &compose_from)
+                } else {
+                    one_run(task, &m, &cfg, &model_dir, &run_dir, split, &mut teachers)
+                };
+                match result {
                     Ok(rec) => {
                         eprintln!(
                             "{} / {} / seed {seed}: {:?}  {:.1} samples/s, {:.0} s",
@@ -274,6 +305,82 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         eprintln!("{} run(s) failed: {}", failures.len(), failures.join(", "));
         Ok(std::process::ExitCode::from(1))
     }
+}
+
+/// The training subset (indices into the train file, the fixed `DATA_SEED` subsample) and the encoded train and
+/// dev splits of `task`.
+fn task_splits(
+    glue_dir: &Path,
+    tok: &tokenizers::Tokenizer,
+    task: Task,
+    cfg: &TrainConfig,
+) -> Result<(Vec<usize>, Split, Split)> {
+    let (train_ex, train_y) = labelled(data::load(glue_dir, task, "train")?, "train")?;
+    let (dev_ex, dev_y) = labelled(data::load(glue_dir, task, "dev")?, "dev")?;
+    let idx = subsample(train_ex.len(), cfg.train_examples);
+    let sub: Vec<Example> = idx.iter().map(|&i| train_ex[i].clone()).collect();
+    let train_split = Split { enc: train::encode_all(tok, &sub)?, labels: idx.iter().map(|&i| train_y[i]).collect() };
+    let dev_split = Split { enc: train::encode_all(tok, &dev_ex)?, labels: dev_y };
+    Ok((idx, train_split, dev_split))
+}
+
+/// A composition method's run: the source adapters of `from` (this seed's) loaded without their heads, the block
+/// over them with a fresh task head, the block and the head trained.
+fn composition_run(
+    task: Task,
+    method: &MethodSpec,
+    cfg: &TrainConfig,
+    (model_dir, run_dir): (&Path, &Path),
+    (train_split, dev_split): (&Split, &Split),
+    from: &[Task],
+) -> Result<Record> {
+    let seed = method.seed;
+    let Some(block) = method.config.as_any().downcast_ref::<peft_adapters::composition::CompositionConfig>() else {
+        bail!("xtask bug: {} is not a composition method", method.name);
+    };
+    train::reset_peak_rss();
+    let model = load_minilm(model_dir, task.num_outputs(), seed)?;
+    let total: u64 = named_params(model.as_ref()).iter().map(|p| p.numel() as u64).sum();
+    let head = squarehead::head_modules(model.as_ref());
+    let mut pm = PeftModel::wrap(model, seed);
+    let mut config = sources::attach(&mut pm, block, from, run_dir, seed)?;
+    config.modules_to_save = Some(head);
+    let desc = format!("{} (SeqBn sources, seed {seed})", peft_core::adapter::TunerConfig::describe(&config));
+    pm.add_adapter("default", config)?;
+    pm.set_adapter("default")?;
+    let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
+    let bar = train::progress_bar(format!("{} {} s{seed}", task.name(), method.name));
+    let out = train::run(task, &pm, cfg, cfg.lr, seed, train_split, dev_split, None, &bar);
+    bar.finish_and_clear();
+    let out = out?;
+    let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
+    let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
+    Ok(Record {
+        task: task.name().to_string(),
+        method: method.name.to_string(),
+        method_desc: desc,
+        seed,
+        lr: cfg.lr,
+        config: cfg.clone(),
+        headline: task.metrics()[0].short().to_string(),
+        metrics: out.metrics,
+        trainable_params: trainable,
+        total_params: total,
+        trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
+        train_seconds: out.train_seconds,
+        eval_seconds: out.eval_seconds,
+        samples_per_sec: out.samples_per_sec,
+        peak_rss_bytes: train::peak_rss_bytes(),
+        adapter_bytes,
+        optimizer_state_bytes: Some(out.optimizer_state_bytes),
+        steps: out.steps,
+        skipped_steps: out.skipped_steps,
+        train_examples: train_split.enc.len(),
+        dev_examples: dev_split.enc.len(),
+        losses: out.losses,
+        sparse: None,
+        quant_base: None,
+    })
 }
 
 /// One task x method x seed run: the method's adapter on a fresh model (the task head in `modules_to_save`,

@@ -137,6 +137,11 @@ pub struct BenchArgs {
     /// probe on frozen features).
     #[arg(long)]
     pub fewshot: bool,
+    /// GLUE composition methods (fusion, scalearn*, average): the tasks whose SeqBn adapters are the sources
+    /// (trained first by the bench when missing; default sst2,cola,stsb,mrpc,rte, the target's own included; run
+    /// folder gets a `-from-<tasks>` suffix when given).
+    #[arg(long, value_delimiter = ',')]
+    pub compose_from: Option<Vec<String>>,
     /// Also run an external baseline on the same recipe.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,

@@ -19,6 +19,7 @@ mod outpath;
 mod plot;
 mod quantize;
 mod report;
+mod sources;
 mod squarehead;
 mod train;
 mod vtab;

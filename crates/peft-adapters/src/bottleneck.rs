@@ -40,7 +40,7 @@ use ndarray::ArrayD;
 use peft_core::adapter::{
     site_rng, AdapterResult, AdapterTensors, InjectCx, PeftConfig, SavedTensors, Tuner, TunerConfig,
 };
-use peft_core::nn::{prefix_sites, residual_sites, Ctx, Module, ResidualAdapter, ResidualSite};
+use peft_core::nn::{prefix_sites, residual_sites, Ctx, Module, ResidualAdapter, ResidualBranch, ResidualSite};
 use peft_core::{Elem, Param, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -327,19 +327,24 @@ impl ResidualAdapter for BottleneckLayer {
         &self.name
     }
     fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> peft_core::Result<Tensor> {
-        let mut u = self.input(h, x)?;
-        if ctx.train && self.dropout > 0.0 {
-            u = ctx.with_rng(|rng| u.dropout(self.dropout, true, rng))?;
-        }
+        h.add(&self.branch(h, x, ctx)?.delta)
+    }
+    fn branch(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> peft_core::Result<ResidualBranch> {
+        let input = self.input(h, x)?;
+        let u = if ctx.train && self.dropout > 0.0 {
+            ctx.with_rng(|rng| input.dropout(self.dropout, true, rng))?
+        } else {
+            input.clone()
+        };
         let (db, ub) = (self.down_b.as_ref().map(Param::tensor), self.up_b.as_ref().map(Param::tensor));
-        let a = bottleneck_map(
+        let delta = bottleneck_map(
             &u,
             (&self.down.tensor(), db.as_ref()),
             (&self.up.tensor(), ub.as_ref()),
             self.act,
             self.scale,
         )?;
-        h.add(&a)
+        Ok(ResidualBranch { input, delta })
     }
     fn params(&self) -> Vec<Param> {
         self.layer_params()

@@ -5,6 +5,8 @@
 //! - IA3 on the linear sites ([`ia3`]), PEFT's `IA3`, mergeable;
 //! - prompt tuning ([`prompt`]), prefix tuning and P-tuning v2 ([`prefix`]) on the attention-prefix sites, PEFT's
 //!   `PROMPT_TUNING` / `PREFIX_TUNING` ([`prompt_common`]: what they share);
+//! - composition blocks over frozen source adapters ([`composition`]): AdapterFusion, output Average and ScaLearn
+//!   (vector/scalar, per-layer or shared `ω`), as residual-site adapters of their own;
 //! - the registry entries for trainers and `cargo xtask bench` ([`mod@methods`]) and the `peft_type`s this crate
 //!   reads ([`mod@registry`]).
 //!
@@ -17,7 +19,8 @@
 //! (several IA3 adapters active on one layer add rather than multiply). The bottleneck adapters have no PEFT
 //! counterpart: their own `peft_type` (`BOTTLENECK`) with AdapterHub's field names, unverified against
 //! AdapterHub files. Composition: two active bottleneck adapters stack in attach order (AdapterHub's `Stack`);
-//! `Average`, `Fuse` and invertible adapters are not implemented.
+//! `Fuse`, `Average` and ScaLearn are [`composition`] blocks (their differences from AdapterHub are listed there);
+//! AdapterHub's `Parallel`/`BatchSplit`/`Split` blocks and invertible adapters are not implemented.
 //!
 //! ```
 //! use peft_core::adapter::PeftModel;
@@ -42,6 +45,7 @@
 
 pub mod bottleneck;
 pub mod common;
+pub mod composition;
 pub mod error;
 pub mod ia3;
 pub mod methods;

@@ -13,10 +13,18 @@
 //! parameters) stayed at chance (50.9) at 2.5e-3 / 1e-2 and reached 76.1 / 75.6 at 1e-3, so both take 1e-3 (Li &
 //! Liang train the MLP at 5e-5..8e-5 for many epochs). The others are not tuned: build a [`MethodSpec`] with
 //! another rate for long runs.
+//!
+//! Composition blocks (`"fusion"`, `"fusion-static"`, `"average"`, `"scalearn"`, `"scalearn-uniform"`,
+//! `"scalearn-pp"`, `"scalearn-uniform-pp"`) come from [`composition_methods`] with the names of their source
+//! adapters; [`methods`] lists them with no sources (inject refuses that with a typed error), for a harness that
+//! fills them in (`cargo xtask bench` trains SeqBn source adapters on other GLUE tasks and names them). Rates, not
+//! tuned: fusion 1e-3 (its query and key start near zero, as the bottleneck adapters' up projections do);
+//! ScaLearn 5e-3 (its few scales start at 2/N); average 1e-3 (only the task head trains).
 
 use peft_core::adapter::{MethodName, MethodSpec};
 
 use crate::bottleneck::BottleneckConfig;
+use crate::composition::CompositionConfig;
 use crate::ia3::Ia3Config;
 use crate::prefix::PrefixTuningConfig;
 use crate::prompt::PromptTuningConfig;
@@ -38,9 +46,37 @@ pub const PREFIX: MethodName = MethodName("prefix");
 /// `"ptuning-v2"`.
 pub const PTUNING_V2: MethodName = MethodName("ptuning-v2");
 
-/// The methods of this crate, ready to train.
-pub fn methods() -> Vec<MethodSpec> {
+/// `"fusion"`.
+pub const FUSION: MethodName = MethodName("fusion");
+/// `"fusion-static"`.
+pub const FUSION_STATIC: MethodName = MethodName("fusion-static");
+/// `"average"`.
+pub const AVERAGE: MethodName = MethodName("average");
+/// `"scalearn"`.
+pub const SCALEARN: MethodName = MethodName("scalearn");
+/// `"scalearn-uniform"`.
+pub const SCALEARN_UNIFORM: MethodName = MethodName("scalearn-uniform");
+/// `"scalearn-pp"`.
+pub const SCALEARN_PP: MethodName = MethodName("scalearn-pp");
+/// `"scalearn-uniform-pp"`.
+pub const SCALEARN_UNIFORM_PP: MethodName = MethodName("scalearn-uniform-pp");
+
+/// The composition blocks over source adapters `sources` (see the module docs).
+pub fn composition_methods(sources: &[&str]) -> Vec<MethodSpec> {
     vec![
+        MethodSpec::new(FUSION, CompositionConfig::fuse(sources), 1e-3),
+        MethodSpec::new(FUSION_STATIC, CompositionConfig::fuse_static(sources), 1e-3),
+        MethodSpec::new(AVERAGE, CompositionConfig::average(sources, None), 1e-3),
+        MethodSpec::new(SCALEARN, CompositionConfig::scalearn(sources), 5e-3),
+        MethodSpec::new(SCALEARN_UNIFORM, CompositionConfig::scalearn_uniform(sources), 5e-3),
+        MethodSpec::new(SCALEARN_PP, CompositionConfig::scalearn_pp(sources), 5e-3),
+        MethodSpec::new(SCALEARN_UNIFORM_PP, CompositionConfig::scalearn_uniform_pp(sources), 5e-3),
+    ]
+}
+
+/// The methods of this crate, ready to train (the composition blocks without sources: see the module docs).
+pub fn methods() -> Vec<MethodSpec> {
+    let mut v = vec![
         MethodSpec::new(HOULSBY, BottleneckConfig::houlsby(), 1e-3),
         MethodSpec::new(SEQBN, BottleneckConfig::seq_bn(), 1e-3),
         MethodSpec::new(PARALLEL, BottleneckConfig::parallel(), 1e-3),
@@ -49,7 +85,9 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(PROMPT, PromptTuningConfig::new(20), 3e-2),
         MethodSpec::new(PREFIX, PrefixTuningConfig::prefix(20), 1e-3),
         MethodSpec::new(PTUNING_V2, PrefixTuningConfig::p_tuning_v2(20), 1e-2),
-    ]
+    ];
+    v.extend(composition_methods(&[]));
+    v
 }
 
 #[cfg(test)]

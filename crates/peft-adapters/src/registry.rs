@@ -9,4 +9,5 @@ pub fn registry() -> ConfigRegistry {
         .with::<crate::ia3::Ia3Config>()
         .with::<crate::prompt::PromptTuningConfig>()
         .with::<crate::prefix::PrefixTuningConfig>()
+        .with::<crate::composition::CompositionConfig>()
 }

@@ -24,7 +24,7 @@ pub use module::{
     Visitor,
 };
 pub use prefix::{Prefix, PrefixAdapter, PrefixSite, PromptedSeq};
-pub use residual::{ResidualAdapter, ResidualSite};
+pub use residual::{ResidualAdapter, ResidualBranch, ResidualSite};
 pub use weights::{MapWeights, RandomInit, WeightSource};
 
 #[cfg(test)]

@@ -20,6 +20,26 @@ pub trait ResidualAdapter: Send + Sync {
     fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor>;
     /// Its parameters.
     fn params(&self) -> Vec<Param>;
+    /// The adapter's branch on its own, for composition blocks (AdapterFusion, ScaLearn, Average) that combine
+    /// several adapters' branches: `forward(h, x) == h + branch.delta`. The default derives it from
+    /// [`ResidualAdapter::forward`] (`delta = forward(h, x) − h`, reading `h`); an adapter that knows its branch
+    /// returns it directly, with the tensor it reads as `input`.
+    ///
+    /// # Errors
+    /// As [`ResidualAdapter::forward`].
+    fn branch(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<ResidualBranch> {
+        let y = self.forward(h, x, ctx)?;
+        Ok(ResidualBranch { input: h.clone(), delta: y.sub(h)? })
+    }
+}
+
+/// What [`ResidualAdapter::branch`] returns.
+pub struct ResidualBranch {
+    /// The tensor the branch reads (the sub-layer output for a series adapter, the sub-layer input for a parallel
+    /// one, `LN(h + x)` for a SeqBn adapter reading the sub-layer's LayerNorm): AdapterFusion's query.
+    pub input: Tensor,
+    /// What the adapter adds to the sub-layer output (AdapterHub's `up`, scaling included).
+    pub delta: Tensor,
 }
 
 struct Inner {
