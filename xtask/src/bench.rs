@@ -159,6 +159,7 @@ pub(crate) fn labelled(ex: Vec<Example>, what: &str) -> Result<(Vec<Example>, Ve
 pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
     let wall = Instant::now();
     match args.suite {
+        Suite::Glue if args.multitask => return crate::multitask::run(args),
         Suite::Glue => {}
         Suite::Vtab => return crate::vtab::run(args),
         Suite::Audio => return crate::audio::run(args),

@@ -142,6 +142,11 @@ pub struct BenchArgs {
     /// folder gets a `-from-<tasks>` suffix when given).
     #[arg(long, value_delimiter = ',')]
     pub compose_from: Option<Vec<String>>,
+    /// GLUE: MFTCoder-style multi-task run instead (one shared adapter per `--methods` entry, default `lora`, one
+    /// head per task; loss modes case1 / case3 / CoBa; `--tasks` default sst2,cola,mrpc with `--train-examples`
+    /// halving from task to task).
+    #[arg(long)]
+    pub multitask: bool,
     /// Also run an external baseline on the same recipe.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,

@@ -15,6 +15,7 @@ mod language_sft;
 mod merge;
 mod mlm;
 mod model;
+mod multitask;
 mod outpath;
 mod plot;
 mod quantize;
