@@ -66,6 +66,8 @@ impl MaskedLm {
         let h = self.bert.forward(batch, ctx)?;
         let d = h.shape().last().copied().unwrap_or(0);
         let rows = h.reshape(&[batch.shape[0] * batch.shape[1], d])?.index_select(0, positions)?;
+        // Invertible adapters (MAD-X): their inverse before the head tied to the word embeddings.
+        let rows = self.bert.embedding_site.inverse(rows, ctx)?;
         let t = self.transform.forward(&rows, ctx)?;
         let t = self.norm.forward(&self.act.apply(&t))?;
         t.matmul_nt(&self.bert.embeddings.word.weight.tensor())?.add(&self.bias.tensor())

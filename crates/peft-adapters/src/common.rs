@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayD, IxDyn};
 use peft_core::adapter::{AdapterResult, SavedTensors, Tuner, TunerConfig};
-use peft_core::nn::{PrefixSite, ResidualSite};
+use peft_core::nn::{EmbeddingSite, PrefixSite, ResidualSite};
 use peft_core::{Param, Tensor};
 use rand_distr::{Distribution, Normal, Uniform};
 use serde::{Deserialize, Serialize};
@@ -110,7 +110,7 @@ impl Activation {
     }
 }
 
-/// A site kind adapters of this crate attach to ([`ResidualSite`], [`PrefixSite`]).
+/// A site kind adapters of this crate attach to ([`ResidualSite`], [`PrefixSite`], [`EmbeddingSite`]).
 pub trait AdapterSite: Clone + Send + Sync + 'static {
     /// The site's module path.
     fn site_path(&self) -> &str;
@@ -124,6 +124,18 @@ pub trait AdapterSite: Clone + Send + Sync + 'static {
 }
 
 impl AdapterSite for ResidualSite {
+    fn site_path(&self) -> &str {
+        self.path()
+    }
+    fn detach_adapter(&self, name: &str) -> peft_core::Result<()> {
+        self.detach(name).map(|_| ())
+    }
+    fn activate_adapter(&self, name: &str, on: bool) {
+        self.activate(name, on);
+    }
+}
+
+impl AdapterSite for EmbeddingSite {
     fn site_path(&self) -> &str {
         self.path()
     }

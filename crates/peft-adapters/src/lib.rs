@@ -50,6 +50,7 @@ pub mod common;
 pub mod composition;
 pub mod error;
 pub mod ia3;
+pub mod invertible;
 pub mod methods;
 pub mod prefix;
 pub mod prompt;

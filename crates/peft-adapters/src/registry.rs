@@ -10,4 +10,5 @@ pub fn registry() -> ConfigRegistry {
         .with::<crate::prompt::PromptTuningConfig>()
         .with::<crate::prefix::PrefixTuningConfig>()
         .with::<crate::composition::CompositionConfig>()
+        .with::<crate::invertible::InvertibleConfig>()
 }

@@ -19,8 +19,8 @@ use crate::tokenizer::Batch;
 use peft_core::error::{Error, Result};
 use peft_core::io::{BertConfig, IoResult, SafeTensorsFile};
 use peft_core::nn::{
-    Activation, Ctx, Embedding, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module, NormPlacement,
-    PromptedSeq, RandomInit, Visitor, WeightSource,
+    Activation, Ctx, Embedding, EmbeddingSite, EncoderConfig, EncoderLayer, EncoderNames, LayerNorm, Linear, Module,
+    NormPlacement, PromptedSeq, RandomInit, Visitor, WeightSource,
 };
 use peft_core::param::Param;
 use peft_core::tensor::Tensor;
@@ -80,6 +80,8 @@ pub struct BertModel {
     pub cfg: BertConfig,
     /// Embedding block.
     pub embeddings: BertEmbeddings,
+    /// The embedding-output site (`<prefix>embeddings`): invertible adapters after the embedding block.
+    pub embedding_site: EmbeddingSite,
     /// `encoder.layer.N`.
     pub layers: Vec<EncoderLayer>,
     /// `pooler.dense` when the checkpoint has one.
@@ -146,7 +148,16 @@ impl BertModel {
             None
         };
         let roberta_positions = cfg.model_type == "roberta" || prefix == "roberta.";
-        Ok(BertModel { cfg: cfg.clone(), embeddings, layers, pooler, prefix: prefix.to_string(), roberta_positions })
+        let embedding_site = EmbeddingSite::new(format!("{prefix}embeddings"));
+        Ok(BertModel {
+            cfg: cfg.clone(),
+            embeddings,
+            embedding_site,
+            layers,
+            pooler,
+            prefix: prefix.to_string(),
+            roberta_positions,
+        })
     }
 
     /// Loads `dir/config.json` and `dir/model.safetensors` (F16/BF16 weights upcast to f32).
@@ -194,7 +205,8 @@ impl BertModel {
         }
     }
 
-    /// The embedding block's output `[B, L, H]` (after LayerNorm and dropout).
+    /// The embedding block's output `[B, L, H]` (after LayerNorm and dropout, then the active adapters of the
+    /// embedding-output site).
     ///
     /// # Errors
     /// Inconsistent batch vectors or ids out of range.
@@ -245,7 +257,8 @@ impl BertModel {
             .flat_map(|row| std::iter::repeat_n(0, p).chain(row.iter().copied()))
             .collect();
         let x = x.add(&pos)?.add(&e.token_type.forward(&types, &[b, p + l])?)?;
-        self.dropout(e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, ctx)
+        let x = self.dropout(e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, ctx)?;
+        self.embedding_site.forward(x, ctx)
     }
 
     /// `last_hidden_state [B, L, H]` for a right- or left-padded batch; padding keys are masked out of attention.
@@ -325,6 +338,7 @@ impl BertModel {
 impl Module for BertModel {
     fn visit(&self, v: &mut dyn Visitor) {
         self.embeddings.visit(v);
+        self.embedding_site.visit(v);
         for l in &self.layers {
             l.visit(v);
         }

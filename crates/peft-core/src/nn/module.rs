@@ -1,18 +1,20 @@
 //! Walking a model: every module reports its parameters and adapter sites to a [`Visitor`] as [`Site`]s.
 //!
-//! There are five kinds of adapter site (design notes §2):
+//! There are six kinds of adapter site (the five of design notes §2 and the embedding output):
 //! 1. [`Site::Linear`]: a linear layer `y = W x + b` plus adapter terms (LoRA family, IA3, quantized bases);
 //! 2. [`Site::Residual`]: after each attention / feed-forward sub-layer (series and parallel bottleneck adapters);
 //! 3. [`Site::Prefix`]: in each attention layer (prefix key/values, prompt tokens, VPT);
 //! 4. [`Site::Block`]: around each feed-forward block, which an adapter may replace (MixLoRA's MoE);
 //! 5. [`Site::Param`]: every named tensor, which a delta can be attached to (BitFit, LayerNorm tuning, sparse
-//!    fine-tuning).
+//!    fine-tuning);
+//! 6. [`Site::Embedding`]: the embedding block's output (invertible adapters; the inverse before a vocabulary
+//!    head).
 //!
 //! A visitor implements one method over the [`Site`] enum, so a wrapper that forwards sites cannot drop a kind
 //! without the compiler noticing a non-exhaustive match; [`site_counts`] tallies each kind (every backbone's
 //! tests assert its counts).
 
-use crate::nn::{BlockSite, Linear, PrefixSite, ResidualSite};
+use crate::nn::{BlockSite, EmbeddingSite, Linear, PrefixSite, ResidualSite};
 use crate::param::Param;
 
 /// One site (or parameter) reported by a module.
@@ -28,6 +30,8 @@ pub enum Site<'a> {
     Prefix(&'a PrefixSite),
     /// A block-replacement site.
     Block(&'a BlockSite),
+    /// An embedding-output site.
+    Embedding(&'a EmbeddingSite),
 }
 
 /// Receives the parameters and sites of a module tree, in a stable order.
@@ -111,6 +115,17 @@ pub fn residual_sites(m: &dyn Module) -> Vec<ResidualSite> {
     out
 }
 
+/// Every embedding-output site of `m`.
+pub fn embedding_sites(m: &dyn Module) -> Vec<EmbeddingSite> {
+    let mut out = Vec::new();
+    m.visit(&mut |s: Site<'_>| {
+        if let Site::Embedding(e) = s {
+            out.push(e.clone());
+        }
+    });
+    out
+}
+
 /// Every attention-prefix site of `m`.
 pub fn prefix_sites(m: &dyn Module) -> Vec<PrefixSite> {
     let mut out = Vec::new();
@@ -146,6 +161,8 @@ pub struct SiteCounts {
     pub prefix: usize,
     /// Block-replacement sites.
     pub block: usize,
+    /// Embedding-output sites.
+    pub embedding: usize,
 }
 
 /// Counts each kind of site of `m` (a shared site reported twice, such as a tied output layer, counts twice).
@@ -157,6 +174,7 @@ pub fn site_counts(m: &dyn Module) -> SiteCounts {
         Site::Residual(_) => c.residual += 1,
         Site::Prefix(_) => c.prefix += 1,
         Site::Block(_) => c.block += 1,
+        Site::Embedding(_) => c.embedding += 1,
     });
     c
 }

@@ -1,9 +1,10 @@
 //! The residual adapter site after each attention / feed-forward sub-layer: series adapters transform the
 //! sub-layer output, parallel adapters add a function of the sub-layer input.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use crate::error::Result;
+use crate::nn::slots::{Named, Slots};
 use crate::nn::{Ctx, Module, Site, Visitor};
 use crate::param::Param;
 use crate::tensor::Tensor;
@@ -42,25 +43,26 @@ pub struct ResidualBranch {
     pub delta: Tensor,
 }
 
-struct Inner {
-    path: String,
-    adapters: RwLock<Vec<(Arc<dyn ResidualAdapter>, bool)>>,
+impl Named for dyn ResidualAdapter {
+    fn slot_name(&self) -> &str {
+        self.name()
+    }
 }
 
 /// A named residual site (`encoder.layer.3.attention.output`, `encoder.layer.3.output`, ...). Models call
 /// [`ResidualSite::forward`] on each sub-layer's output before the residual addition.
 #[derive(Clone)]
-pub struct ResidualSite(Arc<Inner>);
+pub struct ResidualSite(Arc<Slots<dyn ResidualAdapter>>);
 
 impl ResidualSite {
     /// A site with no adapters.
     pub fn new(path: impl Into<String>) -> Self {
-        ResidualSite(Arc::new(Inner { path: path.into(), adapters: RwLock::new(Vec::new()) }))
+        ResidualSite(Arc::new(Slots::new(path.into())))
     }
 
     /// The path.
     pub fn path(&self) -> &str {
-        &self.0.path
+        self.0.path()
     }
 
     /// Attaches an adapter (active).
@@ -68,17 +70,7 @@ impl ResidualSite {
     /// # Errors
     /// [`crate::Error::AdapterState`] when the name is taken.
     pub fn attach(&self, a: Arc<dyn ResidualAdapter>) -> Result<()> {
-        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
-        if ads.iter().any(|(b, _)| b.name() == a.name()) {
-            return Err(crate::Error::AdapterState {
-                op: "attach",
-                site: self.path().to_string(),
-                adapter: a.name().to_string(),
-                problem: crate::AdapterProblem::Exists,
-            });
-        }
-        ads.push((a, true));
-        Ok(())
+        self.0.attach(a)
     }
 
     /// Detaches (deletes) adapter `name`, returning it.
@@ -86,28 +78,17 @@ impl ResidualSite {
     /// # Errors
     /// [`crate::Error::UnknownName`] when there is no such adapter.
     pub fn detach(&self, name: &str) -> Result<Arc<dyn ResidualAdapter>> {
-        let mut ads = self.0.adapters.write().unwrap_or_else(|p| p.into_inner());
-        let i = ads
-            .iter()
-            .position(|(a, _)| a.name() == name)
-            .ok_or_else(|| crate::Error::UnknownName { name: format!("{}: adapter `{name}`", self.0.path) })?;
-        Ok(ads.remove(i).0)
+        self.0.detach(name)
     }
 
     /// Turns adapter `name` on or off (a no-op when it is not attached here).
     pub fn activate(&self, name: &str, on: bool) {
-        for (a, active) in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
-            if a.name() == name {
-                *active = on;
-            }
-        }
+        self.0.activate(name, on);
     }
 
     /// Makes exactly `names` active.
     pub fn set_active(&self, names: &[&str]) {
-        for (a, on) in self.0.adapters.write().unwrap_or_else(|p| p.into_inner()).iter_mut() {
-            *on = names.contains(&a.name());
-        }
+        self.0.set_active(names);
     }
 
     /// Applies the active adapters in attach order; identity when there are none.
@@ -115,19 +96,16 @@ impl ResidualSite {
     /// # Errors
     /// Errors of the adapters.
     pub fn forward(&self, h: Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let ads = self.0.adapters.read().unwrap_or_else(|p| p.into_inner());
         let mut h = h;
-        for (a, on) in ads.iter() {
-            if *on {
-                h = a.forward(&h, x, ctx)?;
-            }
+        for a in self.0.active() {
+            h = a.forward(&h, x, ctx)?;
         }
         Ok(h)
     }
 
     /// The attached adapters.
     pub fn adapters(&self) -> Vec<Arc<dyn ResidualAdapter>> {
-        self.0.adapters.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(a, _)| a.clone()).collect()
+        self.0.all()
     }
 }
 

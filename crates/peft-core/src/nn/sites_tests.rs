@@ -70,9 +70,9 @@ impl PrefixAdapter for Fixed {
 #[test]
 fn every_block_exposes_one_prefix_and_one_block_site() {
     let c = site_counts(&encoder(NormPlacement::Post));
-    assert_eq!(c, SiteCounts { params: 16, linear: 6, residual: 2, prefix: 1, block: 1 });
+    assert_eq!(c, SiteCounts { params: 16, linear: 6, residual: 2, prefix: 1, block: 1, embedding: 0 });
     let c = site_counts(&decoder());
-    assert_eq!(c, SiteCounts { params: 9, linear: 7, residual: 2, prefix: 1, block: 1 });
+    assert_eq!(c, SiteCounts { params: 9, linear: 7, residual: 2, prefix: 1, block: 1, embedding: 0 });
     assert_eq!(encoder(NormPlacement::Pre).attn.prefix.path(), "encoder.layer.0.attention.self");
     assert_eq!(decoder().ffn.path(), "model.layers.0.mlp");
 }
