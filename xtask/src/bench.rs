@@ -356,32 +356,61 @@ fn composition_run(
     let out = out?;
     let adapter_dir = run_dir.join("adapters").join(format!("{}-{}-s{seed}", task.name(), method.name));
     let adapter_bytes = pm.save_pretrained(&adapter_dir)?;
-    Ok(Record {
+    let cost = RunCost { trainable, total, adapter_bytes, own_state_bytes: 0 };
+    Ok(glue_record(task, method.name.0, desc, seed, cfg, out, cost, (train_split.enc.len(), dev_split.enc.len())))
+}
+
+/// What a run cost beyond the trainer's outcome.
+pub(crate) struct RunCost {
+    /// Trainable parameters (adapter and head).
+    pub trainable: u64,
+    /// Parameters of the model before the adapter.
+    pub total: u64,
+    /// Bytes of the saved adapter folder.
+    pub adapter_bytes: u64,
+    /// Optimizer state the adapter keeps itself (sparse methods), added to the trainer's.
+    pub own_state_bytes: u64,
+}
+
+/// The GLUE record of one run of `method` on `task` (no sparse-inference or quantized-base section); `sizes` are the
+/// training and dev set sizes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn glue_record(
+    task: Task,
+    method: &str,
+    desc: String,
+    seed: u64,
+    cfg: &TrainConfig,
+    out: train::RunOutcome,
+    cost: RunCost,
+    sizes: (usize, usize),
+) -> Record {
+    Record {
         task: task.name().to_string(),
-        method: method.name.to_string(),
+        method: method.to_string(),
         method_desc: desc,
         seed,
         lr: cfg.lr,
         config: cfg.clone(),
         headline: task.metrics()[0].short().to_string(),
         metrics: out.metrics,
-        trainable_params: trainable,
-        total_params: total,
-        trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
+        trainable_params: cost.trainable,
+        total_params: cost.total,
+        trainable_pct: 100.0 * cost.trainable as f64 / cost.total.max(1) as f64,
         train_seconds: out.train_seconds,
         eval_seconds: out.eval_seconds,
         samples_per_sec: out.samples_per_sec,
         peak_rss_bytes: train::peak_rss_bytes(),
-        adapter_bytes,
-        optimizer_state_bytes: Some(out.optimizer_state_bytes),
+        adapter_bytes: cost.adapter_bytes,
+        optimizer_state_bytes: Some(out.optimizer_state_bytes + cost.own_state_bytes),
         steps: out.steps,
         skipped_steps: out.skipped_steps,
-        train_examples: train_split.enc.len(),
-        dev_examples: dev_split.enc.len(),
+        train_examples: sizes.0,
+        dev_examples: sizes.1,
         losses: out.losses,
         sparse: None,
         quant_base: None,
-    })
+    }
 }
 
 /// One task x method x seed run: the method's adapter on a fresh model (the task head in `modules_to_save`,
@@ -471,32 +500,10 @@ fn one_run(
         let q = pm.quant_memory();
         (q.params > 0).then(|| report::QuantBase { params: q.params as u64, bytes: q.bytes_without_maps() as u64 })
     };
-    Ok(Record {
-        task: task.name().to_string(),
-        method: method.name.to_string(),
-        method_desc: method.describe(),
-        seed,
-        lr: cfg.lr,
-        config: cfg.clone(),
-        headline: task.metrics()[0].short().to_string(),
-        metrics: out.metrics,
-        trainable_params: trainable,
-        total_params: total,
-        trainable_pct: 100.0 * trainable as f64 / total.max(1) as f64,
-        train_seconds: out.train_seconds,
-        eval_seconds: out.eval_seconds,
-        samples_per_sec: out.samples_per_sec,
-        peak_rss_bytes: train::peak_rss_bytes(),
-        adapter_bytes,
-        optimizer_state_bytes: Some(out.optimizer_state_bytes + own_state),
-        steps: out.steps,
-        skipped_steps: out.skipped_steps,
-        train_examples: train_split.enc.len(),
-        dev_examples: dev_split.enc.len(),
-        losses: out.losses,
-        sparse,
-        quant_base,
-    })
+    let cost = RunCost { trainable, total, adapter_bytes, own_state_bytes: own_state };
+    let sizes = (train_split.enc.len(), dev_split.enc.len());
+    let rec = glue_record(task, method.name.0, method.describe(), seed, cfg, out, cost, sizes);
+    Ok(Record { sparse, quant_base, ..rec })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -32,6 +32,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::bench::{glue_record, RunCost};
 use crate::glue::data::{self, Example};
 use crate::glue::tasks::Task;
 use crate::model::TokBatch;
@@ -420,32 +421,13 @@ pub fn records(data: &[TaskData], method: &MethodSpec, mode: Mode, cfg: &TrainCo
         desc.push_str(&format!("; CoBa's final weights [{}]", w.join(", ")));
     }
     data.iter()
-        .zip(o.metrics)
-        .map(|(d, metrics)| Record {
-            task: d.task.name().to_string(),
-            method: name.clone(),
-            method_desc: desc.clone(),
-            seed: method.seed,
-            lr: cfg.lr,
-            config: cfg.clone(),
-            headline: d.task.metrics()[0].short().to_string(),
-            metrics,
-            trainable_params: o.trainable,
-            total_params: o.total,
-            trainable_pct: 100.0 * o.trainable as f64 / o.total.max(1) as f64,
-            train_seconds: o.run.train_seconds,
-            eval_seconds: o.run.eval_seconds,
-            samples_per_sec: o.run.samples_per_sec,
-            peak_rss_bytes: train::peak_rss_bytes(),
-            adapter_bytes: o.adapter_bytes,
-            optimizer_state_bytes: Some(o.run.optimizer_state_bytes),
-            steps: o.run.steps,
-            skipped_steps: o.run.skipped_steps,
-            train_examples: d.train.enc.len(),
-            dev_examples: d.dev.enc.len(),
-            losses: o.run.losses.clone(),
-            sparse: None,
-            quant_base: None,
+        .zip(&o.metrics)
+        .map(|(d, metrics)| {
+            let out = train::RunOutcome { metrics: metrics.clone(), ..o.run.clone() };
+            let cost =
+                RunCost { trainable: o.trainable, total: o.total, adapter_bytes: o.adapter_bytes, own_state_bytes: 0 };
+            let sizes = (d.train.enc.len(), d.dev.enc.len());
+            glue_record(d.task, &name, desc.clone(), method.seed, cfg, out, cost, sizes)
         })
         .collect()
 }
