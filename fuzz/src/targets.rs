@@ -119,12 +119,28 @@ fn registries() -> [ConfigRegistry; 3] {
 }
 
 /// `adapter_config.json` + `adapter_model.safetensors` (input split by [`crate::split2`]) loaded onto a tiny BERT
-/// as `xtask merge` does ([`PeftModel::from_pretrained`]), then a forward pass and `merge_and_unload`.
+/// as `xtask merge` does ([`PeftModel::from_pretrained`]), then a forward pass and `merge_and_unload`; the same two
+/// parts also as an AdapterHub folder (`adapter_config.json` + `adapter.safetensors`) through
+/// [`peft_adapters::adapterhub::load`], then a forward pass and a save back.
 pub fn adapter(data: &[u8]) {
     let (config, weights) = crate::split2(data);
     let dir = scratch::dir("adapter");
     scratch::file(&dir, "adapter_config.json", config);
     scratch::file(&dir, "adapter_model.safetensors", weights);
+    scratch::file(&dir, peft_adapters::adapterhub::WEIGHTS_FILE, weights);
+    let mut hub = PeftModel::wrap(tiny_bert(), 0);
+    if let Ok((meta, _report)) = peft_adapters::adapterhub::load(&mut hub, &dir, "hub") {
+        let batch = Batch {
+            input_ids: vec![1, 5, 6, 2],
+            token_type_ids: vec![0; 4],
+            attention_mask: vec![1, 1, 1, 1],
+            shape: [1, 4],
+        };
+        if hub.set_adapter("hub").is_ok() {
+            let _ = hub.forward(&batch, &Ctx::eval());
+        }
+        let _ = peft_adapters::adapterhub::save(&hub, "hub", &scratch::dir("adapter-hub-out"), &meta);
+    }
     for reg in registries() {
         let base = tiny_bert();
         let lm = match PeftModel::from_pretrained(&base, &dir, &reg) {

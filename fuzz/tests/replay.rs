@@ -70,6 +70,28 @@ fn seeds_are_valid_files() {
         assert!(split.num_captions() > 0, "{}", p.display());
         peft_vl::coco::KarpathySplit::from_json_str("seed", &text(karpathy)).unwrap();
     }
+    // The AdapterHub seed is read by the adapter target's AdapterHub path.
+    use peft_adapters::adapterhub;
+    let hub = std::fs::read(root().join("corpus/adapter/seed-adapterhub-seq-bn")).unwrap();
+    let (cfg, w) = peft_fuzz::split2(&hub);
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(adapterhub::CONFIG_FILE), cfg).unwrap();
+    std::fs::write(d.path().join(adapterhub::WEIGHTS_FILE), w).unwrap();
+    let bert = peft_core::io::BertConfig {
+        vocab_size: 20,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 16,
+        max_position_embeddings: 16,
+        ..Default::default()
+    };
+    let init = peft_core::nn::RandomInit::new(0, 0.1);
+    let pooling = peft_models::bert::Pooling::Mean;
+    let base = peft_models::bert::BertForSequenceClassification::from_source(&bert, &init, 2, pooling, 0).unwrap();
+    let mut m = peft_core::adapter::PeftModel::wrap(base, 0);
+    let (_, report) = adapterhub::load(&mut m, d.path(), "hub").unwrap();
+    assert!(report.is_clean() && report.applied.len() == 8, "{report}");
 }
 
 #[test]

@@ -239,6 +239,33 @@ fn adapter_seeds() {
     save("ia3", &|m| {
         m.add_adapter("default", peft_adapters::ia3::Ia3Config::new(["key", "value", "output.dense"], ["output.dense"]))
     });
+    save("invertible", &|m| m.add_adapter("default", peft_adapters::invertible::InvertibleConfig::nice()));
+    // An AdapterHub SeqBn folder (`adapter_config.json` + `adapter.safetensors`), which the target also reads
+    // through `peft_adapters::adapterhub::load`.
+    let base =
+        BertForSequenceClassification::from_source(&tiny_bert_cfg(), &RandomInit::new(0, 0.1), 2, Pooling::Mean, 0)
+            .unwrap();
+    let mut m = PeftModel::wrap(base, 3);
+    let cfg = peft_adapters::bottleneck::BottleneckConfig {
+        init_weights: peft_adapters::bottleneck::AdapterInit::Bert,
+        dropout: 0.1,
+        dropout_on_output: true,
+        ..peft_adapters::bottleneck::BottleneckConfig::seq_bn()
+    };
+    m.add_adapter("hub", cfg).unwrap();
+    let meta = peft_adapters::adapterhub::Meta {
+        name: "hub".into(),
+        hidden_size: 8,
+        model_class: "BertModel".into(),
+        model_name: "tiny".into(),
+        model_type: "bert".into(),
+        version: peft_adapters::adapterhub::VERSION.into(),
+    };
+    let d = tempfile::tempdir().unwrap();
+    peft_adapters::adapterhub::save(&m, "hub", d.path(), &meta).unwrap();
+    let cfg = std::fs::read(d.path().join(peft_adapters::adapterhub::CONFIG_FILE)).unwrap();
+    let w = std::fs::read(d.path().join(peft_adapters::adapterhub::WEIGHTS_FILE)).unwrap();
+    put("adapter", "adapterhub-seq-bn", &peft_fuzz::join2(&cfg, &w));
 }
 
 fn hf_model_seeds() {
