@@ -40,7 +40,7 @@ use std::path::Path;
 
 use ndarray::ArrayD;
 use peft_core::adapter::{AdapterTensors, LoadReport, PeftModel, TunerConfig};
-use peft_core::io::safetensors::{write_safetensors, SafeTensorsFile};
+use peft_core::io::safetensors::SafeTensorsFile;
 use peft_core::nn::Module;
 use serde_json::{json, Map, Value};
 
@@ -49,7 +49,7 @@ use crate::common::Activation;
 use crate::error::{AdaptersError, Result};
 
 /// AdapterHub's config file name.
-pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const CONFIG_FILE: &str = peft_core::adapter::CONFIG_NAME;
 /// AdapterHub's safetensors weights file name.
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The `version` written (the release the layout was checked against).
@@ -234,10 +234,8 @@ pub fn config_to_json(cfg: &BottleneckConfig) -> Result<Value> {
 /// # Errors
 /// Unreadable or malformed files; unsupported options.
 pub fn read_config(dir: &Path) -> Result<(BottleneckConfig, Meta)> {
-    let path = dir.join(CONFIG_FILE);
-    let text = io(std::fs::read_to_string(&path).map_err(|e| peft_core::io::IoError::io(&path, e)))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| peft_core::adapter::AdapterError::Json { path: path.clone(), reason: e.to_string() })?;
+    // AdapterHub's config file has PEFT's name: the same reader.
+    let (path, v) = peft_core::adapter::read_config_json(dir)?;
     let Some(c) = v.get("config").and_then(Value::as_object) else {
         return Err(bad(
             "config",
@@ -357,14 +355,7 @@ pub fn save<M: Module>(model: &PeftModel<M>, adapter: &str, dir: &Path, meta: &M
         "name": meta.name,
         "version": VERSION,
     });
-    io(std::fs::create_dir_all(dir).map_err(|e| peft_core::io::IoError::io(dir, e)))?;
-    let wpath = dir.join(WEIGHTS_FILE);
-    io(write_safetensors(&wpath, tensors.iter(), None))?;
-    let cpath = dir.join(CONFIG_FILE);
-    let text = peft_core::adapter::pyjson::dumps(&top);
-    io(peft_core::io::atomic::atomic_write(&cpath, |w| w.write_all(text.as_bytes())))?;
-    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    Ok(len(&wpath) + len(&cpath))
+    Ok(peft_core::adapter::write_folder(dir, (CONFIG_FILE, &top), (WEIGHTS_FILE, &tensors), None)?)
 }
 
 #[cfg(test)]

@@ -35,12 +35,27 @@ pub fn write_adapter_files(
     config: &serde_json::Value,
     tensors: &BTreeMap<String, ArrayD<f32>>,
 ) -> AdapterResult<u64> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::io::IoError::io(dir, e))?;
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let wpath = dir.join(WEIGHTS_NAME);
-    write_safetensors(&wpath, tensors.iter(), Some(&meta))?;
+    write_folder(dir, (CONFIG_NAME, config), (WEIGHTS_NAME, tensors), Some(&meta))
+}
+
+/// Writes a config/weights folder in another library's layout: `config` as Python's
+/// `json.dumps(indent=2, sort_keys=True)` into `dir/<config file>` and `tensors` (with `metadata`, if any) into
+/// `dir/<weights file>`, both atomically; returns the bytes written.
+///
+/// # Errors
+/// IO errors, naming the file.
+pub fn write_folder(
+    dir: &Path,
+    (config_name, config): (&str, &serde_json::Value),
+    (weights_name, tensors): (&str, &BTreeMap<String, ArrayD<f32>>),
+    metadata: Option<&BTreeMap<String, String>>,
+) -> AdapterResult<u64> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::io::IoError::io(dir, e))?;
+    let wpath = dir.join(weights_name);
+    write_safetensors(&wpath, tensors.iter(), metadata)?;
     let text = pyjson::dumps(config);
-    let cpath = dir.join(CONFIG_NAME);
+    let cpath = dir.join(config_name);
     crate::io::atomic::atomic_write(&cpath, |w| w.write_all(text.as_bytes()))?;
     let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     Ok(len(&wpath) + len(&cpath))

@@ -27,7 +27,7 @@ pub mod tuner;
 pub use attach::{not_supported, select_linear, site_rng, BlockTuner, CompositeTuner, LinearTuner, SavedTensors};
 pub use baselines::{BaseTuneConfig, DeltaConfig};
 pub use error::{AdapterError, AdapterResult};
-pub use files::{adapter_dir, read_config_json, CONFIG_NAME, WEIGHTS_NAME};
+pub use files::{adapter_dir, read_config_json, write_folder, CONFIG_NAME, WEIGHTS_NAME};
 pub use peft_model::{get_peft_model, CalibFn, PeftModel, BASE_ROW};
 pub use registry::{duplicate_name, ConfigRegistry, MethodName, MethodSpec, PeftConfig};
 pub use report::LoadReport;
