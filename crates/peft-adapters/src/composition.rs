@@ -466,9 +466,14 @@ struct FuseParams {
 }
 
 enum Mix {
-    Average(Vec<f64>),
+    /// The fixed weights as an `[N, 1]` tensor, built once.
+    Average(Tensor),
     Fuse(FuseParams),
-    Scale { omega: Param, dropout: f64, owns: bool },
+    Scale {
+        omega: Param,
+        dropout: f64,
+        owns: bool,
+    },
 }
 
 /// A composition block on one residual site.
@@ -523,14 +528,7 @@ impl CompositionLayer {
         let deltas: Vec<&Tensor> = branches.iter().map(|b| &b.delta).collect();
         let u = stack_branches(&deltas)?;
         match &self.mix {
-            Mix::Average(w) => {
-                let w = Tensor::new(
-                    ArrayD::from_shape_vec(IxDyn(&[w.len(), 1]), w.iter().map(|&v| v as f32).collect()).map_err(
-                        |_| peft_core::Error::Shape { op: "average weights", lhs: vec![w.len()], rhs: vec![] },
-                    )?,
-                );
-                h.add(&scale_map(&u, &w)?)
-            }
+            Mix::Average(w) => h.add(&scale_map(&u, w)?),
             Mix::Scale { omega, dropout, .. } => {
                 let mut om = omega.tensor();
                 if ctx.train && *dropout > 0.0 {
@@ -772,7 +770,10 @@ impl CompositionConfig {
             let key = |k: &str| format!("{path}.adapters.{}.{k}", cx.name);
             let mut rng = site_rng(cx.seed, cx.name, &path);
             let mix = match self.composition {
-                CompositionKind::Average => Mix::Average(self.average_weights()),
+                CompositionKind::Average => {
+                    let w: Vec<f32> = self.average_weights().iter().map(|&v| v as f32).collect();
+                    Mix::Average(Tensor::new(ArrayD::from_shape_fn(IxDyn(&[n, 1]), |i| w[i[0]])))
+                }
                 CompositionKind::Scalearn => match &shared {
                     Some(p) => Mix::Scale { omega: p.clone(), dropout: self.omega_dropout, owns: false },
                     None => Mix::Scale {
