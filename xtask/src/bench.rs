@@ -289,14 +289,29 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         }
     }
     res.save(&results_path)?;
-    let plots = match plot::write_all(&res, &run_dir) {
+    finish(&res, &run_dir, &results_path, wall, &failures)
+}
+
+/// The end of a GLUE-format run: plots, report.md (also printed), the summary line, and exit status 1 when a run
+/// failed.
+///
+/// # Errors
+/// IO errors writing report.md.
+pub(crate) fn finish(
+    res: &Results,
+    run_dir: &Path,
+    results_path: &Path,
+    wall: Instant,
+    failures: &[String],
+) -> Result<std::process::ExitCode> {
+    let plots = match plot::write_all(res, run_dir) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("warning: plots not written: {e:#}");
             Vec::new()
         }
     };
-    let md = report::markdown(&res, &plots);
+    let md = report::markdown(res, &plots);
     std::fs::write(run_dir.join("report.md"), &md)?;
     println!("{md}");
     eprintln!("wrote {} and report.md ({:.1} min wall)", results_path.display(), wall.elapsed().as_secs_f64() / 60.0);

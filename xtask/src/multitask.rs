@@ -37,7 +37,7 @@ use crate::glue::data::{self, Example};
 use crate::glue::tasks::Task;
 use crate::model::TokBatch;
 use crate::report::{Record, Results};
-use crate::train::{self, collate, length_batches, token_mask, Encoded, Split, TrainConfig};
+use crate::train::{self, collate_refs, length_batches, token_mask, Encoded, Split, TrainConfig};
 
 /// Tasks when `--tasks` is not given.
 pub const DEFAULT_TASKS: [Task; 3] = [Task::Sst2, Task::Cola, Task::Mrpc];
@@ -170,14 +170,13 @@ type Rows = Vec<(usize, usize)>;
 /// Per-sample losses `[B, 1]` of a mixed batch and the task id of each loss row.
 fn batch_losses(
     model: &MultiHead,
-    splits: &[Split],
+    splits: &[&Split],
     rows: &[(usize, usize)],
     ctx: &mut Ctx,
 ) -> peft_core::Result<(Tensor, Vec<usize>)> {
     // Collate in row order, then gather each task's rows for its head.
-    let enc: Vec<Encoded> = rows.iter().map(|&(t, i)| splits[t].enc[i].clone()).collect();
-    let all: Vec<usize> = (0..rows.len()).collect();
-    let batch = collate(&enc, &all);
+    let enc: Vec<&Encoded> = rows.iter().map(|&(t, i)| &splits[t].enc[i]).collect();
+    let batch = collate_refs(&enc);
     ctx.insert(token_mask(&batch));
     let pooled = model.pooled(&batch, ctx)?;
     let mut parts = Vec::new();
@@ -288,8 +287,7 @@ pub fn run_one(
     pm.add_adapter_boxed("default", config)?;
     pm.set_adapter("default")?;
     let trainable: u64 = pm.trainable_params().iter().map(|p| p.numel() as u64).sum();
-    let splits: Vec<Split> =
-        data.iter().map(|d| Split { enc: d.train.enc.clone(), labels: d.train.labels.clone() }).collect();
+    let splits: Vec<&Split> = data.iter().map(|d| &d.train).collect();
     // Mixed batches: every (task, example) pair, shuffled into length-bucketed batches each epoch.
     let all: Rows = splits.iter().enumerate().flat_map(|(t, s)| (0..s.enc.len()).map(move |i| (t, i))).collect();
     let lens: Vec<usize> = all.iter().map(|&(t, i)| splits[t].enc[i].ids.len()).collect();
@@ -314,8 +312,7 @@ pub fn run_one(
     let mut trainer = Trainer::new(pm.trainable_params(), &pm, tcfg)?;
     let n = data.len();
     let mut coba = Coba::with(n, (total_steps / 10).max(2), (total_steps / 4).max(2), 5.0);
-    let vals: Vec<Split> =
-        data.iter().map(|d| Split { enc: d.val.enc.clone(), labels: d.val.labels.clone() }).collect();
+    let vals: Vec<&Split> = data.iter().map(|d| &d.val).collect();
     let val_batches: Vec<Rows> = (0..VAL_PER_TASK / VAL_BATCH_PER_TASK)
         .map(|j| {
             (0..n)
@@ -376,7 +373,9 @@ pub fn run_one(
     let t1 = Instant::now();
     let mut metrics = Vec::new();
     for (t, d) in data.iter().enumerate() {
-        let outputs = predict_head(model, t, &d.dev.enc, cfg.batch_size.max(32))?;
+        let outputs = train::predict_with(&d.dev.enc, cfg.batch_size.max(32), |b, ctx| {
+            model.head_logits(t, &model.pooled(b, ctx)?, ctx)
+        })?;
         metrics.push(train::score(d.task, &outputs, &d.dev.labels));
     }
     out.eval_seconds = t1.elapsed().as_secs_f64();
@@ -384,25 +383,6 @@ pub fn run_one(
     let dir = adapters_dir.join(format!("{}+{}-s{seed}", method.name, mode.name()));
     let adapter_bytes = pm.save_pretrained(&dir)?;
     Ok(MultiOutcome { metrics, run: out, trainable, total, final_weights, adapter_bytes })
-}
-
-/// Head `task`'s logits on `enc`, in input order, without a graph.
-fn predict_head(model: &MultiHead, task: usize, enc: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
-    let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
-    let mut out = vec![Vec::new(); enc.len()];
-    let ctx = Ctx::eval();
-    peft_core::no_grad(|| -> Result<()> {
-        for idx in length_batches(&lens, batch_size, None) {
-            let b = collate(enc, &idx);
-            let logits = model.head_logits(task, &model.pooled(&b, &ctx)?, &ctx)?;
-            let c = logits.shape().last().copied().unwrap_or(1).max(1);
-            for (row, &i) in logits.as_slice().chunks(c).zip(&idx) {
-                out[i] = row.to_vec();
-            }
-        }
-        Ok(())
-    })?;
-    Ok(out)
 }
 
 /// The records of one run: one per task, method `<adapter>+<mode>`.
@@ -503,20 +483,7 @@ pub fn run(args: &crate::cli::BenchArgs) -> Result<std::process::ExitCode> {
             }
         }
     }
-    let plots = crate::plot::write_all(&res, &run_dir).unwrap_or_else(|e| {
-        eprintln!("warning: plots not written: {e:#}");
-        Vec::new()
-    });
-    let md = crate::report::markdown(&res, &plots);
-    std::fs::write(run_dir.join("report.md"), &md)?;
-    println!("{md}");
-    eprintln!("wrote {} and report.md ({:.1} min wall)", results_path.display(), wall.elapsed().as_secs_f64() / 60.0);
-    if failures.is_empty() {
-        Ok(std::process::ExitCode::SUCCESS)
-    } else {
-        eprintln!("{} run(s) failed: {}", failures.len(), failures.join(", "));
-        Ok(std::process::ExitCode::from(1))
-    }
+    crate::bench::finish(&res, &run_dir, &results_path, wall, &failures)
 }
 
 /// Whether `res` already holds every task's record of this run.
@@ -529,6 +496,7 @@ pub fn done(res: &Results, data: &[TaskData], method: &MethodSpec, mode: Mode, c
 mod tests {
     use super::*;
     use crate::glue::data::Label;
+    use crate::train::collate;
     use peft_core::nn::RandomInit;
 
     #[test]
@@ -568,7 +536,8 @@ mod tests {
         let splits = [split(vec![0, 1, 1]), split(vec![2, 0]), split(vec![1])];
         let rows: Rows = vec![(1, 0), (0, 2), (2, 0), (0, 0), (1, 1), (0, 1)];
         let mut ctx = Ctx::eval();
-        let (l, ids) = batch_losses(&m, &splits, &rows, &mut ctx).unwrap();
+        let refs: Vec<&Split> = splits.iter().collect();
+        let (l, ids) = batch_losses(&m, &refs, &rows, &mut ctx).unwrap();
         assert_eq!(ids, [0, 0, 0, 1, 1, 2]);
         // Each loss against the head of its task, computed alone.
         let one = |t: usize, i: usize| -> f32 {

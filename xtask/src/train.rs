@@ -72,10 +72,14 @@ pub fn encode_all(tok: &Tokenizer, examples: &[Example]) -> Result<Vec<Encoded>>
 
 /// Right-pads the examples `idx` of `enc` into one batch (pad id 0, as BERT's `[PAD]`).
 pub fn collate(enc: &[Encoded], idx: &[usize]) -> TokBatch {
-    let l = idx.iter().map(|&i| enc[i].ids.len()).max().unwrap_or(0);
-    let mut b = TokBatch { shape: [idx.len(), l], ..Default::default() };
-    for &i in idx {
-        let e = &enc[i];
+    collate_refs(&idx.iter().map(|&i| &enc[i]).collect::<Vec<_>>())
+}
+
+/// Right-pads `rows` into one batch (pad id 0), in order; for batches drawn from several splits.
+pub fn collate_refs(rows: &[&Encoded]) -> TokBatch {
+    let l = rows.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let mut b = TokBatch { shape: [rows.len(), l], ..Default::default() };
+    for e in rows {
         let pad = l - e.ids.len();
         b.input_ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
         b.token_type_ids.extend(e.types.iter().copied().chain(std::iter::repeat_n(0, pad)));
@@ -203,12 +207,24 @@ pub fn score(task: Task, outputs: &[Vec<f32>], gold: &[Label]) -> BTreeMap<Strin
 /// # Errors
 /// Model errors.
 pub fn predict(model: &dyn SeqClassifier, enc: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+    predict_with(enc, batch_size, |b, ctx| model.logits(b, ctx))
+}
+
+/// [`predict`] with any logits function (a multi-head model's head for one task).
+///
+/// # Errors
+/// Errors of `logits`.
+pub fn predict_with(
+    enc: &[Encoded],
+    batch_size: usize,
+    logits: impl Fn(&TokBatch, &Ctx) -> peft_core::Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
     let lens: Vec<usize> = enc.iter().map(|e| e.ids.len()).collect();
     let mut out = vec![Vec::new(); enc.len()];
     let ctx = Ctx::eval();
     peft_core::no_grad(|| -> Result<()> {
         for idx in length_batches(&lens, batch_size, None) {
-            let logits = model.logits(&collate(enc, &idx), &ctx)?;
+            let logits = logits(&collate(enc, &idx), &ctx)?;
             let c = logits.shape().last().copied().unwrap_or(1);
             for (row, &i) in logits.as_slice().chunks(c.max(1)).zip(&idx) {
                 out[i] = row.to_vec();
