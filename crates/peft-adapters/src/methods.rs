@@ -1,5 +1,8 @@
 //! The registry entries for trainers and the bench, one line each: `"houlsby"`, `"seqbn"`, `"parallel"`,
-//! `"adaptformer"` (bottleneck adapters on the residual sites), `"ia3"`, `"prompt"`, `"prefix"`, `"ptuning-v2"`.
+//! `"adaptformer"` (bottleneck adapters on the residual sites), `"ia3"`, `"prompt"`, `"prefix"`, `"ptuning-v2"`,
+//! and `"llm-series"` / `"llm-parallel"` (LLM-Adapters' bottlenecks on a LLaMA model's MLP projections, the
+//! `cargo xtask bench --suite llm-adapters` methods; on a model without `gate_proj` / `up_proj` / `down_proj` they
+//! fail to inject with a typed no-target error).
 //!
 //! Learning rates. Adapters are trained at 1e-4 (AdapterHub's recommendation, Pfeiffer et al.) to 1e-3 (Houlsby
 //! et al. sweep 3e-5..3e-3) for several epochs; the bench's budgets are short (about 60-200 steps on MiniLM-L6),
@@ -26,6 +29,7 @@ use peft_core::adapter::{MethodName, MethodSpec};
 use crate::bottleneck::BottleneckConfig;
 use crate::composition::CompositionConfig;
 use crate::ia3::Ia3Config;
+use crate::llm_adapter::LlmAdapterConfig;
 use crate::prefix::PrefixTuningConfig;
 use crate::prompt::PromptTuningConfig;
 
@@ -46,6 +50,11 @@ pub const PREFIX: MethodName = MethodName("prefix");
 /// `"ptuning-v2"`.
 pub const PTUNING_V2: MethodName = MethodName("ptuning-v2");
 
+/// `"llm-series"`.
+pub const LLM_SERIES: MethodName = MethodName("llm-series");
+/// `"llm-parallel"`.
+pub const LLM_PARALLEL: MethodName = MethodName("llm-parallel");
+
 /// `"fusion"`.
 pub const FUSION: MethodName = MethodName("fusion");
 /// `"fusion-static"`.
@@ -60,6 +69,15 @@ pub const SCALEARN_UNIFORM: MethodName = MethodName("scalearn-uniform");
 pub const SCALEARN_PP: MethodName = MethodName("scalearn-pp");
 /// `"scalearn-uniform-pp"`.
 pub const SCALEARN_UNIFORM_PP: MethodName = MethodName("scalearn-uniform-pp");
+
+/// Bottleneck width of `"llm-series"` on SmolLM2-135M's 576-wide stream (LLM-Adapters' 256 is for LLaMA-7B's
+/// 4096; 32 keeps the parameter count near LoRA r = 8 on q, k, v, up, down: 2.2M vs 1.7M).
+pub const LLM_SERIES_WIDTH: usize = 32;
+/// Bottleneck width of `"llm-parallel"` (16: on up and down, 576 <-> 1536, 2.0M parameters on SmolLM2-135M).
+pub const LLM_PARALLEL_WIDTH: usize = 16;
+/// Learning rate of the LLM-Adapters entries: LLM-Adapters trains every method at 3e-4 for 3 epochs of
+/// math_10k; the suite's budget is 120 steps, where LoRA takes the same 1e-3 (not tuned).
+pub const LLM_LR: f64 = 1e-3;
 
 /// The composition blocks over source adapters `sources` (see the module docs).
 pub fn composition_methods(sources: &[&str]) -> Vec<MethodSpec> {
@@ -85,6 +103,8 @@ pub fn methods() -> Vec<MethodSpec> {
         MethodSpec::new(PROMPT, PromptTuningConfig::new(20), 3e-2),
         MethodSpec::new(PREFIX, PrefixTuningConfig::prefix(20), 1e-3),
         MethodSpec::new(PTUNING_V2, PrefixTuningConfig::p_tuning_v2(20), 1e-2),
+        MethodSpec::new(LLM_SERIES, LlmAdapterConfig::llama_series(LLM_SERIES_WIDTH), LLM_LR),
+        MethodSpec::new(LLM_PARALLEL, LlmAdapterConfig::llama_parallel(LLM_PARALLEL_WIDTH), LLM_LR),
     ];
     v.extend(composition_methods(&[]));
     v

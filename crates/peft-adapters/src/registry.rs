@@ -11,4 +11,5 @@ pub fn registry() -> ConfigRegistry {
         .with::<crate::prefix::PrefixTuningConfig>()
         .with::<crate::composition::CompositionConfig>()
         .with::<crate::invertible::InvertibleConfig>()
+        .with::<crate::llm_adapter::LlmAdapterConfig>()
 }
