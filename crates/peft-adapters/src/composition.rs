@@ -11,6 +11,8 @@
 //! | `average` | `h + Σ_i w_i·u_i`, fixed `w` (normalised to sum 1 unless `normalize_weights = false`) | nothing |
 //! | `fuse` | `h + Σ_i p_i·V u_i`, `p = softmax_i(⟨Q q, K u_i⟩ / T)`, `q` the last source's input | `Q`, `K` (+bias), `V` |
 //! | `scalearn` | `h + Σ_i ω_i ⊙ u_i`, `ω ∈ R^{N×d}` (`omega = "vector"`) or `R^{N×1}` (`"scalar"`) | `ω` |
+//! | `batch_split` | rows `[o_i, o_i + batch_sizes[i])` of the batch: source `i`'s own output | nothing |
+//! | `parallel` | row block `i` of N equal blocks: source `i`'s own output | nothing |
 //!
 //! Use: add the sources (trained, or loaded), add the composition, make the composition the **only** active
 //! adapter (`set_adapter`): the sources then stay frozen and the block calls them itself. With the sources active
@@ -35,6 +37,14 @@
 //! output is `(h + mean u)/N`); this block returns the weighted average `Σ w_i (h + u_i) = h + Σ w_i u_i` that the
 //! block's documentation describes. Weight-space averaging of LoRA adapters is peft-lora's
 //! `add_weighted_adapter`.
+//!
+//! **BatchSplit** and **Parallel** (AdapterHub's blocks of those names): every row goes through one source alone
+//! (its full `forward`, so a SeqBn source's LayerNorm is applied as it would be on its own); a batch size that does
+//! not match `batch_sizes` is a typed error at forward time. **Difference**: AdapterHub's `Parallel` repeats the
+//! batch inside the model at the first adapter layer (the model then returns N·B rows); here the caller passes the
+//! batch already repeated N times (source `i` gets rows `[i·B, (i+1)·B)`), which is the same computation with the
+//! repetition made explicit. Neither block trains anything of its own (the sources stay frozen unless made
+//! trainable).
 //!
 //! **ScaLearn** (Frohmann et al., 2023): `ω` starts N(`omega_init_scale`/N, `omega_init_std`²) (2.0 and 0.001, the
 //! paper's `scalearn_2_avg_d03` runs) with dropout `omega_dropout` (0.3) on `ω` in training. `shared_omega = true`
@@ -101,6 +111,11 @@ pub enum CompositionKind {
     Fuse,
     /// ScaLearn: learned scaling of the sources' outputs.
     Scalearn,
+    /// AdapterHub's `BatchSplit`: rows `[o_i, o_i + batch_sizes[i])` of the batch go through source `i` alone.
+    BatchSplit,
+    /// AdapterHub's `Parallel` over a batch the caller repeated N times: block `i` of N equal row blocks goes
+    /// through source `i` alone.
+    Parallel,
 }
 
 /// The shape of ScaLearn's `ω` per source.
@@ -199,6 +214,9 @@ pub struct CompositionConfig {
     /// `scalearn`: dropout on `ω` (training only).
     #[serde(default = "d_omega_dropout")]
     pub omega_dropout: f64,
+    /// `batch_split`: rows per source, in source order (they must add up to the batch size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_sizes: Option<Vec<usize>>,
     /// Modules trained and saved in full next to the block (the task head).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modules_to_save: Option<Vec<String>>,
@@ -228,6 +246,7 @@ const KNOWN: &[&str] = &[
     "omega_init_scale",
     "omega_init_std",
     "omega_dropout",
+    "batch_sizes",
     "modules_to_save",
     "inference_mode",
 ];
@@ -255,6 +274,7 @@ impl CompositionConfig {
             omega_init_scale: d_init_scale(),
             omega_init_std: d_init_std(),
             omega_dropout: d_omega_dropout(),
+            batch_sizes: None,
             modules_to_save: None,
             inference_mode: false,
         }
@@ -294,6 +314,17 @@ impl CompositionConfig {
     /// ScaLearn++: one vector `ω` shared by every site.
     pub fn scalearn_pp(sources: &[&str]) -> Self {
         CompositionConfig { shared_omega: true, ..Self::scalearn(sources) }
+    }
+
+    /// AdapterHub's `BatchSplit`: the first `batch_sizes[0]` rows through the first source, the next
+    /// `batch_sizes[1]` through the second, ...
+    pub fn batch_split(sources: &[&str], batch_sizes: Vec<usize>) -> Self {
+        CompositionConfig { batch_sizes: Some(batch_sizes), ..Self::with(CompositionKind::BatchSplit, sources) }
+    }
+
+    /// AdapterHub's `Parallel`, for a batch repeated once per source (see the module docs).
+    pub fn parallel(sources: &[&str]) -> Self {
+        Self::with(CompositionKind::Parallel, sources)
     }
 
     /// ScaLearnUniform++: one scalar per source for the whole model (N parameters).
@@ -342,6 +373,19 @@ impl CompositionConfig {
         }
         if self.composition == CompositionKind::Fuse && self.regularization && !self.value {
             return bad("regularization", "regularises the value map, and `value` is off".into());
+        }
+        match (&self.batch_sizes, self.composition) {
+            (None, CompositionKind::BatchSplit) => return bad("batch_sizes", "batch_split needs them".into()),
+            (Some(b), CompositionKind::BatchSplit) if b.len() != self.sources.len() || b.contains(&0) => {
+                return bad(
+                    "batch_sizes",
+                    format!("{b:?}: one positive size per source ({} sources) is needed", self.sources.len()),
+                )
+            }
+            (Some(_), k) if k != CompositionKind::BatchSplit => {
+                return bad("batch_sizes", format!("apply to batch_split only, not {k:?}"))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -474,6 +518,8 @@ enum Mix {
         dropout: f64,
         owns: bool,
     },
+    /// Rows per source (`BatchSplit`), or `None`: N equal blocks (`Parallel`).
+    Split(Option<Vec<usize>>),
 }
 
 /// A composition block on one residual site.
@@ -520,8 +566,41 @@ impl CompositionLayer {
                 v
             }
             Mix::Scale { omega, owns: true, .. } => vec![("adapter_scalearn.omega".into(), omega.clone())],
-            Mix::Scale { .. } => Vec::new(),
+            Mix::Scale { .. } | Mix::Split(_) => Vec::new(),
         }
+    }
+
+    /// `BatchSplit` / `Parallel`: each source's own forward on its rows, the rows put back in order.
+    fn split(&self, h: &Tensor, x: &Tensor, sizes: Option<&[usize]>, ctx: &Ctx) -> peft_core::Result<Tensor> {
+        let b = h.shape().first().copied().unwrap_or(0);
+        let n = self.sources.len();
+        let sizes: Vec<usize> = match sizes {
+            Some(s) => s.to_vec(),
+            None if b % n == 0 => vec![b / n; n],
+            None => {
+                return Err(peft_core::Error::arg(
+                    "Parallel composition",
+                    "batch size",
+                    format!("{b} over {n} sources"),
+                    "must be a multiple of the number of sources (repeat the batch once per source)",
+                ))
+            }
+        };
+        if sizes.iter().sum::<usize>() != b {
+            return Err(peft_core::Error::Count {
+                op: "BatchSplit composition",
+                what: "rows (the batch size) for batch_sizes",
+                expected: sizes.iter().sum::<usize>(),
+                got: b,
+            });
+        }
+        let mut parts = Vec::with_capacity(n);
+        let mut at = 0;
+        for (src, &k) in self.sources.iter().zip(&sizes) {
+            parts.push(src.forward(&h.narrow(0, at, k)?, &x.narrow(0, at, k)?, ctx)?);
+            at += k;
+        }
+        Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)
     }
 
     fn mixed(&self, h: &Tensor, branches: &[ResidualBranch], ctx: &Ctx) -> peft_core::Result<Tensor> {
@@ -536,6 +615,12 @@ impl CompositionLayer {
                 }
                 h.add(&scale_map(&u, &om)?)
             }
+            Mix::Split(_) => Err(peft_core::Error::arg(
+                "composition",
+                "block",
+                "batch split",
+                "does not mix branches (xtask bug: split blocks run through `split`)",
+            )),
             Mix::Fuse(f) => {
                 let query = branches.last().map_or_else(|| h.clone(), |b| b.input.clone());
                 let pair = |p: &Option<(Param, Param)>| p.as_ref().map(|(w, b)| (w.tensor(), b.tensor()));
@@ -558,6 +643,9 @@ impl ResidualAdapter for CompositionLayer {
         &self.name
     }
     fn forward(&self, h: &Tensor, x: &Tensor, ctx: &Ctx) -> peft_core::Result<Tensor> {
+        if let Mix::Split(sizes) = &self.mix {
+            return self.split(h, x, sizes.as_deref(), ctx);
+        }
         let branches: Vec<ResidualBranch> =
             self.sources.iter().map(|s| s.branch(h, x, ctx)).collect::<peft_core::Result<_>>()?;
         self.mixed(h, &branches, ctx)
@@ -770,6 +858,8 @@ impl CompositionConfig {
             let key = |k: &str| format!("{path}.adapters.{}.{k}", cx.name);
             let mut rng = site_rng(cx.seed, cx.name, &path);
             let mix = match self.composition {
+                CompositionKind::BatchSplit => Mix::Split(self.batch_sizes.clone()),
+                CompositionKind::Parallel => Mix::Split(None),
                 CompositionKind::Average => {
                     let w: Vec<f32> = self.average_weights().iter().map(|&v| v as f32).collect();
                     Mix::Average(Tensor::new(ArrayD::from_shape_fn(IxDyn(&[n, 1]), |i| w[i[0]])))
@@ -848,6 +938,8 @@ impl TunerConfig for CompositionConfig {
                 if self.omega == OmegaShape::Scalar { "Uniform" } else { "" },
                 if self.shared_omega { "++" } else { "" }
             ),
+            CompositionKind::BatchSplit => format!("BatchSplit {:?}", self.batch_sizes.as_deref().unwrap_or(&[])),
+            CompositionKind::Parallel => "Parallel".to_string(),
         };
         format!("{what} over {}", self.sources.join(", "))
     }
@@ -886,7 +978,7 @@ impl TunerConfig for CompositionConfig {
             let p = site.path();
             let mut want = Vec::new();
             match self.composition {
-                CompositionKind::Average => {}
+                CompositionKind::Average | CompositionKind::BatchSplit | CompositionKind::Parallel => {}
                 CompositionKind::Scalearn => want.push((format!("{p}.adapter_scalearn.omega"), omega.clone())),
                 CompositionKind::Fuse => {
                     for (on, k) in [(self.query, "query"), (self.key, "key")] {

@@ -378,3 +378,69 @@ proptest! {
         assert_grads(|x| scale_map(&x[0], &x[1]), &inputs);
     }
 }
+
+fn rows(v: &[f32], from: usize, n: usize) -> &[f32] {
+    let per = 4 * D;
+    &v[from * per..(from + n) * per]
+}
+
+#[test]
+fn batch_split_sends_each_row_block_through_its_own_source() {
+    let mut m = with_sources();
+    let (ya, yb) = (only(&mut m, "a"), only(&mut m, "b"));
+    m.add_adapter("split", CompositionConfig::batch_split(&["a", "b"], vec![1, 1])).unwrap();
+    m.set_adapter("split").unwrap();
+    assert_eq!(m.param_counts().0, 0, "a split block trains nothing itself");
+    let y = out(&m);
+    assert!(max_abs_diff(rows(&y, 0, 1), rows(&ya, 0, 1)) < 1e-6);
+    assert!(max_abs_diff(rows(&y, 1, 1), rows(&yb, 1, 1)) < 1e-6);
+    // Sizes that do not add up to the batch: a typed error, not a panic.
+    m.add_adapter("bad", CompositionConfig::batch_split(&["a", "b"], vec![2, 1])).unwrap();
+    m.set_adapter("bad").unwrap();
+    let e = m.forward(&batch(), &Ctx::eval()).unwrap_err();
+    assert!(matches!(e, peft_core::Error::Count { expected: 3, got: 2, .. }), "{e}");
+}
+
+#[test]
+fn parallel_over_a_repeated_batch_gives_each_source_its_copy() {
+    let mut m = with_sources();
+    let (ya, yb) = (only(&mut m, "a"), only(&mut m, "b"));
+    m.add_adapter("par", CompositionConfig::parallel(&["a", "b"])).unwrap();
+    m.set_adapter("par").unwrap();
+    let b = batch();
+    let twice = peft_models::tokenizer::Batch {
+        input_ids: [b.input_ids.clone(), b.input_ids.clone()].concat(),
+        token_type_ids: [b.token_type_ids.clone(), b.token_type_ids.clone()].concat(),
+        attention_mask: [b.attention_mask.clone(), b.attention_mask.clone()].concat(),
+        shape: [4, 4],
+    };
+    let y = m.forward(&twice, &Ctx::eval()).unwrap().to_vec();
+    assert!(max_abs_diff(rows(&y, 0, 2), &ya) < 1e-6);
+    assert!(max_abs_diff(rows(&y, 2, 2), &yb) < 1e-6);
+    // A one-row batch over two sources: not a multiple.
+    m.add_adapter("par2", CompositionConfig::parallel(&["b", "a"])).unwrap();
+    m.set_adapter("par2").unwrap();
+    let odd = peft_models::tokenizer::Batch {
+        input_ids: b.input_ids[..4].to_vec(),
+        token_type_ids: vec![0; 4],
+        attention_mask: vec![1; 4],
+        shape: [1, 4],
+    };
+    assert!(matches!(m.forward(&odd, &Ctx::eval()), Err(peft_core::Error::Arg { .. })));
+}
+
+#[test]
+fn split_configs_are_checked_and_round_trip() {
+    let bad = [
+        CompositionConfig { batch_sizes: None, ..CompositionConfig::batch_split(&["a", "b"], vec![1, 1]) },
+        CompositionConfig::batch_split(&["a", "b"], vec![1]),
+        CompositionConfig::batch_split(&["a", "b"], vec![1, 0]),
+        CompositionConfig { batch_sizes: Some(vec![1, 1]), ..CompositionConfig::fuse(&["a", "b"]) },
+    ];
+    for c in bad {
+        assert!(matches!(c.validate(), Err(AdaptersError::InvalidConfig { field: "batch_sizes", .. })), "{c:?}");
+    }
+    let c = CompositionConfig::batch_split(&["a", "b"], vec![3, 5]);
+    let (back, ignored) = CompositionConfig::from_json(&c.to_json().unwrap()).unwrap();
+    assert_eq!((back, ignored.len()), (c, 0));
+}

@@ -3,10 +3,12 @@
 //!
 //! - bottleneck adapters on the residual sites ([`bottleneck`]): Houlsby, Pfeiffer/SeqBn, parallel, AdaptFormer;
 //! - IA3 on the linear sites ([`ia3`]), PEFT's `IA3`, mergeable;
+//! - LLM-Adapters' series and parallel bottlenecks on the linear layers of a decoder ([`llm_adapter`]);
+//! - NICE invertible adapters on the embedding output ([`invertible`]);
 //! - prompt tuning ([`prompt`]), prefix tuning and P-tuning v2 ([`prefix`]) on the attention-prefix sites, PEFT's
 //!   `PROMPT_TUNING` / `PREFIX_TUNING` ([`prompt_common`]: what they share);
-//! - composition blocks over frozen source adapters ([`composition`]): AdapterFusion, output Average and ScaLearn
-//!   (vector/scalar, per-layer or shared `ω`), as residual-site adapters of their own;
+//! - composition blocks over frozen source adapters ([`composition`]): AdapterFusion, output Average, ScaLearn
+//!   (vector/scalar, per-layer or shared `ω`), BatchSplit and Parallel, as residual-site adapters of their own;
 //! - the registry entries for trainers and `cargo xtask bench` ([`mod@methods`]) and the `peft_type`s this crate
 //!   reads ([`mod@registry`]).
 //!
@@ -21,7 +23,8 @@
 //! and written by [`adapterhub`] (checked against adapters 1.3.0 on MiniLM: its outputs within 4e-6, its files
 //! written back byte for byte). Composition: two active bottleneck adapters stack in attach order (AdapterHub's `Stack`);
 //! `Fuse`, `Average` and ScaLearn are [`composition`] blocks (their differences from AdapterHub are listed there);
-//! AdapterHub's `Parallel`/`BatchSplit`/`Split` blocks and invertible adapters are not implemented.
+//! `BatchSplit` and `Parallel` are [`composition`] blocks too; AdapterHub's `Split` (a split along the sequence) is not
+//! implemented.
 //!
 //! ```
 //! use peft_core::adapter::PeftModel;
@@ -51,6 +54,7 @@ pub mod composition;
 pub mod error;
 pub mod ia3;
 pub mod invertible;
+pub mod llm_adapter;
 pub mod methods;
 pub mod prefix;
 pub mod prompt;
