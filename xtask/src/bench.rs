@@ -164,9 +164,10 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
         Suite::Vtab => return crate::vtab::run(args),
         Suite::Audio => return crate::audio::run(args),
         Suite::Coco => return crate::coco::run(args),
+        Suite::LlmAdapters => return crate::llm_adapters::run(args),
         Suite::All => {
             // Each suite in turn, with the same options; the first failing suite's status is returned.
-            for suite in [Suite::Glue, Suite::Vtab, Suite::Audio, Suite::Coco] {
+            for suite in [Suite::Glue, Suite::Vtab, Suite::Audio, Suite::Coco, Suite::LlmAdapters] {
                 let code = run(&BenchArgs { suite, ..args.clone() })?;
                 if code != std::process::ExitCode::SUCCESS {
                     return Ok(code);

@@ -69,7 +69,9 @@ pub enum Suite {
     Coco,
     /// Spoken-digit audio classification (FSDD) with the Whisper tiny.en encoder, PETL-AST methods (built).
     Audio,
-    /// Every suite in turn (glue, vtab, audio, coco).
+    /// LLM-Adapters (series, parallel, LoRA) on SmolLM2-135M, generated arithmetic word problems, exact match.
+    LlmAdapters,
+    /// Every suite in turn (glue, vtab, audio, coco, llm-adapters).
     All,
 }
 
@@ -130,7 +132,8 @@ pub struct BenchArgs {
     /// project's `index.csv` layout); `--tasks` picks among them. Default: the shipped tasks.
     #[arg(long)]
     pub data_root: Option<PathBuf>,
-    /// VTAB: score on a fixed random subset of N test images per task (run folder gets a `-t<N>` suffix).
+    /// VTAB: score on a fixed random subset of N test images per task; llm-adapters: N test problems (run folder
+    /// gets a `-t<N>` suffix).
     #[arg(long, value_parser = positive_usize)]
     pub test_examples: Option<usize>,
     /// VTAB: also run the few-shot table (1/2/4/8/16 shots; GDA, Tip-Adapter, Tip-Adapter-F, TIP-X and a linear

