@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use peft_core::adapter::PeftModel;
 use peft_core::nn::{named_params, Ctx};
-use peft_core::train::{Loss, NonFinitePolicy, ScheduleKind, Trainer, TrainerConfig};
+use peft_core::train::{Loss, Trainer};
 use peft_models::bert::BertModel;
 use peft_sparse::compose::SparseDiff;
 use peft_sparse::{LtSftConfig, SparseTuner, ENCODER_WEIGHTS};
@@ -159,18 +159,7 @@ fn mlm_train(
     for p in pm.model().head() {
         p.set_trainable(true);
     }
-    let tcfg = TrainerConfig {
-        lr: args.head_lr,
-        weight_decay: 0.01,
-        max_grad_norm: Some(1.0),
-        warmup_steps: (0.06 * total as f64).round() as usize,
-        total_steps: total,
-        schedule: ScheduleKind::Linear,
-        grad_accum: 1,
-        seed: args.seed,
-        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
-        ..TrainerConfig::default()
-    };
+    let tcfg = train::linear_schedule(args.head_lr, 0.01, 1.0, 0.06, total, args.seed);
     let mut trainer = Trainer::new(pm.trainable_params(), pm, tcfg)?;
     let bar = train::progress_bar(format!("{} {what}", args.task));
     bar.set_length(total as u64);

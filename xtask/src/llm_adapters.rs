@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use peft_core::adapter::{MethodSpec, PeftModel};
 use peft_core::nn::{named_params, Ctx};
-use peft_core::train::{Loss, NonFinitePolicy, ScheduleKind, Trainer, TrainerConfig};
+use peft_core::train::{Loss, Trainer};
 use peft_core::Tensor;
 use peft_lora::config::LoraConfig;
 use peft_models::llama::{tokenizer_from_gguf, GenerateOptions, Llama};
@@ -583,18 +583,7 @@ fn one_run(
         adapted.iter().zip(probe_base).fold(0f64, |m, (a, b)| m.max(f64::from((a - b).abs())))
     };
     let steps = recipe.steps();
-    let tcfg = TrainerConfig {
-        lr,
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
-        warmup_steps: (recipe.warmup_frac * steps as f64).round() as usize,
-        total_steps: steps,
-        schedule: ScheduleKind::Linear,
-        grad_accum: 1,
-        seed,
-        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
-        ..TrainerConfig::default()
-    };
+    let tcfg = crate::train::linear_schedule(lr, 0.0, 1.0, recipe.warmup_frac, steps, seed);
     let mut trainer = Trainer::new(pm.trainable_params(), &pm, tcfg)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let bar = crate::train::progress_bar(format!("llm-adapters {} s{seed}", spec.name));

@@ -25,7 +25,7 @@ use ndarray::{ArrayD, IxDyn};
 use peft_core::adapter::{MethodSpec, PeftModel};
 use peft_core::nn::{named_params, Ctx, Linear, Module, Visitor, WeightSource};
 use peft_core::train::mft::{mft_loss, task_token_means, Coba, MftBalance};
-use peft_core::train::{Loss, NonFinitePolicy, ScheduleKind, TrainError, Trainer, TrainerConfig};
+use peft_core::train::{Loss, TrainError, Trainer};
 use peft_core::{Param, Tensor};
 use peft_models::bert::{mean_pool, BertForSequenceClassification, BertModel, Pooling};
 use rand::rngs::StdRng;
@@ -297,18 +297,7 @@ pub fn run_one(
         .map(|b| b.into_iter().map(|k| all[k]).collect())
         .collect();
     let total_steps = batches.len();
-    let tcfg = TrainerConfig {
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        max_grad_norm: Some(cfg.max_grad_norm),
-        warmup_steps: (cfg.warmup_frac * total_steps as f64).round() as usize,
-        total_steps,
-        schedule: ScheduleKind::Linear,
-        grad_accum: 1,
-        seed,
-        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
-        ..TrainerConfig::default()
-    };
+    let tcfg = cfg.trainer(cfg.lr, total_steps, seed);
     let mut trainer = Trainer::new(pm.trainable_params(), &pm, tcfg)?;
     let n = data.len();
     let mut coba = Coba::with(n, (total_steps / 10).max(2), (total_steps / 4).max(2), 5.0);

@@ -141,6 +141,38 @@ pub struct TrainConfig {
     pub max_len: usize,
 }
 
+/// The trainer settings every bench run shares: linear warm-up over `warmup_frac` of `total` steps then linear
+/// decay, AdamW with `weight_decay`, gradient clipping at `max_grad_norm`, non-finite steps skipped (at most 20 in a
+/// row and 10% overall).
+pub fn linear_schedule(
+    lr: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    warmup_frac: f64,
+    total: usize,
+    seed: u64,
+) -> TrainerConfig {
+    TrainerConfig {
+        lr,
+        weight_decay,
+        max_grad_norm: Some(max_grad_norm),
+        warmup_steps: (warmup_frac * total as f64).round() as usize,
+        total_steps: total,
+        schedule: ScheduleKind::Linear,
+        grad_accum: 1,
+        seed,
+        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
+        ..TrainerConfig::default()
+    }
+}
+
+impl TrainConfig {
+    /// [`linear_schedule`] with this recipe's decay, clip and warm-up, at `lr`.
+    pub fn trainer(&self, lr: f64, total: usize, seed: u64) -> TrainerConfig {
+        linear_schedule(lr, self.weight_decay, self.max_grad_norm, self.warmup_frac, total, seed)
+    }
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, Default)]
 pub struct RunOutcome {
@@ -324,18 +356,7 @@ pub fn run(
         (0..cfg.epochs).map(|_| length_batches(&lens, cfg.batch_size, Some(&mut rng))).collect();
     let total: usize = epochs.iter().map(Vec::len).sum();
     debug_assert_eq!(total, training_steps(lens.len(), cfg), "training_steps disagrees with length_batches");
-    let tcfg = TrainerConfig {
-        lr,
-        weight_decay: cfg.weight_decay,
-        max_grad_norm: Some(cfg.max_grad_norm),
-        warmup_steps: (cfg.warmup_frac * total as f64).round() as usize,
-        total_steps: total,
-        schedule: ScheduleKind::Linear,
-        grad_accum: 1,
-        seed,
-        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
-        ..TrainerConfig::default()
-    };
+    let tcfg = cfg.trainer(lr, total, seed);
     let mut trainer = Trainer::new(model.trainable_params(), model, tcfg)?;
     bar.set_length(total as u64);
     bar.set_position(0);

@@ -17,7 +17,7 @@ use peft_audio::encoder::AudioClassifier;
 use peft_audio::features::{FrontEnd, SpecAugment};
 use peft_core::adapter::{duplicate_name, MethodSpec, PeftModel};
 use peft_core::nn::{named_params, Ctx};
-use peft_core::train::{Loss, NonFinitePolicy, ScheduleKind, TrainError, Trainer, TrainerConfig};
+use peft_core::train::{Loss, TrainError, Trainer};
 use peft_core::{no_grad, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -460,18 +460,7 @@ fn train_eval(
         })
         .collect();
     let total: usize = epochs.iter().map(Vec::len).sum();
-    let tcfg = TrainerConfig {
-        lr: cfg.lr,
-        weight_decay: cfg.weight_decay,
-        max_grad_norm: Some(cfg.max_grad_norm),
-        warmup_steps: (cfg.warmup_frac * total as f64).round() as usize,
-        total_steps: total,
-        schedule: ScheduleKind::Linear,
-        grad_accum: 1,
-        seed,
-        non_finite: NonFinitePolicy::Skip { max_in_a_row: 20, max_fraction: 0.1 },
-        ..TrainerConfig::default()
-    };
+    let tcfg = cfg.trainer(cfg.lr, total, seed);
     let mut trainer = Trainer::new(pm.trainable_params(), pm, tcfg)?;
     bar.set_length(total as u64);
     let (mut losses, mut run_loss, mut run_n, mut skipped, mut clips) = (Vec::new(), 0.0, 0usize, 0usize, 0usize);
