@@ -19,7 +19,8 @@
 //! `gate_proj`, `up_proj`, m = 32, tanh), `llm-parallel` (parallel on `up_proj`, `down_proj`, m = 16, tanh), `lora`
 //! (r = 8, α = 16, dropout 0.05 on `q_proj`, `k_proj`, `v_proj`, `up_proj`, `down_proj`). Results go to
 //! `target/bench/llm-adapters/<profile>/` (`results.json`, `report.md`); finished runs are skipped unless
-//! `--force`.
+//! `--force`. Measured (`docs/bench/llm-adapters/`, seed 0, 2-core Intel Xeon, about 70 minutes with other jobs
+//! alongside): exact match 7% before, 67% / 70% / 70% after series / parallel / LoRA.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
